@@ -1,0 +1,104 @@
+"""Multi-head attention with Transformer-XL relative positions, used by every attention in RETRO.
+
+Logits between query position q and key position s (Dai et al. 2019, as the paper's baseline):
+
+    a(q, s) = (x_q Wq + u) . (y_s Wk) + (x_q Wq + v) . (phi(dist(q, s)) Wr)
+
+with phi a sinusoid ("a linear transform of a cosine vector") and dist(q, s) = q - s + offset:
+  - decoder self-attention: q - s (causal);
+  - chunked cross-attention: i - i' + m - 1 (paper, Listing 1 and section B.1);
+  - encoder self-attention: q - s (bidirectional); encoder cross-attention: i' - i.
+Wr is a (d x heads*head_size) projection: it is the d x d per layer that Table 2's counts include.
+
+Keys may come in G groups that share positions (the k neighbours of a chunk, each r long): their
+position logits are computed once over S = r positions and broadcast over the groups.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retro_jax.model.layers import dense_init, param
+
+NEG_INF = -1e30
+
+
+def sinusoid(dist_P: jax.Array, dim: int) -> jax.Array:
+  """phi(d): [sin(d w_i), cos(d w_i)] with w_i = 10000^(-2i/dim); dist may be negative."""
+  half = dim // 2
+  freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_PxH = dist_P.astype(jnp.float32)[:, None] * freq[None, :]
+  out = jnp.concatenate([jnp.sin(angle_PxH), jnp.cos(angle_PxH)], axis=-1)
+  return jnp.pad(out, ((0, 0), (0, dim - 2 * half)))
+
+
+def skew(x_XxQxP: jax.Array, num_keys: int) -> jax.Array:
+  """out[..., q, s] = x[..., q, (Q - 1 - q) + s] for s < num_keys, with P = Q + num_keys - 1.
+
+  The Transformer-XL "relative shift" done with a pad, a flat slice and a reshape (no gather):
+  row q of the result is row q of x read from column Q-1-q on.
+  """
+  *lead, q_len, p_len = x_XxQxP.shape
+  if p_len != q_len + num_keys - 1:
+    raise ValueError(f"skew needs P = Q + S - 1, got Q={q_len} S={num_keys} P={p_len}")
+  x = jnp.pad(x_XxQxP, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])  # [..., Q, P+1]
+  flat = x.reshape(*lead, q_len * (p_len + 1))
+  flat = jax.lax.slice_in_dim(flat, q_len - 1, q_len - 1 + q_len * p_len, axis=-1)
+  return flat.reshape(*lead, q_len, p_len)[..., :num_keys]
+
+
+class Attention(nnx.Module):
+  """Queries from x (width d_q), keys/values from y (width d_kv), relative positions."""
+
+  def __init__(self, d_q: int, d_kv: int, num_heads: int, head_dim: int, *,
+               q_axis: str = "embed", kv_axis: str = "embed", param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    h, k = num_heads, head_dim
+    self.wq = param(rngs, dense_init(d_q), (d_q, h, k), (q_axis, "heads", "head_dim"), param_dtype)
+    self.wk = param(rngs, dense_init(d_kv), (d_kv, h, k), (kv_axis, "heads", "head_dim"),
+                    param_dtype)
+    self.wv = param(rngs, dense_init(d_kv), (d_kv, h, k), (kv_axis, "heads", "head_dim"),
+                    param_dtype)
+    self.wo = param(rngs, dense_init(h * k), (h, k, d_q), ("heads", "head_dim", q_axis),
+                    param_dtype)
+    # Relative positions: phi(dist) (width d_q) -> per-head key space, and the u, v biases.
+    self.wr = param(rngs, dense_init(d_q), (d_q, h, k), ("rel_embed", "heads", "head_dim"),
+                    param_dtype)
+    zeros = jax.nn.initializers.zeros
+    self.u = param(rngs, zeros, (h, k), ("heads", "head_dim"), param_dtype)
+    self.v = param(rngs, zeros, (h, k), ("heads", "head_dim"), param_dtype)
+    self.d_q, self.head_dim = d_q, k
+
+  def __call__(self, x_BxQxD: jax.Array, y_BxGxSxE: jax.Array, mask_BxQxGxS: jax.Array | None,
+               *, offset: int = 0) -> jax.Array:
+    """Attends each of Q queries to all G*S keys; dist(q, s) = q - s + offset."""
+    dt = x_BxQxD.dtype
+    num_q, num_s = x_BxQxD.shape[1], y_BxGxSxE.shape[2]
+    q_BxQxHxK = jnp.einsum("bqd,dhk->bqhk", x_BxQxD, self.wq.value.astype(dt))
+    q_BxQxHxK = q_BxQxHxK * jnp.asarray(self.head_dim ** -0.5, dt)
+    k_BxGxSxHxK = jnp.einsum("bgse,ehk->bgshk", y_BxGxSxE, self.wk.value.astype(dt))
+    v_BxGxSxHxK = jnp.einsum("bgse,ehk->bgshk", y_BxGxSxE, self.wv.value.astype(dt))
+
+    content_BxHxQxGxS = jnp.einsum("bqhk,bgshk->bhqgs", q_BxQxHxK + self.u.value.astype(dt),
+                                   k_BxGxSxHxK, preferred_element_type=jnp.float32)
+    # Distances, largest first, so that row q of the skewed logits starts at column Q-1-q.
+    dist_P = offset + num_q - 1 - jnp.arange(num_q + num_s - 1)
+    r_PxHxK = jnp.einsum("pd,dhk->phk", sinusoid(dist_P, self.d_q).astype(dt),
+                         self.wr.value.astype(dt))
+    pos_BxHxQxP = jnp.einsum("bqhk,phk->bhqp", q_BxQxHxK + self.v.value.astype(dt), r_PxHxK,
+                             preferred_element_type=jnp.float32)
+    logits_BxHxQxGxS = content_BxHxQxGxS + skew(pos_BxHxQxP, num_s)[:, :, :, None, :]
+    if mask_BxQxGxS is not None:
+      logits_BxHxQxGxS = jnp.where(mask_BxQxGxS[:, None], logits_BxHxQxGxS, NEG_INF)
+    b, h, q, g, s = logits_BxHxQxGxS.shape
+    probs = jax.nn.softmax(logits_BxHxQxGxS.reshape(b, h, q, g * s), axis=-1)
+    probs_BxHxQxGxS = probs.reshape(b, h, q, g, s).astype(dt)
+    out_BxQxHxK = jnp.einsum("bhqgs,bgshk->bqhk", probs_BxHxQxGxS, v_BxGxSxHxK)
+    return jnp.einsum("bqhk,hkd->bqd", out_BxQxHxK, self.wo.value.astype(dt))
+
+
+def causal_mask(seq_len: int) -> jax.Array:
+  """[1, T, 1, T]: query t sees keys <= t."""
+  idx = jnp.arange(seq_len)
+  return (idx[None, :] <= idx[:, None])[None, :, None, :]

@@ -1,0 +1,55 @@
+"""Chunked cross-attention (CCA), as the paper's Listing 1.
+
+A sequence of T tokens is cut into L = ceil(T / m) chunks C_1..C_L. The neighbours of chunk C_u
+are encoded into E_u (k neighbours x r tokens each). The "attending chunk" H_u+ is the LAST token
+of C_u followed by the first m-1 tokens of C_{u+1}; it attends to all k*r tokens of E_u together.
+So the neighbours of chunk u (0-indexed) reach positions >= (u+1)*m - 1 and nothing before; the
+first m-1 tokens of the sequence are left unchanged (CCA adds zero there).
+
+Listing 1 (paper):
+    attending_chunks = pad(h[m-1:], ((0, m-1), (0, 0))).reshape(l, m, d)
+    chunked_output = cross_attention(attending_chunks, E)  # batched over the l chunks
+    output = pad(chunked_output.reshape(n, d), ((m-1, 0), (0, 0)))[:n]
+Here T need not be a multiple of m (generation), so the tail is padded up to L*m.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from retro_jax.model.attention import Attention
+
+
+class ChunkedCrossAttention(nnx.Module):
+
+  def __init__(self, d_model: int, enc_d_model: int, num_heads: int, head_dim: int,
+               chunk_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.attention = Attention(d_model, enc_d_model, num_heads, head_dim, kv_axis="enc_embed",
+                               param_dtype=param_dtype, rngs=rngs)
+    self.chunk_size = chunk_size
+
+  def __call__(self, h_BxTxD: jax.Array, enc_BxLxNxRxE: jax.Array,
+               enc_mask_BxLxNxR: jax.Array | None) -> jax.Array:
+    m = self.chunk_size
+    b, t, d = h_BxTxD.shape
+    _, l, n, r, e = enc_BxLxNxRxE.shape
+    if l != -(-t // m):
+      raise ValueError(f"{l} neighbour chunks for a sequence of {t} tokens (chunk size {m}); "
+                       f"expected ceil(T / m) = {-(-t // m)}")
+    # H_u+ = last token of C_u + first m-1 tokens of C_{u+1}, for u = 1..L (the tail padded).
+    h = h_BxTxD[:, m - 1:]
+    h = jnp.pad(h, ((0, 0), (0, l * m - h.shape[1]), (0, 0)))
+    attending_BLxMxD = h.reshape(b * l, m, d)
+    # All k*r encoded neighbour tokens of C_u: N groups of R keys sharing relative positions.
+    keys_BLxNxRxE = enc_BxLxNxRxE.reshape(b * l, n, r, e)
+    mask = None
+    if enc_mask_BxLxNxR is not None:
+      mask = jnp.broadcast_to(enc_mask_BxLxNxR.reshape(b * l, 1, n, r), (b * l, m, n, r))
+    # d(i, i') = i - i' + m - 1: query i of H_u+ sits at position i + m - 1 of C_u.
+    out_BLxMxD = self.attention(attending_BLxMxD, keys_BLxNxRxE, mask, offset=m - 1)
+    if enc_mask_BxLxNxR is not None:  # a chunk without any neighbour token gets no update
+      has_keys_BL = enc_mask_BxLxNxR.reshape(b * l, n * r).any(axis=-1)
+      out_BLxMxD = out_BLxMxD * has_keys_BL[:, None, None].astype(out_BLxMxD.dtype)
+    out = out_BLxMxD.reshape(b, l * m, d)
+    return jnp.pad(out, ((0, 0), (m - 1, 0), (0, 0)))[:, :t]

@@ -1,0 +1,147 @@
+"""RetroConfig and the paper's model sizes (Table 2 widths/depths, Table 10 CCA layers)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class RetroConfig:
+  """Hyper-parameters of a RETRO decoder with its neighbour encoder.
+
+  Shape letters used through the model: B batch, T sequence, D d_model, H heads, K head size,
+  F feed-forward, V vocabulary, M chunk size, L chunks (ceil(T / M)), N neighbours per chunk,
+  R neighbour length (chunk + continuation), E encoder width.
+  """
+
+  vocab_size: int
+  d_model: int
+  num_heads: int
+  num_layers: int
+  ffw_size: int
+  cca_layers: tuple[int, ...]  # 1-indexed decoder layers that carry chunked cross-attention.
+  chunk_size: int = 64
+  num_neighbours: int = 2
+  neighbour_len: int = 128
+  encoder_layers: int = 2
+  encoder_d_model: int = 896
+  encoder_num_heads: int = 0  # 0: encoder_d_model // head_size.
+  encoder_ffw_size: int = 0  # 0: 4 * encoder_d_model.
+  head_size: int = 0  # 0: d_model // num_heads.
+  pad_id: int = 0
+  norm_eps: float = 1e-6
+  max_relative_distance: int = 0  # 0: unbounded; otherwise relative positions are clipped.
+  dtype: Literal["float32", "bfloat16"] = "float32"  # activations / matmul inputs.
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  remat: bool = False  # jax.checkpoint each decoder block (pod-scale memory).
+  # Not a model hyper-parameter: which mesh axes the logical axes map to (see partitioning.py).
+  sharding_rules: str = "fsdp"
+
+  def __post_init__(self):
+    if self.d_model % self.num_heads and not self.head_size:
+      raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+    bad = [p for p in self.cca_layers if not 1 <= p <= self.num_layers]
+    if bad:
+      raise ValueError(f"cca_layers {bad} outside 1..num_layers={self.num_layers}")
+    if tuple(sorted(set(self.cca_layers))) != tuple(self.cca_layers):
+      raise ValueError(f"cca_layers must be strictly increasing, got {self.cca_layers}")
+    if self.neighbour_len < self.chunk_size:
+      raise ValueError("neighbour_len must hold at least one chunk")
+    if self.cca_layers and self.encoder_layers < 1:
+      raise ValueError("a model with CCA layers needs at least one encoder layer")
+    if self.enc_d_model % self.enc_heads:
+      raise ValueError("encoder_d_model is not divisible by the encoder's heads")
+
+  @property
+  def head_dim(self) -> int:
+    return self.head_size or self.d_model // self.num_heads
+
+  @property
+  def enc_d_model(self) -> int:
+    return self.encoder_d_model
+
+  @property
+  def enc_heads(self) -> int:
+    return self.encoder_num_heads or max(1, self.encoder_d_model // self.head_dim)
+
+  @property
+  def enc_ffw(self) -> int:
+    return self.encoder_ffw_size or 4 * self.encoder_d_model
+
+  @property
+  def retrieval(self) -> bool:
+    return bool(self.cca_layers)
+
+  def num_chunks(self, seq_len: int) -> int:
+    return math.ceil(seq_len / self.chunk_size)
+
+  def replace(self, **kw) -> "RetroConfig":
+    return dataclasses.replace(self, **kw)
+
+  def baseline(self) -> "RetroConfig":
+    """The same decoder without retrieval (no CCA, no encoder)."""
+    return self.replace(cca_layers=())
+
+  # ---- analytic FLOPs (Levanter style: flops_per_token feeds MFU) ----
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per decoder token: 3 x forward (backward = 2 x forward).
+
+    Forward = 2 x (matmul weights applied per token) + attention logits/values/position logits,
+    for the decoder, the CCA layers and the neighbour encoder (which runs on N*R tokens per chunk,
+    i.e. N*R/M tokens per decoder token). Norms, softmax and gathers are not counted.
+    """
+    d, f, v, t = self.d_model, self.ffw_size, self.vocab_size, seq_len
+    hk = self.num_heads * self.head_dim
+    # Decoder blocks and logits. Self-attention is computed over all T keys (masked), and the
+    # relative-position logits over the 2T-1 distances.
+    fwd = 2 * (self.num_layers * (4 * d * hk + 2 * d * f) + d * v)
+    fwd += self.num_layers * 2 * hk * (t + t + 2 * t)
+    if self.retrieval:
+      m, n, r = self.chunk_size, self.num_neighbours, self.neighbour_len
+      e, ef = self.enc_d_model, self.enc_ffw
+      ek = self.enc_heads * self.head_dim
+      nbr = n * r / m  # neighbour tokens per decoder token
+      # CCA: q/out on decoder tokens, k/v on encoded neighbour tokens; logits over N*R keys and
+      # M+R-1 distances.
+      fwd += len(self.cca_layers) * (2 * (2 * d * hk + 2 * e * hk * nbr)
+                                     + 2 * hk * (2 * n * r + m + r))
+      # Encoder per neighbour token: input projection, blocks, self-attention over R keys.
+      enc = 2 * (d * e + self.encoder_layers * (4 * e * ek + 2 * e * ef))
+      enc += self.encoder_layers * 2 * ek * (r + r + 2 * r)
+      # Encoder cross-attention (first layer): q/out per neighbour token, logits over M keys,
+      # k/v of the chunk's decoder activations (once per chunk, per decoder token here).
+      enc += 2 * 2 * e * ek + 2 * ek * (2 * m + m + r)
+      fwd += enc * nbr + 2 * 2 * d * ek
+    return 3.0 * fwd
+
+
+def _every_third(start: int, num_layers: int) -> tuple[int, ...]:
+  return tuple(range(start, num_layers + 1, 3))
+
+
+_VOCAB = 128_000
+
+# Table 2 widths and depths; CCA layers as Table 10 lists them.
+PAPER_SIZES: dict[str, RetroConfig] = {
+    "172m": RetroConfig(vocab_size=_VOCAB, d_model=896, num_heads=16, num_layers=12,
+                        ffw_size=3584, cca_layers=(6, 9, 12)),
+    "425m": RetroConfig(vocab_size=_VOCAB, d_model=1536, num_heads=12, num_layers=12,
+                        ffw_size=6144, cca_layers=(6, 9, 12)),
+    "1.5b": RetroConfig(vocab_size=_VOCAB, d_model=2048, num_heads=16, num_layers=24,
+                        ffw_size=8192, cca_layers=_every_third(9, 24)),
+    "7.5b": RetroConfig(vocab_size=_VOCAB, d_model=4096, num_heads=32, num_layers=32,
+                        ffw_size=16384, cca_layers=_every_third(9, 32)),
+    # For tests and the CPU demo.
+    "tiny": RetroConfig(vocab_size=512, d_model=64, num_heads=4, num_layers=4, ffw_size=256,
+                        cca_layers=(2, 4), chunk_size=8, num_neighbours=2, neighbour_len=16,
+                        encoder_layers=2, encoder_d_model=32, encoder_num_heads=2),
+}
+
+# Table 2's non-embedding parameter counts, (baseline, RETRO), for comparison.
+PAPER_PARAM_COUNTS: dict[str, tuple[float, float]] = {
+    "172m": (132e6, 172e6),
+    "425m": (368e6, 425e6),
+    "1.5b": (1309e6, 1451e6),
+    "7.5b": (6982e6, 7532e6),
+}
