@@ -36,7 +36,7 @@ aot: $(STAMP)
 
 # Until the demo issue lands: a short training of the tiny config on random tokens.
 demo: $(STAMP)
-	$(PY) -m retro_jax.smoke_train --steps=30
+	$(PY) -m retro_jax.smoke_train --steps=600
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -71,15 +71,41 @@ class Attention(nnx.Module):
     self.d_q, self.head_dim = d_q, k
 
   def __call__(self, x_BxQxD: jax.Array, y_BxGxSxE: jax.Array, mask_BxQxGxS: jax.Array | None,
-               *, offset: int = 0) -> jax.Array:
-    """Attends each of Q queries to all G*S keys; dist(q, s) = q - s + offset."""
+               *, offset: int = 0, q_block: int = 0) -> jax.Array:
+    """Attends each of Q queries to all G*S keys; dist(q, s) = q - s + offset.
+
+    q_block > 0 processes the queries in blocks of that size (lax.map, each block rematerialised
+    in the backward pass), so the [Q, S] logits never exist at once: O(q_block * S) memory.
+    """
     dt = x_BxQxD.dtype
-    num_q, num_s = x_BxQxD.shape[1], y_BxGxSxE.shape[2]
-    q_BxQxHxK = jnp.einsum("bqd,dhk->bqhk", x_BxQxD, self.wq.value.astype(dt))
-    q_BxQxHxK = q_BxQxHxK * jnp.asarray(self.head_dim ** -0.5, dt)
     k_BxGxSxHxK = jnp.einsum("bgse,ehk->bgshk", y_BxGxSxE, self.wk.value.astype(dt))
     v_BxGxSxHxK = jnp.einsum("bgse,ehk->bgshk", y_BxGxSxE, self.wv.value.astype(dt))
+    b, num_q, d = x_BxQxD.shape
+    if not q_block or q_block >= num_q:
+      return self._attend(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset)
+    if num_q % q_block:
+      raise ValueError(f"{num_q} queries are not a multiple of q_block={q_block}")
+    nb = num_q // q_block
+    x_NxBxQbxD = x_BxQxD.reshape(b, nb, q_block, d).swapaxes(0, 1)
+    if mask_BxQxGxS is None:
+      masks = None
+    else:
+      mb, _, g, s = mask_BxQxGxS.shape
+      masks = mask_BxQxGxS.reshape(mb, nb, q_block, g, s).swapaxes(0, 1)
 
+    @jax.checkpoint
+    def block(args):
+      i, x_BxQbxD, mask = args
+      return self._attend(x_BxQbxD, k_BxGxSxHxK, v_BxGxSxHxK, mask, offset + i * q_block)
+
+    out_NxBxQbxD = jax.lax.map(block, (jnp.arange(nb), x_NxBxQbxD, masks))
+    return out_NxBxQbxD.swapaxes(0, 1).reshape(b, num_q, d)
+
+  def _attend(self, x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset):
+    dt = x_BxQxD.dtype
+    num_q, num_s = x_BxQxD.shape[1], k_BxGxSxHxK.shape[2]
+    q_BxQxHxK = jnp.einsum("bqd,dhk->bqhk", x_BxQxD, self.wq.value.astype(dt))
+    q_BxQxHxK = q_BxQxHxK * jnp.asarray(self.head_dim ** -0.5, dt)
     content_BxHxQxGxS = jnp.einsum("bqhk,bgshk->bhqgs", q_BxQxHxK + self.u.value.astype(dt),
                                    k_BxGxSxHxK, preferred_element_type=jnp.float32)
     # Distances, largest first, so that row q of the skewed logits starts at column Q-1-q.

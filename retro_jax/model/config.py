@@ -31,10 +31,10 @@ class RetroConfig:
   head_size: int = 0  # 0: d_model // num_heads.
   pad_id: int = 0
   norm_eps: float = 1e-6
-  max_relative_distance: int = 0  # 0: unbounded; otherwise relative positions are clipped.
   dtype: Literal["float32", "bfloat16"] = "float32"  # activations / matmul inputs.
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: bool = False  # jax.checkpoint each decoder block (pod-scale memory).
+  attention_q_block: int = 0  # >0: self-attention in query blocks of this size (O(block*T) memory).
   # Not a model hyper-parameter: which mesh axes the logical axes map to (see partitioning.py).
   sharding_rules: str = "fsdp"
 

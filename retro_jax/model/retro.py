@@ -36,6 +36,7 @@ class DecoderBlock(nnx.Module):
     d, pd = cfg.d_model, jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     self.attn = Attention(d, d, cfg.num_heads, cfg.head_dim, param_dtype=pd, rngs=rngs)
+    self.q_block = cfg.attention_q_block
     if cca:
       self.cca_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
       self.cca = ChunkedCrossAttention(d, cfg.enc_d_model, cfg.num_heads, cfg.head_dim,
@@ -47,7 +48,7 @@ class DecoderBlock(nnx.Module):
 
   def self_attention(self, x_BxTxD: jax.Array) -> jax.Array:
     h = self.attn_norm(x_BxTxD)
-    x_BxTxD = x_BxTxD + self.attn(h, h[:, None], causal_mask(h.shape[1]))
+    x_BxTxD = x_BxTxD + self.attn(h, h[:, None], causal_mask(h.shape[1]), q_block=self.q_block)
     return constrain(x_BxTxD, ACT)
 
   def cross_attention_and_ffw(self, x_BxTxD, enc_BxLxNxRxE, enc_mask_BxLxNxR):

@@ -144,3 +144,14 @@ def test_bfloat16_compute_is_close_to_float32():
   assert bf16.dtype == jnp.float32
   rel = jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32)
   assert rel < 0.05
+
+
+def test_query_blocked_self_attention_equals_unblocked(model):
+  tokens, nbrs = _inputs(9, 2, 32)
+  blocked = Retro(CFG.replace(attention_q_block=8), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(np.asarray(blocked(tokens, nbrs)), np.asarray(model(tokens, nbrs)),
+                             atol=2e-5, rtol=1e-5)
+  grad = lambda m: nnx.grad(lambda m: m(tokens, nbrs).mean())(m)
+  g_blocked, g_full = grad(blocked), grad(model)
+  np.testing.assert_allclose(np.asarray(g_blocked.blocks[0].attn.wr.value),
+                             np.asarray(g_full.blocks[0].attn.wr.value), atol=1e-6, rtol=1e-4)
