@@ -29,10 +29,10 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(PY) -m bench.train_step
+	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 $(PY) -m bench.train_step
 
 aot: $(STAMP)
-	for size in 172m 425m 1.5b 7.5b; do $(PY) -m retro_jax.aot_compile --size=$$size; done
+	PY=$(PY) bash bench/aot_all.sh
 
 # Until the demo issue lands: a short training of the tiny config on random tokens.
 demo: $(STAMP)

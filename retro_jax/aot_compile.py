@@ -14,6 +14,7 @@ import time
 
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-16")  # quiets libtpu's host probing
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiles only: no device to share
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402

@@ -34,14 +34,16 @@ def sinusoid(dist_P: jax.Array, dim: int) -> jax.Array:
 
 
 def skew(x_XxQxP: jax.Array, num_keys: int) -> jax.Array:
-  """out[..., q, s] = x[..., q, (Q - 1 - q) + s] for s < num_keys, with P = Q + num_keys - 1.
+  """out[..., q, s] = x[..., q, (Q - 1 - q) + s] for s < num_keys.
 
   The Transformer-XL "relative shift" done with a pad, a flat slice and a reshape (no gather):
-  row q of the result is row q of x read from column Q-1-q on.
+  row q of the result is row q of x read from column Q-1-q on. Full use: P = Q + S - 1. A causal
+  caller may pass only the first P >= S columns (distances >= 0); entries whose column
+  Q-1-q+s >= P then hold other rows' values, and the caller masks them.
   """
   *lead, q_len, p_len = x_XxQxP.shape
-  if p_len != q_len + num_keys - 1:
-    raise ValueError(f"skew needs P = Q + S - 1, got Q={q_len} S={num_keys} P={p_len}")
+  if not num_keys <= p_len <= q_len + num_keys - 1:
+    raise ValueError(f"skew needs S <= P <= Q + S - 1, got Q={q_len} S={num_keys} P={p_len}")
   x = jnp.pad(x_XxQxP, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])  # [..., Q, P+1]
   flat = x.reshape(*lead, q_len * (p_len + 1))
   flat = jax.lax.slice_in_dim(flat, q_len - 1, q_len - 1 + q_len * p_len, axis=-1)
@@ -71,37 +73,36 @@ class Attention(nnx.Module):
     self.d_q, self.head_dim = d_q, k
 
   def __call__(self, x_BxQxD: jax.Array, y_BxGxSxE: jax.Array, mask_BxQxGxS: jax.Array | None,
-               *, offset: int = 0, q_block: int = 0) -> jax.Array:
+               *, offset: int = 0, q_block: int = 0, causal: bool = False) -> jax.Array:
     """Attends each of Q queries to all G*S keys; dist(q, s) = q - s + offset.
 
-    q_block > 0 processes the queries in blocks of that size (lax.map, each block rematerialised
-    in the backward pass), so the [Q, S] logits never exist at once: O(q_block * S) memory.
+    q_block > 0 processes the queries in blocks of that size (each block rematerialised in the
+    backward pass), so the [Q, S] logits never exist at once: O(q_block * S) memory.
+    causal=True promises that the mask hides every negative distance, so that (unblocked) only
+    the non-negative distances get position logits.
     """
     dt = x_BxQxD.dtype
     k_BxGxSxHxK = jnp.einsum("bgse,ehk->bgshk", y_BxGxSxE, self.wk.value.astype(dt))
     v_BxGxSxHxK = jnp.einsum("bgse,ehk->bgshk", y_BxGxSxE, self.wv.value.astype(dt))
     b, num_q, d = x_BxQxD.shape
     if not q_block or q_block >= num_q:
-      return self._attend(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset)
+      return self._attend(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset, causal)
     if num_q % q_block:
       raise ValueError(f"{num_q} queries are not a multiple of q_block={q_block}")
-    nb = num_q // q_block
-    x_NxBxQbxD = x_BxQxD.reshape(b, nb, q_block, d).swapaxes(0, 1)
-    if mask_BxQxGxS is None:
-      masks = None
-    else:
-      mb, _, g, s = mask_BxQxGxS.shape
-      masks = mask_BxQxGxS.reshape(mb, nb, q_block, g, s).swapaxes(0, 1)
+    # An unrolled loop of rematerialised blocks (XLA's cost analysis counts every block; a
+    # lax.map body would be counted once).
+    block = jax.checkpoint(self._attend, static_argnums=(4, 5))
+    outs = []
+    for start in range(0, num_q, q_block):
+      end = start + q_block
+      # Causal self-attention (offset 0): the block's queries see only keys before `end`.
+      keys = end if causal and offset == 0 else k_BxGxSxHxK.shape[2]
+      mask = None if mask_BxQxGxS is None else mask_BxQxGxS[:, start:end, :, :keys]
+      outs.append(block(x_BxQxD[:, start:end], k_BxGxSxHxK[:, :, :keys], v_BxGxSxHxK[:, :, :keys],
+                        mask, offset + start, causal))
+    return jnp.concatenate(outs, axis=1)
 
-    @jax.checkpoint
-    def block(args):
-      i, x_BxQbxD, mask = args
-      return self._attend(x_BxQbxD, k_BxGxSxHxK, v_BxGxSxHxK, mask, offset + i * q_block)
-
-    out_NxBxQbxD = jax.lax.map(block, (jnp.arange(nb), x_NxBxQbxD, masks))
-    return out_NxBxQbxD.swapaxes(0, 1).reshape(b, num_q, d)
-
-  def _attend(self, x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset):
+  def _attend(self, x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset, causal=False):
     dt = x_BxQxD.dtype
     num_q, num_s = x_BxQxD.shape[1], k_BxGxSxHxK.shape[2]
     q_BxQxHxK = jnp.einsum("bqd,dhk->bqhk", x_BxQxD, self.wq.value.astype(dt))
@@ -109,7 +110,11 @@ class Attention(nnx.Module):
     content_BxHxQxGxS = jnp.einsum("bqhk,bgshk->bhqgs", q_BxQxHxK + self.u.value.astype(dt),
                                    k_BxGxSxHxK, preferred_element_type=jnp.float32)
     # Distances, largest first, so that row q of the skewed logits starts at column Q-1-q.
-    dist_P = offset + num_q - 1 - jnp.arange(num_q + num_s - 1)
+    num_p = num_q + num_s - 1
+    # Causal: distances below 0 are masked, so only offset+Q-1 .. 0 need position logits.
+    if causal and isinstance(offset, int):
+      num_p = max(num_s, min(num_p, offset + num_q))
+    dist_P = offset + num_q - 1 - jnp.arange(num_p)
     r_PxHxK = jnp.einsum("pd,dhk->phk", sinusoid(dist_P, self.d_q).astype(dt),
                          self.wr.value.astype(dt))
     pos_BxHxQxP = jnp.einsum("bqhk,phk->bhqp", q_BxQxHxK + self.v.value.astype(dt), r_PxHxK,

@@ -48,7 +48,8 @@ class DecoderBlock(nnx.Module):
 
   def self_attention(self, x_BxTxD: jax.Array) -> jax.Array:
     h = self.attn_norm(x_BxTxD)
-    x_BxTxD = x_BxTxD + self.attn(h, h[:, None], causal_mask(h.shape[1]), q_block=self.q_block)
+    x_BxTxD = x_BxTxD + self.attn(h, h[:, None], causal_mask(h.shape[1]),
+                                  q_block=self.q_block, causal=True)
     return constrain(x_BxTxD, ACT)
 
   def cross_attention_and_ffw(self, x_BxTxD, enc_BxLxNxRxE, enc_mask_BxLxNxR):

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Ahead-of-time compiles of the four paper sizes for TPU slices where they fit (CPU only, libtpu).
+# Results: bench/results/aot_compile.jsonl (one JSON line per run) and the printed summaries.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=bench/results/aot_compile.jsonl
+mkdir -p bench/results
+: > "$OUT"
+run() { "$PY" -m retro_jax.aot_compile --json_out="$OUT" "$@" 2>&1 | grep -v -E '^(W|I|E)[0-9]{4} |^WARNING: Logging|^=== |^learning/'; }
+run --size=172m --topology=v5e:4x4   --per_chip_batch=4
+run --size=425m --topology=v5e:4x4   --per_chip_batch=2
+run --size=1.5b --topology=v5p:2x2x4 --per_chip_batch=4
+run --size=7.5b --topology=v5p:4x4x4 --per_chip_batch=4

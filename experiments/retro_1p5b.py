@@ -1,0 +1,6 @@
+"""RETRO 1.5B: Table 2 sizes, Table 10 CCA layers, the paper's recipe."""
+from experiments._recipe import paper_recipe
+
+
+def get_config():
+  return paper_recipe("1.5b")
