@@ -28,8 +28,12 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# tcmalloc: XLA's CPU buffers are large and short-lived; glibc hands them back to the kernel and
+# pays page faults on every step (../shared/benchmarking.md).
+TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 bench: $(STAMP)
-	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 $(PY) -m bench.train_step
+	test -e $(TCMALLOC) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4; }
+	LD_PRELOAD=$(TCMALLOC) $(PY) -m bench.train_step
 
 aot: $(STAMP)
 	PY=$(PY) bash bench/aot_all.sh

@@ -1,6 +1,6 @@
 r"""Training-step throughput on this CPU: RETRO vs the same decoder without retrieval.
 
-    make bench        # = MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python -m bench.train_step
+    make bench        # = LD_PRELOAD=<libtcmalloc_minimal.so.4> python -m bench.train_step
 
 The reference configuration of ../shared/benchmarking.md: d_model 512, 8 heads, 12 layers, ffw 4x,
 CCA at 6, 9, 12, encoder 2 x 512, sequence 512, batch 4, k = 2 neighbours of r = 128, vocabulary
@@ -98,7 +98,7 @@ def main(argv):
       "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "jax": jax.__version__,
                   "malloc": {k: os.environ.get(k) for k in
-                             ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")},
+                             ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")},
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
       "matmul_peak_gflops_f32": peak, "steps": FLAGS.steps,
   }

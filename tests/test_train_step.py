@@ -1,0 +1,64 @@
+"""The optimiser schedule and the training step (loss masking, learning, donation)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retro_jax import optim
+from retro_jax.model import PAPER_SIZES
+from retro_jax.model.partitioning import (ShardingCollisionError, logical_to_mesh, make_mesh)
+from retro_jax.train_step import TrainStep, cross_entropy
+
+CFG = PAPER_SIZES["tiny"]
+
+
+def test_schedule_warms_up_from_1e_7_and_decays_to_a_tenth():
+  lr = optim.learning_rate_schedule(2e-4, warmup_steps=750, total_steps=10_000)
+  assert float(lr(0)) == pytest.approx(1e-7)
+  assert float(lr(750)) == pytest.approx(2e-4)
+  assert float(lr(10_000)) == pytest.approx(2e-5)
+  assert float(lr(375)) == pytest.approx((1e-7 + 2e-4) / 2, rel=1e-3)
+  with pytest.raises(ValueError):
+    optim.learning_rate_schedule(1e-3, 100, 50)
+
+
+def test_cross_entropy_ignores_pad_targets():
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+  targets = jnp.array([[1, 2, 3, 0, 0], [4, 5, 6, 1, 0]])
+  total, count = cross_entropy(logits, targets, pad_id=0)
+  assert float(count) == 7
+  ref = -jax.nn.log_softmax(logits)
+  want = sum(float(ref[b, t, targets[b, t]]) for b in range(2) for t in range(5)
+             if targets[b, t] != 0)
+  assert float(total) == pytest.approx(want, rel=1e-5)
+  # Changing the logits at pad-target positions does not change the loss.
+  other = logits.at[0, 3:].set(100.0)
+  assert float(cross_entropy(other, targets, 0)[0]) == pytest.approx(float(total), rel=1e-6)
+
+
+def test_training_step_learns_a_fixed_batch_and_donates_state():
+  train = TrainStep(CFG, optim.adamw(3e-3, warmup_steps=1, total_steps=50),
+                    make_mesh((1, 1, 1), jax.devices()[:1]))
+  state = train.init()
+  rng = np.random.default_rng(0)
+  toks = rng.integers(1, CFG.vocab_size, (2, 17)).astype(np.int32)
+  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+           "neighbours": rng.integers(1, CFG.vocab_size, (2, 2, 2, 16)).astype(np.int32)}
+  losses = []
+  for _ in range(15):
+    old = state
+    state, metrics = train.step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < losses[0] - 1.0
+  assert jax.tree.leaves(old)[0].is_deleted()  # the previous state was donated
+  model, _ = train.merge(state)
+  assert model(batch["inputs"], batch["neighbours"]).shape == (2, 16, CFG.vocab_size)
+
+
+def test_logical_rules_refuse_collisions_and_unknown_names():
+  assert logical_to_mesh(("batch", "length", "act_embed")) == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None, None)
+  with pytest.raises(ShardingCollisionError, match="fsdp"):
+    logical_to_mesh(("embed", "enc_embed"))
+  with pytest.raises(KeyError, match="no rule"):
+    logical_to_mesh(("not_an_axis",))
