@@ -6,9 +6,12 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=bench/results/aot_compile.jsonl
 mkdir -p bench/results
-: > "$OUT"
+[ "${APPEND:-0}" = 1 ] || : > "$OUT"
 run() { "$PY" -m retro_jax.aot_compile --json_out="$OUT" "$@" 2>&1 | grep -v -E '^(W|I|E)[0-9]{4} |^WARNING: Logging|^=== |^learning/'; }
+# v5e (16 GiB HBM) needs self-attention in query blocks of 512; v5p (95 GiB) runs it whole.
+[ -n "${ONLY_V5P:-}" ] || {
 run --size=172m --topology=v5e:4x4   --per_chip_batch=4
 run --size=425m --topology=v5e:4x4   --per_chip_batch=2
-run --size=1.5b --topology=v5p:2x2x4 --per_chip_batch=4
-run --size=7.5b --topology=v5p:4x4x4 --per_chip_batch=4
+}
+run --size=1.5b --topology=v5p:2x2x4 --per_chip_batch=4 --q_block=0
+run --size=7.5b --topology=v5p:4x4x4 --per_chip_batch=2 --q_block=0

@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from retro_jax import optim  # noqa: E402
-from retro_jax.model import RetroConfig  # noqa: E402
+from retro_jax.model import PAPER_SIZES, RetroConfig  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
 from retro_jax.train_step import TrainStep  # noqa: E402
 
@@ -33,11 +33,15 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 8, "timed steps per model (after one compile+warm-up step)")
 flags.DEFINE_string("out", "bench/results/train_step.json", "where the results go")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+flags.DEFINE_string("size", "reference", "'reference' (benchmarking.md) or a PAPER_SIZES key")
+flags.DEFINE_integer("batch", 4, "sequences per step")
+flags.DEFINE_integer("seq_len", 512, "tokens per sequence")
+flags.DEFINE_integer("q_block", 0, "self-attention query block (0: whole sequence)")
 
+# The reference training-step configuration of benchmarking.md.
 REFERENCE = RetroConfig(vocab_size=32000, d_model=512, num_heads=8, num_layers=12, ffw_size=2048,
                         cca_layers=(6, 9, 12), chunk_size=64, num_neighbours=2,
                         neighbour_len=128, encoder_layers=2, encoder_d_model=512)
-BATCH, SEQ = 4, 512
 
 
 def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), reps=10) -> dict:
@@ -57,6 +61,7 @@ def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), reps=10) -> dict:
 
 def make_batch(cfg: RetroConfig, retrieval: bool, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
+  BATCH, SEQ = FLAGS.batch, FLAGS.seq_len
   toks = rng.integers(1, cfg.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
   batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
   if retrieval:
@@ -68,12 +73,16 @@ def make_batch(cfg: RetroConfig, retrieval: bool, seed: int = 0) -> dict:
 
 def main(argv):
   del argv
-  peak = matmul_peak()
+  BATCH, SEQ = FLAGS.batch, FLAGS.seq_len
+  on_cpu = jax.devices()[0].platform == "cpu"
+  peak_dtype = jnp.float32 if FLAGS.dtype == "float32" else jnp.bfloat16
+  peak = matmul_peak(peak_dtype, (1024, 2048) if on_cpu else (4096, 8192))
   peak_gflops = max(peak.values())
   mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  base_cfg = REFERENCE if FLAGS.size == "reference" else PAPER_SIZES[FLAGS.size]
+  base_cfg = base_cfg.replace(dtype=FLAGS.dtype, attention_q_block=FLAGS.q_block)
   runs = {}
-  for name, cfg in (("retro", REFERENCE), ("baseline", REFERENCE.baseline())):
-    cfg = cfg.replace(dtype=FLAGS.dtype)
+  for name, cfg in (("retro", base_cfg), ("baseline", base_cfg.baseline())):
     train = TrainStep(cfg, optim.adamw(), mesh)
     state = train.init()
     batch = make_batch(cfg, name == "retro")
@@ -92,15 +101,19 @@ def main(argv):
       jax.block_until_ready(metrics)
       r["times"].append(time.perf_counter() - t0)
   results = {
-      "config": {"d_model": 512, "heads": 8, "layers": 12, "cca_layers": [6, 9, 12],
-                 "encoder": "2 x 512", "seq_len": SEQ, "batch": BATCH, "neighbours": 2,
-                 "neighbour_len": 128, "vocab": 32000, "dtype": FLAGS.dtype},
-      "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+      "config": {"size": FLAGS.size, "d_model": base_cfg.d_model, "heads": base_cfg.num_heads,
+                 "layers": base_cfg.num_layers, "cca_layers": list(base_cfg.cca_layers),
+                 "encoder": f"{base_cfg.encoder_layers} x {base_cfg.enc_d_model}",
+                 "seq_len": SEQ, "batch": BATCH, "neighbours": base_cfg.num_neighbours,
+                 "neighbour_len": base_cfg.neighbour_len, "vocab": base_cfg.vocab_size,
+                 "dtype": FLAGS.dtype, "q_block": FLAGS.q_block},
+      "machine": {"device": str(jax.devices()[0].device_kind),
+                  "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "jax": jax.__version__,
                   "malloc": {k: os.environ.get(k) for k in
                              ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")},
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
-      "matmul_peak_gflops_f32": peak, "steps": FLAGS.steps,
+      f"matmul_peak_gflops_{jnp.dtype(peak_dtype).name}": peak, "steps": FLAGS.steps,
   }
   for name, r in runs.items():
     med = statistics.median(r["times"])
@@ -114,7 +127,8 @@ def main(argv):
                                    / results["baseline"]["step_s_median"] - 1)
   results["flop_ratio_retro_over_baseline"] = (results["retro"]["analytic_gflop_per_step"]
                                                / results["baseline"]["analytic_gflop_per_step"])
-  results["speedup_vs_pytorch_peers_280_tok_s"] = results["retro"]["tokens_per_s"] / 280.0
+  if FLAGS.size == "reference" and on_cpu:
+    results["speedup_vs_pytorch_peers_280_tok_s"] = results["retro"]["tokens_per_s"] / 280.0
   Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
   Path(FLAGS.out).write_text(json.dumps(results, indent=2))
   for name in ("retro", "baseline"):
@@ -122,10 +136,11 @@ def main(argv):
     print(f"{name:8s}: {r['step_s_median']:.2f} s/step = {r['tokens_per_s']:.0f} tokens/s, "
           f"{r['analytic_gflop_per_step']:.0f} GFLOP/step (XLA {r['xla_gflop_per_step']:.0f}), "
           f"{r['achieved_gflops']:.0f} GFLOP/s, MFU {r['mfu']:.1%}")
-  print(f"matmul peak (JAX f32): {peak_gflops:.0f} GFLOP/s; retrieval overhead "
+  print(f"matmul peak (JAX {jnp.dtype(peak_dtype).name}): {peak_gflops:.0f} GFLOP/s; retrieval overhead "
         f"{results['retrieval_overhead']:+.1%} (FLOP ratio "
-        f"{results['flop_ratio_retro_over_baseline']:.2f}); vs PyTorch peers (280 tokens/s): "
-        f"{results['speedup_vs_pytorch_peers_280_tok_s']:.2f}x")
+        f"{results['flop_ratio_retro_over_baseline']:.2f})")
+  if "speedup_vs_pytorch_peers_280_tok_s" in results:
+    print(f"vs PyTorch peers (280 tokens/s): {results['speedup_vs_pytorch_peers_280_tok_s']:.2f}x")
   print(f"written to {FLAGS.out}")
 
 

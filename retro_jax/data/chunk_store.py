@@ -1,0 +1,468 @@
+r"""The chunk store: documents tokenised and cut into fixed-size chunks, as sharded on-disk arrays.
+
+Layout (paths via etils.epath, so gs:// works; local reads are memory-mapped):
+
+  STORE/manifest.json                 written by `finalize_chunk_store` once every shard is done
+  STORE/shard-00000/tokens.npy        int32 [n, m]   chunk tokens, a document's last chunk padded
+  STORE/shard-00000/doc_ids.npy       int64 [n]      global document id of each chunk
+  STORE/shard-00000/doc_table.npy     int64 [d, 5]   (doc_id, first_row, num_chunks, num_utf8_bytes,
+                                                      heldout) for the shard's documents
+  STORE/shard-00000/doc_keys.json     [d] document keys
+  STORE/shard-00000.done.json         commit marker: counts, settings and sha256 of every file
+
+Documents get global ids in corpus order (bad ones skipped, see corpus.py); store shard s holds
+documents [s * docs_per_shard, (s + 1) * docs_per_shard), so shards are contiguous chunk-id ranges
+aligned to documents. A chunk's global id is its shard's `first_chunk_id` (the running sum of
+earlier shards' chunk counts, fixed by finalize) plus its row. Each document's tokens end with EOS.
+
+Worker i of N writes the store shards s with s % N == i. Each file is written to a temporary name and
+renamed; the done marker is written last, so a killed run resumes at the first unfinished shard and
+the rerun's files are byte-identical to an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import tqdm
+from etils import epath
+
+from retro_jax.data import corpus as corpus_lib
+from retro_jax.data import tokenizer as tokenizer_lib
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy", "doc_keys.json")
+DOC_TABLE_COLUMNS = ("doc_id", "first_row", "num_chunks", "num_utf8_bytes", "heldout")
+
+
+class ChunkStoreError(ValueError):
+  """A chunk store that is missing, incomplete, corrupt or built with other settings."""
+
+
+def shard_name(index: int) -> str:
+  return f"shard-{index:05d}"
+
+
+def sha256_file(path: epath.Path) -> str:
+  h = hashlib.sha256()
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, arr, allow_pickle=False)
+  return buf.getvalue()
+
+
+def _write_atomic(path: epath.Path, data: bytes) -> None:
+  tmp = path.parent / (path.name + ".tmp")
+  tmp.write_bytes(data)
+  tmp.replace(path)
+
+
+def _json_bytes(obj: Any) -> bytes:
+  return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def package_versions() -> dict[str, str]:
+  import sentencepiece  # pylint: disable=g-import-not-at-top
+  return {"numpy": np.__version__, "sentencepiece": sentencepiece.__version__,
+          "python": sys.version.split()[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+# ---------------------------------------------------------------------------------------------
+
+
+def chunk_document(ids: Sequence[int], chunk_size: int, pad_id: int) -> np.ndarray:
+  """int32 [ceil(len / m), m]: the ids cut into chunks, the last one padded with pad_id."""
+  n = max(1, math.ceil(len(ids) / chunk_size))
+  out = np.full((n * chunk_size,), pad_id, np.int32)
+  out[:len(ids)] = ids
+  return out.reshape(n, chunk_size)
+
+
+def _settings(tokenizer, chunk_size, docs_per_shard, corpus_spec, max_docs, heldout_fraction, seed,
+              append_eos) -> dict:
+  return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer.info(), "chunk_size": chunk_size,
+          "docs_per_shard": docs_per_shard, "corpus": corpus_spec, "max_docs": max_docs,
+          "heldout_fraction": heldout_fraction, "seed": seed, "append_eos": append_eos}
+
+
+def _shard_done(out: epath.Path, index: int, settings: dict) -> dict | None:
+  """The done marker of a finished shard (files verified), or None when it must be (re)written."""
+  marker_path = out / (shard_name(index) + ".done.json")
+  if not marker_path.exists():
+    return None
+  marker = json.loads(marker_path.read_text())
+  if marker["settings"] != settings:
+    raise ChunkStoreError(
+        f"{marker_path} was written with other settings ({marker['settings']}) than this run "
+        f"({settings}); use another --out or delete {out} to rebuild")
+  for name, rec in marker["files"].items():
+    path = out / shard_name(index) / name
+    if not path.exists() or sha256_file(path) != rec["sha256"]:
+      marker_path.unlink()  # Damaged after it was written: redo it.
+      return None
+  return marker
+
+
+def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.Document, bool]],
+                 tokenizer, chunk_size: int, append_eos: bool, settings: dict,
+                 corpus_stats: dict) -> dict:
+  """Tokenises and writes one shard; the done marker (written last) is the commit point."""
+  shard_dir = out / shard_name(index)
+  if shard_dir.exists():
+    shard_dir.rmtree()  # Leftovers of a killed run.
+  shard_dir.mkdir(parents=True)
+  token_lists = tokenizer.encode_batch([d.text for _, d, _ in docs])
+  chunk_blocks, doc_rows, keys, row, num_tokens, short = [], [], [], 0, 0, 0
+  for (doc_id, doc, heldout), ids in zip(docs, token_lists):
+    if append_eos:
+      ids = list(ids) + [tokenizer.eos_id]
+    if len(ids) < chunk_size:
+      short += 1
+    chunks = chunk_document(ids, chunk_size, tokenizer.pad_id)
+    chunk_blocks.append(chunks)
+    doc_rows.append((doc_id, row, len(chunks), len(doc.text.encode("utf-8")), int(heldout)))
+    keys.append(doc.key)
+    row += len(chunks)
+    num_tokens += len(ids)
+  tokens_NxM = (np.concatenate(chunk_blocks) if chunk_blocks
+                else np.zeros((0, chunk_size), np.int32)).astype(np.int32)
+  doc_table_Dx5 = np.asarray(doc_rows, np.int64).reshape(-1, len(DOC_TABLE_COLUMNS))
+  doc_ids_N = np.repeat(doc_table_Dx5[:, 0], doc_table_Dx5[:, 2]).astype(np.int64)
+  payloads = {"tokens.npy": _npy_bytes(tokens_NxM), "doc_ids.npy": _npy_bytes(doc_ids_N),
+              "doc_table.npy": _npy_bytes(doc_table_Dx5), "doc_keys.json": _json_bytes(keys)}
+  files = {}
+  for name in SHARD_FILES:
+    _write_atomic(shard_dir / name, payloads[name])
+    files[name] = {"sha256": hashlib.sha256(payloads[name]).hexdigest(),
+                   "bytes": len(payloads[name])}
+    if os.environ.get("RETRO_JAX_TEST_KILL_MIDSHARD") == str(index) and name == "tokens.npy":
+      os.kill(os.getpid(), signal.SIGKILL)  # Test hook: die with a half-written shard.
+  marker = {
+      "index": index, "settings": settings, "files": files, "num_chunks": int(len(tokens_NxM)),
+      "num_docs": len(docs), "num_tokens": num_tokens, "docs_shorter_than_chunk": short,
+      "first_doc_id": int(docs[0][0]) if docs else 0,
+      "heldout_doc_ids": [int(d) for d, _, h in docs if h],
+      "heldout_doc_keys": [d.key for _, d, h in docs if h],
+      "corpus_stats": corpus_stats,
+  }
+  _write_atomic(out / (shard_name(index) + ".done.json"), _json_bytes(marker))
+  return marker
+
+
+def build_chunk_store(corpus_spec: str, out_dir: str | os.PathLike, tokenizer,
+                      chunk_size: int = 64, docs_per_shard: int = 4096,
+                      heldout_fraction: float = 0.01, seed: int = 0, max_docs: int | None = None,
+                      shard_index: int = 0, num_shards: int = 1, append_eos: bool = True,
+                      finalize: bool = True, progress: bool = True) -> dict:
+  """Writes the store shards s with s % num_shards == shard_index; then finalizes if asked (and
+  all shards are done). Returns {"seconds", "written", "skipped", "num_store_shards", ...}."""
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+  if chunk_size < 1 or docs_per_shard < 1:
+    raise ValueError(f"chunk_size={chunk_size} and docs_per_shard={docs_per_shard} must be >= 1")
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  settings = _settings(tokenizer, chunk_size, docs_per_shard, corpus_spec, max_docs,
+                       heldout_fraction, seed, append_eos)
+  t0 = time.perf_counter()
+  stats = corpus_lib.CorpusStats()
+  # Every worker walks the whole corpus (cheap next to tokenising) so doc ids agree everywhere.
+  docs = list(corpus_lib.iter_documents(corpus_spec, stats, max_docs=max_docs))
+  if not docs:
+    raise ChunkStoreError(f"corpus {corpus_spec!r} yielded no usable document "
+                          f"(skipped: {stats.skipped_empty} empty, {stats.skipped_binary} binary)")
+  keys = [d.key for d in docs]
+  if len(set(keys)) != len(keys):
+    raise ChunkStoreError(f"corpus {corpus_spec!r} has duplicate document keys")
+  num_store_shards = math.ceil(len(docs) / docs_per_shard)
+  corpus_stats = {**stats.to_json(), "num_store_shards": num_store_shards}
+  mine = [s for s in range(num_store_shards) if s % num_shards == shard_index]
+  written, skipped = [], []
+  kill_after = os.environ.get("RETRO_JAX_TEST_KILL_AFTER_SHARDS")
+  bar = tqdm.tqdm(total=len(mine), unit="shard", desc="chunk store", disable=not progress)
+  for s in mine:
+    if _shard_done(out, s, settings) is not None:
+      skipped.append(s)
+      bar.update(1)
+      continue
+    part = [(doc_id, docs[doc_id], corpus_lib.is_heldout(docs[doc_id].key, heldout_fraction, seed))
+            for doc_id in range(s * docs_per_shard, min(len(docs), (s + 1) * docs_per_shard))]
+    _write_shard(out, s, part, tokenizer, chunk_size, append_eos, settings, corpus_stats)
+    written.append(s)
+    bar.update(1)
+    if kill_after is not None and len(written) >= int(kill_after):
+      os.kill(os.getpid(), signal.SIGKILL)  # Test hook: die between shards.
+  bar.close()
+  result = {"seconds": time.perf_counter() - t0, "written": written, "skipped": skipped,
+            "num_store_shards": num_store_shards, "num_docs": len(docs)}
+  if finalize and num_shards == 1:
+    result["manifest"] = finalize_chunk_store(out)
+  return result
+
+
+def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
+  """Checks every shard's done marker and writes STORE/manifest.json (offsets, counts, checksums)."""
+  out = epath.Path(out_dir)
+  first_path = out / (shard_name(0) + ".done.json")
+  if not first_path.exists():
+    raise ChunkStoreError(f"{out} has no finished shard 0 ({first_path}); run the chunking first")
+  first = json.loads(first_path.read_text())
+  num_store_shards = first["corpus_stats"]["num_store_shards"]
+  markers = []
+  missing = [s for s in range(num_store_shards)
+             if not (out / (shard_name(s) + ".done.json")).exists()]
+  if missing:
+    raise ChunkStoreError(f"{out}: shards {missing} of {num_store_shards} are not done; run "
+                          f"`prepare --stage=chunks` for them (their --shard_index) and finalize again")
+  for s in range(num_store_shards):
+    markers.append(json.loads((out / (shard_name(s) + ".done.json")).read_text()))
+  settings = first["settings"]
+  shards, offset, doc_offset = [], 0, 0
+  for m in markers:
+    if m["settings"] != settings:
+      raise ChunkStoreError(f"{out}: shard {m['index']} was written with other settings")
+    if m["first_doc_id"] != doc_offset:
+      raise ChunkStoreError(f"{out}: shard {m['index']} starts at doc {m['first_doc_id']}, "
+                            f"expected {doc_offset}")
+    shards.append({"index": m["index"], "path": shard_name(m["index"]), "first_chunk_id": offset,
+                   "num_chunks": m["num_chunks"], "first_doc_id": m["first_doc_id"],
+                   "num_docs": m["num_docs"], "num_tokens": m["num_tokens"], "files": m["files"]})
+    offset += m["num_chunks"]
+    doc_offset += m["num_docs"]
+  heldout_ids = [i for m in markers for i in m["heldout_doc_ids"]]
+  heldout_keys = [k for m in markers for k in m["heldout_doc_keys"]]
+  manifest = {
+      "format_version": FORMAT_VERSION,
+      "chunk_size": settings["chunk_size"],
+      "num_chunks": offset,
+      "num_docs": doc_offset,
+      "num_tokens": sum(m["num_tokens"] for m in markers),
+      "docs_shorter_than_chunk": sum(m["docs_shorter_than_chunk"] for m in markers),
+      "append_eos": settings["append_eos"],
+      "seed": settings["seed"],
+      "tokenizer": settings["tokenizer"],
+      "corpus": {"spec": settings["corpus"], "max_docs": settings["max_docs"],
+                 "docs_per_shard": settings["docs_per_shard"], "bad_input": first["corpus_stats"]},
+      "heldout": {"fraction": settings["heldout_fraction"], "seed": settings["seed"],
+                  "num_docs": len(heldout_ids), "doc_ids": heldout_ids, "doc_keys": heldout_keys},
+      "doc_table_columns": list(DOC_TABLE_COLUMNS),
+      "shards": shards,
+      "versions": package_versions(),
+  }
+  _write_atomic(out / MANIFEST, _json_bytes(manifest))
+  return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_npy(path: epath.Path, mmap: bool = True) -> np.ndarray:
+  if not path.exists():
+    raise ChunkStoreError(f"chunk store file {path} is missing; rebuild its shard (delete the "
+                          f"shard's .done.json and rerun `prepare --stage=chunks`)")
+  if mmap and not str(path).startswith(("gs://", "s3://")):
+    return np.load(os.fspath(path), mmap_mode="r")
+  with path.open("rb") as f:
+    return np.load(f)
+
+
+class ChunkStore:
+  """Read access to a finished store: memory-mapped gathers over int64 global chunk ids."""
+
+  def __init__(self, root: epath.Path, manifest: dict):
+    self.root = root
+    self.manifest = manifest
+    self.chunk_size = int(manifest["chunk_size"])
+    self.num_chunks = int(manifest["num_chunks"])
+    self.num_docs = int(manifest["num_docs"])
+    self.pad_id = int(manifest["tokenizer"]["pad_id"])
+    shards = manifest["shards"]
+    self.shard_offsets = np.asarray([s["first_chunk_id"] for s in shards] + [self.num_chunks],
+                                    np.int64)
+    for s in shards:  # Fail at open, not at the first gather, on a missing file.
+      for name in SHARD_FILES:
+        if not (root / s["path"] / name).exists():
+          raise ChunkStoreError(f"chunk store file {root / s['path'] / name} is missing; rebuild "
+                                f"shard {s['index']} (delete {s['path']}.done.json and rerun "
+                                f"`prepare --stage=chunks`, then `--stage=finalize`)")
+    self._tokens = [None] * len(shards)
+    self._doc_ids = [None] * len(shards)
+    tables = [_load_npy(root / s["path"] / "doc_table.npy", mmap=False) for s in shards]
+    table_Dx5 = np.concatenate(tables) if tables else np.zeros((0, 5), np.int64)
+    if len(table_Dx5) != self.num_docs or not np.array_equal(table_Dx5[:, 0],
+                                                              np.arange(self.num_docs)):
+      raise ChunkStoreError(f"{root}: the shards' document tables do not cover docs "
+                            f"0..{self.num_docs - 1} in order; the store is corrupt, rebuild it")
+    shard_of_doc = np.repeat(np.arange(len(shards)), [len(t) for t in tables])
+    self.doc_first_chunk = (table_Dx5[:, 1] + self.shard_offsets[shard_of_doc]).astype(np.int64)
+    self.doc_num_chunks = table_Dx5[:, 2].astype(np.int64)
+    self.doc_num_bytes = table_Dx5[:, 3].astype(np.int64)
+    self.doc_heldout = table_Dx5[:, 4].astype(bool)
+    self._doc_keys = None
+
+  @classmethod
+  def open(cls, path: str | os.PathLike) -> "ChunkStore":
+    """Opens STORE (or DB whose store is DB/chunks)."""
+    root = epath.Path(path)
+    if not (root / MANIFEST).exists() and (root / "chunks" / MANIFEST).exists():
+      root = root / "chunks"
+    manifest_path = root / MANIFEST
+    if not manifest_path.exists():
+      raise ChunkStoreError(f"no chunk store manifest at {manifest_path}: build the store with "
+                            f"`python -m retro_jax.data.prepare --out=...` (and --stage=finalize "
+                            f"after a sharded run)")
+    try:
+      manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+      raise ChunkStoreError(f"{manifest_path} is corrupt ({e}); rerun --stage=finalize") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+      raise ChunkStoreError(f"{manifest_path}: format {manifest.get('format_version')}, this code "
+                            f"reads {FORMAT_VERSION}; rebuild the store")
+    return cls(root, manifest)
+
+  # -- per-shard arrays -----------------------------------------------------------------------
+  @property
+  def num_shards(self) -> int:
+    return len(self.manifest["shards"])
+
+  def shard_tokens(self, shard: int) -> np.ndarray:
+    if self._tokens[shard] is None:
+      s = self.manifest["shards"][shard]
+      arr = _load_npy(self.root / s["path"] / "tokens.npy")
+      if arr.shape != (s["num_chunks"], self.chunk_size) or arr.dtype != np.int32:
+        raise ChunkStoreError(f"{self.root / s['path'] / 'tokens.npy'}: shape {arr.shape} "
+                              f"{arr.dtype}, manifest says ({s['num_chunks']}, {self.chunk_size}) "
+                              f"int32; the file is corrupt, rebuild the shard")
+      self._tokens[shard] = arr
+    return self._tokens[shard]
+
+  def shard_doc_ids(self, shard: int) -> np.ndarray:
+    if self._doc_ids[shard] is None:
+      s = self.manifest["shards"][shard]
+      self._doc_ids[shard] = _load_npy(self.root / s["path"] / "doc_ids.npy")
+    return self._doc_ids[shard]
+
+  def _check_ids(self, ids) -> np.ndarray:
+    ids_N = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids_N.size and (ids_N.min() < 0 or ids_N.max() >= self.num_chunks):
+      raise IndexError(f"chunk ids must be in [0, {self.num_chunks}); got "
+                       f"[{ids_N.min()}, {ids_N.max()}]")
+    return ids_N
+
+  def _gather(self, ids_N: np.ndarray, getter, tail: tuple, dtype) -> np.ndarray:
+    out = np.empty((len(ids_N),) + tail, dtype)
+    shard_N = np.searchsorted(self.shard_offsets, ids_N, side="right") - 1
+    for s in np.unique(shard_N):
+      sel = np.nonzero(shard_N == s)[0]
+      rows = ids_N[sel] - self.shard_offsets[s]
+      order = np.argsort(rows, kind="stable")  # Sorted reads from the memmap.
+      out[sel[order]] = getter(int(s))[rows[order]]
+    return out
+
+  # -- public read API ------------------------------------------------------------------------
+  def tokens(self, ids) -> np.ndarray:
+    """int32 [n, chunk_size] tokens of global chunk ids (int64 [n])."""
+    ids_N = self._check_ids(ids)
+    return self._gather(ids_N, self.shard_tokens, (self.chunk_size,), np.int32)
+
+  def doc_ids(self, ids) -> np.ndarray:
+    """int64 [n] document id of each chunk."""
+    ids_N = self._check_ids(ids)
+    return self._gather(ids_N, self.shard_doc_ids, (), np.int64)
+
+  def doc_range(self, doc_id: int) -> tuple[int, int]:
+    """(first_chunk_id, end_chunk_id) of a document: its chunks are [first, end)."""
+    if not 0 <= doc_id < self.num_docs:
+      raise IndexError(f"doc id {doc_id} not in [0, {self.num_docs})")
+    first = int(self.doc_first_chunk[doc_id])
+    return first, first + int(self.doc_num_chunks[doc_id])
+
+  def doc_key(self, doc_id: int) -> str:
+    if self._doc_keys is None:
+      self._doc_keys = [k for s in self.manifest["shards"]
+                        for k in json.loads((self.root / s["path"] / "doc_keys.json").read_text())]
+    return self._doc_keys[doc_id]
+
+  @property
+  def heldout_doc_ids(self) -> np.ndarray:
+    return np.asarray(self.manifest["heldout"]["doc_ids"], np.int64)
+
+  def neighbour_tokens(self, ids, r: int) -> np.ndarray:
+    """int32 [n, r]: each chunk followed by its continuation within the same document, padded with
+    pad_id after the document's last chunk (never reads into the next document)."""
+    ids_N = self._check_ids(ids)
+    m = self.chunk_size
+    docs_N = self.doc_ids(ids_N)
+    end_N = self.doc_first_chunk[docs_N] + self.doc_num_chunks[docs_N]
+    n_steps = math.ceil(r / m)
+    out = np.full((len(ids_N), n_steps * m), self.pad_id, np.int32)
+    for j in range(n_steps):
+      cid_N = ids_N + j
+      valid = cid_N < end_N
+      if not valid.any():
+        break
+      out[valid, j * m:(j + 1) * m] = self.tokens(cid_N[valid])
+    return out[:, :r]
+
+  def _texts(self, ids_N: np.ndarray, tokens_NxM: np.ndarray, tokenizer) -> list[str]:
+    # A document's first chunk starts with SentencePiece's dummy-prefix space (dropped by decode);
+    # any later chunk's leading space is real text (kept by decode_fragment).
+    first_N = self.doc_first_chunk[self.doc_ids(ids_N)] == ids_N
+    frag = getattr(tokenizer, "decode_fragment", tokenizer.decode)
+    return [(tokenizer.decode if f else frag)(row[row != self.pad_id].tolist())
+            for f, row in zip(first_N, tokens_NxM)]
+
+  def chunk_text(self, ids, tokenizer) -> list[str]:
+    """Detokenised text of each chunk (pad removed); a document's chunks concatenate back to it
+    (except where a chunk boundary splits a byte-fallback character)."""
+    ids_N = self._check_ids(ids)
+    return self._texts(ids_N, self.tokens(ids_N), tokenizer)
+
+  def iter_chunk_texts(self, tokenizer, shard: int | None = None,
+                       batch_size: int = 1024) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Yields (chunk_ids int64 [b], texts) over one shard (or all) in chunk-id order."""
+    shards = range(self.num_shards) if shard is None else [shard]
+    for s in shards:
+      toks = self.shard_tokens(s)
+      first = int(self.shard_offsets[s])
+      for start in range(0, len(toks), batch_size):
+        block = np.asarray(toks[start:start + batch_size])
+        ids_B = np.arange(first + start, first + start + len(block), dtype=np.int64)
+        yield ids_B, self._texts(ids_B, block, tokenizer)
+
+  def check(self, tokenizer=None, verify_checksums: bool = True) -> None:
+    """Raises TokenizerMismatchError / ChunkStoreError on a wrong tokenizer or a bad shard file."""
+    if tokenizer is not None:
+      tokenizer_lib.check_tokenizer(tokenizer, self.manifest["tokenizer"],
+                                    f"chunk store {self.root}")
+    if not verify_checksums:
+      return
+    for s in self.manifest["shards"]:
+      for name, rec in s["files"].items():
+        path = self.root / s["path"] / name
+        if not path.exists():
+          raise ChunkStoreError(f"chunk store file {path} is missing; rebuild shard {s['index']}")
+        digest = sha256_file(path)
+        if digest != rec["sha256"]:
+          raise ChunkStoreError(f"chunk store file {path} is corrupt: sha256 {digest[:12]} != "
+                                f"manifest {rec['sha256'][:12]}; rebuild shard {s['index']} "
+                                f"(delete {s['path']}.done.json, rerun --stage=chunks and finalize)")

@@ -1,0 +1,215 @@
+"""The grain input pipeline: fixed-length sequences of the chunk store, with retrieved neighbours.
+
+Sequences. A split's chunk stream is the chunk-store chunks of its documents in chunk-id order
+(split "train": the documents not held out; split "heldout": the held-out ones). Sequence i is the
+stream positions [i*L, (i+1)*L), L = seq_len / chunk_size; the last partial sequence is dropped.
+A sequence may span documents (each document's last chunk is padded with pad id 0).
+
+Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour length, 128 default):
+  "inputs":     int32 [T]  the L chunks' tokens, chunk-aligned (inputs[64*u:64*(u+1)] = chunk u).
+  "targets":    int32 [T]  next tokens: the model predicts targets[t] from inputs[:t+1];
+                targets[t] = inputs[t+1] when token t+1 is of the same document, and
+                targets[T-1] = the first token of the chunk after the sequence's last one (same
+                document only); every other position (document ends, padding) holds the pad id 0,
+                which the training loss masks (retro_jax.train_step.cross_entropy).
+  "neighbours": int32 [L, K, R]  for chunk u, its K stored neighbours (retro_jax.data.neighbours),
+                each the neighbour chunk plus its continuation within its document
+                (`ChunkStore.neighbour_tokens`), pad 0 past the document's end and for missing
+                (-1) neighbours. Absent with retrieval=False.
+Everything is gathered per example from memory-mapped files; the database is never loaded whole.
+
+Pipeline (`make_dataset`): source -> this process's contiguous slice (JAX process p of P gets
+sequences [p*n/P, (p+1)*n/P), equal sizes, so all processes step in lockstep) -> seeded shuffle ->
+repeat (reshuffled each epoch) -> batch(drop_remainder=True). `batch_size` is per process. The
+iterator (`make_iterator`) is a grain DatasetIterator: `get_state()` / `set_state()` checkpoint it
+(save the state with the model state, e.g. through orbax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from retro_jax.data import neighbours as neighbours_lib
+
+PAD_ID = 0
+SPLITS = ("train", "heldout")
+
+
+def _complement(ranges_Hx2: np.ndarray, n: int) -> np.ndarray:
+  """`[start, end)` ranges covering [0, n) minus the given sorted disjoint ranges."""
+  out, pos = [], 0
+  for s, e in ranges_Hx2:
+    if s > pos:
+      out.append((pos, s))
+    pos = max(pos, int(e))
+  if pos < n:
+    out.append((pos, n))
+  return np.asarray(out, np.int64).reshape(-1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkStream:
+  """Positions 0..size-1 of a split's chunks, mapped to global chunk ids through a few ranges."""
+  ranges_Sx2: np.ndarray  # sorted disjoint [start, end) global chunk-id ranges
+  cum_S: np.ndarray       # stream position of each range's first chunk
+
+  @classmethod
+  def from_ranges(cls, ranges_Sx2: np.ndarray) -> "ChunkStream":
+    ranges = np.asarray(ranges_Sx2, np.int64).reshape(-1, 2)
+    ranges = ranges[ranges[:, 1] > ranges[:, 0]]
+    lengths = ranges[:, 1] - ranges[:, 0]
+    cum = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return cls(ranges, cum)
+
+  @classmethod
+  def for_split(cls, store, split: str) -> "ChunkStream":
+    if split not in SPLITS:
+      raise ValueError(f"split={split!r}; expected one of {SPLITS}.")
+    held = neighbours_lib.heldout_chunk_ranges(store)
+    if split == "heldout":
+      return cls.from_ranges(held)
+    return cls.from_ranges(_complement(held, int(store.num_chunks)))
+
+  @property
+  def size(self) -> int:
+    return int((self.ranges_Sx2[:, 1] - self.ranges_Sx2[:, 0]).sum())
+
+  def chunk_ids(self, positions: np.ndarray) -> np.ndarray:
+    positions = np.asarray(positions, np.int64)
+    j = np.searchsorted(self.cum_S, positions, side="right") - 1
+    return self.ranges_Sx2[j, 0] + positions - self.cum_S[j]
+
+
+class SequenceSource:
+  """Random access to a split's sequences: `source[i]` is the example dict described above."""
+
+  def __init__(self, db_dir: str | os.PathLike, seq_len: int, split: str = "train",
+               retrieval: bool = True, num_neighbours: int | None = None,
+               neighbour_len: int = 128, store=None):
+    from retro_jax.data import chunk_store as chunk_store_lib
+    self.db_dir = str(db_dir)
+    self.store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
+    self.chunk_size = int(self.store.chunk_size)
+    if seq_len <= 0 or seq_len % self.chunk_size:
+      raise ValueError(f"seq_len={seq_len} must be a positive multiple of the chunk size "
+                       f"{self.chunk_size} of {db_dir}.")
+    if neighbour_len < self.chunk_size:
+      raise ValueError(f"neighbour_len={neighbour_len} must be >= the chunk size {self.chunk_size}.")
+    self.pad_id = int(getattr(self.store, "pad_id", PAD_ID))
+    self.seq_len = seq_len
+    self.num_chunks_per_seq = seq_len // self.chunk_size
+    self.split = split
+    self.stream = ChunkStream.for_split(self.store, split)
+    self.retrieval = retrieval
+    self.neighbour_len = neighbour_len
+    if retrieval:
+      self._nbr_shards, self._nbr_offsets = neighbours_lib.open_neighbours(db_dir, self.store)
+      k_stored = int(self._nbr_shards[0].shape[1])
+      self.num_neighbours = k_stored if num_neighbours is None else int(num_neighbours)
+      if not 1 <= self.num_neighbours <= k_stored:
+        raise ValueError(f"num_neighbours={num_neighbours} but {db_dir}/neighbours holds "
+                         f"k={k_stored}; recompute with python -m retro_jax.data.neighbours "
+                         f"--db={db_dir} --k={num_neighbours}.")
+    self._len = self.stream.size // self.num_chunks_per_seq
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:
+    return (f"SequenceSource({self.db_dir!r}, seq_len={self.seq_len}, split={self.split!r}, "
+            f"retrieval={self.retrieval})")
+
+  def sequence_chunk_ids(self, index: int) -> np.ndarray:
+    """int64 [L]: the global chunk ids of sequence `index`."""
+    if not 0 <= index < self._len:
+      raise IndexError(f"sequence {index} out of range [0, {self._len}).")
+    L = self.num_chunks_per_seq
+    return self.stream.chunk_ids(np.arange(index * L, (index + 1) * L, dtype=np.int64))
+
+  def neighbour_ids(self, chunk_ids_L: np.ndarray) -> np.ndarray:
+    """int64 [L, K]: stored neighbour ids of the given chunks (-1 where none)."""
+    shard_L = np.searchsorted(self._nbr_offsets, chunk_ids_L, side="right") - 1
+    out = np.empty((len(chunk_ids_L), self.num_neighbours), np.int64)
+    for j in np.unique(shard_L):
+      m = shard_L == j
+      out[m] = self._nbr_shards[j][chunk_ids_L[m] - self._nbr_offsets[j], :self.num_neighbours]
+    return out
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    index = int(index)
+    ids_L = self.sequence_chunk_ids(index)
+    inputs_T = np.asarray(self.store.tokens(ids_L), np.int32).reshape(-1)
+    docs_T = np.repeat(np.asarray(self.store.doc_ids(ids_L), np.int64), self.chunk_size)
+    nxt = int(ids_L[-1]) + 1
+    next_token = self.pad_id
+    if nxt < self.store.num_chunks:
+      nid = np.array([nxt], np.int64)
+      if int(self.store.doc_ids(nid)[0]) == docs_T[-1]:
+        next_token = int(np.asarray(self.store.tokens(nid))[0, 0])
+    targets_T = np.concatenate([inputs_T[1:], np.array([next_token], np.int32)])
+    targets_T[:-1] = np.where(docs_T[1:] == docs_T[:-1], targets_T[:-1], self.pad_id)
+    example = {"inputs": inputs_T, "targets": targets_T.astype(np.int32)}
+    if self.retrieval:
+      nbr_LxK = self.neighbour_ids(ids_L)
+      valid = nbr_LxK >= 0
+      toks = np.asarray(self.store.neighbour_tokens(np.where(valid, nbr_LxK, 0).reshape(-1),
+                                                    self.neighbour_len), np.int32)
+      toks_LxKxR = toks.reshape(*nbr_LxK.shape, self.neighbour_len)
+      example["neighbours"] = np.where(valid[..., None], toks_LxKxR, self.pad_id).astype(np.int32)
+    return example
+
+
+def process_slice(n: int, process_index: int, process_count: int) -> slice:
+  """Equal contiguous slices of n items per process (remainder dropped, so all stay in lockstep)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  per = n // process_count
+  return slice(process_index * per, (process_index + 1) * per)
+
+
+def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, split: str = "train",
+                 retrieval: bool = True, num_neighbours: int | None = None,
+                 neighbour_len: int = 128, seed: int = 0, shuffle: bool | None = None,
+                 num_epochs: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None, source: SequenceSource | None = None
+                 ) -> grain.MapDataset:
+  """Batched MapDataset of examples (leading axis `batch_size`, per process).
+
+  Defaults: split "train" shuffles and repeats forever; split "heldout" reads once in order.
+  `process_index/process_count` default to `jax.process_index()/jax.process_count()`.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  if process_index is None or process_count is None:
+    import jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  src = source if source is not None else SequenceSource(db_dir, seq_len, split, retrieval, num_neighbours, neighbour_len)
+  if shuffle is None:
+    shuffle = split == "train"
+  if num_epochs is None and split != "train":
+    num_epochs = 1
+  ds = grain.MapDataset.source(src)
+  ds = ds[process_slice(len(ds), process_index, process_count)]
+  if len(ds) < batch_size:
+    raise ValueError(f"{db_dir}: process {process_index} of {process_count} has {len(ds)} "
+                     f"{split} sequences of {seq_len} tokens, fewer than batch_size={batch_size}; "
+                     "use a bigger corpus, shorter sequences or a smaller batch.")
+  if shuffle:
+    ds = ds.seed(seed).shuffle()
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def make_iterator(db_dir: str | os.PathLike, *, read_threads: int = 4,
+                  **kwargs: Any) -> grain.DatasetIterator:
+  """`iter(make_dataset(...).to_iter_dataset())`: checkpoint it with get_state()/set_state()."""
+  ds = make_dataset(db_dir, **kwargs)
+  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
+  return iter(ds.to_iter_dataset(read_options=options))

@@ -1,0 +1,297 @@
+r"""Training neighbours: the k nearest database chunks from other documents, per chunk, per shard.
+
+    python -m retro_jax.data.neighbours --db=DIR --k=2 [--backend=scann] \
+        [--shard_index=0 --num_shards=1] [--block_rows=4096]
+
+For every chunk of the chunk store (shard by shard, same shard numbers and row order as the chunk
+store and `DB/embeddings/`), the query is the chunk's own stored embedding and the answer is the
+`k` nearest chunks by exact (rescored) dot product among chunks that are
+  * not of the query chunk's own document (RETRO's same-document rule: the retriever's
+    `exclude_doc_ids_Q`), and
+  * not of a held-out document (so that no evaluation text leaks into training through retrieval).
+Results are int64 global chunk ids in `DB/neighbours/shard-XXXXX.npy`, shape [n_chunks_in_shard, k],
+-1 where fewer than k candidates exist.
+
+Which chunks get neighbours: every chunk, held-out documents included. The training sequences
+(`retro_jax.data.loader`) are consecutive runs of seq_len/64 chunks of the non-held-out documents,
+so whatever seq_len a run picks, each of its chunks has its row here; the held-out rows serve the
+evaluation loader with retrieval on (their candidates likewise come from training documents only).
+
+Restartable: work goes in fixed blocks of `block_rows` rows; `shard-XXXXX.progress.json` records the
+finished rows, a killed run resumes at the next block, finished shards are skipped, and the output is
+byte-identical to an uninterrupted run (a block's result depends only on its rows).
+Shardable: host `shard_index` of `num_shards` computes the store shards s with
+`s % num_shards == shard_index` (every host loads the whole index, since a query visits every shard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import numpy as np
+import tqdm
+
+NEIGHBOURS_DIR = "neighbours"
+FORMAT_VERSION = 1
+
+
+class NeighboursError(ValueError):
+  """A neighbours file that is missing, unfinished, or made with other settings."""
+
+
+def shard_path(db_dir: str | os.PathLike, shard: int) -> pathlib.Path:
+  return pathlib.Path(db_dir) / NEIGHBOURS_DIR / f"shard-{shard:05d}.npy"
+
+
+def _progress_path(npy_path: pathlib.Path) -> pathlib.Path:
+  return npy_path.with_suffix(".progress.json")
+
+
+def _write_json_atomic(path: pathlib.Path, obj: dict) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Thin adapters over the chunk store (retro_jax.data.chunk_store), kept here so that this module
+# reads only the documented API: `.manifest`, `.doc_ids(ids)`, `.doc_range(doc)`, `.num_chunks`.
+
+
+def store_shards(store) -> list[tuple[int, int, int]]:
+  """(shard number, first global chunk id, chunk count) of each chunk-store shard, in order."""
+  shards = store.manifest.get("shards")
+  if not shards:
+    return [(0, 0, int(store.num_chunks))]
+  out, running = [], 0
+  for i, s in enumerate(shards):
+    first = s.get("first_chunk_id", s.get("chunk_offset", s.get("offset", running)))
+    count = s.get("num_chunks", s.get("chunk_count", s.get("count")))
+    out.append((int(s.get("index", i)), int(first), int(count)))
+    running = int(first) + int(count)
+  return out
+
+
+def heldout_doc_ids(store) -> np.ndarray:
+  """Sorted int64 ids of the held-out documents recorded in the chunk store's manifest."""
+  for attr in ("heldout_doc_ids", "held_out_doc_ids"):
+    v = getattr(store, attr, None)
+    if v is not None:
+      v = v() if callable(v) else v
+      return np.unique(np.asarray(v, np.int64))
+  m = store.manifest
+  for key in ("heldout_doc_ids", "held_out_doc_ids", "heldout_docs"):
+    if key in m:
+      return np.unique(np.asarray(m[key], np.int64))
+  split = m.get("split") or m.get("heldout") or {}
+  if isinstance(split, dict):
+    for key in ("heldout_doc_ids", "held_out_doc_ids", "doc_ids", "heldout"):
+      if key in split and not isinstance(split[key], (int, float)):
+        return np.unique(np.asarray(split[key], np.int64))
+  raise NeighboursError(
+      "The chunk store's manifest records no held-out documents (looked for 'heldout_doc_ids'); "
+      "rebuild the chunk store with retro_jax.data.prepare.")
+
+
+def num_docs(store) -> int:
+  for attr in ("num_docs", "num_documents"):
+    v = getattr(store, attr, None)
+    if v is not None:
+      return int(v() if callable(v) else v)
+  m = store.manifest
+  for key in ("num_docs", "num_documents"):
+    if key in m:
+      return int(m[key])
+  return int(store.doc_ids(np.array([store.num_chunks - 1], np.int64))[0]) + 1
+
+
+def heldout_chunk_ranges(store) -> np.ndarray:
+  """int64 [H, 2] sorted, merged `[start, end)` chunk-id ranges of the held-out documents."""
+  docs = heldout_doc_ids(store)
+  ranges = np.array([store.doc_range(int(d)) for d in docs], np.int64).reshape(-1, 2)
+  ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
+  return ranges
+
+
+# ------------------------------------------------------------------------------------------------
+# Search.
+
+
+def _compact(ids_QxF: np.ndarray, keep_QxF: np.ndarray, k: int) -> np.ndarray:
+  """The first k kept ids of each row, in their (best-first) order, -1 padded."""
+  order = np.argsort(~keep_QxF, axis=1, kind="stable")
+  ids = np.take_along_axis(np.where(keep_QxF, ids_QxF, -1), order, axis=1)[:, :k]
+  if ids.shape[1] < k:
+    ids = np.concatenate([ids, np.full((ids.shape[0], k - ids.shape[1]), -1, np.int64)], axis=1)
+  return ids.astype(np.int64)
+
+
+def search_block(retriever, store, queries_QxD: np.ndarray, query_ids_Q: np.ndarray, k: int,
+                 heldout_docs: np.ndarray) -> np.ndarray:
+  """int64 [Q, k]: nearest chunks not of the query's own document nor of a held-out document."""
+  own_docs_Q = np.asarray(store.doc_ids(query_ids_Q), np.int64)
+  if heldout_docs.size == 0:
+    ids, _ = retriever.search(queries_QxD, k, own_docs_Q)
+    return np.asarray(ids, np.int64)
+  fetch = 2 * k
+  rows = np.arange(len(query_ids_Q))
+  out_QxK = np.full((len(query_ids_Q), k), -1, np.int64)
+  total = retriever.size
+  while rows.size:
+    fetch = min(fetch * 2, total)
+    ids, _ = retriever.search(queries_QxD[rows], fetch, own_docs_Q[rows])
+    ids = np.asarray(ids, np.int64)
+    valid = ids >= 0
+    docs = np.full(ids.shape, -1, np.int64)
+    docs[valid] = store.doc_ids(ids[valid])
+    keep = valid & ~np.isin(docs, heldout_docs)
+    out_QxK[rows] = _compact(ids, keep, k)
+    # Rows still short of k whose search was not exhausted get a larger fetch.
+    short = (keep.sum(1) < k) & (valid.sum(1) == ids.shape[1])
+    if fetch >= total:
+      break
+    rows = rows[short]
+  return out_QxK
+
+
+def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
+                  out_path: str | os.PathLike, k: int, heldout_docs: np.ndarray,
+                  block_rows: int = 4096, settings: dict[str, Any] | None = None,
+                  desc: str | None = None) -> dict:
+  """Writes one neighbours shard (resumable, block by block). Returns stats."""
+  out_path = pathlib.Path(out_path)
+  progress_path = _progress_path(out_path)
+  num_rows = int(embeddings_NxD.shape[0])
+  want = {"format_version": FORMAT_VERSION, "num_rows": num_rows, "first_id": int(first_id),
+          "k": int(k), "block_rows": int(block_rows), **(settings or {})}
+  state = {"rows_done": 0, "done": False}
+  if progress_path.exists() and out_path.exists():
+    state = json.loads(progress_path.read_text())
+    made = {key: state.get(key) for key in want}
+    if made != want:
+      raise NeighboursError(
+          f"{progress_path}: made with {made}, now asked for {want}; delete {out_path} and its "
+          "progress file to recompute it (or rerun with the old settings).")
+  if state.get("done"):
+    return {"rows": 0, "seconds": 0.0, "skipped": True}
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  if state["rows_done"] == 0:
+    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.int64, shape=(num_rows, k))
+  else:
+    out = np.lib.format.open_memmap(out_path, mode="r+")
+    if out.shape != (num_rows, k) or out.dtype != np.int64:
+      raise NeighboursError(f"{out_path}: shape {out.shape} {out.dtype}, expected ({num_rows}, {k}) "
+                            "int64; delete it and its progress file.")
+  state = {**want, "rows_done": state["rows_done"], "done": False}
+  t0, computed = time.perf_counter(), 0
+  with tqdm.tqdm(total=num_rows, initial=state["rows_done"], unit="chunk",
+                 desc=desc or f"neighbours {out_path.name}", smoothing=0.1) as bar:
+    for start in range(state["rows_done"], num_rows, block_rows):
+      end = min(start + block_rows, num_rows)
+      q_QxD = np.asarray(embeddings_NxD[start:end], np.float32)
+      ids_Q = np.arange(first_id + start, first_id + end, dtype=np.int64)
+      out[start:end] = search_block(retriever, store, q_QxD, ids_Q, k, heldout_docs)
+      out.flush()
+      state["rows_done"] = end
+      _write_json_atomic(progress_path, state)
+      computed += end - start
+      bar.update(end - start)
+  del out
+  state["done"] = True
+  _write_json_atomic(progress_path, state)
+  return {"rows": computed, "seconds": time.perf_counter() - t0, "skipped": False}
+
+
+def shard_is_done(db_dir: str | os.PathLike, shard: int) -> bool:
+  p = _progress_path(shard_path(db_dir, shard))
+  return p.exists() and bool(json.loads(p.read_text()).get("done"))
+
+
+def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str = "scann",
+                       shard_index: int = 0, num_shards: int = 1, block_rows: int = 4096,
+                       retriever=None, store=None) -> dict:
+  """Computes this host's neighbour shards of `db_dir` (finished ones are skipped). Returns stats."""
+  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.retrieval import embed as embed_lib
+  from retro_jax.retrieval import retriever as retriever_lib
+
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
+  if k < 1:
+    raise ValueError(f"--k={k} must be >= 1.")
+  db_dir = pathlib.Path(db_dir)
+  store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
+  mine = [s for s in store_shards(store) if s[0] % num_shards == shard_index]
+  totals = {"rows": 0, "seconds": 0.0, "shards": [], "skipped": []}
+  todo = [s for s in mine if not shard_is_done(db_dir, s[0])]
+  totals["skipped"] = [s[0] for s in mine if shard_is_done(db_dir, s[0])]
+  if not todo:
+    return totals
+  if retriever is None:
+    index_root = retriever_lib.index_dir(str(db_dir), backend)
+    if not os.path.isdir(index_root):
+      raise NeighboursError(f"No {backend} index at {index_root}; run python -m "
+                            f"retro_jax.retrieval.build_index --db={db_dir} --backend={backend}.")
+    retriever = retriever_lib.Retriever.from_db(str(db_dir), backend, doc_ids=store.doc_ids)
+  heldout = heldout_doc_ids(store)
+  settings = {"backend": backend, "excludes": "own_document+heldout_documents",
+              "num_heldout_docs": int(heldout.size), "index_size": int(retriever.size)}
+  for shard, first_id, count in todo:
+    emb = embed_lib.load_embeddings(db_dir, shard)
+    if emb.shape[0] != count:
+      raise NeighboursError(f"Embeddings shard {shard} of {db_dir} has {emb.shape[0]} rows but the "
+                            f"chunk store shard has {count}; re-embed it.")
+    stats = compute_shard(retriever, store, emb, first_id, shard_path(db_dir, shard), k, heldout,
+                          block_rows=block_rows, settings=settings,
+                          desc=f"neighbours shard {shard}")
+    totals["rows"] += stats["rows"]
+    totals["seconds"] += stats["seconds"]
+    totals["shards"].append(shard)
+  return totals
+
+
+def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[list[np.ndarray], np.ndarray]:
+  """Every finished neighbours shard memory-mapped, and the int64 first-chunk id of each shard."""
+  from retro_jax.data import chunk_store as chunk_store_lib
+  store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
+  arrays, offsets = [], []
+  for shard, first_id, count in store_shards(store):
+    path = shard_path(db_dir, shard)
+    if not shard_is_done(db_dir, shard):
+      raise NeighboursError(f"{path} is missing or unfinished; run python -m "
+                            f"retro_jax.data.neighbours --db={db_dir}.")
+    a = np.load(path, mmap_mode="r")
+    if a.shape[0] != count or a.dtype != np.int64:
+      raise NeighboursError(f"{path}: shape {a.shape} {a.dtype}; expected ({count}, k) int64 for "
+                            "the chunk store; delete it and recompute.")
+    arrays.append(a)
+    offsets.append(first_id)
+  ks = {a.shape[1] for a in arrays}
+  if len(ks) != 1:
+    raise NeighboursError(f"Neighbour shards of {db_dir} have different k: {sorted(ks)}.")
+  return arrays, np.asarray(offsets, np.int64)
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  stats = compute_neighbours(f.db, k=f.k, backend=f.backend, shard_index=f.shard_index,
+                             num_shards=f.num_shards, block_rows=f.block_rows)
+  rate = stats["rows"] / stats["seconds"] if stats["seconds"] else float("nan")
+  print(json.dumps({**stats, "chunks_per_s": rate}))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("db", None, "Database directory (chunks, embeddings/, index/).", required=True)
+  flags.DEFINE_integer("k", 2, "Neighbours per chunk.")
+  flags.DEFINE_enum("backend", "scann", ["scann", "exact", "faiss"], "Index backend to query.")
+  flags.DEFINE_integer("shard_index", 0, "This host's index; computes shards s % num_shards == it.")
+  flags.DEFINE_integer("num_shards", 1, "Number of hosts splitting the stage.")
+  flags.DEFINE_integer("block_rows", 4096, "Rows per resumable block.")
+  app.run(main)

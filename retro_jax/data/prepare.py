@@ -1,0 +1,119 @@
+r"""Stages 1-3 of the retrieval database: corpus -> SentencePiece tokenizer -> chunk store.
+
+  python -m retro_jax.data.prepare --corpus=default --out=runs/default_db
+  # On a pod: host i of N (after one host ran --stage=tokenizer):
+  python -m retro_jax.data.prepare --corpus=SPEC --out=DB --stage=chunks --shard_index=i --num_shards=N
+  python -m retro_jax.data.prepare --out=DB --stage=finalize
+
+Writes DB/tokenizer/spm.model and DB/chunks/ (see chunk_store.py). Every stage is restartable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app, flags
+from etils import epath
+
+from retro_jax.data import chunk_store as chunk_store_lib
+from retro_jax.data import corpus as corpus_lib
+from retro_jax.data import tokenizer as tokenizer_lib
+
+TOKENIZER_PATH = "tokenizer/spm.model"
+CHUNKS_DIR = "chunks"
+
+
+def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: int = 32000,
+                    seed: int = 0, heldout_fraction: float = 0.01, max_docs: int | None = None,
+                    input_sentence_size: int = 300_000,
+                    tokenizer_path: str | None = None) -> tokenizer_lib.Tokenizer:
+  """DB/tokenizer/spm.model: copied from tokenizer_path, kept if present, else trained on the
+  corpus's non-held-out documents."""
+  out = epath.Path(out_dir) / TOKENIZER_PATH
+  if tokenizer_path:
+    src = tokenizer_lib.Tokenizer.load(tokenizer_path)
+    if out.exists() and tokenizer_lib.Tokenizer.load(out).fingerprint != src.fingerprint:
+      raise tokenizer_lib.TokenizerMismatchError(
+          f"{out} already holds another tokenizer than {tokenizer_path}; use another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(epath.Path(tokenizer_path).read_bytes())
+    return tokenizer_lib.Tokenizer.load(out)
+  if out.exists():
+    tok = tokenizer_lib.Tokenizer.load(out)
+    if tok.vocab_size != vocab_size:
+      raise tokenizer_lib.TokenizerMismatchError(
+          f"{out} has vocab {tok.vocab_size}, --vocab_size={vocab_size}; use another --out")
+    return tok
+  texts = (d.text for d in corpus_lib.iter_documents(corpus_spec, max_docs=max_docs)
+           if not corpus_lib.is_heldout(d.key, heldout_fraction, seed))
+  return tokenizer_lib.train_sentencepiece(texts, out, vocab_size=vocab_size, seed=seed,
+                                           input_sentence_size=input_sentence_size)
+
+
+def prepare(corpus_spec: str, out_dir: str, stage: str = "all", vocab_size: int = 32000,
+            chunk_size: int = 64, docs_per_shard: int = 4096, heldout_fraction: float = 0.01,
+            seed: int = 0, max_docs: int | None = None, shard_index: int = 0, num_shards: int = 1,
+            tokenizer_path: str | None = None, input_sentence_size: int = 300_000) -> dict:
+  """Runs the stages; returns timings and counts."""
+  out = epath.Path(out_dir)
+  report: dict = {}
+  if stage in ("all", "tokenizer"):
+    t0 = time.perf_counter()
+    tok = build_tokenizer(corpus_spec, out, vocab_size, seed, heldout_fraction, max_docs,
+                          input_sentence_size, tokenizer_path)
+    report["tokenizer_seconds"] = time.perf_counter() - t0
+    report["tokenizer"] = tok.info()
+    print(f"tokenizer: {report['tokenizer_seconds']:.1f} s, vocab {tok.vocab_size}", flush=True)
+  if stage in ("all", "chunks"):
+    tok = tokenizer_lib.Tokenizer.load(out / TOKENIZER_PATH)
+    res = chunk_store_lib.build_chunk_store(
+        corpus_spec, out / CHUNKS_DIR, tok, chunk_size=chunk_size, docs_per_shard=docs_per_shard,
+        heldout_fraction=heldout_fraction, seed=seed, max_docs=max_docs, shard_index=shard_index,
+        num_shards=num_shards, finalize=(stage == "all" and num_shards == 1))
+    report["chunks_seconds"] = res["seconds"]
+    report["shards_written"] = res["written"]
+    report["shards_skipped"] = res["skipped"]
+    print(f"chunks: {res['seconds']:.1f} s, wrote shards {res['written']}, kept {res['skipped']}",
+          flush=True)
+  if stage == "finalize":
+    chunk_store_lib.finalize_chunk_store(out / CHUNKS_DIR)
+  if (out / CHUNKS_DIR / chunk_store_lib.MANIFEST).exists():
+    m = json.loads((out / CHUNKS_DIR / chunk_store_lib.MANIFEST).read_text())
+    report.update(num_docs=m["num_docs"], num_tokens=m["num_tokens"], num_chunks=m["num_chunks"],
+                  num_heldout_docs=m["heldout"]["num_docs"], bad_input={
+                      k: v for k, v in m["corpus"]["bad_input"].items() if not k.endswith("keys")})
+    print(f"store: {m['num_docs']} docs, {m['num_tokens']} tokens, {m['num_chunks']} chunks, "
+          f"{len(m['shards'])} shards, {m['heldout']['num_docs']} held-out docs", flush=True)
+  return report
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> None:
+  del argv
+  report = prepare(FLAGS.corpus, FLAGS.out, stage=FLAGS.stage, vocab_size=FLAGS.vocab_size,
+                   chunk_size=FLAGS.chunk_size, docs_per_shard=FLAGS.docs_per_shard,
+                   heldout_fraction=FLAGS.heldout_fraction, seed=FLAGS.seed,
+                   max_docs=FLAGS.max_docs, shard_index=FLAGS.shard_index,
+                   num_shards=FLAGS.num_shards, tokenizer_path=FLAGS.tokenizer,
+                   input_sentence_size=FLAGS.input_sentence_size)
+  print(json.dumps(report, sort_keys=True))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("corpus", "default", "corpus spec (see retro_jax/data/corpus.py)")
+  flags.DEFINE_string("out", None, "database directory (gets tokenizer/ and chunks/)", required=True)
+  flags.DEFINE_enum("stage", "all", ["all", "tokenizer", "chunks", "finalize"], "what to run")
+  flags.DEFINE_integer("vocab_size", 32000, "SentencePiece vocabulary size")
+  flags.DEFINE_string("tokenizer", None, "an existing SentencePiece .model to use instead of training")
+  flags.DEFINE_integer("input_sentence_size", 300_000, "lines sampled for tokenizer training")
+  flags.DEFINE_integer("chunk_size", 64, "tokens per chunk")
+  flags.DEFINE_integer("docs_per_shard", 4096, "documents per chunk-store shard")
+  flags.DEFINE_float("heldout_fraction", 0.01, "fraction of documents held out (by document)")
+  flags.DEFINE_integer("seed", 0, "seed of the held-out split and tokenizer sampling")
+  flags.DEFINE_integer("max_docs", None, "keep only the first N documents (smoke runs, tests)")
+  flags.DEFINE_integer("shard_index", 0, "this worker: writes store shards s % num_shards == i")
+  flags.DEFINE_integer("num_shards", 1, "number of workers")
+  app.run(main)

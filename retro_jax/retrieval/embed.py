@@ -1,0 +1,196 @@
+"""Embed stage: chunk texts -> `<db>/embeddings/shard-XXXXX.npy` (float32 [rows, 384]).
+
+    python -m retro_jax.retrieval.embed --db=runs/default_db [--shard_index=0 --num_shards=1]
+        [--dtype=bfloat16] [--batch_size=64]
+
+One `.npy` per chunk-store shard (same shard numbers, same row order as the shard's chunk ids),
+written through `np.lib.format.open_memmap`, never held whole in RAM. Work is done in fixed blocks
+of `block_rows` rows; `shard-XXXXX.progress.json` records the finished rows, so a killed run resumes
+at the next block, finished shards are skipped, and the output is byte-identical to an
+uninterrupted run (block contents, and so batching, do not depend on where a run started).
+`<db>/embeddings/embedder.json` records the embedder fingerprint, dtype, dim and max length; a run
+with a different embedder refuses to touch existing embeddings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Iterable, Iterator
+
+import numpy as np
+import tqdm
+
+from retro_jax.retrieval.embedder import Embedder, EmbedderMismatchError
+
+EMBEDDINGS_DIR = "embeddings"
+INFO_FILE = "embedder.json"
+
+
+def shard_path(out_dir: pathlib.Path, shard: int) -> pathlib.Path:
+  return pathlib.Path(out_dir) / f"shard-{shard:05d}.npy"
+
+
+def _progress_path(npy_path: pathlib.Path) -> pathlib.Path:
+  return npy_path.with_suffix(".progress.json")
+
+
+def _write_json_atomic(path: pathlib.Path, obj: dict) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def check_or_write_info(embedder: Embedder, out_dir: pathlib.Path) -> None:
+  """Writes `embedder.json`, or raises EmbedderMismatchError if it names another embedder."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / INFO_FILE
+  if path.exists():
+    embedder.check_info(json.loads(path.read_text()), where=str(path))
+  else:
+    _write_json_atomic(path, embedder.info)
+
+
+def load_embeddings(db_dir: str | pathlib.Path, shard: int, embedder: Embedder | None = None) -> np.ndarray:
+  """A finished shard's embeddings, memory-mapped read-only; checks the embedder if one is given."""
+  out_dir = pathlib.Path(db_dir) / EMBEDDINGS_DIR
+  path = shard_path(out_dir, shard)
+  progress = _progress_path(path)
+  if not path.exists() or not progress.exists() or not json.loads(progress.read_text()).get("done"):
+    raise FileNotFoundError(f"{path}: not finished; run python -m retro_jax.retrieval.embed --db={db_dir}")
+  if embedder is not None:
+    embedder.check_info(json.loads((out_dir / INFO_FILE).read_text()), where=str(out_dir / INFO_FILE))
+  return np.load(path, mmap_mode="r")
+
+
+def _blocks(batches: Iterable[tuple[np.ndarray, list[str]]], block_rows: int,
+            first_id: int) -> Iterator[tuple[int, list[str]]]:
+  """Regroups (chunk_ids, texts) batches into (row offset, texts) blocks of `block_rows` rows."""
+  expected = first_id
+  buf: list[str] = []
+  start = 0
+  for ids, texts in batches:
+    ids = np.asarray(ids, np.int64)
+    if len(ids) != len(texts):
+      raise ValueError(f"batch of {len(ids)} chunk ids but {len(texts)} texts")
+    if len(ids) and not np.array_equal(ids, np.arange(expected, expected + len(ids), dtype=np.int64)):
+      raise ValueError(f"chunk ids must be contiguous from {first_id}: expected {expected}.., got "
+                       f"{ids[:3].tolist()}..; the embeddings must stay aligned with the chunk store")
+    expected += len(ids)
+    buf.extend(texts)
+    while len(buf) >= block_rows:
+      yield start, buf[:block_rows]
+      buf, start = buf[block_rows:], start + block_rows
+  if buf:
+    yield start, buf
+
+
+def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[str]]],
+                 out_path: str | pathlib.Path, num_rows: int, first_id: int = 0,
+                 block_rows: int = 4096, desc: str | None = None) -> dict:
+  """Embeds (chunk_ids, texts) batches with ids first_id.. first_id+num_rows-1 into a float32 .npy.
+
+  Resumable: skips rows a previous run finished (per `<out>.progress.json`). Returns stats.
+  """
+  out_path = pathlib.Path(out_path)
+  progress_path = _progress_path(out_path)
+  state = {"rows_done": 0, "done": False}
+  if progress_path.exists() and out_path.exists():
+    state = json.loads(progress_path.read_text())
+    if state.get("num_rows") != num_rows or state.get("block_rows") != block_rows:
+      raise ValueError(f"{progress_path}: made for num_rows={state.get('num_rows')}, block_rows="
+                       f"{state.get('block_rows')}, now {num_rows}, {block_rows}; delete {out_path} "
+                       "and its progress file to re-embed")
+    if state.get("fingerprint") != embedder.fingerprint or state.get("dtype") != embedder.dtype:
+      raise EmbedderMismatchError(f"{progress_path}: started by another embedder; delete it and {out_path}")
+  if state.get("done"):
+    return {"rows": 0, "seconds": 0.0, "skipped": True}
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  if state["rows_done"] == 0 or not out_path.exists():
+    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(num_rows, embedder.dim))
+    state = {"rows_done": 0, "done": False}
+  else:
+    out = np.lib.format.open_memmap(out_path, mode="r+")
+    if out.shape != (num_rows, embedder.dim) or out.dtype != np.float32:
+      raise ValueError(f"{out_path}: shape {out.shape} {out.dtype}, expected ({num_rows}, {embedder.dim}) "
+                       "float32; delete it and its progress file")
+  state.update(num_rows=num_rows, block_rows=block_rows, fingerprint=embedder.fingerprint,
+               dtype=embedder.dtype)
+  t0, embedded = time.perf_counter(), 0
+  with tqdm.tqdm(total=num_rows, initial=state["rows_done"], unit="chunk", desc=desc or out_path.name,
+                 smoothing=0.1) as bar:
+    for start, texts in _blocks(batches, block_rows, first_id):
+      if start < state["rows_done"]:
+        continue
+      if start + len(texts) > num_rows:
+        raise ValueError(f"{out_path}: the batches hold more than num_rows={num_rows} rows")
+      out[start:start + len(texts)] = embedder.embed(texts)
+      out.flush()
+      state["rows_done"] = start + len(texts)
+      _write_json_atomic(progress_path, state)
+      embedded += len(texts)
+      bar.update(len(texts))
+  if state["rows_done"] != num_rows:
+    raise ValueError(f"{out_path}: the batches ended after {state['rows_done']} of {num_rows} rows")
+  state["done"] = True
+  _write_json_atomic(progress_path, state)
+  seconds = time.perf_counter() - t0
+  return {"rows": embedded, "seconds": seconds, "skipped": False}
+
+
+def embed_chunk_store(db_dir: str | pathlib.Path, embedder: Embedder, shard_index: int = 0,
+                      num_shards: int = 1, block_rows: int = 4096, text_batch_size: int = 1024) -> dict:
+  """Embeds the chunk-store shards s with s % num_shards == shard_index into <db>/embeddings/."""
+  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.data import tokenizer as tokenizer_lib
+
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+  db_dir = pathlib.Path(db_dir)
+  store = chunk_store_lib.ChunkStore.open(db_dir)
+  tokenizer = tokenizer_lib.Tokenizer.load(db_dir / "tokenizer" / "spm.model")
+  out_dir = db_dir / EMBEDDINGS_DIR
+  check_or_write_info(embedder, out_dir)
+  totals = {"rows": 0, "seconds": 0.0, "shards": []}
+  for shard, first_id, count in store_shards(store):
+    if shard % num_shards != shard_index:
+      continue
+    stats = embed_to_npy(
+        embedder, store.iter_chunk_texts(tokenizer, shard=shard, batch_size=text_batch_size),
+        shard_path(out_dir, shard), num_rows=count, first_id=first_id, block_rows=block_rows,
+        desc=f"embed shard {shard}")
+    totals["rows"] += stats["rows"]
+    totals["seconds"] += stats["seconds"]
+    totals["shards"].append(shard)
+  return totals
+
+
+def store_shards(store) -> list[tuple[int, int, int]]:
+  """(shard number, first chunk id, chunk count) for each shard of a ChunkStore."""
+  return [(int(s["index"]), int(s["first_chunk_id"]), int(s["num_chunks"]))
+          for s in store.manifest["shards"]]
+
+def main(argv) -> None:
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  embedder = Embedder.load(max_length=f.max_length, dtype=f.dtype, batch_size=f.batch_size,
+                           tokens_per_batch=f.tokens_per_batch or None)
+  stats = embed_chunk_store(f.db, embedder, shard_index=f.shard_index, num_shards=f.num_shards,
+                            block_rows=f.block_rows)
+  rate = stats["rows"] / stats["seconds"] if stats["seconds"] else float("nan")
+  print(json.dumps({**stats, "chunks_per_s": rate, **embedder.info}))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_string("db", None, "database directory (holds chunks/ and tokenizer/)", required=True)
+  flags.DEFINE_integer("shard_index", 0, "this worker's index; embeds store shards s % num_shards == shard_index")
+  flags.DEFINE_integer("num_shards", 1, "number of workers")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "matmul operand dtype")
+  flags.DEFINE_integer("batch_size", 16, "rows per forward call (when tokens_per_batch is 0)")
+  flags.DEFINE_integer("tokens_per_batch", 0, "if > 0: rows per call = this // bucket length")
+  flags.DEFINE_integer("max_length", 128, "WordPiece tokens per chunk (longer ones are truncated)")
+  flags.DEFINE_integer("block_rows", 4096, "rows per resumable block")
+  app.run(main)

@@ -1,0 +1,246 @@
+"""Chunk store on a real slice of the default corpus (kernel docs, Python docs, Wikipedia leads)."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from retro_jax.data import chunk_store as cs
+from retro_jax.data import corpus
+from retro_jax.data import prepare
+from retro_jax.data import tokenizer as tokenizer_lib
+
+SPEC = "kernel:limit=30+python:limit=10+wiki:limit=40"
+DOCS_PER_SHARD = 20  # 80 docs -> 4 shards
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def db(tmp_path_factory):
+  out = tmp_path_factory.mktemp("db")
+  prepare.prepare(SPEC, str(out), vocab_size=1000, docs_per_shard=DOCS_PER_SHARD,
+                  heldout_fraction=0.1, seed=0)
+  return out
+
+
+@pytest.fixture(scope="session")
+def tok(db):
+  return tokenizer_lib.Tokenizer.load(db / prepare.TOKENIZER_PATH)
+
+
+@pytest.fixture(scope="session")
+def store(db):
+  return cs.ChunkStore.open(db)
+
+
+@pytest.fixture(scope="session")
+def docs():
+  return list(corpus.iter_documents(SPEC))
+
+
+def test_manifest_counts(store, tok, docs):
+  m = store.manifest
+  assert m["num_docs"] == len(docs) == 80
+  assert len(m["shards"]) == 4
+  assert store.num_chunks == sum(s["num_chunks"] for s in m["shards"]) == m["num_chunks"]
+  assert [s["first_chunk_id"] for s in m["shards"]] == list(store.shard_offsets[:-1])
+  assert m["tokenizer"]["fingerprint"] == tok.fingerprint
+  assert m["chunk_size"] == store.chunk_size == 64
+  assert all(set(s["files"]) == set(cs.SHARD_FILES) for s in m["shards"])
+  store.check(tok)
+
+
+def test_text_chunks_text_round_trip(store, tok, docs):
+  exact = 0
+  for doc_id, doc in enumerate(docs):
+    first, end = store.doc_range(doc_id)
+    assert store.doc_key(doc_id) == doc.key
+    toks = store.tokens(np.arange(first, end, dtype=np.int64)).reshape(-1)
+    ids = toks[toks != tok.pad_id]
+    assert ids[-1] == tok.eos_id and (ids[:-1] != tok.eos_id).all()
+    # The identity-normalised SentencePiece model round-trips these texts exactly.
+    assert tok.decode(ids[:-1].tolist()) == tok.decode(tok.encode(doc.text)) == doc.text
+    text = "".join(store.chunk_text(np.arange(first, end), tok))
+    if text != doc.text:  # Only where a chunk boundary splits a byte-fallback character.
+      assert "\ufffd" in text and not doc.text.isascii(), doc.key
+    else:
+      exact += 1
+    assert (store.doc_ids(np.arange(first, end)) == doc_id).all()
+  assert exact >= 0.8 * len(docs)
+  texts = [t for _, batch in store.iter_chunk_texts(tok, batch_size=100) for t in batch]
+  assert texts == store.chunk_text(np.arange(store.num_chunks), tok)
+
+
+def test_gather_across_shards_matches_per_shard_rows(store):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, store.num_chunks, size=300).astype(np.int64)
+  got = store.tokens(ids)
+  for i, cid in enumerate(ids):
+    s = np.searchsorted(store.shard_offsets, cid, side="right") - 1
+    np.testing.assert_array_equal(got[i], store.shard_tokens(s)[cid - store.shard_offsets[s]])
+  with pytest.raises(IndexError):
+    store.tokens(np.array([store.num_chunks], np.int64))
+
+
+def test_neighbour_continuation_never_crosses_document_end(store, tok):
+  ids = np.arange(store.num_chunks, dtype=np.int64)
+  m = store.chunk_size
+  for r in (64, 100, 128, 200):
+    nb = store.neighbour_tokens(ids, r)
+    assert nb.shape == (len(ids), r) and nb.dtype == np.int32
+    doc = store.doc_ids(ids)
+    ends = np.array([store.doc_range(int(d))[1] for d in doc])
+    for j in range(-(-r // m)):
+      part = nb[:, j * m:(j + 1) * m]
+      inside = ids + j < ends
+      np.testing.assert_array_equal(part[inside], store.tokens(ids[inside] + j)[:, :part.shape[1]])
+      assert (part[~inside] == tok.pad_id).all()
+  # A doc's last chunk: its continuation is all padding although the next doc follows on disk.
+  last = store.doc_range(0)[1] - 1
+  nb = store.neighbour_tokens(np.array([last]), 128)
+  assert (nb[0, 64:] == tok.pad_id).all()
+  assert (store.tokens(np.array([last + 1]))[0] != tok.pad_id).any()
+
+
+def test_heldout_split_is_by_document_and_deterministic(store, docs):
+  held = store.manifest["heldout"]
+  want = [i for i, d in enumerate(docs) if corpus.is_heldout(d.key, 0.1, 0)]
+  assert held["doc_ids"] == want and 0 < len(want) < len(docs)
+  assert held["doc_keys"] == [docs[i].key for i in want]
+  assert (np.nonzero(store.doc_heldout)[0] == want).all()
+  other = [i for i, d in enumerate(docs) if corpus.is_heldout(d.key, 0.1, 1)]
+  assert other != want  # Another seed, another split.
+  keys = [f"doc{i}" for i in range(20000)]
+  frac = np.mean([corpus.is_heldout(k, 0.01, 0) for k in keys])
+  assert 0.007 < frac < 0.013
+
+
+def _files(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("hook", ["RETRO_JAX_TEST_KILL_AFTER_SHARDS", "RETRO_JAX_TEST_KILL_MIDSHARD"])
+def test_killed_chunking_resumes_byte_identical(db, tmp_path, hook):
+  model = db / prepare.TOKENIZER_PATH
+  cmd = [sys.executable, "-m", "retro_jax.data.prepare", f"--corpus={SPEC}", f"--out={tmp_path}",
+         f"--tokenizer={model}", f"--docs_per_shard={DOCS_PER_SHARD}", "--heldout_fraction=0.1",
+         "--vocab_size=1000"]
+  env = {**os.environ, hook: "1"}
+  killed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  done = sorted(p.name for p in (tmp_path / "chunks").glob("*.done.json"))
+  assert done == ["shard-00000.done.json"]
+  assert not (tmp_path / "chunks" / cs.MANIFEST).exists()
+  if hook.endswith("MIDSHARD"):  # Shard 1 was half written: a tokens file, no marker.
+    assert (tmp_path / "chunks" / "shard-00001" / "tokens.npy").exists()
+  marker0 = (tmp_path / "chunks" / "shard-00000.done.json").stat().st_mtime_ns
+  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert "kept [0]" in rerun.stdout  # The finished shard was not redone.
+  assert (tmp_path / "chunks" / "shard-00000.done.json").stat().st_mtime_ns == marker0
+  want, got = _files(db / "chunks"), _files(tmp_path / "chunks")
+  assert list(got) == list(want)
+  for name in want:
+    assert got[name] == want[name], name
+
+
+def test_sharded_workers_and_finalize(db, tok, tmp_path):
+  out = tmp_path / "chunks"
+  with pytest.raises(cs.ChunkStoreError, match="not done"):
+    cs.build_chunk_store(SPEC, out, tok, docs_per_shard=DOCS_PER_SHARD, heldout_fraction=0.1,
+                         shard_index=0, num_shards=2, progress=False)
+    cs.finalize_chunk_store(out)
+  res = cs.build_chunk_store(SPEC, out, tok, docs_per_shard=DOCS_PER_SHARD, heldout_fraction=0.1,
+                             shard_index=1, num_shards=2, progress=False)
+  assert res["written"] == [1, 3]
+  cs.finalize_chunk_store(out)
+  cs.finalize_chunk_store(out)  # Idempotent: the manifest is replaced, not refused.
+  assert _files(out) == _files(db / "chunks")
+  with pytest.raises(cs.ChunkStoreError, match="other settings"):
+    cs.build_chunk_store(SPEC, out, tok, chunk_size=32, docs_per_shard=DOCS_PER_SHARD,
+                         heldout_fraction=0.1, progress=False)
+
+
+def test_bad_inputs_skipped_and_counted(tok, tmp_path, docs):
+  src = tmp_path / "corpus"
+  (src / "sub").mkdir(parents=True)
+  (src / "a_real.txt").write_text(docs[0].text)
+  (src / "b_empty.txt").write_bytes(b"")
+  (src / "c_blank.txt").write_bytes(b"  \n\n ")
+  (src / "d_binary.bin").write_bytes(b"\x7fELF\x02\x01\x00\x00" + bytes(range(256)))
+  (src / "e_latin1.txt").write_bytes("Caf\u00e9 na\u00efve r\u00e9sum\u00e9 ".encode("latin-1") * 3)
+  (src / "sub" / "f_short.txt").write_text("A short document.")
+  out = tmp_path / "store"
+  cs.build_chunk_store(str(src), out, tok, docs_per_shard=2, heldout_fraction=0.0, progress=False)
+  store = cs.ChunkStore.open(out)
+  bad = store.manifest["corpus"]["bad_input"]
+  assert bad["documents"] == 3
+  assert bad["skipped_empty"] == 2 and bad["skipped_empty_keys"] == ["b_empty.txt", "c_blank.txt"]
+  assert bad["skipped_binary"] == 1 and bad["skipped_binary_keys"] == ["d_binary.bin"]
+  assert bad["invalid_utf8_replaced"] == 1 and bad["invalid_utf8_keys"] == ["e_latin1.txt"]
+  assert [store.doc_key(i) for i in range(3)] == ["a_real.txt", "e_latin1.txt", "sub/f_short.txt"]
+  assert "\ufffd" in "".join(store.chunk_text(np.arange(*store.doc_range(1)), tok))
+  # A document shorter than a chunk: one chunk, padded after its EOS; counted in the manifest.
+  assert store.doc_range(2)[1] - store.doc_range(2)[0] == 1
+  row = store.tokens(np.array([store.doc_range(2)[0]]))[0]
+  n = len(tok.encode("A short document."))
+  assert row[n] == tok.eos_id and (row[n + 1:] == tok.pad_id).all()
+  assert store.manifest["docs_shorter_than_chunk"] >= 1
+  assert store.chunk_text(np.array([store.doc_range(2)[0]]), tok) == ["A short document."]
+
+
+def test_corpus_spec_errors(tmp_path):
+  with pytest.raises(corpus.CorpusError, match="neither"):
+    list(corpus.iter_documents(str(tmp_path / "nope")))
+  with pytest.raises(corpus.CorpusError, match="tensorflow_datasets"):
+    list(corpus.iter_documents("tfds:c4/en:train"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(corpus.CorpusError, match="no files"):
+    list(corpus.iter_documents(str(tmp_path / "empty")))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+  with pytest.raises(corpus.CorpusError, match="bad.jsonl:2"):
+    list(corpus.iter_documents(str(bad)))
+  good = tmp_path / "good.jsonl"
+  good.write_text('{"text": "one", "id": "x"}\n{"text": ""}\n{"text": "two"}\n')
+  stats = corpus.CorpusStats()
+  got = list(corpus.iter_documents(str(good), stats))
+  assert [(d.key, d.text) for d in got] == [("x", "one"), ("line000000003", "two")]
+  assert stats.skipped_empty == 1
+
+
+def test_wrong_tokenizer_is_refused(store, db, tmp_path, docs):
+  other = tokenizer_lib.train_sentencepiece((d.text for d in docs[:20]), tmp_path / "o.model",
+                                            vocab_size=500)
+  with pytest.raises(tokenizer_lib.TokenizerMismatchError, match="DB/tokenizer/spm.model"):
+    store.check(other)
+  with pytest.raises(tokenizer_lib.TokenizerMismatchError):
+    prepare.build_tokenizer(SPEC, db, tokenizer_path=str(tmp_path / "o.model"))
+
+
+def test_corrupt_and_missing_shard_files(db, tok, tmp_path):
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy)
+  path = copy / "chunks" / "shard-00002" / "tokens.npy"
+  data = bytearray(path.read_bytes())
+  data[-5] ^= 0xFF
+  path.write_bytes(bytes(data))
+  store = cs.ChunkStore.open(copy)
+  with pytest.raises(cs.ChunkStoreError, match="shard-00002/tokens.npy is corrupt"):
+    store.check(tok)
+  (copy / "chunks" / "shard-00001" / "doc_ids.npy").unlink()
+  with pytest.raises(cs.ChunkStoreError, match="shard-00001/doc_ids.npy is missing"):
+    cs.ChunkStore.open(copy)
+  (copy / "chunks" / cs.MANIFEST).unlink()
+  with pytest.raises(cs.ChunkStoreError, match="no chunk store manifest"):
+    cs.ChunkStore.open(copy)
+  # Rerunning the chunking repairs the damaged shards (their checksums no longer match).
+  cs.build_chunk_store(SPEC, copy / "chunks", tok, docs_per_shard=DOCS_PER_SHARD,
+                       heldout_fraction=0.1, progress=False)
+  cs.ChunkStore.open(copy).check(tok)
+  assert _files(copy / "chunks") == _files(db / "chunks")

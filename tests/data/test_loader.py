@@ -1,0 +1,158 @@
+"""The grain loader on a tiny real database: shapes, alignment, determinism, checkpoints, sharding."""
+import os
+import sys
+
+import grain
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_db  # noqa: E402
+
+from retro_jax.data import chunk_store as chunk_store_lib  # noqa: E402
+from retro_jax.data import loader  # noqa: E402
+
+T = 256  # 4 chunks per sequence
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+  return tiny_db.get(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def store(db):
+  return chunk_store_lib.ChunkStore.open(db)
+
+
+@pytest.fixture(scope="module")
+def source(db, store):
+  return loader.SequenceSource(db, T, store=store)
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_shapes_and_dtypes(db):
+  it = loader.make_iterator(db, seq_len=T, batch_size=3, seed=0, process_index=0, process_count=1)
+  batch = next(it)
+  assert set(batch) == {"inputs", "targets", "neighbours"}
+  assert batch["inputs"].shape == (3, T) and batch["inputs"].dtype == np.int32
+  assert batch["targets"].shape == (3, T) and batch["targets"].dtype == np.int32
+  assert batch["neighbours"].shape == (3, T // 64, 2, 128)
+  assert batch["neighbours"].dtype == np.int32
+  assert isinstance(it, grain.DatasetIterator)
+
+
+def test_train_sequences_are_training_chunks_and_targets_are_next_tokens(source, store):
+  held = set(store.heldout_doc_ids.tolist())
+  seen = []
+  for i in range(len(source)):
+    ids = source.sequence_chunk_ids(i)
+    seen.append(ids)
+    assert not held & set(store.doc_ids(ids).tolist())
+  seen = np.concatenate(seen)
+  assert len(np.unique(seen)) == len(seen)  # Each chunk in at most one sequence.
+  assert len(seen) > 100
+  num_train_chunks = store.num_chunks - sum(
+      store.doc_range(int(d))[1] - store.doc_range(int(d))[0] for d in store.heldout_doc_ids)
+  assert len(seen) == num_train_chunks // 4 * 4  # Only the last partial sequence is dropped.
+  for i in (0, len(source) // 2, len(source) - 1):
+    ex = source[i]
+    ids = source.sequence_chunk_ids(i)
+    np.testing.assert_array_equal(ex["inputs"], store.tokens(ids).reshape(-1))
+    docs_T = np.repeat(store.doc_ids(ids), 64)
+    same = docs_T[1:] == docs_T[:-1]
+    np.testing.assert_array_equal(ex["targets"][:-1][same], ex["inputs"][1:][same])
+    assert (ex["targets"][:-1][~same] == 0).all()
+    assert (ex["targets"] != 0).sum() > 0
+
+
+def test_neighbours_are_stored_ids_with_continuations_inside_their_document(source, store, db):
+  nbr_all = np.concatenate([np.load(db / "neighbours" / f"shard-{s:05d}.npy") for s in (0, 1)])
+  assert len(nbr_all) == store.num_chunks
+  for i in range(len(source)):
+    ex = source[i]
+    ids = source.sequence_chunk_ids(i)
+    nbr_LxK = nbr_all[ids]
+    np.testing.assert_array_equal(source.neighbour_ids(ids), nbr_LxK)
+    toks_LxKxR = ex["neighbours"]
+    for u in range(len(ids)):
+      for j in range(2):
+        n = int(nbr_LxK[u, j])
+        np.testing.assert_array_equal(toks_LxKxR[u, j, :64], store.tokens([n])[0])
+        start, end = store.doc_range(int(store.doc_ids([n])[0]))
+        if n + 1 < end:  # Continuation: the next chunk of the same document.
+          np.testing.assert_array_equal(toks_LxKxR[u, j, 64:], store.tokens([n + 1])[0])
+        else:  # The document ends: padding, never the next document's text.
+          assert (toks_LxKxR[u, j, 64:] == store.pad_id).all()
+  # The slice has neighbours at a document's last chunk, so the padding branch really ran.
+  last_chunks = {store.doc_range(d)[1] - 1 for d in range(store.num_docs)}
+  assert last_chunks & set(nbr_all.reshape(-1).tolist())
+
+
+def test_same_seed_same_batches_other_seed_other_order(db):
+  kw = dict(seq_len=T, batch_size=4, process_index=0, process_count=1)
+  a = take(loader.make_iterator(db, seed=7, **kw), 3)
+  b = take(loader.make_iterator(db, seed=7, **kw), 3)
+  c = take(loader.make_iterator(db, seed=8, **kw), 3)
+  assert_batches_equal(a, b)
+  assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c))
+
+
+def test_checkpoint_restore_continues_with_the_same_batches(db, source):
+  kw = dict(seq_len=T, batch_size=4, seed=3, process_index=0, process_count=1)
+  per_epoch = len(source) // 4
+  it = loader.make_iterator(db, **kw)
+  take(it, 2)
+  state = it.get_state()
+  # Continue past the end of the first epoch (repeat reshuffles each epoch).
+  expected = take(it, per_epoch + 2)
+  fresh = loader.make_iterator(db, **kw)
+  fresh.set_state(state)
+  assert_batches_equal(take(fresh, per_epoch + 2), expected)
+
+
+def test_two_processes_see_disjoint_sequences(db, source):
+  kw = dict(seq_len=T, batch_size=2, seed=0, num_epochs=1, retrieval=False)
+  rows = []
+  for p in range(2):
+    it = loader.make_iterator(db, process_index=p, process_count=2, **kw)
+    rows.append({r.tobytes() for b in it for r in b["inputs"]})
+  n = len(source) // 2 // 2 * 2  # per process: half the sequences, whole batches only
+  assert len(rows[0]) == len(rows[1]) == n
+  assert not rows[0] & rows[1]
+  assert loader.process_slice(len(source), 1, 2) == slice(len(source) // 2, 2 * (len(source) // 2))
+
+
+def test_retrieval_off_and_heldout_split(db, store):
+  it = loader.make_iterator(db, seq_len=T, batch_size=2, retrieval=False)  # jax.process_index()
+  assert set(next(it)) == {"inputs", "targets"}
+  held = loader.SequenceSource(db, 128, split="heldout", store=store)
+  assert len(held) > 0
+  docs = {int(d) for i in range(len(held)) for d in store.doc_ids(held.sequence_chunk_ids(i))}
+  assert docs <= set(store.heldout_doc_ids.tolist())
+  ev = loader.make_iterator(db, seq_len=128, batch_size=1, split="heldout", process_index=0,
+                            process_count=1)
+  batches = list(ev)  # One ordered pass.
+  assert len(batches) == len(held)
+  np.testing.assert_array_equal(batches[0]["inputs"][0], held[0]["inputs"])
+  assert batches[0]["neighbours"].shape == (1, 2, 2, 128)
+
+
+def test_bad_settings_are_clear_errors(db, store):
+  with pytest.raises(ValueError, match="multiple of the chunk size"):
+    loader.SequenceSource(db, 100, store=store)
+  with pytest.raises(ValueError, match="--k=5"):
+    loader.SequenceSource(db, T, num_neighbours=5, store=store)
+  with pytest.raises(ValueError, match="fewer than batch_size"):
+    loader.make_dataset(db, seq_len=T, batch_size=10_000, process_index=0, process_count=1)

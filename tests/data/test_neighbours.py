@@ -1,0 +1,166 @@
+"""Training neighbours on a tiny real database (kernel docs + Wikipedia, MiniLM, ScaNN)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_db  # noqa: E402
+
+from retro_jax.data import chunk_store as chunk_store_lib  # noqa: E402
+from retro_jax.data import neighbours as nb  # noqa: E402
+from retro_jax.retrieval import embed as embed_lib  # noqa: E402
+from retro_jax.retrieval import index as index_lib  # noqa: E402
+from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+  return tiny_db.get(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def store(db):
+  return chunk_store_lib.ChunkStore.open(db)
+
+
+@pytest.fixture(scope="module")
+def stored(db, store):
+  arrays, offsets = nb.open_neighbours(db, store)
+  assert len(arrays) == 2  # The tiny store has two shards.
+  assert offsets.tolist() == [first for _, first, _ in nb.store_shards(store)]
+  return np.concatenate([np.asarray(a) for a in arrays])
+
+
+@pytest.fixture(scope="module")
+def all_embeddings(db, store):
+  return np.concatenate([np.asarray(embed_lib.load_embeddings(db, s), np.float32)
+                         for s, _, _ in nb.store_shards(store)])
+
+
+@pytest.fixture(scope="module")
+def exact_retriever(db, store):
+  paths = retriever_lib.embedding_paths(str(db))
+  return retriever_lib.Retriever.from_embeddings(
+      paths, index_lib.shard_offsets(paths), config=index_lib.IndexConfig(backend="exact"),
+      doc_ids=store.doc_ids)
+
+
+def brute_force(emb_NxD, own_docs_N, doc_of_N, heldout_docs, k):
+  """Best-first exact scores of the k nearest allowed chunks (numpy, no index)."""
+  scores_NxN = emb_NxD @ emb_NxD.T
+  banned = (doc_of_N[None, :] == own_docs_N[:, None]) | np.isin(doc_of_N, heldout_docs)[None, :]
+  scores_NxN[banned] = -np.inf
+  return -np.sort(-scores_NxN, axis=1)[:, :k]
+
+
+def test_shape_dtype_and_every_chunk_has_k(store, stored):
+  assert stored.dtype == np.int64
+  assert stored.shape == (store.num_chunks, 2)
+  assert (stored >= 0).all()  # Enough other documents for k=2 everywhere.
+  assert (stored < store.num_chunks).all()
+  assert (stored[:, 0] != stored[:, 1]).all()
+
+
+def test_no_neighbour_from_own_or_heldout_document(store, stored):
+  own_N = store.doc_ids(np.arange(store.num_chunks, dtype=np.int64))
+  docs_NxK = store.doc_ids(stored.reshape(-1)).reshape(stored.shape)
+  assert store.heldout_doc_ids.size >= 1  # The slice really has held-out documents.
+  assert not (docs_NxK == own_N[:, None]).any()
+  assert not np.isin(docs_NxK, store.heldout_doc_ids).any()
+
+
+def test_exact_backend_equals_brute_force(db, store, exact_retriever, all_embeddings, tmp_path):
+  got = []
+  for shard, first, _ in nb.store_shards(store):
+    out = tmp_path / f"shard-{shard:05d}.npy"
+    nb.compute_shard(exact_retriever, store, embed_lib.load_embeddings(db, shard), first, out, k=2,
+                     heldout_docs=store.heldout_doc_ids, block_rows=128)
+    got.append(np.load(out))
+  got = np.concatenate(got)
+  emb = all_embeddings
+  own = store.doc_ids(np.arange(store.num_chunks, dtype=np.int64))
+  want_scores = brute_force(emb, own, own, store.heldout_doc_ids, 2)
+  got_scores = np.einsum("nd,nkd->nk", emb, emb[got])
+  np.testing.assert_allclose(got_scores, want_scores, atol=2e-5)
+
+
+def test_scann_neighbours_are_near(db, store, stored, all_embeddings):
+  """The stored (ScaNN) neighbours are real near neighbours (never better than exact).
+
+  With the index's default settings a tiny shard (~500 chunks: 9 leaves, 1 searched) finds the
+  exact top-1 for about half the chunks; the exact backend is checked exactly above."""
+  emb = all_embeddings
+  own = store.doc_ids(np.arange(store.num_chunks, dtype=np.int64))
+  want = brute_force(emb, own, own, store.heldout_doc_ids, 2)
+  got = np.einsum("nd,nkd->nk", emb, emb[stored])
+  top1_found = np.isclose(got[:, 0], want[:, 0], atol=1e-5).mean()
+  assert top1_found >= 0.4, top1_found
+  rng = np.random.default_rng(0)
+  random_pairs = np.einsum("nd,nd->n", emb, emb[rng.permutation(len(emb))])
+  assert got[:, 0].mean() > random_pairs.mean() + 0.2
+  assert (got <= want + 1e-5).all()
+
+
+class _Dies:
+  """A retriever that raises on its n-th search (a killed run)."""
+
+  def __init__(self, inner, n):
+    self.inner, self.n, self.size = inner, n, inner.size
+
+  def search(self, *a, **kw):
+    self.n -= 1
+    if self.n < 0:
+      raise KeyboardInterrupt("killed")
+    return self.inner.search(*a, **kw)
+
+
+def test_killed_run_resumes_byte_identical(db, store, exact_retriever, tmp_path):
+  emb = embed_lib.load_embeddings(db, 0)
+  held = store.heldout_doc_ids
+  full, part = tmp_path / "full" / "shard-00000.npy", tmp_path / "part" / "shard-00000.npy"
+  nb.compute_shard(exact_retriever, store, emb, 0, full, k=2, heldout_docs=held, block_rows=100)
+  with pytest.raises(KeyboardInterrupt):
+    nb.compute_shard(_Dies(exact_retriever, 3), store, emb, 0, part, k=2, heldout_docs=held,
+                     block_rows=100)
+  progress = json.loads(part.with_suffix(".progress.json").read_text())
+  assert 0 < progress["rows_done"] < emb.shape[0] and not progress["done"]
+  stats = nb.compute_shard(exact_retriever, store, emb, 0, part, k=2, heldout_docs=held,
+                           block_rows=100)
+  assert stats["rows"] == emb.shape[0] - progress["rows_done"]
+  assert full.read_bytes() == part.read_bytes()
+  # A finished shard is not redone; other settings are refused with a clear error.
+  assert nb.compute_shard(exact_retriever, store, emb, 0, part, k=2, heldout_docs=held,
+                          block_rows=100)["skipped"]
+  with pytest.raises(nb.NeighboursError, match="delete"):
+    nb.compute_shard(exact_retriever, store, emb, 0, part, k=3, heldout_docs=held, block_rows=100)
+
+
+def test_rerun_skips_and_two_hosts_give_the_same_files(db, store, tmp_path):
+  import shutil
+  shards = [s for s, _, _ in nb.store_shards(store)]
+  before = {s: nb.shard_path(db, s).read_bytes() for s in shards}
+  stats = nb.compute_neighbours(db, k=2)
+  assert stats["rows"] == 0 and stats["skipped"] == shards
+  assert {s: nb.shard_path(db, s).read_bytes() for s in shards} == before
+  # Host 1 of 2, then host 0 of 2, on a copy without neighbours: the same bytes.
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy, ignore=shutil.ignore_patterns("neighbours"))
+  assert nb.compute_neighbours(copy, k=2, shard_index=1, num_shards=2)["shards"] == [1]
+  assert not nb.shard_is_done(copy, 0)
+  assert nb.compute_neighbours(copy, k=2, shard_index=0, num_shards=2)["shards"] == [0]
+  assert {s: nb.shard_path(copy, s).read_bytes() for s in shards} == before
+  with pytest.raises(ValueError, match="shard_index"):
+    nb.compute_neighbours(db, k=2, shard_index=2, num_shards=2)
+
+
+def test_missing_index_is_a_clear_error(db, tmp_path):
+  import shutil
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy, ignore=shutil.ignore_patterns("neighbours", "index"))
+  with pytest.raises(nb.NeighboursError, match="build_index"):
+    nb.compute_neighbours(copy, k=2, backend="scann")
+  with pytest.raises(nb.NeighboursError, match="python -m retro_jax.data.neighbours"):
+    nb.open_neighbours(copy)

@@ -1,0 +1,26 @@
+"""A tiny real retrieval database, built once per test process with `retro_jax.build_db`.
+
+12 Linux-kernel doc files + 24 Wikipedia leads (~500 chunks, 2 store shards), SentencePiece vocab
+1000, 10% of the documents held out, the real MiniLM embedder, a real ScaNN index, k=2 training neighbours.
+Shared by tests/data/test_neighbours.py, tests/data/test_loader.py and tests/test_build_db.py.
+"""
+import threading
+
+CORPUS = "kernel:limit=12+wiki:limit=24"
+# 20 documents per store shard: two shards, so every stage's multi-shard path runs.
+SETTINGS = dict(corpus=CORPUS, vocab_size=1000, heldout_fraction=0.1, k=2, backend="scann",
+                docs_per_shard=20)
+
+_lock = threading.Lock()
+_cache = {}
+
+
+def get(tmp_path_factory):
+  """(db directory, the first build's record) -- built on the first call only."""
+  with _lock:
+    if "db" not in _cache:
+      from retro_jax import build_db
+      db = tmp_path_factory.mktemp("tiny_db")
+      record = build_db.build(db, **SETTINGS)
+      _cache["db"] = (db, record)
+    return _cache["db"]
