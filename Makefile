@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum setup.py Makefile | sha1sum | cut -c1-12)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-slow demo bench aot clean
+.PHONY: install test test-slow demo bench bench-embed bench-ann aot db clean
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,11 +35,23 @@ bench: $(STAMP)
 	test -e $(TCMALLOC) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4; }
 	LD_PRELOAD=$(TCMALLOC) $(PY) -m bench.train_step
 
+# The default retrieval database (kernel + Python docs + Wikipedia leads): every stage, restartable.
+db: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m retro_jax.build_db --corpus=default --out=runs/default_db
+
+bench-embed: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m bench.embed_throughput
+
+bench-ann: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m bench.ann_recall
+
 aot: $(STAMP)
 	PY=$(PY) bash bench/aot_all.sh
 
-# Until the demo issue lands: a short training of the tiny config on random tokens.
-demo: $(STAMP)
+# The main job: build the default retrieval database (first run ~20 min on 2 cores; later runs
+# skip finished stages), then, until the training issue lands, a short CPU training of the tiny
+# RETRO and its baseline on synthetic retrieval data.
+demo: db
 	$(PY) -m retro_jax.smoke_train --steps=600
 
 clean:
