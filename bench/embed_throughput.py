@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from retro_jax.retrieval.embedder import Embedder  # noqa: E402
+from bench.common import matmul_gflops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_texts", 512, "chunk texts embedded per timed round")
@@ -58,18 +59,6 @@ def db_chunk_texts(db: pathlib.Path, n: int, seed: int = 0) -> list[str]:
   tokenizer = tokenizer_lib.Tokenizer.load(db / "tokenizer" / "spm.model")
   ids = np.sort(np.random.default_rng(seed).choice(store.num_chunks, size=n, replace=False)).astype(np.int64)
   return list(store.chunk_text(ids, tokenizer))
-
-
-def matmul_gflops(dtype, n: int = 2048, reps: int = 5) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def main(argv) -> None:
@@ -120,7 +109,7 @@ def main(argv) -> None:
       "machine": platform.processor() or platform.machine(),
       "load_avg_at_end": os.getloadavg(),
       "allocator_env": {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")},
-      "jax_matmul_gflops_2048": {"float32": matmul_gflops(jnp.float32), "bfloat16": matmul_gflops(jnp.bfloat16)},
+      "jax_matmul_gflops_2048": {"float32": matmul_gflops(jnp.float32, reps=5), "bfloat16": matmul_gflops(jnp.bfloat16, reps=5)},
       "pytorch_reference_chunks_per_s": {"float32": 63.6, "bf16_autocast": 154.0},
       "target": ">= 160 chunks/s with min cosine >= 0.9999 to fp32",
       "results": results,

@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import matmul_gflops  # noqa: E402
 from retro_jax import optim  # noqa: E402
 from retro_jax.model import PAPER_SIZES, RetroConfig  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
@@ -44,19 +45,8 @@ REFERENCE = RetroConfig(vocab_size=32000, d_model=512, num_heads=8, num_layers=1
                         neighbour_len=128, encoder_layers=2, encoder_d_model=512)
 
 
-def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048), reps=10) -> dict:
-  out = {}
-  for n in sizes:
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      f(a).block_until_ready()
-      times.append(time.perf_counter() - t0)
-    out[n] = 2 * n**3 / statistics.median(times) / 1e9
-  return out
+def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048)) -> dict:
+  return {n: matmul_gflops(dtype, n) for n in sizes}
 
 
 def make_batch(cfg: RetroConfig, retrieval: bool, seed: int = 0) -> dict:

@@ -19,9 +19,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiles only: no de
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
 from retro_jax import optim  # noqa: E402
 from retro_jax.model import PAPER_SIZES, count_params  # noqa: E402

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable
 
 from absl import app, flags
+from retro_jax.progress_files import write_json_atomic
 
 STAGES = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
 TIMES_FILE = "build_times.json"
@@ -214,21 +215,17 @@ def build(out: str | os.PathLike, stages=STAGES, **kwargs: Any) -> dict[str, Any
     seconds = time.perf_counter() - t0
     record["stages"][stage] = {"seconds": seconds, "skipped": False, "build_seconds": seconds}
     print(f"[build_db] {stage}: {seconds:.1f} s", flush=True)
-    _write_json_atomic(times_path, record)  # After each stage, so a killed build keeps its times.
+    write_json_atomic(times_path, record)  # After each stage, so a killed build keeps its times.
   record["total_seconds"] = time.perf_counter() - t_all
   record["total_build_seconds"] = sum(v.get("build_seconds") or 0.0
                                       for v in record["stages"].values())
-  _write_json_atomic(times_path, record)
+  write_json_atomic(times_path, record)
   print(f"[build_db] total {record['total_seconds']:.1f} s this run "
         f"({record['total_build_seconds']:.1f} s of stage build time); times in {times_path}",
         flush=True)
   return record
 
 
-def _write_json_atomic(path: pathlib.Path, obj: dict) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  os.replace(tmp, path)
 
 
 def define_flags() -> None:

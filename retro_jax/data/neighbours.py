@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import tqdm
+from retro_jax.progress_files import progress_path, write_json_atomic
 
 NEIGHBOURS_DIR = "neighbours"
 FORMAT_VERSION = 1
@@ -47,14 +48,7 @@ def shard_path(db_dir: str | os.PathLike, shard: int) -> pathlib.Path:
   return pathlib.Path(db_dir) / NEIGHBOURS_DIR / f"shard-{shard:05d}.npy"
 
 
-def _progress_path(npy_path: pathlib.Path) -> pathlib.Path:
-  return npy_path.with_suffix(".progress.json")
 
-
-def _write_json_atomic(path: pathlib.Path, obj: dict) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,17 +158,17 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
                   desc: str | None = None) -> dict:
   """Writes one neighbours shard (resumable, block by block). Returns stats."""
   out_path = pathlib.Path(out_path)
-  progress_path = _progress_path(out_path)
+  prog_path = progress_path(out_path)
   num_rows = int(embeddings_NxD.shape[0])
   want = {"format_version": FORMAT_VERSION, "num_rows": num_rows, "first_id": int(first_id),
           "k": int(k), "block_rows": int(block_rows), **(settings or {})}
   state = {"rows_done": 0, "done": False}
-  if progress_path.exists() and out_path.exists():
-    state = json.loads(progress_path.read_text())
+  if prog_path.exists() and out_path.exists():
+    state = json.loads(prog_path.read_text())
     made = {key: state.get(key) for key in want}
     if made != want:
       raise NeighboursError(
-          f"{progress_path}: made with {made}, now asked for {want}; delete {out_path} and its "
+          f"{prog_path}: made with {made}, now asked for {want}; delete {out_path} and its "
           "progress file to recompute it (or rerun with the old settings).")
   if state.get("done"):
     return {"rows": 0, "seconds": 0.0, "skipped": True}
@@ -197,17 +191,17 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
       out[start:end] = search_block(retriever, store, q_QxD, ids_Q, k, heldout_docs)
       out.flush()
       state["rows_done"] = end
-      _write_json_atomic(progress_path, state)
+      write_json_atomic(prog_path, state)
       computed += end - start
       bar.update(end - start)
   del out
   state["done"] = True
-  _write_json_atomic(progress_path, state)
+  write_json_atomic(prog_path, state)
   return {"rows": computed, "seconds": time.perf_counter() - t0, "skipped": False}
 
 
 def shard_is_done(db_dir: str | os.PathLike, shard: int) -> bool:
-  p = _progress_path(shard_path(db_dir, shard))
+  p = progress_path(shard_path(db_dir, shard))
   return p.exists() and bool(json.loads(p.read_text()).get("done"))
 
 

@@ -14,7 +14,6 @@ with a different embedder refuses to touch existing embeddings.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 from typing import Iterable, Iterator
@@ -23,6 +22,7 @@ import numpy as np
 import tqdm
 
 from retro_jax.retrieval.embedder import Embedder, EmbedderMismatchError
+from retro_jax.progress_files import progress_path, write_json_atomic
 
 EMBEDDINGS_DIR = "embeddings"
 INFO_FILE = "embedder.json"
@@ -32,14 +32,7 @@ def shard_path(out_dir: pathlib.Path, shard: int) -> pathlib.Path:
   return pathlib.Path(out_dir) / f"shard-{shard:05d}.npy"
 
 
-def _progress_path(npy_path: pathlib.Path) -> pathlib.Path:
-  return npy_path.with_suffix(".progress.json")
 
-
-def _write_json_atomic(path: pathlib.Path, obj: dict) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-  os.replace(tmp, path)
 
 
 def check_or_write_info(embedder: Embedder, out_dir: pathlib.Path) -> None:
@@ -49,14 +42,14 @@ def check_or_write_info(embedder: Embedder, out_dir: pathlib.Path) -> None:
   if path.exists():
     embedder.check_info(json.loads(path.read_text()), where=str(path))
   else:
-    _write_json_atomic(path, embedder.info)
+    write_json_atomic(path, embedder.info)
 
 
 def load_embeddings(db_dir: str | pathlib.Path, shard: int, embedder: Embedder | None = None) -> np.ndarray:
   """A finished shard's embeddings, memory-mapped read-only; checks the embedder if one is given."""
   out_dir = pathlib.Path(db_dir) / EMBEDDINGS_DIR
   path = shard_path(out_dir, shard)
-  progress = _progress_path(path)
+  progress = progress_path(path)
   if not path.exists() or not progress.exists() or not json.loads(progress.read_text()).get("done"):
     raise FileNotFoundError(f"{path}: not finished; run python -m retro_jax.retrieval.embed --db={db_dir}")
   if embedder is not None:
@@ -94,16 +87,16 @@ def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[st
   Resumable: skips rows a previous run finished (per `<out>.progress.json`). Returns stats.
   """
   out_path = pathlib.Path(out_path)
-  progress_path = _progress_path(out_path)
+  prog_path = progress_path(out_path)
   state = {"rows_done": 0, "done": False}
-  if progress_path.exists() and out_path.exists():
-    state = json.loads(progress_path.read_text())
+  if prog_path.exists() and out_path.exists():
+    state = json.loads(prog_path.read_text())
     if state.get("num_rows") != num_rows or state.get("block_rows") != block_rows:
-      raise ValueError(f"{progress_path}: made for num_rows={state.get('num_rows')}, block_rows="
+      raise ValueError(f"{prog_path}: made for num_rows={state.get('num_rows')}, block_rows="
                        f"{state.get('block_rows')}, now {num_rows}, {block_rows}; delete {out_path} "
                        "and its progress file to re-embed")
     if state.get("fingerprint") != embedder.fingerprint or state.get("dtype") != embedder.dtype:
-      raise EmbedderMismatchError(f"{progress_path}: started by another embedder; delete it and {out_path}")
+      raise EmbedderMismatchError(f"{prog_path}: started by another embedder; delete it and {out_path}")
   if state.get("done"):
     return {"rows": 0, "seconds": 0.0, "skipped": True}
   out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,13 +121,13 @@ def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[st
       out[start:start + len(texts)] = embedder.embed(texts)
       out.flush()
       state["rows_done"] = start + len(texts)
-      _write_json_atomic(progress_path, state)
+      write_json_atomic(prog_path, state)
       embedded += len(texts)
       bar.update(len(texts))
   if state["rows_done"] != num_rows:
     raise ValueError(f"{out_path}: the batches ended after {state['rows_done']} of {num_rows} rows")
   state["done"] = True
-  _write_json_atomic(progress_path, state)
+  write_json_atomic(prog_path, state)
   seconds = time.perf_counter() - t0
   return {"rows": embedded, "seconds": seconds, "skipped": False}
 

@@ -1,5 +1,4 @@
 """Chunk store on a real slice of the default corpus (kernel docs, Python docs, Wikipedia leads)."""
-import json
 import os
 import pathlib
 import shutil

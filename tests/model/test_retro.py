@@ -1,5 +1,4 @@
 """Model behaviour: causality, CCA = naive per-chunk loop, retrieval off, shapes, errors."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
