@@ -92,7 +92,7 @@ def compile_step(size: str, topology: str, per_chip_batch: int, seq_len: int, me
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", float("nan"))) * chips  # cost is per chip (SPMD module)
-  abstract_model, _ = nnx_merge_abstract(train)
+  abstract_model, _ = train.merge(train.abstract_state)
   params = count_params(abstract_model, non_embedding=False)
   hbm_gib, peak_tflops = CHIPS[generation]
   analytic = cfg.flops_per_token(t) * b * t
@@ -109,11 +109,6 @@ def compile_step(size: str, topology: str, per_chip_batch: int, seq_len: int, me
       "analytic_tflops": analytic / 1e12,
       "ideal_step_s_at_peak": analytic / (chips * peak_tflops * 1e12),
   }
-
-
-def nnx_merge_abstract(train: TrainStep):
-  from flax import nnx
-  return nnx.merge(train.graphdef, train.abstract_state)
 
 
 def main(argv):

@@ -231,24 +231,14 @@ def build(out: str | os.PathLike, stages=STAGES, **kwargs: Any) -> dict[str, Any
 def define_flags() -> None:
   """This command's absl flags; defined only when run as a command, so that importing the module
   (tests, other commands) never collides with other modules' flags (--shard_index, --out, ...)."""
-  flags.DEFINE_string("corpus", "default", "Corpus spec (see retro_jax/data/corpus.py).")
-  flags.DEFINE_string("out", None, "Database directory.", required=True)
+  from retro_jax.data import prepare as prepare_lib
+  prepare_lib.define_store_flags()
   flags.DEFINE_list("stages", list(STAGES),
                     f"Stages to run, in order, from {STAGES} (+ 'finalize').")
-  flags.DEFINE_integer("max_docs", None, "Keep only the first N documents.")
-  flags.DEFINE_integer("vocab_size", 32000, "SentencePiece vocabulary size.")
-  flags.DEFINE_string("tokenizer", None, "Existing SentencePiece .model instead of training.")
-  flags.DEFINE_integer("chunk_size", 64, "Tokens per chunk.")
-  flags.DEFINE_integer("docs_per_shard", 4096, "Documents per store shard.")
-  flags.DEFINE_float("heldout_fraction", 0.01, "Fraction of documents held out.")
-  flags.DEFINE_integer("seed", 0, "Seed (held-out split, tokenizer sampling).")
   flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "Embedder matmul dtype.")
   flags.DEFINE_integer("embed_batch_size", 64, "Embedder rows per forward call.")
   flags.DEFINE_enum("backend", "scann", ["scann", "exact", "faiss"], "Index backend.")
   flags.DEFINE_integer("k", 2, "Training neighbours per chunk.")
-  flags.DEFINE_integer("shard_index", 0, "This host's index among num_shards.")
-  flags.DEFINE_integer("num_shards", 1, "Number of hosts splitting each stage.")
-
 
 def main(argv) -> None:
   del argv

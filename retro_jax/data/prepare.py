@@ -102,18 +102,24 @@ def main(argv) -> None:
   print(json.dumps(report, sort_keys=True))
 
 
-if __name__ == "__main__":
+def define_store_flags() -> None:
+  """Flags shared by this command and `retro_jax.build_db`: corpus, tokenizer, chunking, hosts.
+  Defined only by the commands' __main__ blocks, so that importing modules never collides."""
   flags.DEFINE_string("corpus", "default", "corpus spec (see retro_jax/data/corpus.py)")
-  flags.DEFINE_string("out", None, "database directory (gets tokenizer/ and chunks/)", required=True)
-  flags.DEFINE_enum("stage", "all", ["all", "tokenizer", "chunks", "finalize"], "what to run")
+  flags.DEFINE_string("out", None, "database directory", required=True)
   flags.DEFINE_integer("vocab_size", 32000, "SentencePiece vocabulary size")
   flags.DEFINE_string("tokenizer", None, "an existing SentencePiece .model to use instead of training")
-  flags.DEFINE_integer("input_sentence_size", 300_000, "lines sampled for tokenizer training")
   flags.DEFINE_integer("chunk_size", 64, "tokens per chunk")
   flags.DEFINE_integer("docs_per_shard", 4096, "documents per chunk-store shard")
   flags.DEFINE_float("heldout_fraction", 0.01, "fraction of documents held out (by document)")
   flags.DEFINE_integer("seed", 0, "seed of the held-out split and tokenizer sampling")
   flags.DEFINE_integer("max_docs", None, "keep only the first N documents (smoke runs, tests)")
-  flags.DEFINE_integer("shard_index", 0, "this worker: writes store shards s % num_shards == i")
-  flags.DEFINE_integer("num_shards", 1, "number of workers")
+  flags.DEFINE_integer("shard_index", 0, "this host's index among num_shards")
+  flags.DEFINE_integer("num_shards", 1, "number of hosts splitting each stage")
+
+
+if __name__ == "__main__":
+  define_store_flags()
+  flags.DEFINE_enum("stage", "all", ["all", "tokenizer", "chunks", "finalize"], "what to run")
+  flags.DEFINE_integer("input_sentence_size", 300_000, "lines sampled for tokenizer training")
   app.run(main)

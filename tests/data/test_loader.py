@@ -1,28 +1,11 @@
 """The grain loader on a tiny real database: shapes, alignment, determinism, checkpoints, sharding."""
-import os
-import sys
-
 import grain
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny_db  # noqa: E402
-
-from retro_jax.data import chunk_store as chunk_store_lib  # noqa: E402
-from retro_jax.data import loader  # noqa: E402
+from retro_jax.data import loader
 
 T = 256  # 4 chunks per sequence
-
-
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-  return tiny_db.get(tmp_path_factory)[0]
-
-
-@pytest.fixture(scope="module")
-def store(db):
-  return chunk_store_lib.ChunkStore.open(db)
 
 
 @pytest.fixture(scope="module")

@@ -1,29 +1,13 @@
 """Training neighbours on a tiny real database (kernel docs + Wikipedia, MiniLM, ScaNN)."""
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny_db  # noqa: E402
-
-from retro_jax.data import chunk_store as chunk_store_lib  # noqa: E402
-from retro_jax.data import neighbours as nb  # noqa: E402
-from retro_jax.retrieval import embed as embed_lib  # noqa: E402
-from retro_jax.retrieval import index as index_lib  # noqa: E402
-from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-  return tiny_db.get(tmp_path_factory)[0]
-
-
-@pytest.fixture(scope="module")
-def store(db):
-  return chunk_store_lib.ChunkStore.open(db)
+from retro_jax.data import neighbours as nb
+from retro_jax.retrieval import embed as embed_lib
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import retriever as retriever_lib
 
 
 @pytest.fixture(scope="module")
