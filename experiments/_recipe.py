@@ -1,6 +1,8 @@
 """The paper's training recipe, shared by the experiment files (ml_collections ConfigDicts)."""
 import ml_collections
 
+from retro_jax import experiment
+
 # 419.4B tokens per model; batch 256 x 2048 (1024 for 7.5B); AdamW, weight decay 0.1; linear
 # warm-up from 1e-7 over 750 steps, cosine decay to 0.1x; max LR 2e-4 (1e-4 for 7.5B).
 PAPER_TOKENS = 419.4e9
@@ -9,7 +11,7 @@ PAPER_TOKENS = 419.4e9
 def paper_recipe(size: str, *, batch: int = 256, peak_lr: float = 2e-4,
                  retrieval: bool = True) -> ml_collections.ConfigDict:
   seq_len = 2048
-  c = ml_collections.ConfigDict()
+  c = experiment.defaults()
   c.model_size = size  # a key of retro_jax.model.PAPER_SIZES
   c.retrieval = retrieval  # False: the matching baseline (cca_layers=())
   c.model_overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat": True,

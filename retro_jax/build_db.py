@@ -3,6 +3,7 @@ index -> training neighbours.
 
     python -m retro_jax.build_db --corpus=default --out=runs/default_db
     python -m retro_jax.build_db --corpus=default --out=/tmp/tiny_db --max_docs=200 --vocab_size=2000
+    python -m retro_jax.build_db --corpus=default --out=runs/smollm2_db --tokenizer=smollm2
 
 Each stage is the other modules' stage function (retro_jax.data.prepare, retro_jax.retrieval.embed,
 retro_jax.retrieval.index, retro_jax.data.neighbours), each restartable; a stage whose outputs are
@@ -64,7 +65,9 @@ def is_done(stage: str, db: pathlib.Path, cfg: dict[str, Any]) -> bool:
   from retro_jax.data import neighbours as neighbours_lib
   from retro_jax.data import prepare as prepare_lib
   if stage == "tokenizer":
-    return (db / prepare_lib.TOKENIZER_PATH).exists()
+    want = (prepare_lib.BPE_TOKENIZER_PATH if prepare_lib.is_bpe_tokenizer(cfg["tokenizer"])
+            else prepare_lib.TOKENIZER_PATH)
+    return (db / want).exists()
   if stage in ("chunks", "finalize"):
     return (db / prepare_lib.CHUNKS_DIR / chunk_store_lib.MANIFEST).exists()
   if not is_done("chunks", db, cfg):
@@ -93,8 +96,7 @@ def _stage_tokenizer(db: pathlib.Path, cfg: dict[str, Any]) -> None:
 def _stage_chunks(db: pathlib.Path, cfg: dict[str, Any]) -> None:
   from retro_jax.data import chunk_store as chunk_store_lib
   from retro_jax.data import prepare as prepare_lib
-  from retro_jax.data import tokenizer as tokenizer_lib
-  tok = tokenizer_lib.Tokenizer.load(db / prepare_lib.TOKENIZER_PATH)
+  tok = prepare_lib.load_db_tokenizer(db)
   chunk_store_lib.build_chunk_store(
       cfg["corpus"], db / prepare_lib.CHUNKS_DIR, tok, chunk_size=cfg["chunk_size"],
       docs_per_shard=cfg["docs_per_shard"], heldout_fraction=cfg["heldout_fraction"],
@@ -178,7 +180,7 @@ _RUNNERS: dict[str, Callable[[pathlib.Path, dict[str, Any]], None]] = {
     "tokenizer": _stage_tokenizer, "chunks": _stage_chunks, "finalize": _stage_finalize,
     "embeddings": _stage_embeddings, "index": _stage_index, "neighbours": _stage_neighbours}
 
-DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=32000, tokenizer=None, chunk_size=64,
+DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None, chunk_size=64,
                 docs_per_shard=4096, heldout_fraction=0.01, seed=0, embed_dtype="bfloat16",
                 embed_batch_size=64, backend="scann", k=2, shard_index=0, num_shards=1)
 

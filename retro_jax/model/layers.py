@@ -59,13 +59,24 @@ class Linear(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-  """Two-layer GELU MLP (the paper's GPT-2-like blocks)."""
+  """Two-layer GELU MLP (the paper's GPT-2-like blocks), or Llama's SwiGLU:
+  w_out(silu(x w_gate) * (x w_in)) with activation="swiglu" (w_in is Llama's up projection)."""
 
   def __init__(self, dim: int, hidden: int, *, axis: str = "embed", param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               activation: str = "gelu", rngs: nnx.Rngs):
+    if activation not in ("gelu", "swiglu"):
+      raise ValueError(f"activation must be 'gelu' or 'swiglu', got {activation!r}")
     self.w_in = param(rngs, dense_init(dim), (dim, hidden), (axis, "mlp"), param_dtype)
     self.w_out = param(rngs, dense_init(hidden), (hidden, dim), ("mlp", axis), param_dtype)
+    if activation == "swiglu":
+      self.w_gate = param(rngs, dense_init(dim), (dim, hidden), (axis, "mlp"), param_dtype)
+    self.activation = activation
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    h_BxTxF = jax.nn.gelu(jnp.einsum("...d,df->...f", x_BxTxD, self.w_in.value.astype(x_BxTxD.dtype)))
+    h_BxTxF = jnp.einsum("...d,df->...f", x_BxTxD, self.w_in.value.astype(x_BxTxD.dtype))
+    if self.activation == "swiglu":
+      gate_BxTxF = jnp.einsum("...d,df->...f", x_BxTxD, self.w_gate.value.astype(x_BxTxD.dtype))
+      h_BxTxF = jax.nn.silu(gate_BxTxF) * h_BxTxF
+    else:
+      h_BxTxF = jax.nn.gelu(h_BxTxF)
     return jnp.einsum("...f,fd->...d", h_BxTxF, self.w_out.value.astype(x_BxTxD.dtype))

@@ -2,7 +2,7 @@
 
     x = Emb(tokens)
     for layer p = 1..num_layers:
-        x = x + SelfAttention(norm(x))                        # causal, relative positions
+        x = x + SelfAttention(norm(x))                        # causal, relative (or rotary) positions
         if p in cca_layers and neighbours given:
             if p == min(cca_layers): E = Encoder(Emb(neighbours), H = x)
             x = x + CCA(norm(x), E)
@@ -11,6 +11,10 @@
 
 With `neighbours=None` the CCA layers and the encoder are skipped: the same weights run as a plain
 decoder (RETRO[OFF]); a config with `cca_layers=()` is the baseline.
+
+A Llama-architecture decoder is a config too (`positions="rope"`, `num_kv_heads`,
+`ffw_activation="swiglu"`, `tie_embeddings=True`; see retro_jax/pretrained/ for SmolLM2): its CCA
+layers and encoder, when added, keep the paper's relative positions and GELU feed-forward.
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ class DecoderBlock(nnx.Module):
   def __init__(self, cfg: RetroConfig, *, cca: bool, rngs: nnx.Rngs):
     d, pd = cfg.d_model, jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
-    self.attn = Attention(d, d, cfg.num_heads, cfg.head_dim, param_dtype=pd, rngs=rngs)
+    self.attn = Attention(d, d, cfg.num_heads, cfg.head_dim, param_dtype=pd,
+                          positions=cfg.positions, rope_theta=cfg.rope_theta,
+                          num_kv_heads=cfg.kv_heads, rngs=rngs)
     self.q_block = cfg.attention_q_block
     if cca:
       self.cca_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
@@ -44,7 +50,8 @@ class DecoderBlock(nnx.Module):
     else:
       self.cca = None
     self.ffw_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
-    self.ffw = FeedForward(d, cfg.ffw_size, param_dtype=pd, rngs=rngs)
+    self.ffw = FeedForward(d, cfg.ffw_size, param_dtype=pd, activation=cfg.ffw_activation,
+                           rngs=rngs)
 
   def self_attention(self, x_BxTxD: jax.Array) -> jax.Array:
     h = self.attn_norm(x_BxTxD)
@@ -69,8 +76,9 @@ class Retro(nnx.Module):
                             for p in range(1, cfg.num_layers + 1)])
     self.encoder = NeighbourEncoder(cfg, rngs=rngs) if cfg.retrieval else None
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
-    self.unembed = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), param_dtype=pd,
-                          rngs=rngs)
+    # Tied embeddings (a Llama baseline such as SmolLM2): logits against the embedding table.
+    self.unembed = None if cfg.tie_embeddings else Linear(
+        cfg.d_model, cfg.vocab_size, ("embed", "vocab"), param_dtype=pd, rngs=rngs)
 
   def __call__(self, tokens_BxT: jax.Array,
                neighbours_BxLxNxR: jax.Array | None = None) -> jax.Array:
@@ -94,7 +102,9 @@ class Retro(nnx.Module):
             self.encoder, self.embed(neighbours_BxLxNxR, dt), enc_mask, x_BxTxD)
       x_BxTxD = _maybe_remat(DecoderBlock.cross_attention_and_ffw, cfg.remat)(
           block, x_BxTxD, enc if use_cca else None, enc_mask if use_cca else None)
-    logits_BxTxV = self.unembed(self.final_norm(x_BxTxD)).astype(jnp.float32)
+    h_BxTxD = self.final_norm(x_BxTxD)
+    unembed = self.embed.attend if self.unembed is None else self.unembed
+    logits_BxTxV = unembed(h_BxTxD).astype(jnp.float32)
     return constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
 
 

@@ -136,13 +136,13 @@ def embed_chunk_store(db_dir: str | pathlib.Path, embedder: Embedder, shard_inde
                       num_shards: int = 1, block_rows: int = 4096, text_batch_size: int = 1024) -> dict:
   """Embeds the chunk-store shards s with s % num_shards == shard_index into <db>/embeddings/."""
   from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.data import tokenizer as tokenizer_lib
+  from retro_jax.data import prepare as prepare_lib
 
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
   db_dir = pathlib.Path(db_dir)
   store = chunk_store_lib.ChunkStore.open(db_dir)
-  tokenizer = tokenizer_lib.Tokenizer.load(db_dir / "tokenizer" / "spm.model")
+  tokenizer = prepare_lib.load_db_tokenizer(db_dir)  # SentencePiece or BPE (e.g. smollm2)
   out_dir = db_dir / EMBEDDINGS_DIR
   check_or_write_info(embedder, out_dir)
   totals = {"rows": 0, "seconds": 0.0, "shards": []}

@@ -3,7 +3,9 @@
 Scores from independently trained quantizers are not comparable across shards, so each shard's
 candidates are rescored exactly against the stored (memory-mapped) float32 embeddings before the
 merge. Chunks of a given document per query are excluded (RETRO's same-document rule); if a shard
-runs short of candidates after the exclusion, it is asked again for more.
+runs short of candidates after the exclusion, it is asked again for more. Chunks of documents removed
+from the database (`retro_jax.edit_db --remove_docs`, `deleted_ranges`) are never returned, for any
+query: they stay in the index files and are dropped (and refilled) the same way.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ def embedding_paths(db_dir: str) -> list[str]:
   return [p for _, p, _ in db_embedding_shards(db_dir)]
 
 
+def db_deleted_ranges(db_dir: str) -> np.ndarray:
+  """int64 [R, 2] chunk-id ranges of the documents removed from `db_dir` (empty when none)."""
+  if not os.path.isfile(os.path.join(db_dir, "chunks", "manifest.json")):
+    return np.zeros((0, 2), np.int64)  # embeddings and index only (no chunk store, no edits)
+  from retro_jax.data import chunk_store as chunk_store_lib
+  return chunk_store_lib.ChunkStore.open(db_dir).deleted_chunk_ranges()
+
+
 def index_dir(db_dir: str, backend: str) -> str:
   return os.path.join(db_dir, "index", backend)
 
@@ -96,11 +106,14 @@ class Retriever:
     rescore: True always rescores candidates against the memory-mapped float32 embeddings; "auto"
       skips it for shards whose scores are already exact float32 dot products (exact backend,
       ScaNN's float32 reorder); False never rescores.
+    deleted_ranges: int64 [R, 2] `[start, end)` global chunk-id ranges of removed documents
+      (`ChunkStore.deleted_chunk_ranges()`; `from_db` reads them); `set_deleted_ranges` updates them.
   """
 
   def __init__(self, shards: Sequence[index_lib.IndexShard], doc_ids: DocIdsLike = None,
                doc_starts: np.ndarray | None = None, overfetch: int = 4,
-               query_block: int = 512, rescore: bool | str = "auto"):
+               query_block: int = 512, rescore: bool | str = "auto",
+               deleted_ranges: np.ndarray | None = None):
     self.shards = sorted(shards, key=lambda s: s.offset)
     for a, b in zip(self.shards, self.shards[1:]):
       if a.offset + a.count > b.offset:
@@ -116,6 +129,17 @@ class Retriever:
       raise ValueError(f"rescore={rescore!r}; expected True, False or 'auto'.")
     self.rescore = rescore
     self._doc_of = self._make_doc_lookup(doc_ids, doc_starts)
+    self.set_deleted_ranges(deleted_ranges)
+
+  def set_deleted_ranges(self, ranges_Rx2: np.ndarray | None) -> None:
+    """Never return chunks in these `[start, end)` global id ranges (removed documents)."""
+    r = np.zeros((0, 2), np.int64) if ranges_Rx2 is None else np.asarray(ranges_Rx2, np.int64)
+    self.deleted_ranges = r.reshape(-1, 2)[np.argsort(r.reshape(-1, 2)[:, 0], kind="stable")]
+
+  def _deleted(self, ids: np.ndarray) -> np.ndarray:
+    r = self.deleted_ranges
+    j = np.searchsorted(r[:, 0], ids, side="right") - 1
+    return (ids >= 0) & (j >= 0) & (ids < r[np.maximum(j, 0), 1])
 
   @property
   def size(self) -> int:
@@ -172,7 +196,7 @@ class Retriever:
     local, approx = shard.search(queries_QxD, n)
     scores = self._rescore(shard, queries_QxD, local, approx)
     ids = np.where(local >= 0, local + shard.offset, -1).astype(np.int64)
-    if exclude_Q is None:
+    if exclude_Q is None and not len(self.deleted_ranges):
       return ids, scores
     ids, scores = self._exclude(ids, scores, exclude_Q)
     want = k
@@ -183,13 +207,18 @@ class Retriever:
       l2, a2 = shard.search(queries_QxD[short], fetch)
       s2 = self._rescore(shard, queries_QxD[short], l2, a2)
       g2 = np.where(l2 >= 0, l2 + shard.offset, -1).astype(np.int64)
-      g2, s2 = self._exclude(g2, s2, exclude_Q[short])
+      g2, s2 = self._exclude(g2, s2, None if exclude_Q is None else exclude_Q[short])
       g2, s2 = index_lib.top_k_rows(g2, s2, n)
       ids[short], scores[short] = g2, s2
       short = short[np.sum(g2 >= 0, axis=1) < min(want, shard.count)]
     return ids, scores
 
   def _exclude(self, ids, scores, exclude_Q):
+    if len(self.deleted_ranges):
+      gone = self._deleted(ids)
+      ids, scores = np.where(gone, -1, ids), np.where(gone, -np.inf, scores).astype(np.float32)
+    if exclude_Q is None:
+      return ids, scores
     if self._doc_of is None:
       raise ValueError("exclude_doc_ids_Q given but the Retriever has no doc_ids/doc_starts.")
     valid = ids >= 0
@@ -212,6 +241,7 @@ class Retriever:
     all_ids, all_scores = [], []
     for shard in self.shards:
       # Exact scores and nothing to exclude: the shard's own top-k is all the merge needs.
+      # (A removed chunk among them is dropped and its row refilled by _shard_candidates.)
       exact = self._skips_rescore(shard) and exclude_doc_ids_Q is None
       n = k if exact else k * self.overfetch
       ids, scores = self._shard_candidates(shard, queries_QxD, k, n, exclude_doc_ids_Q)
@@ -243,8 +273,11 @@ class Retriever:
 
   @classmethod
   def from_db(cls, db_dir: str, backend: str = "scann", **kwargs) -> "Retriever":
-    """Loads `DB/index/<backend>/shard-XXXXX` for every `DB/embeddings/shard-XXXXX.npy`."""
+    """Loads `DB/index/<backend>/shard-XXXXX` for every `DB/embeddings/shard-XXXXX.npy`; removed
+    documents (`DB/chunks/deletions.json`) are excluded unless `deleted_ranges` is passed."""
     shards = db_embedding_shards(db_dir)
+    if "deleted_ranges" not in kwargs:
+      kwargs["deleted_ranges"] = db_deleted_ranges(db_dir)
     out = index_dir(db_dir, backend)
     r = cls.load([shard_dir(out, i) for i, _, _ in shards], [p for _, p, _ in shards], **kwargs)
     for s, (i, _, offset) in zip(r.shards, shards):

@@ -1,0 +1,81 @@
+"""From an experiment file's ConfigDict to the objects a run needs: model config, optimiser, mesh.
+
+An experiment (`experiments/*.py`, `get_config()` -> ml_collections.ConfigDict) names a base model
+(`model_size`, a key of PAPER_SIZES), field overrides (`model_overrides`), whether it retrieves
+(`retrieval=False`: the matching baseline, cca_layers=()), the database (`db`), and the recipe.
+Every field and its default is listed in `defaults()`; unknown fields are an error (typos in
+`--config.x=y` overrides must not pass silently).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from retro_jax import optim
+from retro_jax.model import PAPER_SIZES, RetroConfig
+
+
+def defaults() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model_size = "tiny"  # a key of retro_jax.model.PAPER_SIZES
+  c.model_overrides = ml_collections.ConfigDict()  # RetroConfig fields replacing the base's
+  c.retrieval = True  # False: the baseline (same widths, cca_layers=())
+  c.db = "runs/default_db"  # retrieval database (chunk store, neighbours) for data and retrieval
+  c.seq_len = 2048
+  c.global_batch = 256
+  c.total_steps = 100_000
+  c.warmup_steps = 750
+  c.peak_lr = 2e-4
+  c.weight_decay = 0.1
+  c.clip_norm = 1.0
+  c.mesh = (1, -1, 1)  # (data, fsdp, model); one -1 takes the remaining devices
+  c.seed = 0  # parameters and data order
+  c.num_neighbours = 0  # 0: the model's num_neighbours
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.log_every = 50
+  c.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (unknown kinds: no MFU)
+  # Retrofitting: start from a baseline checkpoint and train only the retrieval layers.
+  c.init_from = ""  # a workdir or checkpoints dir of a baseline (retrieval=False) run
+  c.train_only = "all"  # "all" | "retrieval" (CCA layers, their norms, the neighbour encoder)
+  c.read_threads = 4
+  c.debug_step_delay_s = 0.0  # sleep after each step (tests use it to kill a run mid-flight)
+  return c
+
+
+def with_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The experiment's fields over `defaults()`; a field `defaults()` lacks is an error."""
+  out = defaults()
+  unknown = sorted(set(c.keys()) - set(out.keys()))
+  if unknown:
+    raise ValueError(f"unknown experiment fields {unknown}; known: {sorted(out.keys())}")
+  for k in c.keys():
+    v = c[k]
+    if k == "model_overrides":
+      v = ml_collections.ConfigDict(dict(v))
+    setattr(out, k, v)
+  return out
+
+
+def model_config(c: ml_collections.ConfigDict) -> RetroConfig:
+  if c.model_size not in PAPER_SIZES:
+    raise ValueError(f"model_size={c.model_size!r}; expected one of {sorted(PAPER_SIZES)}")
+  over = dict(c.model_overrides)
+  fields = {f.name for f in dataclasses.fields(RetroConfig)}
+  bad = sorted(set(over) - fields)
+  if bad:
+    raise ValueError(f"model_overrides {bad} are not RetroConfig fields")
+  if "cca_layers" in over:
+    over["cca_layers"] = tuple(over["cca_layers"])
+  cfg = dataclasses.replace(PAPER_SIZES[c.model_size], **over)
+  return cfg if c.retrieval else cfg.baseline()
+
+
+def optimizer(c: ml_collections.ConfigDict):
+  return optim.adamw(c.peak_lr, warmup_steps=c.warmup_steps, total_steps=c.total_steps,
+                     weight_decay=c.weight_decay, clip_norm=c.clip_norm)
+
+
+def learning_rate(c: ml_collections.ConfigDict, step: int) -> float:
+  return float(optim.learning_rate_schedule(c.peak_lr, c.warmup_steps, c.total_steps)(step))

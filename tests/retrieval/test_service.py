@@ -1,0 +1,156 @@
+"""The retrieval service: one `serve` process per index shard, `ServiceRetriever` fanning out.
+
+On the tiny real database (tests/data/tiny_db.py: kernel docs + Wikipedia leads, MiniLM embeddings,
+two ScaNN shards), copied so that a deletion here does not reach other tests.
+"""
+
+import os
+import shutil
+import signal
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
+import tiny_db  # noqa: E402
+
+from retro_jax import edit_db  # noqa: E402
+from retro_jax.data import chunk_store as chunk_store_lib  # noqa: E402
+from retro_jax.retrieval import client as client_lib  # noqa: E402
+from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
+from retro_jax.retrieval import serve as serve_lib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+  src = tiny_db.get(tmp_path_factory)[0]
+  dst = tmp_path_factory.mktemp("service") / "db"
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+@pytest.fixture(scope="module")
+def store(db):
+  return chunk_store_lib.ChunkStore.open(db)
+
+
+@pytest.fixture(scope="module")
+def servers(db, tmp_path_factory):
+  procs = serve_lib.start_shards(db, [0, 1], str(tmp_path_factory.mktemp("serve")))
+  yield procs
+  for p in procs:
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def service(servers):
+  with client_lib.ServiceRetriever([p.address for p in servers], timeout_s=20.0) as r:
+    yield r
+
+
+def in_process(db, store):
+  r = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids)
+  for s in r.shards:
+    s.set_num_threads(1)  # as the servers (--search_threads=1): the same float32 reorder
+  return r
+
+
+@pytest.fixture(scope="module")
+def queries(db, store):
+  emb_NxD = np.concatenate([np.load(p) for p in retriever_lib.embedding_paths(db)])
+  rows = np.arange(0, len(emb_NxD), 5)
+  rng = np.random.default_rng(0)
+  noisy = emb_NxD[rows[:40]] + 0.05 * rng.standard_normal((40, emb_NxD.shape[1]))
+  noisy /= np.linalg.norm(noisy, axis=1, keepdims=True)
+  q_QxD = np.concatenate([emb_NxD[rows], noisy.astype(np.float32)])
+  own_Q = np.concatenate([store.doc_ids(rows), store.doc_ids(rows[:40])])
+  return q_QxD, own_Q
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+@pytest.mark.parametrize("exclude", [False, True])
+def test_service_equals_in_process_retriever(db, store, service, queries, k, exclude):
+  q_QxD, own_Q = queries
+  excl = own_Q if exclude else None
+  want_ids, want_scores = in_process(db, store).search(q_QxD, k, excl)
+  got = service.search_full(q_QxD, k, excl)
+  np.testing.assert_array_equal(got.ids_QxK, want_ids)
+  np.testing.assert_allclose(got.scores_QxK, want_scores, rtol=0, atol=1e-6)
+  assert got.ids_QxK.dtype == np.int64 and got.scores_QxK.dtype == np.float32
+  assert (got.ids_QxK >= 0).all() and not got.missing
+  np.testing.assert_array_equal(got.doc_ids_QxK, store.doc_ids(got.ids_QxK.ravel()).reshape(-1, k))
+  if exclude:
+    assert not (got.doc_ids_QxK == own_Q[:, None]).any()
+  # Both shards contribute: the merge is global, not one shard's answer.
+  assert (got.ids_QxK < store.shard_offsets[1]).any() and (got.ids_QxK >= store.shard_offsets[1]).any()
+
+
+def test_health_and_info(service, servers, store):
+  assert service.health() == {p.address: "SERVING" for p in servers}
+  infos = sorted((c.info.shard, c.info.offset, c.info.count) for c in service.clients)
+  assert infos == [(0, 0, int(store.shard_offsets[1])),
+                   (1, int(store.shard_offsets[1]), store.num_chunks - int(store.shard_offsets[1]))]
+  assert service.size == store.num_chunks
+  # Nothing listens here (a port the kernel just gave and took back).
+  closed = client_lib.ShardClient("127.0.0.1:1")
+  assert closed.health(timeout_s=1.0).startswith("UNREACHABLE")
+
+
+def test_bad_queries_are_clear_errors(service, queries):
+  q_QxD, own_Q = queries
+  with pytest.raises(ValueError, match="expected"):
+    service.search(q_QxD[:, :100], 2)
+  with pytest.raises(ValueError, match="exclude_doc_ids_Q"):
+    service.search(q_QxD, 2, own_Q[:3])
+
+
+def test_removed_document_leaves_the_service_without_restart(db, store, service, queries):
+  q_QxD, _ = queries
+  ids_before, _ = service.search(q_QxD, 4)
+  doc = int(np.bincount(store.doc_ids(ids_before[ids_before >= 0])).argmax())  # most retrieved
+  a, b = store.doc_range(doc)
+  assert ((ids_before >= a) & (ids_before < b)).sum() >= 4
+  edit_db.remove_documents(db, [doc])
+  got = service.search_full(q_QxD, 4)
+  assert not ((got.ids_QxK >= a) & (got.ids_QxK < b)).any()
+  assert doc not in got.doc_ids_QxK
+  assert (got.ids_QxK >= 0).all()  # refilled from the other documents
+  np.testing.assert_array_equal(got.ids_QxK, in_process(db, store).search(q_QxD, 4)[0])
+  assert all(c.fetch_info(5.0).num_deleted_docs == 1 for c in service.clients)
+
+
+def test_shard_past_its_deadline_is_named(service, servers, queries):
+  q_QxD, _ = queries
+  slow = servers[0]
+  os.kill(slow.process.pid, signal.SIGSTOP)  # alive but not answering
+  try:
+    with pytest.raises(client_lib.ShardUnavailableError) as e:
+      service.search(q_QxD, 2, timeout_s=0.5)
+    assert f"shard 0 at {slow.address}" in str(e.value)
+    assert "deadline" in str(e.value)
+  finally:
+    os.kill(slow.process.pid, signal.SIGCONT)
+  assert service.search(q_QxD, 2)[0].shape == (len(q_QxD), 2)
+
+
+def test_killed_shard_raises_or_warns_and_is_never_wrong(db, store, service, servers, queries):
+  q_QxD, own_Q = queries
+  victim = servers[1]
+  victim.kill()
+  with pytest.raises(client_lib.ShardUnavailableError) as e:
+    service.search(q_QxD, 4, own_Q)
+  assert f"shard 1 at {victim.address}" in str(e.value)
+  assert [f[0] for f in e.value.failures] == [1]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    part = service.search_full(q_QxD, 4, own_Q, allow_partial=True)
+  assert any(issubclass(w.category, client_lib.PartialResultsWarning)
+             and victim.address in str(w.message) for w in caught)
+  assert [f[0] for f in part.missing] == [1]
+  # Exactly the surviving shard's answer: nothing from shard 1, nothing made up.
+  only0 = in_process(db, store)
+  only0.shards = only0.shards[:1]
+  np.testing.assert_array_equal(part.ids_QxK, only0.search(q_QxD, 4, own_Q)[0])
+  assert service.health()[victim.address].startswith("UNREACHABLE")

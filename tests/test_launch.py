@@ -1,0 +1,447 @@
+"""launch/tpu_run.sh (the TPU pod launcher) and launch/tpu_worker.sh (its worker side).
+
+The launcher is checked through `--dry-run` with no gcloud on PATH: the numbered commands it
+prints must be the whole sequence for a v5p slice, in order, and each printed line must parse
+back (shlex) to the intended arguments, the trainer's flags included. The worker side runs for
+real on this machine with a stand-in trainer: detached start, environment, SIGTERM on stop,
+exit code and log copy. `shellcheck` must pass on both scripts.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch" / "tpu_run.sh"
+WORKER = REPO / "launch" / "tpu_worker.sh"
+# What the launcher needs in --dry-run; gcloud is deliberately absent.
+TOOLS = ["bash", "git", "dirname", "basename", "date", "tr", "cat"]
+SCRUB = ("PROJECT", "ZONE", "BUCKET", "TPU_NAME", "ACCELERATOR", "CLOUDSDK_CORE_PROJECT")
+V5P = ["--project=my-proj", "--zone=us-east5-a", "--bucket=gs://retro-bucket",
+       "--accelerator=v5p-32", "--spot", "--name=retro-pod", "--run=r172m-a",
+       "--experiment=experiments/retro_172m.py"]
+
+
+@pytest.fixture
+def no_gcloud_env(tmp_path):
+  """An environment whose PATH holds only the launcher's tools: no gcloud anywhere."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for tool in TOOLS:
+    found = shutil.which(tool)
+    assert found, f"{tool} is needed for this test"
+    (bin_dir / tool).symlink_to(found)
+  env = {k: v for k, v in os.environ.items() if k not in SCRUB}
+  env["PATH"] = str(bin_dir)
+  env["TMPDIR"] = str(tmp_path)
+  assert shutil.which("gcloud", path=env["PATH"]) is None
+  return env
+
+
+def launch(args, env, cwd=REPO):
+  return subprocess.run(["bash", str(LAUNCH), *args], env=env, cwd=cwd, capture_output=True,
+                        text=True, timeout=60)
+
+
+def numbered(stdout: str) -> list[list[str]]:
+  """The printed commands, in order, each parsed back into its argv."""
+  steps = []
+  for line in stdout.splitlines():
+    m = re.match(r"^ *(\d+)  (.*)$", line)
+    if m:
+      assert int(m.group(1)) == len(steps) + 1, f"steps out of order at {line!r}"
+      steps.append(shlex.split(m.group(2)))
+  return steps
+
+
+def flag(argv: list[str], name: str) -> str:
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(name + "=")]
+  assert len(values) == 1, f"{name} in {argv}"
+  return values[0]
+
+
+def test_dry_run_prints_the_whole_v5p_sequence(no_gcloud_env, tmp_path):
+  override = "--config.note=it's a \"test\" $HOME"  # survives two rounds of shell quoting
+  res = launch(["--dry-run", *V5P, "--db=default_db", "--env=LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2",
+                "--config.global_batch=512", "--", override], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  steps = numbered(res.stdout)
+  kinds = [" ".join(a[:4]) if a[0] == "gcloud" else " ".join(a[:1] + a[3:4]) for a in steps]
+  assert kinds == [
+      "gcloud compute tpus queued-resources",  # describe: reuse if it exists
+      "gcloud compute tpus tpu-vm",  # describe: reuse a READY node
+      "gcloud compute tpus queued-resources",  # create
+      "gcloud compute tpus queued-resources",  # describe, polled until ACTIVE
+      "git archive",
+      "gcloud compute tpus tpu-vm",  # scp
+      "gcloud compute tpus tpu-vm",  # ssh install
+      "gcloud compute tpus tpu-vm",  # ssh start
+  ], res.stdout
+  describe, node, create, wait, archive, scp, install, start = steps
+  assert describe[4:6] == ["describe", "retro-pod"] and wait == describe
+  assert node[4:6] == ["describe", "retro-pod"]
+  assert create[4:6] == ["create", "retro-pod"]
+  assert flag(create, "--node-id") == "retro-pod"
+  assert flag(create, "--accelerator-type") == "v5p-32"
+  assert flag(create, "--runtime-version") == "v2-alpha-tpuv5"
+  assert "--spot" in create and "--reserved" not in create
+  for argv in steps:
+    if argv[0] == "gcloud":
+      assert flag(argv, "--zone") == "us-east5-a" and flag(argv, "--project") == "my-proj"
+
+  sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                       check=True).stdout.strip()
+  tarball = flag(archive, "--output")
+  assert archive[-1] == sha and tarball.startswith(str(tmp_path))
+  assert not Path(tarball).exists(), "--dry-run must not run the commands it prints"
+  assert scp[4] == "scp" and "--worker=all" in scp
+  assert scp[5:8] == [str(WORKER), tarball, "retro-pod:"]
+
+  assert install[4:6] == ["ssh", "retro-pod"] and "--worker=all" in install
+  assert shlex.split(flag(install, "--command")) == [
+      "bash", "tpu_worker.sh", "install", f"--archive={Path(tarball).name}", f"--revision={sha}"]
+
+  assert start[4:6] == ["ssh", "retro-pod"] and "--worker=all" in start
+  remote = shlex.split(flag(start, "--command"))
+  sep = remote.index("--")
+  assert remote[:sep] == ["bash", "tpu_worker.sh", "start", "--run=r172m-a",
+                          "--log-dir=gs://retro-bucket/logs/r172m-a",
+                          "--env=LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2"]
+  assert remote[sep + 1:] == [
+      "python", "-m", "retro_jax.train", "--config=experiments/retro_172m.py",
+      "--workdir=gs://retro-bucket/checkpoints/retro_172m/r172m-a",
+      "--config.db=gs://retro-bucket/databases/default_db", "--config.global_batch=512", override]
+
+
+@pytest.mark.parametrize("extra, runtime", [
+    (["--accelerator=v5litepod-16"], "v2-alpha-tpuv5-lite"),
+    (["--accelerator=v6e-16"], "v2-alpha-tpuv6e"),
+    (["--accelerator=v4-32"], "tpu-ubuntu2204-base"),
+    (["--accelerator=v5p-32", "--runtime-version=v2-alpha-tpuv5-custom"], "v2-alpha-tpuv5-custom"),
+])
+def test_runtime_version_follows_the_accelerator(no_gcloud_env, extra, runtime):
+  res = launch(["--dry-run", *V5P, *extra], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  create = numbered(res.stdout)[2]
+  assert flag(create, "--runtime-version") == runtime
+
+
+def test_git_url_skip_install_and_internal_ip(no_gcloud_env):
+  on_demand = [a for a in V5P if a != "--spot"]
+  res = launch(["--dry-run", *on_demand, "--git-url=https://example.com/retro-jax.git",
+                "--reserved", "--internal-ip", "--run=r2"], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  steps = numbered(res.stdout)
+  assert "--reserved" in steps[2] and "--spot" not in steps[2]
+  assert not any(a[0] == "git" for a in steps), "a clone needs no local archive"
+  install = steps[-2]
+  assert "--internal-ip" in install
+  assert shlex.split(flag(install, "--command"))[3] == "--git-url=https://example.com/retro-jax.git"
+
+  res = launch(["--dry-run", *V5P, "--skip-install"], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  steps = numbered(res.stdout)
+  assert [a[4] for a in steps if a[0] == "gcloud"][-1] == "ssh"
+  assert not any("install" in " ".join(a) for a in steps)
+
+
+@pytest.mark.parametrize("action, commands", [
+    ("--status", [["queued-resources", "describe"], ["tpu-vm", "ssh"]]),
+    ("--stop", [["tpu-vm", "ssh"]]),
+    ("--delete", [["queued-resources", "describe"], ["queued-resources", "delete"]]),
+])
+def test_status_stop_delete(no_gcloud_env, action, commands):
+  res = launch(["--dry-run", action, "--project=p", "--zone=z", "--name=retro-pod"], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  steps = numbered(res.stdout)
+  assert [a[3:5] for a in steps] == commands
+  if action == "--delete":
+    assert "--force" in steps[-1] and "--quiet" in steps[-1]
+  if action in ("--status", "--stop"):
+    assert "--worker=all" in steps[-1]
+    assert shlex.split(flag(steps[-1], "--command"))[2] == action[2:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zone=z", "--bucket=gs://bkt", "--experiment=experiments/retro_172m.py"], "no project"),
+    (["--project=p", "--bucket=gs://bkt", "--experiment=experiments/retro_172m.py"], "no zone"),
+    (["--project=p", "--zone=z", "--experiment=experiments/retro_172m.py"], "no bucket"),
+    (["--project=p", "--zone=z", "--bucket=gs://bkt"], "no experiment"),
+    (["--project=p", "--zone=z", "--bucket=gs://bkt", "--experiment=experiments/nope.py"],
+     "no such file"),
+    (["--project=p", "--zone=z", "--bucket=gs://bkt", "--experiment=/etc/passwd"],
+     "inside the repository"),
+    ([*V5P, "--reserved"], "--spot and --reserved exclude each other"),
+    ([*V5P, "--workdir=/tmp/run"], "must be a gs:// path"),
+    ([*V5P, "--accelerator=h100-8"], "expected TYPE-CHIPS"),
+    ([*V5P, "--accelerator=v9x-8"], "pass --runtime-version"),
+    ([*V5P, "--name=Retro_Pod"], "lowercase letters"),
+    ([*V5P, "--env=NOEQUALS"], "expected KEY=VALUE"),
+    ([*V5P, "--wait-timeout=1h"], "whole seconds"),
+    ([*V5P, "--ref=no-such-ref"], "not a commit"),
+    ([*V5P, "--bogus"], "unknown argument '--bogus'"),
+    ([*V5P, "--run"], "--run needs a value"),
+    ([*V5P, "--project="], "--project needs a non-empty value"),
+    (["--status", "--delete", "--project=p", "--zone=z"], "exclude each other"),
+])
+def test_bad_arguments_fail_with_a_message(no_gcloud_env, args, message):
+  res = launch(["--dry-run", *args], no_gcloud_env)
+  assert res.returncode != 0
+  assert message in res.stderr, res.stderr
+  assert numbered(res.stdout) == [], "nothing may be printed as a step before the error"
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# Stand-in gcloud: records its argv (one shell-quoted line per call); `describe` answers with the
+# next line of $FAKE_STATES ("missing": exit 1, as for a resource that does not exist).
+{ printf '%q ' "$@"; echo; } >>"$FAKE_LOG"
+if [[ "$3 $4" == "queued-resources describe" || "$3 $4" == "tpu-vm describe" ]]; then
+  state=$(head -n 1 "$FAKE_STATES"); sed -i 1d "$FAKE_STATES"
+  [[ $state == missing || -z $state ]] && { echo "ERROR: NOT_FOUND" >&2; exit 1; }
+  echo "$state"
+fi
+exit 0
+"""
+
+
+def fake_gcloud_env(env, tmp_path, states):
+  bin_dir = Path(env["PATH"])
+  (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+  (bin_dir / "gcloud").chmod(0o755)
+  for tool in ("head", "sed", "sleep"):
+    if not (bin_dir / tool).exists():
+      (bin_dir / tool).symlink_to(shutil.which(tool))
+  (tmp_path / "states").write_text("".join(s + "\n" for s in states))
+  return dict(env, FAKE_LOG=str(tmp_path / "calls.log"), FAKE_STATES=str(tmp_path / "states"))
+
+
+def calls(tmp_path) -> list[list[str]]:
+  path = tmp_path / "calls.log"
+  return [shlex.split(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_real_run_executes_what_the_dry_run_prints(no_gcloud_env, tmp_path):
+  args = [*V5P, "--poll=0", "--", "--config.x=it's 1"]
+  dry = launch(["--dry-run", *args], no_gcloud_env)
+  assert dry.returncode == 0, dry.stderr
+  printed = numbered(dry.stdout)
+  # Neither the queued resource nor a node exists; then two polls before ACTIVE.
+  env = fake_gcloud_env(no_gcloud_env, tmp_path,
+                        ["missing", "missing", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+  res = launch(args, env)
+  assert res.returncode == 0, res.stderr
+  assert numbered(res.stdout) == printed, "the same numbered steps"
+  ran = calls(tmp_path)
+  polls = [printed[3][1:]] * 3
+  assert ran == [a[1:] for a in printed[:3]] + polls + [a[1:] for a in printed[5:]]
+  tarball = Path(flag(printed[4], "--output"))
+  listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True, check=True)
+  shipped = listing.stdout.split()
+  assert {"setup.py", "retro_jax/__init__.py", "experiments/retro_172m.py"} <= set(shipped)
+  assert "started r172m-a on retro-pod" in res.stdout
+
+
+@pytest.mark.parametrize("states, message", [
+    (["FAILED"], "is FAILED"),
+    (["missing", "missing", "SUSPENDED"], "is SUSPENDED"),
+    (["missing", "CREATING"], "exists in state CREATING"),
+    (["WAITING_FOR_RESOURCES", "WAITING_FOR_RESOURCES"], "not ACTIVE after 0 s"),
+])
+def test_a_real_run_stops_on_a_slice_it_cannot_use(no_gcloud_env, tmp_path, states, message):
+  env = fake_gcloud_env(no_gcloud_env, tmp_path, states)
+  res = launch([*V5P, "--wait-timeout=0", "--poll=0"], env)
+  assert res.returncode != 0
+  assert message in res.stderr, res.stderr
+  assert not any(c[2:4] == ["tpu-vm", "ssh"] for c in calls(tmp_path)), "nothing started"
+
+
+def test_a_ready_node_is_reused_without_a_queued_resource(no_gcloud_env, tmp_path):
+  env = fake_gcloud_env(no_gcloud_env, tmp_path, ["missing", "READY"])
+  res = launch([*V5P, "--skip-install"], env)
+  assert res.returncode == 0, res.stderr
+  verbs = [" ".join(c[2:4]) for c in calls(tmp_path)]
+  assert verbs == ["queued-resources describe", "tpu-vm describe", "tpu-vm ssh"]
+
+
+@pytest.mark.parametrize("action, states, verbs", [
+    ("--delete", ["ACTIVE"], ["queued-resources describe", "queued-resources delete"]),
+    ("--delete", ["missing"], ["queued-resources describe", "tpu-vm delete"]),
+    ("--status", ["missing", "READY"], ["queued-resources describe", "tpu-vm describe", "tpu-vm ssh"]),
+    ("--status", ["WAITING_FOR_RESOURCES"], ["queued-resources describe"]),
+])
+def test_status_and_delete_follow_what_exists(no_gcloud_env, tmp_path, action, states, verbs):
+  env = fake_gcloud_env(no_gcloud_env, tmp_path, states)
+  res = launch([action, "--project=p", "--zone=z", "--name=retro-pod"], env)
+  assert res.returncode == 0, res.stderr
+  assert [" ".join(c[2:4]) for c in calls(tmp_path)] == verbs
+
+
+def test_the_experiment_must_be_in_the_shipped_commit(no_gcloud_env):
+  root = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=REPO,
+                        capture_output=True, text=True, check=True).stdout.split()[0]
+  if subprocess.run(["git", "cat-file", "-e", f"{root}:experiments/retro_172m.py"],
+                    cwd=REPO).returncode == 0:
+    pytest.skip("the root commit already holds the experiment")
+  res = launch(["--dry-run", *V5P, f"--ref={root}"], no_gcloud_env)
+  assert res.returncode != 0
+  assert f"is not in commit {root[:12]}" in res.stderr and numbered(res.stdout) == []
+
+
+def test_without_gcloud_a_real_run_refuses(no_gcloud_env):
+  res = launch(V5P, no_gcloud_env)
+  assert res.returncode != 0 and "gcloud not found" in res.stderr
+
+
+def test_help(no_gcloud_env):
+  res = launch(["--help"], no_gcloud_env)
+  assert res.returncode == 0
+  for option in ("--dry-run", "--status", "--stop", "--delete", "--spot", "--experiment"):
+    assert option in res.stdout
+
+
+@pytest.mark.parametrize("script", [LAUNCH, WORKER], ids=lambda p: p.name)
+def test_shellcheck_clean(script):
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck; `make` does it)")
+  res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
+  assert res.returncode == 0, res.stdout + res.stderr
+
+
+FAKE_TRAINER = r"""
+import os, signal, sys, time
+def on_term(*_):
+  print("SIGTERM: checkpoint saved", flush=True)
+  sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+print("pid", os.getpid(), "pgid", os.getpgid(0), flush=True)
+print("env", os.environ.get("JAX_PLATFORMS"), os.environ.get("RUN_NOTE"), flush=True)
+print("args", sys.argv[1:], "cwd", os.getcwd(), flush=True)
+for i in range(3000):
+  print("step", i, flush=True)
+  time.sleep(0.02)
+"""
+
+
+def worker(args, env):
+  return subprocess.run(["bash", str(WORKER), *args], env=env, capture_output=True, text=True,
+                        timeout=60)
+
+
+def wait_for(predicate, seconds=10.0):
+  end = time.time() + seconds
+  while time.time() < end:
+    if predicate():
+      return True
+    time.sleep(0.05)
+  return False
+
+
+def test_worker_runs_detached_and_stops_with_sigterm(tmp_path):
+  base = tmp_path / "home"
+  code = base / "retro-jax"
+  code.mkdir(parents=True)
+  (code / ".revision").write_text("abc123\n")
+  (code / "fake_train.py").write_text(FAKE_TRAINER)
+  env = dict(os.environ, RETRO_JAX_BASE=str(base), RETRO_JAX_WORKER_ID="2", JAX_PLATFORMS="cpu")
+  logs = tmp_path / "bucket" / "logs" / "r1"
+  odd = "--config.note=it's 1"
+  res = worker(["start", "--run=r1", f"--log-dir={logs}", "--upload-every=1",
+                "--env=RUN_NOTE=a b", "--", sys.executable, "fake_train.py", odd], env)
+  assert res.returncode == 0, res.stderr
+  rundir = base / "retro-jax-runs" / "r1"
+  log = rundir / "worker-2.log"
+  assert wait_for(lambda: log.exists() and "step 5" in log.read_text()), res.stdout
+  text = log.read_text()
+  pid = int((rundir / "pid").read_text())
+  # Its own session: the trainer is in the supervisor's process group, not the caller's.
+  assert f"pgid {pid}" in text and os.getpgid(pid) == pid != os.getpgid(0)
+  assert "env None a b" in text  # JAX_PLATFORMS unset for the TPU, --env exported
+  assert f"args [{odd!r}] cwd {code}" in text
+
+  assert "r1: running" in worker(["status"], env).stdout
+  busy = worker(["start", "--run=r2", "--", "true"], env)
+  assert busy.returncode != 0 and "still running" in busy.stderr
+  busy = worker(["install", "--archive=x.tar.gz"], env)
+  assert busy.returncode != 0 and "still running" in busy.stderr
+  assert wait_for(lambda: (logs / "worker-2.log").exists()), "the log is copied while running"
+
+  res = worker(["stop", "--grace=20"], env)
+  assert res.returncode == 0, res.stderr
+  assert "stopped r1 (exit code 0)" in res.stdout
+  text = log.read_text()
+  assert "SIGTERM: checkpoint saved" in text and text.rstrip().endswith("exit code 0")
+  assert (rundir / "exit_code").read_text().strip() == "0"
+  assert not (rundir / "pid").exists()
+  assert (logs / "worker-2.log").read_text() == text, "the final log is copied at exit"
+  assert "r1: finished, exit code 0" in worker(["status"], env).stdout
+  assert "nothing running" in worker(["stop"], env).stdout
+
+
+def test_worker_kills_a_run_that_ignores_sigterm(tmp_path):
+  base = tmp_path / "home"
+  (base / "retro-jax").mkdir(parents=True)
+  env = dict(os.environ, RETRO_JAX_BASE=str(base), RETRO_JAX_WORKER_ID="0")
+  res = worker(["start", "--run=stubborn", "--", "bash", "-c",
+                "trap 'echo ignored' TERM; echo up; while :; do sleep 0.05; done"], env)
+  assert res.returncode == 0, res.stderr
+  rundir = base / "retro-jax-runs" / "stubborn"
+  assert wait_for(lambda: "up" in (rundir / "worker-0.log").read_text())
+  pid = int((rundir / "pid").read_text())
+  t0 = time.time()
+  res = worker(["stop", "--grace=1"], env)
+  assert res.returncode == 0 and "killed stubborn" in res.stdout
+  assert time.time() - t0 < 10
+  assert wait_for(lambda: not _alive(pid))
+  assert "killed (SIGKILL)" in (rundir / "worker-0.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  # A zombie not yet reaped by init counts as gone.
+  stat = Path(f"/proc/{pid}/stat")
+  return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+@pytest.mark.slow
+def test_gcloud_accepts_every_printed_command(tmp_path, no_gcloud_env):
+  """Each gcloud line of the dry runs gets past the installed gcloud's argument parser.
+
+  With a fresh config and no account, a command whose flags parse stops at authentication
+  (exit 1, "active account"); an unknown flag stops earlier (exit 2, "unrecognized arguments").
+  Nothing reaches Google Cloud.
+  """
+  gcloud = shutil.which("gcloud")
+  if gcloud is None:
+    pytest.skip("gcloud is not installed")
+  lines = []
+  for extra in ([*V5P, "--db=d", "--", "--config.x=1"], ["--status", *V5P[:2]],
+                ["--stop", *V5P[:2]], ["--delete", *V5P[:2]], [*V5P, "--git-url=https://x/y.git"]):
+    res = launch(["--dry-run", *extra], no_gcloud_env)
+    assert res.returncode == 0, res.stderr
+    lines += [a for a in numbered(res.stdout) if a[0] == "gcloud"]
+  lines.append(["gcloud", "compute", "tpus", "tpu-vm", "delete", "n", "--zone=z", "--project=p",
+                "--quiet"])  # --delete's fallback when there is no queued resource
+  home = tmp_path / "gc_home"
+  home.mkdir()
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("CLOUDSDK_", "GOOGLE_", "GCE_"))}
+  env.update(HOME=str(home), CLOUDSDK_CONFIG=str(home / "cfg"), CLOUDSDK_CORE_DISABLE_PROMPTS="1",
+             CLOUDSDK_CORE_CHECK_GCE_METADATA="false")
+  for argv in {tuple(a) for a in lines}:
+    res = subprocess.run([gcloud, *argv[1:]], env=env, capture_output=True, text=True, timeout=120,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 1 and "active account" in res.stderr, (argv, res.stderr)
+  bad = subprocess.run([gcloud, "compute", "tpus", "queued-resources", "describe", "n", "--zone=z",
+                        "--formt=x"], env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
