@@ -89,9 +89,14 @@ def worker() -> None:
         i += batch * _CONC.value
         start, t0 = time.time(), time.perf_counter()
         try:
-          ids, _ = service.search(q_QxD[rows], k, excl_Q[rows])
+          ids, scores = service.search(q_QxD[rows], k, excl_Q[rows])
           outcome = OK if np.array_equal(ids, want_QxK[rows]) else WRONG
-          msg = None if outcome == OK else f"rows {rows[:4]}: got {ids[:2]} want {want_QxK[rows][:2]}"
+          if outcome == WRONG:
+            r = np.flatnonzero((ids != want_QxK[rows]).any(axis=1))[:2]
+            msg = (f"rows {rows[r]}: got {ids[r].tolist()} scores {scores[r].tolist()} want "
+                   f"{want_QxK[rows][r].tolist()}")
+          else:
+            msg = None
         except client_lib.ShardUnavailableError as e:
           outcome, msg = UNAVAILABLE, str(e)
         except Exception as e:  # noqa: BLE001 -- counted and reported, never hidden

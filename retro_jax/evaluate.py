@@ -58,8 +58,8 @@ class HeldOut:
 
 
 def load_tokenizer(db_dir: str):
-  from retro_jax.data import tokenizer as tokenizer_lib
-  return tokenizer_lib.Tokenizer.load(os.path.join(db_dir, "tokenizer", "spm.model"))
+  from retro_jax.data import prepare
+  return prepare.load_db_tokenizer(db_dir)  # SentencePiece or byte-level BPE (e.g. SmolLM2's)
 
 
 def training_doc_mask(store, db_fraction: float, seed: int = 0) -> np.ndarray:

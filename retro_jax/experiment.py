@@ -15,10 +15,22 @@ import ml_collections
 from retro_jax import optim
 from retro_jax.model import PAPER_SIZES, RetroConfig
 
+# Pretrained baselines (retro_jax.pretrained) by name, next to the paper's sizes: their decoders
+# exactly as the loader builds them from the file (tests/test_retrofit.py checks), cca_layers=().
+# `python -m retro_jax.pretrained.export_smollm2` writes the weights as a step-0 checkpoint.
+PRETRAINED_SIZES: dict[str, RetroConfig] = {
+    "smollm2-135m": RetroConfig(
+        vocab_size=49152, d_model=576, num_heads=9, num_layers=30, ffw_size=1536, cca_layers=(),
+        head_size=64, num_kv_heads=3, norm_eps=9.999999747378752e-06,  # float32(1e-5), as stored
+        positions="rope", rope_theta=100000.0, ffw_activation="swiglu", tie_embeddings=True,
+        pad_id=0),
+}
+MODEL_SIZES: dict[str, RetroConfig] = {**PAPER_SIZES, **PRETRAINED_SIZES}
+
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model_size = "tiny"  # a key of retro_jax.model.PAPER_SIZES
+  c.model_size = "tiny"  # a key of retro_jax.model.PAPER_SIZES or PRETRAINED_SIZES below
   c.model_overrides = ml_collections.ConfigDict()  # RetroConfig fields replacing the base's
   c.retrieval = True  # False: the baseline (same widths, cca_layers=())
   c.db = "runs/default_db"  # retrieval database (chunk store, neighbours) for data and retrieval
@@ -59,8 +71,8 @@ def with_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def model_config(c: ml_collections.ConfigDict) -> RetroConfig:
-  if c.model_size not in PAPER_SIZES:
-    raise ValueError(f"model_size={c.model_size!r}; expected one of {sorted(PAPER_SIZES)}")
+  if c.model_size not in MODEL_SIZES:
+    raise ValueError(f"model_size={c.model_size!r}; expected one of {sorted(MODEL_SIZES)}")
   over = dict(c.model_overrides)
   fields = {f.name for f in dataclasses.fields(RetroConfig)}
   bad = sorted(set(over) - fields)
@@ -68,7 +80,7 @@ def model_config(c: ml_collections.ConfigDict) -> RetroConfig:
     raise ValueError(f"model_overrides {bad} are not RetroConfig fields")
   if "cca_layers" in over:
     over["cca_layers"] = tuple(over["cca_layers"])
-  cfg = dataclasses.replace(PAPER_SIZES[c.model_size], **over)
+  cfg = dataclasses.replace(MODEL_SIZES[c.model_size], **over)
   return cfg if c.retrieval else cfg.baseline()
 
 

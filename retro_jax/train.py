@@ -31,11 +31,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "experiment file (experiments/*.py)",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "run directory (local or gs://): checkpoints, metrics, logs")
-flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
-                  "call jax.distributed.initialize() (auto: when TPU_WORKER_HOSTNAMES lists >1 host)")
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when run as a command, so other CLIs can import run())."""
+  config_flags.DEFINE_config_file("config", None, "experiment file (experiments/*.py)",
+                                  lock_config=False)
+  flags.DEFINE_string("workdir", None, "run directory (local or gs://): checkpoints, metrics, logs")
+  flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
+                    "call jax.distributed.initialize() (auto: when TPU_WORKER_HOSTNAMES lists >1 "
+                    "host)")
 
 # Peak dense bf16 FLOP/s per device, for MFU.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -286,4 +291,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
