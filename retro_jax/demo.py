@@ -35,6 +35,8 @@ def _config(db: str, steps: int | None, retrieval: bool):
   c.retrieval = retrieval
   if steps:
     c.total_steps = steps
+    c.warmup_steps = min(c.warmup_steps, max(1, steps // 10))
+    c.checkpoint_every = min(c.checkpoint_every, steps)
   return c
 
 

@@ -133,8 +133,8 @@ def test_retrofit_keeps_baseline_bit_identical(db, baseline, retrofit):
 
 
 def test_retrofit_refuses_a_different_decoder_or_a_retro_checkpoint(db, baseline, retrofit):
-  c = experiment.with_defaults(_config("retrofit_tiny", db, **TINY,
-                                       **{"model_overrides.d_model": 48}))
+  c = experiment.with_defaults(_config("retrofit_tiny", db,
+                                       **{**TINY, "model_overrides.d_model": 48}))
   cfg = experiment.model_config(c)
   state = (nnx.state(Retro(cfg, rngs=nnx.Rngs(0))),)
   with pytest.raises(RetrofitError, match="d_model"):

@@ -79,8 +79,13 @@ def embedding_paths(db_dir: str) -> list[str]:
 
 def db_deleted_ranges(db_dir: str) -> np.ndarray:
   """int64 [R, 2] chunk-id ranges of the documents removed from `db_dir` (empty when none)."""
-  if not os.path.isfile(os.path.join(db_dir, "chunks", "manifest.json")):
-    return np.zeros((0, 2), np.int64)  # embeddings and index only (no chunk store, no edits)
+  manifest = os.path.join(db_dir, "chunks", "manifest.json")
+  if not os.path.isfile(os.path.join(db_dir, "chunks", "deletions.json")):
+    if not os.path.isfile(manifest):
+      return np.zeros((0, 2), np.int64)  # embeddings and index only: no chunk store, no edits
+    with open(manifest) as f:
+      if not json.load(f).get("edits", {}).get("deletions", {}).get("num_docs"):
+        return np.zeros((0, 2), np.int64)  # never edited (a lost deletions file is an error below)
   from retro_jax.data import chunk_store as chunk_store_lib
   return chunk_store_lib.ChunkStore.open(db_dir).deleted_chunk_ranges()
 

@@ -58,8 +58,26 @@ def in_process(db, store):
 
 
 @pytest.fixture(scope="module")
-def queries(db, store):
-  emb_NxD = np.concatenate([np.load(p) for p in retriever_lib.embedding_paths(db)])
+def emb(db):
+  return np.concatenate([np.load(p) for p in retriever_lib.embedding_paths(db)])
+
+
+def assert_same_top_k(q_QxD, emb_NxD, ids, scores, want_ids, want_scores):
+  """The in-process answer, up to the order of exactly tied candidates: distinct chunks with the
+  same text have (near-)identical embeddings, and ScaNN's float32 reorder is not bit-reproducible
+  across processes, so two tied chunks may swap places. Everything else must match."""
+  np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
+  valid = ids >= 0
+  true = np.einsum("qd,qkd->qk", q_QxD, emb_NxD[np.where(valid, ids, 0)])
+  np.testing.assert_allclose(np.where(valid, true, -np.inf), scores, rtol=0, atol=1e-5)
+  for q, j in zip(*np.nonzero(ids != want_ids)):
+    tied = np.abs(want_scores[q] - want_scores[q, j]) <= 1e-6
+    assert tied.sum() >= 2 or j == ids.shape[1] - 1, (q, ids[q], want_ids[q], want_scores[q])
+
+
+@pytest.fixture(scope="module")
+def queries(store, emb):
+  emb_NxD = emb
   rows = np.arange(0, len(emb_NxD), 5)
   rng = np.random.default_rng(0)
   noisy = emb_NxD[rows[:40]] + 0.05 * rng.standard_normal((40, emb_NxD.shape[1]))
@@ -71,13 +89,13 @@ def queries(db, store):
 
 @pytest.mark.parametrize("k", [1, 4, 10])
 @pytest.mark.parametrize("exclude", [False, True])
-def test_service_equals_in_process_retriever(db, store, service, queries, k, exclude):
+def test_service_equals_in_process_retriever(db, store, emb, service, queries, k, exclude):
   q_QxD, own_Q = queries
   excl = own_Q if exclude else None
   want_ids, want_scores = in_process(db, store).search(q_QxD, k, excl)
   got = service.search_full(q_QxD, k, excl)
-  np.testing.assert_array_equal(got.ids_QxK, want_ids)
-  np.testing.assert_allclose(got.scores_QxK, want_scores, rtol=0, atol=1e-6)
+  assert_same_top_k(q_QxD, emb, got.ids_QxK, got.scores_QxK, want_ids, want_scores)
+  assert (got.ids_QxK == want_ids).mean() >= 0.98  # ties are rare
   assert got.ids_QxK.dtype == np.int64 and got.scores_QxK.dtype == np.float32
   assert (got.ids_QxK >= 0).all() and not got.missing
   np.testing.assert_array_equal(got.doc_ids_QxK, store.doc_ids(got.ids_QxK.ravel()).reshape(-1, k))
@@ -106,7 +124,7 @@ def test_bad_queries_are_clear_errors(service, queries):
     service.search(q_QxD, 2, own_Q[:3])
 
 
-def test_removed_document_leaves_the_service_without_restart(db, store, service, queries):
+def test_removed_document_leaves_the_service_without_restart(db, store, emb, service, queries):
   q_QxD, _ = queries
   ids_before, _ = service.search(q_QxD, 4)
   doc = int(np.bincount(store.doc_ids(ids_before[ids_before >= 0])).argmax())  # most retrieved
@@ -117,7 +135,7 @@ def test_removed_document_leaves_the_service_without_restart(db, store, service,
   assert not ((got.ids_QxK >= a) & (got.ids_QxK < b)).any()
   assert doc not in got.doc_ids_QxK
   assert (got.ids_QxK >= 0).all()  # refilled from the other documents
-  np.testing.assert_array_equal(got.ids_QxK, in_process(db, store).search(q_QxD, 4)[0])
+  assert_same_top_k(q_QxD, emb, got.ids_QxK, got.scores_QxK, *in_process(db, store).search(q_QxD, 4))
   assert all(c.fetch_info(5.0).num_deleted_docs == 1 for c in service.clients)
 
 
@@ -135,7 +153,8 @@ def test_shard_past_its_deadline_is_named(service, servers, queries):
   assert service.search(q_QxD, 2)[0].shape == (len(q_QxD), 2)
 
 
-def test_killed_shard_raises_or_warns_and_is_never_wrong(db, store, service, servers, queries):
+def test_killed_shard_raises_or_warns_and_is_never_wrong(db, store, emb, service, servers,
+                                                         queries):
   q_QxD, own_Q = queries
   victim = servers[1]
   victim.kill()
@@ -152,5 +171,6 @@ def test_killed_shard_raises_or_warns_and_is_never_wrong(db, store, service, ser
   # Exactly the surviving shard's answer: nothing from shard 1, nothing made up.
   only0 = in_process(db, store)
   only0.shards = only0.shards[:1]
-  np.testing.assert_array_equal(part.ids_QxK, only0.search(q_QxD, 4, own_Q)[0])
+  assert_same_top_k(q_QxD, emb, part.ids_QxK, part.scores_QxK, *only0.search(q_QxD, 4, own_Q))
+  assert (part.ids_QxK < store.shard_offsets[1]).all()
   assert service.health()[victim.address].startswith("UNREACHABLE")

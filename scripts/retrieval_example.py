@@ -1,0 +1,113 @@
+r"""A fact present only in the database, completed with retrieval on, not off, and gone after deletion.
+
+    python scripts/retrieval_example.py --checkpoint=runs/demo/retro --db=runs/default_db \
+        --work=runs/example [--out=bench/results/retrieval_example.json]
+
+1. Copies the database to WORK/db (the edits below must not touch the original).
+2. Adds one new document (WORK/facts/*.txt, written here: invented facts the model never trained on)
+   with `retro_jax.edit_db.add_documents` -- a new shard, its embeddings, index and neighbours.
+3. Prompts the trained RETRO with the document's first chunk (64 tokens) and generates greedily
+   (the prompt's last chunk is the query, so the retrieved neighbour is that chunk plus its
+   continuation), with retrieval on and off, and prints the neighbours with their documents.
+4. Removes the document (`edit_db.remove_documents`) and generates again with retrieval on.
+Reports, per run, the fraction of the document's true next-chunk tokens reproduced.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", "runs/demo/retro", "trained RETRO workdir")
+flags.DEFINE_string("db", "runs/default_db", "database the model trained on (copied, not edited)")
+flags.DEFINE_string("work", "runs/example", "scratch directory")
+flags.DEFINE_integer("new_tokens", 48, "tokens to generate")
+flags.DEFINE_string("out", "bench/results/retrieval_example.json", "results JSON")
+
+FACT = (
+    "The Varnholt lighthouse stands on the island of Skerrin, eleven kilometres off the coast of "
+    "the imaginary province of Ostmark. It was designed by the engineer Helga Marrow and first lit "
+    "in the winter of 1887, when a storm had sunk three fishing boats in a single night. The tower "
+    "is built of grey granite quarried on the island itself and rises forty-two metres above the "
+    "sea. Its lamp was originally fuelled by whale oil and later by paraffin.\n\n"
+    "The keeper's logbook records that the first keeper, Anton Brisk, served for thirty-one years "
+    "and was succeeded by his daughter Maren Brisk, who kept the light until it was automated in "
+    "1962. The Varnholt light flashes white twice every nine seconds and can be seen from a "
+    "distance of twenty-six nautical miles. A small museum in the former oil store displays the "
+    "original lens, made in Paris by the workshop of Barbier and Fenestre in 1886.\n")
+
+
+def main(argv):
+  del argv
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  import numpy as np
+
+  from retro_jax import checkpoint as ckpt_lib
+  from retro_jax import edit_db
+  from retro_jax.data.chunk_store import ChunkStore
+  from retro_jax.generate import DatabaseRetrieval, generate
+
+  work = os.path.abspath(FLAGS.work)
+  db = os.path.join(work, "db")
+  if os.path.exists(work):
+    shutil.rmtree(work)
+  os.makedirs(os.path.join(work, "facts"))
+  print(f"copying {FLAGS.db} to {db}", flush=True)
+  shutil.copytree(FLAGS.db, db)
+  with open(os.path.join(work, "facts", "varnholt-lighthouse.txt"), "w") as f:
+    f.write(FACT)
+  edit_db.add_documents(db, os.path.join(work, "facts"))
+  store = ChunkStore.open(db)
+  doc = store.num_docs - 1
+  first, n = int(store.doc_first_chunk[doc]), int(store.doc_num_chunks[doc])
+  key = store.doc_key(doc)
+  assert n >= 2, f"the fact document has {n} chunks; make it longer"
+  toks = np.asarray(store.tokens(np.arange(first, first + 2, dtype=np.int64)))
+  prompt, truth = [int(t) for t in toks[0]], [int(t) for t in toks[1]]
+
+  model, cfg, info = ckpt_lib.load_model(FLAGS.checkpoint)
+  report = {"checkpoint": info["path"], "step": info["step"], "document": key, "runs": {}}
+
+  def run(name, retrieval: bool, db_dir: str):
+    ret = DatabaseRetrieval.from_db(db_dir, cfg.num_neighbours, cfg.neighbour_len)
+    res = generate(model, cfg, prompt, ret if retrieval else None,
+                   max_new_tokens=FLAGS.new_tokens, temperature=0.0)
+    new = [int(t) for t in res.new_ids]
+    k = min(len(new), len(truth))
+    # position-wise agreement with the document's true continuation (after the prompt's last token)
+    match = float(np.mean(np.asarray(new[:k]) == np.asarray(truth[:k])))
+    text = ret.tokenizer.decode(new)
+    nbrs = []
+    for query, chunks in ret.history if retrieval else []:
+      for c in chunks:
+        nbrs.append({"doc_key": c.doc_key, "doc_id": int(c.doc_id), "score": float(c.score),
+                     "text": c.text[:200]})
+    report["runs"][name] = {"continuation": text, "match_fraction": match, "neighbours": nbrs}
+    print(f"\n--- {name}: {match:.0%} of the true next tokens\n{text}")
+    for nb in nbrs:
+      print(f"   neighbour from {nb['doc_key']} (doc {nb['doc_id']}, score {nb['score']:.3f}): "
+            f"{nb['text'][:120]!r}")
+
+  tok = DatabaseRetrieval.from_db(db, cfg.num_neighbours, cfg.neighbour_len).tokenizer
+  report["prompt"] = tok.decode(prompt)
+  report["truth"] = tok.decode(truth)
+  print(f"prompt (the new document's first chunk):\n{report['prompt']}\n\ntrue continuation:\n"
+        f"{report['truth']}")
+  run("retrieval on", True, db)
+  run("retrieval off", False, db)
+  edit_db.remove_documents(db, keys=[key])
+  run("retrieval on, document removed", True, db)
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out, "w") as f:
+    json.dump(report, f, indent=1)
+  print(f"\nwrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)
