@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "etils[epath]==1.15.0",
     "sentencepiece==0.2.3",
     "scann==1.4.2",
+    # The default index backend (fast-scan IVF-PQ; won the ANN benchmark, README).
+    "faiss-cpu==1.15.1",
     "safetensors==0.8.0",
     "tokenizers==0.23.3",
     "gguf==0.19.0",  # reads the pretrained SmolLM2 GGUF (retro_jax/pretrained)
@@ -32,8 +34,7 @@ EXTRAS_REQUIRE = {
     "test": ["pytest==9.2.0", "chex==0.1.92"],
     # libtpu matching jaxlib 0.10.2: ahead-of-time compiles for TPU topologies on a CPU machine.
     "tpu": ["libtpu==0.0.42.1"],
-    # Only for the ANN benchmark's comparison, never imported by the package.
-    "bench": ["faiss-cpu==1.15.1"],
+    "bench": [],
     # C4 / Wikipedia from a bucket through tensorflow_datasets.
     "tfds": ["tensorflow-datasets==4.9.10"],
     # Regenerating retro_jax/retrieval/service_pb2*.py from service.proto (command in the .proto).

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from absl import app, flags
 from retro_jax.progress_files import write_json_atomic
+from retro_jax.retrieval import index as index_lib
 
 STAGES = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
 TIMES_FILE = "build_times.json"
@@ -182,7 +183,7 @@ _RUNNERS: dict[str, Callable[[pathlib.Path, dict[str, Any]], None]] = {
 
 DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None, chunk_size=64,
                 docs_per_shard=4096, heldout_fraction=0.01, seed=0, embed_dtype="bfloat16",
-                embed_batch_size=64, backend="scann", k=2, shard_index=0, num_shards=1)
+                embed_batch_size=64, backend=index_lib.DEFAULT_BACKEND, k=2, shard_index=0, num_shards=1)
 
 
 def build(out: str | os.PathLike, stages=STAGES, **kwargs: Any) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def define_flags() -> None:
                     f"Stages to run, in order, from {STAGES} (+ 'finalize').")
   flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "Embedder matmul dtype.")
   flags.DEFINE_integer("embed_batch_size", 64, "Embedder rows per forward call.")
-  flags.DEFINE_enum("backend", "scann", ["scann", "exact", "faiss"], "Index backend.")
+  flags.DEFINE_enum("backend", index_lib.DEFAULT_BACKEND, list(index_lib.BACKENDS), "Index backend.")
   flags.DEFINE_integer("k", 2, "Training neighbours per chunk.")
 
 def main(argv) -> None:

@@ -115,8 +115,9 @@ def _write_deletions(store, new_ids: Sequence[int], keys: Sequence[str], note: s
 
 
 def remove_documents(db_dir: str | os.PathLike, doc_ids: Sequence[int] = (),
-                     keys: Sequence[str] = (), backend: str = "scann", note: str = "") -> dict:
+                     keys: Sequence[str] = (), backend: str | None = None, note: str = "") -> dict:
   """Records a deletion request and repairs the training neighbours. Returns stats."""
+  backend = _backend(db_dir, backend)
   from retro_jax.data import neighbours as neighbours_lib
   from retro_jax.retrieval import retriever as retriever_lib
   db = pathlib.Path(db_dir)
@@ -157,6 +158,11 @@ def _corpus_sha256(docs) -> str:
   for d in docs:
     h.update(d.key.encode() + b"\x00" + d.text.encode() + b"\x00")
   return h.hexdigest()
+
+
+def _backend(db_dir, backend: str | None) -> str:
+  from retro_jax.retrieval import retriever as retriever_lib
+  return retriever_lib.db_backend(str(db_dir), backend)
 
 
 def _index_config(db: pathlib.Path, backend: str):
@@ -205,9 +211,10 @@ def _finish_shard(db: pathlib.Path, shard: int, backend: str, embed_batch_size: 
   return out
 
 
-def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str = "scann",
+def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str | None = None,
                   upsert: bool = False, embed_batch_size: int = 64) -> dict:
   """Appends the corpus's documents as a new shard and finishes its downstream stages."""
+  backend = _backend(db_dir, backend)
   from retro_jax.data import chunk_store as chunk_store_lib
   from retro_jax.data import corpus as corpus_lib
   from retro_jax.data import tokenizer as tokenizer_lib
@@ -273,7 +280,7 @@ def define_flags() -> None:
   flags.DEFINE_list("remove_docs", [], "Global document ids to remove.")
   flags.DEFINE_list("remove_keys", [], "Document keys to remove.")
   flags.DEFINE_string("note", "", "Free text recorded with a removal request.")
-  flags.DEFINE_enum("backend", "scann", ["scann", "exact", "faiss"], "Index backend to update.")
+  flags.DEFINE_enum("backend", None, ["scann", "exact", "faiss"], "Index backend to update (default: the one built).")
   flags.DEFINE_integer("embed_batch_size", 64, "Embedder rows per forward call.")
 
 

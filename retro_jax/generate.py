@@ -206,7 +206,7 @@ class DatabaseRetrieval:
 
   @classmethod
   def from_db(cls, db_dir: str, num_neighbours: int, neighbour_len: int, *,
-              searcher=None, backend: str = "scann") -> "DatabaseRetrieval":
+              searcher=None, backend: str | None = None) -> "DatabaseRetrieval":
     """Opens DB's chunk store, tokenizer and embedder (as DB/embeddings/embedder.json records it);
     the searcher defaults to the in-process `Retriever.from_db(db_dir, backend)`."""
     from retro_jax.data.chunk_store import ChunkStore

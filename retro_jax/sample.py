@@ -45,7 +45,7 @@ def define_flags() -> None:
   flags.DEFINE_boolean("show_neighbours", False, "Print each query chunk and its neighbours with "
                        "their documents.")
   flags.DEFINE_boolean("stop_at_eos", True, "Stop after the end-of-document token.")
-  flags.DEFINE_string("backend", "scann", "In-process index backend under DB/index/.")
+  flags.DEFINE_string("backend", None, "In-process index backend under DB/index/ (default: the one built).")
   flags.DEFINE_list("retrieval_service", None, "host:port of every shard server "
                     "(retro_jax.retrieval.serve); default: search in-process.")
   flags.DEFINE_float("service_timeout_s", 10.0, "Deadline of each service search.")

@@ -205,7 +205,7 @@ def shard_is_done(db_dir: str | os.PathLike, shard: int) -> bool:
   return p.exists() and bool(json.loads(p.read_text()).get("done"))
 
 
-def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str = "scann",
+def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | None = None,
                        shard_index: int = 0, num_shards: int = 1, block_rows: int = 4096,
                        retriever=None, store=None) -> dict:
   """Computes this host's neighbour shards of `db_dir` (finished ones are skipped). Returns stats."""
@@ -226,6 +226,8 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str = "sc
   if not todo:
     return totals
   if retriever is None:
+    if backend is None:  # the one the database was built with
+      backend = retriever_lib.db_backend(str(db_dir))
     index_root = retriever_lib.index_dir(str(db_dir), backend)
     if not os.path.isdir(index_root):
       raise NeighboursError(f"No {backend} index at {index_root}; run python -m "
@@ -342,7 +344,7 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("db", None, "Database directory (chunks, embeddings/, index/).", required=True)
   flags.DEFINE_integer("k", 2, "Neighbours per chunk.")
-  flags.DEFINE_enum("backend", "scann", ["scann", "exact", "faiss"], "Index backend to query.")
+  flags.DEFINE_enum("backend", None, ["scann", "exact", "faiss"], "Index backend to query (default: the one built).")
   flags.DEFINE_integer("shard_index", 0, "This host's index; computes shards s % num_shards == it.")
   flags.DEFINE_integer("num_shards", 1, "Number of hosts splitting the stage.")
   flags.DEFINE_integer("block_rows", 4096, "Rows per resumable block.")

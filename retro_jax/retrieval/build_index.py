@@ -24,7 +24,7 @@ from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
 
 _DB = flags.DEFINE_string("db", None, "Database directory (holds embeddings/).", required=True)
-_BACKEND = flags.DEFINE_enum("backend", "scann", list(index_lib.BACKENDS), "Index backend.")
+_BACKEND = flags.DEFINE_enum("backend", index_lib.DEFAULT_BACKEND, list(index_lib.BACKENDS), "Index backend.")
 _OUT = flags.DEFINE_string("out", None, "Output directory; default DB/index/<backend>.")
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "This host's index among num_shards.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Number of hosts splitting the build.")

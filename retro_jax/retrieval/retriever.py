@@ -94,6 +94,23 @@ def index_dir(db_dir: str, backend: str) -> str:
   return os.path.join(db_dir, "index", backend)
 
 
+def db_backend(db_dir: str, backend: str | None = None) -> str:
+  """`backend`, or the one the database was built with: DEFAULT_BACKEND if DB/index/ holds it,
+  else the only backend there."""
+  if backend:
+    return backend
+  root = os.path.join(db_dir, "index")
+  built = sorted(b for b in index_lib.BACKENDS if os.path.isdir(os.path.join(root, b)))
+  if index_lib.DEFAULT_BACKEND in built:
+    return index_lib.DEFAULT_BACKEND
+  if len(built) == 1:
+    return built[0]
+  if not built:
+    raise index_lib.IndexError_(f"No index under {root}; run `python -m "
+                                f"retro_jax.retrieval.build_index --db={db_dir}`.")
+  raise index_lib.IndexError_(f"{root} holds indexes {built}; pick one with backend=.")
+
+
 def shard_dir(out_dir: str, i: int) -> str:
   return os.path.join(out_dir, f"shard-{i:05d}")
 
@@ -277,9 +294,11 @@ class Retriever:
     return cls(shards, **kwargs)
 
   @classmethod
-  def from_db(cls, db_dir: str, backend: str = "scann", **kwargs) -> "Retriever":
-    """Loads `DB/index/<backend>/shard-XXXXX` for every `DB/embeddings/shard-XXXXX.npy`; removed
-    documents (`DB/chunks/deletions.json`) are excluded unless `deleted_ranges` is passed."""
+  def from_db(cls, db_dir: str, backend: str | None = None, **kwargs) -> "Retriever":
+    """Loads `DB/index/<backend>/shard-XXXXX` for every `DB/embeddings/shard-XXXXX.npy` (backend
+    None: the one built, see `db_backend`); removed documents (`DB/chunks/deletions.json`) are
+    excluded unless `deleted_ranges` is passed."""
+    backend = db_backend(db_dir, backend)
     shards = db_embedding_shards(db_dir)
     if "deleted_ranges" not in kwargs:
       kwargs["deleted_ranges"] = db_deleted_ranges(db_dir)

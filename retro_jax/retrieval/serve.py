@@ -64,13 +64,14 @@ def _sha256_file(path: str) -> str:
 class ShardServicer(service_pb2_grpc.ShardSearchServicer):
   """Searches one index shard; thread-safe (gRPC calls it from a pool of worker threads)."""
 
-  def __init__(self, db_dir: str, shard: int, backend: str = "scann",
+  def __init__(self, db_dir: str, shard: int, backend: str | None = None,
                index_root: str | None = None, verify: bool = True, overfetch: int = 4,
                search_threads: int = 1, address: str = ""):
     from retro_jax.data import chunk_store as chunk_store_lib
     self.db_dir, self.shard_number, self.address = str(db_dir), int(shard), address
     self.store = chunk_store_lib.ChunkStore.open(self.db_dir)
     if index_root is None:
+      backend = retriever_lib.db_backend(self.db_dir, backend)
       found = retriever_lib.db_embedding_shards(self.db_dir, lambda i: i == self.shard_number)
       if not found:
         raise ServeError(f"{self.db_dir} has no shard {self.shard_number} (chunk-store shards: "
@@ -182,7 +183,7 @@ def _write_json_atomic(path: str, obj: dict) -> None:
 
 
 def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
-          backend: str = "scann", index_root: str | None = None, port_file: str | None = None,
+          backend: str | None = None, index_root: str | None = None, port_file: str | None = None,
           workers: int = 4, search_threads: int = 1, overfetch: int = 4, verify: bool = True,
           stop_event: threading.Event | None = None) -> None:
   """Runs the server until SIGTERM / SIGINT (or `stop_event`)."""
@@ -251,7 +252,7 @@ class ShardProcess:
 
 
 def start_shards(db_dir: str, shards: Sequence[int], workdir: str, host: str = "127.0.0.1",
-                 backend: str = "scann", index_root: str | None = None,
+                 backend: str | None = None, index_root: str | None = None,
                  extra_flags: Sequence[str] = (), timeout_s: float = 300.0,
                  env: dict | None = None) -> list[ShardProcess]:
   """Starts one `python -m retro_jax.retrieval.serve` per shard (free ports) and waits until each
@@ -266,7 +267,8 @@ def start_shards(db_dir: str, shards: Sequence[int], workdir: str, host: str = "
         os.remove(port_file)
       log_path = os.path.join(workdir, f"shard-{i:05d}.log")
       cmd = [sys.executable, "-m", "retro_jax.retrieval.serve", f"--db={db_dir}", f"--shard={i}",
-             f"--host={host}", "--port=0", f"--port_file={port_file}", f"--backend={backend}",
+             f"--host={host}", "--port=0", f"--port_file={port_file}",
+             *([f"--backend={backend}"] if backend else []),
              *([f"--index_root={index_root}"] if index_root else []), *extra_flags]
       with open(log_path, "w") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -301,7 +303,7 @@ def define_flags() -> None:
   flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (default: loopback only).")
   flags.DEFINE_integer("port", 0, "Port (0: a free one; see --port_file).")
   flags.DEFINE_string("port_file", None, "Write {address, shard, pid} here once serving.")
-  flags.DEFINE_enum("backend", "scann", list(index_lib.BACKENDS), "Index backend directory.")
+  flags.DEFINE_enum("backend", None, list(index_lib.BACKENDS), "Index backend directory (default: the one built).")
   flags.DEFINE_string("index_root", None, "Serve <index_root>/shard-XXXXX instead of "
                       "DB/index/<backend>/shard-XXXXX (embeddings and offset from its manifest).")
   flags.DEFINE_integer("workers", 4, "gRPC worker threads.")
