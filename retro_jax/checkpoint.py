@@ -49,9 +49,15 @@ def config_from_dict(d: dict) -> RetroConfig:
   return RetroConfig(**d)
 
 
+def _absolute(path: str | os.PathLike) -> epath.Path:
+  """orbax wants absolute paths; gs:// and other URLs are absolute already."""
+  path = epath.Path(path)
+  return path if "://" in str(path) else epath.Path(os.path.abspath(str(path)))
+
+
 def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
   """`path` may be a workdir (holding checkpoints/) or the checkpoints directory itself."""
-  path = epath.Path(path)
+  path = _absolute(path)
   return path / CHECKPOINTS if (path / CHECKPOINTS).exists() else path
 
 
@@ -59,7 +65,7 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
             async_save: bool = True) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(epath.Path(directory), options=options)
+  return ocp.CheckpointManager(_absolute(directory), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:

@@ -284,7 +284,8 @@ def summarise(loss_C: np.ndarray, held: HeldOut, alphas: Sequence[float] = ALPHA
   curve, counts = {}, {}
   for a in alphas:
     keep = held.leakage_C <= a + 1e-9
-    curve[f"{a:.4f}"] = float(bits[keep].sum() / max(held.chunk_bytes_C[keep].sum(), 1))
+    nbytes = held.chunk_bytes_C[keep].sum()
+    curve[f"{a:.4f}"] = float(bits[keep].sum() / nbytes) if nbytes else None
     counts[f"{a:.4f}"] = int(keep.sum())
   return {"bpb": float(bits.sum() / held.chunk_bytes_C.sum()), "bpb_alpha": curve,
           "chunks_alpha": counts}
@@ -297,14 +298,17 @@ def bpb_at(result: dict, alpha: float) -> float:
   return result["bpb_alpha"][best]
 
 
-def plot(results: dict[str, dict], path: str, title: str = "") -> None:
+def plot(results: dict[str, dict], path: str, title: str = "", min_chunks: int = 20) -> None:
   """bpb(alpha) curves: results maps a label to a `summarise` dict."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, r in results.items():
-    xs = sorted(r["bpb_alpha"], key=float)
+    # Thresholds that keep too few chunks to measure anything are left out.
+    total = max(r["chunks_alpha"].values())
+    xs = [x for x in sorted(r["bpb_alpha"], key=float)
+          if r["chunks_alpha"][x] >= max(min_chunks, 0.01 * total)]
     ax.plot([float(x) for x in xs], [r["bpb_alpha"][x] for x in xs], label=label)
   ax.axvline(0.125, color="grey", lw=0.8, ls="--")
   ax.set_xlabel("max chunk overlap with its 10 nearest neighbours, alpha")

@@ -80,6 +80,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from absl import logging
+  if not FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
+    logging.set_verbosity(logging.WARNING)
   from retro_jax import train
   c = FLAGS.config
   c.init_from = FLAGS.baseline

@@ -232,7 +232,8 @@ def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) ->
             f"{workdir / ckpt_lib.CHECKPOINTS}. Lower --config.peak_lr or check the data.")
       last = {"step": s, "loss": loss, "bpb": loss / math.log(2) / bpt,
               "grad_norm": float(m["grad_norm"]), "learning_rate": experiment.learning_rate(c, s - 1),
-              "tokens": int(m["tokens"]), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+              "tokens": int(m["tokens"]), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+              "time": time.time()}
       if s == start + 1:
         last["includes_compile"] = True
       if peak:

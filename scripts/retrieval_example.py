@@ -98,10 +98,29 @@ def main(argv):
   report["truth"] = tok.decode(truth)
   print(f"prompt (the new document's first chunk):\n{report['prompt']}\n\ntrue continuation:\n"
         f"{report['truth']}")
+  def teacher_forced(name, retrieval: bool, db_dir: str):
+    """Mean loss (nats) of the true next chunk given the prompt, with the retrieved neighbours."""
+    import jax.numpy as jnp
+    ret = DatabaseRetrieval.from_db(db_dir, cfg.num_neighbours, cfg.neighbour_len)
+    toks = jnp.asarray([prompt + truth], jnp.int32)
+    nbrs = None
+    if retrieval:
+      n0 = np.asarray(ret(np.asarray(prompt, np.int32)))          # neighbours of chunk 0 [K, R]
+      nbrs = jnp.asarray(np.stack([n0, np.zeros_like(n0)])[None])  # chunk 1's are not used
+    logits = model(toks, nbrs)[0, len(prompt) - 1:-1]
+    nll = -np.take_along_axis(np.asarray(jax_log_softmax(logits)), np.asarray(truth)[:, None], 1)
+    report["runs"].setdefault(name, {})["true_continuation_nll"] = float(nll.mean())
+    print(f"    teacher-forced loss of the true continuation, {name}: {float(nll.mean()):.3f} nats/token")
+
+  import jax
+  jax_log_softmax = jax.nn.log_softmax
   run("retrieval on", True, db)
+  teacher_forced("retrieval on", True, db)
   run("retrieval off", False, db)
+  teacher_forced("retrieval off", False, db)
   edit_db.remove_documents(db, keys=[key])
   run("retrieval on, document removed", True, db)
+  teacher_forced("retrieval on, document removed", True, db)
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(report, f, indent=1)

@@ -30,7 +30,7 @@ from retro_jax.train_step import TrainStep  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 
-# experiments/retrofit_tiny.py shrunk to the tiny database (SentencePiece vocab 1000, 64-token chunks).
+# experiments/retrofit_tiny.py shrunk to the tiny database (SentencePiece vocab 1000, chunks 64).
 TINY = {"model_overrides.vocab_size": 1024, "model_overrides.d_model": 32,
         "model_overrides.num_heads": 2, "model_overrides.num_layers": 3,
         "model_overrides.ffw_size": 64, "model_overrides.cca_layers": (2, 3),
@@ -120,7 +120,7 @@ def test_retrofit_keeps_baseline_bit_identical(db, baseline, retrofit):
   base_model, base_cfg, _ = ckpt_lib.load_model(baseline)
   ret_model, ret_cfg, info = ckpt_lib.load_model(retrofit)
   assert info["step"] == 4 and ret_cfg.cca_layers == (2, 3)
-  assert dataclasses.replace(ret_cfg, cca_layers=()) == base_cfg  # same decoder, same encoder fields
+  assert dataclasses.replace(ret_cfg, cca_layers=()) == base_cfg  # same decoder and encoder fields
   tokens, nbrs = _batch(db, ret_cfg)
   init_model = Retro(ret_cfg, rngs=nnx.Rngs(0))  # TrainStep's init (seed 0)
   _check_retrofit(base_model, base_cfg, ret_model, ret_cfg, tokens, nbrs, init_model)
