@@ -217,7 +217,6 @@ def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str | No
   backend = _backend(db_dir, backend)
   from retro_jax.data import chunk_store as chunk_store_lib
   from retro_jax.data import corpus as corpus_lib
-  from retro_jax.data import tokenizer as tokenizer_lib
   db = pathlib.Path(db_dir)
   store = _open(db)
   stats = corpus_lib.CorpusStats()
@@ -246,7 +245,8 @@ def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str | No
       result["upsert_removed"] = remove_documents(
           db, [existing[k] for k in clash], backend=backend, note=f"upsert by --add={corpus_spec}")
       store = _open(db)
-    tok = tokenizer_lib.Tokenizer.load(db / "tokenizer" / "spm.model")
+    from retro_jax.data.prepare import load_db_tokenizer
+    tok = load_db_tokenizer(db)
     manifest = chunk_store_lib.append_shard(store.root, docs, tok, corpus_spec, stats.to_json())
     new = manifest["shards"][-1]
     shard = int(new["index"])

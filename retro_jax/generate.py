@@ -210,10 +210,11 @@ class DatabaseRetrieval:
     """Opens DB's chunk store, tokenizer and embedder (as DB/embeddings/embedder.json records it);
     the searcher defaults to the in-process `Retriever.from_db(db_dir, backend)`."""
     from retro_jax.data.chunk_store import ChunkStore
-    from retro_jax.data.tokenizer import Tokenizer, check_tokenizer
+    from retro_jax.data.prepare import load_db_tokenizer
+    from retro_jax.data.tokenizer import check_tokenizer
     from retro_jax.retrieval.embedder import Embedder
     store = ChunkStore.open(db_dir)
-    tokenizer = Tokenizer.load(os.path.join(db_dir, "tokenizer", "spm.model"))
+    tokenizer = load_db_tokenizer(db_dir)  # SentencePiece or byte-level BPE
     check_tokenizer(tokenizer, store.manifest["tokenizer"], f"chunk store {store.root}")
     info_path = os.path.join(db_dir, "embeddings", "embedder.json")
     info = json.load(open(info_path)) if os.path.exists(info_path) else {}

@@ -15,7 +15,6 @@ to the database (its vocabulary and chunk size), for trying the pipeline out.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -103,8 +102,8 @@ def run(argv_flags=FLAGS, out=sys.stdout) -> dict:
   retrieval = gen.DatabaseRetrieval.from_db(db, k, config.neighbour_len, searcher=searcher,
                                             backend=f.backend) if f.retrieval else None
   if retrieval is None:  # the tokenizer only
-    from retro_jax.data.tokenizer import Tokenizer
-    tokenizer = Tokenizer.load(os.path.join(db, "tokenizer", "spm.model"))
+    from retro_jax.data.prepare import load_db_tokenizer
+    tokenizer = load_db_tokenizer(db)  # SentencePiece or byte-level BPE
   else:
     retrieval.check_model(config)
     tokenizer = retrieval.tokenizer
