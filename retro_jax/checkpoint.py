@@ -20,7 +20,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -149,10 +148,6 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
   info = {"step": step, "db": meta.get("db"), "experiment": meta.get("experiment", {}),
           "path": str(checkpoint_dir(path))}
   return model, config, info
-
-
-def to_numpy_tree(state) -> Any:
-  return jax.tree.map(np.asarray, state)
 
 
 def write_json(path: str | os.PathLike, obj: dict) -> None:

@@ -25,12 +25,8 @@ FLAGS = flags.FLAGS
 
 
 def _config(db: str, steps: int | None, retrieval: bool):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "tiny.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  from experiments import tiny
+  c = tiny.get_config()
   c.db = db
   c.retrieval = retrieval
   if steps:

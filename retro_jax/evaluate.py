@@ -57,11 +57,6 @@ class HeldOut:
   leakage_C: np.ndarray          # r(C) in [0, 1]
 
 
-def load_tokenizer(db_dir: str):
-  from retro_jax.data import prepare
-  return prepare.load_db_tokenizer(db_dir)  # SentencePiece or byte-level BPE (e.g. SmolLM2's)
-
-
 def training_doc_mask(store, db_fraction: float, seed: int = 0) -> np.ndarray:
   """bool per document: retrievable (a training document in the kept fraction)."""
   if not 0 < db_fraction <= 1:
@@ -139,7 +134,8 @@ def longest_common_substrings(chunks_CxM: np.ndarray, nbrs_CxKxR: np.ndarray,
 
 def load_heldout(store, db_dir: str, *, db_fraction: float = 1.0, k: int = FILTER_NEIGHBOURS,
                  neighbour_len: int = 128, max_docs: int | None = None, seed: int = 0) -> HeldOut:
-  tokenizer = load_tokenizer(db_dir)
+  from retro_jax.data.prepare import load_db_tokenizer
+  tokenizer = load_db_tokenizer(db_dir)  # SentencePiece or byte-level BPE
   docs = np.asarray(store.heldout_doc_ids, np.int64)
   if max_docs:
     docs = docs[:max_docs]
