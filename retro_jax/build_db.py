@@ -181,9 +181,10 @@ _RUNNERS: dict[str, Callable[[pathlib.Path, dict[str, Any]], None]] = {
     "tokenizer": _stage_tokenizer, "chunks": _stage_chunks, "finalize": _stage_finalize,
     "embeddings": _stage_embeddings, "index": _stage_index, "neighbours": _stage_neighbours}
 
+# embed_batch_size 32: on 4,096 default chunks (quiet, bf16) 579 chunks/s against 483 at 64 and 553 at 16.
 DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None, chunk_size=64,
                 docs_per_shard=4096, heldout_fraction=0.01, seed=0, embed_dtype="bfloat16",
-                embed_batch_size=64, backend=index_lib.DEFAULT_BACKEND, k=2, shard_index=0, num_shards=1)
+                embed_batch_size=32, backend=index_lib.DEFAULT_BACKEND, k=2, shard_index=0, num_shards=1)
 
 
 def build(out: str | os.PathLike, stages=STAGES, **kwargs: Any) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def define_flags() -> None:
   flags.DEFINE_list("stages", list(STAGES),
                     f"Stages to run, in order, from {STAGES} (+ 'finalize').")
   flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "Embedder matmul dtype.")
-  flags.DEFINE_integer("embed_batch_size", 64, "Embedder rows per forward call.")
+  flags.DEFINE_integer("embed_batch_size", 32, "Embedder rows per forward call.")
   flags.DEFINE_enum("backend", index_lib.DEFAULT_BACKEND, list(index_lib.BACKENDS), "Index backend.")
   flags.DEFINE_integer("k", 2, "Training neighbours per chunk.")
 

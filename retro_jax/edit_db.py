@@ -212,7 +212,7 @@ def _finish_shard(db: pathlib.Path, shard: int, backend: str, embed_batch_size: 
 
 
 def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str | None = None,
-                  upsert: bool = False, embed_batch_size: int = 64) -> dict:
+                  upsert: bool = False, embed_batch_size: int = 32) -> dict:
   """Appends the corpus's documents as a new shard and finishes its downstream stages."""
   backend = _backend(db_dir, backend)
   from retro_jax.data import chunk_store as chunk_store_lib
@@ -281,7 +281,7 @@ def define_flags() -> None:
   flags.DEFINE_list("remove_keys", [], "Document keys to remove.")
   flags.DEFINE_string("note", "", "Free text recorded with a removal request.")
   flags.DEFINE_enum("backend", None, ["scann", "exact", "faiss"], "Index backend to update (default: the one built).")
-  flags.DEFINE_integer("embed_batch_size", 64, "Embedder rows per forward call.")
+  flags.DEFINE_integer("embed_batch_size", 32, "Embedder rows per forward call.")
 
 
 def main(argv) -> None:

@@ -1,7 +1,7 @@
 """Embed stage: chunk texts -> `<db>/embeddings/shard-XXXXX.npy` (float32 [rows, 384]).
 
     python -m retro_jax.retrieval.embed --db=runs/default_db [--shard_index=0 --num_shards=1]
-        [--dtype=bfloat16] [--batch_size=64]
+        [--dtype=bfloat16] [--batch_size=32]
 
 One `.npy` per chunk-store shard (same shard numbers, same row order as the shard's chunk ids),
 written through `np.lib.format.open_memmap`, never held whole in RAM. Work is done in fixed blocks
@@ -182,7 +182,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("shard_index", 0, "this worker's index; embeds store shards s % num_shards == shard_index")
   flags.DEFINE_integer("num_shards", 1, "number of workers")
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "matmul operand dtype")
-  flags.DEFINE_integer("batch_size", 16, "rows per forward call (when tokens_per_batch is 0)")
+  flags.DEFINE_integer("batch_size", 32, "rows per forward call (when tokens_per_batch is 0)")
   flags.DEFINE_integer("tokens_per_batch", 0, "if > 0: rows per call = this // bucket length")
   flags.DEFINE_integer("max_length", 128, "WordPiece tokens per chunk (longer ones are truncated)")
   flags.DEFINE_integer("block_rows", 4096, "rows per resumable block")
