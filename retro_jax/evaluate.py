@@ -9,11 +9,15 @@ training). Each is scored on its own in windows of `seq_len` tokens starting eve
 earlier window scored, so every token but the document's first is predicted once, with at least
 seq_len - stride tokens of context. Windows start on chunk boundaries.
 
-Retrieval: for each held-out chunk, its 10 (or `num_neighbours`, if more) nearest chunks by exact
-dot product of the database's stored chunk embeddings, among training documents only (held-out
-documents, hence the chunk's own, are excluded); `db_fraction` < 1 keeps a seeded random subset of
-the training documents as the retrieval database (the paper's database-size axis). Chunk u's first
-`num_neighbours` neighbours (chunk + continuation, `neighbour_len` tokens) feed the model.
+Retrieval: for each held-out chunk, its 10 (or `num_neighbours`, if more) nearest chunks among
+training documents only (held-out documents, hence the chunk's own, and removed ones are excluded),
+queried with the database's stored embedding of the chunk. `--retriever` picks who searches:
+`exact` (default: exact dot product streamed over the stored embeddings), `index` (the in-process
+`Retriever` over the database's ANN index, as sampling uses it), or `service` (the gRPC shard
+processes at `--service=HOST:PORT,...`, `python -m retro_jax.retrieval.serve`). `db_fraction` < 1
+keeps a seeded random subset of the training documents as the retrieval database (the paper's
+database-size axis). Chunk u's first `num_neighbours` neighbours (chunk + continuation,
+`neighbour_len` tokens) feed the model.
 
 Bits-per-byte: summed token losses in bits over the UTF-8 bytes of the text (each chunk's detokenised
 text), per chunk, so that chunks can be filtered.
@@ -27,6 +31,7 @@ Output: JSON (bpb per mode, bpb(alpha) on a grid of alpha, chunk counts) and a P
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -62,11 +67,29 @@ def training_doc_mask(store, db_fraction: float, seed: int = 0) -> np.ndarray:
   if not 0 < db_fraction <= 1:
     raise EvalError(f"db_fraction={db_fraction} must be in (0, 1].")
   keep = ~store.doc_heldout
+  deleted = np.asarray(store.deleted_doc_ids(), np.int64)
+  if len(deleted):  # documents removed from the database (retro_jax.edit_db) are never retrieved
+    keep = keep.copy()
+    keep[deleted] = False
   if db_fraction < 1:
     # Nested subsets: a document kept at fraction f is kept at every larger fraction.
     u = np.random.default_rng(seed).random(store.num_docs)
     keep &= u < db_fraction
   return keep
+
+
+def stored_embeddings(db_dir: str, ids_N: np.ndarray) -> np.ndarray:
+  """float32 [N, D]: the database's stored embeddings of these chunks (memory-mapped reads)."""
+  from retro_jax.retrieval.retriever import db_embedding_shards
+  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
+  ids_N = np.asarray(ids_N, np.int64)
+  out = np.empty((len(ids_N), embs[0][0].shape[1]), np.float32)
+  offs = np.array([o for _, o in embs])
+  which = np.searchsorted(offs, ids_N, side="right") - 1
+  for j in np.unique(which):
+    m = which == j
+    out[m] = embs[j][0][ids_N[m] - offs[j]]
+  return out
 
 
 def exact_neighbours(store, db_dir: str, query_ids_Q: np.ndarray, k: int, allowed_doc_D: np.ndarray,
@@ -76,17 +99,8 @@ def exact_neighbours(store, db_dir: str, query_ids_Q: np.ndarray, k: int, allowe
   Streams the memory-mapped embedding shards in blocks (never the whole database in RAM).
   """
   from retro_jax.retrieval.retriever import db_embedding_shards
-  shards = db_embedding_shards(db_dir)
-  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in shards]
-  def rows(ids):
-    out = np.empty((len(ids), embs[0][0].shape[1]), np.float32)
-    offs = np.array([o for _, o in embs])
-    which = np.searchsorted(offs, ids, side="right") - 1
-    for j in np.unique(which):
-      m = which == j
-      out[m] = embs[j][0][ids[m] - offs[j]]
-    return out
-  q_QxD = rows(np.asarray(query_ids_Q, np.int64))
+  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
+  q_QxD = stored_embeddings(db_dir, query_ids_Q)
   best_s = np.full((len(q_QxD), k), -np.inf, np.float32)
   best_i = np.full((len(q_QxD), k), -1, np.int64)
   for emb_NxD, off in embs:
@@ -108,6 +122,39 @@ def exact_neighbours(store, db_dir: str, query_ids_Q: np.ndarray, k: int, allowe
   best_i = np.take_along_axis(best_i, order, 1)
   best_s = np.take_along_axis(best_s, order, 1)
   return np.where(np.isfinite(best_s), best_i, -1)
+
+
+def searched_neighbours(searcher, store, db_dir: str, query_ids_Q: np.ndarray, k: int,
+                        allowed_doc_D: np.ndarray, overfetch: int = 4,
+                        max_fetch: int = 4096) -> np.ndarray:
+  """Top-k chunk ids from a searcher (the in-process `Retriever` over the database's index, or the
+  gRPC `ServiceRetriever`) among chunks of allowed documents: the query's own document is
+  excluded by the searcher, other disallowed documents (held-out ones, those outside
+  `--db_fraction`) by fetching k * overfetch candidates and dropping them; rows left short are
+  fetched again with twice as many candidates, up to `max_fetch`; -1 pads what is still missing.
+  """
+  query_ids_Q = np.asarray(query_ids_Q, np.int64)
+  q_QxD = stored_embeddings(db_dir, query_ids_Q)
+  own_Q = np.asarray(store.doc_ids(query_ids_Q), np.int64)
+  out = np.full((len(query_ids_Q), k), -1, np.int64)
+  todo, n = np.arange(len(query_ids_Q)), k * overfetch
+  while len(todo):
+    ids_QxN, _ = searcher.search(q_QxD[todo], n, own_Q[todo])
+    ids_QxN = np.asarray(ids_QxN, np.int64)
+    valid = ids_QxN >= 0
+    ok = valid.copy()
+    ok[valid] = allowed_doc_D[store.doc_ids(ids_QxN[valid])]
+    short = []
+    for row, q in enumerate(todo):
+      keep = ids_QxN[row][ok[row]][:k]
+      out[q, :len(keep)] = keep
+      # Short, and the searcher had more to give (it filled every slot): fetch more.
+      if len(keep) < k and valid[row].all():
+        short.append(q)
+    if n >= max_fetch:
+      break
+    todo, n = np.asarray(short, np.int64), min(2 * n, max_fetch)
+  return out
 
 
 def longest_common_substring(chunk_M: np.ndarray, nbrs_KxR: np.ndarray, pad_id: int) -> int:
@@ -133,7 +180,9 @@ def longest_common_substrings(chunks_CxM: np.ndarray, nbrs_CxKxR: np.ndarray,
 
 
 def load_heldout(store, db_dir: str, *, db_fraction: float = 1.0, k: int = FILTER_NEIGHBOURS,
-                 neighbour_len: int = 128, max_docs: int | None = None, seed: int = 0) -> HeldOut:
+                 neighbour_len: int = 128, max_docs: int | None = None, seed: int = 0,
+                 searcher=None) -> HeldOut:
+  """Held-out chunks with their neighbours: exact search, or `searcher` (`searched_neighbours`)."""
   from retro_jax.data.prepare import load_db_tokenizer
   tokenizer = load_db_tokenizer(db_dir)  # SentencePiece or byte-level BPE
   docs = np.asarray(store.heldout_doc_ids, np.int64)
@@ -156,7 +205,10 @@ def load_heldout(store, db_dir: str, *, db_fraction: float = 1.0, k: int = FILTE
   texts = store.chunk_text(chunk_ids, tokenizer)
   chunk_bytes = np.array([len(t.encode("utf-8")) for t in texts], np.int64)
   allowed = training_doc_mask(store, db_fraction, seed)
-  nbrs = exact_neighbours(store, db_dir, chunk_ids, k, allowed)
+  if searcher is None:
+    nbrs = exact_neighbours(store, db_dir, chunk_ids, k, allowed)
+  else:
+    nbrs = searched_neighbours(searcher, store, db_dir, chunk_ids, k, allowed)
   nbr_tok = np.asarray(store.neighbour_tokens(np.where(nbrs >= 0, nbrs, 0).reshape(-1),
                                               neighbour_len)).reshape(*nbrs.shape, neighbour_len)
   nbr_tok = np.where(nbrs[..., None] >= 0, nbr_tok, pad)
@@ -319,7 +371,8 @@ def plot(results: dict[str, dict], path: str, title: str = "", min_chunks: int =
 def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_len: int = 2048,
              stride: int = 1024, num_neighbours: int | None = None, retrieval: str = "both",
              db_fraction: float = 1.0, batch_size: int = 8, max_docs: int | None = None,
-             held: HeldOut | None = None, progress: bool = True) -> dict[str, Any]:
+             held: HeldOut | None = None, progress: bool = True, retriever: str = "exact",
+             service: Sequence[str] = (), backend: str | None = None) -> dict[str, Any]:
   """Evaluates the checkpoint at `path` (a workdir); returns the JSON-able results."""
   from retro_jax import checkpoint as ckpt_lib
   from retro_jax.data import chunk_store as chunk_store_lib
@@ -331,11 +384,14 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
   if not cfg.retrieval:
     modes = ["off"]
   t0 = time.time()
+  source = "precomputed HeldOut" if held is not None else retriever
   if held is None:
-    held = load_heldout(store, db, db_fraction=db_fraction, k=max(FILTER_NEIGHBOURS, k),
-                        neighbour_len=cfg.neighbour_len, max_docs=max_docs)
+    with open_searcher(retriever, db, service, backend) as searcher:
+      held = load_heldout(store, db, db_fraction=db_fraction, k=max(FILTER_NEIGHBOURS, k),
+                          neighbour_len=cfg.neighbour_len, max_docs=max_docs, searcher=searcher)
   t_retrieve = time.time() - t0
   out = {"checkpoint": info["path"], "step": info["step"], "db": db, "db_fraction": db_fraction,
+         "retriever": source,
          "seq_len": seq_len, "stride": stride, "num_neighbours": k,
          "retrieval_model": cfg.retrieval, "num_docs": len(held.doc_tokens),
          "num_chunks": int(len(held.chunk_ids_C)), "num_bytes": int(held.chunk_bytes_C.sum()),
@@ -348,13 +404,37 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
   return out
 
 
+RETRIEVERS = ("exact", "index", "service")
+
+
+@contextlib.contextmanager
+def open_searcher(kind: str, db: str, service: Sequence[str] = (), backend: str | None = None):
+  """None for `exact`; the in-process Retriever over DB's index; or a ServiceRetriever (closed on
+  exit) over the shard processes at `service` (it checks they serve DB's shards)."""
+  if kind not in RETRIEVERS:
+    raise EvalError(f"retriever={kind!r}; expected one of {RETRIEVERS}")
+  if kind == "exact":
+    yield None
+  elif kind == "index":
+    from retro_jax.retrieval.retriever import Retriever
+    yield Retriever.from_db(db, backend=backend)
+  else:
+    if not service:
+      raise EvalError("--retriever=service needs --service=HOST:PORT[,HOST:PORT...] (the shard "
+                      "processes of python -m retro_jax.retrieval.serve)")
+    from retro_jax.retrieval.client import ServiceRetriever
+    with ServiceRetriever(list(service)) as searcher:
+      yield searcher
+
+
 def main(argv):
   from absl import flags
   del argv
   F = flags.FLAGS
   res = evaluate(F.workdir, step=F.step, db=F.db, seq_len=F.seq_len, stride=F.stride,
                  num_neighbours=F.num_neighbours, retrieval=F.retrieval, db_fraction=F.db_fraction,
-                 batch_size=F.batch_size, max_docs=F.max_docs)
+                 batch_size=F.batch_size, max_docs=F.max_docs, retriever=F.retriever,
+                 service=F.service or (), backend=F.backend)
   out = F.out or os.path.join(F.workdir, "eval.json")
   with open(out, "w") as f:
     json.dump(res, f, indent=1)
@@ -375,6 +455,11 @@ if __name__ == "__main__":
   flags.DEFINE_integer("stride", 1024, "window stride in tokens")
   flags.DEFINE_integer("num_neighbours", None, "neighbours per chunk (default: the model's)")
   flags.DEFINE_enum("retrieval", "both", ["both", "on", "off"], "retrieval modes to evaluate")
+  flags.DEFINE_enum("retriever", "exact", list(RETRIEVERS),
+                    "who finds the neighbours: exact search, the database's ANN index in-process, "
+                    "or the gRPC retrieval service")
+  flags.DEFINE_list("service", None, "shard addresses for --retriever=service")
+  flags.DEFINE_string("backend", None, "index backend for --retriever=index (default: the built one)")
   flags.DEFINE_float("db_fraction", 1.0, "fraction of training documents to retrieve from")
   flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
   flags.DEFINE_integer("max_docs", None, "only the first N held-out documents (smoke runs)")

@@ -44,6 +44,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh = (1, -1, 1)  # (data, fsdp, model); one -1 takes the remaining devices
   c.seed = 0  # parameters and data order
   c.num_neighbours = 0  # 0: the model's num_neighbours
+  # Copy curriculum (retro_jax.data.loader): this fraction of training chunks get themselves as
+  # neighbour 0, so the model learns to copy from a neighbour that matches. 0: the paper's setup.
+  c.self_neighbour_rate = 0.0
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.log_every = 50

@@ -170,7 +170,8 @@ def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) ->
   data_iter = loader.make_iterator(
       c.db, seq_len=c.seq_len, batch_size=c.global_batch // jax.process_count(), split="train",
       retrieval=cfg.retrieval, num_neighbours=num_neighbours if cfg.retrieval else None,
-      neighbour_len=cfg.neighbour_len, seed=c.seed, read_threads=c.read_threads)
+      neighbour_len=cfg.neighbour_len, seed=c.seed, read_threads=c.read_threads,
+      self_neighbour_rate=c.self_neighbour_rate if cfg.retrieval else 0.0)
 
   mngr = ckpt_lib.manager(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=c.keep_checkpoints)
   abstract_model = nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0)))

@@ -83,6 +83,31 @@ def test_exact_neighbours_and_heldout(tmp_path_factory):
   assert (s_small <= np.take_along_axis(scores, got[:, :1], 1) + 1e-6).all()
 
 
+def test_searched_neighbours_refetch_and_drop_disallowed(tmp_path_factory):
+  """The searcher path (Retriever over the index, or the service) keeps only allowed documents
+  and fetches again when the first candidates were all disallowed."""
+  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.retrieval.index import IndexConfig
+  from retro_jax.retrieval.retriever import Retriever, embedding_paths
+  db = tiny_db.get(tmp_path_factory)[0]
+  store = chunk_store_lib.ChunkStore.open(db)
+  # An exact index, so that every candidate the refetching asks for can come back.
+  retriever = Retriever.from_embeddings(embedding_paths(str(db)), config=IndexConfig(backend="exact"),
+                                        doc_ids=store.doc_ids)
+  queries = np.asarray(store.heldout_doc_ids[:3], np.int64)
+  q_ids = np.concatenate([np.arange(*store.doc_range(int(d))) for d in queries])
+  # Allow a single training document: most candidates are dropped, refetching must find its chunks.
+  allowed = np.zeros(store.num_docs, bool)
+  allowed[int(np.flatnonzero(~store.doc_heldout)[5])] = True
+  got = ev.searched_neighbours(retriever, store, str(db), q_ids, 3, allowed, overfetch=1,
+                               max_fetch=store.num_chunks)
+  want = ev.exact_neighbours(store, str(db), q_ids, 3, allowed)
+  n_allowed = int(np.isin(store.doc_ids(np.arange(store.num_chunks)), np.flatnonzero(allowed)).sum())
+  assert ((got >= 0).sum(1) == min(3, n_allowed)).all()
+  assert allowed[store.doc_ids(got[got >= 0])].all()
+  np.testing.assert_array_equal(np.sort(got, 1), np.sort(want, 1))
+
+
 def test_summarise_filter():
   held = ev.HeldOut([], np.zeros(0), np.arange(4), np.array([10, 10, 10, 10]), None,
                     np.array([0.0, 0.1, 0.5, 1.0]))

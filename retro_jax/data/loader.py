@@ -20,6 +20,11 @@ Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour leng
                 each the neighbour chunk plus its continuation within its document
                 (`ChunkStore.neighbour_tokens`), pad 0 past the document's end and for missing
                 (-1) neighbours. Absent with retrieval=False.
+                With `self_neighbour_rate` p > 0 (off by default), a fixed pseudo-random fraction p
+                of the chunks get THEMSELVES as neighbour 0 (the chunk plus its true continuation;
+                the stored neighbours shift right by one): the leakage the paper's evaluation
+                filters, used on purpose to teach a model to copy from a neighbour that matches
+                (`experiments/copy_tiny.py`; which chunks is a hash of (chunk id, seed)).
 Everything is gathered per example from memory-mapped files; the database is never loaded whole.
 
 Pipeline (`make_dataset`): source -> this process's contiguous slice (JAX process p of P gets
@@ -104,8 +109,14 @@ class SequenceSource:
 
   def __init__(self, db_dir: str | os.PathLike, seq_len: int, split: str = "train",
                retrieval: bool = True, num_neighbours: int | None = None,
-               neighbour_len: int = 128, store=None):
+               neighbour_len: int = 128, store=None, self_neighbour_rate: float = 0.0,
+               seed: int = 0):
     from retro_jax.data import chunk_store as chunk_store_lib
+    if not 0.0 <= self_neighbour_rate <= 1.0:
+      raise ValueError(f"self_neighbour_rate={self_neighbour_rate} must be in [0, 1].")
+    if self_neighbour_rate and not retrieval:
+      raise ValueError("self_neighbour_rate > 0 needs retrieval=True (it sets neighbours).")
+    self.self_neighbour_rate, self.seed = float(self_neighbour_rate), int(seed)
     self.db_dir = str(db_dir)
     self.store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
     self.chunk_size = int(self.store.chunk_size)
@@ -155,6 +166,9 @@ class SequenceSource:
       out[m] = self._nbr_shards[j][chunk_ids_L[m] - self._nbr_offsets[j], :self.num_neighbours]
     if len(self._deleted_Rx2):  # Never hand out a chunk of a removed document.
       out[chunk_store_lib.in_ranges(out, self._deleted_Rx2)] = -1
+    if self.self_neighbour_rate:  # the copy curriculum: the chunk itself first, others shifted
+      own = self_neighbour_mask(chunk_ids_L, self.self_neighbour_rate, self.seed)
+      out[own] = np.concatenate([chunk_ids_L[own, None], out[own, :-1]], axis=1)
     return out
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -181,6 +195,16 @@ class SequenceSource:
     return example
 
 
+def self_neighbour_mask(chunk_ids_N: np.ndarray, rate: float, seed: int) -> np.ndarray:
+  """bool [N]: the chunks that get themselves as neighbour 0 (splitmix64 of id and seed < rate)."""
+  with np.errstate(over="ignore"):
+    z = np.asarray(chunk_ids_N, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+  return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < rate
+
+
 def process_slice(n: int, process_index: int, process_count: int) -> slice:
   """Equal contiguous slices of n items per process (remainder dropped, so all stay in lockstep)."""
   if not 0 <= process_index < process_count:
@@ -193,8 +217,8 @@ def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, sp
                  retrieval: bool = True, num_neighbours: int | None = None,
                  neighbour_len: int = 128, seed: int = 0, shuffle: bool | None = None,
                  num_epochs: int | None = None, process_index: int | None = None,
-                 process_count: int | None = None, source: SequenceSource | None = None
-                 ) -> grain.MapDataset:
+                 process_count: int | None = None, source: SequenceSource | None = None,
+                 self_neighbour_rate: float = 0.0) -> grain.MapDataset:
   """Batched MapDataset of examples (leading axis `batch_size`, per process).
 
   Defaults: split "train" shuffles and repeats forever; split "heldout" reads once in order.
@@ -206,7 +230,9 @@ def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, sp
     import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  src = source if source is not None else SequenceSource(db_dir, seq_len, split, retrieval, num_neighbours, neighbour_len)
+  src = source if source is not None else SequenceSource(
+      db_dir, seq_len, split, retrieval, num_neighbours, neighbour_len,
+      self_neighbour_rate=self_neighbour_rate, seed=seed)
   if shuffle is None:
     shuffle = split == "train"
   if num_epochs is None and split != "train":

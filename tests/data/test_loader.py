@@ -139,3 +139,35 @@ def test_bad_settings_are_clear_errors(db, store):
     loader.SequenceSource(db, T, num_neighbours=5, store=store)
   with pytest.raises(ValueError, match="fewer than batch_size"):
     loader.make_dataset(db, seq_len=T, batch_size=10_000, process_index=0, process_count=1)
+
+
+def test_copy_curriculum_gives_a_fraction_of_chunks_themselves_first(db, store, source):
+  copy = loader.SequenceSource(db, T, store=store, self_neighbour_rate=0.5, seed=3)
+  own_chunks = 0
+  total = 0
+  for i in range(len(copy)):
+    ids = copy.sequence_chunk_ids(i)
+    plain, mixed = source.neighbour_ids(ids), copy.neighbour_ids(ids)
+    own = loader.self_neighbour_mask(ids, 0.5, 3)
+    np.testing.assert_array_equal(mixed[own, 0], ids[own])           # itself first,
+    np.testing.assert_array_equal(mixed[own, 1:], plain[own, :-1])   # stored ones shifted right
+    np.testing.assert_array_equal(mixed[~own], plain[~own])          # the rest untouched
+    ex = copy[i]
+    for u in np.flatnonzero(own):  # the neighbour is the chunk plus its true continuation
+      np.testing.assert_array_equal(ex["neighbours"][u, 0, :64], ex["inputs"][64 * u:64 * (u + 1)])
+      if u + 1 < len(ids) and store.doc_ids([ids[u]])[0] == store.doc_ids([ids[u + 1]])[0]:
+        np.testing.assert_array_equal(ex["neighbours"][u, 0, 64:],
+                                      ex["inputs"][64 * (u + 1):64 * (u + 2)])
+    own_chunks += int(own.sum())
+    total += len(ids)
+  assert 0.4 < own_chunks / total < 0.6
+  # Deterministic in (chunk id, seed); another seed picks other chunks; 0 and 1 are none and all.
+  ids = np.arange(10_000)
+  assert (loader.self_neighbour_mask(ids, 0.5, 3) == loader.self_neighbour_mask(ids, 0.5, 3)).all()
+  assert (loader.self_neighbour_mask(ids, 0.5, 3) != loader.self_neighbour_mask(ids, 0.5, 4)).any()
+  assert not loader.self_neighbour_mask(ids, 0.0, 3).any()
+  assert loader.self_neighbour_mask(ids, 1.0, 3).all()
+  with pytest.raises(ValueError, match="self_neighbour_rate"):
+    loader.SequenceSource(db, T, store=store, self_neighbour_rate=1.5)
+  with pytest.raises(ValueError, match="retrieval=True"):
+    loader.SequenceSource(db, T, store=store, retrieval=False, self_neighbour_rate=0.5)
