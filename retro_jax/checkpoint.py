@@ -15,7 +15,6 @@ atomically, so a run killed mid-save leaves the previous checkpoint as the lates
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -150,8 +149,3 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
   return model, config, info
 
 
-def write_json(path: str | os.PathLike, obj: dict) -> None:
-  path = epath.Path(path)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-  tmp.replace(path)

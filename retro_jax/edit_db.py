@@ -220,13 +220,11 @@ def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str | No
   db = pathlib.Path(db_dir)
   store = _open(db)
   stats = corpus_lib.CorpusStats()
-  docs = list(corpus_lib.iter_documents(corpus_spec, stats))
-  if not docs:
-    raise EditError(f"--add={corpus_spec!r} yielded no usable document (skipped: "
-                    f"{stats.skipped_empty} empty, {stats.skipped_binary} binary).")
+  try:
+    docs = corpus_lib.read_documents(corpus_spec, stats)
+  except corpus_lib.CorpusError as e:
+    raise EditError(f"--add: {e}") from None
   keys = [d.key for d in docs]
-  if len(set(keys)) != len(keys):
-    raise EditError(f"--add={corpus_spec!r} has duplicate document keys.")
   digest = _corpus_sha256(docs)
   prior = [e for e in _edits(store.manifest)["log"]
            if e["op"] == "add" and e["corpus_sha256"] == digest]

@@ -416,8 +416,9 @@ def open_searcher(kind: str, db: str, service: Sequence[str] = (), backend: str 
   if kind == "exact":
     yield None
   elif kind == "index":
+    from retro_jax.data.chunk_store import ChunkStore
     from retro_jax.retrieval.retriever import Retriever
-    yield Retriever.from_db(db, backend=backend)
+    yield Retriever.from_db(db, backend=backend, doc_ids=ChunkStore.open(db).doc_ids)
   else:
     if not service:
       raise EvalError("--retriever=service needs --service=HOST:PORT[,HOST:PORT...] (the shard "

@@ -189,13 +189,7 @@ def build_chunk_store(corpus_spec: str, out_dir: str | os.PathLike, tokenizer,
   t0 = time.perf_counter()
   stats = corpus_lib.CorpusStats()
   # Every worker walks the whole corpus (cheap next to tokenising) so doc ids agree everywhere.
-  docs = list(corpus_lib.iter_documents(corpus_spec, stats, max_docs=max_docs))
-  if not docs:
-    raise ChunkStoreError(f"corpus {corpus_spec!r} yielded no usable document "
-                          f"(skipped: {stats.skipped_empty} empty, {stats.skipped_binary} binary)")
-  keys = [d.key for d in docs]
-  if len(set(keys)) != len(keys):
-    raise ChunkStoreError(f"corpus {corpus_spec!r} has duplicate document keys")
+  docs = corpus_lib.read_documents(corpus_spec, stats, max_docs=max_docs)
   num_store_shards = math.ceil(len(docs) / docs_per_shard)
   corpus_stats = {**stats.to_json(), "num_store_shards": num_store_shards}
   mine = [s for s in range(num_store_shards) if s % num_shards == shard_index]

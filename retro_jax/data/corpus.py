@@ -53,7 +53,7 @@ class CorpusStats:
 
 
 class CorpusError(ValueError):
-  """A corpus spec that cannot be read."""
+  """A corpus spec that cannot be read, has no usable document or repeats a document key."""
 
 
 def is_heldout(key: str, fraction: float, seed: int) -> bool:
@@ -230,3 +230,18 @@ def iter_documents(spec: str, stats: CorpusStats | None = None,
   """All good documents of a SPEC (parts joined by '+', each may end in ':limit=N'), in order."""
   stats = stats if stats is not None else CorpusStats()
   yield from itertools.islice(_iter_parts(spec, stats), max_docs)
+
+
+def read_documents(spec: str, stats: CorpusStats | None = None,
+                   max_docs: int | None = None) -> list[Document]:
+  """All (good) documents of SPEC in order, checked: at least one, and unique keys."""
+  stats = stats if stats is not None else CorpusStats()
+  docs = list(iter_documents(spec, stats, max_docs=max_docs))
+  if not docs:
+    raise CorpusError(f"corpus {spec!r} yielded no usable document (skipped: "
+                      f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
+  seen: set[str] = set()
+  dup = [d.key for d in docs if d.key in seen or seen.add(d.key)]
+  if dup:
+    raise CorpusError(f"corpus {spec!r} has duplicate document keys (e.g. {dup[:3]})")
+  return docs

@@ -44,6 +44,7 @@ def export(out: str | os.PathLike, db: str = "runs/smollm2_db") -> dict:
   import orbax.checkpoint as ocp
 
   from retro_jax import checkpoint as ckpt_lib
+  from retro_jax.progress_files import write_json_atomic
   from retro_jax import experiment
   from retro_jax.model.retro import count_params
   from retro_jax.pretrained import gguf
@@ -72,7 +73,7 @@ def export(out: str | os.PathLike, db: str = "runs/smollm2_db") -> dict:
       meta=ocp.args.JsonSave(meta)), force=True)
   mngr.wait_until_finished()
   mngr.close()
-  ckpt_lib.write_json(out / "config.json", meta)
+  write_json_atomic(out / "config.json", meta)
   return meta
 
 

@@ -44,6 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.progress_files import write_json_atomic
 from retro_jax.retrieval import service_pb2, service_pb2_grpc
 
 SERVICE_NAME = "retro_jax.retrieval.ShardSearch"
@@ -175,13 +176,6 @@ class _Gate(service_pb2_grpc.ShardSearchServicer):
     return self.target.Info(request, context)
 
 
-def _write_json_atomic(path: str, obj: dict) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
-
-
 def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
           backend: str | None = None, index_root: str | None = None, port_file: str | None = None,
           workers: int = 4, search_threads: int = 1, overfetch: int = 4, verify: bool = True,
@@ -217,7 +211,7 @@ def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
         f"{servicer.index_shard.offset}) serving on {address} after "
         f"{time.perf_counter() - t0:.1f} s", flush=True)
   if port_file:
-    _write_json_atomic(port_file, {"address": address, "shard": int(shard), "pid": os.getpid()})
+    write_json_atomic(port_file, {"address": address, "shard": int(shard), "pid": os.getpid()})
   stop_event.wait()
   for name in ("", SERVICE_NAME):
     health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

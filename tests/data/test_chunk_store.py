@@ -201,6 +201,14 @@ def test_corpus_spec_errors(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(corpus.CorpusError, match="no files"):
     list(corpus.iter_documents(str(tmp_path / "empty")))
+  blank = tmp_path / "blank.jsonl"
+  blank.write_text('{"text": ""}\n{"text": "  "}\n')
+  with pytest.raises(corpus.CorpusError, match="no usable document.*2 empty"):
+    corpus.read_documents(str(blank))
+  twice = tmp_path / "twice.jsonl"
+  twice.write_text('{"text": "a", "id": "k"}\n{"text": "b", "id": "k"}\n')
+  with pytest.raises(corpus.CorpusError, match="duplicate document keys"):
+    corpus.read_documents(str(twice))
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
   with pytest.raises(corpus.CorpusError, match="bad.jsonl:2"):

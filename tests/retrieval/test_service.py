@@ -110,7 +110,8 @@ def test_evaluation_neighbours_through_the_service(db, store, service):
   training documents only, as close to exact search as the index itself is."""
   from retro_jax import evaluate as ev
   via_service = ev.load_heldout(store, db, searcher=service)
-  via_index = ev.load_heldout(store, db, searcher=in_process(db, store))
+  with ev.open_searcher("index", db) as searcher:  # as `evaluate --retriever=index` opens it
+    via_index = ev.load_heldout(store, db, searcher=searcher)
   exact = ev.load_heldout(store, db)
   got, want = via_service.neighbours_CxK, via_index.neighbours_CxK
   assert got.shape == exact.neighbours_CxK.shape and (got >= 0).all()
