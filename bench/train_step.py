@@ -38,6 +38,8 @@ flags.DEFINE_string("size", "reference", "'reference' (benchmarking.md) or a PAP
 flags.DEFINE_integer("batch", 4, "sequences per step")
 flags.DEFINE_integer("seq_len", 512, "tokens per sequence")
 flags.DEFINE_integer("q_block", 0, "self-attention query block (0: whole sequence)")
+flags.DEFINE_enum("positions", "relative", ["relative", "rope"],
+                  "decoder self-attention positions (CCA and the encoder stay relative)")
 
 # The reference training-step configuration of benchmarking.md.
 REFERENCE = RetroConfig(vocab_size=32000, d_model=512, num_heads=8, num_layers=12, ffw_size=2048,
@@ -70,7 +72,8 @@ def main(argv):
   peak_gflops = max(peak.values())
   mesh = make_mesh((1, 1, 1), jax.devices()[:1])
   base_cfg = REFERENCE if FLAGS.size == "reference" else PAPER_SIZES[FLAGS.size]
-  base_cfg = base_cfg.replace(dtype=FLAGS.dtype, attention_q_block=FLAGS.q_block)
+  base_cfg = base_cfg.replace(dtype=FLAGS.dtype, attention_q_block=FLAGS.q_block,
+                              positions=FLAGS.positions)
   runs = {}
   for name, cfg in (("retro", base_cfg), ("baseline", base_cfg.baseline())):
     train = TrainStep(cfg, optim.adamw(), mesh)
@@ -96,7 +99,8 @@ def main(argv):
                  "encoder": f"{base_cfg.encoder_layers} x {base_cfg.enc_d_model}",
                  "seq_len": SEQ, "batch": BATCH, "neighbours": base_cfg.num_neighbours,
                  "neighbour_len": base_cfg.neighbour_len, "vocab": base_cfg.vocab_size,
-                 "dtype": FLAGS.dtype, "q_block": FLAGS.q_block},
+                 "dtype": FLAGS.dtype, "q_block": FLAGS.q_block,
+                 "positions": FLAGS.positions},
       "machine": {"device": str(jax.devices()[0].device_kind),
                   "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "jax": jax.__version__,
