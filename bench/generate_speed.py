@@ -73,46 +73,8 @@ def loadavg() -> list[float]:
     return [float(x) for x in f.read().split()[:3]]
 
 
-class FullRecompute:
-  """Greedy generation recomputing every position per token (the model's own forward)."""
-
-  def __init__(self, model, config: RetroConfig):
-    self.config = config
-    graphdef, state = nnx.split(model)
-    self.state = state
-    self.fwd = jax.jit(lambda s, t, n: nnx.merge(graphdef, s)(t, n))
-
-  def forward(self, ids: list[int], nbrs_LxKxR: np.ndarray) -> jax.Array:
-    m, t = self.config.chunk_size, len(ids)
-    l = math.ceil(t / m)
-    tokens = np.full((1, l * m), self.config.pad_id, np.int32)
-    tokens[0, :t] = ids
-    return self.fwd(self.state, tokens, nbrs_LxKxR[None, :l])[0, t - 1]
-
-  def padded_nbrs(self, max_len: int, k: int) -> np.ndarray:
-    c = self.config
-    return np.full((math.ceil(max_len / c.chunk_size), k, c.neighbour_len), c.pad_id, np.int32)
-
-  def generate(self, prompt: list[int], retrieve_fn, n: int, k: int) -> dict:
-    m = self.config.chunk_size
-    ids = list(prompt)
-    nbrs = self.padded_nbrs(len(prompt) + n, k)
-    t_ret = 0.0
-    t0 = time.perf_counter()
-    for u in range(len(ids) // m):
-      t1 = time.perf_counter()
-      nbrs[u] = retrieve_fn(np.asarray(ids[u * m:(u + 1) * m], np.int32))
-      t_ret += time.perf_counter() - t1
-    for i in range(n):
-      tok = int(jnp.argmax(self.forward(ids, nbrs)))
-      ids.append(tok)
-      if i < n - 1 and len(ids) % m == 0:  # the token just sampled completes a chunk
-        u = len(ids) // m - 1
-        t1 = time.perf_counter()
-        nbrs[u] = retrieve_fn(np.asarray(ids[u * m:(u + 1) * m], np.int32))
-        t_ret += time.perf_counter() - t1
-    return {"seconds": time.perf_counter() - t0, "retrieval_seconds": t_ret,
-            "new_ids": ids[len(prompt):]}
+class TimedFullRecompute(gen.FullRecompute):
+  """`retro_jax.generate.FullRecompute` plus the per-length forward timing the model rows use."""
 
   def time_forward(self, t: int, k: int, reps: int) -> float:
     """Median seconds of one forward over t tokens (neighbours present), after a compile call."""
@@ -166,7 +128,7 @@ def main(argv):
           f"retrievals {out.seconds['retrieval']:.2f}s; first run {warm:.1f}s)", flush=True)
 
   # Full recompute: per padded length, the forward's median time (compiles every length).
-  full = FullRecompute(model, config)
+  full = TimedFullRecompute(model, config)
   max_t = len(prompt) + max(lengths) - 1
   per_len = {}
   t0 = time.perf_counter()

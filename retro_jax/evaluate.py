@@ -78,29 +78,15 @@ def training_doc_mask(store, db_fraction: float, seed: int = 0) -> np.ndarray:
   return keep
 
 
-def stored_embeddings(db_dir: str, ids_N: np.ndarray) -> np.ndarray:
-  """float32 [N, D]: the database's stored embeddings of these chunks (memory-mapped reads)."""
-  from retro_jax.retrieval.retriever import db_embedding_shards
-  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
-  ids_N = np.asarray(ids_N, np.int64)
-  out = np.empty((len(ids_N), embs[0][0].shape[1]), np.float32)
-  offs = np.array([o for _, o in embs])
-  which = np.searchsorted(offs, ids_N, side="right") - 1
-  for j in np.unique(which):
-    m = which == j
-    out[m] = embs[j][0][ids_N[m] - offs[j]]
-  return out
-
-
 def exact_neighbours(store, db_dir: str, query_ids_Q: np.ndarray, k: int, allowed_doc_D: np.ndarray,
                      block: int = 32768) -> np.ndarray:
   """Top-k chunk ids by exact dot product of stored embeddings among chunks of allowed documents.
 
   Streams the memory-mapped embedding shards in blocks (never the whole database in RAM).
   """
-  from retro_jax.retrieval.retriever import db_embedding_shards
+  from retro_jax.retrieval.retriever import db_embedding_rows, db_embedding_shards
   embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
-  q_QxD = stored_embeddings(db_dir, query_ids_Q)
+  q_QxD = db_embedding_rows(db_dir, query_ids_Q)
   best_s = np.full((len(q_QxD), k), -np.inf, np.float32)
   best_i = np.full((len(q_QxD), k), -1, np.int64)
   for emb_NxD, off in embs:
@@ -125,36 +111,16 @@ def exact_neighbours(store, db_dir: str, query_ids_Q: np.ndarray, k: int, allowe
 
 
 def searched_neighbours(searcher, store, db_dir: str, query_ids_Q: np.ndarray, k: int,
-                        allowed_doc_D: np.ndarray, overfetch: int = 4,
-                        max_fetch: int = 4096) -> np.ndarray:
-  """Top-k chunk ids from a searcher (the in-process `Retriever` over the database's index, or the
-  gRPC `ServiceRetriever`) among chunks of allowed documents: the query's own document is
-  excluded by the searcher, other disallowed documents (held-out ones, those outside
-  `--db_fraction`) by fetching k * overfetch candidates and dropping them; rows left short are
-  fetched again with twice as many candidates, up to `max_fetch`; -1 pads what is still missing.
-  """
+                        allowed_doc_D: np.ndarray) -> np.ndarray:
+  """Top-k chunk ids among chunks of allowed documents from a searcher (the in-process `Retriever`
+  over the database's index, or the gRPC `ServiceRetriever`), queried with the chunks' stored
+  embeddings: the training neighbours' own search (`neighbours.search_block`: the query's document
+  excluded by the searcher, the disallowed ones dropped, short rows fetched again)."""
+  from retro_jax.data.neighbours import search_block
+  from retro_jax.retrieval.retriever import db_embedding_rows
   query_ids_Q = np.asarray(query_ids_Q, np.int64)
-  q_QxD = stored_embeddings(db_dir, query_ids_Q)
-  own_Q = np.asarray(store.doc_ids(query_ids_Q), np.int64)
-  out = np.full((len(query_ids_Q), k), -1, np.int64)
-  todo, n = np.arange(len(query_ids_Q)), k * overfetch
-  while len(todo):
-    ids_QxN, _ = searcher.search(q_QxD[todo], n, own_Q[todo])
-    ids_QxN = np.asarray(ids_QxN, np.int64)
-    valid = ids_QxN >= 0
-    ok = valid.copy()
-    ok[valid] = allowed_doc_D[store.doc_ids(ids_QxN[valid])]
-    short = []
-    for row, q in enumerate(todo):
-      keep = ids_QxN[row][ok[row]][:k]
-      out[q, :len(keep)] = keep
-      # Short, and the searcher had more to give (it filled every slot): fetch more.
-      if len(keep) < k and valid[row].all():
-        short.append(q)
-    if n >= max_fetch:
-      break
-    todo, n = np.asarray(short, np.int64), min(2 * n, max_fetch)
-  return out
+  return search_block(searcher, store, db_embedding_rows(db_dir, query_ids_Q), query_ids_Q, k,
+                      np.flatnonzero(~allowed_doc_D).astype(np.int64))
 
 
 def longest_common_substring(chunk_M: np.ndarray, nbrs_KxR: np.ndarray, pad_id: int) -> int:

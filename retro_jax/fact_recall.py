@@ -60,8 +60,8 @@ def add_fact(db: str, work: str, text: str, name: str) -> tuple[int, str]:
 def self_retrieval(retrieval, db: str, chunk_ids: np.ndarray, k: int = 10) -> dict:
   """Searches each chunk by its stored embedding: is it found (top-1), does any chunk of the
   same document come back at all (top-k)?"""
-  from retro_jax.evaluate import stored_embeddings
-  q_QxD = stored_embeddings(db, chunk_ids)
+  from retro_jax.retrieval.retriever import db_embedding_rows
+  q_QxD = db_embedding_rows(db, chunk_ids)
   ids_QxK, _ = retrieval.searcher.search(q_QxD, k)
   ids_QxK = np.asarray(ids_QxK, np.int64)
   return {"found_itself": int((ids_QxK[:, 0] == chunk_ids).sum()),
@@ -71,29 +71,12 @@ def self_retrieval(retrieval, db: str, chunk_ids: np.ndarray, k: int = 10) -> di
 
 def greedy(model, cfg, prompt: Sequence[int], retrieve_fn, new_tokens: int) -> list[int]:
   """Greedy continuation: the KV-cache decoder, or full recompute for rotary-position models."""
+  from retro_jax import generate as gen
   if getattr(cfg, "positions", "relative") == "relative":
-    from retro_jax.generate import generate
-    res = generate(model, cfg, prompt, retrieve_fn, max_new_tokens=new_tokens, temperature=0.0)
+    res = gen.generate(model, cfg, prompt, retrieve_fn, max_new_tokens=new_tokens, temperature=0.0)
     return [int(t) for t in res.new_ids]
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  m, total = cfg.chunk_size, len(prompt) + new_tokens
-  T = -(-total // m) * m
-  graphdef, state = nnx.split(model)
-  fwd = jax.jit(lambda st, t, n: nnx.merge(graphdef, st)(t, n))
-  ids = list(prompt)
-  nbrs = np.full((T // m, cfg.num_neighbours, cfg.neighbour_len), cfg.pad_id, np.int32)
-  done = 0
-  while len(ids) < total:
-    while retrieve_fn is not None and (done + 1) * m <= len(ids):  # chunk `done` completed
-      nbrs[done] = np.asarray(retrieve_fn(np.asarray(ids[done * m:(done + 1) * m], np.int32)))
-      done += 1
-    toks = np.full((1, T), cfg.pad_id, np.int32)
-    toks[0, :len(ids)] = ids
-    logits = fwd(state, jnp.asarray(toks), None if retrieve_fn is None else jnp.asarray(nbrs[None]))
-    ids.append(int(np.argmax(np.asarray(logits[0, len(ids) - 1]))))
-  return ids[len(prompt):]
+  return [int(t) for t in gen.FullRecompute(model, cfg).generate(prompt, retrieve_fn,
+                                                                   new_tokens)["new_ids"]]
 
 
 def true_continuation_nll(model, cfg, prompt: Sequence[int], truth: Sequence[int],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.decode import Decoder
@@ -173,6 +175,57 @@ def generate(model, config: RetroConfig, prompt_ids: Sequence[int],
   secs["decode"] = time.perf_counter() - t0 - (secs["retrieval"] - t_ret)
   return GenerateResult(prompt_ids=prompt, new_ids=new, retrievals=retrievals,
                         stopped_at_eos=stopped, seconds=secs)
+
+
+class FullRecompute:
+  """Greedy generation recomputing every position per token with the model's own forward: the
+  reference the KV-cache decoder is benchmarked against (bench/generate_speed.py), and the way to
+  decode models the incremental `Decoder` does not support (rotary positions, e.g. a retrofitted
+  Llama). Same retrieval protocol as `generate`."""
+
+  def __init__(self, model, config: RetroConfig):
+    self.config = config
+    graphdef, state = nnx.split(model)
+    self.state = state
+    self.fwd = jax.jit(lambda s, t, n: nnx.merge(graphdef, s)(t, n))
+
+  def forward(self, ids: list[int], nbrs_LxKxR: np.ndarray | None) -> jax.Array:
+    """Logits after the last of `ids` (None: retrieval off)."""
+    m, t = self.config.chunk_size, len(ids)
+    l = math.ceil(t / m)
+    tokens = np.full((1, l * m), self.config.pad_id, np.int32)
+    tokens[0, :t] = ids
+    nbrs = None if nbrs_LxKxR is None else nbrs_LxKxR[None, :l]
+    return self.fwd(self.state, tokens, nbrs)[0, t - 1]
+
+  def padded_nbrs(self, max_len: int, k: int) -> np.ndarray:
+    c = self.config
+    return np.full((math.ceil(max_len / c.chunk_size), k, c.neighbour_len), c.pad_id, np.int32)
+
+  def generate(self, prompt: list[int], retrieve_fn: RetrieveFn | None, n: int,
+               k: int | None = None) -> dict:
+    """n greedy tokens after `prompt`; {"new_ids", "seconds", "retrieval_seconds"}."""
+    m = self.config.chunk_size
+    ids = list(prompt)
+    nbrs = None
+    if retrieve_fn is not None:
+      nbrs = self.padded_nbrs(len(prompt) + n, k or self.config.num_neighbours)
+    t_ret = 0.0
+    t0 = time.perf_counter()
+    for u in range(len(ids) // m if retrieve_fn is not None else 0):
+      t1 = time.perf_counter()
+      nbrs[u] = retrieve_fn(np.asarray(ids[u * m:(u + 1) * m], np.int32))
+      t_ret += time.perf_counter() - t1
+    for i in range(n):
+      tok = int(jnp.argmax(self.forward(ids, nbrs)))
+      ids.append(tok)
+      if retrieve_fn is not None and i < n - 1 and len(ids) % m == 0:  # it completes a chunk
+        u = len(ids) // m - 1
+        t1 = time.perf_counter()
+        nbrs[u] = retrieve_fn(np.asarray(ids[u * m:(u + 1) * m], np.int32))
+        t_ret += time.perf_counter() - t1
+    return {"seconds": time.perf_counter() - t0, "retrieval_seconds": t_ret,
+            "new_ids": ids[len(prompt):]}
 
 
 # ------------------------------------------------------------------------------------------------

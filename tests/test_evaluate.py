@@ -99,8 +99,7 @@ def test_searched_neighbours_refetch_and_drop_disallowed(tmp_path_factory):
   # Allow a single training document: most candidates are dropped, refetching must find its chunks.
   allowed = np.zeros(store.num_docs, bool)
   allowed[int(np.flatnonzero(~store.doc_heldout)[5])] = True
-  got = ev.searched_neighbours(retriever, store, str(db), q_ids, 3, allowed, overfetch=1,
-                               max_fetch=store.num_chunks)
+  got = ev.searched_neighbours(retriever, store, str(db), q_ids, 3, allowed)
   want = ev.exact_neighbours(store, str(db), q_ids, 3, allowed)
   n_allowed = int(np.isin(store.doc_ids(np.arange(store.num_chunks)), np.flatnonzero(allowed)).sum())
   assert ((got >= 0).sum(1) == min(3, n_allowed)).all()

@@ -104,6 +104,18 @@ def test_retrieval_off_is_greedy_without_neighbours(model_and_config, retrieval)
   np.testing.assert_array_equal(np.asarray(out.new_ids), argmax[len(prompt_ids) - 1:])
 
 
+@pytest.mark.parametrize("retrieve", [True, False])
+def test_full_recompute_decodes_the_same_greedy_tokens(model_and_config, retrieval, retrieve):
+  """`FullRecompute` (for models the KV-cache decoder does not support) = the cached decoder."""
+  model, config = model_and_config
+  prompt_ids = retrieval.tokenizer.encode(PROMPT)
+  fn = retrieval if retrieve else None
+  n = 2 * config.chunk_size - len(prompt_ids) + 3  # crosses a chunk boundary
+  cached = gen.generate(model, config, prompt_ids, fn, max_new_tokens=n, temperature=0.0).new_ids
+  full = gen.FullRecompute(model, config).generate(prompt_ids, fn, n)["new_ids"]
+  assert full == cached
+
+
 def test_nucleus_keeps_the_smallest_set_reaching_top_p_and_tempers():
   probs = np.array([0.5, 0.3, 0.15, 0.05])
   logits = jnp.log(jnp.asarray(probs))[None]

@@ -125,10 +125,12 @@ def _compact(ids_QxF: np.ndarray, keep_QxF: np.ndarray, k: int) -> np.ndarray:
 
 
 def search_block(retriever, store, queries_QxD: np.ndarray, query_ids_Q: np.ndarray, k: int,
-                 heldout_docs: np.ndarray) -> np.ndarray:
-  """int64 [Q, k]: nearest chunks not of the query's own document nor of a held-out document."""
+                 excluded_docs: np.ndarray) -> np.ndarray:
+  """int64 [Q, k]: nearest chunks not of the query's own document nor of `excluded_docs` (the
+  held-out documents here; evaluation adds those outside its database fraction). `retriever` is
+  anything with `Retriever.search` and `size` (the in-process Retriever or the gRPC service)."""
   own_docs_Q = np.asarray(store.doc_ids(query_ids_Q), np.int64)
-  if heldout_docs.size == 0:
+  if excluded_docs.size == 0:
     ids, _ = retriever.search(queries_QxD, k, own_docs_Q)
     return np.asarray(ids, np.int64)
   fetch = 2 * k
@@ -142,7 +144,7 @@ def search_block(retriever, store, queries_QxD: np.ndarray, query_ids_Q: np.ndar
     valid = ids >= 0
     docs = np.full(ids.shape, -1, np.int64)
     docs[valid] = store.doc_ids(ids[valid])
-    keep = valid & ~np.isin(docs, heldout_docs)
+    keep = valid & ~np.isin(docs, excluded_docs)
     out_QxK[rows] = _compact(ids, keep, k)
     # Rows still short of k whose search was not exhausted get a larger fetch.
     short = (keep.sum(1) < k) & (valid.sum(1) == ids.shape[1])

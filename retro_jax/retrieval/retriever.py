@@ -72,6 +72,20 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
           if select is None or select(t[0])]
 
 
+def db_embedding_rows(db_dir: str, ids_N: np.ndarray) -> np.ndarray:
+  """float32 [N, D]: the database's stored embeddings of these global chunk ids (memory-mapped
+  reads of the rows asked for; the shards are never loaded whole)."""
+  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
+  ids_N = np.asarray(ids_N, np.int64)
+  out = np.empty((len(ids_N), embs[0][0].shape[1]), np.float32)
+  offs = np.array([o for _, o in embs], np.int64)
+  which = np.searchsorted(offs, ids_N, side="right") - 1
+  for j in np.unique(which):
+    m = which == j
+    out[m] = embs[j][0][ids_N[m] - offs[j]]
+  return out
+
+
 def embedding_paths(db_dir: str) -> list[str]:
   """The embedding shards of a database: `DB/embeddings/shard-XXXXX.npy`, in shard order."""
   return [p for _, p, _ in db_embedding_shards(db_dir)]
