@@ -49,6 +49,14 @@ _FAISS = flags.DEFINE_string("faiss_factories", "IVF286,PQ192x4fs,RFlat;IVF572,P
 _NPROBE = flags.DEFINE_list("faiss_nprobe", ["8", "16", "24", "32", "48", "64", "96"], "nprobe.")
 _KFACTOR = flags.DEFINE_list("faiss_k_factor", ["2", "4", "8"], "RFlat rerank factor.")
 _OUT = flags.DEFINE_string("out", "bench/results/ann_recall.json", "Results file.")
+_DOC_PREFIX = flags.DEFINE_string(
+    "doc_prefix", "", "Keep only the chunks of documents whose key starts with this (for example "
+    "'linux-doc:' = the kernel docs alone, the corpus of the anchors in ../shared/benchmarking.md); "
+    "needs --chunks. Empty: every embedding row.")
+_CHUNKS = flags.DEFINE_string("chunks", "runs/default_db/chunks",
+                              "The chunk store whose chunk ids are the embedding rows.")
+_MAX_POINTS = flags.DEFINE_integer("max_points", 0, "Random subset of this many rows (seed 1) "
+                                   "before the held-out split (0: all); 84070 = the anchors' size.")
 K = 10
 
 
@@ -87,6 +95,22 @@ def main(argv):
   if unfinished:
     raise ValueError(f"Embedding shards still being written: {unfinished}; wait for the embed stage.")
   all_NxD = np.concatenate([np.load(p, mmap_mode="r") for p in paths]).astype(np.float32)
+  subset = {}
+  if _DOC_PREFIX.value:
+    from retro_jax.data.chunk_store import ChunkStore
+    store = ChunkStore.open(_CHUNKS.value)
+    doc_N = np.concatenate([store.shard_doc_ids(i) for i in range(store.num_shards)])
+    if len(doc_N) != len(all_NxD):
+      raise ValueError(f"{_CHUNKS.value} has {len(doc_N)} chunks, the embeddings {len(all_NxD)} rows")
+    docs = np.unique(doc_N)
+    keep_docs = docs[[store.doc_key(int(d)).startswith(_DOC_PREFIX.value) for d in docs]]
+    all_NxD = all_NxD[np.isin(doc_N, keep_docs)]
+    subset.update(doc_prefix=_DOC_PREFIX.value, documents=int(len(keep_docs)),
+                  chunks=int(len(all_NxD)))
+  if _MAX_POINTS.value and _MAX_POINTS.value < len(all_NxD):
+    pick = np.sort(np.random.default_rng(1).choice(len(all_NxD), _MAX_POINTS.value, replace=False))
+    all_NxD = all_NxD[pick]
+    subset.update(random_rows=_MAX_POINTS.value)
   n_all, dim = all_NxD.shape
   rng = np.random.default_rng(0)
   held = np.zeros(n_all, bool)
@@ -197,7 +221,8 @@ def main(argv):
 
   results = {
       "benchmark": "ann_recall",
-      "embeddings": _EMB.value, "files": len(paths), "database_size": n, "dim": dim,
+      "embeddings": _EMB.value, "files": len(paths), "subset": subset or None,
+      "database_size": n, "dim": dim,
       "num_queries": len(queries_QxD), "k": K, "threads": _THREADS.value,
       "repeats": _REPEATS.value, "qps_statistic": "median over alternating rounds",
       "host": platform.node(), "cpu_count": os.cpu_count(),
