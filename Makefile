@@ -65,7 +65,7 @@ aot: $(STAMP)
 demo: db
 	JAX_PLATFORMS=cpu $(PY) -m retro_jax.demo --db=runs/default_db --out=runs/demo
 
-# Issue 6's example: a tiny RETRO trained with the copy curriculum (experiments/copy_tiny.py, ~25
+# Issue 6's example: a tiny RETRO trained with the copy curriculum (experiments/copy_tiny.py, ~16
 # min) completes a fact that only the database holds, with retrieval on, not off, nor after the
 # document's removal (results: bench/results/fact_recall.json).
 .PHONY: example
