@@ -60,7 +60,8 @@ def topology_devices(name: str):
 def compile_step(size: str, topology: str, per_chip_batch: int, seq_len: int, mesh_shape,
                  dtype: str, remat: bool, retrieval: bool, q_block: int = 512) -> dict:
   generation, devices = topology_devices(topology)
-  cfg = PAPER_SIZES[size].replace(dtype=dtype, remat=remat, attention_q_block=q_block)
+  cfg = PAPER_SIZES[size].replace(dtype=dtype, remat=remat, attention_q_block=q_block,
+                                 cpu_matmul_forms=False)  # compiled for a TPU, not this CPU
   if not retrieval:
     cfg = cfg.baseline()
   mesh = make_mesh(mesh_shape, devices)

@@ -24,9 +24,10 @@ from retro_jax.model.attention import Attention
 class ChunkedCrossAttention(nnx.Module):
 
   def __init__(self, d_model: int, enc_d_model: int, num_heads: int, head_dim: int,
-               chunk_size: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               chunk_size: int, *, param_dtype=jnp.float32, cpu_forms: bool | None = None,
+               rngs: nnx.Rngs):
     self.attention = Attention(d_model, enc_d_model, num_heads, head_dim, kv_axis="enc_embed",
-                               param_dtype=param_dtype, rngs=rngs)
+                               param_dtype=param_dtype, cpu_forms=cpu_forms, rngs=rngs)
     self.chunk_size = chunk_size
 
   def __call__(self, h_BxTxD: jax.Array, enc_BxLxNxRxE: jax.Array,

@@ -23,13 +23,14 @@ class EncoderBlock(nnx.Module):
     e, pd = cfg.enc_d_model, jnp.dtype(cfg.param_dtype)
     self.self_norm = RMSNorm(e, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     self.self_attention = Attention(e, e, cfg.enc_heads, cfg.head_dim, q_axis="enc_embed",
-                                    kv_axis="enc_embed", param_dtype=pd, rngs=rngs)
+                                    kv_axis="enc_embed", param_dtype=pd,
+                                    cpu_forms=cfg.cpu_matmul_forms, rngs=rngs)
     if cross_attention:
       self.cross_norm = RMSNorm(e, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
       self.chunk_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
       self.cross_attention = Attention(e, cfg.d_model, cfg.enc_heads, cfg.head_dim,
                                        q_axis="enc_embed", kv_axis="embed", param_dtype=pd,
-                                       rngs=rngs)
+                                       cpu_forms=cfg.cpu_matmul_forms, rngs=rngs)
     else:
       self.cross_attention = None
     self.ffw_norm = RMSNorm(e, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)

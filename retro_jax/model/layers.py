@@ -34,26 +34,26 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   return y.reshape(*lead, *out)
 
 
-def _cotangent_einsum(g_spec: str, g: jax.Array, o_spec: str, o: jax.Array, out_spec: str):
+def _cotangent_einsum(g_spec: str, g: jax.Array, o_spec: str, o: jax.Array, out_spec: str,
+                      dtype) -> jax.Array:
   """g (the cotangent) contracted with o into out_spec, with g as the lhs only when the axes it
   loses are its minor ones: XLA then reads both operands in place instead of transposing g."""
   lost = [c for c in g_spec if c not in out_spec]
   if sorted(g_spec[len(g_spec) - len(lost):]) == sorted(lost):
-    return jnp.einsum(f"{g_spec},{o_spec}->{out_spec}", g, o, preferred_element_type=jnp.float32)
-  return jnp.einsum(f"{o_spec},{g_spec}->{out_spec}", o, g, preferred_element_type=jnp.float32)
+    return jnp.einsum(f"{g_spec},{o_spec}->{out_spec}", g, o, preferred_element_type=dtype)
+  return jnp.einsum(f"{o_spec},{g_spec}->{out_spec}", o, g, preferred_element_type=dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
-  """jnp.einsum of two operands (accumulated in float32, returned in out_dtype or a's dtype)
-  whose backward pass orders each gradient's operands for the CPU (see _cotangent_einsum).
+  """jnp.einsum of two operands (returned in out_dtype or a's dtype) whose backward pass orders
+  each gradient's operands for the CPU (see _cotangent_einsum); gradients in the operands' dtypes.
 
   jax's own transpose rule puts the cotangent first; for the attention logits' gradients (the
   relative-position table's, the keys') that makes XLA transpose the whole [B, H, Q, S]
   cotangent with strided writes: those copies were 9% of the reference training step.
   """
-  out = jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-  return out.astype(out_dtype or a.dtype)
+  return jnp.einsum(spec, a, b, preferred_element_type=out_dtype or a.dtype)
 
 
 def _einsum_fwd(spec, a, b, out_dtype):
@@ -64,8 +64,8 @@ def _einsum_bwd(spec, out_dtype, res, g):
   a, b = res
   ins, out = spec.split("->")
   spec_a, spec_b = ins.split(",")
-  return (_cotangent_einsum(out, g, spec_b, b, spec_a).astype(a.dtype),
-          _cotangent_einsum(out, g, spec_a, a, spec_b).astype(b.dtype))
+  return (_cotangent_einsum(out, g, spec_b, b, spec_a, a.dtype),
+          _cotangent_einsum(out, g, spec_a, a, spec_b, b.dtype))
 
 
 einsum.defvjp(_einsum_fwd, _einsum_bwd)

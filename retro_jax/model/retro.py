@@ -41,12 +41,13 @@ class DecoderBlock(nnx.Module):
     self.attn_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
     self.attn = Attention(d, d, cfg.num_heads, cfg.head_dim, param_dtype=pd,
                           positions=cfg.positions, rope_theta=cfg.rope_theta,
-                          num_kv_heads=cfg.kv_heads, rngs=rngs)
+                          num_kv_heads=cfg.kv_heads, cpu_forms=cfg.cpu_matmul_forms, rngs=rngs)
     self.q_block = cfg.attention_q_block
     if cca:
       self.cca_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
       self.cca = ChunkedCrossAttention(d, cfg.enc_d_model, cfg.num_heads, cfg.head_dim,
-                                       cfg.chunk_size, param_dtype=pd, rngs=rngs)
+                                       cfg.chunk_size, param_dtype=pd,
+                                       cpu_forms=cfg.cpu_matmul_forms, rngs=rngs)
     else:
       self.cca = None
     self.ffw_norm = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
