@@ -211,19 +211,20 @@ class FullRecompute:
     if retrieve_fn is not None:
       nbrs = self.padded_nbrs(len(prompt) + n, k or self.config.num_neighbours)
     t_ret = 0.0
-    t0 = time.perf_counter()
-    for u in range(len(ids) // m if retrieve_fn is not None else 0):
+
+    def retrieve(u: int) -> None:  # the neighbours of completed chunk u
+      nonlocal t_ret
       t1 = time.perf_counter()
       nbrs[u] = retrieve_fn(np.asarray(ids[u * m:(u + 1) * m], np.int32))
       t_ret += time.perf_counter() - t1
+
+    t0 = time.perf_counter()
+    for u in range(len(ids) // m if retrieve_fn is not None else 0):
+      retrieve(u)
     for i in range(n):
-      tok = int(jnp.argmax(self.forward(ids, nbrs)))
-      ids.append(tok)
+      ids.append(int(jnp.argmax(self.forward(ids, nbrs))))
       if retrieve_fn is not None and i < n - 1 and len(ids) % m == 0:  # it completes a chunk
-        u = len(ids) // m - 1
-        t1 = time.perf_counter()
-        nbrs[u] = retrieve_fn(np.asarray(ids[u * m:(u + 1) * m], np.int32))
-        t_ret += time.perf_counter() - t1
+        retrieve(len(ids) // m - 1)
     return {"seconds": time.perf_counter() - t0, "retrieval_seconds": t_ret,
             "new_ids": ids[len(prompt):]}
 

@@ -35,9 +35,9 @@ class RetroConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: bool = False  # jax.checkpoint each decoder block (pod-scale memory).
   attention_q_block: int = 0  # >0: self-attention in query blocks of this size (O(block*T) memory).
-  # Attention contractions in the forms XLA:CPU runs fastest (layers.einsum, B and H batch axes
-  # for the position logits); None: when jax's default backend is the CPU. On TPU these forms
-  # cost 1.35 GiB more per chip (172M on v5e:4x4), so ahead-of-time TPU compiles pass False.
+  # The attention in the forms XLA:CPU runs fastest (2-D projections, layers.einsum, B and H as
+  # batch axes of the position logits); None: when jax's default backend is the CPU. Compiled for
+  # TPU they cost 1.35 GiB more per chip (172M on v5e:4x4), so aot_compile passes False.
   cpu_matmul_forms: bool | None = None
   # Llama-architecture decoders (a pretrained baseline to retrofit, e.g. SmolLM2). The defaults are
   # the paper's decoder; CCA and the neighbour encoder always use relative positions and GELU.

@@ -20,18 +20,28 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequenc
   return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
 
 
-def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
-  """Contracts the last n_in axes of x with the first n_in axes of w, as one 2-D matmul.
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, *, flatten: bool = True) -> jax.Array:
+  """Contracts the last n_in axes of x with the first n_in axes of w: x [..., *in] @ w [*in, *out]
+  -> [..., *out], in x's dtype.
 
-  x [..., *in] @ w [*in, *out] -> [..., *out]. Flattening first matters on the CPU: an einsum with
-  several batch-like axes ("...d,df->...f", "bqd,dhk->bqhk") makes XLA transpose the activation
-  gradient for the weight gradient inside a loop fusion (strided writes): the encoder's
-  feed-forward backward ran 2x slower that way (bench/results/train_step.json).
+  flatten=True does it as one 2-D matmul over x's leading axes flattened. That matters on the CPU:
+  an einsum with several batch-like axes ("...d,df->...f", "bqd,dhk->bqhk") made XLA transpose
+  each activation gradient for the weight gradient inside the loop fusion producing it (strided
+  writes; the encoder feed-forward's fwd+bwd at [64, 128, 512] x 2048 took 738 ms against 356 ms
+  flattened). flatten=False is the plain tensordot (the same HLO as the einsum), for the
+  attention's projections compiled for TPU (see Attention).
   """
+  w = w.astype(x.dtype)
+  if not flatten:
+    return jnp.tensordot(x, w, n_in)
   lead, k = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
-  out = w.shape[n_in:]
-  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype))
-  return y.reshape(*lead, *out)
+  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1))
+  return y.reshape(*lead, *w.shape[n_in:])
+
+
+def use_cpu_forms(setting: bool | None) -> bool:
+  """RetroConfig.cpu_matmul_forms resolved: None means "when jax's default backend is the CPU"."""
+  return jax.default_backend() == "cpu" if setting is None else setting
 
 
 def _cotangent_einsum(g_spec: str, g: jax.Array, o_spec: str, o: jax.Array, out_spec: str,
