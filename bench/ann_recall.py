@@ -51,7 +51,7 @@ _KFACTOR = flags.DEFINE_list("faiss_k_factor", ["2", "4", "8"], "RFlat rerank fa
 _OUT = flags.DEFINE_string("out", "bench/results/ann_recall.json", "Results file.")
 _DOC_PREFIX = flags.DEFINE_string(
     "doc_prefix", "", "Keep only the chunks of documents whose key starts with this (for example "
-    "'linux-doc:' = the kernel docs alone, the corpus of the anchors in ../shared/benchmarking.md); "
+    "'linux-doc:' = the kernel docs alone, the corpus of the reference figures in docs/benchmarks.md); "
     "needs --chunks. Empty: every embedding row.")
 _CHUNKS = flags.DEFINE_string("chunks", "runs/default_db/chunks",
                               "The chunk store whose chunk ids are the embedding rows.")
@@ -97,7 +97,7 @@ def main(argv):
   all_NxD = np.concatenate([np.load(p, mmap_mode="r") for p in paths]).astype(np.float32)
   subset = {}
   if _DOC_PREFIX.value:
-    from retro_jax.data.chunk_store import ChunkStore
+    from retro_jax.db.chunk_store import ChunkStore
     store = ChunkStore.open(_CHUNKS.value)
     doc_N = np.concatenate([store.shard_doc_ids(i) for i in range(store.num_shards)])
     if len(doc_N) != len(all_NxD):

@@ -7,7 +7,7 @@ PY=${PY:-.venv/bin/python}
 OUT=bench/results/aot_compile.jsonl
 mkdir -p bench/results
 [ "${APPEND:-0}" = 1 ] || : > "$OUT"
-run() { "$PY" -m retro_jax.aot_compile --json_out="$OUT" "$@" 2>&1 | grep -v -E '^(W|I|E)[0-9]{4} |^WARNING: Logging|^=== |^learning/'; }
+run() { "$PY" -m retro_jax.aot_compile --out="$OUT" "$@" 2>&1 | grep -v -E '^(W|I|E)[0-9]{4} |^WARNING: Logging|^=== |^learning/'; }
 # v5e (16 GiB HBM) needs self-attention in query blocks of 512; v5p (95 GiB) runs it whole.
 [ -n "${ONLY_V5P:-}" ] || {
 run --size=172m --topology=v5e:4x4   --per_chip_batch=4

@@ -6,7 +6,7 @@ Texts: chunks of the default database (`runs/default_db`, when its READY file ex
 Linux kernel documentation cut into ~280-character pieces (about one 64-token SentencePiece chunk).
 Settings (dtype x bucketed x batch size) alternate round by round on the same texts; chunks/s is the
 median over rounds, after a warm-up that compiles every shape. Cosine is against the fp32 bucketed
-result. PyTorch reference on this CPU (../shared/benchmarking.md): 63.6 chunks/s fp32, 154 bf16.
+result. The PyTorch reference figures on this CPU: 63.6 chunks/s fp32, 154 bf16.
 Target: >= 160 chunks/s with cosine >= 0.9999 to fp32.
 """
 from __future__ import annotations
@@ -53,8 +53,8 @@ def kernel_doc_pieces(n: int, chars: int = 280, seed: int = 0) -> list[str]:
 
 
 def db_chunk_texts(db: pathlib.Path, n: int, seed: int = 0) -> list[str]:
-  from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.data import tokenizer as tokenizer_lib
+  from retro_jax.db import chunk_store as chunk_store_lib
+  from retro_jax.db import tokenizer as tokenizer_lib
   store = chunk_store_lib.ChunkStore.open(db)
   tokenizer = tokenizer_lib.Tokenizer.load(db / "tokenizer" / "spm.model")
   ids = np.sort(np.random.default_rng(seed).choice(store.num_chunks, size=n, replace=False)).astype(np.int64)

@@ -29,11 +29,11 @@ flags.DEFINE_string("out", "bench/results/eval_retrievers.json", "results JSON")
 
 def main(argv):
   del argv
-  from retro_jax import checkpoint as ckpt_lib
-  from retro_jax import evaluate as ev
-  from retro_jax.data.chunk_store import ChunkStore
+  from retro_jax.training import checkpoint as ckpt_lib
+  from retro_jax.evaluation import bpb as ev
+  from retro_jax.db.chunk_store import ChunkStore
   from retro_jax.retrieval import retriever as retriever_lib
-  from retro_jax.retrieval import serve as serve_lib
+  from retro_jax.retrieval import shard_server as serve_lib
 
   _, cfg, info = ckpt_lib.load_model(FLAGS.workdir)
   db = FLAGS.db or info["db"]

@@ -9,11 +9,11 @@ Model: a randomly initialised RETRO (speed does not depend on the weights): d_mo
 database tokenizer's (32,000 for runs/db_fresh), chunk m = 64, k = 2 neighbours of r = 128, fp32.
 Prompt: the first 64 tokens of a fixed text (one complete chunk). Decoding is greedy.
 
-Retrieval is real: `retro_jax.generate.DatabaseRetrieval` on the database (MiniLM embedding of the
+Retrieval is real: `retro_jax.sampling.generate.DatabaseRetrieval` on the database (MiniLM embedding of the
 chunk text, in-process ScaNN `Retriever` over all shards, exact rescoring, gather of chunk +
 continuation from the chunk store), once per completed chunk, in both modes.
 
-  * cached: `retro_jax.generate.generate` with a `Decoder` of max_len = prompt + N (compiled in a
+  * cached: `retro_jax.sampling.generate.generate` with a `Decoder` of max_len = prompt + N (compiled in a
     warm-up run of the same length, then timed).
   * full recompute: at every token, the jitted `model(tokens, neighbours)` over all tokens so far,
     padded to the next multiple of m (one compile per padded length, all compiled before timing),
@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import matmul_gflops  # noqa: E402
-from retro_jax import generate as gen  # noqa: E402
+from retro_jax.sampling import generate as gen  # noqa: E402
 from retro_jax.model import Retro, RetroConfig  # noqa: E402
 from retro_jax.model.decode import Decoder  # noqa: E402
 
@@ -74,7 +74,7 @@ def loadavg() -> list[float]:
 
 
 class TimedFullRecompute(gen.FullRecompute):
-  """`retro_jax.generate.FullRecompute` plus the per-length forward timing the model rows use."""
+  """`retro_jax.sampling.generate.FullRecompute` plus the per-length forward timing the model rows use."""
 
   def time_forward(self, t: int, k: int, reps: int) -> float:
     """Median seconds of one forward over t tokens (neighbours present), after a compile call."""

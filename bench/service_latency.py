@@ -41,6 +41,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from retro_jax.db import layout  # noqa: E402
 
 _DB = flags.DEFINE_string("db", "runs/db_fresh", "Source database (read only).")
 _WORK = flags.DEFINE_string("work", "/tmp/retro_service_bench", "Scratch directory (cached).")
@@ -138,7 +139,7 @@ def worker() -> None:
 
 def prepare(db: str, work: str, n_shards: int) -> tuple[str, str]:
   """(chunk-store DB copy, index root with n_shards document-aligned ScaNN shards)."""
-  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.db import chunk_store as chunk_store_lib
   from retro_jax.retrieval import index as index_lib
   from retro_jax.retrieval import retriever as retriever_lib
   db_copy = os.path.join(work, "db")
@@ -157,7 +158,7 @@ def prepare(db: str, work: str, n_shards: int) -> tuple[str, str]:
   os.makedirs(root, exist_ok=True)
   src = [(p, o) for _, p, o in retriever_lib.db_embedding_shards(db)]
   for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
-    out = retriever_lib.shard_dir(root, i)
+    out = str(layout.index_shard_dir(root, i))
     emb = os.path.join(root, f"emb-{i:05d}.npy")
     try:
       m = index_lib.read_manifest(out)
@@ -184,10 +185,10 @@ def prepare(db: str, work: str, n_shards: int) -> tuple[str, str]:
 
 def in_process_reference(db_copy: str, root: str, n_shards: int, q_QxD, excl_Q, k):
   """Expected ids (the in-process Retriever, ScaNN on one thread as the servers) and its latency."""
-  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.db import chunk_store as chunk_store_lib
   from retro_jax.retrieval import retriever as retriever_lib
   store = chunk_store_lib.ChunkStore.open(db_copy)
-  r = retriever_lib.Retriever.load([retriever_lib.shard_dir(root, i) for i in range(n_shards)],
+  r = retriever_lib.Retriever.load([str(layout.index_shard_dir(root, i)) for i in range(n_shards)],
                                    doc_ids=store.doc_ids)
   for s in r.shards:
     s.set_num_threads(1)
@@ -232,9 +233,9 @@ def summarize(path: str, since: float | None = None) -> dict:
 
 
 def measure(n_shards: int, db: str, work: str) -> dict:
-  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.db import chunk_store as chunk_store_lib
   from retro_jax.retrieval import client as client_lib
-  from retro_jax.retrieval import serve as serve_lib
+  from retro_jax.retrieval import shard_server as serve_lib
   db_copy, root = prepare(db, work, n_shards)
   store = chunk_store_lib.ChunkStore.open(db_copy)
   rng = np.random.default_rng(0)
@@ -249,7 +250,7 @@ def measure(n_shards: int, db: str, work: str) -> dict:
   np.savez(qfile, queries=q_QxD, exclude=excl_Q, expected=want_QxK,
            expected_scores=want_scores_QxK, expected_wide=wide_QxW)
   out: dict = {"num_shards": n_shards,
-               "shard_sizes": [int(json.load(open(os.path.join(retriever_lib.shard_dir(root, i),
+               "shard_sizes": [int(json.load(open(os.path.join(str(layout.index_shard_dir(root, i)),
                                                                "manifest.json")))["count"])
                                for i in range(n_shards)],
                "in_process_single_query_ms": {

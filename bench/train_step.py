@@ -2,7 +2,7 @@ r"""Training-step throughput on this CPU: RETRO vs the same decoder without retr
 
     make bench        # = LD_PRELOAD=<libtcmalloc_minimal.so.4> python -m bench.train_step
 
-The reference configuration of ../shared/benchmarking.md: d_model 512, 8 heads, 12 layers, ffw 4x,
+The reference configuration (docs/benchmarks.md): d_model 512, 8 heads, 12 layers, ffw 4x,
 CCA at 6, 9, 12, encoder 2 x 512, sequence 512, batch 4, k = 2 neighbours of r = 128, vocabulary
 32,000, AdamW, float32, random token ids. RETRO and baseline steps alternate; medians are quoted.
 MFU = analytic model FLOPs per step (RetroConfig.flops_per_token) / step time / the float32
@@ -25,10 +25,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import matmul_gflops  # noqa: E402
-from retro_jax import optim  # noqa: E402
+from retro_jax.training import optim  # noqa: E402
 from retro_jax.model import PAPER_SIZES, RetroConfig  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
-from retro_jax.train_step import TrainStep  # noqa: E402
+from retro_jax.training.step import TrainStep  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 8, "timed steps per model (after one compile+warm-up step)")

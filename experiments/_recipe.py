@@ -1,7 +1,7 @@
 """The paper's training recipe, shared by the experiment files (ml_collections ConfigDicts)."""
 import ml_collections
 
-from retro_jax import experiment
+from retro_jax.training import experiment
 
 # 419.4B tokens per model; batch 256 x 2048 (1024 for 7.5B); AdamW, weight decay 0.1; linear
 # warm-up from 1e-7 over 750 steps, cosine decay to 0.1x; max LR 2e-4 (1e-4 for 7.5B).

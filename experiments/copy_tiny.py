@@ -1,7 +1,7 @@
 """The tiny RETRO trained to copy from its neighbours (the retrieval example of the README).
 
     python -m retro_jax.train --config=experiments/copy_tiny.py --workdir=runs/copy
-    python -m retro_jax.fact_recall --checkpoint=runs/copy --db=runs/default_db --work=runs/fact
+    python -m retro_jax.fact_recall --workdir=runs/copy --db=runs/default_db --scratch=runs/fact
 
 experiments/tiny.py with the copy curriculum: half of the training chunks get themselves (the chunk
 and its true continuation) as neighbour 0, the other neighbour being the first stored one (other

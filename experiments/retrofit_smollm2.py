@@ -1,11 +1,10 @@
 """RETROfit SmolLM2-135M on the default corpus: frozen pretrained decoder, new CCA + encoder.
 
-    python -m retro_jax.build_db --corpus=default --tokenizer=smollm2 --out=runs/smollm2_db
-    python -m retro_jax.pretrained.export_smollm2 --out=runs/smollm2_baseline
-    python -m retro_jax.retrofit --baseline=runs/smollm2_baseline \
-        --config=experiments/retrofit_smollm2.py --workdir=runs/smollm2_retrofit
+    python -m retro_jax.build_db --corpus=default --tokenizer=smollm2 --db=runs/smollm2_db
+    python -m retro_jax.pretrained.export_smollm2 --workdir=runs/smollm2_baseline
+    python -m retro_jax.retrofit --config=experiments/retrofit_smollm2.py --workdir=runs/smollm2_retrofit
 
-The paper's retrofit (../shared/paper.md): CCA every 3rd layer from 6 (6, 9, ..., 30 of SmolLM2's
+The paper's retrofit: CCA every 3rd layer from 6 (6, 9, ..., 30 of SmolLM2's
 30), a 2-layer neighbour encoder, k = 2 neighbours of r = 128 tokens, only CCA and encoder trained,
 AdamW with LR 2e-4 cosine-decayed to 2e-5 (optim: 0.1x) after a short linear warm-up.
 Sized for this 2-core CPU: encoder width 384 (6 heads of 64; the paper's is 896), sequences of
@@ -16,7 +15,7 @@ machine; results in bench/results/retrofit_smollm2.json). The paper's retrofit s
 """
 import ml_collections
 
-from retro_jax import experiment
+from retro_jax.training import experiment
 
 
 def get_config():
@@ -27,7 +26,7 @@ def get_config():
       encoder_layers=2, encoder_d_model=384))
   c.retrieval = True
   c.db = "runs/smollm2_db"  # built with SmolLM2's byte-level BPE (build_db --tokenizer=smollm2)
-  c.init_from = "runs/smollm2_baseline"  # retrofit's --baseline overrides it
+  c.init_from = "runs/smollm2_baseline"  # the baseline model directory
   c.train_only = "retrieval"
   c.seq_len = 512
   c.global_batch = 2

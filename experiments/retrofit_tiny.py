@@ -2,8 +2,7 @@
 
     python -m retro_jax.train --config=experiments/tiny.py --config.retrieval=false \
         --workdir=runs/demo/baseline
-    python -m retro_jax.retrofit --baseline=runs/demo/baseline \
-        --config=experiments/retrofit_tiny.py --workdir=runs/demo/retrofit
+    python -m retro_jax.retrofit --config=experiments/retrofit_tiny.py --workdir=runs/demo/retrofit
 
 The model fields are experiments/tiny.py's with retrieval (CCA at layers 2 and 4 of 4: the tiny
 model has no layer 6, so not the paper's every-3rd-from-6), encoder 2 x 128, k = 2, r = 128; only
@@ -22,7 +21,7 @@ def get_config():
   c = tiny.get_config()  # same decoder, database, batch and sequence length as the baseline
   c.model_overrides = ml_collections.ConfigDict(dict(c.model_overrides))
   c.retrieval = True
-  c.init_from = "runs/demo/baseline"  # retrofit's --baseline overrides it
+  c.init_from = "runs/demo/baseline"  # the baseline model directory (--config.init_from=...)
   c.train_only = "retrieval"
   c.total_steps = 112
   c.warmup_steps = 10

@@ -6,7 +6,7 @@
 """
 import ml_collections
 
-from retro_jax import experiment
+from retro_jax.training import experiment
 
 
 def get_config():

@@ -1,255 +1,43 @@
-r"""One command for the whole retrieval database: corpus -> tokenizer -> chunks -> embeddings ->
-index -> training neighbours.
+r"""Build a retrieval database: corpus -> tokenizer -> chunks -> embeddings -> index -> neighbours.
 
-    python -m retro_jax.build_db --corpus=default --out=runs/default_db
-    python -m retro_jax.build_db --corpus=default --out=/tmp/tiny_db --max_docs=200 --vocab_size=2000
-    python -m retro_jax.build_db --corpus=default --out=runs/smollm2_db --tokenizer=smollm2
+    python -m retro_jax.build_db --corpus=default --db=runs/default_db
+    python -m retro_jax.build_db --corpus=DIR_OR_JSONL --db=/tmp/small_db --max_docs=200 --vocab_size=2000
+    python -m retro_jax.build_db --corpus=default --db=runs/smollm2_db --tokenizer=smollm2
 
-Each stage is the other modules' stage function (retro_jax.data.prepare, retro_jax.retrieval.embed,
-retro_jax.retrieval.index, retro_jax.data.neighbours), each restartable; a stage whose outputs are
-all finished is skipped without being entered, so a rerun of a finished build does nothing. Wall
-times per stage are printed and written to `OUT/build_times.json`.
-
-On a pod, every host runs the same command with its `--shard_index/--num_shards`; the stages that
-need every host's output (the chunk-store manifest, the index offsets, the neighbours' search over
-all index shards) need a barrier in between: run with `--stages=tokenizer` on one host, then
-`--stages=chunks` on all (and `--stages=finalize` on one), then `--stages=embeddings,index`, then
-`--stages=neighbours`. A stage whose inputs are not all finished stops with an error naming them.
+Every stage is restartable and a finished one is skipped (retro_jax.db.build); stage times go to
+DB/build_times.json.
 """
-
-from __future__ import annotations
-
-import json
-import os
-import pathlib
-import time
-from typing import Any, Callable
-
 from absl import app, flags
-from retro_jax.progress_files import write_json_atomic
+
+from retro_jax.db import build
 from retro_jax.retrieval import index as index_lib
 
-STAGES = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
-TIMES_FILE = "build_times.json"
+FLAGS = flags.FLAGS
+flags.DEFINE_string("db", None, "retrieval database directory to build", required=True)
+flags.DEFINE_string("corpus", "default", "corpus spec (retro_jax/db/corpus.py)")
+flags.DEFINE_integer("vocab_size", 8192, "SentencePiece vocabulary size")
+flags.DEFINE_string("tokenizer", None, "an existing SentencePiece .model to use instead of "
+                    "training one, or a pretrained byte-level BPE: 'smollm2' (or a saved bpe.json)")
+flags.DEFINE_integer("chunk_size", 64, "tokens per chunk")
+flags.DEFINE_integer("docs_per_shard", 4096, "documents per chunk-store shard")
+flags.DEFINE_float("heldout_fraction", 0.01, "fraction of documents held out (by document)")
+flags.DEFINE_integer("seed", 0, "seed of the held-out split and tokenizer sampling")
+flags.DEFINE_integer("max_docs", None, "keep only the first N documents")
+flags.DEFINE_integer("shard_index", 0, "this host's index among num_shards")
+flags.DEFINE_integer("num_shards", 1, "number of hosts splitting each stage")
+flags.DEFINE_list("stages", list(build.STAGES),
+                  f"stages to run, in order, from {build.STAGES} (+ 'finalize')")
+flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "embedder matmul dtype")
+flags.DEFINE_integer("embed_batch_size", 32, "embedder rows per forward call")
+flags.DEFINE_enum("backend", index_lib.DEFAULT_BACKEND, list(index_lib.BACKENDS), "index backend")
+flags.DEFINE_integer("k", 2, "training neighbours per chunk")
 
-class BuildError(RuntimeError):
-  """A stage whose inputs are not finished (e.g. another host's shard)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# "Is this stage finished?" checks (cheap; the stages themselves also skip finished shards).
-
-
-def _my_store_shards(db: pathlib.Path, shard_index: int, num_shards: int) -> list[tuple[int, int, int]]:
-  from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.data import neighbours as neighbours_lib
-  store = chunk_store_lib.ChunkStore.open(db)
-  return [s for s in neighbours_lib.store_shards(store) if s[0] % num_shards == shard_index]
-
-
-def _embeddings_done(db: pathlib.Path, shards) -> bool:
-  for shard, _, _ in shards:
-    p = db / "embeddings" / f"shard-{shard:05d}.progress.json"
-    if not p.exists() or not json.loads(p.read_text()).get("done"):
-      return False
-  return True
-
-
-def _index_done(db: pathlib.Path, backend: str, shards) -> bool:
-  from retro_jax.retrieval import index as index_lib
-  return all((db / "index" / backend / f"shard-{s:05d}" / index_lib.MANIFEST).exists()
-             for s, _, _ in shards)
-
-
-def is_done(stage: str, db: pathlib.Path, cfg: dict[str, Any]) -> bool:
-  from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.data import neighbours as neighbours_lib
-  from retro_jax.data import prepare as prepare_lib
-  if stage == "tokenizer":
-    want = (prepare_lib.BPE_TOKENIZER_PATH if prepare_lib.is_bpe_tokenizer(cfg["tokenizer"])
-            else prepare_lib.TOKENIZER_PATH)
-    return (db / want).exists()
-  if stage in ("chunks", "finalize"):
-    return (db / prepare_lib.CHUNKS_DIR / chunk_store_lib.MANIFEST).exists()
-  if not is_done("chunks", db, cfg):
-    return False
-  shards = _my_store_shards(db, cfg["shard_index"], cfg["num_shards"])
-  if stage == "embeddings":
-    return _embeddings_done(db, shards)
-  if stage == "index":
-    return _index_done(db, cfg["backend"], shards)
-  if stage == "neighbours":
-    return all(neighbours_lib.shard_is_done(db, s) for s, _, _ in shards)
-  raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES + ('finalize',)}.")
-
-
-# ------------------------------------------------------------------------------------------------
-# Stages.
-
-
-def _stage_tokenizer(db: pathlib.Path, cfg: dict[str, Any]) -> None:
-  from retro_jax.data import prepare as prepare_lib
-  prepare_lib.build_tokenizer(cfg["corpus"], db, vocab_size=cfg["vocab_size"], seed=cfg["seed"],
-                              heldout_fraction=cfg["heldout_fraction"], max_docs=cfg["max_docs"],
-                              tokenizer_path=cfg["tokenizer"])
-
-
-def _stage_chunks(db: pathlib.Path, cfg: dict[str, Any]) -> None:
-  from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.data import prepare as prepare_lib
-  tok = prepare_lib.load_db_tokenizer(db)
-  chunk_store_lib.build_chunk_store(
-      cfg["corpus"], db / prepare_lib.CHUNKS_DIR, tok, chunk_size=cfg["chunk_size"],
-      docs_per_shard=cfg["docs_per_shard"], heldout_fraction=cfg["heldout_fraction"],
-      seed=cfg["seed"], max_docs=cfg["max_docs"], shard_index=cfg["shard_index"],
-      num_shards=cfg["num_shards"], finalize=cfg["num_shards"] == 1)
-
-
-def _stage_finalize(db: pathlib.Path, cfg: dict[str, Any]) -> None:
-  from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.data import prepare as prepare_lib
-  chunk_store_lib.finalize_chunk_store(db / prepare_lib.CHUNKS_DIR)
-
-
-def _stage_embeddings(db: pathlib.Path, cfg: dict[str, Any]) -> None:
-  from retro_jax.retrieval import embed as embed_lib
-  from retro_jax.retrieval.embedder import Embedder
-  embedder = Embedder.load(dtype=cfg["embed_dtype"], batch_size=cfg["embed_batch_size"])
-  embed_lib.embed_chunk_store(db, embedder, shard_index=cfg["shard_index"],
-                              num_shards=cfg["num_shards"])
-
-
-def build_index_shards(db: pathlib.Path, backend: str, shard_index: int = 0,
-                       num_shards: int = 1) -> list[str]:
-  """This host's index shards (a finished shard -- manifest present, checksums and config valid --
-  is kept). Adapter for `retro_jax.retrieval.build_index.build_index`, whose module defines absl
-  flags at import (--db, --shard_index, ...) that would collide with this command's flags."""
-  import tqdm
-  from retro_jax.retrieval import index as index_lib
-  from retro_jax.retrieval import retriever as retriever_lib
-  config = index_lib.IndexConfig(backend=backend)
-  embs = retriever_lib.embedding_paths(str(db))
-  mine = _my_store_shards(db, shard_index, num_shards)
-  want = {s for s, _, _ in mine}
-  have = {int(os.path.basename(e)[len("shard-"):-len(".npy")]) for e in embs}
-  if want - have or len(have) != len(_my_store_shards(db, 0, 1)):
-    raise BuildError(f"{db}/embeddings lacks shards {sorted(want - have) or 'of other hosts'}; "
-                     "run the embeddings stage (on every host) first.")
-  offsets = index_lib.shard_offsets(embs)
-  out_dir = retriever_lib.index_dir(str(db), backend)
-  os.makedirs(out_dir, exist_ok=True)
-  done = []
-  for j, e in enumerate(tqdm.tqdm(embs, desc=f"index shards ({backend})")):
-    i = int(os.path.basename(e)[len("shard-"):-len(".npy")])
-    if i not in want:
-      continue
-    out = retriever_lib.shard_dir(out_dir, i)
-    if not _index_shard_ok(out, config, offsets[j]):
-      index_lib.build_shard(e, offsets[j], config, out)
-    done.append(out)
-  return done
-
-
-def _index_shard_ok(out: str, config, offset: int) -> bool:
-  from retro_jax.retrieval import index as index_lib
-  if not os.path.isfile(os.path.join(out, index_lib.MANIFEST)):
-    return False
-  try:
-    manifest = index_lib.read_manifest(out)
-    index_lib.verify_shard(out, manifest)
-  except index_lib.IndexError_:
-    return False
-  built = index_lib.IndexConfig.from_json(manifest["config"])
-  return built == config.resolved(manifest["count"]) and manifest["offset"] == offset
-
-
-def _stage_index(db: pathlib.Path, cfg: dict[str, Any]) -> None:
-  build_index_shards(db, cfg["backend"], cfg["shard_index"], cfg["num_shards"])
-
-
-def _stage_neighbours(db: pathlib.Path, cfg: dict[str, Any]) -> None:
-  from retro_jax.data import neighbours as neighbours_lib
-  all_shards = _my_store_shards(db, 0, 1)
-  if not _index_done(db, cfg["backend"], all_shards):
-    raise BuildError(f"{db}/index/{cfg['backend']} is missing shards (another host's?); the "
-                     "neighbours search every index shard, so build them all first.")
-  neighbours_lib.compute_neighbours(db, k=cfg["k"], backend=cfg["backend"],
-                                    shard_index=cfg["shard_index"], num_shards=cfg["num_shards"])
-
-
-_RUNNERS: dict[str, Callable[[pathlib.Path, dict[str, Any]], None]] = {
-    "tokenizer": _stage_tokenizer, "chunks": _stage_chunks, "finalize": _stage_finalize,
-    "embeddings": _stage_embeddings, "index": _stage_index, "neighbours": _stage_neighbours}
-
-# embed_batch_size 32: on 4,096 default chunks (quiet, bf16) 579 chunks/s against 483 at 64 and 553 at 16.
-DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None, chunk_size=64,
-                docs_per_shard=4096, heldout_fraction=0.01, seed=0, embed_dtype="bfloat16",
-                embed_batch_size=32, backend=index_lib.DEFAULT_BACKEND, k=2, shard_index=0, num_shards=1)
-
-
-def build(out: str | os.PathLike, stages=STAGES, **kwargs: Any) -> dict[str, Any]:
-  """Runs `stages` in order (finished ones skipped); returns and writes OUT/build_times.json."""
-  unknown = set(kwargs) - set(DEFAULTS)
-  if unknown:
-    raise TypeError(f"build() got unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
-  cfg = {**DEFAULTS, **kwargs}
-  for s in stages:
-    if s not in _RUNNERS:
-      raise ValueError(f"Unknown stage {s!r}; expected some of {tuple(_RUNNERS)}.")
-  if not 0 <= cfg["shard_index"] < cfg["num_shards"]:
-    raise ValueError(f"--shard_index={cfg['shard_index']} must be in [0, --num_shards="
-                     f"{cfg['num_shards']}).")
-  db = pathlib.Path(out)
-  db.mkdir(parents=True, exist_ok=True)
-  times_path = db / TIMES_FILE
-  previous = json.loads(times_path.read_text()).get("stages", {}) if times_path.exists() else {}
-  record: dict[str, Any] = {"settings": cfg, "stages": dict(previous)}
-  t_all = time.perf_counter()
-  for stage in stages:
-    t0 = time.perf_counter()
-    if is_done(stage, db, cfg):
-      seconds = time.perf_counter() - t0
-      prev = previous.get(stage, {})
-      record["stages"][stage] = {"seconds": seconds, "skipped": True,
-                                 "build_seconds": prev.get("build_seconds")}
-      print(f"[build_db] {stage}: already done, skipped", flush=True)
-      continue
-    print(f"[build_db] {stage}: running", flush=True)
-    _RUNNERS[stage](db, cfg)
-    seconds = time.perf_counter() - t0
-    record["stages"][stage] = {"seconds": seconds, "skipped": False, "build_seconds": seconds}
-    print(f"[build_db] {stage}: {seconds:.1f} s", flush=True)
-    write_json_atomic(times_path, record)  # After each stage, so a killed build keeps its times.
-  record["total_seconds"] = time.perf_counter() - t_all
-  record["total_build_seconds"] = sum(v.get("build_seconds") or 0.0
-                                      for v in record["stages"].values())
-  write_json_atomic(times_path, record)
-  print(f"[build_db] total {record['total_seconds']:.1f} s this run "
-        f"({record['total_build_seconds']:.1f} s of stage build time); times in {times_path}",
-        flush=True)
-  return record
-
-
-
-
-def define_flags() -> None:
-  """This command's absl flags; defined only when run as a command, so that importing the module
-  (tests, other commands) never collides with other modules' flags (--shard_index, --out, ...)."""
-  from retro_jax.data import prepare as prepare_lib
-  prepare_lib.define_store_flags()
-  flags.DEFINE_list("stages", list(STAGES),
-                    f"Stages to run, in order, from {STAGES} (+ 'finalize').")
-  flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "Embedder matmul dtype.")
-  flags.DEFINE_integer("embed_batch_size", 32, "Embedder rows per forward call.")
-  flags.DEFINE_enum("backend", index_lib.DEFAULT_BACKEND, list(index_lib.BACKENDS), "Index backend.")
-  flags.DEFINE_integer("k", 2, "Training neighbours per chunk.")
 
 def main(argv) -> None:
   del argv
-  f = flags.FLAGS
-  build(f.out, stages=tuple(f.stages), **{name: f[name].value for name in DEFAULTS})
+  build.build(FLAGS.db, stages=tuple(FLAGS.stages),
+              **{name: FLAGS[name].value for name in build.DEFAULTS})
 
 
 if __name__ == "__main__":
-  define_flags()
   app.run(main)

@@ -1,145 +1,32 @@
-r"""The CPU demo (`make demo`): train a tiny RETRO and its baseline, evaluate both, print the table.
+r"""The CPU demo (`make demo`): a tiny RETRO and its baseline, trained and evaluated.
 
     python -m retro_jax.demo [--db=runs/default_db --out=runs/demo --steps=N]
 
-On the database built by `make db`: trains experiments/tiny.py with retrieval (RETRO) and without
-(the baseline: same decoder, no CCA, no encoder) for the same steps and data, then scores both on
-the database's held-out documents (retrieval_jax.evaluate: bits-per-byte, windows of seq_len with
-stride seq_len (no overlap; --stride to change), the leakage filter with the 10 nearest training neighbours), and writes
-  OUT/results.json, OUT/results.md   the table: baseline, RETRO[OFF], RETRO[ON], each at alpha=100%
-                                     and 12.5%
-  OUT/leakage.png                    bpb(alpha) of the three
-  OUT/loss.png                       training loss of both
-Every stage is restartable: a finished training run is not redone (its checkpoint is reused), a
-killed one resumes.
+Trains experiments/tiny.py with and without retrieval on the database, scores both on its held-out
+documents and writes OUT/results.{md,json}, OUT/leakage.png and OUT/loss.png
+(retro_jax.evaluation.demo). Finished runs are reused; a killed one resumes.
 """
-from __future__ import annotations
+from absl import app, flags, logging
 
-import json
-import os
-import time
-
-from absl import app, flags
+from retro_jax.evaluation import demo
 
 FLAGS = flags.FLAGS
-
-
-def _config(db: str, steps: int | None, retrieval: bool):
-  from experiments import tiny
-  c = tiny.get_config()
-  c.db = db
-  c.retrieval = retrieval
-  if steps:
-    c.total_steps = steps
-    c.warmup_steps = min(c.warmup_steps, max(1, steps // 10))
-    c.checkpoint_every = min(c.checkpoint_every, steps)
-  return c
-
-
-def _loss_curve(workdir: str):
-  steps, losses = [], []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      r = json.loads(line)
-      steps.append(r["step"])
-      losses.append(r["loss"])
-  return steps, losses
-
-
-def plot_losses(runs: dict[str, str], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  import numpy as np
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for label, wd in runs.items():
-    s, l = _loss_curve(wd)
-    k = max(1, len(l) // 50)
-    sm = np.convolve(l, np.ones(k) / k, mode="valid")
-    ax.plot(s[k - 1:], sm, label=label)
-  ax.set_xlabel("step")
-  ax.set_ylabel("training loss (nats/token)")
-  ax.set_title("Tiny RETRO and baseline on the default database")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def table(rows: list[tuple[str, dict]]) -> str:
-  from retro_jax.evaluate import bpb_at
-  out = ["| model | retrieval | bpb, all chunks | bpb, alpha = 12.5% |", "|---|---|---|---|"]
-  for name, r in rows:
-    out.append(f"| {name} | {'on' if 'ON' in name else 'off'} | {r['bpb']:.4f} | "
-               f"{bpb_at(r, 0.125):.4f} |")
-  return "\n".join(out)
+flags.DEFINE_string("db", "runs/default_db", "retrieval database (built by `make db`)")
+flags.DEFINE_string("out", "runs/demo", "output directory")
+flags.DEFINE_integer("steps", None, "training steps per model (default: experiments/tiny.py)")
+flags.DEFINE_integer("max_docs", None, "evaluate on the first N held-out documents only")
+flags.DEFINE_integer("stride", None, "evaluation stride (default: the sequence length)")
 
 
 def main(argv):
   del argv
-  from absl import logging
   logging.set_verbosity(logging.WARNING)
-  from retro_jax import evaluate as ev
-  from retro_jax import train
-  from retro_jax.data import chunk_store as chunk_store_lib
-
-  os.makedirs(FLAGS.out, exist_ok=True)
-  t0 = time.time()
-  timings = {}
-  runs = {"RETRO": os.path.join(FLAGS.out, "retro"), "baseline": os.path.join(FLAGS.out, "baseline")}
-  last = {}
-  for name, wd in runs.items():
-    t = time.time()
-    c = _config(FLAGS.db, FLAGS.steps, retrieval=name == "RETRO")
-    print(f"== training {name} ({c.total_steps} steps of {c.global_batch} x {c.seq_len} tokens) "
-          f"in {wd}", flush=True)
-    last[name] = train.run(c, wd)
-    timings[f"train_{name}_s"] = time.time() - t
-
-  t = time.time()
-  store = chunk_store_lib.ChunkStore.open(FLAGS.db)
-  c = _config(FLAGS.db, FLAGS.steps, True)
-  print("== held-out documents: retrieving the 10 nearest training chunks of every chunk",
-        flush=True)
-  held = ev.load_heldout(store, FLAGS.db, neighbour_len=c.model_overrides.neighbour_len,
-                         max_docs=FLAGS.max_docs)
-  timings["retrieve_s"] = time.time() - t
-  # Stride = window length (no overlap) keeps the CPU demo inside its time budget; the paper's
-  # 2048 / 1024 is `python -m retro_jax.evaluate --seq_len=2048 --stride=1024`.
-  seq, stride = c.seq_len, FLAGS.stride or c.seq_len
-  t = time.time()
-  base = ev.evaluate(runs["baseline"], seq_len=seq, stride=stride, held=held, db=FLAGS.db)
-  retro = ev.evaluate(runs["RETRO"], seq_len=seq, stride=stride, held=held, db=FLAGS.db)
-  timings["evaluate_s"] = time.time() - t
-  rows = [("baseline", base["results"]["off"]), ("RETRO[OFF]", retro["results"]["off"]),
-          ("RETRO[ON]", retro["results"]["on"])]
-  ev.plot({n: r for n, r in rows}, os.path.join(FLAGS.out, "leakage.png"),
-          title="Held-out bpb against the leakage threshold alpha")
-  plot_losses(runs, os.path.join(FLAGS.out, "loss.png"))
-  timings["total_s"] = time.time() - t0
-  md = table(rows)
-  steps = c.total_steps
-  header = (f"Tiny RETRO vs baseline, {steps} steps x {c.global_batch} x {c.seq_len} tokens each, "
-            f"held-out: {held.chunk_ids_C.size} chunks of {len(held.doc_tokens)} documents "
-            f"({int(held.chunk_bytes_C.sum())} bytes); eval windows {seq}, stride {stride}.")
-  summary = {"table": {n: {"bpb": r["bpb"], "bpb_alpha_12.5": ev.bpb_at(r, 0.125),
-                           "chunks_alpha_12.5": r["chunks_alpha"]["0.1250"]} for n, r in rows},
-             "final_train_loss": {k: _loss_curve(runs[k])[1][-1] for k in runs},
-             "num_chunks": int(held.chunk_ids_C.size), "timings": timings, "header": header,
-             "eval": {"baseline": base, "retro": retro}}
-  with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
-    f.write(header + "\n\n" + md + "\n")
-  print("\n" + header + "\n\n" + md)
+  summary = demo.run(FLAGS.db, FLAGS.out, steps=FLAGS.steps, max_docs=FLAGS.max_docs,
+                     stride=FLAGS.stride)
+  print("\n" + summary["header"] + "\n\n" + summary["markdown"])
   print(f"\nwrote {FLAGS.out}/results.md, results.json, leakage.png, loss.png "
-        f"({timings['total_s'] / 60:.1f} min)")
+        f"({summary['timings']['total_s'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("db", "runs/default_db", "database built by `make db`")
-  flags.DEFINE_string("out", "runs/demo", "output directory")
-  flags.DEFINE_integer("steps", None, "training steps per model (default: experiments/tiny.py)")
-  flags.DEFINE_integer("max_docs", None, "evaluate on the first N held-out documents only")
-  flags.DEFINE_integer("stride", None, "evaluation stride (default: the sequence length)")
   app.run(main)

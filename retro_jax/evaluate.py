@@ -3,433 +3,52 @@ r"""Bits-per-byte on held-out documents, retrieval on and off, with the paper's 
     python -m retro_jax.evaluate --workdir=runs/demo/retro [--seq_len=2048 --stride=1024] \
         [--num_neighbours=2 --retrieval=both --db_fraction=1.0 --out=EVAL.json --plot=EVAL.png]
 
-Documents: the database's held-out documents (recorded in its manifest, never retrieved during
-training). Each is scored on its own in windows of `seq_len` tokens starting every `stride` tokens
-(the paper: 2048 / 1024): the first window scores all its tokens, each later one only the tokens no
-earlier window scored, so every token but the document's first is predicted once, with at least
-seq_len - stride tokens of context. Windows start on chunk boundaries.
-
-Retrieval: for each held-out chunk, its 10 (or `num_neighbours`, if more) nearest chunks among
-training documents only (held-out documents, hence the chunk's own, and removed ones are excluded),
-queried with the database's stored embedding of the chunk. `--retriever` picks who searches:
-`exact` (default: exact dot product streamed over the stored embeddings), `index` (the in-process
-`Retriever` over the database's ANN index, as sampling uses it), or `service` (the gRPC shard
-processes at `--service=HOST:PORT,...`, `python -m retro_jax.retrieval.serve`). `db_fraction` < 1
-keeps a seeded random subset of the training documents as the retrieval database (the paper's
-database-size axis). Chunk u's first `num_neighbours` neighbours (chunk + continuation,
-`neighbour_len` tokens) feed the model.
-
-Bits-per-byte: summed token losses in bits over the UTF-8 bytes of the text (each chunk's detokenised
-text), per chunk, so that chunks can be filtered.
-Leakage filter (paper Sec. 4.4 / ../shared/paper.md): for each chunk C, s = the longest common
-contiguous token substring between C and any of its 10 nearest training neighbours (each the
-neighbour chunk plus its continuation, padding never matching), r(C) = s / chunk_size;
-bpb(alpha) = sum of losses / sum of bytes over chunks with r(C) <= alpha. The filter depends on the
-data only, so models compared at the same alpha are scored on the same chunks.
-
-Output: JSON (bpb per mode, bpb(alpha) on a grid of alpha, chunk counts) and a PNG of bpb(alpha).
+How documents, windows, retrieval and the filter work: retro_jax.evaluation.bpb.
 """
-from __future__ import annotations
-
-import contextlib
-import dataclasses
 import json
-import math
 import os
-import time
-from typing import Any, Sequence
 
-import numpy as np
+from absl import app, flags
 
-FILTER_NEIGHBOURS = 10
+from retro_jax.evaluation import bpb
 
-
-class EvalError(ValueError):
-  """Bad evaluation settings (stride, sequence length) or a database that cannot serve them."""
-
-
-# ------------------------------------------------------------------------------------------------
-# The held-out set and its retrieval (model independent).
-
-@dataclasses.dataclass
-class HeldOut:
-  """Held-out documents as token arrays plus per-chunk facts; chunk c of the set is row c."""
-  doc_tokens: list[np.ndarray]   # per document, its tokens (trailing pad removed)
-  doc_first_row: np.ndarray      # per document, its first row in the chunk arrays below
-  chunk_ids_C: np.ndarray        # global chunk ids
-  chunk_bytes_C: np.ndarray      # UTF-8 bytes of each chunk's text
-  neighbours_CxK: np.ndarray     # int64 nearest training chunks (K >= 10), -1 where none
-  leakage_C: np.ndarray          # r(C) in [0, 1]
-
-
-def training_doc_mask(store, db_fraction: float, seed: int = 0) -> np.ndarray:
-  """bool per document: retrievable (a training document in the kept fraction)."""
-  if not 0 < db_fraction <= 1:
-    raise EvalError(f"db_fraction={db_fraction} must be in (0, 1].")
-  keep = ~store.doc_heldout
-  deleted = np.asarray(store.deleted_doc_ids(), np.int64)
-  if len(deleted):  # documents removed from the database (retro_jax.edit_db) are never retrieved
-    keep = keep.copy()
-    keep[deleted] = False
-  if db_fraction < 1:
-    # Nested subsets: a document kept at fraction f is kept at every larger fraction.
-    u = np.random.default_rng(seed).random(store.num_docs)
-    keep &= u < db_fraction
-  return keep
-
-
-def exact_neighbours(store, db_dir: str, query_ids_Q: np.ndarray, k: int, allowed_doc_D: np.ndarray,
-                     block: int = 32768) -> np.ndarray:
-  """Top-k chunk ids by exact dot product of stored embeddings among chunks of allowed documents.
-
-  Streams the memory-mapped embedding shards in blocks (never the whole database in RAM).
-  """
-  from retro_jax.retrieval.retriever import db_embedding_rows, db_embedding_shards
-  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
-  q_QxD = db_embedding_rows(db_dir, query_ids_Q)
-  best_s = np.full((len(q_QxD), k), -np.inf, np.float32)
-  best_i = np.full((len(q_QxD), k), -1, np.int64)
-  for emb_NxD, off in embs:
-    for s in range(0, emb_NxD.shape[0], block):
-      e = np.asarray(emb_NxD[s:s + block], np.float32)
-      ids = np.arange(off + s, off + s + len(e), dtype=np.int64)
-      ok = allowed_doc_D[store.doc_ids(ids)]
-      if not ok.any():
-        continue
-      sc = q_QxD @ e[ok].T
-      cand_i = np.broadcast_to(ids[ok], sc.shape)
-      all_s = np.concatenate([best_s, sc], 1)
-      all_i = np.concatenate([best_i, cand_i], 1)
-      top = np.argpartition(-all_s, k - 1, axis=1)[:, :k] if all_s.shape[1] > k else \
-          np.broadcast_to(np.arange(all_s.shape[1]), (len(all_s), all_s.shape[1]))
-      best_s = np.take_along_axis(all_s, top, 1)
-      best_i = np.take_along_axis(all_i, top, 1)
-  order = np.argsort(-best_s, axis=1, kind="stable")
-  best_i = np.take_along_axis(best_i, order, 1)
-  best_s = np.take_along_axis(best_s, order, 1)
-  return np.where(np.isfinite(best_s), best_i, -1)
-
-
-def searched_neighbours(searcher, store, db_dir: str, query_ids_Q: np.ndarray, k: int,
-                        allowed_doc_D: np.ndarray) -> np.ndarray:
-  """Top-k chunk ids among chunks of allowed documents from a searcher (the in-process `Retriever`
-  over the database's index, or the gRPC `ServiceRetriever`), queried with the chunks' stored
-  embeddings: the training neighbours' own search (`neighbours.search_block`: the query's document
-  excluded by the searcher, the disallowed ones dropped, short rows fetched again)."""
-  from retro_jax.data.neighbours import search_block
-  from retro_jax.retrieval.retriever import db_embedding_rows
-  query_ids_Q = np.asarray(query_ids_Q, np.int64)
-  return search_block(searcher, store, db_embedding_rows(db_dir, query_ids_Q), query_ids_Q, k,
-                      np.flatnonzero(~allowed_doc_D).astype(np.int64))
-
-
-def longest_common_substring(chunk_M: np.ndarray, nbrs_KxR: np.ndarray, pad_id: int) -> int:
-  """Longest run of tokens shared contiguously by the chunk and any neighbour (pads never match)."""
-  return int(longest_common_substrings(chunk_M[None], nbrs_KxR[None], pad_id)[0])
-
-
-def longest_common_substrings(chunks_CxM: np.ndarray, nbrs_CxKxR: np.ndarray,
-                              pad_id: int) -> np.ndarray:
-  """Vectorised over chunks and neighbours: dynamic programming along the chunk's tokens."""
-  C, M = chunks_CxM.shape
-  _, K, R = nbrs_CxKxR.shape
-  prev = np.zeros((C, K, R + 1), np.int32)
-  best = np.zeros(C, np.int32)
-  for i in range(M):
-    a = chunks_CxM[:, i][:, None, None]
-    eq = (nbrs_CxKxR == a) & (a != pad_id) & (nbrs_CxKxR != pad_id)
-    cur = np.zeros_like(prev)
-    cur[:, :, 1:] = np.where(eq, prev[:, :, :-1] + 1, 0)
-    best = np.maximum(best, cur.reshape(C, -1).max(1))
-    prev = cur
-  return best
-
-
-def load_heldout(store, db_dir: str, *, db_fraction: float = 1.0, k: int = FILTER_NEIGHBOURS,
-                 neighbour_len: int = 128, max_docs: int | None = None, seed: int = 0,
-                 searcher=None) -> HeldOut:
-  """Held-out chunks with their neighbours: exact search, or `searcher` (`searched_neighbours`)."""
-  from retro_jax.data.prepare import load_db_tokenizer
-  tokenizer = load_db_tokenizer(db_dir)  # SentencePiece or byte-level BPE
-  docs = np.asarray(store.heldout_doc_ids, np.int64)
-  if max_docs:
-    docs = docs[:max_docs]
-  if not len(docs):
-    raise EvalError(f"{db_dir} has no held-out documents (heldout_fraction=0 at build time).")
-  m, pad = store.chunk_size, store.pad_id
-  doc_tokens, first_row, ids, rows = [], [], [], 0
-  for d in docs:
-    first, n = int(store.doc_first_chunk[d]), int(store.doc_num_chunks[d])
-    cid = np.arange(first, first + n, dtype=np.int64)
-    toks = np.asarray(store.tokens(cid)).reshape(-1)
-    nz = np.flatnonzero(toks != pad)
-    doc_tokens.append(toks[:nz[-1] + 1] if len(nz) else toks[:0])
-    first_row.append(rows)
-    rows += len(cid)
-    ids.append(cid)
-  chunk_ids = np.concatenate(ids)
-  texts = store.chunk_text(chunk_ids, tokenizer)
-  chunk_bytes = np.array([len(t.encode("utf-8")) for t in texts], np.int64)
-  allowed = training_doc_mask(store, db_fraction, seed)
-  if searcher is None:
-    nbrs = exact_neighbours(store, db_dir, chunk_ids, k, allowed)
-  else:
-    nbrs = searched_neighbours(searcher, store, db_dir, chunk_ids, k, allowed)
-  nbr_tok = np.asarray(store.neighbour_tokens(np.where(nbrs >= 0, nbrs, 0).reshape(-1),
-                                              neighbour_len)).reshape(*nbrs.shape, neighbour_len)
-  nbr_tok = np.where(nbrs[..., None] >= 0, nbr_tok, pad)
-  chunk_tok = np.asarray(store.tokens(chunk_ids))
-  lcs = longest_common_substrings(chunk_tok, nbr_tok[:, :FILTER_NEIGHBOURS], pad)
-  return HeldOut(doc_tokens, np.asarray(first_row, np.int64), chunk_ids, chunk_bytes, nbrs,
-                 lcs / m)
-
-
-# ------------------------------------------------------------------------------------------------
-# Windows and scoring.
-
-@dataclasses.dataclass
-class Window:
-  doc: int
-  start: int       # first input token (a chunk boundary)
-  score_from: int  # first target index (absolute in the document) this window scores
-
-
-def make_windows(doc_lengths: Sequence[int], seq_len: int, stride: int, chunk_size: int
-                 ) -> list[Window]:
-  if stride <= 0 or stride > seq_len:
-    raise EvalError(f"stride={stride} must be in (0, seq_len={seq_len}].")
-  if stride % chunk_size or seq_len % chunk_size:
-    raise EvalError(f"seq_len={seq_len} and stride={stride} must be multiples of the chunk size "
-                    f"{chunk_size} (windows start on chunk boundaries).")
-  out = []
-  for d, n in enumerate(doc_lengths):
-    if n < 2:
-      continue
-    s, score_from = 0, 1
-    while True:
-      out.append(Window(d, s, score_from))
-      if s + seq_len >= n - 1:
-        break
-      score_from = s + seq_len + 1
-      s += stride
-  return out
-
-
-def window_batch(held: HeldOut, wins: Sequence[Window], seq_len: int, chunk_size: int,
-                 num_neighbours: int, store, neighbour_len: int, pad_id: int, with_nbrs: bool):
-  B, T, m = len(wins), seq_len, chunk_size
-  L = T // m
-  inputs = np.full((B, T), pad_id, np.int32)
-  targets = np.full((B, T), pad_id, np.int32)
-  scored = np.zeros((B, T), bool)
-  chunk_row = np.full((B, T), -1, np.int64)  # held-out chunk row of each target
-  nbr_ids = np.full((B, L, num_neighbours), -1, np.int64)
-  for b, w in enumerate(wins):
-    toks = held.doc_tokens[w.doc]
-    n = len(toks)
-    x = toks[w.start:w.start + T]
-    inputs[b, :len(x)] = x
-    y = toks[w.start + 1:w.start + T + 1]
-    targets[b, :len(y)] = y
-    t_abs = w.start + 1 + np.arange(T)
-    scored[b] = (t_abs >= w.score_from) & (t_abs < n)
-    chunk_row[b] = np.where(t_abs < n, held.doc_first_row[w.doc] + t_abs // m, -1)
-    nchunks_doc = (n + m - 1) // m
-    for u in range(L):
-      c = w.start // m + u
-      if c < nchunks_doc:
-        nbr_ids[b, u] = held.neighbours_CxK[held.doc_first_row[w.doc] + c, :num_neighbours]
-  batch = {"inputs": inputs, "targets": targets, "scored": scored, "chunk_row": chunk_row}
-  if with_nbrs:
-    flat = nbr_ids.reshape(-1)
-    toks = np.asarray(store.neighbour_tokens(np.where(flat >= 0, flat, 0), neighbour_len))
-    toks = toks.reshape(B, L, num_neighbours, neighbour_len)
-    batch["neighbours"] = np.where(nbr_ids[..., None] >= 0, toks, pad_id).astype(np.int32)
-  return batch
-
-
-def make_loss_fn(model):
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def nll(state, inputs, targets, neighbours):
-    m = nnx.merge(graphdef, state)
-    logits = m(inputs, neighbours).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, -1)
-    tgt = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return lse - tgt
-  return lambda inputs, targets, neighbours: np.asarray(nll(state, inputs, targets, neighbours))
-
-
-def chunk_losses(model, cfg, held: HeldOut, store, *, seq_len: int, stride: int,
-                 num_neighbours: int, retrieval: bool, batch_size: int = 8,
-                 progress: bool = True, desc: str = "eval") -> np.ndarray:
-  """Summed loss in nats of the targets in each held-out chunk."""
-  from tqdm import tqdm
-  model.eval()
-  wins = make_windows([len(t) for t in held.doc_tokens], seq_len, stride, cfg.chunk_size)
-  if retrieval and not cfg.retrieval:
-    raise EvalError("retrieval on asked of a model without CCA layers (a baseline).")
-  if retrieval and num_neighbours > held.neighbours_CxK.shape[1]:
-    raise EvalError(f"num_neighbours={num_neighbours} > the {held.neighbours_CxK.shape[1]} "
-                    "retrieved per chunk; load the held-out set with a larger k.")
-  loss_fn = make_loss_fn(model)
-  out = np.zeros(len(held.chunk_ids_C), np.float64)
-  for i in tqdm(range(0, len(wins), batch_size), desc=desc, unit="batch", disable=not progress):
-    group = wins[i:i + batch_size]
-    group = group + [group[-1]] * (batch_size - len(group))  # one compiled shape
-    b = window_batch(held, group, seq_len, cfg.chunk_size, num_neighbours, store,
-                     cfg.neighbour_len, cfg.pad_id, retrieval)
-    nll = loss_fn(b["inputs"], b["targets"], b.get("neighbours"))
-    real = np.arange(batch_size) < len(wins[i:i + batch_size])
-    sel = b["scored"] & real[:, None]
-    np.add.at(out, b["chunk_row"][sel], nll[sel])
-  return out
-
-
-ALPHAS = tuple(i / 64 for i in range(65))
-
-
-def summarise(loss_C: np.ndarray, held: HeldOut, alphas: Sequence[float] = ALPHAS) -> dict:
-  bits = loss_C / math.log(2)
-  curve, counts = {}, {}
-  for a in alphas:
-    keep = held.leakage_C <= a + 1e-9
-    nbytes = held.chunk_bytes_C[keep].sum()
-    curve[f"{a:.4f}"] = float(bits[keep].sum() / nbytes) if nbytes else None
-    counts[f"{a:.4f}"] = int(keep.sum())
-  return {"bpb": float(bits.sum() / held.chunk_bytes_C.sum()), "bpb_alpha": curve,
-          "chunks_alpha": counts}
-
-
-def bpb_at(result: dict, alpha: float) -> float:
-  """bpb(alpha) at the largest grid point <= alpha."""
-  keys = sorted(result["bpb_alpha"], key=float)
-  best = [k for k in keys if float(k) <= alpha + 1e-9][-1]
-  return result["bpb_alpha"][best]
-
-
-def plot(results: dict[str, dict], path: str, title: str = "", min_chunks: int = 20) -> None:
-  """bpb(alpha) curves: results maps a label to a `summarise` dict."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for label, r in results.items():
-    # Thresholds that keep too few chunks to measure anything are left out.
-    total = max(r["chunks_alpha"].values())
-    xs = [x for x in sorted(r["bpb_alpha"], key=float)
-          if r["chunks_alpha"][x] >= max(min_chunks, 0.01 * total)]
-    ax.plot([float(x) for x in xs], [r["bpb_alpha"][x] for x in xs], label=label)
-  ax.axvline(0.125, color="grey", lw=0.8, ls="--")
-  ax.set_xlabel("max chunk overlap with its 10 nearest neighbours, alpha")
-  ax.set_ylabel("bits per byte on chunks with r(C) <= alpha")
-  ax.set_title(title or "Leakage-filtered bpb")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_len: int = 2048,
-             stride: int = 1024, num_neighbours: int | None = None, retrieval: str = "both",
-             db_fraction: float = 1.0, batch_size: int = 8, max_docs: int | None = None,
-             held: HeldOut | None = None, progress: bool = True, retriever: str = "exact",
-             service: Sequence[str] = (), backend: str | None = None) -> dict[str, Any]:
-  """Evaluates the checkpoint at `path` (a workdir); returns the JSON-able results."""
-  from retro_jax import checkpoint as ckpt_lib
-  from retro_jax.data import chunk_store as chunk_store_lib
-  model, cfg, info = ckpt_lib.load_model(path, step)
-  db = db or info["db"]
-  store = chunk_store_lib.ChunkStore.open(db)
-  k = num_neighbours or cfg.num_neighbours
-  modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[retrieval]
-  if not cfg.retrieval:
-    modes = ["off"]
-  t0 = time.time()
-  source = "precomputed HeldOut" if held is not None else retriever
-  if held is None:
-    with open_searcher(retriever, db, service, backend) as searcher:
-      held = load_heldout(store, db, db_fraction=db_fraction, k=max(FILTER_NEIGHBOURS, k),
-                          neighbour_len=cfg.neighbour_len, max_docs=max_docs, searcher=searcher)
-  t_retrieve = time.time() - t0
-  out = {"checkpoint": info["path"], "step": info["step"], "db": db, "db_fraction": db_fraction,
-         "retriever": source,
-         "seq_len": seq_len, "stride": stride, "num_neighbours": k,
-         "retrieval_model": cfg.retrieval, "num_docs": len(held.doc_tokens),
-         "num_chunks": int(len(held.chunk_ids_C)), "num_bytes": int(held.chunk_bytes_C.sum()),
-         "retrieve_seconds": t_retrieve, "results": {}}
-  for mode in modes:
-    losses = chunk_losses(model, cfg, held, store, seq_len=seq_len, stride=stride,
-                          num_neighbours=k, retrieval=mode == "on", batch_size=batch_size,
-                          progress=progress, desc=f"retrieval {mode}")
-    out["results"][mode] = summarise(losses, held)
-  return out
-
-
-RETRIEVERS = ("exact", "index", "service")
-
-
-@contextlib.contextmanager
-def open_searcher(kind: str, db: str, service: Sequence[str] = (), backend: str | None = None):
-  """None for `exact`; the in-process Retriever over DB's index; or a ServiceRetriever (closed on
-  exit) over the shard processes at `service` (it checks they serve DB's shards)."""
-  if kind not in RETRIEVERS:
-    raise EvalError(f"retriever={kind!r}; expected one of {RETRIEVERS}")
-  if kind == "exact":
-    yield None
-  elif kind == "index":
-    from retro_jax.data.chunk_store import ChunkStore
-    from retro_jax.retrieval.retriever import Retriever
-    yield Retriever.from_db(db, backend=backend, doc_ids=ChunkStore.open(db).doc_ids)
-  else:
-    if not service:
-      raise EvalError("--retriever=service needs --service=HOST:PORT[,HOST:PORT...] (the shard "
-                      "processes of python -m retro_jax.retrieval.serve)")
-    from retro_jax.retrieval.client import ServiceRetriever
-    with ServiceRetriever(list(service)) as searcher:
-      yield searcher
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "model directory (a training workdir)", required=True)
+flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+flags.DEFINE_string("db", None, "retrieval database (default: the one the model trained on)")
+flags.DEFINE_integer("seq_len", 2048, "window length in tokens")
+flags.DEFINE_integer("stride", 1024, "window stride in tokens")
+flags.DEFINE_integer("num_neighbours", None, "neighbours per chunk (default: the model's)")
+flags.DEFINE_enum("retrieval", "both", ["both", "on", "off"], "retrieval modes to evaluate")
+flags.DEFINE_enum("retriever", "exact", list(bpb.RETRIEVERS),
+                  "who finds the neighbours: exact search, the database's ANN index in-process, "
+                  "or the gRPC retrieval service")
+flags.DEFINE_list("service", None, "shard addresses for --retriever=service")
+flags.DEFINE_string("backend", None, "index backend for --retriever=index (default: the built one)")
+flags.DEFINE_float("db_fraction", 1.0, "fraction of training documents to retrieve from")
+flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
+flags.DEFINE_integer("max_docs", None, "only the first N held-out documents (smoke runs)")
+flags.DEFINE_string("out", None, "results JSON (default WORKDIR/eval.json)")
+flags.DEFINE_string("plot", None, "PNG path (default next to the JSON)")
 
 
 def main(argv):
-  from absl import flags
   del argv
-  F = flags.FLAGS
-  res = evaluate(F.workdir, step=F.step, db=F.db, seq_len=F.seq_len, stride=F.stride,
-                 num_neighbours=F.num_neighbours, retrieval=F.retrieval, db_fraction=F.db_fraction,
-                 batch_size=F.batch_size, max_docs=F.max_docs, retriever=F.retriever,
-                 service=F.service or (), backend=F.backend)
-  out = F.out or os.path.join(F.workdir, "eval.json")
-  with open(out, "w") as f:
-    json.dump(res, f, indent=1)
-  plot_path = F.plot or os.path.splitext(out)[0] + ".png"
-  plot({f"retrieval {m}": r for m, r in res["results"].items()}, plot_path,
-       title=os.path.basename(os.path.normpath(F.workdir)))
+  f = FLAGS
+  res = bpb.evaluate(f.workdir, step=f.step, db=f.db, seq_len=f.seq_len, stride=f.stride,
+                     num_neighbours=f.num_neighbours, retrieval=f.retrieval,
+                     db_fraction=f.db_fraction, batch_size=f.batch_size, max_docs=f.max_docs,
+                     retriever=f.retriever, service=f.service or (), backend=f.backend)
+  out = f.out or os.path.join(f.workdir, "eval.json")
+  with open(out, "w") as fh:
+    json.dump(res, fh, indent=1)
+  plot_path = f.plot or os.path.splitext(out)[0] + ".png"
+  bpb.plot({f"retrieval {m}": r for m, r in res["results"].items()}, plot_path,
+           title=os.path.basename(os.path.normpath(f.workdir)))
   for m, r in res["results"].items():
-    print(f"retrieval {m}: bpb {r['bpb']:.4f}   bpb(alpha=12.5%) {bpb_at(r, 0.125):.4f}")
+    print(f"retrieval {m}: bpb {r['bpb']:.4f}   bpb(alpha=12.5%) {bpb.bpb_at(r, 0.125):.4f}")
   print(f"wrote {out} and {plot_path}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("workdir", None, "training workdir (or checkpoints dir)", required=True)
-  flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-  flags.DEFINE_string("db", None, "database (default: the one the model trained on)")
-  flags.DEFINE_integer("seq_len", 2048, "window length in tokens")
-  flags.DEFINE_integer("stride", 1024, "window stride in tokens")
-  flags.DEFINE_integer("num_neighbours", None, "neighbours per chunk (default: the model's)")
-  flags.DEFINE_enum("retrieval", "both", ["both", "on", "off"], "retrieval modes to evaluate")
-  flags.DEFINE_enum("retriever", "exact", list(RETRIEVERS),
-                    "who finds the neighbours: exact search, the database's ANN index in-process, "
-                    "or the gRPC retrieval service")
-  flags.DEFINE_list("service", None, "shard addresses for --retriever=service")
-  flags.DEFINE_string("backend", None, "index backend for --retriever=index (default: the built one)")
-  flags.DEFINE_float("db_fraction", 1.0, "fraction of training documents to retrieve from")
-  flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
-  flags.DEFINE_integer("max_docs", None, "only the first N held-out documents (smoke runs)")
-  flags.DEFINE_string("out", None, "JSON path (default WORKDIR/eval.json)")
-  flags.DEFINE_string("plot", None, "PNG path (default next to the JSON)")
   app.run(main)

@@ -1,70 +1,61 @@
 r"""Generate text with RETRO, retrieving afresh at every chunk boundary.
 
-    python -m retro_jax.sample --checkpoint=runs/tiny_retro --prompt="The kernel's page cache" \
+    python -m retro_jax.sample --workdir=runs/demo/retro --prompt="The kernel's page cache" \
         [--max_new_tokens=128 --temperature=0.8 --top_p=0.9 --seed=0] \
         [--num_neighbours=2 --retrieval=true --show_neighbours] \
-        [--db=DIR (default: the database the checkpoint was trained on)] \
+        [--db=DIR (default: the database the model was trained on)] \
         [--retrieval_service=127.0.0.1:50051,127.0.0.1:50052 (shard servers instead of in-process)]
 
 Every time a chunk of m tokens completes (the prompt's chunks, then generated ones), its text is
 embedded with the database's embedder, the k nearest database chunks are searched, and each is fed
-to the model with its continuation (r tokens): see retro_jax/generate.py. --show_neighbours prints
+to the model with its continuation (r tokens): retro_jax.sampling.generate. --show_neighbours prints
 every query chunk and, per neighbour, its score, chunk id, document id and key, and text.
-Without --checkpoint, --config=NAME (a PAPER_SIZES name) builds a randomly initialised model sized
-to the database (its vocabulary and chunk size), for trying the pipeline out.
+Without --workdir, --size=NAME (a PAPER_SIZES name) builds a randomly initialised model sized to the
+database (its vocabulary and chunk size), for trying the pipeline out.
 """
-from __future__ import annotations
-
 import sys
 import time
 
 from absl import app, flags
+from flax import nnx
+
+from retro_jax.db.chunk_store import ChunkStore
+from retro_jax.db.prepare import load_db_tokenizer
+from retro_jax.model import PAPER_SIZES, Retro
+from retro_jax.retrieval.client import ServiceRetriever
+from retro_jax.sampling import generate as gen
+from retro_jax.training.checkpoint import load_model
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "model directory (a training workdir) to load")
+flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+flags.DEFINE_enum("size", None, sorted(PAPER_SIZES), "without --workdir: a randomly initialised "
+                  "model of this size (vocabulary and chunk size taken from --db)")
+flags.DEFINE_string("db", None, "retrieval database (default: the one the model trained on)")
+flags.DEFINE_string("prompt", None, "prompt text")
+flags.DEFINE_string("prompt_file", None, "read the prompt from this file instead")
+flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate")
+flags.DEFINE_float("temperature", 0.8, "softmax temperature; 0 = greedy")
+flags.DEFINE_float("top_p", 0.9, "nucleus sampling mass (1 = off)")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_integer("num_neighbours", None, "neighbours per chunk (default: the model's k)")
+flags.DEFINE_boolean("retrieval", True, "retrieve (RETRO[ON]) or not (RETRO[OFF])")
+flags.DEFINE_boolean("show_neighbours", False, "print each query chunk and its neighbours with "
+                     "their documents")
+flags.DEFINE_boolean("stop_at_eos", True, "stop after the end-of-document token")
+flags.DEFINE_string("backend", None, "in-process index backend under DB/index/ (default: the one "
+                    "built)")
+flags.DEFINE_list("retrieval_service", None, "host:port of every shard server "
+                  "(retro_jax.retrieval.serve); default: search in-process")
+flags.DEFINE_float("service_timeout_s", 10.0, "deadline of each service search")
 
 
 class SampleError(ValueError):
   """Bad sampling flags."""
 
 
-def define_flags() -> None:
-  flags.DEFINE_string("checkpoint", None, "Training workdir (or its checkpoints/ dir) to load.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_string("config", None, "Without --checkpoint: a PAPER_SIZES name for a randomly "
-                      "initialised model (vocabulary and chunk size taken from --db).")
-  flags.DEFINE_string("db", None, "Retrieval database (default: the checkpoint's training db).")
-  flags.DEFINE_string("prompt", None, "Prompt text.")
-  flags.DEFINE_string("prompt_file", None, "Read the prompt from this file instead.")
-  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate.")
-  flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-  flags.DEFINE_float("top_p", 0.9, "Nucleus sampling mass (1 = off).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_integer("num_neighbours", None, "Neighbours per chunk (default: the model's k).")
-  flags.DEFINE_boolean("retrieval", True, "Retrieve (RETRO[ON]) or not (RETRO[OFF]).")
-  flags.DEFINE_boolean("show_neighbours", False, "Print each query chunk and its neighbours with "
-                       "their documents.")
-  flags.DEFINE_boolean("stop_at_eos", True, "Stop after the end-of-document token.")
-  flags.DEFINE_string("backend", None, "In-process index backend under DB/index/ (default: the one built).")
-  flags.DEFINE_list("retrieval_service", None, "host:port of every shard server "
-                    "(retro_jax.retrieval.serve); default: search in-process.")
-  flags.DEFINE_float("service_timeout_s", 10.0, "Deadline of each service search.")
-
-
-def load_checkpoint(path: str, step: int | None):
-  """(model, config, info) of a training checkpoint; info["db"] is its database. The one place
-  that loads checkpoints for sampling."""
-  from retro_jax.checkpoint import load_model
-  return load_model(path, step=step)
-
-
 def random_model(name: str, db: str):
   """A randomly initialised PAPER_SIZES[name], sized to the database's vocabulary and chunks."""
-  from flax import nnx
-
-  from retro_jax.data.chunk_store import ChunkStore
-  from retro_jax.model import PAPER_SIZES, Retro
-  if name not in PAPER_SIZES:
-    raise SampleError(f"--config={name!r}: expected one of {sorted(PAPER_SIZES)}")
   store = ChunkStore.open(db)
   m = store.chunk_size
   config = PAPER_SIZES[name].replace(vocab_size=int(store.manifest["tokenizer"]["vocab_size"]),
@@ -82,27 +73,24 @@ def run(argv_flags=FLAGS, out=sys.stdout) -> dict:
   if (f.prompt is None) == (f.prompt_file is None):
     raise SampleError("give exactly one of --prompt or --prompt_file")
   prompt = f.prompt if f.prompt is not None else open(f.prompt_file).read()
-  if f.checkpoint:
-    model, config, info = load_checkpoint(f.checkpoint, f.step)
-  elif f.config:
+  if f.workdir:
+    model, config, info = load_model(f.workdir, step=f.step)
+  elif f.size:
     if not f.db:
-      raise SampleError("--config builds a random model sized to a database: pass --db too")
-    model, config, info = random_model(f.config, f.db)
+      raise SampleError("--size builds a random model sized to a database: pass --db too")
+    model, config, info = random_model(f.size, f.db)
   else:
-    raise SampleError("pass --checkpoint=WORKDIR (or --config=NAME --db=DIR for a random model)")
+    raise SampleError("pass --workdir=MODEL_DIR (or --size=NAME --db=DIR for a random model)")
   db = f.db or info.get("db")
   if not db:
     raise SampleError("the checkpoint records no database; pass --db=DIR")
-  from retro_jax import generate as gen
   k = f.num_neighbours or config.num_neighbours
   searcher = None
   if f.retrieval and f.retrieval_service:
-    from retro_jax.retrieval.client import ServiceRetriever
     searcher = ServiceRetriever(f.retrieval_service, timeout_s=f.service_timeout_s)
   retrieval = gen.DatabaseRetrieval.from_db(db, k, config.neighbour_len, searcher=searcher,
                                             backend=f.backend) if f.retrieval else None
   if retrieval is None:  # the tokenizer only
-    from retro_jax.data.prepare import load_db_tokenizer
     tokenizer = load_db_tokenizer(db)  # SentencePiece or byte-level BPE
   else:
     retrieval.check_model(config)
@@ -146,5 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
   app.run(main)

@@ -3,7 +3,7 @@ import pytest
 
 pytest.importorskip("libtpu")
 
-from retro_jax.aot_compile import compile_step  # noqa: E402
+from retro_jax.training.aot import compile_step  # noqa: E402
 
 
 def test_tiny_training_step_compiles_for_v5e_2x2():

@@ -1,4 +1,4 @@
-"""`retro_jax.build_db` end to end on a tiny real slice; a rerun skips every stage."""
+"""`retro_jax.db.build` end to end on a tiny real slice; a rerun skips every stage."""
 import json
 import os
 import subprocess
@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax import build_db  # noqa: E402
+from retro_jax.db import layout
+from retro_jax.db import build as build_db  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def _digests(db):
   out = {}
   for root, _, files in os.walk(db):
     for f in files:
-      if f != build_db.TIMES_FILE:
+      if f != layout.BUILD_TIMES:
         p = os.path.join(root, f)
         out[os.path.relpath(p, db)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
   return out
@@ -37,7 +38,7 @@ def test_first_build_ran_every_stage_and_wrote_times(built):
   for stage in build_db.STAGES:
     assert record["stages"][stage]["skipped"] is False
     assert record["stages"][stage]["seconds"] > 0
-  on_disk = json.loads((db / build_db.TIMES_FILE).read_text())
+  on_disk = json.loads((db / layout.BUILD_TIMES).read_text())
   assert on_disk["settings"]["corpus"] == tiny_db.CORPUS
   for path in ("tokenizer/spm.model", "chunks/manifest.json", "embeddings/shard-00000.npy",
                "index/scann/shard-00000/manifest.json", "neighbours/shard-00000.npy",
@@ -56,13 +57,13 @@ def test_rerun_skips_every_stage_and_changes_nothing(built):
   assert _digests(db) == before
   # The command line, too (absl flags).
   out = subprocess.run(
-      [sys.executable, "-m", "retro_jax.build_db", f"--out={db}", f"--corpus={tiny_db.CORPUS}",
+      [sys.executable, "-m", "retro_jax.build_db", f"--db={db}", f"--corpus={tiny_db.CORPUS}",
        "--vocab_size=1000", "--heldout_fraction=0.1", f"--backend={tiny_db.SETTINGS['backend']}"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   for stage in build_db.STAGES:
     assert f"[build_db] {stage}: already done, skipped" in out.stdout
-  times = json.loads((db / build_db.TIMES_FILE).read_text())
+  times = json.loads((db / layout.BUILD_TIMES).read_text())
   assert all(times["stages"][s]["build_seconds"] > 0 for s in build_db.STAGES)
 
 

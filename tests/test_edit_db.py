@@ -1,4 +1,4 @@
-"""`retro_jax.edit_db`: removing and adding documents in a built database, without retraining.
+"""`retro_jax.db.edit`: removing and adding documents in a built database, without retraining.
 
 On a copy of the tiny real database (tests/data/tiny_db.py). The tests run in order: a removal
 (through the command line), then an addition of real Python-documentation pages.
@@ -17,10 +17,10 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax import edit_db  # noqa: E402
-from retro_jax.data import chunk_store as chunk_store_lib  # noqa: E402
-from retro_jax.data import loader as loader_lib  # noqa: E402
-from retro_jax.data import neighbours as neighbours_lib  # noqa: E402
+from retro_jax.db import edit as edit_db  # noqa: E402
+from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
+from retro_jax.training import input_pipeline as loader_lib  # noqa: E402
+from retro_jax.db import neighbours as neighbours_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from retro_jax import evaluate as ev
+from retro_jax.evaluation import bpb as ev
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
@@ -58,7 +58,7 @@ def test_longest_common_substring_matches_naive():
 
 
 def test_exact_neighbours_and_heldout(tmp_path_factory):
-  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.db import chunk_store as chunk_store_lib
   from retro_jax.retrieval.retriever import embedding_paths
   db = tiny_db.get(tmp_path_factory)[0]
   store = chunk_store_lib.ChunkStore.open(db)
@@ -86,7 +86,7 @@ def test_exact_neighbours_and_heldout(tmp_path_factory):
 def test_searched_neighbours_refetch_and_drop_disallowed(tmp_path_factory):
   """The searcher path (Retriever over the index, or the service) keeps only allowed documents
   and fetches again when the first candidates were all disallowed."""
-  from retro_jax.data import chunk_store as chunk_store_lib
+  from retro_jax.db import chunk_store as chunk_store_lib
   from retro_jax.retrieval.index import IndexConfig
   from retro_jax.retrieval.retriever import Retriever, embedding_paths
   db = tiny_db.get(tmp_path_factory)[0]

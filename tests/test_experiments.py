@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from retro_jax import experiment
+from retro_jax.training import experiment
 from retro_jax.model import PAPER_SIZES
 
 ALL = sorted(p.stem for p in Path(__file__).parents[1].joinpath("experiments").glob("*.py")

@@ -5,7 +5,7 @@ A micro RETRO is trained on the tiny real database with the copy curriculum at r
 gets itself plus its continuation as neighbour 0), so it learns to read the continuation off a
 matching neighbour. A new document of invented facts is then added (the model never saw it),
 prompted with its first chunk, and decoded greedily (KV cache) with retrieval on, off, and on after
-the document's removal (`retro_jax.fact_recall.run`).
+the document's removal (`retro_jax.evaluation.fact_recall.run`).
 """
 import os
 import subprocess
@@ -40,7 +40,7 @@ def copy_model(tmp_path_factory):
 
 
 def test_removal_takes_the_fact_away(copy_model, tmp_path):
-  from retro_jax import fact_recall
+  from retro_jax.evaluation import fact_recall
   workdir, db = copy_model
   r = fact_recall.run(workdir, db, str(tmp_path / "work"), new_tokens=64, verbose=False)
   n = r["doc_chunks"]

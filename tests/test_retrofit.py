@@ -19,13 +19,13 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax import checkpoint as ckpt_lib  # noqa: E402
-from retro_jax import experiment  # noqa: E402
-from retro_jax.data import loader  # noqa: E402
+from retro_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from retro_jax.training import experiment  # noqa: E402
+from retro_jax.training import input_pipeline as loader  # noqa: E402
 from retro_jax.model import Retro  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
-from retro_jax.retrofit import RETRIEVAL_PARAMS, RetrofitError, load_baseline_into  # noqa: E402
-from retro_jax.train_step import TrainStep  # noqa: E402
+from retro_jax.training.retrofit import RETRIEVAL_PARAMS, RetrofitError, load_baseline_into  # noqa: E402
+from retro_jax.training.step import TrainStep  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -58,7 +58,7 @@ def _config(module: str, db, **kw) -> ml_collections.ConfigDict:
 @pytest.fixture(scope="module")
 def baseline(db, tmp_path_factory):
   """A tiny baseline trained 3 steps by the train command's run() (retrieval off)."""
-  from retro_jax import train
+  from retro_jax.training import loop as train
   wd = tmp_path_factory.mktemp("baseline")
   c = _config("retrofit_tiny", db, **TINY, retrieval=False, init_from="", train_only="all",
               total_steps=3, peak_lr=3e-3)
@@ -71,8 +71,8 @@ def retrofit(db, baseline, tmp_path_factory):
   """The retrofit command (a subprocess) on experiments/retrofit_tiny.py: 4 steps, high LR."""
   wd = tmp_path_factory.mktemp("retrofit")
   over = {**TINY, "db": str(db), "total_steps": 4, "peak_lr": 1e-2}
-  cmd = [sys.executable, "-m", "retro_jax.retrofit", f"--baseline={baseline}",
-         "--config=experiments/retrofit_tiny.py", f"--workdir={wd}"]
+  cmd = [sys.executable, "-m", "retro_jax.retrofit", "--config=experiments/retrofit_tiny.py",
+         f"--workdir={wd}", f"--config.init_from={baseline}"]
   cmd += [f"--config.{k}={v}" for k, v in over.items()]
   p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
@@ -152,15 +152,16 @@ SMOL_CORPUS = "kernel:limit=6+wiki:limit=12"
 
 @pytest.mark.slow
 def test_smollm2_export_and_one_retrofit_step(tmp_path):
-  from retro_jax import build_db, train
-  from retro_jax.pretrained import export_smollm2, gguf
+  from retro_jax.db import build as build_db
+  from retro_jax.training import loop as train
+  from retro_jax.pretrained import gguf, smollm2
   smol_db = tmp_path / "smol_db"
   build_db.build(smol_db, corpus=SMOL_CORPUS, tokenizer="smollm2", heldout_fraction=0.1, k=2,
                  backend="exact", docs_per_shard=100)
   gguf_model, gguf_cfg, tok = gguf.load_smollm2()
   assert gguf_cfg == experiment.PRETRAINED_SIZES["smollm2-135m"]
   base_wd = tmp_path / "smollm2_baseline"
-  export_smollm2.export(base_wd, db=str(smol_db))
+  smollm2.export(base_wd, db=str(smol_db))
   base_model, base_cfg, info = ckpt_lib.load_model(base_wd)
   assert info["step"] == 0 and info["db"] == str(smol_db) and base_cfg == gguf_cfg
   tokens = np.asarray([tok.encode("The Moon is Earth's only natural satellite. " * 12)[:128]],

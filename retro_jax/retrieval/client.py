@@ -28,7 +28,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retro_jax.retrieval import service_pb2, service_pb2_grpc
-from retro_jax.retrieval.serve import CHANNEL_OPTIONS, SERVICE_NAME
+from retro_jax.retrieval.shard_server import CHANNEL_OPTIONS, SERVICE_NAME
+
 
 class ShardUnavailableError(RuntimeError):
   """One or more shards did not answer (down, past the deadline, or serving something else).

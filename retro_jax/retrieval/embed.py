@@ -1,8 +1,5 @@
 """Embed stage: chunk texts -> `<db>/embeddings/shard-XXXXX.npy` (float32 [rows, 384]).
 
-    python -m retro_jax.retrieval.embed --db=runs/default_db [--shard_index=0 --num_shards=1]
-        [--dtype=bfloat16] [--batch_size=32]
-
 One `.npy` per chunk-store shard (same shard numbers, same row order as the shard's chunk ids),
 written through `np.lib.format.open_memmap`, never held whole in RAM. Work is done in fixed blocks
 of `block_rows` rows; `shard-XXXXX.progress.json` records the finished rows, so a killed run resumes
@@ -21,24 +18,17 @@ from typing import Iterable, Iterator
 import numpy as np
 import tqdm
 
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout
+from retro_jax.db import prepare as prepare_lib
+from retro_jax.db.layout import progress_path, write_json_atomic
 from retro_jax.retrieval.embedder import Embedder, EmbedderMismatchError
-from retro_jax.progress_files import progress_path, write_json_atomic
-
-EMBEDDINGS_DIR = "embeddings"
-INFO_FILE = "embedder.json"
-
-
-def shard_path(out_dir: pathlib.Path, shard: int) -> pathlib.Path:
-  return pathlib.Path(out_dir) / f"shard-{shard:05d}.npy"
-
-
-
 
 
 def check_or_write_info(embedder: Embedder, out_dir: pathlib.Path) -> None:
   """Writes `embedder.json`, or raises EmbedderMismatchError if it names another embedder."""
   out_dir.mkdir(parents=True, exist_ok=True)
-  path = out_dir / INFO_FILE
+  path = out_dir / layout.EMBEDDER_INFO
   if path.exists():
     embedder.check_info(json.loads(path.read_text()), where=str(path))
   else:
@@ -47,13 +37,13 @@ def check_or_write_info(embedder: Embedder, out_dir: pathlib.Path) -> None:
 
 def load_embeddings(db_dir: str | pathlib.Path, shard: int, embedder: Embedder | None = None) -> np.ndarray:
   """A finished shard's embeddings, memory-mapped read-only; checks the embedder if one is given."""
-  out_dir = pathlib.Path(db_dir) / EMBEDDINGS_DIR
-  path = shard_path(out_dir, shard)
-  progress = progress_path(path)
-  if not path.exists() or not progress.exists() or not json.loads(progress.read_text()).get("done"):
-    raise FileNotFoundError(f"{path}: not finished; run python -m retro_jax.retrieval.embed --db={db_dir}")
+  path = layout.embeddings_path(db_dir, shard)
+  if not layout.is_finished(path):
+    raise FileNotFoundError(f"{path}: not finished; run `python -m retro_jax.build_db "
+                            f"--db={db_dir} --stages=embeddings`")
   if embedder is not None:
-    embedder.check_info(json.loads((out_dir / INFO_FILE).read_text()), where=str(out_dir / INFO_FILE))
+    info = layout.embeddings_dir(db_dir) / layout.EMBEDDER_INFO
+    embedder.check_info(json.loads(info.read_text()), where=str(info))
   return np.load(path, mmap_mode="r")
 
 
@@ -135,55 +125,23 @@ def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[st
 def embed_chunk_store(db_dir: str | pathlib.Path, embedder: Embedder, shard_index: int = 0,
                       num_shards: int = 1, block_rows: int = 4096, text_batch_size: int = 1024) -> dict:
   """Embeds the chunk-store shards s with s % num_shards == shard_index into <db>/embeddings/."""
-  from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.data import prepare as prepare_lib
 
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
   db_dir = pathlib.Path(db_dir)
   store = chunk_store_lib.ChunkStore.open(db_dir)
   tokenizer = prepare_lib.load_db_tokenizer(db_dir)  # SentencePiece or BPE (e.g. smollm2)
-  out_dir = db_dir / EMBEDDINGS_DIR
+  out_dir = layout.embeddings_dir(db_dir)
   check_or_write_info(embedder, out_dir)
   totals = {"rows": 0, "seconds": 0.0, "shards": []}
-  for shard, first_id, count in store_shards(store):
+  for shard, first_id, count in store.shard_spans():
     if shard % num_shards != shard_index:
       continue
     stats = embed_to_npy(
         embedder, store.iter_chunk_texts(tokenizer, shard=shard, batch_size=text_batch_size),
-        shard_path(out_dir, shard), num_rows=count, first_id=first_id, block_rows=block_rows,
+        layout.embeddings_path(db_dir, shard), num_rows=count, first_id=first_id, block_rows=block_rows,
         desc=f"embed shard {shard}")
     totals["rows"] += stats["rows"]
     totals["seconds"] += stats["seconds"]
     totals["shards"].append(shard)
   return totals
-
-
-def store_shards(store) -> list[tuple[int, int, int]]:
-  """(shard number, first chunk id, chunk count) for each shard of a ChunkStore."""
-  return [(int(s["index"]), int(s["first_chunk_id"]), int(s["num_chunks"]))
-          for s in store.manifest["shards"]]
-
-def main(argv) -> None:
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  embedder = Embedder.load(max_length=f.max_length, dtype=f.dtype, batch_size=f.batch_size,
-                           tokens_per_batch=f.tokens_per_batch or None)
-  stats = embed_chunk_store(f.db, embedder, shard_index=f.shard_index, num_shards=f.num_shards,
-                            block_rows=f.block_rows)
-  rate = stats["rows"] / stats["seconds"] if stats["seconds"] else float("nan")
-  print(json.dumps({**stats, "chunks_per_s": rate, **embedder.info}))
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("db", None, "database directory (holds chunks/ and tokenizer/)", required=True)
-  flags.DEFINE_integer("shard_index", 0, "this worker's index; embeds store shards s % num_shards == shard_index")
-  flags.DEFINE_integer("num_shards", 1, "number of workers")
-  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "matmul operand dtype")
-  flags.DEFINE_integer("batch_size", 32, "rows per forward call (when tokens_per_batch is 0)")
-  flags.DEFINE_integer("tokens_per_batch", 0, "if > 0: rows per call = this // bucket length")
-  flags.DEFINE_integer("max_length", 128, "WordPiece tokens per chunk (longer ones are truncated)")
-  flags.DEFINE_integer("block_rows", 4096, "rows per resumable block")
-  app.run(main)

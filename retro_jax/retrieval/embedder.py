@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import pathlib
 from typing import Sequence
 
@@ -20,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from retro_jax.db.layout import sha256_file
 from retro_jax.retrieval import bert
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -29,14 +30,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 class EmbedderMismatchError(ValueError):
   """Embeddings on disk were made by a different embedder (weights, dtype or length)."""
-
-
-def sha256_file(path: str | pathlib.Path, block: int = 1 << 22) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while data := f.read(block):
-      h.update(data)
-  return h.hexdigest()
 
 
 def default_buckets(max_length: int, step: int = 16) -> tuple[int, ...]:

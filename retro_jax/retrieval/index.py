@@ -17,7 +17,6 @@ shard. Loading verifies the checksums and raises `IndexError_` naming the file o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,13 @@ import shutil
 from importlib import metadata
 from typing import Any, Sequence
 
+import faiss
+import jax
+import jax.numpy as jnp
 import numpy as np
+import scann
+
+from retro_jax.db.layout import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -105,14 +110,6 @@ def package_versions() -> dict[str, str]:
     except metadata.PackageNotFoundError:
       out[name] = "absent"
   return out
-
-
-def sha256_file(path: str, chunk_bytes: int = 1 << 22) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    while block := f.read(chunk_bytes):
-      h.update(block)
-  return h.hexdigest()
 
 
 def load_embeddings(path: str) -> np.ndarray:
@@ -201,7 +198,6 @@ class ExactShard(IndexShard):
     pass
 
   def search(self, queries_QxD, n):
-    import jax.numpy as jnp
     queries_QxD = np.ascontiguousarray(queries_QxD, np.float32)
     q = queries_QxD.shape[0]
     bsz = min(self.config.block_size, self.count)
@@ -222,8 +218,6 @@ class ExactShard(IndexShard):
 
 
 def _block_top_k_impl(q_QxD, block_BxD, valid, k):
-  import jax
-  import jax.numpy as jnp
   s_QxB = jnp.dot(q_QxD, block_BxD.T, precision=jax.lax.Precision.HIGHEST)
   s_QxB = jnp.where(jnp.arange(block_BxD.shape[0])[None, :] < valid, s_QxB, -jnp.inf)
   return jax.lax.top_k(s_QxB, k)
@@ -232,7 +226,6 @@ def _block_top_k_impl(q_QxD, block_BxD, valid, k):
 def _block_top_k(q_QxD, block_BxD, valid, k):
   global _block_top_k_jit
   if _block_top_k_jit is None:
-    import jax
     _block_top_k_jit = jax.jit(_block_top_k_impl, static_argnames="k")
   return _block_top_k_jit(q_QxD, block_BxD, valid, k=k)
 
@@ -248,7 +241,6 @@ class ScannShard(IndexShard):
   searcher = None
 
   def build(self) -> None:
-    import scann
     c = self.config
     db_NxD = np.ascontiguousarray(self.embeddings_NxD, np.float32)  # ScaNN copies it anyway.
     k = max(1, min(10, self.count))
@@ -271,7 +263,6 @@ class ScannShard(IndexShard):
     return sorted(os.listdir(directory))
 
   def load(self, directory: str) -> None:
-    import scann
     self.searcher = scann.scann_ops_pybind.load_searcher(directory)
 
   def set_num_threads(self, n: int) -> None:
@@ -301,7 +292,6 @@ class FaissShard(IndexShard):
   FILE = "faiss.index"
 
   def build(self) -> None:
-    import faiss
     c = self.config
     db_NxD = np.ascontiguousarray(self.embeddings_NxD, np.float32)
     factory = c.faiss_factory.format(nlist=c.faiss_nlist, pq=db_NxD.shape[1] // 2)
@@ -316,7 +306,6 @@ class FaissShard(IndexShard):
     self._set_params()
 
   def _set_params(self):
-    import faiss
     c = self.config
     try:
       ivf = faiss.extract_index_ivf(self.index)
@@ -327,12 +316,10 @@ class FaissShard(IndexShard):
       self.index.k_factor = c.faiss_k_factor
 
   def save(self, directory: str) -> list[str]:
-    import faiss
     faiss.write_index(self.index, os.path.join(directory, self.FILE))
     return [self.FILE]
 
   def load(self, directory: str) -> None:
-    import faiss
     self.index = faiss.read_index(os.path.join(directory, self.FILE))
     self._set_params()
 
@@ -394,20 +381,20 @@ def read_manifest(shard_dir: str) -> dict[str, Any]:
   path = os.path.join(shard_dir, MANIFEST)
   if not os.path.isfile(path):
     raise IndexError_(f"Index shard manifest {path} is missing: the shard was never built or its "
-                      "build was interrupted; rerun `python -m retro_jax.retrieval.build_index`.")
+                      "build was interrupted; rerun `python -m retro_jax.build_db --stages=index`.")
   try:
     with open(path) as f:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise IndexError_(f"Index shard manifest {path} is corrupt ({e}); delete {shard_dir} and "
-                      "rerun `python -m retro_jax.retrieval.build_index`.")
+                      "rerun `python -m retro_jax.build_db --stages=index`.")
 
 
 def verify_shard(shard_dir: str, manifest: dict[str, Any] | None = None,
                  embeddings_path: str | None = None, check_embeddings: bool = True) -> None:
   """Checks every serialised file (and the embeddings) against the manifest's sha256 sums."""
   manifest = manifest or read_manifest(shard_dir)
-  fix = f"delete {shard_dir} and rerun `python -m retro_jax.retrieval.build_index`"
+  fix = f"delete {shard_dir} and rerun `python -m retro_jax.build_db --stages=index`"
   for name, digest in manifest["files"].items():
     path = os.path.join(shard_dir, name)
     if not os.path.isfile(path):

@@ -4,7 +4,7 @@ Scores from independently trained quantizers are not comparable across shards, s
 candidates are rescored exactly against the stored (memory-mapped) float32 embeddings before the
 merge. Chunks of a given document per query are excluded (RETRO's same-document rule); if a shard
 runs short of candidates after the exclusion, it is asked again for more. Chunks of documents removed
-from the database (`retro_jax.edit_db --remove_docs`, `deleted_ranges`) are never returned, for any
+from the database (`retro_jax.db.edit --remove_docs`, `deleted_ranges`) are never returned, for any
 query: they stay in the index files and are dropped (and refilled) the same way.
 """
 
@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout
 from retro_jax.retrieval import index as index_lib
 
 DocIdsLike = np.ndarray | Sequence[np.ndarray] | Callable[[np.ndarray], np.ndarray] | None
@@ -40,10 +42,10 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
   Offsets come from the chunk store's `DB/chunks/manifest.json` (`first_chunk_id`, and the row
   count is checked against `num_chunks`) when it exists, else from the running sum of row counts.
   """
-  pattern = os.path.join(db_dir, "embeddings", "shard-*.npy")
+  pattern = os.path.join(layout.embeddings_dir(db_dir), "shard-*.npy")
   paths = sorted(p for p in glob.glob(pattern) if not p.endswith(".tmp.npy"))
-  manifest_path = os.path.join(db_dir, "chunks", "manifest.json")
-  fix = f"run `python -m retro_jax.retrieval.embed --db={db_dir}` first"
+  manifest_path = os.path.join(layout.chunks_dir(db_dir), layout.MANIFEST)
+  fix = f"run `python -m retro_jax.build_db --db={db_dir} --stages=embeddings` first"
   if os.path.isfile(manifest_path):
     with open(manifest_path) as f:
       store_shards = json.load(f)["shards"]
@@ -52,7 +54,7 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
       i = int(s["index"])
       if select is not None and not select(i):
         continue
-      path = os.path.join(db_dir, "embeddings", f"shard-{i:05d}.npy")
+      path = str(layout.embeddings_path(db_dir, i))
       if not os.path.isfile(path) or _unfinished(path):
         raise index_lib.IndexError_(f"Embeddings shard {path} is missing or unfinished; {fix}.")
       rows = index_lib.load_embeddings(path).shape[0]
@@ -67,7 +69,7 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
   for p in paths:
     if _unfinished(p):
       raise index_lib.IndexError_(f"Embeddings shard {p} is unfinished; {fix}.")
-  numbers = [int(os.path.basename(p)[len("shard-"):-len(".npy")]) for p in paths]
+  numbers = [layout.shard_number(p) for p in paths]
   return [t for t in zip(numbers, paths, index_lib.shard_offsets(paths))
           if select is None or select(t[0])]
 
@@ -100,12 +102,7 @@ def db_deleted_ranges(db_dir: str) -> np.ndarray:
     with open(manifest) as f:
       if not json.load(f).get("edits", {}).get("deletions", {}).get("num_docs"):
         return np.zeros((0, 2), np.int64)  # never edited (a lost deletions file is an error below)
-  from retro_jax.data import chunk_store as chunk_store_lib
   return chunk_store_lib.ChunkStore.open(db_dir).deleted_chunk_ranges()
-
-
-def index_dir(db_dir: str, backend: str) -> str:
-  return os.path.join(db_dir, "index", backend)
 
 
 def db_backend(db_dir: str, backend: str | None = None) -> str:
@@ -121,12 +118,8 @@ def db_backend(db_dir: str, backend: str | None = None) -> str:
     return built[0]
   if not built:
     raise index_lib.IndexError_(f"No index under {root}; run `python -m "
-                                f"retro_jax.retrieval.build_index --db={db_dir}`.")
+                                f"retro_jax.build_db --db={db_dir} --stages=index`.")
   raise index_lib.IndexError_(f"{root} holds indexes {built}; pick one with backend=.")
-
-
-def shard_dir(out_dir: str, i: int) -> str:
-  return os.path.join(out_dir, f"shard-{i:05d}")
 
 
 class Retriever:
@@ -316,11 +309,11 @@ class Retriever:
     shards = db_embedding_shards(db_dir)
     if "deleted_ranges" not in kwargs:
       kwargs["deleted_ranges"] = db_deleted_ranges(db_dir)
-    out = index_dir(db_dir, backend)
-    r = cls.load([shard_dir(out, i) for i, _, _ in shards], [p for _, p, _ in shards], **kwargs)
+    out = str(layout.index_dir(db_dir, backend))
+    r = cls.load([str(layout.index_shard_dir(out, i)) for i, _, _ in shards], [p for _, p, _ in shards], **kwargs)
     for s, (i, _, offset) in zip(r.shards, shards):
       if s.offset != offset:
         raise index_lib.IndexError_(
-            f"Index shard {shard_dir(out, i)} was built for offset {s.offset} but the database "
-            f"puts shard {i} at {offset}; rebuild it with build_index.")
+            f"Index shard {layout.index_shard_dir(out, i)} was built for offset {s.offset} but the database "
+            f"puts shard {i} at {offset}; rebuild it (build_db --stages=index).")
     return r

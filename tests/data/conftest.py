@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_db  # noqa: E402
 
-from retro_jax.data import chunk_store as chunk_store_lib  # noqa: E402
+from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
 
 
 @pytest.fixture(scope="module")

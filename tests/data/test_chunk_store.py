@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from retro_jax.data import chunk_store as cs
-from retro_jax.data import corpus
-from retro_jax.data import prepare
-from retro_jax.data import tokenizer as tokenizer_lib
+from retro_jax.db import layout
+from retro_jax.db import chunk_store as cs
+from retro_jax.db import corpus
+from retro_jax.db import prepare
+from retro_jax.db import tokenizer as tokenizer_lib
 
 SPEC = "kernel:limit=30+python:limit=10+wiki:limit=40"
 DOCS_PER_SHARD = 20  # 80 docs -> 4 shards
@@ -29,7 +30,7 @@ def db(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(db):
-  return tokenizer_lib.Tokenizer.load(db / prepare.TOKENIZER_PATH)
+  return tokenizer_lib.Tokenizer.load(db / layout.TOKENIZER_PATH)
 
 
 @pytest.fixture(scope="session")
@@ -125,8 +126,8 @@ def _files(root: pathlib.Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("hook", ["RETRO_JAX_TEST_KILL_AFTER_SHARDS", "RETRO_JAX_TEST_KILL_MIDSHARD"])
 def test_killed_chunking_resumes_byte_identical(db, tmp_path, hook):
-  model = db / prepare.TOKENIZER_PATH
-  cmd = [sys.executable, "-m", "retro_jax.data.prepare", f"--corpus={SPEC}", f"--out={tmp_path}",
+  model = db / layout.TOKENIZER_PATH
+  cmd = [sys.executable, "-m", "retro_jax.db.prepare", f"--corpus={SPEC}", f"--out={tmp_path}",
          f"--tokenizer={model}", f"--docs_per_shard={DOCS_PER_SHARD}", "--heldout_fraction=0.1",
          "--vocab_size=1000"]
   env = {**os.environ, hook: "1"}

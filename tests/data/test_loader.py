@@ -3,7 +3,7 @@ import grain
 import numpy as np
 import pytest
 
-from retro_jax.data import loader
+from retro_jax.training import input_pipeline as loader
 
 T = 256  # 4 chunks per sequence
 

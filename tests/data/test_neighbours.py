@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from retro_jax.data import neighbours as nb
+from retro_jax.db import layout
+from retro_jax.db import neighbours as nb
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
@@ -14,14 +15,14 @@ from retro_jax.retrieval import retriever as retriever_lib
 def stored(db, store):
   arrays, offsets = nb.open_neighbours(db, store)
   assert len(arrays) == 2  # The tiny store has two shards.
-  assert offsets.tolist() == [first for _, first, _ in nb.store_shards(store)]
+  assert offsets.tolist() == [first for _, first, _ in store.shard_spans()]
   return np.concatenate([np.asarray(a) for a in arrays])
 
 
 @pytest.fixture(scope="module")
 def all_embeddings(db, store):
   return np.concatenate([np.asarray(embed_lib.load_embeddings(db, s), np.float32)
-                         for s, _, _ in nb.store_shards(store)])
+                         for s, _, _ in store.shard_spans()])
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_no_neighbour_from_own_or_heldout_document(store, stored):
 
 def test_exact_backend_equals_brute_force(db, store, exact_retriever, all_embeddings, tmp_path):
   got = []
-  for shard, first, _ in nb.store_shards(store):
+  for shard, first, _ in store.shard_spans():
     out = tmp_path / f"shard-{shard:05d}.npy"
     nb.compute_shard(exact_retriever, store, embed_lib.load_embeddings(db, shard), first, out, k=2,
                      heldout_docs=store.heldout_doc_ids, block_rows=128)
@@ -124,18 +125,18 @@ def test_killed_run_resumes_byte_identical(db, store, exact_retriever, tmp_path)
 
 def test_rerun_skips_and_two_hosts_give_the_same_files(db, store, tmp_path):
   import shutil
-  shards = [s for s, _, _ in nb.store_shards(store)]
-  before = {s: nb.shard_path(db, s).read_bytes() for s in shards}
+  shards = [s for s, _, _ in store.shard_spans()]
+  before = {s: layout.neighbours_path(db, s).read_bytes() for s in shards}
   stats = nb.compute_neighbours(db, k=2)
   assert stats["rows"] == 0 and stats["skipped"] == shards
-  assert {s: nb.shard_path(db, s).read_bytes() for s in shards} == before
+  assert {s: layout.neighbours_path(db, s).read_bytes() for s in shards} == before
   # Host 1 of 2, then host 0 of 2, on a copy without neighbours: the same bytes.
   copy = tmp_path / "db"
   shutil.copytree(db, copy, ignore=shutil.ignore_patterns("neighbours"))
   assert nb.compute_neighbours(copy, k=2, shard_index=1, num_shards=2)["shards"] == [1]
   assert not nb.shard_is_done(copy, 0)
   assert nb.compute_neighbours(copy, k=2, shard_index=0, num_shards=2)["shards"] == [0]
-  assert {s: nb.shard_path(copy, s).read_bytes() for s in shards} == before
+  assert {s: layout.neighbours_path(copy, s).read_bytes() for s in shards} == before
   with pytest.raises(ValueError, match="shard_index"):
     nb.compute_neighbours(db, k=2, shard_index=2, num_shards=2)
 
@@ -146,5 +147,5 @@ def test_missing_index_is_a_clear_error(db, tmp_path):
   shutil.copytree(db, copy, ignore=shutil.ignore_patterns("neighbours", "index"))
   with pytest.raises(nb.NeighboursError, match="build_index"):
     nb.compute_neighbours(copy, k=2, backend="scann")
-  with pytest.raises(nb.NeighboursError, match="python -m retro_jax.data.neighbours"):
+  with pytest.raises(nb.NeighboursError, match="python -m retro_jax.db.neighbours"):
     nb.open_neighbours(copy)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from retro_jax.data import corpus
-from retro_jax.data import tokenizer as tokenizer_lib
+from retro_jax.db import corpus
+from retro_jax.db import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A tiny real retrieval database, built once per test process with `retro_jax.build_db`.
+"""A tiny real retrieval database, built once per test process with `retro_jax.db.build`.
 
 12 Linux-kernel doc files + 24 Wikipedia leads (~500 chunks, 2 store shards), SentencePiece vocab
 1000, 10% of the documents held out, the real MiniLM embedder, a real ScaNN index, k=2 training neighbours.
@@ -19,7 +19,7 @@ def get(tmp_path_factory):
   """(db directory, the first build's record) -- built on the first call only."""
   with _lock:
     if "db" not in _cache:
-      from retro_jax import build_db
+      from retro_jax.db import build as build_db
       db = tmp_path_factory.mktemp("tiny_db")
       record = build_db.build(db, **SETTINGS)
       _cache["db"] = (db, record)

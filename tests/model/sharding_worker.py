@@ -16,7 +16,7 @@ import optax  # noqa: E402
 
 from retro_jax.model import PAPER_SIZES  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
-from retro_jax.train_step import TrainStep  # noqa: E402
+from retro_jax.training.step import TrainStep  # noqa: E402
 
 
 def run(mesh_shape, devices, batches):

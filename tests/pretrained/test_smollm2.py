@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from retro_jax.data import tokenizer as tokenizer_lib
+from retro_jax.db import tokenizer as tokenizer_lib
 from retro_jax.pretrained import gguf as gguf_lib
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "smollm2_golden.npz"

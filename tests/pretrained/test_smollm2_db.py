@@ -3,11 +3,12 @@ the manifest records the tokenizer, documents round-trip, another tokenizer is r
 import numpy as np
 import pytest
 
-from retro_jax.data import bpe_tokenizer
-from retro_jax.data import chunk_store as cs
-from retro_jax.data import corpus
-from retro_jax.data import prepare
-from retro_jax.data import tokenizer as tokenizer_lib
+from retro_jax.db import layout
+from retro_jax.db import bpe_tokenizer
+from retro_jax.db import chunk_store as cs
+from retro_jax.db import corpus
+from retro_jax.db import prepare
+from retro_jax.db import tokenizer as tokenizer_lib
 
 SPEC = "kernel:limit=10+wiki:limit=20"
 
@@ -32,7 +33,7 @@ def other(tok):
 
 
 def test_manifest_records_the_bpe_tokenizer(db, tok):
-  assert (db / prepare.BPE_TOKENIZER_PATH).exists() and not (db / prepare.TOKENIZER_PATH).exists()
+  assert (db / layout.BPE_TOKENIZER_PATH).exists() and not (db / layout.TOKENIZER_PATH).exists()
   loaded = prepare.load_db_tokenizer(db)
   assert isinstance(loaded, bpe_tokenizer.BPETokenizer)
   assert loaded.fingerprint == tok.fingerprint
@@ -64,7 +65,7 @@ def test_another_tokenizer_is_refused(db, other, tmp_path):
   with pytest.raises(tokenizer_lib.TokenizerMismatchError):
     store.check(other)
   with pytest.raises(cs.ChunkStoreError, match="other settings"):
-    cs.build_chunk_store(SPEC, db / prepare.CHUNKS_DIR, other, docs_per_shard=10,
+    cs.build_chunk_store(SPEC, db / layout.CHUNKS_DIR, other, docs_per_shard=10,
                          heldout_fraction=0.1)
   with pytest.raises(tokenizer_lib.TokenizerMismatchError, match="BPE tokenizer"):
     prepare.build_tokenizer(SPEC, db)  # SentencePiece asked for, the database has a BPE
@@ -74,7 +75,7 @@ def test_another_tokenizer_is_refused(db, other, tmp_path):
 
 
 def test_fingerprint_is_the_same_from_gguf_and_from_the_saved_file(db, tok, other):
-  assert bpe_tokenizer.BPETokenizer.load(db / prepare.BPE_TOKENIZER_PATH).fingerprint == tok.fingerprint
+  assert bpe_tokenizer.BPETokenizer.load(db / layout.BPE_TOKENIZER_PATH).fingerprint == tok.fingerprint
   assert other.fingerprint != tok.fingerprint
   with pytest.raises(bpe_tokenizer.BPETokenizerError, match="unknown pretrained tokenizer"):
     bpe_tokenizer.BPETokenizer.named("gpt5")

@@ -16,11 +16,11 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax import edit_db  # noqa: E402
-from retro_jax.data import chunk_store as chunk_store_lib  # noqa: E402
+from retro_jax.db import edit as edit_db  # noqa: E402
+from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
 from retro_jax.retrieval import client as client_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
-from retro_jax.retrieval import serve as serve_lib  # noqa: E402
+from retro_jax.retrieval import shard_server as serve_lib  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_service_equals_in_process_retriever(db, store, emb, service, queries, k
 def test_evaluation_neighbours_through_the_service(db, store, service):
   """`evaluate --retriever=service` and `--retriever=index` find the same held-out neighbours,
   training documents only, as close to exact search as the index itself is."""
-  from retro_jax import evaluate as ev
+  from retro_jax.evaluation import bpb as ev
   via_service = ev.load_heldout(store, db, searcher=service)
   with ev.open_searcher("index", db) as searcher:  # as `evaluate --retriever=index` opens it
     via_index = ev.load_heldout(store, db, searcher=searcher)

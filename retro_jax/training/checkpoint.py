@@ -18,6 +18,7 @@ import dataclasses
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -67,8 +68,7 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
-  """`state` is the nnx.State of (model, optimizer), as retro_jax.train_step.TrainStep holds it."""
-  import grain
+  """`state` is the nnx.State of (model, optimizer), as retro_jax.training.step.TrainStep holds it."""
   pure = nnx.to_pure_dict(state)
   args = {"model": ocp.args.StandardSave(pure[0]),
           "optimizer": ocp.args.StandardSave(pure[1]),
@@ -89,7 +89,6 @@ def _abstract(state):
 def restore(mngr: ocp.CheckpointManager, step: int, state, data_iter):
   """Restores into `state` (nnx.State of (model, optimizer)) in place, keeping its dtypes and
   shardings; the grain iterator is restored in place too. Returns (state, meta)."""
-  import grain
   pure = nnx.to_pure_dict(state)
   args = {"model": ocp.args.StandardRestore(_abstract(pure[0])),
           "optimizer": ocp.args.StandardRestore(_abstract(pure[1])),

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from retro_jax.model import Retro, RetroConfig
 from retro_jax.model.partitioning import batch_sharding, state_shardings

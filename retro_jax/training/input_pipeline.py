@@ -4,7 +4,7 @@ Sequences. A split's chunk stream is the chunk-store chunks of its documents in 
 (split "train": the documents not held out; split "heldout": the held-out ones). Sequence i is the
 stream positions [i*L, (i+1)*L), L = seq_len / chunk_size; the last partial sequence is dropped.
 A sequence may span documents (each document's last chunk is padded with pad id 0).
-Documents removed from the database (`retro_jax.edit_db --remove_docs`) are in neither split, and a
+Documents removed from the database (`retro_jax.db.edit --remove_docs`) are in neither split, and a
 stored neighbour that is a removed chunk is handed out as missing (-1, all padding); the removal
 also recomputes such rows (`neighbours.repair_after_deletion`), so this is a second guard.
 Deletions are read when the source is created.
@@ -15,8 +15,8 @@ Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour leng
                 targets[t] = inputs[t+1] when token t+1 is of the same document, and
                 targets[T-1] = the first token of the chunk after the sequence's last one (same
                 document only); every other position (document ends, padding) holds the pad id 0,
-                which the training loss masks (retro_jax.train_step.cross_entropy).
-  "neighbours": int32 [L, K, R]  for chunk u, its K stored neighbours (retro_jax.data.neighbours),
+                which the training loss masks (retro_jax.training.step.cross_entropy).
+  "neighbours": int32 [L, K, R]  for chunk u, its K stored neighbours (retro_jax.db.neighbours),
                 each the neighbour chunk plus its continuation within its document
                 (`ChunkStore.neighbour_tokens`), pad 0 past the document's end and for missing
                 (-1) neighbours. Absent with retrieval=False.
@@ -41,10 +41,11 @@ import os
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
-from retro_jax.data import chunk_store as chunk_store_lib
-from retro_jax.data import neighbours as neighbours_lib
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import neighbours as neighbours_lib
 
 PAD_ID = 0
 SPLITS = ("train", "heldout")
@@ -111,7 +112,6 @@ class SequenceSource:
                retrieval: bool = True, num_neighbours: int | None = None,
                neighbour_len: int = 128, store=None, self_neighbour_rate: float = 0.0,
                seed: int = 0):
-    from retro_jax.data import chunk_store as chunk_store_lib
     if not 0.0 <= self_neighbour_rate <= 1.0:
       raise ValueError(f"self_neighbour_rate={self_neighbour_rate} must be in [0, 1].")
     if self_neighbour_rate and not retrieval:
@@ -139,7 +139,7 @@ class SequenceSource:
       self.num_neighbours = k_stored if num_neighbours is None else int(num_neighbours)
       if not 1 <= self.num_neighbours <= k_stored:
         raise ValueError(f"num_neighbours={num_neighbours} but {db_dir}/neighbours holds "
-                         f"k={k_stored}; recompute with python -m retro_jax.data.neighbours "
+                         f"k={k_stored}; recompute with python -m retro_jax.db.neighbours "
                          f"--db={db_dir} --k={num_neighbours}.")
     self._len = self.stream.size // self.num_chunks_per_seq
 
@@ -227,7 +227,6 @@ def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, sp
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
   if process_index is None or process_count is None:
-    import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   src = source if source is not None else SequenceSource(

@@ -21,7 +21,6 @@ the rerun's files are byte-identical to an uninterrupted run's.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -32,37 +31,32 @@ import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import sentencepiece
 import tqdm
 from etils import epath
 
-from retro_jax.data import corpus as corpus_lib
-from retro_jax.data import tokenizer as tokenizer_lib
+from retro_jax.db import corpus as corpus_lib
+from retro_jax.db import tokenizer as tokenizer_lib
+from retro_jax.db.layout import (
+  DELETIONS,
+  MANIFEST,
+  sha256_bytes,
+  sha256_file,
+  shard_name,
+  write_bytes_atomic,
+)
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SHARD_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy", "doc_keys.json")
 DOC_TABLE_COLUMNS = ("doc_id", "first_row", "num_chunks", "num_utf8_bytes", "heldout")
-# Documents removed by `retro_jax.edit_db --remove_docs/--remove_keys`: STORE/deletions.json, read by
+# Documents removed by `retro_jax.db.edit --remove_docs/--remove_keys`: STORE/deletions.json, read by
 # the retriever, the retrieval service, the neighbours and the loader (none of them returns a chunk
 # of a removed document). Format: {"format_version": 1, "doc_ids": [sorted ids],
 # "requests": [{"time": ISO-8601 UTC, "doc_ids": [...], "doc_keys": [...]}]}.
-DELETIONS = "deletions.json"
 
 
 class ChunkStoreError(ValueError):
   """A chunk store that is missing, incomplete, corrupt or built with other settings."""
-
-
-def shard_name(index: int) -> str:
-  return f"shard-{index:05d}"
-
-
-def sha256_file(path: epath.Path) -> str:
-  h = hashlib.sha256()
-  with path.open("rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -71,18 +65,11 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
-
-
 def _json_bytes(obj: Any) -> bytes:
   return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
 def package_versions() -> dict[str, str]:
-  import sentencepiece  # pylint: disable=g-import-not-at-top
   return {"numpy": np.__version__, "sentencepiece": sentencepiece.__version__,
           "python": sys.version.split()[0]}
 
@@ -154,8 +141,8 @@ def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.D
               "doc_table.npy": _npy_bytes(doc_table_Dx5), "doc_keys.json": _json_bytes(keys)}
   files = {}
   for name in SHARD_FILES:
-    _write_atomic(shard_dir / name, payloads[name])
-    files[name] = {"sha256": hashlib.sha256(payloads[name]).hexdigest(),
+    write_bytes_atomic(shard_dir / name, payloads[name])
+    files[name] = {"sha256": sha256_bytes(payloads[name]),
                    "bytes": len(payloads[name])}
     if os.environ.get("RETRO_JAX_TEST_KILL_MIDSHARD") == str(index) and name == "tokens.npy":
       os.kill(os.getpid(), signal.SIGKILL)  # Test hook: die with a half-written shard.
@@ -167,7 +154,7 @@ def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.D
       "heldout_doc_keys": [d.key for _, d, h in docs if h],
       "corpus_stats": corpus_stats,
   }
-  _write_atomic(out / (shard_name(index) + ".done.json"), _json_bytes(marker))
+  write_bytes_atomic(out / (shard_name(index) + ".done.json"), _json_bytes(marker))
   return marker
 
 
@@ -265,7 +252,7 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
       "shards": shards,
       "versions": package_versions(),
   }
-  _write_atomic(out / MANIFEST, _json_bytes(manifest))
+  write_bytes_atomic(out / MANIFEST, _json_bytes(manifest))
   return manifest
 
 
@@ -293,8 +280,8 @@ def in_ranges(ids, ranges_Rx2: np.ndarray) -> np.ndarray:
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
-  """Rewrites STORE/manifest.json atomically (used by `retro_jax.edit_db`)."""
-  _write_atomic(epath.Path(out_dir) / MANIFEST, _json_bytes(manifest))
+  """Rewrites STORE/manifest.json atomically (used by `retro_jax.db.edit`)."""
+  write_bytes_atomic(epath.Path(out_dir) / MANIFEST, _json_bytes(manifest))
 
 
 def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document], tokenizer,
@@ -387,7 +374,7 @@ class ChunkStore:
     manifest_path = root / MANIFEST
     if not manifest_path.exists():
       raise ChunkStoreError(f"no chunk store manifest at {manifest_path}: build the store with "
-                            f"`python -m retro_jax.data.prepare --out=...` (and --stage=finalize "
+                            f"`python -m retro_jax.db.prepare --out=...` (and --stage=finalize "
                             f"after a sharded run)")
     try:
       manifest = json.loads(manifest_path.read_text())
@@ -461,11 +448,16 @@ class ChunkStore:
                         for k in json.loads((self.root / s["path"] / "doc_keys.json").read_text())]
     return self._doc_keys[doc_id]
 
+  def shard_spans(self) -> list[tuple[int, int, int]]:
+    """(shard number, first global chunk id, chunk count) of each shard, in order."""
+    return [(int(s["index"]), int(s["first_chunk_id"]), int(s["num_chunks"]))
+            for s in self.manifest["shards"]]
+
   @property
   def heldout_doc_ids(self) -> np.ndarray:
     return np.asarray(self.manifest["heldout"]["doc_ids"], np.int64)
 
-  # -- deletions (retro_jax.edit_db) -----------------------------------------------------------
+  # -- deletions (retro_jax.db.edit) -----------------------------------------------------------
   @property
   def deletions_path(self) -> epath.Path:
     return self.root / DELETIONS

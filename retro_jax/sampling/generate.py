@@ -32,8 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retro_jax.db.chunk_store import ChunkStore
+from retro_jax.db.prepare import load_db_tokenizer
+from retro_jax.db.tokenizer import check_tokenizer
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.decode import Decoder
+from retro_jax.retrieval.embedder import Embedder
+from retro_jax.retrieval.retriever import Retriever
 
 RetrieveFn = Callable[[np.ndarray], np.ndarray]
 
@@ -263,10 +268,6 @@ class DatabaseRetrieval:
               searcher=None, backend: str | None = None) -> "DatabaseRetrieval":
     """Opens DB's chunk store, tokenizer and embedder (as DB/embeddings/embedder.json records it);
     the searcher defaults to the in-process `Retriever.from_db(db_dir, backend)`."""
-    from retro_jax.data.chunk_store import ChunkStore
-    from retro_jax.data.prepare import load_db_tokenizer
-    from retro_jax.data.tokenizer import check_tokenizer
-    from retro_jax.retrieval.embedder import Embedder
     store = ChunkStore.open(db_dir)
     tokenizer = load_db_tokenizer(db_dir)  # SentencePiece or byte-level BPE
     check_tokenizer(tokenizer, store.manifest["tokenizer"], f"chunk store {store.root}")
@@ -277,7 +278,6 @@ class DatabaseRetrieval:
     if info:
       embedder.check_info(info, where=info_path)
     if searcher is None:
-      from retro_jax.retrieval.retriever import Retriever
       searcher = Retriever.from_db(db_dir, backend=backend)
     return cls(searcher, embedder, tokenizer, store, num_neighbours, neighbour_len)
 

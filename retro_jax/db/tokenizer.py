@@ -9,14 +9,17 @@ Pieces: pad=0, unk=1, eos=2, bos=3; newline is its own piece and whitespace is k
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import os
 import random
 import time
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import sentencepiece as spm
 from etils import epath
+
+from retro_jax.db.layout import sha256_bytes
 
 PAD_ID, UNK_ID, EOS_ID, BOS_ID = 0, 1, 2, 3
 
@@ -43,10 +46,6 @@ class TokenizerProtocol(Protocol):
   def info(self) -> dict: ...  # {"kind", "fingerprint", "vocab_size", "pad_id", "eos_id"}
 
 
-def sha256_bytes(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
-
-
 class Tokenizer:
   """SentencePiece tokenizer (implements TokenizerProtocol)."""
 
@@ -71,7 +70,7 @@ class Tokenizer:
     p = epath.Path(path)
     if not p.exists():
       raise FileNotFoundError(f"tokenizer model {p} does not exist: train one with "
-                              f"`python -m retro_jax.data.prepare --stage=tokenizer` or pass --tokenizer")
+                              f"`python -m retro_jax.db.prepare --stage=tokenizer` or pass --tokenizer")
     return cls(p.read_bytes(), str(p))
 
   def encode(self, text: str) -> list[int]:
@@ -113,7 +112,6 @@ def _training_sentences(texts: Iterable[str], max_len: int) -> Iterable[str]:
 
 def sample_lines(texts: Iterable[str], k: int, seed: int, max_len: int) -> list[str]:
   """A seeded reservoir sample of k training lines (bounded memory), in corpus order."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   reservoir: list[tuple[int, str]] = []
   for i, line in enumerate(_training_sentences(texts, max_len)):
@@ -143,7 +141,6 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab
   spm.set_random_generator_seed(seed)
   random.seed(seed)
   t0 = time.perf_counter()
-  import io  # pylint: disable=g-import-not-at-top
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       # Sampled here (seeded) rather than by SentencePiece, which then sees <= input_sentence_size

@@ -1,6 +1,6 @@
 r"""Training neighbours: the k nearest database chunks from other documents, per chunk, per shard.
 
-    python -m retro_jax.data.neighbours --db=DIR --k=2 [--backend=scann] \
+    python -m retro_jax.db.neighbours --db=DIR --k=2 [--backend=scann] \
         [--shard_index=0 --num_shards=1] [--block_rows=4096]
 
 For every chunk of the chunk store (shard by shard, same shard numbers and row order as the chunk
@@ -13,7 +13,7 @@ Results are int64 global chunk ids in `DB/neighbours/shard-XXXXX.npy`, shape [n_
 -1 where fewer than k candidates exist.
 
 Which chunks get neighbours: every chunk, held-out documents included. The training sequences
-(`retro_jax.data.loader`) are consecutive runs of seq_len/64 chunks of the non-held-out documents,
+(`retro_jax.training.input_pipeline`) are consecutive runs of seq_len/64 chunks of the non-held-out documents,
 so whatever seq_len a run picks, each of its chunks has its row here; the held-out rows serve the
 evaluation loader with retrieval on (their candidates likewise come from training documents only).
 
@@ -29,14 +29,19 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import time
 from typing import Any
 
 import numpy as np
 import tqdm
-from retro_jax.progress_files import progress_path, write_json_atomic
 
-NEIGHBOURS_DIR = "neighbours"
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout
+from retro_jax.db.layout import progress_path, write_json_atomic
+from retro_jax.retrieval import embed as embed_lib
+from retro_jax.retrieval import retriever as retriever_lib
+
 FORMAT_VERSION = 1
 
 
@@ -44,71 +49,11 @@ class NeighboursError(ValueError):
   """A neighbours file that is missing, unfinished, or made with other settings."""
 
 
-def shard_path(db_dir: str | os.PathLike, shard: int) -> pathlib.Path:
-  return pathlib.Path(db_dir) / NEIGHBOURS_DIR / f"shard-{shard:05d}.npy"
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Thin adapters over the chunk store (retro_jax.data.chunk_store), kept here so that this module
-# reads only the documented API: `.manifest`, `.doc_ids(ids)`, `.doc_range(doc)`, `.num_chunks`.
-
-
-def store_shards(store) -> list[tuple[int, int, int]]:
-  """(shard number, first global chunk id, chunk count) of each chunk-store shard, in order."""
-  shards = store.manifest.get("shards")
-  if not shards:
-    return [(0, 0, int(store.num_chunks))]
-  out, running = [], 0
-  for i, s in enumerate(shards):
-    first = s.get("first_chunk_id", s.get("chunk_offset", s.get("offset", running)))
-    count = s.get("num_chunks", s.get("chunk_count", s.get("count")))
-    out.append((int(s.get("index", i)), int(first), int(count)))
-    running = int(first) + int(count)
-  return out
-
-
-def heldout_doc_ids(store) -> np.ndarray:
-  """Sorted int64 ids of the held-out documents recorded in the chunk store's manifest."""
-  for attr in ("heldout_doc_ids", "held_out_doc_ids"):
-    v = getattr(store, attr, None)
-    if v is not None:
-      v = v() if callable(v) else v
-      return np.unique(np.asarray(v, np.int64))
-  m = store.manifest
-  for key in ("heldout_doc_ids", "held_out_doc_ids", "heldout_docs"):
-    if key in m:
-      return np.unique(np.asarray(m[key], np.int64))
-  split = m.get("split") or m.get("heldout") or {}
-  if isinstance(split, dict):
-    for key in ("heldout_doc_ids", "held_out_doc_ids", "doc_ids", "heldout"):
-      if key in split and not isinstance(split[key], (int, float)):
-        return np.unique(np.asarray(split[key], np.int64))
-  raise NeighboursError(
-      "The chunk store's manifest records no held-out documents (looked for 'heldout_doc_ids'); "
-      "rebuild the chunk store with retro_jax.data.prepare.")
-
-
-def num_docs(store) -> int:
-  for attr in ("num_docs", "num_documents"):
-    v = getattr(store, attr, None)
-    if v is not None:
-      return int(v() if callable(v) else v)
-  m = store.manifest
-  for key in ("num_docs", "num_documents"):
-    if key in m:
-      return int(m[key])
-  return int(store.doc_ids(np.array([store.num_chunks - 1], np.int64))[0]) + 1
-
-
 def heldout_chunk_ranges(store) -> np.ndarray:
-  """int64 [H, 2] sorted, merged `[start, end)` chunk-id ranges of the held-out documents."""
-  docs = heldout_doc_ids(store)
+  """int64 [H, 2] `[start, end)` chunk-id ranges of the held-out documents, sorted by start."""
+  docs = store.heldout_doc_ids
   ranges = np.array([store.doc_range(int(d)) for d in docs], np.int64).reshape(-1, 2)
-  ranges = ranges[np.argsort(ranges[:, 0], kind="stable")]
-  return ranges
+  return ranges[np.argsort(ranges[:, 0], kind="stable")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,7 +148,7 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
 
 
 def shard_is_done(db_dir: str | os.PathLike, shard: int) -> bool:
-  p = progress_path(shard_path(db_dir, shard))
+  p = progress_path(layout.neighbours_path(db_dir, shard))
   return p.exists() and bool(json.loads(p.read_text()).get("done"))
 
 
@@ -211,9 +156,6 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
                        shard_index: int = 0, num_shards: int = 1, block_rows: int = 4096,
                        retriever=None, store=None) -> dict:
   """Computes this host's neighbour shards of `db_dir` (finished ones are skipped). Returns stats."""
-  from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.retrieval import embed as embed_lib
-  from retro_jax.retrieval import retriever as retriever_lib
 
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
@@ -221,7 +163,7 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
     raise ValueError(f"--k={k} must be >= 1.")
   db_dir = pathlib.Path(db_dir)
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
-  mine = [s for s in store_shards(store) if s[0] % num_shards == shard_index]
+  mine = [s for s in store.shard_spans() if s[0] % num_shards == shard_index]
   totals = {"rows": 0, "seconds": 0.0, "shards": [], "skipped": []}
   todo = [s for s in mine if not shard_is_done(db_dir, s[0])]
   totals["skipped"] = [s[0] for s in mine if shard_is_done(db_dir, s[0])]
@@ -230,12 +172,12 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
   if retriever is None:
     if backend is None:  # the one the database was built with
       backend = retriever_lib.db_backend(str(db_dir))
-    index_root = retriever_lib.index_dir(str(db_dir), backend)
+    index_root = str(layout.index_dir(db_dir, backend))
     if not os.path.isdir(index_root):
       raise NeighboursError(f"No {backend} index at {index_root}; run python -m "
-                            f"retro_jax.retrieval.build_index --db={db_dir} --backend={backend}.")
+                            f"retro_jax.build_db --db={db_dir} --backend={backend} --stages=index.")
     retriever = retriever_lib.Retriever.from_db(str(db_dir), backend, doc_ids=store.doc_ids)
-  heldout = heldout_doc_ids(store)
+  heldout = store.heldout_doc_ids
   settings = {"backend": backend, "excludes": "own_document+heldout_documents",
               "num_heldout_docs": int(heldout.size), "index_size": int(retriever.size)}
   for shard, first_id, count in todo:
@@ -243,7 +185,7 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
     if emb.shape[0] != count:
       raise NeighboursError(f"Embeddings shard {shard} of {db_dir} has {emb.shape[0]} rows but the "
                             f"chunk store shard has {count}; re-embed it.")
-    stats = compute_shard(retriever, store, emb, first_id, shard_path(db_dir, shard), k, heldout,
+    stats = compute_shard(retriever, store, emb, first_id, layout.neighbours_path(db_dir, shard), k, heldout,
                           block_rows=block_rows, settings=settings,
                           desc=f"neighbours shard {shard}")
     totals["rows"] += stats["rows"]
@@ -254,14 +196,13 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
 
 def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[list[np.ndarray], np.ndarray]:
   """Every finished neighbours shard memory-mapped, and the int64 first-chunk id of each shard."""
-  from retro_jax.data import chunk_store as chunk_store_lib
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
   arrays, offsets = [], []
-  for shard, first_id, count in store_shards(store):
-    path = shard_path(db_dir, shard)
+  for shard, first_id, count in store.shard_spans():
+    path = layout.neighbours_path(db_dir, shard)
     if not shard_is_done(db_dir, shard):
       raise NeighboursError(f"{path} is missing or unfinished; run python -m "
-                            f"retro_jax.data.neighbours --db={db_dir}.")
+                            f"retro_jax.db.neighbours --db={db_dir}.")
     a = np.load(path, mmap_mode="r")
     if a.shape[0] != count or a.dtype != np.int64:
       raise NeighboursError(f"{path}: shape {a.shape} {a.dtype}; expected ({count}, k) int64 for "
@@ -276,23 +217,20 @@ def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[list[np.ndar
 
 def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,
                           block_rows: int = 4096) -> dict:
-  """After documents were removed (`retro_jax.edit_db`): every finished neighbours row that points
+  """After documents were removed (`retro_jax.db.edit`): every finished neighbours row that points
   at a removed chunk is recomputed with `retriever` (which must exclude the removed documents, as
   `Retriever.from_db` does), the rows of the removed chunks themselves become -1, and each changed
   shard file is replaced atomically (a copy is edited, then renamed). Rows that point at no
   removed chunk are left as they are. Idempotent. Returns {"rows_recomputed", "rows_cleared",
   "shards"}."""
-  import shutil
-  from retro_jax.data import chunk_store as chunk_store_lib
-  from retro_jax.retrieval import embed as embed_lib
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
   deleted = store.deleted_chunk_ranges()
-  heldout = heldout_doc_ids(store)
+  heldout = store.heldout_doc_ids
   totals = {"rows_recomputed": 0, "rows_cleared": 0, "shards": []}
   if not len(deleted):
     return totals
-  for shard, first_id, count in store_shards(store):
-    path = shard_path(db_dir, shard)
+  for shard, first_id, count in store.shard_spans():
+    path = layout.neighbours_path(db_dir, shard)
     if not shard_is_done(db_dir, shard):
       continue  # Computed later by compute_neighbours, whose retriever excludes the removed docs.
     nbr_NxK = np.load(path, mmap_mode="r")
@@ -330,24 +268,3 @@ def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,
     totals["rows_cleared"] += int(own.size)
     totals["shards"].append(shard)
   return totals
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags
-  f = flags.FLAGS
-  stats = compute_neighbours(f.db, k=f.k, backend=f.backend, shard_index=f.shard_index,
-                             num_shards=f.num_shards, block_rows=f.block_rows)
-  rate = stats["rows"] / stats["seconds"] if stats["seconds"] else float("nan")
-  print(json.dumps({**stats, "chunks_per_s": rate}))
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("db", None, "Database directory (chunks, embeddings/, index/).", required=True)
-  flags.DEFINE_integer("k", 2, "Neighbours per chunk.")
-  flags.DEFINE_enum("backend", None, ["scann", "exact", "faiss"], "Index backend to query (default: the one built).")
-  flags.DEFINE_integer("shard_index", 0, "This host's index; computes shards s % num_shards == it.")
-  flags.DEFINE_integer("num_shards", 1, "Number of hosts splitting the stage.")
-  flags.DEFINE_integer("block_rows", 4096, "Rows per resumable block.")
-  app.run(main)

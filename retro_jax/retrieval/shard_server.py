@@ -1,0 +1,281 @@
+r"""One index shard served over gRPC: the server half of the retrieval service (schema: service.proto).
+
+The command is `python -m retro_jax.retrieval.serve`. Loads `DB/index/<backend>/shard-I` (checksums verified) over `DB/embeddings/shard-I.npy`, and
+answers `ShardSearch.Search` with this shard's exact top-k (the in-process `Retriever` restricted to
+the one shard: over-fetch, exact rescoring, same-document exclusion, removed documents dropped), plus
+each result's document id. `retro_jax.retrieval.client.ServiceRetriever` fans out to every shard's
+process and merges, giving the same ids as the in-process `Retriever` over all shards.
+
+* Binds to 127.0.0.1 unless `--host` says otherwise (`--host=0.0.0.0` to serve other machines; the
+  service has no authentication, so only on a trusted network). `--port=0` picks a free port;
+  `--port_file` receives `{"address", "shard", "pid"}` (atomically) once the shard is serving.
+* Health: the standard `grpc.health.v1.Health` service reports NOT_SERVING while the shard loads and
+  SERVING once it is loaded and has answered a warm-up query (service name "" and
+  `retro_jax.retrieval.ShardSearch`); Search answers UNAVAILABLE until then.
+* Removed documents (`python -m retro_jax.edit_db --remove_docs=...` writes
+  `DB/chunks/deletions.json`) take effect without a restart: the file is checked (stat) before every
+  search and reloaded when it changed. A newly added shard needs its own process.
+* `--index_root` serves a shard of another index directory (e.g. the benchmark's re-sharded copy);
+  its embeddings are then the ones named in the shard's manifest, its offset the manifest's.
+SIGTERM / SIGINT: health goes NOT_SERVING, in-flight searches get 2 s to finish, the process exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from typing import Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout
+from retro_jax.db.layout import write_json_atomic
+from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.retrieval import service_pb2, service_pb2_grpc
+
+SERVICE_NAME = "retro_jax.retrieval.ShardSearch"
+MAX_MESSAGE_BYTES = 256 << 20  # a 4096 x 384 float32 query block is 6 MiB (gRPC's default cap: 4)
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+class ServeError(RuntimeError):
+  """A shard that cannot be served (missing index, mismatched database)."""
+
+
+class ShardServicer(service_pb2_grpc.ShardSearchServicer):
+  """Searches one index shard; thread-safe (gRPC calls it from a pool of worker threads)."""
+
+  def __init__(self, db_dir: str, shard: int, backend: str | None = None,
+               index_root: str | None = None, verify: bool = True, overfetch: int = 4,
+               search_threads: int = 1, address: str = ""):
+    self.db_dir, self.shard_number, self.address = str(db_dir), int(shard), address
+    self.store = chunk_store_lib.ChunkStore.open(self.db_dir)
+    if index_root is None:
+      backend = retriever_lib.db_backend(self.db_dir, backend)
+      found = retriever_lib.db_embedding_shards(self.db_dir, lambda i: i == self.shard_number)
+      if not found:
+        raise ServeError(f"{self.db_dir} has no shard {self.shard_number} (chunk-store shards: "
+                         f"0..{self.store.num_shards - 1}); pick one of those for --shard.")
+      _, emb_path, offset = found[0]
+      shard_path = layout.index_shard_dir(layout.index_dir(self.db_dir, backend),
+                                           self.shard_number)
+    else:
+      emb_path, offset = None, None
+      shard_path = layout.index_shard_dir(index_root, self.shard_number)
+    if not os.path.isdir(shard_path):
+      raise ServeError(f"Index shard {shard_path} does not exist; build it with `python -m "
+                       f"retro_jax.build_db --db={self.db_dir} --backend={backend} --stages=index`.")
+    index_shard = index_lib.load_shard(shard_path, emb_path, verify=verify)
+    if offset is not None and index_shard.offset != offset:
+      raise ServeError(f"Index shard {shard_path} was built for offset {index_shard.offset} but "
+                       f"the database puts shard {self.shard_number} at {offset}; rebuild it.")
+    if hasattr(index_shard, "set_num_threads"):
+      index_shard.set_num_threads(search_threads)
+    self.index_shard = index_shard
+    self.index_sha256 = layout.sha256_file(os.path.join(shard_path, index_lib.MANIFEST))
+    self.retriever = retriever_lib.Retriever([index_shard], doc_ids=self.store.doc_ids,
+                                             overfetch=overfetch)
+    self._lock = threading.Lock()
+    self._deletions_stat = None
+    self.deletions_sha256, self.num_deleted_docs = "", 0
+    self._refresh_deletions()
+
+  # -- removed documents ------------------------------------------------------------------------
+  def _refresh_deletions(self) -> None:
+    """Reloads DB/chunks/deletions.json when its (mtime, size, inode) changed since the last look."""
+    path = os.fspath(self.store.deletions_path)
+    try:
+      st = os.stat(path)
+      key = (st.st_mtime_ns, st.st_size, st.st_ino)
+    except FileNotFoundError:
+      key = None
+    if key == self._deletions_stat:
+      return
+    with self._lock:
+      if key == self._deletions_stat:
+        return
+      self.retriever.set_deleted_ranges(self.store.deleted_chunk_ranges())
+      self.num_deleted_docs = int(self.store.deleted_doc_ids().size)
+      self.deletions_sha256 = layout.sha256_file(path) if key is not None else ""
+      self._deletions_stat = key
+
+  # -- RPCs -------------------------------------------------------------------------------------
+  def info(self) -> service_pb2.ShardInfo:
+    return service_pb2.ShardInfo(
+        shard=self.shard_number, offset=self.index_shard.offset, count=self.index_shard.count,
+        dim=self.retriever.dim, backend=self.index_shard.config.backend,
+        index_sha256=self.index_sha256, num_deleted_docs=self.num_deleted_docs,
+        deletions_sha256=self.deletions_sha256, address=self.address)
+
+  def Info(self, request, context):  # noqa: N802 (gRPC method name)
+    self._refresh_deletions()
+    return self.info()
+
+  def Search(self, request, context):  # noqa: N802
+    q, d, k = int(request.num_queries), int(request.dim), int(request.k)
+    problem = None
+    if d != self.retriever.dim:
+      problem = f"queries have dim {d}; shard {self.shard_number} holds dim {self.retriever.dim}"
+    elif q < 0 or len(request.queries) != q * d * 4:
+      problem = f"queries hold {len(request.queries)} bytes, expected {q} x {d} float32"
+    elif k < 1:
+      problem = f"k={k} must be >= 1"
+    elif request.exclude_doc_ids and len(request.exclude_doc_ids) != q * 8:
+      problem = f"exclude_doc_ids hold {len(request.exclude_doc_ids)} bytes, expected {q} int64"
+    if problem:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+    self._refresh_deletions()
+    queries_QxD = np.frombuffer(request.queries, "<f4").reshape(q, d)
+    exclude_Q = (np.frombuffer(request.exclude_doc_ids, "<i8") if request.exclude_doc_ids
+                 else None)
+    ids_QxK, scores_QxK = self.retriever.search(queries_QxD, k, exclude_Q)
+    docs_QxK = np.full(ids_QxK.shape, -1, np.int64)
+    valid = ids_QxK >= 0
+    docs_QxK[valid] = self.store.doc_ids(ids_QxK[valid])
+    return service_pb2.SearchResponse(
+        num_queries=q, k=k, ids=ids_QxK.astype("<i8").tobytes(),
+        scores=scores_QxK.astype("<f4").tobytes(), doc_ids=docs_QxK.astype("<i8").tobytes(),
+        shard=self.info())
+
+
+class _Gate(service_pb2_grpc.ShardSearchServicer):
+  """Answers UNAVAILABLE until the real servicer is loaded, then forwards to it."""
+
+  def __init__(self):
+    self.target: ShardServicer | None = None
+
+  def Search(self, request, context):  # noqa: N802
+    if self.target is None:
+      context.abort(grpc.StatusCode.UNAVAILABLE, "shard is still loading")
+    return self.target.Search(request, context)
+
+  def Info(self, request, context):  # noqa: N802
+    if self.target is None:
+      context.abort(grpc.StatusCode.UNAVAILABLE, "shard is still loading")
+    return self.target.Info(request, context)
+
+
+def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
+          backend: str | None = None, index_root: str | None = None, port_file: str | None = None,
+          workers: int = 4, search_threads: int = 1, overfetch: int = 4, verify: bool = True,
+          stop_event: threading.Event | None = None) -> None:
+  """Runs the server until SIGTERM / SIGINT (or `stop_event`)."""
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+  gate = _Gate()
+  health = grpc_health.HealthServicer()
+  for name in ("", SERVICE_NAME):
+    health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+  service_pb2_grpc.add_ShardSearchServicer_to_server(gate, server)
+  health_pb2_grpc.add_HealthServicer_to_server(health, server)
+  host = f"[{host.strip('[]')}]" if ":" in host else host  # IPv6 literals in brackets
+  bound = server.add_insecure_port(f"{host}:{port}")
+  if bound == 0:
+    raise ServeError(f"Could not bind {host}:{port} (in use?); pick another --port or --port=0.")
+  address = f"{host}:{bound}"
+  server.start()
+  stop_event = stop_event or threading.Event()
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, lambda *_: stop_event.set())
+  t0 = time.perf_counter()
+  servicer = ShardServicer(db_dir, shard, backend=backend, index_root=index_root, verify=verify,
+                           overfetch=overfetch, search_threads=search_threads, address=address)
+  warm = np.zeros((1, servicer.retriever.dim), np.float32)
+  warm[0, 0] = 1.0
+  servicer.retriever.search(warm, 2)
+  gate.target = servicer
+  for name in ("", SERVICE_NAME):
+    health.set(name, health_pb2.HealthCheckResponse.SERVING)
+  print(f"[serve] shard {shard} ({servicer.index_shard.count} chunks from id "
+        f"{servicer.index_shard.offset}) serving on {address} after "
+        f"{time.perf_counter() - t0:.1f} s", flush=True)
+  if port_file:
+    write_json_atomic(port_file, {"address": address, "shard": int(shard), "pid": os.getpid()})
+  stop_event.wait()
+  for name in ("", SERVICE_NAME):
+    health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+  server.stop(grace=2.0).wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# Starting shard processes (tests, benchmarks, a local deployment).
+
+
+@dataclasses.dataclass
+class ShardProcess:
+  """A `serve` child process and the address it listens on."""
+  shard: int
+  address: str
+  process: subprocess.Popen
+  log_path: str
+
+  def kill(self) -> None:
+    """SIGKILL (a crash, as far as clients can tell)."""
+    if self.process.poll() is None:
+      self.process.kill()
+      self.process.wait()
+
+  def stop(self, timeout_s: float = 10.0) -> None:
+    if self.process.poll() is None:
+      self.process.terminate()
+      try:
+        self.process.wait(timeout_s)
+      except subprocess.TimeoutExpired:
+        self.kill()
+
+
+def start_shards(db_dir: str, shards: Sequence[int], workdir: str, host: str = "127.0.0.1",
+                 backend: str | None = None, index_root: str | None = None,
+                 extra_flags: Sequence[str] = (), timeout_s: float = 300.0,
+                 env: dict | None = None) -> list[ShardProcess]:
+  """Starts one `python -m retro_jax.retrieval.serve` per shard (free ports) and waits until each
+  has written its port file (i.e. is SERVING). Logs go to `workdir/shard-XXXXX.log`."""
+  os.makedirs(workdir, exist_ok=True)
+  env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), **(env or {})}
+  procs = []
+  try:
+    for i in shards:
+      port_file = os.path.join(workdir, f"shard-{i:05d}.addr.json")
+      if os.path.exists(port_file):
+        os.remove(port_file)
+      log_path = os.path.join(workdir, f"shard-{i:05d}.log")
+      cmd = [sys.executable, "-m", "retro_jax.retrieval.serve", f"--db={db_dir}", f"--shard={i}",
+             f"--host={host}", "--port=0", f"--port_file={port_file}",
+             *([f"--backend={backend}"] if backend else []),
+             *([f"--index_root={index_root}"] if index_root else []), *extra_flags]
+      with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+      procs.append(ShardProcess(i, "", p, log_path))
+    deadline = time.monotonic() + timeout_s
+    for sp in procs:
+      port_file = os.path.join(workdir, f"shard-{sp.shard:05d}.addr.json")
+      while not os.path.exists(port_file):
+        if sp.process.poll() is not None:
+          with open(sp.log_path) as f:
+            tail = f.read()[-3000:]
+          raise ServeError(f"Shard {sp.shard} server exited with {sp.process.returncode}; log "
+                           f"{sp.log_path}:\n{tail}")
+        if time.monotonic() > deadline:
+          raise ServeError(f"Shard {sp.shard} server not serving after {timeout_s} s; see "
+                           f"{sp.log_path}.")
+        time.sleep(0.05)
+      with open(port_file) as f:
+        sp.address = json.load(f)["address"]
+  except BaseException:
+    for sp in procs:
+      sp.kill()
+    raise
+  return procs

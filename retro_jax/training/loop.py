@@ -1,0 +1,253 @@
+r"""The training loop: any experiment, on the jitted sharded step, with resumable checkpoints.
+
+Runs the jitted, sharded training step (retro_jax.training.step) on the grain loader
+(retro_jax.training.input_pipeline) over the experiment's database and writes, in WORKDIR:
+  config.json          the experiment, the resolved RetroConfig, the database, parameter counts
+  checkpoints/<step>/  orbax: model, optimizer, data-iterator state, meta (retro_jax.training.checkpoint),
+                       every `checkpoint_every` steps, at the end, and on SIGTERM (preemption)
+  metrics.jsonl        one line per logged step: loss (nats/token), bpb, tokens/s, MFU,
+                       learning rate, gradient norm, step time
+  tensorboard/         the same scalars as TensorBoard events
+Running the same command again resumes from the latest checkpoint (model, optimiser and data order:
+the following losses equal those of an uninterrupted run). A NaN or infinite loss stops the run with
+NonFiniteLossError before anything else is saved, so the last good checkpoint stays the latest.
+On a pod every host runs the same command (launch/tpu_run.sh); `--distributed` (default: when the
+TPU environment names several workers) calls jax.distributed.initialize() first.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db.layout import write_json_atomic
+from retro_jax.model import Retro
+from retro_jax.model.partitioning import make_mesh
+from retro_jax.model.retro import count_params
+from retro_jax.training import checkpoint as ckpt_lib
+from retro_jax.training import experiment
+from retro_jax.training import input_pipeline as loader
+from retro_jax.training.retrofit import RETRIEVAL_PARAMS, load_baseline_into
+from retro_jax.training.step import TrainStep
+
+# Peak dense bf16 FLOP/s per device, for MFU.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def want_distributed(mode: str) -> bool:
+  """--distributed: 'true', 'false', or 'auto' (when TPU_WORKER_HOSTNAMES lists several hosts)."""
+  if mode != "auto":
+    return mode == "true"
+  return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def peak_flops(c, device) -> float:
+  if c.peak_flops:
+    return float(c.peak_flops)
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return flops
+  return 0.0
+
+
+def bytes_per_token(store) -> float:
+  """UTF-8 bytes per token of the whole store (for the training bpb), from its document table and
+  manifest: no token is read, so it costs nothing on a pod's bucket-backed store."""
+  return float(store.doc_num_bytes.sum()) / max(int(store.manifest["num_tokens"]), 1)
+
+
+class MetricsWriter:
+  """metrics.jsonl (truncated to the resumed step on restart) and TensorBoard, on process 0."""
+
+  def __init__(self, workdir, resume_step: int, enabled: bool):
+    self.enabled = enabled
+    if not enabled:
+      return
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    if self.path.exists():  # Drop lines logged after the checkpoint we resume from.
+      kept = [l for l in self.path.read_text().splitlines()
+              if l.strip() and json.loads(l)["step"] <= resume_step]
+      self.path.write_text("".join(l + "\n" for l in kept))
+    self._f = self.path.open("a")
+    try:
+      self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+    except ImportError:  # pragma: no cover
+      logging.warning("tensorboardX missing: no TensorBoard events")
+      self.tb = None
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    self._f.write(json.dumps(record) + "\n")
+    self._f.flush()
+    if self.tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+  def close(self) -> None:
+    if self.enabled:
+      self._f.close()
+      if self.tb is not None:
+        self.tb.close()
+
+
+def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) -> dict[str, Any]:
+  """Trains `c` (an experiment ConfigDict) in `workdir`; returns the last logged metrics."""
+  if distributed:
+    jax.distributed.initialize()
+
+
+  c = experiment.with_defaults(c)
+  cfg = experiment.model_config(c)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+
+  store = chunk_store_lib.ChunkStore.open(c.db)
+  db_vocab = int(store.manifest["tokenizer"]["vocab_size"])
+  if db_vocab > cfg.vocab_size:
+    raise ValueError(f"the database {c.db} has a {db_vocab}-token vocabulary but the model only "
+                     f"{cfg.vocab_size}; set --config.model_overrides.vocab_size={db_vocab}.")
+  if store.chunk_size != cfg.chunk_size:
+    raise ValueError(f"database chunk size {store.chunk_size} != model chunk_size "
+                     f"{cfg.chunk_size}.")
+  if c.global_batch % jax.process_count():
+    raise ValueError(f"global_batch={c.global_batch} is not divisible by "
+                     f"{jax.process_count()} processes.")
+  if c.train_only not in ("all", "retrieval"):
+    raise ValueError(f"train_only={c.train_only!r}; expected 'all' or 'retrieval'.")
+
+  mesh = make_mesh(tuple(c.mesh))
+  wrt = nnx.Param
+  if c.train_only == "retrieval":
+    wrt = RETRIEVAL_PARAMS
+  train = TrainStep(cfg, experiment.optimizer(c), mesh, wrt=wrt, seed=c.seed)
+  num_neighbours = c.num_neighbours or cfg.num_neighbours
+  data_iter = loader.make_iterator(
+      c.db, seq_len=c.seq_len, batch_size=c.global_batch // jax.process_count(), split="train",
+      retrieval=cfg.retrieval, num_neighbours=num_neighbours if cfg.retrieval else None,
+      neighbour_len=cfg.neighbour_len, seed=c.seed, read_threads=c.read_threads,
+      self_neighbour_rate=c.self_neighbour_rate if cfg.retrieval else 0.0)
+
+  mngr = ckpt_lib.manager(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=c.keep_checkpoints)
+  abstract_model = nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0)))
+  bpt = bytes_per_token(store)
+  meta = {"model_config": ckpt_lib.config_to_dict(cfg), "experiment": c.to_dict(),
+          "db": str(c.db), "bytes_per_token": bpt,
+          "params": {"non_embedding": count_params(abstract_model),
+                     "total": count_params(abstract_model, non_embedding=False)}}
+
+  start = mngr.latest_step()
+  state = train.init()
+  if start is not None:
+    state, _ = ckpt_lib.restore(mngr, start, state, data_iter)
+    logging.info("resumed from %s step %d", workdir / ckpt_lib.CHECKPOINTS, start)
+    if progress and is_main:
+      print(f"resuming {workdir} from step {start}", flush=True)
+  else:
+    start = 0
+    if c.init_from:
+      state = load_baseline_into(state, cfg, c.init_from)
+  if is_main:
+    write_json_atomic(workdir / "config.json", meta)
+
+  writer = MetricsWriter(workdir, start, is_main)
+  preempted = {"flag": False}
+
+  def on_sigterm(signum, frame):
+    del signum, frame
+    preempted["flag"] = True
+  old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+  tokens_per_step = c.global_batch * c.seq_len
+  flops_per_step = cfg.flops_per_token(c.seq_len) * tokens_per_step
+  peak = peak_flops(c, jax.devices()[0]) * jax.device_count()
+  last_good = start
+  pending: list[tuple[int, Any]] = []
+  last: dict[str, Any] = {}
+  t_flush, steps_since = time.perf_counter(), 0
+
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k]))
+            for k, s in train.batch_sharding(batch).items()}
+
+  def flush():
+    nonlocal t_flush, steps_since, last
+    if not pending:
+      return
+    fetched = [(s, jax.device_get(m)) for s, m in pending]
+    pending.clear()
+    dt = (time.perf_counter() - t_flush) / max(steps_since, 1)
+    t_flush, steps_since = time.perf_counter(), 0
+    for s, m in fetched:
+      loss = float(m["loss"])
+      if not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"])):
+        raise NonFiniteLossError(
+            f"loss {loss} (gradient norm {float(m['grad_norm'])}) at step {s}; nothing saved "
+            f"after it: the last good checkpoint is step {last_good} in "
+            f"{workdir / ckpt_lib.CHECKPOINTS}. Lower --config.peak_lr or check the data.")
+      last = {"step": s, "loss": loss, "bpb": loss / math.log(2) / bpt,
+              "grad_norm": float(m["grad_norm"]), "learning_rate": experiment.learning_rate(c, s - 1),
+              "tokens": int(m["tokens"]), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+              "time": time.time()}
+      if s == start + 1:
+        last["includes_compile"] = True
+      if peak:
+        last["mfu"] = flops_per_step / dt / peak
+      writer.write(last)
+
+  bar = tqdm(total=c.total_steps, initial=start, desc=os.path.basename(str(workdir)) or "train",
+             unit="step", disable=not (progress and is_main), dynamic_ncols=True)
+  step = start
+  try:
+    while step < c.total_steps:
+      batch = to_global(next(data_iter))
+      state, metrics = train.step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      steps_since += 1
+      if step == start + 1:  # Leave compilation out of the first interval's throughput.
+        jax.block_until_ready(metrics)
+        flush()
+      stop = preempted["flag"] or mngr.reached_preemption(step)
+      save = stop or step % c.checkpoint_every == 0 or step == c.total_steps
+      if save or step % c.log_every == 0:
+        flush()
+        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+      bar.update(1)
+      if c.debug_step_delay_s:
+        time.sleep(c.debug_step_delay_s)
+      if save:
+        ckpt_lib.save(mngr, step, state, data_iter, {**meta, "step": step})
+        last_good = step
+      if stop:
+        logging.warning("SIGTERM / preemption at step %d: checkpoint saved, exiting", step)
+        if progress and is_main:
+          print(f"preempted at step {step}: checkpoint saved", flush=True)
+        break
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+    writer.close()
+    signal.signal(signal.SIGTERM, old_handler)
+  return last

