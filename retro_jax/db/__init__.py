@@ -1,0 +1,1 @@
+"""The retrieval database: corpus, tokenizers, chunk store, training neighbours, build, edits."""

@@ -1,0 +1,1 @@
+"""Evaluation: bits-per-byte on held-out documents, the demo, scaling sweeps, fact recall."""

@@ -1,0 +1,1 @@
+"""Sampling: generation with retrieval and a KV cache."""

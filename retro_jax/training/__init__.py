@@ -1,0 +1,1 @@
+"""Training: the loop, the sharded step, optimiser, checkpoints, experiments, input pipeline."""
