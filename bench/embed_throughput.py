@@ -20,13 +20,13 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from retro_jax.retrieval.embedder import Embedder  # noqa: E402
 from bench.common import matmul_gflops
+from retro_jax.retrieval.embedder import Embedder  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_texts", 512, "chunk texts embedded per timed round")

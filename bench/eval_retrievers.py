@@ -16,8 +16,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo/retro", "trained RETRO workdir")
@@ -29,11 +29,11 @@ flags.DEFINE_string("out", "bench/results/eval_retrievers.json", "results JSON")
 
 def main(argv):
   del argv
-  from retro_jax.training import checkpoint as ckpt_lib
-  from retro_jax.evaluation import bpb as ev
   from retro_jax.db.chunk_store import ChunkStore
+  from retro_jax.evaluation import bpb as ev
   from retro_jax.retrieval import retriever as retriever_lib
   from retro_jax.retrieval import shard_server as serve_lib
+  from retro_jax.training import checkpoint as ckpt_lib
 
   _, cfg, info = ckpt_lib.load_model(FLAGS.workdir)
   db = FLAGS.db or info["db"]

@@ -34,16 +34,16 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import matmul_gflops  # noqa: E402
-from retro_jax.sampling import generate as gen  # noqa: E402
 from retro_jax.model import Retro, RetroConfig  # noqa: E402
 from retro_jax.model.decode import Decoder  # noqa: E402
+from retro_jax.sampling import generate as gen  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("db", "runs/db_fresh", "retrieval database (chunk size must be 64)")

@@ -41,6 +41,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+
 from retro_jax.db import layout  # noqa: E402
 
 _DB = flags.DEFINE_string("db", "runs/db_fresh", "Source database (read only).")

@@ -19,15 +19,15 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from bench.common import matmul_gflops  # noqa: E402
-from retro_jax.training import optim  # noqa: E402
 from retro_jax.model import PAPER_SIZES, RetroConfig  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
+from retro_jax.training import optim  # noqa: E402
 from retro_jax.training.step import TrainStep  # noqa: E402
 
 FLAGS = flags.FLAGS

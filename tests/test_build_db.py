@@ -10,8 +10,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax.db import layout
 from retro_jax.db import build as build_db  # noqa: E402
+from retro_jax.db import layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,11 +17,11 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax.db import edit as edit_db  # noqa: E402
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
-from retro_jax.training import input_pipeline as loader_lib  # noqa: E402
+from retro_jax.db import edit as edit_db  # noqa: E402
 from retro_jax.db import neighbours as neighbours_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
+from retro_jax.training import input_pipeline as loader_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from retro_jax.training import experiment
 from retro_jax.model import PAPER_SIZES
+from retro_jax.training import experiment
 
 ALL = sorted(p.stem for p in Path(__file__).parents[1].joinpath("experiments").glob("*.py")
              if not p.stem.startswith("_"))

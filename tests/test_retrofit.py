@@ -19,12 +19,16 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
+from retro_jax.model import Retro  # noqa: E402
+from retro_jax.model.partitioning import make_mesh  # noqa: E402
 from retro_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from retro_jax.training import experiment  # noqa: E402
 from retro_jax.training import input_pipeline as loader  # noqa: E402
-from retro_jax.model import Retro  # noqa: E402
-from retro_jax.model.partitioning import make_mesh  # noqa: E402
-from retro_jax.training.retrofit import RETRIEVAL_PARAMS, RetrofitError, load_baseline_into  # noqa: E402
+from retro_jax.training.retrofit import (  # noqa: E402
+  RETRIEVAL_PARAMS,
+  RetrofitError,
+  load_baseline_into,
+)
 from retro_jax.training.step import TrainStep  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,8 +157,8 @@ SMOL_CORPUS = "kernel:limit=6+wiki:limit=12"
 @pytest.mark.slow
 def test_smollm2_export_and_one_retrofit_step(tmp_path):
   from retro_jax.db import build as build_db
-  from retro_jax.training import loop as train
   from retro_jax.pretrained import gguf, smollm2
+  from retro_jax.training import loop as train
   smol_db = tmp_path / "smol_db"
   build_db.build(smol_db, corpus=SMOL_CORPUS, tokenizer="smollm2", heldout_fraction=0.1, k=2,
                  backend="exact", docs_per_shard=100)

@@ -14,8 +14,8 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax.sampling import generate as gen  # noqa: E402
 from retro_jax.model import PAPER_SIZES, Retro  # noqa: E402
+from retro_jax.sampling import generate as gen  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = ("The page cache keeps file data in memory so that reads and writes of recently used "
@@ -162,7 +162,7 @@ def test_bad_arguments_raise(model_and_config, retrieval):
 def _write_checkpoint(workdir, model, config, db):
   from retro_jax.training import checkpoint as ckpt
   mngr = ckpt.manager(workdir / ckpt.CHECKPOINTS, async_save=False)
-  meta = {"model_config": ckpt.config_to_dict(config), "db": str(db), "step": 7}
+  meta = {"model_config": config.to_dict(), "db": str(db), "step": 7}
   ckpt.save(mngr, 7, nnx.state(model), {"count": np.zeros((), np.int32)}, None, meta)
   mngr.wait_until_finished()
 

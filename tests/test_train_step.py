@@ -4,10 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retro_jax.training import optim
 from retro_jax.model import PAPER_SIZES
-from retro_jax.model.partitioning import (ShardingCollisionError, logical_to_mesh, make_mesh)
-from retro_jax.training.step import TrainStep, cross_entropy
+from retro_jax.model.loss import cross_entropy
+from retro_jax.model.partitioning import ShardingCollisionError, logical_to_mesh, make_mesh
+from retro_jax.training import optim
+from retro_jax.training.step import TrainStep
 
 CFG = PAPER_SIZES["tiny"]
 

@@ -35,7 +35,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -46,6 +45,7 @@ from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.neighbours import search_block
 from retro_jax.db.prepare import load_db_tokenizer
+from retro_jax.model.loss import token_nll
 from retro_jax.retrieval.client import ServiceRetriever
 from retro_jax.retrieval.retriever import Retriever, db_embedding_rows, db_embedding_shards
 from retro_jax.training import checkpoint as ckpt_lib
@@ -127,11 +127,6 @@ def searched_neighbours(searcher, store, db_dir: str, query_ids_Q: np.ndarray, k
   query_ids_Q = np.asarray(query_ids_Q, np.int64)
   return search_block(searcher, store, db_embedding_rows(db_dir, query_ids_Q), query_ids_Q, k,
                       np.flatnonzero(~allowed_doc_D).astype(np.int64))
-
-
-def longest_common_substring(chunk_M: np.ndarray, nbrs_KxR: np.ndarray, pad_id: int) -> int:
-  """Longest run of tokens shared contiguously by the chunk and any neighbour (pads never match)."""
-  return int(longest_common_substrings(chunk_M[None], nbrs_KxR[None], pad_id)[0])
 
 
 def longest_common_substrings(chunks_CxM: np.ndarray, nbrs_CxKxR: np.ndarray,
@@ -259,10 +254,7 @@ def make_loss_fn(model):
   @jax.jit
   def nll(state, inputs, targets, neighbours):
     m = nnx.merge(graphdef, state)
-    logits = m(inputs, neighbours).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, -1)
-    tgt = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-    return lse - tgt
+    return token_nll(m(inputs, neighbours), targets)
   return lambda inputs, targets, neighbours: np.asarray(nll(state, inputs, targets, neighbours))
 
 

@@ -19,12 +19,12 @@ import os
 import shutil
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from retro_jax.db import edit as edit_db
 from retro_jax.db.chunk_store import ChunkStore
+from retro_jax.model.loss import token_nll
 from retro_jax.retrieval.retriever import Retriever, db_embedding_rows
 from retro_jax.sampling import generate as gen
 from retro_jax.sampling.generate import DatabaseRetrieval
@@ -88,9 +88,8 @@ def true_continuation_nll(model, cfg, prompt: Sequence[int], truth: Sequence[int
   if retrieve_fn is not None:
     n0 = np.asarray(retrieve_fn(np.asarray(prompt, np.int32)))   # neighbours of chunk 0 [K, R]
     nbrs = jnp.asarray(np.stack([n0, np.full_like(n0, cfg.pad_id)])[None])  # chunk 1's: unused
-  logits = model(toks, nbrs)[0, len(prompt) - 1:-1]
-  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
-  return float(-np.take_along_axis(logp, np.asarray(truth)[:, None], 1).mean())
+  logits_1xTxV = model(toks, nbrs)[:, len(prompt) - 1:-1]
+  return float(token_nll(logits_1xTxV, jnp.asarray([list(truth)], jnp.int32)).mean())
 
 
 def run(workdir: str, db: str, scratch: str, *, fact: str = FACT, name: str = FACT_FILE,

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from retro_jax.model.layers import dense_init, einsum, param, project, use_cpu_forms
+from retro_jax.model.cpu_forms import MatmulForms
+from retro_jax.model.layers import dense_init, param
 
 NEG_INF = -1e30
 
@@ -100,18 +101,7 @@ class Attention(nnx.Module):
       self.v = param(rngs, zeros, (h, k), ("heads", "head_dim"), param_dtype)
     self.positions, self.rope_theta, self.num_heads = positions, rope_theta, h
     self.d_q, self.head_dim = d_q, k
-    self.cpu_forms = cpu_forms  # None: decided when traced (the default backend is the CPU)
-
-  def _einsum(self, spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
-    """layers.einsum (backward ordered for XLA:CPU) with the CPU forms; plain jnp.einsum without."""
-    if use_cpu_forms(self.cpu_forms):
-      return einsum(spec, a, b, out_dtype)
-    return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
-
-  def _project(self, x: jax.Array, w: nnx.Param, n_in: int = 1) -> jax.Array:
-    """x times a projection; one 2-D matmul only with the CPU forms: compiled for TPU that form
-    costs 1.35 GiB more per chip (172M on v5e:4x4, retro_jax.training.aot)."""
-    return project(x, w.value, n_in, flatten=use_cpu_forms(self.cpu_forms))
+    self.mm = MatmulForms(cpu_forms)  # how the contractions are spelled (retro_jax.model.cpu_forms)
 
   def __call__(self, x_BxQxD: jax.Array, y_BxGxSxE: jax.Array, mask_BxQxGxS: jax.Array | None,
                *, offset: int = 0, q_block: int = 0, causal: bool = False) -> jax.Array:
@@ -122,8 +112,8 @@ class Attention(nnx.Module):
     causal=True promises that the mask hides every negative distance, so that (unblocked) only
     the non-negative distances get position logits.
     """
-    k_BxGxSxHxK = self._project(y_BxGxSxE, self.wk)
-    v_BxGxSxHxK = self._project(y_BxGxSxE, self.wv)
+    k_BxGxSxHxK = self.mm.project(y_BxGxSxE, self.wk.value)
+    v_BxGxSxHxK = self.mm.project(y_BxGxSxE, self.wv.value)
     if self.positions == "rope":  # key s sits at position s (H here: the key/value heads)
       k_BxGxSxHxK = rope(k_BxGxSxHxK, jnp.arange(k_BxGxSxHxK.shape[2]), self.rope_theta)
     b, num_q, d = x_BxQxD.shape
@@ -149,9 +139,9 @@ class Attention(nnx.Module):
       return self._attend_rope(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset)
     dt = x_BxQxD.dtype
     b, num_q, num_s = x_BxQxD.shape[0], x_BxQxD.shape[1], k_BxGxSxHxK.shape[2]
-    q_BxQxHxK = self._project(x_BxQxD, self.wq)
+    q_BxQxHxK = self.mm.project(x_BxQxD, self.wq.value)
     q_BxQxHxK = q_BxQxHxK * jnp.asarray(self.head_dim ** -0.5, dt)
-    content_BxHxQxGxS = self._einsum("bqhk,bgshk->bhqgs", q_BxQxHxK + self.u.value.astype(dt),
+    content_BxHxQxGxS = self.mm.einsum("bqhk,bgshk->bhqgs", q_BxQxHxK + self.u.value.astype(dt),
                                      k_BxGxSxHxK, jnp.float32)
     # Distances, largest first, so that row q of the skewed logits starts at column Q-1-q.
     num_p = num_q + num_s - 1
@@ -162,23 +152,15 @@ class Attention(nnx.Module):
     r_HxPxK = jnp.einsum("pd,dhk->hpk", sinusoid(dist_P, self.d_q).astype(dt),
                          self.wr.value.astype(dt))
     qv_BxQxHxK = q_BxQxHxK + self.v.value.astype(dt)
-    if use_cpu_forms(self.cpu_forms):
-      # B and H both batch axes (the small table broadcast over B): no gradient then has to move
-      # H in front of the [B, H, Q, P] cotangent (a strided copy: 9% of a CPU training step).
-      r_BxHxPxK = jnp.broadcast_to(r_HxPxK[None], (b, *r_HxPxK.shape))
-      pos_BxHxQxP = einsum("bhqk,bhpk->bhqp", jnp.swapaxes(qv_BxQxHxK, 1, 2), r_BxHxPxK,
-                           jnp.float32)
-    else:
-      pos_BxHxQxP = jnp.einsum("bqhk,hpk->bhqp", qv_BxQxHxK, r_HxPxK,
-                               preferred_element_type=jnp.float32)
+    pos_BxHxQxP = self.mm.position_logits(qv_BxQxHxK, r_HxPxK)
     logits_BxHxQxGxS = content_BxHxQxGxS + skew(pos_BxHxQxP, num_s)[:, :, :, None, :]
     if mask_BxQxGxS is not None:
       logits_BxHxQxGxS = jnp.where(mask_BxQxGxS[:, None], logits_BxHxQxGxS, NEG_INF)
     b, h, q, g, s = logits_BxHxQxGxS.shape
     probs = jax.nn.softmax(logits_BxHxQxGxS.reshape(b, h, q, g * s), axis=-1)
     probs_BxHxQxGxS = probs.reshape(b, h, q, g, s).astype(dt)
-    out_BxQxHxK = self._einsum("bhqgs,bgshk->bqhk", probs_BxHxQxGxS, v_BxGxSxHxK)
-    return self._project(out_BxQxHxK, self.wo, n_in=2)
+    out_BxQxHxK = self.mm.einsum("bhqgs,bgshk->bqhk", probs_BxHxQxGxS, v_BxGxSxHxK)
+    return self.mm.project(out_BxQxHxK, self.wo.value, n_in=2)
 
 
   def _attend_rope(self, x_BxQxD, k_BxGxSxCxK, v_BxGxSxCxK, mask_BxQxGxS, offset):
@@ -186,20 +168,20 @@ class Attention(nnx.Module):
     dt = x_BxQxD.dtype
     b, num_q, _ = x_BxQxD.shape
     c = k_BxGxSxCxK.shape[3]
-    q_BxQxHxK = self._project(x_BxQxD, self.wq)
+    q_BxQxHxK = self.mm.project(x_BxQxD, self.wq.value)
     q_BxQxHxK = q_BxQxHxK * jnp.asarray(self.head_dim ** -0.5, dt)
     q_BxQxHxK = rope(q_BxQxHxK, offset + jnp.arange(num_q), self.rope_theta)
     q_BxQxCxRxK = q_BxQxHxK.reshape(b, num_q, c, self.num_heads // c, self.head_dim)
-    logits_BxCxRxQxGxS = self._einsum("bqcrk,bgsck->bcrqgs", q_BxQxCxRxK, k_BxGxSxCxK,
+    logits_BxCxRxQxGxS = self.mm.einsum("bqcrk,bgsck->bcrqgs", q_BxQxCxRxK, k_BxGxSxCxK,
                                       jnp.float32)
     if mask_BxQxGxS is not None:
       logits_BxCxRxQxGxS = jnp.where(mask_BxQxGxS[:, None, None], logits_BxCxRxQxGxS, NEG_INF)
     shape = logits_BxCxRxQxGxS.shape
     probs = jax.nn.softmax(logits_BxCxRxQxGxS.reshape(*shape[:4], -1), axis=-1)
     probs_BxCxRxQxGxS = probs.reshape(shape).astype(dt)
-    out_BxQxCxRxK = self._einsum("bcrqgs,bgsck->bqcrk", probs_BxCxRxQxGxS, v_BxGxSxCxK)
+    out_BxQxCxRxK = self.mm.einsum("bcrqgs,bgsck->bqcrk", probs_BxCxRxQxGxS, v_BxGxSxCxK)
     out_BxQxHxK = out_BxQxCxRxK.reshape(b, num_q, self.num_heads, self.head_dim)
-    return self._project(out_BxQxHxK, self.wo, n_in=2)
+    return self.mm.project(out_BxQxHxK, self.wo.value, n_in=2)
 
 
 def causal_mask(seq_len: int) -> jax.Array:

@@ -35,9 +35,8 @@ class RetroConfig:
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: bool = False  # jax.checkpoint each decoder block (pod-scale memory).
   attention_q_block: int = 0  # >0: self-attention in query blocks of this size (O(block*T) memory).
-  # The attention in the forms XLA:CPU runs fastest (2-D projections, layers.einsum, B and H as
-  # batch axes of the position logits); None: when jax's default backend is the CPU. Compiled for
-  # TPU they cost 1.35 GiB more per chip (172M on v5e:4x4), so aot_compile passes False.
+  # The attention's matmuls in the forms XLA:CPU runs fastest (retro_jax.model.cpu_forms); None:
+  # when jax's default backend is the CPU. They cost memory on TPU, so TPU compiles pass False.
   cpu_matmul_forms: bool | None = None
   # Llama-architecture decoders (a pretrained baseline to retrofit, e.g. SmolLM2). The defaults are
   # the paper's decoder; CCA and the neighbour encoder always use relative positions and GELU.
@@ -98,6 +97,21 @@ class RetroConfig:
 
   def num_chunks(self, seq_len: int) -> int:
     return math.ceil(seq_len / self.chunk_size)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "RetroConfig":
+    """From a dict of fields (a checkpoint's config, an experiment's overrides applied); unknown
+    fields are an error, lists become tuples."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"{sorted(unknown)} are not RetroConfig fields")
+    d = dict(d)
+    if "cca_layers" in d:
+      d["cca_layers"] = tuple(d["cca_layers"])
+    return cls(**d)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
 
   def replace(self, **kw) -> "RetroConfig":
     return dataclasses.replace(self, **kw)

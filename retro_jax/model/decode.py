@@ -40,7 +40,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from retro_jax.model.attention import NEG_INF, sinusoid
@@ -313,9 +312,3 @@ def _attend_row(attn, x_BxD, k_BxSxHxK, v_BxSxHxK, table_PxHxK, pos_idx_S, mask_
   probs_BxHxS = jax.nn.softmax(logits_BxHxS, axis=-1).astype(dt)
   out_BxHxK = jnp.einsum("bhs,bshk->bhk", probs_BxHxS, v_BxSxHxK)
   return jnp.einsum("bhk,hkd->bd", out_BxHxK, attn.wo.value.astype(dt))
-
-
-def full_forward_logits(model, tokens_BxT, neighbours_BxLxNxR=None) -> np.ndarray:
-  """The reference: `model(tokens, neighbours)` (every position recomputed), as float32 numpy."""
-  return np.asarray(model(jnp.asarray(tokens_BxT), None if neighbours_BxLxNxR is None
-                          else jnp.asarray(neighbours_BxLxNxR)))

@@ -23,12 +23,8 @@ RULES: dict[str, dict[str, str | tuple[str, ...] | None]] = {
     "fsdp": {
         "batch": ("data", "fsdp"),
         "length": None,
-        "chunks": None,
-        "neighbours": None,
         "neighbour_len": None,
         "act_embed": None,
-        "act_heads": "model",
-        "act_mlp": "model",
         "act_vocab": "model",
         "embed": "fsdp",
         "enc_embed": "fsdp",

@@ -49,7 +49,7 @@ def export(out: str | os.PathLike, db: str = "runs/smollm2_db") -> dict:
   model, cfg, tokenizer = gguf.load_smollm2()
   want = experiment.PRETRAINED_SIZES[MODEL_SIZE]
   if cfg != want:
-    diff = {k: (v, getattr(want, k)) for k, v in ckpt_lib.config_to_dict(cfg).items()
+    diff = {k: (v, getattr(want, k)) for k, v in cfg.to_dict().items()
             if v != getattr(want, k)}
     raise ExportError(f"the GGUF gives a config that differs from experiment.PRETRAINED_SIZES"
                       f"[{MODEL_SIZE!r}] in (file, registry) = {diff}; update the registry.")
@@ -58,7 +58,7 @@ def export(out: str | os.PathLike, db: str = "runs/smollm2_db") -> dict:
   directory = out / ckpt_lib.CHECKPOINTS
   if directory.exists() and ocp.CheckpointManager(directory).all_steps():
     raise ExportError(f"{directory} already holds checkpoints; remove it or pass another --out.")
-  meta = {"step": 0, "model_config": ckpt_lib.config_to_dict(cfg), "db": str(db),
+  meta = {"step": 0, "model_config": cfg.to_dict(), "db": str(db),
           "experiment": {"model_size": MODEL_SIZE, "retrieval": False},
           "source": {"gguf": files.smollm2_gguf_path(), "package": files.SMOLLM2_PIP},
           "tokenizer": tokenizer.info(),

@@ -95,8 +95,8 @@ def embedding_paths(db_dir: str) -> list[str]:
 
 def db_deleted_ranges(db_dir: str) -> np.ndarray:
   """int64 [R, 2] chunk-id ranges of the documents removed from `db_dir` (empty when none)."""
-  manifest = os.path.join(db_dir, "chunks", "manifest.json")
-  if not os.path.isfile(os.path.join(db_dir, "chunks", "deletions.json")):
+  manifest = os.path.join(layout.chunks_dir(db_dir), layout.MANIFEST)
+  if not os.path.isfile(os.path.join(layout.chunks_dir(db_dir), layout.DELETIONS)):
     if not os.path.isfile(manifest):
       return np.zeros((0, 2), np.int64)  # embeddings and index only: no chunk store, no edits
     with open(manifest) as f:

@@ -33,19 +33,12 @@ class CheckpointError(ValueError):
   """A workdir without checkpoints, or a checkpoint that does not fit the model asked for."""
 
 
-def config_to_dict(config: RetroConfig) -> dict:
-  return dataclasses.asdict(config)
-
-
 def config_from_dict(d: dict) -> RetroConfig:
-  fields = {f.name for f in dataclasses.fields(RetroConfig)}
-  unknown = set(d) - fields
-  if unknown:
-    raise CheckpointError(f"checkpoint config has fields {sorted(unknown)} unknown to this "
-                          "version of RetroConfig; upgrade retro_jax.")
-  d = dict(d)
-  d["cca_layers"] = tuple(d["cca_layers"])
-  return RetroConfig(**d)
+  """A checkpoint's model config."""
+  try:
+    return RetroConfig.from_dict(d)
+  except ValueError as e:
+    raise CheckpointError(f"checkpoint config: {e} (unknown to this version of retro_jax)") from e
 
 
 def _absolute(path: str | os.PathLike) -> epath.Path:

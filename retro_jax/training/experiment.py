@@ -8,8 +8,6 @@ Every field and its default is listed in `defaults()`; unknown fields are an err
 """
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 
 from retro_jax.model import PAPER_SIZES, RetroConfig
@@ -76,14 +74,10 @@ def with_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def model_config(c: ml_collections.ConfigDict) -> RetroConfig:
   if c.model_size not in MODEL_SIZES:
     raise ValueError(f"model_size={c.model_size!r}; expected one of {sorted(MODEL_SIZES)}")
-  over = dict(c.model_overrides)
-  fields = {f.name for f in dataclasses.fields(RetroConfig)}
-  bad = sorted(set(over) - fields)
-  if bad:
-    raise ValueError(f"model_overrides {bad} are not RetroConfig fields")
-  if "cca_layers" in over:
-    over["cca_layers"] = tuple(over["cca_layers"])
-  cfg = dataclasses.replace(MODEL_SIZES[c.model_size], **over)
+  try:
+    cfg = RetroConfig.from_dict({**MODEL_SIZES[c.model_size].to_dict(), **dict(c.model_overrides)})
+  except ValueError as e:
+    raise ValueError(f"model_overrides: {e}") from e
   return cfg if c.retrieval else cfg.baseline()
 
 

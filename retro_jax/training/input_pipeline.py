@@ -15,7 +15,7 @@ Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour leng
                 targets[t] = inputs[t+1] when token t+1 is of the same document, and
                 targets[T-1] = the first token of the chunk after the sequence's last one (same
                 document only); every other position (document ends, padding) holds the pad id 0,
-                which the training loss masks (retro_jax.training.step.cross_entropy).
+                which the training loss masks (retro_jax.model.loss.cross_entropy).
   "neighbours": int32 [L, K, R]  for chunk u, its K stored neighbours (retro_jax.db.neighbours),
                 each the neighbour chunk plus its continuation within its document
                 (`ChunkStore.neighbour_tokens`), pad 0 past the document's end and for missing

@@ -152,7 +152,7 @@ def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) ->
   mngr = ckpt_lib.manager(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=c.keep_checkpoints)
   abstract_model = nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0)))
   bpt = bytes_per_token(store)
-  meta = {"model_config": ckpt_lib.config_to_dict(cfg), "experiment": c.to_dict(),
+  meta = {"model_config": cfg.to_dict(), "experiment": c.to_dict(),
           "db": str(c.db), "bytes_per_token": bpt,
           "params": {"non_embedding": count_params(abstract_model),
                      "total": count_params(abstract_model, non_embedding=False)}}

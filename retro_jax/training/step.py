@@ -19,19 +19,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from retro_jax.model import Retro, RetroConfig
+from retro_jax.model.loss import cross_entropy
 from retro_jax.model.partitioning import batch_sharding, state_shardings
-
-
-def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array, pad_id: int):
-  """Summed next-token loss in nats over non-pad targets, and the number of such targets."""
-  mask_BxT = (targets_BxT != pad_id).astype(jnp.float32)
-  logits_BxTxV = logits_BxTxV.astype(jnp.float32)
-  # logsumexp - target logit; the one-hot product fuses (no [B, T, V] scatter in the backward
-  # pass, which take_along_axis would need): 1.5x faster on the CPU at V = 32k.
-  target_BxT = jnp.sum(logits_BxTxV * jax.nn.one_hot(targets_BxT, logits_BxTxV.shape[-1],
-                                                     dtype=jnp.float32), axis=-1)
-  nll_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1) - target_BxT
-  return jnp.sum(nll_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
 class TrainStep:

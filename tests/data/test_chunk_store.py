@@ -9,10 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from retro_jax.db import layout
 from retro_jax.db import chunk_store as cs
-from retro_jax.db import corpus
-from retro_jax.db import prepare
+from retro_jax.db import corpus, layout, prepare
 from retro_jax.db import tokenizer as tokenizer_lib
 
 SPEC = "kernel:limit=30+python:limit=10+wiki:limit=40"

@@ -1,4 +1,4 @@
-"""layers.project and layers.einsum equal plain jnp.einsum, gradients included."""
+"""cpu_forms.project and cpu_forms.einsum equal plain jnp.einsum, gradients included."""
 from __future__ import annotations
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retro_jax.model.layers import einsum, project
+from retro_jax.model.cpu_forms import einsum, project
 
 SPECS = [  # (spec, shape of a, shape of b): the attention's contractions
     ("bqhk,bgshk->bhqgs", (2, 5, 3, 4), (2, 2, 6, 3, 4)),

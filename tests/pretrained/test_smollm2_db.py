@@ -3,11 +3,8 @@ the manifest records the tokenizer, documents round-trip, another tokenizer is r
 import numpy as np
 import pytest
 
-from retro_jax.db import layout
-from retro_jax.db import bpe_tokenizer
+from retro_jax.db import bpe_tokenizer, corpus, layout, prepare
 from retro_jax.db import chunk_store as cs
-from retro_jax.db import corpus
-from retro_jax.db import prepare
 from retro_jax.db import tokenizer as tokenizer_lib
 
 SPEC = "kernel:limit=10+wiki:limit=20"

@@ -235,6 +235,7 @@ KERNEL_DOCS = "/usr/share/doc/linux-doc-6.1/html/_sources/filesystems"
 def real_text(tmp_path_factory):
   """~2,000 48-word chunks of the kernel's filesystem docs, embedded with the real MiniLM."""
   import glob
+
   from retro_jax.retrieval.embedder import Embedder
   files = sorted(glob.glob(os.path.join(KERNEL_DOCS, "**", "*.rst.txt"), recursive=True))
   if not files:
