@@ -9,8 +9,7 @@ documents only). That is the leakage the paper's evaluation filters out (bpb(alp
 purpose: a model that has seen matching neighbours learns to read the continuation off them, so a
 fact that only the database holds can be completed, and removing its document takes it away.
 Everything else (database, sizes, batch, peak learning rate) is tiny.py's; 1,000 steps instead of
-300 (at 300 the model completed the prompt's answer but copied only 22% of the next chunk:
-bench/results/fact_recall_copy300.json).
+300, which are too few to learn the copying (docs/results.md).
 """
 from experiments import tiny
 

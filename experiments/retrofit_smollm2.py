@@ -8,8 +8,7 @@ The paper's retrofit: CCA every 3rd layer from 6 (6, 9, ..., 30 of SmolLM2's
 30), a 2-layer neighbour encoder, k = 2 neighbours of r = 128 tokens, only CCA and encoder trained,
 AdamW with LR 2e-4 cosine-decayed to 2e-5 (optim: 0.1x) after a short linear warm-up.
 Sized for this 2-core CPU: encoder width 384 (6 heads of 64; the paper's is 896), sequences of
-512 tokens, 2 per batch, 90 steps (92,160 token slots: 20 minutes at 12.5 s/step on the shared
-machine; results in bench/results/retrofit_smollm2.json). The paper's retrofit saw 6M sequences of
+512 tokens, 2 per batch, 90 steps (92,160 token slots; results in docs/results.md). The paper's retrofit saw 6M sequences of
 2048 tokens; for that, set --config.seq_len=2048 --config.global_batch=256
 --config.total_steps=23_438 --config.warmup_steps=750 (and an accelerator).
 """

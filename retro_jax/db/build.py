@@ -138,7 +138,7 @@ _RUNNERS: dict[str, Callable[[pathlib.Path, dict[str, Any]], None]] = {
     "tokenizer": _stage_tokenizer, "chunks": _stage_chunks, "finalize": _stage_finalize,
     "embeddings": _stage_embeddings, "index": _stage_index, "neighbours": _stage_neighbours}
 
-# embed_batch_size 32: on 4,096 default chunks (quiet, bf16) 579 chunks/s against 483 at 64 and 553 at 16.
+# embed_batch_size 32: the fastest of 16 / 32 / 64 in bench/embed_throughput.py.
 DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None, chunk_size=64,
                 docs_per_shard=4096, heldout_fraction=0.01, seed=0, embed_dtype="bfloat16",
                 embed_batch_size=32, backend=index_lib.DEFAULT_BACKEND, k=2, shard_index=0, num_shards=1)

@@ -36,9 +36,8 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 MAX_SHARD_POINTS = 2**31 - 1  # ScaNN point indices are 32-bit.
 BACKENDS = ("scann", "exact", "faiss")
-# faiss fast-scan IVF-PQ won the quiet benchmark on the default corpus (bench/results/
-# ann_recall_quiet.json: 30,282 QPS against ScaNN's 20,801 at recall@10 0.95, 9,810 vs 9,482 at 0.99),
-# so it is the default; ScaNN and the exact JAX backend sit behind the same interface.
+# faiss fast-scan IVF-PQ is the default (the ANN benchmark, docs/benchmarks.md, picks it); ScaNN
+# and the exact JAX backend sit behind the same interface.
 DEFAULT_BACKEND = "faiss"
 
 
@@ -51,8 +50,7 @@ class IndexConfig:
   """How to build and search a shard. Fields that are None are derived from the shard size."""
   backend: str = DEFAULT_BACKEND
   # ScaNN.
-  # Defaults from bench/ann_recall.py (48k real MiniLM chunk embeddings): 2*sqrt(n) leaves, 6% of
-  # them searched, 60 reordered gave recall@10 0.977 (recall@2 0.989).
+  # Defaults chosen with bench/ann_recall.py: 2*sqrt(n) leaves, 6% of them searched, 60 reordered.
   num_leaves: int | None = None        # default ~ 2 * sqrt(count)
   leaves_to_search: int | None = None  # default ~ leaves_to_search_frac * num_leaves
   leaves_to_search_frac: float = 0.06
@@ -67,9 +65,8 @@ class IndexConfig:
   training_threads: int = 1            # 1 keeps the build repeatable
   # Exact (JAX) backend.
   block_size: int = 16_384
-  # faiss backend. The factory may name {nlist} (IVF lists, default ~1.37 * sqrt(count): 572 for the
-  # 175k-chunk default shard) and {pq} (fast-scan sub-quantizers: half the embedding width).
-  # IVF572,PQ192x4fs,RFlat with nprobe 32 gave recall@10 0.953 at 30k QPS on the default corpus.
+  # faiss backend. The factory may name {nlist} (IVF lists, default ~1.37 * sqrt(count)) and {pq}
+  # (fast-scan sub-quantizers: half the embedding width); settings chosen with bench/ann_recall.py.
   faiss_factory: str = "IVF{nlist},PQ{pq}x4fs,RFlat"
   faiss_nlist: int | None = None
   faiss_min_points: int = 4096  # smaller shards: exact "Flat" (PQ training needs data)
