@@ -31,9 +31,7 @@ def get_config():
   c.global_batch = 2
   c.total_steps = 90
   c.warmup_steps = 10
-  c.peak_lr = 2e-4
-  c.weight_decay = 0.1
-  c.clip_norm = 1.0
+  # peak_lr 2e-4, weight decay 0.1, clipping 1.0: the defaults (the paper's).
   c.mesh = (-1, 1, 1)
   c.checkpoint_every = 30
   c.keep_checkpoints = 2
