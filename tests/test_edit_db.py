@@ -1,7 +1,9 @@
 """`retro_jax.db.edit`: removing and adding documents in a built database, without retraining.
 
-On a copy of the tiny real database (tests/data/tiny_db.py). The tests run in order: a removal
-(through the command line), then an addition of real Python-documentation pages.
+Each test works on its own copy of the tiny real database (tests/data/tiny_db.py), so they run in
+any order: a removal (through the command line), an addition of real Python-documentation pages
+from the fixed test corpus (after a removal), an upsert and the deletions-file checks (on a copy
+of a database with both edits).
 """
 
 import hashlib
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+import corpus_path  # noqa: E402
 import tiny_db  # noqa: E402
 
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
@@ -24,14 +27,35 @@ from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
 from retro_jax.training import input_pipeline as loader_lib  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON_DOCS = corpus_path.spec(python=2)  # two real Python-docs pages: about, bugs
+
+
+def fresh_copy(src, tmp_path_factory, name):
+  dst = tmp_path_factory.mktemp(name) / "db"
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+@pytest.fixture
+def db(tmp_path_factory):
+  """A fresh copy of the tiny database, for this test alone."""
+  return fresh_copy(tiny_db.get(tmp_path_factory)[0], tmp_path_factory, "edit")
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory):
-  src = tiny_db.get(tmp_path_factory)[0]
-  dst = tmp_path_factory.mktemp("edit") / "db"
-  shutil.copytree(src, dst)
-  return str(dst)
+def edited_template(tmp_path_factory):
+  """The tiny database with the most-referenced training document removed, then PYTHON_DOCS added
+  (built once; tests take copies)."""
+  db = fresh_copy(tiny_db.get(tmp_path_factory)[0], tmp_path_factory, "edited_template")
+  edit_db.remove_documents(db, [most_referenced_training_doc(db)], note="template")
+  edit_db.add_documents(db, PYTHON_DOCS)
+  return db
+
+
+@pytest.fixture
+def edited_db(edited_template, tmp_path_factory):
+  """A fresh copy of `edited_template`, for this test alone."""
+  return fresh_copy(edited_template, tmp_path_factory, "edited")
 
 
 def embeddings(db):
@@ -57,19 +81,27 @@ def digests(db, skip=()):
   return out
 
 
-def test_removed_document_is_retrievable_before_and_not_after(db):
+def most_referenced_training_doc(db):
+  """The training document that the most stored neighbours point to (a meaningful removal)."""
   store = chunk_store_lib.ChunkStore.open(db)
   nbr = all_neighbours(db)
-  # The training document that the most stored neighbours point to (a meaningful removal).
   held = set(store.heldout_doc_ids.tolist())
   counts = np.bincount(store.doc_ids(nbr[nbr >= 0]), minlength=store.num_docs)
   doc = next(int(d) for d in np.argsort(-counts, kind="stable") if int(d) not in held)
   a, b = store.doc_range(doc)
   assert b - a >= 2 and counts[doc] > 0
+  return doc
+
+
+def test_removed_document_is_retrievable_before_and_not_after(db):
+  store = chunk_store_lib.ChunkStore.open(db)
+  nbr = all_neighbours(db)
+  doc = most_referenced_training_doc(db)
+  a, b = store.doc_range(doc)
   emb_NxD = embeddings(db)
   before, _ = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids).search(emb_NxD[a:b], 3)
   # Its chunks are retrievable (ScaNN is approximate and a few chunks are near-duplicates of other
-  # documents' boilerplate, so "most", not "every"):
+  # documents' boilerplate, so "most", not "every"; measured 0.975, 39 of its 40 chunks):
   assert inside(before, a, b).any(axis=1).mean() >= 0.9
   src = loader_lib.SequenceSource(db, 128)
   stream = np.concatenate([src.sequence_chunk_ids(i) for i in range(len(src))])
@@ -120,10 +152,13 @@ def test_removed_document_is_retrievable_before_and_not_after(db):
 
 
 def test_added_documents_are_retrievable_and_get_neighbours(db):
+  # After a removal, so that the new chunks' neighbours have a removed document to avoid.
+  removed = most_referenced_training_doc(db)
+  edit_db.remove_documents(db, [removed])
   before = digests(db, skip=("manifest.json", "embedder.json"))
   store = chunk_store_lib.ChunkStore.open(db)
   old_chunks, old_shards = store.num_chunks, store.num_shards
-  res = edit_db.add_documents(db, "python:limit=2")  # two real Python-docs pages, a new topic
+  res = edit_db.add_documents(db, PYTHON_DOCS)  # a new topic
   assert res["shard"] == old_shards and res["first_chunk_id"] == old_chunks
   # Existing shards' files are untouched.
   after = digests(db)
@@ -131,19 +166,24 @@ def test_added_documents_are_retrievable_and_get_neighbours(db):
   store = chunk_store_lib.ChunkStore.open(db)
   a, b = old_chunks, store.num_chunks
   assert b - a == res["num_chunks"] > 4 and store.num_docs == res["first_doc_id"] + 2
-  assert store.doc_key(res["first_doc_id"]).startswith("python-doc:")
+  # Keys: the pages' paths in the fixed corpus's python/ directory.
+  assert [store.doc_key(res["first_doc_id"] + i) for i in (0, 1)] == ["about.rst.txt",
+                                                                     "bugs.rst.txt"]
   new_emb = np.load(retriever_lib.embedding_paths(db)[-1])
   assert new_emb.shape == (b - a, 384)
   r = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids)
   ids, _ = r.search(new_emb, 3)
+  # Measured on the fixed corpus (52 new chunks): 1.0 find themselves first; 0.942 (49) have all
+  # three results in the new pages.
   assert np.mean(ids[:, 0] == np.arange(a, b)) >= 0.9  # a chunk finds itself
-  assert inside(ids, a, b).all(axis=1).mean() >= 0.9    # and its document's neighbours
+  assert inside(ids, a, b).all(axis=1).mean() >= 0.85   # and its document's neighbours
   # Training neighbours of the new chunks: k per chunk, never their own or a removed document.
   nbr = np.asarray(neighbours_lib.open_neighbours(db)[0][-1])
   assert nbr.shape == (b - a, 2) and (nbr >= 0).all()
   own = store.doc_ids(np.arange(a, b))
   assert not (store.doc_ids(nbr.ravel()).reshape(-1, 2) == own[:, None]).any()
   assert not store.is_deleted(nbr.ravel()).any()
+  assert store.is_deleted(np.arange(*store.doc_range(removed))).all()
   # The loader streams them (whichever are not held out).
   src = loader_lib.SequenceSource(db, 64)
   stream = np.concatenate([src.sequence_chunk_ids(i) for i in range(len(src))])
@@ -151,18 +191,21 @@ def test_added_documents_are_retrievable_and_get_neighbours(db):
       store.doc_num_chunks[d] for d in (res["first_doc_id"], res["first_doc_id"] + 1)
       if not store.doc_heldout[d])
   log = store.manifest["edits"]["log"]
-  assert [e["op"] for e in log] == ["remove", "add"] and log[1]["corpus"] == "python:limit=2"
+  assert [e["op"] for e in log] == ["remove", "add"] and log[1]["corpus"] == PYTHON_DOCS
   # A rerun resumes (nothing redone); the same keys again are refused without --upsert.
-  assert edit_db.add_documents(db, "python:limit=2")["resumed"]
+  assert edit_db.add_documents(db, PYTHON_DOCS)["resumed"]
   with pytest.raises(edit_db.EditError, match="--upsert"):
-    edit_db.add_documents(db, "python:limit=3")
+    edit_db.add_documents(db, corpus_path.spec(python=3))
 
 
-def test_upsert_replaces_a_document(db, tmp_path):
+def test_upsert_replaces_a_document(edited_db, tmp_path):
+  db = edited_db
   store = chunk_store_lib.ChunkStore.open(db)
-  old = store.num_docs - 2  # the first page added above
+  old = store.num_docs - 2  # the first page added by edited_template
   key = store.doc_key(old)
-  text = open("/usr/share/doc/python3.11/html/_sources/library/json.rst.txt").read()[:4000]
+  assert key == "about.rst.txt"
+  with open(os.path.join(corpus_path.PYTHON_DIR, "library", "json.rst.txt")) as f:
+    text = f.read()[:4000]
   spec = tmp_path / "new.jsonl"
   spec.write_text(json.dumps({"key": key, "text": text}) + "\n")
   res = edit_db.add_documents(db, str(spec), upsert=True)
@@ -172,10 +215,11 @@ def test_upsert_replaces_a_document(db, tmp_path):
   new_emb = np.load(retriever_lib.embedding_paths(db)[-1])
   ids, _ = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids).search(new_emb, 5)
   assert not inside(ids, a, b).any()
-  assert inside(ids[:, 0], res["first_chunk_id"], store.num_chunks).mean() >= 0.9
+  assert inside(ids[:, 0], res["first_chunk_id"], store.num_chunks).mean() >= 0.9  # measured 1.0
 
 
-def test_store_checks_the_recorded_deletions(db):
+def test_store_checks_the_recorded_deletions(edited_db):
+  db = edited_db
   store = chunk_store_lib.ChunkStore.open(db)
   store.check()  # every shard (the added ones too) and the deletions file match the manifest
   path = store.deletions_path

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
+import corpus_path  # noqa: E402
 import tiny_db  # noqa: E402
 
 from retro_jax.model import Retro  # noqa: E402
@@ -151,7 +152,7 @@ def test_retrofit_refuses_a_different_decoder_or_a_retro_checkpoint(db, baseline
 # SmolLM2-135M: the registry matches the GGUF, the export loads back exactly, one retrofit step
 # keeps it exact with retrieval off.
 
-SMOL_CORPUS = "kernel:limit=6+wiki:limit=12"
+SMOL_CORPUS = corpus_path.spec(kernel=6, wiki=12)
 
 
 @pytest.mark.slow

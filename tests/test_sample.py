@@ -18,10 +18,11 @@ from retro_jax.model import PAPER_SIZES, Retro  # noqa: E402
 from retro_jax.sampling import generate as gen  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 109 tokens with the tiny database's SentencePiece vocabulary (fixed corpus): one complete
+# 64-token chunk and a partial one.
 PROMPT = ("The page cache keeps file data in memory so that reads and writes of recently used "
           "pages do not have to go to the disk. When memory runs low, the kernel reclaims pages "
-          "from the inactive list first, writing dirty ones back to their backing store, and "
-          "the swap subsystem moves anonymous memory out.")
+          "from the inactive list first, writing dirty ones back to their backing store.")
 
 
 @pytest.fixture(scope="module")

@@ -64,14 +64,14 @@ class DecodeState:
 
 
 def _check_supported(cfg: RetroConfig, model) -> None:
-  positions = getattr(cfg, "positions", "relative")
+  positions = cfg.positions
   if positions != "relative":
     raise NotImplementedError(
         f"incremental decoding supports positions='relative' (Transformer-XL) only, the config has "
         f"positions={positions!r}; decode with the full forward `model(tokens, neighbours)`")
   for block in model.blocks:
     for attn in [block.attn] + ([block.cca.attention] if block.cca is not None else []):
-      if getattr(attn, "wk", None) is None or attn.wk.value.shape[1:] != attn.wq.value.shape[1:]:
+      if attn.wk.value.shape[1:] != attn.wq.value.shape[1:]:
         raise NotImplementedError(
             "incremental decoding supports one key/value head per query head (no GQA/MQA); "
             "decode with the full forward `model(tokens, neighbours)`")

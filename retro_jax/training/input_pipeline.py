@@ -63,12 +63,6 @@ def _complement(ranges_Hx2: np.ndarray, n: int) -> np.ndarray:
   return np.asarray(out, np.int64).reshape(-1, 2)
 
 
-def _deleted_ranges(store) -> np.ndarray:
-  """int64 [R, 2] chunk-id ranges of removed documents (none for a store without deletions)."""
-  get = getattr(store, "deleted_chunk_ranges", None)
-  return np.zeros((0, 2), np.int64) if get is None else np.asarray(get(), np.int64).reshape(-1, 2)
-
-
 @dataclasses.dataclass(frozen=True)
 class ChunkStream:
   """Positions 0..size-1 of a split's chunks, mapped to global chunk ids through a few ranges."""
@@ -88,7 +82,7 @@ class ChunkStream:
     if split not in SPLITS:
       raise ValueError(f"split={split!r}; expected one of {SPLITS}.")
     held = neighbours_lib.heldout_chunk_ranges(store)
-    deleted = _deleted_ranges(store)
+    deleted = store.deleted_chunk_ranges()
     if split == "heldout":  # Held-out ranges are whole documents: drop the removed ones.
       return cls.from_ranges(held[~chunk_store_lib.in_ranges(held[:, 0], deleted)])
     gone = np.concatenate([held, deleted]) if len(deleted) else held
@@ -130,7 +124,7 @@ class SequenceSource:
     self.num_chunks_per_seq = seq_len // self.chunk_size
     self.split = split
     self.stream = ChunkStream.for_split(self.store, split)
-    self._deleted_Rx2 = _deleted_ranges(self.store)
+    self._deleted_Rx2 = self.store.deleted_chunk_ranges()
     self.retrieval = retrieval
     self.neighbour_len = neighbour_len
     if retrieval:

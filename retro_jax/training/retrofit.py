@@ -61,7 +61,7 @@ def load_baseline_into(state, cfg, baseline_path: str):
     raise RetrofitError(f"baseline parameters {missing[:5]} have no place in the retrofit model.")
   for path, var in base_flat.items():
     target = model_flat[path]
-    value = np.asarray(var.get_value() if hasattr(var, "get_value") else var.value)
+    value = np.asarray(var.get_value())
     if value.shape != target.shape:
       raise RetrofitError(f"{path}: baseline shape {value.shape} != {target.shape}")
     target.set_value(jax.device_put(value.astype(target.dtype), target.value.sharding))

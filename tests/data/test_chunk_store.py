@@ -1,4 +1,4 @@
-"""Chunk store on a real slice of the default corpus (kernel docs, Python docs, Wikipedia leads)."""
+"""Chunk store on a slice of the fixed test corpus (kernel docs, Python docs, Wikipedia leads)."""
 import os
 import pathlib
 import shutil
@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
+import corpus_path  # tests/corpus_path.py
 from retro_jax.db import chunk_store as cs
 from retro_jax.db import corpus, layout, prepare
 from retro_jax.db import tokenizer as tokenizer_lib
 
-SPEC = "kernel:limit=30+python:limit=10+wiki:limit=40"
+SPEC = corpus_path.spec(kernel=30, python=10, wiki=40)
 DOCS_PER_SHARD = 20  # 80 docs -> 4 shards
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -69,7 +70,7 @@ def test_text_chunks_text_round_trip(store, tok, docs):
     else:
       exact += 1
     assert (store.doc_ids(np.arange(first, end)) == doc_id).all()
-  assert exact >= 0.8 * len(docs)
+  assert exact >= 0.8 * len(docs)  # measured: all 80 on the fixed corpus
   texts = [t for _, batch in store.iter_chunk_texts(tok, batch_size=100) for t in batch]
   assert texts == store.chunk_text(np.arange(store.num_chunks), tok)
 

@@ -160,7 +160,7 @@ def test_copy_curriculum_gives_a_fraction_of_chunks_themselves_first(db, store, 
                                       ex["inputs"][64 * (u + 1):64 * (u + 2)])
     own_chunks += int(own.sum())
     total += len(ids)
-  assert 0.4 < own_chunks / total < 0.6
+  assert 0.4 < own_chunks / total < 0.6  # rate 0.5; measured 0.4625 of 400 chunks
   # Deterministic in (chunk id, seed); another seed picks other chunks; 0 and 1 are none and all.
   ids = np.arange(10_000)
   assert (loader.self_neighbour_mask(ids, 0.5, 3) == loader.self_neighbour_mask(ids, 0.5, 3)).all()

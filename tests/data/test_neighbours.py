@@ -75,17 +75,18 @@ def test_exact_backend_equals_brute_force(db, store, exact_retriever, all_embedd
 def test_scann_neighbours_are_near(db, store, stored, all_embeddings):
   """The stored (ScaNN) neighbours are real near neighbours (never better than exact).
 
-  With the index's default settings a tiny shard (~500 chunks: 9 leaves, 1 searched) finds the
-  exact top-1 for about half the chunks; the exact backend is checked exactly above."""
+  With the index's default settings the tiny shards (400 chunks: 8 leaves, 1 searched; 76 chunks:
+  1 leaf) find the exact top-1 for about two thirds of the chunks (measured 0.68 on the fixed
+  corpus); the exact backend is checked exactly above."""
   emb = all_embeddings
   own = store.doc_ids(np.arange(store.num_chunks, dtype=np.int64))
   want = brute_force(emb, own, own, store.heldout_doc_ids, 2)
   got = np.einsum("nd,nkd->nk", emb, emb[stored])
   top1_found = np.isclose(got[:, 0], want[:, 0], atol=1e-5).mean()
-  assert top1_found >= 0.4, top1_found
+  assert top1_found >= 0.55, top1_found
   rng = np.random.default_rng(0)
   random_pairs = np.einsum("nd,nd->n", emb, emb[rng.permutation(len(emb))])
-  assert got[:, 0].mean() > random_pairs.mean() + 0.2
+  assert got[:, 0].mean() > random_pairs.mean() + 0.2  # measured 0.52 against 0.17
   assert (got <= want + 1e-5).all()
 
 

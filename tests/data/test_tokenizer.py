@@ -1,14 +1,15 @@
-"""SentencePiece training and loading on real text."""
+"""SentencePiece training and loading on real text (the fixed test corpus, tests/data/corpus)."""
 import numpy as np
 import pytest
 
+import corpus_path  # tests/corpus_path.py
 from retro_jax.db import corpus
 from retro_jax.db import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope="module")
 def texts():
-  return [d.text for d in corpus.iter_documents("kernel:limit=15+wiki:limit=30")]
+  return [d.text for d in corpus.iter_documents(corpus_path.spec(kernel=15, wiki=30))]
 
 
 def test_train_load_round_trip_and_determinism(texts, tmp_path):

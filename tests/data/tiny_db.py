@@ -1,12 +1,18 @@
 """A tiny real retrieval database, built once per test process with `retro_jax.db.build`.
 
-12 Linux-kernel doc files + 24 Wikipedia leads (~500 chunks, 2 store shards), SentencePiece vocab
-1000, 10% of the documents held out, the real MiniLM embedder, a real ScaNN index, k=2 training neighbours.
+12 Linux-kernel doc files + 24 Wikipedia leads of the fixed test corpus (tests/data/corpus; ~500
+chunks, 2 store shards), SentencePiece vocab 1000, 10% of the documents held out, the real MiniLM
+embedder, a real ScaNN index, k=2 training neighbours.
 Shared by tests/data/test_neighbours.py, tests/data/test_loader.py and tests/test_build_db.py.
 """
+import os
+import sys
 import threading
 
-CORPUS = "kernel:limit=12+wiki:limit=24"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import corpus_path  # noqa: E402
+
+CORPUS = corpus_path.spec(kernel=12, wiki=24)
 # 20 documents per store shard: two shards, so every stage's multi-shard path runs.
 SETTINGS = dict(corpus=CORPUS, vocab_size=1000, heldout_fraction=0.1, k=2, backend="scann",
                 docs_per_shard=20)

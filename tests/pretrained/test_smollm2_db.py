@@ -3,11 +3,12 @@ the manifest records the tokenizer, documents round-trip, another tokenizer is r
 import numpy as np
 import pytest
 
+import corpus_path  # tests/corpus_path.py
 from retro_jax.db import bpe_tokenizer, corpus, layout, prepare
 from retro_jax.db import chunk_store as cs
 from retro_jax.db import tokenizer as tokenizer_lib
 
-SPEC = "kernel:limit=10+wiki:limit=20"
+SPEC = corpus_path.spec(kernel=10, wiki=20)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 import os
 
+import corpus_path  # tests/corpus_path.py
 import numpy as np
 import pytest
 
@@ -228,18 +229,14 @@ def test_faiss_backend_same_interface(data):
   assert recall(ids, brute_top_k(data["queries"], data["all"], 10)) >= 0.9
 
 
-KERNEL_DOCS = "/usr/share/doc/linux-doc-6.1/html/_sources/filesystems"
-
-
 @pytest.fixture(scope="module")
 def real_text(tmp_path_factory):
-  """~2,000 48-word chunks of the kernel's filesystem docs, embedded with the real MiniLM."""
+  """1,343 48-word chunks of the fixed corpus's kernel docs (PCI and filesystems, 50 files),
+  embedded with the real MiniLM."""
   import glob
-
   from retro_jax.retrieval.embedder import Embedder
-  files = sorted(glob.glob(os.path.join(KERNEL_DOCS, "**", "*.rst.txt"), recursive=True))
-  if not files:
-    pytest.skip(f"{KERNEL_DOCS} missing (Debian linux-doc-6.1)")
+  files = sorted(glob.glob(os.path.join(corpus_path.KERNEL_DIR, "**", "*.rst.txt"), recursive=True))
+  assert len(files) == 50, corpus_path.KERNEL_DIR
   texts, docs = [], []
   for d, f in enumerate(files):
     with open(f, errors="replace") as fh:
@@ -247,8 +244,7 @@ def real_text(tmp_path_factory):
     for s in range(0, len(words), 48):
       texts.append(" ".join(words[s:s + 48]))
       docs.append(d)
-    if len(texts) >= 2000:
-      break
+  assert len(texts) == 1343
   emb_NxD = Embedder.load(max_length=64).embed(texts)
   path = tmp_path_factory.mktemp("real") / "e.npy"
   np.save(path, emb_NxD)
@@ -263,7 +259,9 @@ def test_scann_recall_on_real_text_embeddings(real_text):
   held_out_path = real_text["path"].replace("e.npy", "db.npy")
   np.save(held_out_path, emb[keep])
   q = emb[rows]
-  cfg = index_lib.IndexConfig(backend="scann", leaves_to_search=16)  # of ~43 leaves
+  # 8 of its 22 leaves (1,143 points): measured r@10 0.982, r@2 0.990 on the fixed corpus (6 leaves:
+  # 0.962, 4: 0.894), so 0.95 fails when the partitioning or the search loses a leaf's worth.
+  cfg = index_lib.IndexConfig(backend="scann", leaves_to_search=8)
   scann_ids, _ = index_lib.build_shard(held_out_path, 0, cfg).search(q, 10)
   exact_ids, _ = index_lib.build_shard(
       held_out_path, 0, index_lib.IndexConfig(backend="exact")).search(q, 10)
@@ -274,7 +272,7 @@ def test_scann_recall_on_real_text_embeddings(real_text):
   r = retriever_lib.Retriever.from_embeddings([real_text["path"]], config=cfg, doc_ids=docs)
   ids, _ = r.search(emb[rows], 10, exclude_doc_ids_Q=docs[rows])
   assert not np.any(docs[ids] == docs[rows][:, None])
-  assert recall(ids, brute_top_k(emb[rows], emb, 10, docs[rows], docs)) >= 0.95
+  assert recall(ids, brute_top_k(emb[rows], emb, 10, docs[rows], docs)) >= 0.95  # measured 0.980
 
 
 def test_db_layout_offsets_from_chunk_store_and_unfinished_embeddings(data, tmp_path):

@@ -95,7 +95,7 @@ def test_service_equals_in_process_retriever(db, store, emb, service, queries, k
   want_ids, want_scores = in_process(db, store).search(q_QxD, k, excl)
   got = service.search_full(q_QxD, k, excl)
   assert_same_top_k(q_QxD, emb, got.ids_QxK, got.scores_QxK, want_ids, want_scores)
-  assert (got.ids_QxK == want_ids).mean() >= 0.98  # ties are rare
+  assert (got.ids_QxK == want_ids).mean() >= 0.98  # ties are rare (measured 1.0)
   assert got.ids_QxK.dtype == np.int64 and got.scores_QxK.dtype == np.float32
   assert (got.ids_QxK >= 0).all() and not got.missing
   np.testing.assert_array_equal(got.doc_ids_QxK, store.doc_ids(got.ids_QxK.ravel()).reshape(-1, k))
@@ -115,16 +115,22 @@ def test_evaluation_neighbours_through_the_service(db, store, service):
   exact = ev.load_heldout(store, db)
   got, want = via_service.neighbours_CxK, via_index.neighbours_CxK
   assert got.shape == exact.neighbours_CxK.shape and (got >= 0).all()
-  assert (got == want).mean() >= 0.98  # as the search itself: up to exactly tied chunks
+  assert (got == want).mean() >= 0.98  # as the search itself: up to exactly tied chunks (1.0)
   assert not store.doc_heldout[store.doc_ids(got.reshape(-1))].any()
-  # Recall@10 against exact search over the same documents: what the index gives on plain
-  # queries (this tiny ScaNN searches 1 of 8 leaves: ~0.6), not less for the filtering.
+  # Recall@10 against exact search over the same documents: what the index gives on the same
+  # queries with only their own document excluded (this tiny ScaNN searches 1 of 8 leaves), not
+  # less for dropping the other held-out documents. Measured on the fixed corpus: 0.768 against
+  # 0.769. (Plain queries, own document included, are no reference: the query's own chunk and
+  # document sit in its leaf and are found easily, 0.869 here.)
   def recall(a, b):
     return np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a, b)])
   emb_NxD = np.concatenate([np.load(p) for p in retriever_lib.embedding_paths(db)])
   q_QxD = emb_NxD[exact.chunk_ids_C]
-  raw, _ = in_process(db, store).search(q_QxD, 10)
-  raw_exact = np.argsort(-(q_QxD @ emb_NxD.T), axis=1, kind="stable")[:, :10]
+  own_Q = store.doc_ids(exact.chunk_ids_C)
+  raw, _ = in_process(db, store).search(q_QxD, 10, own_Q)
+  scores_QxN = np.where(store.doc_ids(np.arange(len(emb_NxD)))[None, :] == own_Q[:, None], -np.inf,
+                        q_QxD @ emb_NxD.T)
+  raw_exact = np.argsort(-scores_QxN, axis=1, kind="stable")[:, :10]
   assert recall(got, exact.neighbours_CxK) >= recall(raw, raw_exact) - 0.05
 
 
