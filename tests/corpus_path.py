@@ -12,9 +12,9 @@ WIKI_JSONL = os.path.join(CORPUS_DIR, "wiki.jsonl")  # Wikipedia leads, keys "wi
 ALL = f"{KERNEL_DIR}+{PYTHON_DIR}+{WIKI_JSONL}"  # the whole corpus: 50 + 11 + 60 documents
 
 
-def spec(kernel: int | None = None, python: int | None = None, wiki: int | None = None) -> str:
-  """A corpus spec of the first N documents of each named part, in the order kernel, python, wiki:
-  spec(kernel=12, wiki=24) == f"{KERNEL_DIR}:limit=12+{WIKI_JSONL}:limit=24"."""
+def spec(*, kernel=None, python=None, wiki=None) -> str:
+  """A corpus spec of the first N (an int) documents of each part named, in the order kernel,
+  python, wiki: spec(kernel=12, wiki=24) == f"{KERNEL_DIR}:limit=12+{WIKI_JSONL}:limit=24"."""
   parts = [f"{path}:limit={n}" for path, n in
            ((KERNEL_DIR, kernel), (PYTHON_DIR, python), (WIKI_JSONL, wiki)) if n is not None]
   if not parts:

@@ -127,11 +127,11 @@ def test_evaluation_neighbours_through_the_service(db, store, service):
   emb_NxD = np.concatenate([np.load(p) for p in retriever_lib.embedding_paths(db)])
   q_QxD = emb_NxD[exact.chunk_ids_C]
   own_Q = store.doc_ids(exact.chunk_ids_C)
-  raw, _ = in_process(db, store).search(q_QxD, 10, own_Q)
+  ref, _ = in_process(db, store).search(q_QxD, 10, own_Q)
   scores_QxN = np.where(store.doc_ids(np.arange(len(emb_NxD)))[None, :] == own_Q[:, None], -np.inf,
                         q_QxD @ emb_NxD.T)
-  raw_exact = np.argsort(-scores_QxN, axis=1, kind="stable")[:, :10]
-  assert recall(got, exact.neighbours_CxK) >= recall(raw, raw_exact) - 0.05
+  ref_exact = np.argsort(-scores_QxN, axis=1, kind="stable")[:, :10]
+  assert recall(got, exact.neighbours_CxK) >= recall(ref, ref_exact) - 0.05
 
 
 def test_health_and_info(service, servers, store):
