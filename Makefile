@@ -35,7 +35,7 @@ bench: $(STAMP)
 	test -e $(TCMALLOC) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4; }
 	LD_PRELOAD=$(TCMALLOC) $(PY) -m bench.train_step
 
-# The default retrieval database (the embedded default corpus: kernel:limit=1000+python+wiki):
+# The default retrieval database (the embedded default corpus: kernel:limit=500+python:limit=200+wiki):
 # every stage, restartable.
 db: $(STAMP)
 	# The default corpus: Debian's kernel and Python documentation (tests never read them).

