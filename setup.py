@@ -31,7 +31,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "chex==0.1.92"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92"],
     # libtpu matching jaxlib 0.10.2: ahead-of-time compiles for TPU topologies on a CPU machine.
     "tpu": ["libtpu==0.0.42.1"],
     "bench": [],
