@@ -1,4 +1,4 @@
-"""Issue 6, must show 3: a document's chunks are retrievable before its removal and not after, and
+"""A document's chunks are retrievable before its removal and not after, and
 the model's continuation of a prompt whose answer is only in that document changes accordingly.
 
 A micro RETRO is trained on a small real database (the whole fixed test corpus, 3,872 chunks;
@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+from retro_jax.db import build as build_db
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import corpus_path  # noqa: E402
@@ -29,7 +31,6 @@ DB_SETTINGS = dict(tiny_db.SETTINGS, corpus=corpus_path.ALL, docs_per_shard=4096
 
 @pytest.fixture(scope="module")
 def copy_model(tmp_path_factory):
-  from retro_jax import build_db
   db = tmp_path_factory.mktemp("fact_db")
   build_db.build(db, **DB_SETTINGS)
   workdir = tmp_path_factory.mktemp("copy_model")

@@ -70,11 +70,11 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
         raise ServeError(f"{self.db_dir} has no shard {self.shard_number} (chunk-store shards: "
                          f"0..{self.store.num_shards - 1}); pick one of those for --shard.")
       _, emb_path, offset = found[0]
-      shard_path = layout.index_shard_dir(layout.index_dir(self.db_dir, backend),
-                                           self.shard_number)
+      shard_path = str(layout.index_shard_dir(layout.index_dir(self.db_dir, backend),
+                                               self.shard_number))
     else:
       emb_path, offset = None, None
-      shard_path = layout.index_shard_dir(index_root, self.shard_number)
+      shard_path = str(layout.index_shard_dir(index_root, self.shard_number))
     if not os.path.isdir(shard_path):
       raise ServeError(f"Index shard {shard_path} does not exist; build it with `python -m "
                        f"retro_jax.build_db --db={self.db_dir} --backend={backend} --stages=index`.")

