@@ -5,3 +5,14 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every test can `import corpus_path` (tests/corpus_path.py: the fixed test corpus).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# The longest files first: `make test` runs two xdist workers that take whole files, and a long
+# file collected last leaves one worker idle while the other finishes it.
+LONGEST_FIRST = ("tests/model/test_sharding.py", "tests/test_train.py", "tests/test_retrofit.py",
+                 "tests/test_train_step.py", "tests/model/test_retro.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {f: i for i, f in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

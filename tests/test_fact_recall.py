@@ -20,6 +20,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import corpus_path  # noqa: E402
 import tiny_db  # noqa: E402
 
+# A micro model trained for 600 steps (about three minutes): `make test-slow`, and `make example`
+# runs the same check at the demo's scale.
+pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 600
 # Not the tiny database: on its ~400 training chunks 600 steps (8 x 2 chunks each) are ~24 epochs,
