@@ -4,7 +4,7 @@ index -> training neighbours.
 Each stage is the other modules' stage function (retro_jax.db.prepare, retro_jax.retrieval.embed,
 retro_jax.retrieval.index, retro_jax.db.neighbours), each restartable; a stage whose outputs are
 all finished is skipped without being entered, so a rerun of a finished build does nothing. Wall
-times per stage are printed and written to `OUT/build_times.json`.
+times per stage are printed and written to `DB/build_times.json`.
 
 On a pod, every host runs the same command with its `--shard_index/--num_shards`; the stages that
 need every host's output (the chunk-store manifest, the index offsets, the neighbours' search over

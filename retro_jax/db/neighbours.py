@@ -148,8 +148,7 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
 
 
 def shard_is_done(db_dir: str | os.PathLike, shard: int) -> bool:
-  p = progress_path(layout.neighbours_path(db_dir, shard))
-  return p.exists() and bool(json.loads(p.read_text()).get("done"))
+  return layout.is_finished(layout.neighbours_path(db_dir, shard))
 
 
 def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | None = None,
