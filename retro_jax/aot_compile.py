@@ -9,6 +9,7 @@ import json
 
 from absl import app, flags
 
+from retro_jax.errors import guard
 from retro_jax.model import PAPER_SIZES
 from retro_jax.training import aot
 
@@ -51,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

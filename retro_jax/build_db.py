@@ -10,6 +10,7 @@ DB/build_times.json.
 from absl import app, flags
 
 from retro_jax.db import build
+from retro_jax.errors import guard
 from retro_jax.retrieval import index as index_lib
 
 FLAGS = flags.FLAGS
@@ -31,13 +32,15 @@ flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "embedder 
 flags.DEFINE_integer("embed_batch_size", 32, "embedder rows per forward call")
 flags.DEFINE_enum("backend", index_lib.DEFAULT_BACKEND, list(index_lib.BACKENDS), "index backend")
 flags.DEFINE_integer("k", 2, "training neighbours per chunk")
+flags.DEFINE_bool("rebuild", False, "rebuild a finished stage whose recorded settings, tokenizer "
+                  "or inputs differ from this run's (default: stop with an error naming them)")
 
 
 def main(argv) -> None:
   del argv
-  build.build(FLAGS.db, stages=tuple(FLAGS.stages),
+  build.build(FLAGS.db, stages=tuple(FLAGS.stages), rebuild=FLAGS.rebuild,
               **{name: FLAGS[name].value for name in build.DEFAULTS})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

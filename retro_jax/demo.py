@@ -8,6 +8,7 @@ documents and writes OUT/results.{md,json}, OUT/leakage.png and OUT/loss.png
 """
 from absl import app, flags, logging
 
+from retro_jax.errors import guard
 from retro_jax.evaluation import demo
 
 FLAGS = flags.FLAGS
@@ -29,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

@@ -11,6 +11,7 @@ import json
 from absl import app, flags
 
 from retro_jax.db import edit
+from retro_jax.errors import guard
 from retro_jax.retrieval import index as index_lib
 
 FLAGS = flags.FLAGS
@@ -45,4 +46,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

@@ -10,6 +10,7 @@ import os
 
 from absl import app, flags
 
+from retro_jax.errors import guard
 from retro_jax.evaluation import bpb
 
 FLAGS = flags.FLAGS
@@ -51,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

@@ -10,6 +10,7 @@ import os
 
 from absl import app, flags, logging
 
+from retro_jax.errors import guard
 from retro_jax.evaluation import fact_recall
 
 FLAGS = flags.FLAGS
@@ -37,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

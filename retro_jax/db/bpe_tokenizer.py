@@ -38,6 +38,7 @@ import gguf
 from etils import epath
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from retro_jax.errors import UserError
 from retro_jax.pretrained.files import smollm2_gguf_path
 
 KIND = "bpe"
@@ -46,7 +47,7 @@ FORMAT = 1
 GGUF_CONTROL = 3  # tokenizer.ggml.token_type of special (control) tokens
 
 
-class BPETokenizerError(ValueError):
+class BPETokenizerError(UserError, ValueError):
   """A vocabulary that cannot be turned into a byte-level BPE tokenizer."""
 
 

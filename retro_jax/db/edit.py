@@ -44,6 +44,7 @@ from retro_jax.db import corpus as corpus_lib
 from retro_jax.db import layout
 from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db.prepare import load_db_tokenizer
+from retro_jax.errors import UserError
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
@@ -52,7 +53,7 @@ from retro_jax.retrieval.embedder import Embedder
 EDIT_LOG_VERSION = 1
 
 
-class EditError(ValueError):
+class EditError(UserError, ValueError):
   """An edit request that cannot be applied (unknown ids/keys, duplicate keys, empty corpus)."""
 
 

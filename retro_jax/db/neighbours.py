@@ -37,15 +37,16 @@ import numpy as np
 import tqdm
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout
+from retro_jax.db import layout, verify
 from retro_jax.db.layout import progress_path, write_json_atomic
+from retro_jax.errors import UserError
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import retriever as retriever_lib
 
 FORMAT_VERSION = 1
 
 
-class NeighboursError(ValueError):
+class NeighboursError(UserError, ValueError):
   """A neighbours file that is missing, unfinished, or made with other settings."""
 
 
@@ -143,7 +144,7 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
       bar.update(end - start)
   del out
   state["done"] = True
-  write_json_atomic(prog_path, state)
+  write_json_atomic(prog_path, verify.record_sha256(out_path, state))  # checked on every read
   return {"rows": computed, "seconds": time.perf_counter() - t0, "skipped": False}
 
 
@@ -206,6 +207,7 @@ def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[list[np.ndar
     if a.shape[0] != count or a.dtype != np.int64:
       raise NeighboursError(f"{path}: shape {a.shape} {a.dtype}; expected ({count}, k) int64 for "
                             "the chunk store; delete it and recompute.")
+    verify.neighbours_shard(db_dir, shard, a, store.num_chunks)
     arrays.append(a)
     offsets.append(first_id)
   ks = {a.shape[1] for a in arrays}
@@ -262,7 +264,7 @@ def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,
     state.setdefault("repairs", []).append(
         {"rows_recomputed": int(stale.size), "rows_cleared": int(own.size),
          "deleted_docs": int(store.deleted_doc_ids().size)})
-    write_json_atomic(prog, state)
+    write_json_atomic(prog, verify.record_sha256(path, state))
     totals["rows_recomputed"] += int(stale.size)
     totals["rows_cleared"] += int(own.size)
     totals["shards"].append(shard)

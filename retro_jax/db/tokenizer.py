@@ -20,11 +20,12 @@ import sentencepiece as spm
 from etils import epath
 
 from retro_jax.db.layout import sha256_bytes
+from retro_jax.errors import UserError
 
 PAD_ID, UNK_ID, EOS_ID, BOS_ID = 0, 1, 2, 3
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
   """A tokenizer that is not the one a database was built with."""
 
 

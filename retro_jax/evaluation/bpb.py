@@ -42,9 +42,11 @@ from flax import nnx
 from tqdm import tqdm
 
 from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import verify
 from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.neighbours import search_block
 from retro_jax.db.prepare import load_db_tokenizer
+from retro_jax.errors import UserError
 from retro_jax.model.loss import token_nll
 from retro_jax.retrieval.client import ServiceRetriever
 from retro_jax.retrieval.retriever import Retriever, db_embedding_rows, db_embedding_shards
@@ -53,7 +55,7 @@ from retro_jax.training import checkpoint as ckpt_lib
 FILTER_NEIGHBOURS = 10
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
   """Bad evaluation settings (stride, sequence length) or a database that cannot serve them."""
 
 
@@ -331,8 +333,11 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
              held: HeldOut | None = None, progress: bool = True, retriever: str = "exact",
              service: Sequence[str] = (), backend: str | None = None) -> dict[str, Any]:
   """Evaluates the checkpoint at `path` (a workdir); returns the JSON-able results."""
+  if num_neighbours is not None and num_neighbours < 1:
+    raise EvalError(f"--num_neighbours={num_neighbours} must be >= 1 (omit it for the model's).")
   model, cfg, info = ckpt_lib.load_model(path, step)
   db = db or info["db"]
+  verify.check_checkpoint_tokenizer(info.get("db_tokenizer"), info["db"], db, info["path"])
   store = chunk_store_lib.ChunkStore.open(db)
   k = num_neighbours or cfg.num_neighbours
   modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[retrieval]

@@ -7,6 +7,7 @@ Then retrofit it: `python -m retro_jax.retrofit --config=experiments/retrofit_sm
 """
 from absl import app, flags, logging
 
+from retro_jax.errors import guard
 from retro_jax.pretrained import smollm2
 
 FLAGS = flags.FLAGS
@@ -27,4 +28,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

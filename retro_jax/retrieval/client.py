@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from retro_jax.errors import UserError
 from retro_jax.retrieval import service_pb2, service_pb2_grpc
 from retro_jax.retrieval.shard_server import CHANNEL_OPTIONS, SERVICE_NAME
 
@@ -44,7 +45,7 @@ class ShardUnavailableError(RuntimeError):
     super().__init__(f"Retrieval service: {len(self.failures)} shard(s) failed -- {names}. {fix}.")
 
 
-class ShardMismatchError(RuntimeError):
+class ShardMismatchError(UserError, RuntimeError):
   """Shards that do not fit together (overlapping ranges, other dims, other deletions)."""
 
 

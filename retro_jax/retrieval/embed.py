@@ -19,7 +19,7 @@ import numpy as np
 import tqdm
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout
+from retro_jax.db import layout, verify
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db.layout import progress_path, write_json_atomic
 from retro_jax.retrieval.embedder import Embedder, EmbedderMismatchError
@@ -116,8 +116,9 @@ def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[st
       bar.update(len(texts))
   if state["rows_done"] != num_rows:
     raise ValueError(f"{out_path}: the batches ended after {state['rows_done']} of {num_rows} rows")
+  del out
   state["done"] = True
-  write_json_atomic(prog_path, state)
+  write_json_atomic(prog_path, verify.record_sha256(out_path, state))  # checked on every read
   seconds = time.perf_counter() - t0
   return {"rows": embedded, "seconds": seconds, "skipped": False}
 

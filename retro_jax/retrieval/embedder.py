@@ -23,12 +23,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from retro_jax.db.layout import sha256_file
+from retro_jax.errors import UserError
 from retro_jax.retrieval import bert
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-class EmbedderMismatchError(ValueError):
+class EmbedderMismatchError(UserError, ValueError):
   """Embeddings on disk were made by a different embedder (weights, dtype or length)."""
 
 

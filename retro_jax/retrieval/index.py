@@ -31,6 +31,7 @@ import numpy as np
 import scann
 
 from retro_jax.db.layout import sha256_file
+from retro_jax.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -41,7 +42,7 @@ BACKENDS = ("scann", "exact", "faiss")
 DEFAULT_BACKEND = "faiss"
 
 
-class IndexError_(ValueError):  # noqa: N801 -- avoid shadowing the builtin IndexError.
+class IndexError_(UserError, ValueError):  # noqa: N801 -- avoid shadowing the builtin IndexError.
   """A missing, corrupt or mismatched index shard (the message names the file and the fix)."""
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout
+from retro_jax.db import layout, verify
 from retro_jax.retrieval import index as index_lib
 
 DocIdsLike = np.ndarray | Sequence[np.ndarray] | Callable[[np.ndarray], np.ndarray] | None
@@ -62,6 +62,7 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
         raise index_lib.IndexError_(
             f"Embeddings shard {path} has {rows} rows but chunk-store shard {i} has "
             f"{s['num_chunks']} chunks ({manifest_path}); re-embed it.")
+      verify.embeddings_shard(db_dir, i)  # content checksum, once per process
       out.append((i, path, int(s["first_chunk_id"])))
     return out
   if not paths:

@@ -7,6 +7,7 @@ Binds 127.0.0.1 unless --host says otherwise; SIGTERM drains in-flight searches 
 """
 from absl import app, flags
 
+from retro_jax.errors import guard
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import shard_server
 
@@ -35,4 +36,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(guard(main))

@@ -41,6 +41,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout
 from retro_jax.db.layout import write_json_atomic
+from retro_jax.errors import UserError
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import service_pb2, service_pb2_grpc
@@ -51,7 +52,7 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
-class ServeError(RuntimeError):
+class ServeError(UserError, RuntimeError):
   """A shard that cannot be served (missing index, mismatched database)."""
 
 

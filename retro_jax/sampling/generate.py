@@ -35,6 +35,7 @@ from flax import nnx
 from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.db.tokenizer import check_tokenizer
+from retro_jax.errors import UserError
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.decode import Decoder
 from retro_jax.retrieval.embedder import Embedder
@@ -43,7 +44,7 @@ from retro_jax.retrieval.retriever import Retriever
 RetrieveFn = Callable[[np.ndarray], np.ndarray]
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
   """Bad generation arguments, or a retrieve_fn answer that does not fit the model."""
 
 

@@ -10,7 +10,8 @@ atomically, so a run killed mid-save leaves the previous checkpoint as the lates
 
     model, config, info = load_model("runs/tiny_retro")          # latest step
     model, config, info = load_model("runs/tiny_retro", step=400)
-`info` holds "step", "db" (the database the model trained on) and "experiment".
+`info` holds "step", "db" (the database the model trained on), "db_tokenizer" (its tokenizer record:
+kind, fingerprint, vocabulary; None in older checkpoints) and "experiment".
 """
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from retro_jax.errors import UserError
 from retro_jax.model import Retro, RetroConfig
 
 CHECKPOINTS = "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A workdir without checkpoints, or a checkpoint that does not fit the model asked for."""
 
 
@@ -137,7 +139,7 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state), step)
   model = nnx.merge(graphdef, state)
   info = {"step": step, "db": meta.get("db"), "experiment": meta.get("experiment", {}),
-          "path": str(checkpoint_dir(path))}
+          "path": str(checkpoint_dir(path)), "db_tokenizer": meta.get("db_tokenizer")}
   return model, config, info
 
 

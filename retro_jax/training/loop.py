@@ -31,13 +31,15 @@ from flax import nnx
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from retro_jax import errors
 from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import verify
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.model import Retro
 from retro_jax.model.partitioning import make_mesh
 from retro_jax.model.retro import count_params
 from retro_jax.training import checkpoint as ckpt_lib
-from retro_jax.training import experiment
+from retro_jax.training import experiment, workdir_lock
 from retro_jax.training import input_pipeline as loader
 from retro_jax.training.retrofit import RETRIEVAL_PARAMS, load_baseline_into
 from retro_jax.training.step import TrainStep
@@ -50,6 +52,14 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainSetupError(errors.UserError, ValueError):
+  """An experiment that does not fit its database or the workdir's checkpoints."""
+
+
+class CheckpointWriteError(errors.UserError, RuntimeError):
+  """A checkpoint could not be written (e.g. the disk is full); the previous one is kept."""
 
 
 def want_distributed(mode: str) -> bool:
@@ -111,12 +121,45 @@ class MetricsWriter:
         self.tb.close()
 
 
+def _check_resume(prev_meta: dict, cfg, db: str, workdir, step: int) -> None:
+  """The checkpoint being resumed was made by the same model on a database with the same
+  tokenizer (else a clear error instead of orbax's shape error or a silently wrong run)."""
+  have = json.loads(json.dumps(prev_meta.get("model_config", {})))
+  want = json.loads(json.dumps(cfg.to_dict()))
+  diff = [f"{k} {have[k]} -> {want[k]}" for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+  if diff:
+    raise TrainSetupError(f"{workdir} holds a checkpoint (step {step}) of another model "
+                          f"({'; '.join(diff)}); resume with its settings or use another --workdir")
+  verify.check_checkpoint_tokenizer(prev_meta.get("db_tokenizer"), prev_meta.get("db"), db,
+                                    f"{workdir} (step {step})")
+
+
+def _remove_partial_checkpoints(directory) -> list[str]:
+  """Deletes orbax's temporary directories of a checkpoint write that failed."""
+  directory = epath.Path(directory)
+  gone = []
+  if directory.exists():
+    for p in directory.iterdir():
+      if ".orbax-checkpoint-tmp" in p.name:
+        p.rmtree() if p.is_dir() else p.unlink()
+        gone.append(p.name)
+  return gone
+
+
 def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) -> dict[str, Any]:
-  """Trains `c` (an experiment ConfigDict) in `workdir`; returns the last logged metrics."""
+  """Trains `c` (an experiment ConfigDict) in `workdir`, holding its lock
+  (retro_jax.training.workdir_lock); returns the last logged metrics."""
   if distributed:
     jax.distributed.initialize()
+  lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
+  try:
+    return _run(c, workdir, progress=progress)
+  finally:
+    if lock is not None:
+      lock.release()
 
 
+def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   c = experiment.with_defaults(c)
   cfg = experiment.model_config(c)
   workdir = epath.Path(workdir)
@@ -126,16 +169,21 @@ def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) ->
   store = chunk_store_lib.ChunkStore.open(c.db)
   db_vocab = int(store.manifest["tokenizer"]["vocab_size"])
   if db_vocab > cfg.vocab_size:
-    raise ValueError(f"the database {c.db} has a {db_vocab}-token vocabulary but the model only "
-                     f"{cfg.vocab_size}; set --config.model_overrides.vocab_size={db_vocab}.")
+    raise TrainSetupError(f"the database {c.db} has a {db_vocab}-token vocabulary but the model "
+                          f"only {cfg.vocab_size}; set "
+                          f"--config.model_overrides.vocab_size={db_vocab}.")
   if store.chunk_size != cfg.chunk_size:
-    raise ValueError(f"database chunk size {store.chunk_size} != model chunk_size "
-                     f"{cfg.chunk_size}.")
+    raise TrainSetupError(f"database chunk size {store.chunk_size} != model chunk_size "
+                          f"{cfg.chunk_size}.")
   if c.global_batch % jax.process_count():
-    raise ValueError(f"global_batch={c.global_batch} is not divisible by "
-                     f"{jax.process_count()} processes.")
+    raise TrainSetupError(f"global_batch={c.global_batch} is not divisible by "
+                          f"{jax.process_count()} processes.")
   if c.train_only not in ("all", "retrieval"):
-    raise ValueError(f"train_only={c.train_only!r}; expected 'all' or 'retrieval'.")
+    raise TrainSetupError(f"train_only={c.train_only!r}; expected 'all' or 'retrieval'.")
+  if c.num_neighbours < 0 or (cfg.retrieval and c.num_neighbours == 0
+                              and cfg.num_neighbours < 1):
+    raise TrainSetupError(f"num_neighbours={c.num_neighbours} must be >= 1 (0: the model's "
+                          f"{cfg.num_neighbours}).")
 
   mesh = make_mesh(tuple(c.mesh))
   wrt = nnx.Param
@@ -153,11 +201,19 @@ def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) ->
   abstract_model = nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0)))
   bpt = bytes_per_token(store)
   meta = {"model_config": cfg.to_dict(), "experiment": c.to_dict(),
-          "db": str(c.db), "bytes_per_token": bpt,
+          "db": str(c.db), "db_tokenizer": store.manifest["tokenizer"], "bytes_per_token": bpt,
           "params": {"non_embedding": count_params(abstract_model),
                      "total": count_params(abstract_model, non_embedding=False)}}
 
   start = mngr.latest_step()
+  if start is not None:
+    _check_resume(ckpt_lib.read_meta(workdir / ckpt_lib.CHECKPOINTS, start)[1], cfg, c.db,
+                  workdir, start)
+  elif c.init_from:
+    base_step, base_meta = ckpt_lib.read_meta(c.init_from)
+    verify.check_checkpoint_tokenizer(base_meta.get("db_tokenizer"), base_meta.get("db"), c.db,
+                                      f"{c.init_from} (step {base_step})")
+  _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)  # left by a killed or failed write
   state = train.init()
   if start is not None:
     state, _ = ckpt_lib.restore(mngr, start, state, data_iter)
@@ -219,6 +275,7 @@ def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) ->
   bar = tqdm(total=c.total_steps, initial=start, desc=os.path.basename(str(workdir)) or "train",
              unit="step", disable=not (progress and is_main), dynamic_ncols=True)
   step = start
+  failed: list[BaseException] = []
   try:
     while step < c.total_steps:
       batch = to_global(next(data_iter))
@@ -245,9 +302,26 @@ def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) ->
         if progress and is_main:
           print(f"preempted at step {step}: checkpoint saved", flush=True)
         break
+  except Exception as e:  # noqa: BLE001 -- a full disk becomes one message below
+    if not errors.is_disk_full(e):
+      raise
+    failed.append(e)
   finally:
     bar.close()
-    mngr.wait_until_finished()
+    try:
+      mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      if not errors.is_disk_full(e):
+        raise
+      failed.append(e)
     writer.close()
     signal.signal(signal.SIGTERM, old_handler)
+  if failed:
+    _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)
+    reason = next((str(x) for e in failed for x in (e, e.__cause__, e.__context__)
+                   if isinstance(x, OSError)), str(failed[0]))
+    raise CheckpointWriteError(
+        f"could not write a checkpoint to {workdir / ckpt_lib.CHECKPOINTS} near step {step} "
+        f"({reason}); its partial files were removed and the last good checkpoint is step "
+        f"{last_good}: free space and rerun the same command to resume") from None
   return last

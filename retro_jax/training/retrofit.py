@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from retro_jax.errors import UserError
 from retro_jax.model import Retro
 from retro_jax.training import checkpoint as ckpt_lib
 
@@ -30,7 +31,7 @@ _NOT_DECODER = ("cca_layers", "num_neighbours", "neighbour_len", "encoder_layers
                 "attention_q_block", "sharding_rules")
 
 
-class RetrofitError(ValueError):
+class RetrofitError(UserError, ValueError):
   """The baseline checkpoint does not fit the retrofit's decoder."""
 
 

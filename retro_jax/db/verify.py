@@ -1,0 +1,176 @@
+"""Checks on read: every command verifies what it reads before it uses it.
+
+* At open (cheap): counts and sizes against the manifest (the chunk store's `ChunkStore.__init__`).
+* The first time a process reads a shard file: its content sha256 against the checksum recorded when
+  it was written (chunk-store shard files: the manifest; embeddings and neighbours shards: their
+  `.progress.json`, or for embeddings made before that was recorded, the index manifests), plus a
+  range check of the values (token ids in [0, vocab), neighbour ids in [-1, num_chunks)).
+  Verified files are remembered per process by (path, size, mtime, digest), so a file is hashed
+  once per process, not once per read. The cost is one sequential read of the file: see
+  docs/benchmarks.md ("Verify on read") for the measured seconds per GB.
+  `RETRO_JAX_VERIFY_ON_READ=0` turns the content checksums off (counts, sizes and ranges stay).
+* Checkpoint against database: `check_checkpoint_tokenizer` (the database's tokenizer fingerprint,
+  recorded in every checkpoint's meta as "db_tokenizer").
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+from etils import epath
+
+from retro_jax.db import layout
+from retro_jax.db.tokenizer import TokenizerMismatchError
+from retro_jax.errors import UserError
+
+ENV = "RETRO_JAX_VERIFY_ON_READ"
+
+_verified: set[tuple] = set()
+_lock = threading.Lock()
+
+
+class DamagedDataError(UserError, ValueError):
+  """A database file whose contents differ from what was recorded when it was written."""
+
+
+def enabled() -> bool:
+  return os.environ.get(ENV, "1").lower() not in ("0", "false", "no", "off")
+
+
+def _key(path: epath.Path, digest: str) -> tuple:
+  p = str(path)
+  if "://" in p:
+    return (p, digest)
+  st = os.stat(p)
+  return (os.path.realpath(p), st.st_size, st.st_mtime_ns, digest)
+
+
+def file_once(path: str | os.PathLike, sha256: str | None, fix: str) -> None:
+  """Raises DamagedDataError unless the file's sha256 equals `sha256` (hashed the first time this
+  process reads it; None: nothing recorded, nothing to check)."""
+  if not sha256 or not enabled():
+    return
+  path = epath.Path(path)
+  key = _key(path, sha256)
+  with _lock:
+    if key in _verified:
+      return
+  digest = layout.sha256_file(path)
+  if digest != sha256:
+    raise DamagedDataError(f"{path} is damaged: sha256 {digest[:12]} differs from the "
+                           f"{sha256[:12]} recorded when it was written; {fix}")
+  with _lock:
+    _verified.add(key)
+
+
+def size(path: str | os.PathLike, want: int | None, fix: str) -> None:
+  """Raises DamagedDataError unless the file exists and has `want` bytes (None: existence only)."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise DamagedDataError(f"{path} is missing; {fix}")
+  if want is not None:
+    got = path.stat().length if "://" in str(path) else os.path.getsize(path)
+    if got != want:
+      raise DamagedDataError(f"{path} has {got} bytes, its manifest says {want}; {fix}")
+
+
+def ids_in_range(arr, lo: int, hi: int, what: str, fix: str, block: int = 1 << 20) -> None:
+  """Raises DamagedDataError unless every value is in [lo, hi) (read in blocks of rows)."""
+  if not arr.size:
+    return
+  rows = max(1, block // max(1, int(np.prod(arr.shape[1:]))))
+  for s in range(0, arr.shape[0], rows):
+    part = np.asarray(arr[s:s + rows])
+    mn, mx = int(part.min()), int(part.max())
+    if mn < lo or mx >= hi:
+      raise DamagedDataError(f"{what} holds ids in [{mn}, {mx}], outside [{lo}, {hi}); {fix}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Embeddings and neighbours shards: checksums recorded in their progress files.
+
+
+def recorded_sha256(npy_path: str | os.PathLike) -> str | None:
+  """The sha256 a finished shard's `.progress.json` records (None for older builds)."""
+  prog = layout.progress_path(npy_path)
+  if not prog.exists():
+    return None
+  return json.loads(prog.read_text()).get("sha256")
+
+
+def record_sha256(npy_path: str | os.PathLike, state: dict) -> dict:
+  """`state` with the finished shard's sha256 and size (written into its progress file)."""
+  return {**state, "sha256": layout.sha256_file(npy_path),
+          "bytes": os.path.getsize(os.fspath(npy_path))}
+
+
+def _index_recorded_sha256(db: str | os.PathLike, shard: int) -> str | None:
+  """An embeddings shard's sha256 as recorded by any index shard built over it."""
+  root = epath.Path(db) / layout.INDEX_DIR
+  if not root.exists():
+    return None
+  for backend_dir in sorted(root.iterdir()):
+    manifest = layout.index_shard_dir(backend_dir, shard) / "manifest.json"
+    if manifest.exists():
+      try:
+        return json.loads(manifest.read_text())["embeddings"]["sha256"]
+      except (json.JSONDecodeError, KeyError):
+        continue
+  return None
+
+
+def embeddings_shard(db: str | os.PathLike, shard: int) -> None:
+  """Verifies `DB/embeddings/shard-XXXXX.npy` (once per process) before it is read."""
+  path = layout.embeddings_path(db, shard)
+  want = recorded_sha256(path) or _index_recorded_sha256(db, shard)
+  file_once(path, want, f"delete it and its .progress.json and rerun `python -m "
+                        f"retro_jax.build_db --db={db}` (it re-embeds the shard)")
+
+
+def neighbours_shard(db: str | os.PathLike, shard: int, arr: np.ndarray, num_chunks: int) -> None:
+  """Verifies a neighbours shard (checksum once per process; ids in [-1, num_chunks))."""
+  path = layout.neighbours_path(db, shard)
+  fix = (f"delete it and its .progress.json and rerun `python -m retro_jax.build_db --db={db} "
+         f"--stages=neighbours`")
+  file_once(path, recorded_sha256(path), fix)
+  key = ("range", str(path), num_chunks) + _key(path, "")[1:]
+  if key not in _verified:
+    ids_in_range(arr, -1, num_chunks, f"neighbours shard {path}", fix)
+    _verified.add(key)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint against database.
+
+
+def _describe(tok: dict) -> str:
+  return f"{tok.get('kind', 'sentencepiece')} {str(tok.get('fingerprint'))[:12]} (vocab " \
+         f"{tok.get('vocab_size')})"
+
+
+def db_tokenizer(db: str | os.PathLike) -> dict | None:
+  """The tokenizer record of a database's chunk-store manifest (None when there is none)."""
+  path = epath.Path(db) / layout.CHUNKS_DIR / layout.MANIFEST
+  if not path.exists():
+    return None
+  return json.loads(path.read_text()).get("tokenizer")
+
+
+def check_checkpoint_tokenizer(recorded: dict | None, trained_db: str | None,
+                               db: str | os.PathLike, checkpoint: str) -> None:
+  """Raises TokenizerMismatchError when database `db` has another tokenizer than the one the
+  checkpoint was trained with: `recorded` (its meta's "db_tokenizer"), or, for checkpoints older
+  than that record, the tokenizer of `trained_db` (the database it names) if that still exists."""
+  if recorded is None and trained_db and os.path.abspath(str(trained_db)) != \
+      os.path.abspath(str(db)):
+    recorded = db_tokenizer(trained_db)
+  have = db_tokenizer(db)
+  if recorded is None or have is None:
+    return
+  if recorded.get("fingerprint") != have.get("fingerprint"):
+    raise TokenizerMismatchError(
+        f"checkpoint {checkpoint} was trained with tokenizer {_describe(recorded)} but database "
+        f"{db} uses tokenizer {_describe(have)}; use the database the model was trained on (or "
+        f"one built with --tokenizer=its DB/tokenizer file)")
