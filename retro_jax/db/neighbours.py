@@ -82,7 +82,7 @@ def search_block(retriever, store, queries_QxD: np.ndarray, query_ids_Q: np.ndar
   fetch = 2 * k
   rows = np.arange(len(query_ids_Q))
   out_QxK = np.full((len(query_ids_Q), k), -1, np.int64)
-  total = retriever.size
+  total = min(retriever.size, getattr(retriever, "max_k", retriever.size))  # service: bounded k
   while rows.size:
     fetch = min(fetch * 2, total)
     ids, _ = retriever.search(queries_QxD[rows], fetch, own_docs_Q[rows])

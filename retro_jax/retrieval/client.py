@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retro_jax.errors import UserError
 from retro_jax.retrieval import service_pb2, service_pb2_grpc
-from retro_jax.retrieval.shard_server import CHANNEL_OPTIONS, SERVICE_NAME
+from retro_jax.retrieval.shard_server import CHANNEL_OPTIONS, SERVICE_NAME, Limits
 
 
 class ShardUnavailableError(RuntimeError):
@@ -169,6 +169,17 @@ class ServiceRetriever:
       raise ShardMismatchError(f"Shards hold different embedding sizes {sorted(dims)}.")
     self.dim = dims.pop() if dims else None
 
+  max_k = Limits.max_k
+
+  @staticmethod
+  def _rows_per_request(k: int, dim: int, overfetch: int = 4, query_block: int = 512) -> int:
+    """Queries per request that keep it within the default shard_server.Limits."""
+    limits, rows = Limits(), Limits.max_queries
+    while rows > 1 and limits.work_bytes(rows, k, dim, overfetch, query_block) > \
+        limits.max_work_bytes:
+      rows //= 2
+    return rows
+
   @property
   def size(self) -> int:
     """Chunks over the shards that answered at connect."""
@@ -203,6 +214,17 @@ class ServiceRetriever:
       exclude_doc_ids_Q = np.asarray(exclude_doc_ids_Q, np.int64)
       if exclude_doc_ids_Q.shape != (q,):
         raise ValueError(f"exclude_doc_ids_Q has shape {exclude_doc_ids_Q.shape}; expected ({q},).")
+    if k > self.max_k:
+      raise ValueError(f"k={k} is above the service's bound of {self.max_k} per query.")
+    rows = self._rows_per_request(k, queries_QxD.shape[1])
+    if q > rows:  # Within the shards' per-request bounds (shard_server.Limits).
+      parts = [self.search_full(queries_QxD[i:i + rows], k, None if exclude_doc_ids_Q is None
+                                else exclude_doc_ids_Q[i:i + rows], allow_partial=allow_partial,
+                                timeout_s=timeout_s) for i in range(0, q, rows)]
+      return SearchResult(np.concatenate([p.ids_QxK for p in parts]),
+                          np.concatenate([p.scores_QxK for p in parts]),
+                          np.concatenate([p.doc_ids_QxK for p in parts]),
+                          [m for p in parts for m in p.missing])
     futs = [(c, c.search_future(queries_QxD, k, exclude_doc_ids_Q, timeout_s))
             for c in self.clients]
     parts, failures, deletions = [], [], {}

@@ -25,6 +25,12 @@ flags.DEFINE_integer("workers", 4, "gRPC worker threads")
 flags.DEFINE_integer("search_threads", 1, "ScaNN threads per search")
 flags.DEFINE_integer("overfetch", 4, "candidates per result before exact rescoring")
 flags.DEFINE_bool("verify", True, "verify the shard's checksums at load")
+flags.DEFINE_integer("max_k", shard_server.Limits.max_k, "largest k a request may ask for")
+flags.DEFINE_integer("max_queries", shard_server.Limits.max_queries, "most queries per request")
+flags.DEFINE_integer("max_request_bytes", shard_server.Limits.max_request_bytes,
+                     "largest request message")
+flags.DEFINE_integer("max_work_bytes", shard_server.Limits.max_work_bytes,
+                     "largest estimated search memory per request")
 
 
 def main(argv) -> None:
@@ -32,7 +38,9 @@ def main(argv) -> None:
   f = FLAGS
   shard_server.serve(f.db, f.shard, host=f.host, port=f.port, backend=f.backend,
                      index_root=f.index_root, port_file=f.port_file, workers=f.workers,
-                     search_threads=f.search_threads, overfetch=f.overfetch, verify=f.verify)
+                     search_threads=f.search_threads, overfetch=f.overfetch, verify=f.verify,
+                     limits=shard_server.Limits(f.max_k, f.max_queries, f.max_request_bytes,
+                                                f.max_work_bytes))
 
 
 if __name__ == "__main__":

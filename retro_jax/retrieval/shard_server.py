@@ -9,6 +9,10 @@ process and merges, giving the same ids as the in-process `Retriever` over all s
 * Binds to 127.0.0.1 unless `--host` says otherwise (`--host=0.0.0.0` to serve other machines; the
   service has no authentication, so only on a trusted network). `--port=0` picks a free port;
   `--port_file` receives `{"address", "shard", "pid"}` (atomically) once the shard is serving.
+* Bounds (`Limits`): k, queries per request, request bytes and the search's estimated working
+  memory; a request beyond them is refused (INVALID_ARGUMENT / RESOURCE_EXHAUSTED) before any
+  work, and so are NaN or infinite queries. The port is bound without SO_REUSEPORT: a second server
+  on a port in use fails to start instead of sharing the port.
 * Health: the standard `grpc.health.v1.Health` service reports NOT_SERVING while the shard loads and
   SERVING once it is loaded and has answered a warm-up query (service name "" and
   `retro_jax.retrieval.ShardSearch`); Search answers UNAVAILABLE until then.
@@ -52,6 +56,36 @@ CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What one Search request may ask of a shard; beyond it the request is refused before any work.
+
+  max_k: results per query (INVALID_ARGUMENT above it; the training neighbours use 2, evaluation
+    10-40, and the neighbours' refill of removed documents grows k by doubling up to this).
+  max_queries: queries per request (INVALID_ARGUMENT).
+  max_request_bytes: a request's size, checked by gRPC itself (RESOURCE_EXHAUSTED).
+  max_work_bytes: the search's working memory, estimated from queries x k x overfetch (the exact
+    rescoring gathers query_block x candidates x dim float32 rows; results are int64 + float32):
+    RESOURCE_EXHAUSTED above it, so no request can take the shard's memory.
+  """
+  max_k: int = 4096
+  max_queries: int = 8192
+  max_request_bytes: int = 32 << 20
+  max_work_bytes: int = 512 << 20
+
+  def work_bytes(self, q: int, k: int, dim: int, overfetch: int, query_block: int) -> int:
+    n = k * overfetch
+    return min(q, query_block) * n * dim * 4 + q * n * (8 + 4) * 3
+
+
+def server_options(limits: Limits) -> list[tuple[str, int]]:
+  """gRPC server options: bounded request size, and no SO_REUSEPORT (a second server on a port in
+  use must fail to bind, not silently share the port's connections)."""
+  return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+          ("grpc.max_receive_message_length", limits.max_request_bytes),
+          ("grpc.so_reuseport", 0)]
+
+
 class ServeError(UserError, RuntimeError):
   """A shard that cannot be served (missing index, mismatched database)."""
 
@@ -61,8 +95,9 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
 
   def __init__(self, db_dir: str, shard: int, backend: str | None = None,
                index_root: str | None = None, verify: bool = True, overfetch: int = 4,
-               search_threads: int = 1, address: str = ""):
+               search_threads: int = 1, address: str = "", limits: Limits = Limits()):
     self.db_dir, self.shard_number, self.address = str(db_dir), int(shard), address
+    self.limits, self.overfetch = limits, overfetch
     self.store = chunk_store_lib.ChunkStore.open(self.db_dir)
     if index_root is None:
       backend = retriever_lib.db_backend(self.db_dir, backend)
@@ -132,14 +167,24 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
       problem = f"queries have dim {d}; shard {self.shard_number} holds dim {self.retriever.dim}"
     elif q < 0 or len(request.queries) != q * d * 4:
       problem = f"queries hold {len(request.queries)} bytes, expected {q} x {d} float32"
-    elif k < 1:
-      problem = f"k={k} must be >= 1"
+    elif k < 1 or k > self.limits.max_k:
+      problem = f"k={k} must be in [1, {self.limits.max_k}]"
+    elif q > self.limits.max_queries:
+      problem = f"{q} queries in one request; at most {self.limits.max_queries} (split the batch)"
     elif request.exclude_doc_ids and len(request.exclude_doc_ids) != q * 8:
       problem = f"exclude_doc_ids hold {len(request.exclude_doc_ids)} bytes, expected {q} int64"
     if problem:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-    self._refresh_deletions()
+    work = self.limits.work_bytes(q, k, d, self.overfetch, self.retriever.query_block)
+    if work > self.limits.max_work_bytes:
+      context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{q} queries x k={k} need ~{work >> 20} MiB of search memory, more than this "
+                    f"shard's {self.limits.max_work_bytes >> 20} MiB per request; send fewer "
+                    f"queries or a smaller k")
     queries_QxD = np.frombuffer(request.queries, "<f4").reshape(q, d)
+    if not np.isfinite(queries_QxD).all():
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, "queries hold NaN or infinite values")
+    self._refresh_deletions()
     exclude_Q = (np.frombuffer(request.exclude_doc_ids, "<i8") if request.exclude_doc_ids
                  else None)
     ids_QxK, scores_QxK = self.retriever.search(queries_QxD, k, exclude_Q)
@@ -172,9 +217,10 @@ class _Gate(service_pb2_grpc.ShardSearchServicer):
 def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
           backend: str | None = None, index_root: str | None = None, port_file: str | None = None,
           workers: int = 4, search_threads: int = 1, overfetch: int = 4, verify: bool = True,
-          stop_event: threading.Event | None = None) -> None:
+          stop_event: threading.Event | None = None, limits: Limits = Limits()) -> None:
   """Runs the server until SIGTERM / SIGINT (or `stop_event`)."""
-  server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+  server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                       options=server_options(limits))
   gate = _Gate()
   health = grpc_health.HealthServicer()
   for name in ("", SERVICE_NAME):
@@ -182,9 +228,13 @@ def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
   service_pb2_grpc.add_ShardSearchServicer_to_server(gate, server)
   health_pb2_grpc.add_HealthServicer_to_server(health, server)
   host = f"[{host.strip('[]')}]" if ":" in host else host  # IPv6 literals in brackets
-  bound = server.add_insecure_port(f"{host}:{port}")
-  if bound == 0:
-    raise ServeError(f"Could not bind {host}:{port} (in use?); pick another --port or --port=0.")
+  try:
+    bound = server.add_insecure_port(f"{host}:{port}")
+  except RuntimeError:  # newer grpcio raises where older ones return 0
+    bound = 0
+  if bound == 0 or (port and bound != port):
+    raise ServeError(f"could not bind {host}:{port} (in use by another process?); pick another "
+                     f"--port, or --port=0 for a free one")
   address = f"{host}:{bound}"
   server.start()
   stop_event = stop_event or threading.Event()
@@ -193,7 +243,8 @@ def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
       signal.signal(sig, lambda *_: stop_event.set())
   t0 = time.perf_counter()
   servicer = ShardServicer(db_dir, shard, backend=backend, index_root=index_root, verify=verify,
-                           overfetch=overfetch, search_threads=search_threads, address=address)
+                           overfetch=overfetch, search_threads=search_threads, address=address,
+                           limits=limits)
   warm = np.zeros((1, servicer.retriever.dim), np.float32)
   warm[0, 0] = 1.0
   servicer.retriever.search(warm, 2)
