@@ -28,6 +28,8 @@ def is_disk_full(e: BaseException) -> bool:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in DISK_FULL:
       return True
+    if any(m in str(e) for m in ("No space left on device", "os_error_code='28'")):
+      return True  # tensorstore (orbax) reports ENOSPC as a ValueError
     e = e.__cause__ or e.__context__
   return False
 

@@ -115,12 +115,19 @@ def _iter_glob(pattern: str, prefix: str, root: str, stats: CorpusStats) -> Iter
       yield Document(key, text)
 
 
-def _list_files(directory: epath.Path) -> list[epath.Path]:
-  """Every file under directory (iterdir recursion: epath's rglob refuses '**' on local paths)."""
+def _list_files(directory: epath.Path, seen: set[str] | None = None) -> list[epath.Path]:
+  """Every file under directory (iterdir recursion: epath's rglob refuses '**' on local paths).
+  A symlinked directory is followed once: one that leads back to a directory already listed (a
+  cycle, or a second link to the same place) is skipped."""
+  seen = set() if seen is None else seen
+  real = str(directory) if "://" in str(directory) else os.path.realpath(directory)
+  if real in seen:
+    return []
+  seen.add(real)
   out = []
-  for p in directory.iterdir():
+  for p in sorted(directory.iterdir(), key=lambda p: p.name):
     if p.is_dir():
-      out.extend(_list_files(p))
+      out.extend(_list_files(p, seen))
     elif p.is_file():
       out.append(p)
   return out

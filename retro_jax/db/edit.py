@@ -215,8 +215,13 @@ def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str | No
     raise EditError(f"--add: {e}") from None
   keys = [d.key for d in docs]
   digest = _corpus_sha256(docs)
+  deleted_now = store.deleted_doc_ids()
+  # The same addition again resumes it, unless documents it added were removed since: then it is
+  # a new addition (the documents come back with new ids).
   prior = [e for e in _edits(store.manifest)["log"]
-           if e["op"] == "add" and e["corpus_sha256"] == digest]
+           if e["op"] == "add" and e["corpus_sha256"] == digest
+           and not np.isin(np.arange(e["first_doc_id"], e["first_doc_id"] + e["num_docs"]),
+                           deleted_now).any()]
   result: dict[str, Any] = {"resumed": bool(prior)}
   if prior:
     shard = int(prior[-1]["shard"])

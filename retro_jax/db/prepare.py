@@ -7,6 +7,7 @@ retrofitted SmolLM2. `load_db_tokenizer(DB)` opens whichever the database has.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -94,9 +95,17 @@ def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: in
       raise tokenizer_lib.TokenizerMismatchError(
           f"{out} has vocab {tok.vocab_size}, --vocab_size={vocab_size}; use another --db")
     return tok
-  texts = (d.text for d in corpus_lib.iter_documents(corpus_spec, max_docs=max_docs)
+  stats = corpus_lib.CorpusStats()
+  texts = (d.text for d in corpus_lib.iter_documents(corpus_spec, stats, max_docs=max_docs)
            if not corpus_lib.is_heldout(d.key, heldout_fraction, seed))
-  return tokenizer_lib.train_sentencepiece(texts, out, vocab_size=vocab_size, seed=seed,
+  first = next(texts, None)
+  if first is None:  # SentencePiece would stop with "sentences_.empty()"
+    raise corpus_lib.CorpusError(
+        f"corpus {corpus_spec!r} has no usable training document to train a tokenizer on "
+        f"(skipped: {stats.skipped_empty} empty or blank, {stats.skipped_binary} binary; "
+        f"{stats.documents} held out); point --corpus at text files")
+  return tokenizer_lib.train_sentencepiece(itertools.chain([first], texts), out,
+                                           vocab_size=vocab_size, seed=seed,
                                            input_sentence_size=input_sentence_size)
 
 

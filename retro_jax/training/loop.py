@@ -17,8 +17,10 @@ TPU environment names several workers) calls jax.distributed.initialize() first.
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -146,15 +148,52 @@ def _remove_partial_checkpoints(directory) -> list[str]:
   return gone
 
 
+def _check_space(directory, state, step: int, last_good: int) -> None:
+  """Refuses to start a checkpoint write that cannot fit on a local disk (orbax would fail in its
+  background threads, with one traceback per array, and leave a temporary directory)."""
+  if "://" in str(directory):
+    return
+  need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)) + (4 << 20)
+  free = shutil.disk_usage(os.fspath(directory)).free
+  if free < need:
+    raise CheckpointWriteError(
+        f"no room for the step-{step} checkpoint in {directory}: it needs ~{need >> 20} MiB, "
+        f"{free >> 20} MiB are free; the last good checkpoint is step {last_good}: free space and "
+        f"rerun the same command to resume")
+
+
+class _QuietDiskFull(std_logging.Filter):
+  """Drops the log records of a failing checkpoint write's background threads after the first
+  (the run then stops with one `CheckpointWriteError` saying why)."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen = 0
+
+  def filter(self, record) -> bool:
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    if any(m in text for m in ("No space left on device", "os_error_code='28'",
+                               "Event loop is closed")):
+      self.seen += 1
+      return False
+    return True
+
+
 def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) -> dict[str, Any]:
   """Trains `c` (an experiment ConfigDict) in `workdir`, holding its lock
   (retro_jax.training.workdir_lock); returns the last logged metrics."""
   if distributed:
     jax.distributed.initialize()
   lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
+  quiet = _QuietDiskFull()
+  handlers = std_logging.getLogger().handlers
+  for h in handlers:
+    h.addFilter(quiet)
   try:
     return _run(c, workdir, progress=progress)
   finally:
+    for h in handlers:
+      h.removeFilter(quiet)
     if lock is not None:
       lock.release()
 
@@ -295,6 +334,7 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
       if c.debug_step_delay_s:
         time.sleep(c.debug_step_delay_s)
       if save:
+        _check_space(workdir / ckpt_lib.CHECKPOINTS, state, step, last_good)
         ckpt_lib.save(mngr, step, state, data_iter, {**meta, "step": step})
         last_good = step
       if stop:
