@@ -148,18 +148,21 @@ def _remove_partial_checkpoints(directory) -> list[str]:
   return gone
 
 
-def _check_space(directory, state, step: int, last_good: int) -> None:
+def _check_space(directory, state, step: int, last_good: int, factor: int = 1) -> None:
   """Refuses to start a checkpoint write that cannot fit on a local disk (orbax would fail in its
-  background threads, with one traceback per array, and leave a temporary directory)."""
+  background threads, with one traceback per array, and leave a temporary directory). At the
+  start of a run `state` is the model's (abstract) state and `factor` 3 counts the optimizer's."""
   if "://" in str(directory):
     return
-  need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state)) + (4 << 20)
+  nbytes = sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+  need = factor * nbytes + (4 << 20)
   free = shutil.disk_usage(os.fspath(directory)).free
   if free < need:
+    what = "a first checkpoint" if factor > 1 else f"the step-{step} checkpoint"
     raise CheckpointWriteError(
-        f"no room for the step-{step} checkpoint in {directory}: it needs ~{need >> 20} MiB, "
-        f"{free >> 20} MiB are free; the last good checkpoint is step {last_good}: free space and "
-        f"rerun the same command to resume")
+        f"no room for {what} in {directory}: it needs ~{need >> 20} MiB, {free >> 20} MiB are "
+        f"free; free space (the last good checkpoint is step {last_good}) and rerun the same "
+        f"command")
 
 
 class _QuietDiskFull(std_logging.Filter):
@@ -224,6 +227,22 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     raise TrainSetupError(f"num_neighbours={c.num_neighbours} must be >= 1 (0: the model's "
                           f"{cfg.num_neighbours}).")
 
+  # Before anything reads the data or compiles: the checkpoints to resume (or retrofit) fit this
+  # model and database, and there is room for a checkpoint.
+  mngr = ckpt_lib.manager(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=c.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    prev_step = mngr.latest_step()
+    _check_resume(ckpt_lib.read_meta(workdir / ckpt_lib.CHECKPOINTS, prev_step)[1], cfg, c.db,
+                  workdir, prev_step)
+  elif c.init_from:
+    base_step, base_meta = ckpt_lib.read_meta(c.init_from)
+    verify.check_checkpoint_tokenizer(base_meta.get("db_tokenizer"), base_meta.get("db"), c.db,
+                                      f"{c.init_from} (step {base_step})")
+  _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)  # left by a killed or failed write
+  abstract_model = nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0)))
+  _check_space(workdir / ckpt_lib.CHECKPOINTS, nnx.state(abstract_model), mngr.latest_step() or 0,
+               mngr.latest_step() or 0, factor=3)  # parameters + two Adam moments
+
   mesh = make_mesh(tuple(c.mesh))
   wrt = nnx.Param
   if c.train_only == "retrieval":
@@ -236,8 +255,6 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
       neighbour_len=cfg.neighbour_len, seed=c.seed, read_threads=c.read_threads,
       self_neighbour_rate=c.self_neighbour_rate if cfg.retrieval else 0.0)
 
-  mngr = ckpt_lib.manager(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=c.keep_checkpoints)
-  abstract_model = nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0)))
   bpt = bytes_per_token(store)
   meta = {"model_config": cfg.to_dict(), "experiment": c.to_dict(),
           "db": str(c.db), "db_tokenizer": store.manifest["tokenizer"], "bytes_per_token": bpt,
@@ -245,14 +262,6 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
                      "total": count_params(abstract_model, non_embedding=False)}}
 
   start = mngr.latest_step()
-  if start is not None:
-    _check_resume(ckpt_lib.read_meta(workdir / ckpt_lib.CHECKPOINTS, start)[1], cfg, c.db,
-                  workdir, start)
-  elif c.init_from:
-    base_step, base_meta = ckpt_lib.read_meta(c.init_from)
-    verify.check_checkpoint_tokenizer(base_meta.get("db_tokenizer"), base_meta.get("db"), c.db,
-                                      f"{c.init_from} (step {base_step})")
-  _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)  # left by a killed or failed write
   state = train.init()
   if start is not None:
     state, _ = ckpt_lib.restore(mngr, start, state, data_iter)
