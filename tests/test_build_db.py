@@ -58,7 +58,8 @@ def test_rerun_skips_every_stage_and_changes_nothing(built):
   # The command line, too (absl flags).
   out = subprocess.run(
       [sys.executable, "-m", "retro_jax.build_db", f"--db={db}", f"--corpus={tiny_db.CORPUS}",
-       "--vocab_size=1000", "--heldout_fraction=0.1", f"--backend={tiny_db.SETTINGS['backend']}"],
+       "--vocab_size=1000", "--heldout_fraction=0.1", f"--backend={tiny_db.SETTINGS['backend']}",
+       f"--docs_per_shard={tiny_db.SETTINGS['docs_per_shard']}"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   for stage in build_db.STAGES:

@@ -217,7 +217,8 @@ def test_manifest_counts_are_checked_at_open(db, tmp_path):
   m["num_chunks"] -= 1
   m["shards"][0]["files"]["tokens.npy"]["bytes"] += 8
   json.dump(m, open(path, "w"))
-  with pytest.raises(verify.DamagedDataError, match="tokens.npy has .* bytes, its manifest says"):
+  with pytest.raises(chunk_store_lib.ChunkStoreError,
+                     match="tokens.npy has .* bytes, its manifest says"):
     chunk_store_lib.ChunkStore.open(d)
 
 
@@ -226,12 +227,12 @@ def test_damaged_chunk_tokens_stop_training_and_evaluation_first(db, ckpt, tmp_p
   for s in range(2):  # valid ids, other tokens: only the checksum can tell
     _flip_rows(os.path.join(d, "chunks", f"shard-{s:05d}", "tokens.npy"))
   wd = tmp_path / "train"
-  with pytest.raises(verify.DamagedDataError, match="tokens.npy is damaged"):
+  with pytest.raises(chunk_store_lib.ChunkStoreError, match="tokens.npy is damaged"):
     loop.run(experiment(d), str(wd), progress=False)
   metrics = wd / "metrics.jsonl"
   assert not metrics.exists() or not metrics.read_text()  # no training step ran
   assert not [p for p in os.listdir(wd / "checkpoints") if p.isdigit()]
-  with pytest.raises(verify.DamagedDataError, match="tokens.npy is damaged"):
+  with pytest.raises(chunk_store_lib.ChunkStoreError, match="tokens.npy is damaged"):
     bpb.evaluate(ckpt, db=d, seq_len=128, stride=64, max_docs=2, progress=False)
 
 

@@ -350,13 +350,14 @@ class ChunkStore:
     for s in shards:  # Fail at open, not at the first gather, on a missing or resized file.
       for name in SHARD_FILES:
         verify.size(root / s["path"] / name, s.get("files", {}).get(name, {}).get("bytes"),
-                    self._fix(s))
+                    self._fix(s), ChunkStoreError)
     self._check_counts()
     self._tokens = [None] * len(shards)
     self._doc_ids = [None] * len(shards)
     for s in shards:  # Read whole at open: verified now.
       verify.file_once(root / s["path"] / "doc_table.npy",
-                       s.get("files", {}).get("doc_table.npy", {}).get("sha256"), self._fix(s))
+                       s.get("files", {}).get("doc_table.npy", {}).get("sha256"), self._fix(s),
+                       ChunkStoreError)
     tables = [_load_npy(root / s["path"] / "doc_table.npy", mmap=False) for s in shards]
     table_Dx5 = np.concatenate(tables) if tables else np.zeros((0, 5), np.int64)
     if len(table_Dx5) != self.num_docs or not np.array_equal(table_Dx5[:, 0],
@@ -425,13 +426,15 @@ class ChunkStore:
     if self._tokens[shard] is None:
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "tokens.npy"
-      verify.file_once(path, s.get("files", {}).get("tokens.npy", {}).get("sha256"), self._fix(s))
+      verify.file_once(path, s.get("files", {}).get("tokens.npy", {}).get("sha256"), self._fix(s),
+                       ChunkStoreError)
       arr = _load_npy(path)
       if arr.shape != (s["num_chunks"], self.chunk_size) or arr.dtype != np.int32:
         raise ChunkStoreError(f"{self.root / s['path'] / 'tokens.npy'}: shape {arr.shape} "
                               f"{arr.dtype}, manifest says ({s['num_chunks']}, {self.chunk_size}) "
                               f"int32; the file is corrupt, rebuild the shard")
-      verify.ids_in_range(arr, 0, self.vocab_size, f"chunk store file {path}", self._fix(s))
+      verify.ids_in_range(arr, 0, self.vocab_size, f"chunk store file {path}", self._fix(s),
+                          error=ChunkStoreError)
       self._tokens[shard] = arr
     return self._tokens[shard]
 
@@ -439,7 +442,8 @@ class ChunkStore:
     if self._doc_ids[shard] is None:
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "doc_ids.npy"
-      verify.file_once(path, s.get("files", {}).get("doc_ids.npy", {}).get("sha256"), self._fix(s))
+      verify.file_once(path, s.get("files", {}).get("doc_ids.npy", {}).get("sha256"), self._fix(s),
+                       ChunkStoreError)
       arr = _load_npy(path)
       if arr.shape != (s["num_chunks"],):
         raise ChunkStoreError(f"{path}: shape {arr.shape}, manifest says ({s['num_chunks']},); "

@@ -47,7 +47,8 @@ def _key(path: epath.Path, digest: str) -> tuple:
   return (os.path.realpath(p), st.st_size, st.st_mtime_ns, digest)
 
 
-def file_once(path: str | os.PathLike, sha256: str | None, fix: str) -> None:
+def file_once(path: str | os.PathLike, sha256: str | None, fix: str,
+              error: type[Exception] = DamagedDataError) -> None:
   """Raises DamagedDataError unless the file's sha256 equals `sha256` (hashed the first time this
   process reads it; None: nothing recorded, nothing to check)."""
   if not sha256 or not enabled():
@@ -59,24 +60,26 @@ def file_once(path: str | os.PathLike, sha256: str | None, fix: str) -> None:
       return
   digest = layout.sha256_file(path)
   if digest != sha256:
-    raise DamagedDataError(f"{path} is damaged: sha256 {digest[:12]} differs from the "
+    raise error(f"{path} is damaged: sha256 {digest[:12]} differs from the "
                            f"{sha256[:12]} recorded when it was written; {fix}")
   with _lock:
     _verified.add(key)
 
 
-def size(path: str | os.PathLike, want: int | None, fix: str) -> None:
+def size(path: str | os.PathLike, want: int | None, fix: str,
+         error: type[Exception] = DamagedDataError) -> None:
   """Raises DamagedDataError unless the file exists and has `want` bytes (None: existence only)."""
   path = epath.Path(path)
   if not path.exists():
-    raise DamagedDataError(f"{path} is missing; {fix}")
+    raise error(f"{path} is missing; {fix}")
   if want is not None:
     got = path.stat().length if "://" in str(path) else os.path.getsize(path)
     if got != want:
-      raise DamagedDataError(f"{path} has {got} bytes, its manifest says {want}; {fix}")
+      raise error(f"{path} has {got} bytes, its manifest says {want}; {fix}")
 
 
-def ids_in_range(arr, lo: int, hi: int, what: str, fix: str, block: int = 1 << 20) -> None:
+def ids_in_range(arr, lo: int, hi: int, what: str, fix: str, block: int = 1 << 20,
+                 error: type[Exception] = DamagedDataError) -> None:
   """Raises DamagedDataError unless every value is in [lo, hi) (read in blocks of rows)."""
   if not arr.size:
     return
@@ -85,7 +88,7 @@ def ids_in_range(arr, lo: int, hi: int, what: str, fix: str, block: int = 1 << 2
     part = np.asarray(arr[s:s + rows])
     mn, mx = int(part.min()), int(part.max())
     if mn < lo or mx >= hi:
-      raise DamagedDataError(f"{what} holds ids in [{mn}, {mx}], outside [{lo}, {hi}); {fix}")
+      raise error(f"{what} holds ids in [{mn}, {mx}], outside [{lo}, {hi}); {fix}")
 
 
 # ------------------------------------------------------------------------------------------------
