@@ -19,6 +19,14 @@ database (fixed seed), each excluding its own document, k=2 (a RETRO training/sa
      shards (ids equal, or equal up to the order of exactly tied scores: see TIE); counted: answers
      before/after the kill, ShardUnavailableError errors, wrong answers (must be 0), and the time
      from the kill to the first error.
+ABUSE (--abuse, one shard count: the first of --shards): the single-query load for --seconds
+without abuse, then with an abuse worker sending --abuse_rate requests/s beyond the shards' bounds
+(k = 1,000,000; more queries than `Limits.max_queries`; a request above `max_request_bytes`; a
+batch whose search memory is above `max_work_bytes`; NaN and infinite queries), then without
+again. Recorded: every abusive request's status (all must be rejected), each shard's RSS idle and
+its peak (VmRSS sampled every 20 ms) in each phase, and the p99 of the normal requests per phase.
+Written to --abuse_out.
+
 In-process `Retriever.search` latency on the same shards (one query, one thread) is measured for
 comparison (the service's overhead is gRPC + the fan-out + the merge). The machine is shared: the
 load average before and after goes into bench/results/service_latency.json.
@@ -30,6 +38,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
@@ -60,9 +69,15 @@ _OUT = flags.DEFINE_string("out", "bench/results/service_latency.json", "Results
 _WORKER = flags.DEFINE_bool("worker", False, "Run as the load-generating process.")
 _ADDRS = flags.DEFINE_list("addresses", [], "Worker: shard addresses.")
 _QFILE = flags.DEFINE_string("queries", None, "Worker: npz with queries, exclude, expected.")
-_MODE = flags.DEFINE_enum("mode", "single", ["single", "batched"], "Worker: request shape.")
+_MODE = flags.DEFINE_enum("mode", "single", ["single", "batched", "abuse"],
+                          "Worker: request shape ('abuse': requests beyond the bounds).")
 _DURATION = flags.DEFINE_float("duration", 10.0, "Worker: seconds of load.")
 _WOUT = flags.DEFINE_string("worker_out", None, "Worker: results file.")
+# Abuse run (--abuse): requests beyond the shards' bounds mixed into the single-query load.
+_ABUSE = flags.DEFINE_bool("abuse", False, "Measure the abuse run instead (see ABUSE below).")
+_ABUSE_RATE = flags.DEFINE_float("abuse_rate", 10.0, "Abusive requests per second (abuse run).")
+_ABUSE_OUT = flags.DEFINE_string("abuse_out", "bench/results/service_abuse.json",
+                                 "Results file of the abuse run.")
 
 # TIE: the ids differ from the reference only in the order (or choice) of candidates whose scores
 # are equal to 1e-5 -- distinct chunks with identical text have bit-identical embeddings, and
@@ -85,7 +100,49 @@ def classify(ids_QxK, scores_QxK, want_QxK, want_scores_QxK, wide_QxW) -> int:
 # Worker: the load-generating process.
 
 
+def abuse_worker() -> None:
+  """Sends requests beyond the bounds to every shard at --abuse_rate per second; records codes."""
+  import grpc
+
+  from retro_jax.retrieval import service_pb2, service_pb2_grpc
+  from retro_jax.retrieval import shard_server as serve_lib
+  limits, dim = serve_lib.Limits(), 384
+  stubs = [service_pb2_grpc.ShardSearchStub(grpc.insecure_channel(
+      a, options=serve_lib.CHANNEL_OPTIONS)) for a in _ADDRS.value]
+  nan = np.full((1, dim), np.nan, np.float32)
+  inf = np.full((1, dim), np.inf, np.float32)
+  kinds = [("k_1000000", 1, 1_000_000, None),
+           ("batch_above_max_queries", limits.max_queries + 1, 2, None),
+           ("request_above_max_bytes", limits.max_request_bytes // (dim * 4) + 64, 2, None),
+           ("search_memory_above_max", 4096, 4096, None),
+           ("nan_query", 1, 2, nan), ("inf_query", 1, 2, inf)]
+  payload = {q: np.random.default_rng(0).standard_normal((q, dim)).astype(np.float32).tobytes()
+             for _, q, _, v in kinds if v is None}
+  records: list[tuple[str, str, float]] = []
+  open(_WOUT.value + ".started", "w").close()
+  stop_at, i = time.monotonic() + _DURATION.value, 0
+  while time.monotonic() < stop_at:
+    name, q, k, values = kinds[i % len(kinds)]
+    stub = stubs[(i // len(kinds)) % len(stubs)]
+    data = values.tobytes() if values is not None else payload[q]
+    t0 = time.perf_counter()
+    try:
+      stub.Search(service_pb2.SearchRequest(num_queries=q, dim=dim, k=k, queries=data),
+                  timeout=_TIMEOUT.value)
+      code = "OK"
+    except grpc.RpcError as e:
+      code = e.code().name
+    records.append((name, code, time.perf_counter() - t0))
+    i += 1
+    time.sleep(max(0.0, 1.0 / _ABUSE_RATE.value - (time.perf_counter() - t0)))
+  with open(_WOUT.value, "w") as f:
+    json.dump({"records": records}, f)
+
+
 def worker() -> None:
+  if _MODE.value == "abuse":
+    abuse_worker()
+    return
   from retro_jax.retrieval import client as client_lib
   data = np.load(_QFILE.value)
   q_QxD, excl_Q, want_QxK = data["queries"], data["exclude"], data["expected"]
@@ -192,7 +249,8 @@ def in_process_reference(db_copy: str, root: str, n_shards: int, q_QxD, excl_Q, 
   r = retriever_lib.Retriever.load([str(layout.index_shard_dir(root, i)) for i in range(n_shards)],
                                    doc_ids=store.doc_ids)
   for s in r.shards:
-    s.set_num_threads(1)
+    if hasattr(s, "set_num_threads"):  # ScaNN (faiss shards search on one thread here anyway)
+      s.set_num_threads(1)
   want = [r.search(q_QxD[i:i + 1], k, excl_Q[i:i + 1]) for i in range(len(q_QxD))]
   want_QxK = np.stack([w[0][0] for w in want])
   want_scores_QxK = np.stack([w[1][0] for w in want])
@@ -311,10 +369,125 @@ def measure(n_shards: int, db: str, work: str) -> dict:
   return out
 
 
+def rss_bytes(pid: int) -> int:
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+class RssSampler:
+  """Peak VmRSS of some processes, sampled every `every` seconds in a thread."""
+
+  def __init__(self, pids, every: float = 0.02):
+    self.pids, self.every, self.peak = list(pids), every, {p: 0 for p in pids}
+    self._stop = threading.Event()
+    self._t = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      for p in self.pids:
+        self.peak[p] = max(self.peak[p], rss_bytes(p))
+      time.sleep(self.every)
+
+  def __enter__(self) -> "RssSampler":
+    self._t.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._t.join()
+
+
+def measure_abuse(n_shards: int, db: str, work: str) -> dict:
+  """Normal single-query load without, with, and again without abusive requests mixed in."""
+  from retro_jax.db import chunk_store as chunk_store_lib
+  from retro_jax.retrieval import retriever as retriever_lib
+  from retro_jax.retrieval import shard_server as serve_lib
+  db_copy, root = prepare(db, work, n_shards)
+  store = chunk_store_lib.ChunkStore.open(db_copy)
+  rows = np.sort(np.random.default_rng(0).choice(store.num_chunks, _NQ.value, replace=False))
+  emb = [(np.load(p, mmap_mode="r"), o) for _, p, o in retriever_lib.db_embedding_shards(db)]
+  q_QxD = np.stack([next(e[r - o] for e, o in emb if o <= r < o + len(e)) for r in rows])
+  excl_Q = store.doc_ids(rows)
+  want_QxK, want_scores_QxK, wide_QxW, _ = in_process_reference(
+      db_copy, root, n_shards, q_QxD, excl_Q, _K.value)
+  qfile = os.path.join(work, f"queries_abuse_{n_shards}.npz")
+  np.savez(qfile, queries=q_QxD, exclude=excl_Q, expected=want_QxK,
+           expected_scores=want_scores_QxK, expected_wide=wide_QxW)
+  procs = serve_lib.start_shards(db_copy, range(n_shards),
+                                 os.path.join(work, f"serve_abuse_{n_shards}"), index_root=root)
+  addrs = [p.address for p in procs]
+  pids = [p.process.pid for p in procs]
+  out: dict = {"num_shards": n_shards, "limits": dataclasses.asdict(serve_lib.Limits()),
+               "abuse_rate_per_s": _ABUSE_RATE.value, "phases": {}}
+  try:
+    time.sleep(1.0)
+    out["idle_rss_mb"] = {str(p): rss_bytes(p) / 2**20 for p in pids}
+    for name, abuse in (("normal", False), ("with_abuse", True), ("normal_after", False)):
+      wout = os.path.join(work, f"worker_abuse_{n_shards}_{name}.json")
+      aout = wout + ".abuse.json"
+      with RssSampler(pids) as rss:
+        w = run_worker(addrs, qfile, "single", _SECONDS.value, wout)
+        a = (subprocess.Popen([sys.executable, "-m", "bench.service_latency", "--worker",
+                               f"--addresses={','.join(addrs)}", "--mode=abuse",
+                               f"--duration={_SECONDS.value}", f"--worker_out={aout}",
+                               f"--abuse_rate={_ABUSE_RATE.value}",
+                               f"--timeout_s={_TIMEOUT.value}"],
+                              env={**os.environ, "JAX_PLATFORMS": "cpu"}) if abuse else None)
+        if w.wait() != 0 or (a is not None and a.wait() != 0):
+          raise RuntimeError(f"load worker failed ({name})")
+      phase = {"normal_requests": summarize(wout),
+               "peak_rss_mb": {str(p): v / 2**20 for p, v in rss.peak.items()}}
+      if abuse:
+        recs = json.load(open(aout))["records"]
+        by: dict = {}
+        for kind, code, _ in recs:
+          by.setdefault(kind, {}).setdefault(code, 0)
+          by[kind][code] += 1
+        phase["abusive_requests"] = {"sent": len(recs),
+                                     "accepted": sum(1 for _, c, _ in recs if c == "OK"),
+                                     "codes_by_kind": by}
+      out["phases"][name] = phase
+      print(f"[bench] abuse {name}: {json.dumps(phase)[:600]}", flush=True)
+  finally:
+    for p in procs:
+      p.stop()
+  p99 = {n: ph["normal_requests"]["latency_ms"]["p99"] for n, ph in out["phases"].items()}
+  idle = out["idle_rss_mb"]
+  out["summary"] = {
+      "abusive_sent": out["phases"]["with_abuse"]["abusive_requests"]["sent"],
+      "abusive_accepted": out["phases"]["with_abuse"]["abusive_requests"]["accepted"],
+      "peak_over_idle_rss_with_abuse": max(
+          out["phases"]["with_abuse"]["peak_rss_mb"][p] / idle[p] for p in idle),
+      "p99_ms": p99,
+      "p99_with_abuse_over_without": p99["with_abuse"] / ((p99["normal"] + p99["normal_after"]) / 2),
+      "wrong_answers": sum(ph["normal_requests"]["wrong"] for ph in out["phases"].values())}
+  return out
+
+
 def main(argv) -> None:
   del argv
   if _WORKER.value:
     worker()
+    return
+  if _ABUSE.value:
+    os.makedirs(_WORK.value, exist_ok=True)
+    load_before = open("/proc/loadavg").read().split()[:3]
+    res = measure_abuse(int(_SHARDS.value[0]), _DB.value, _WORK.value)
+    res["settings"] = {"db": _DB.value, "num_queries": _NQ.value, "k": _K.value,
+                       "concurrency": _CONC.value, "seconds_per_phase": _SECONDS.value,
+                       "timeout_s": _TIMEOUT.value}
+    res["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                      "loadavg_before": load_before,
+                      "loadavg_after": open("/proc/loadavg").read().split()[:3],
+                      "note": "shared, loaded 2-core machine: compare ratios within this run"}
+    res["measured_at_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    os.makedirs(os.path.dirname(_ABUSE_OUT.value), exist_ok=True)
+    with open(_ABUSE_OUT.value, "w") as f:
+      json.dump(res, f, indent=1)
+    print(json.dumps(res["summary"], indent=1))
     return
   os.makedirs(_WORK.value, exist_ok=True)
   load_before = open("/proc/loadavg").read().split()[:3]
