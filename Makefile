@@ -55,10 +55,18 @@ bench-generate: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m bench.generate_speed
 
 # Retrieval service on loopback: 2 and 4 shard processes, p50/p99 and QPS, a shard killed under
-# load (re-sharded ScaNN copies of runs/db_fresh built once in /tmp; a few minutes).
+# load (re-sharded ScaNN copies of runs/db_fresh built once in /tmp; a few minutes); then the same
+# load with requests beyond the shards' bounds mixed in (bench/results/service_abuse.json).
 .PHONY: bench-service
 bench-service: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m bench.service_latency --db=runs/db_fresh
+	JAX_PLATFORMS=cpu $(PY) -m bench.service_latency --db=runs/db_fresh --abuse --shards=2 \
+	    --seconds=10 --num_queries=500
+
+# What verifying shards on read costs per GB (bench/results/verify_on_read.json).
+.PHONY: bench-verify
+bench-verify: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m bench.verify_on_read --db=runs/default_db
 
 aot: $(STAMP)
 	PY=$(PY) bash bench/aot_all.sh
