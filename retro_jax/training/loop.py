@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -189,11 +190,21 @@ def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) ->
     jax.distributed.initialize()
   lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
   quiet = _QuietDiskFull()
-  handlers = std_logging.getLogger().handlers
+  # absl's root handler hands records to its inner handler without applying its own filters.
+  handlers = [x for h in std_logging.getLogger().handlers
+              for x in (h, getattr(h, "_current_handler", None)) if x is not None]
   for h in handlers:
     h.addFilter(quiet)
   try:
     return _run(c, workdir, progress=progress)
+  except CheckpointWriteError:
+    # orbax's and tensorboard's background writers report the full disk again as the process
+    # ends (asyncio's "exception was never retrieved", atexit flushes): keep those quiet too.
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if (errors.is_disk_full(u.exc_value) or "Event loop is "
+                                            "closed" in str(u.exc_value)) else previous_hook(u)
+    handlers = []
+    raise
   finally:
     for h in handlers:
       h.removeFilter(quiet)
@@ -363,14 +374,24 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
       if not errors.is_disk_full(e):
         raise
       failed.append(e)
-    writer.close()
+    try:
+      writer.close()
+    except Exception as e:  # noqa: BLE001
+      if not errors.is_disk_full(e):
+        raise
+      failed.append(e)
     signal.signal(signal.SIGTERM, old_handler)
   if failed:
+    # (orbax's writers may still be running; a temporary directory they leave is removed when
+    # the run is restarted, before anything else is written.)
     _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)
     reason = next((str(x) for e in failed for x in (e, e.__cause__, e.__context__)
                    if isinstance(x, OSError)), str(failed[0]))
+    finished = [int(p.name) for p in (workdir / ckpt_lib.CHECKPOINTS).iterdir()
+                if p.name.isdigit()]
     raise CheckpointWriteError(
-        f"could not write a checkpoint to {workdir / ckpt_lib.CHECKPOINTS} near step {step} "
-        f"({reason}); its partial files were removed and the last good checkpoint is step "
-        f"{last_good}: free space and rerun the same command to resume") from None
+        f"the disk of {workdir} filled up near step {step} ({reason[:300]}); the partial "
+        f"checkpoint is discarded (on the rerun at the latest) and the last good checkpoint is "
+        f"{f'step {max(finished)}' if finished else 'none'}: free space and rerun the same "
+        f"command to resume") from None
   return last
