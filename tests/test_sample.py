@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -164,7 +165,8 @@ def _write_checkpoint(workdir, model, config, db):
   from retro_jax.training import checkpoint as ckpt
   mngr = ckpt.manager(workdir / ckpt.CHECKPOINTS, async_save=False)
   meta = {"model_config": config.to_dict(), "db": str(db), "step": 7}
-  ckpt.save(mngr, 7, nnx.state(model), {"count": np.zeros((), np.int32)}, None, meta)
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  ckpt.save(mngr, 7, nnx.state((model, optimizer)), None, meta)
   mngr.wait_until_finished()
 
 
