@@ -9,8 +9,8 @@ score reaches the exact 10th score of the query's non-own-document chunks) again
 with the same exclusion. Also timed: the raw index calls alone (per-shard faiss `index.search` on
 every shard; `GlobalIndex.search`: route, scan, int8 rerank, merge), without the exclusion.
 Every setting is timed once per round, rounds alternate, medians of `--repeats` are reported (the
-machine is shared: compare within a run). Builds DB/index/global first if missing (the database
-is modified: pass a copy). Writes bench/results/global_index_default.json.
+machine is shared: compare within a run). Builds DB/index/global (and today's DB/index/faiss)
+first if missing (the database is modified: pass a copy). Writes bench/results/global_index_default.json.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from retro_jax.db import layout  # noqa: E402
 from retro_jax.db.chunk_store import ChunkStore  # noqa: E402
 from retro_jax.retrieval import build_index as build_index_lib  # noqa: E402
+from retro_jax.retrieval import index as index_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
 
 _DB = flags.DEFINE_string("db", None, "A copy of the default store (DB/index/global is added).")
@@ -72,6 +74,10 @@ def main(argv):
   built_now = not build_index_lib.global_index_done(db)
   manifest = build_index_lib.build_global_index(db)
   build_s = time.perf_counter() - t0 if built_now else manifest["build_seconds"]["total"]
+  if not build_index_lib.shard_is_done(  # today's per-shard faiss index, built if missing
+      str(layout.index_shard_dir(layout.index_dir(db, "faiss"), 0)),
+      index_lib.IndexConfig(backend="faiss"), 0):
+    build_index_lib.build_index(db, index_lib.IndexConfig(backend="faiss"))
   rng = np.random.default_rng(0)
   qids = np.sort(rng.choice(n, _NQ.value, replace=False))
   queries_QxD = db_NxD[qids]
