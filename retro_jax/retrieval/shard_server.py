@@ -263,6 +263,15 @@ class ShardProcess:
         self.kill()
 
 
+def served_shards(db_dir: str, backend: str | None = None) -> list[int]:
+  """The `--shard` numbers that together serve the database: the global index's serving shards,
+  or one per embeddings shard for the per-shard backends."""
+  if retriever_lib.db_backend(db_dir, backend) == GLOBAL:
+    manifest = global_lib.read_manifest(global_lib.index_dir(db_dir))
+    return [int(s["shard"]) for s in manifest["serving_shards"]]
+  return [i for i, _, _ in retriever_lib.db_embedding_shards(db_dir)]
+
+
 def start_shards(db_dir: str, shards: Sequence[int], workdir: str, host: str = "127.0.0.1",
                  backend: str | None = None, index_root: str | None = None,
                  extra_flags: Sequence[str] = (), timeout_s: float = 300.0,
