@@ -182,3 +182,12 @@ def test_service_serves_partitions_with_the_in_process_answer(db, store, emb, tm
   finally:
     for p in procs:
       p.stop()
+
+
+def test_build_is_deterministic(db, tmp_path):
+  """The same sources and seed give byte-identical index files."""
+  sources = retriever_lib.db_global_sources(db)
+  global_lib.build(sources, tmp_path / "again", CONFIG)
+  a = global_lib.read_manifest(global_lib.index_dir(db))["files"]
+  b = global_lib.read_manifest(tmp_path / "again")["files"]
+  assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
