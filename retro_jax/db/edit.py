@@ -3,7 +3,9 @@ r"""Edit a built retrieval database without retraining: add documents, remove do
 Add (any corpus spec of retro_jax/db/corpus.py): the new documents become one new
 chunk-store shard (doc ids and chunk ids continue after the existing ones; held out by the store's
 own hash rule), then its embeddings (the database's embedder, checked against embedder.json), its
-index shard (the backend and settings of the existing shard 0, size-dependent ones re-derived) and
+index (the global index: its vectors encoded with the trained partitioner and quantizer into the
+serving shards of their partitions; a per-shard backend: a new index shard with the settings of
+shard 0, size-dependent ones re-derived) and
 the training neighbours of its chunks (searched over every shard). Existing shards are not touched:
 their training neighbours keep pointing at the old documents (recompute them with
 `python -m retro_jax.build_db --stages=neighbours` after deleting DB/neighbours/ if that matters); retrieval at
