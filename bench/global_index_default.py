@@ -130,7 +130,9 @@ def main(argv):
       "recall": "tie-aware recall@10 vs exact float32 search, own document excluded",
       "global_index": {
           "factory": manifest["factory"], "config": manifest["config"],
-          "build_seconds": build_s,
+          "build_seconds": build_s, "build_phases_seconds": manifest["build_seconds"],
+          "encode_vectors_per_second": n / manifest["build_seconds"]["encode"],
+          "build_threads": manifest["config"]["training_threads"],
           "ram_bytes_per_vector": g.memory_bytes() / n,
           "disk_bytes_per_vector": sum(index_bytes.values()) / n,
           "rerank_int8_bytes_per_vector": sum(v for f, v in index_bytes.items()
