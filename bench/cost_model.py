@@ -87,7 +87,7 @@ def main(argv):
   row("neighbours (k=2, end to end)", nb_rate, "queries/s per core",
       "global_index_default.json end-to-end QPS at recall@10 >= 0.95 / 2 threads, divided by the "
       f"scaling run's QPS drop from {scaling['sizes'][0]['num_vectors']:,} to "
-      f"{big['num_vectors']:,} vectors ({slow:.2f}x), held flat beyond 10M", search_s)
+      f"{big['num_vectors']:,} vectors ({slow:.2f}x), held flat beyond", search_s)
 
   # Pessimistic: partitions keep growing as sqrt(N) (nlist ~ 2 sqrt(N)) at a fixed nprobe, so the
   # codes scanned per query grow as sqrt(N / 10M) from the largest measured size.

@@ -152,6 +152,7 @@ def plot(report, path):
                  for p in pts], "o-")
   ax[0].set(xscale="log", xlabel="vectors", ylabel="QPS at recall@10 >= 0.9",
             title="QPS (2 threads, shared machine)")
+  ax[0].set_ylim(bottom=0)
   ax[1].plot(n, [p["ram_bytes_per_vector"] for p in pts], "o-", label="RAM")
   ax[1].plot(n, [p["disk_bytes_per_vector"] for p in pts], "s-", label="disk (with int8 rerank)")
   ax[1].set(xscale="log", yscale="log", xlabel="vectors", ylabel="bytes / vector",
