@@ -49,6 +49,16 @@ bench-embed: $(STAMP)
 bench-ann: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m bench.ann_recall
 
+# The global index: end to end beside the per-shard faiss index on a copy of the default store
+# (bench/results/global_index_default.json), then its scaling from 200k to 10M vectors (the real
+# embeddings, then noisy copies; bench/results/global_index_scaling.json and
+# docs/global_index_scaling.png; about an hour on 2 cores).
+.PHONY: bench-index
+bench-index: db
+	rm -rf runs/bench_index_db && cp -r runs/default_db runs/bench_index_db
+	JAX_PLATFORMS=cpu $(PY) -m bench.global_index_default --db=runs/bench_index_db
+	JAX_PLATFORMS=cpu $(PY) -m bench.global_index_scaling --embeddings='runs/default_db/embeddings/shard-*.npy'
+
 # Generation tokens/s, KV cache vs full recompute, retrieval on runs/db_fresh (a few minutes).
 .PHONY: bench-generate
 bench-generate: $(STAMP)

@@ -42,7 +42,7 @@ def main(argv):
   report = {"workdir": FLAGS.workdir, "db": db, "backend": retriever_lib.db_backend(db),
             "seq_len": FLAGS.seq_len, "stride": FLAGS.stride, "results": {}}
   exact = None
-  shards = list(range(len(retriever_lib.embedding_paths(db))))
+  shards = serve_lib.served_shards(db)
   with tempfile.TemporaryDirectory() as tmp:
     procs = serve_lib.start_shards(db, shards, tmp)
     try:

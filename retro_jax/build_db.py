@@ -30,7 +30,7 @@ flags.DEFINE_list("stages", list(build.STAGES),
                   f"stages to run, in order, from {build.STAGES} (+ 'finalize')")
 flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "embedder matmul dtype")
 flags.DEFINE_integer("embed_batch_size", 32, "embedder rows per forward call")
-flags.DEFINE_enum("backend", index_lib.DEFAULT_BACKEND, list(index_lib.BACKENDS), "index backend")
+flags.DEFINE_enum("backend", index_lib.GLOBAL_BACKEND, list(index_lib.ALL_BACKENDS), "index backend")
 flags.DEFINE_integer("k", 2, "training neighbours per chunk")
 flags.DEFINE_bool("rebuild", False, "rebuild a finished stage whose recorded settings, tokenizer "
                   "or inputs differ from this run's (default: stop with an error naming them)")

@@ -21,7 +21,7 @@ flags.DEFINE_bool("upsert", False, "with --add: replace documents whose key alre
 flags.DEFINE_list("remove_docs", [], "global document ids to remove")
 flags.DEFINE_list("remove_keys", [], "document keys to remove")
 flags.DEFINE_string("note", "", "free text recorded with a removal request")
-flags.DEFINE_enum("backend", None, list(index_lib.BACKENDS),
+flags.DEFINE_enum("backend", None, list(index_lib.ALL_BACKENDS),
                   "index backend to update (default: the one built)")
 flags.DEFINE_integer("embed_batch_size", 32, "embedder rows per forward call")
 

@@ -59,6 +59,8 @@ def _embeddings_done(db: pathlib.Path, shards) -> bool:
 
 
 def _index_done(db: pathlib.Path, backend: str, shards) -> bool:
+  if backend == index_lib.GLOBAL_BACKEND:
+    return build_index_lib.global_index_done(str(db))
   return all((layout.index_shard_dir(layout.index_dir(db, backend), s) / index_lib.MANIFEST).exists()
              for s, _, _ in shards)
 
@@ -121,6 +123,10 @@ def build_index_shards(db: pathlib.Path, backend: str, shard_index: int = 0,
   if want - have or len(have) != len(_my_store_shards(db, 0, 1)):
     raise BuildError(f"{db}/embeddings lacks shards {sorted(want - have) or 'of other hosts'}; "
                      "run the embeddings stage (on every host) first.")
+  if backend == index_lib.GLOBAL_BACKEND:  # one index over every shard, built once
+    if shard_index == 0:
+      build_index_lib.build_global_index(str(db))
+    return [str(layout.index_dir(db, backend))]
   return build_index_lib.build_index(str(db), index_lib.IndexConfig(backend=backend),
                                      shard_index=shard_index, num_shards=num_shards)
 
@@ -145,7 +151,7 @@ _RUNNERS: dict[str, Callable[[pathlib.Path, dict[str, Any]], None]] = {
 # embed_batch_size 32: the fastest of 16 / 32 / 64 in bench/embed_throughput.py.
 DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None, chunk_size=64,
                 docs_per_shard=4096, heldout_fraction=0.01, seed=0, embed_dtype="bfloat16",
-                embed_batch_size=32, backend=index_lib.DEFAULT_BACKEND, k=2, shard_index=0, num_shards=1)
+                embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2, shard_index=0, num_shards=1)
 
 
 def check_provenance(stage: str, db: pathlib.Path, cfg: dict[str, Any], rebuild: bool

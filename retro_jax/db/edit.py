@@ -3,7 +3,9 @@ r"""Edit a built retrieval database without retraining: add documents, remove do
 Add (any corpus spec of retro_jax/db/corpus.py): the new documents become one new
 chunk-store shard (doc ids and chunk ids continue after the existing ones; held out by the store's
 own hash rule), then its embeddings (the database's embedder, checked against embedder.json), its
-index shard (the backend and settings of the existing shard 0, size-dependent ones re-derived) and
+index (the global index: its vectors encoded with the trained partitioner and quantizer into the
+serving shards of their partitions; a per-shard backend: a new index shard with the settings of
+shard 0, size-dependent ones re-derived) and
 the training neighbours of its chunks (searched over every shard). Existing shards are not touched:
 their training neighbours keep pointing at the old documents (recompute them with
 `python -m retro_jax.build_db --stages=neighbours` after deleting DB/neighbours/ if that matters); retrieval at
@@ -45,6 +47,7 @@ from retro_jax.db import layout
 from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
+from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
@@ -185,6 +188,12 @@ def _finish_shard(db: pathlib.Path, shard: int, backend: str, embed_batch_size: 
   embedder = Embedder.load(max_length=info["max_length"], dtype=info["dtype"],
                            batch_size=embed_batch_size)
   out["embed"] = embed_lib.embed_chunk_store(db, embedder)  # Finished shards are skipped.
+  if backend == index_lib.GLOBAL_BACKEND:
+    # The trained partitioner and quantizer encode the new shard's vectors into the serving
+    # shards of their partitions (a finished add is recognised by the manifest's shard list).
+    manifest = build_index_lib.add_to_global_index(str(db))
+    out["index"] = {"index_dir": str(layout.index_dir(db, backend)), "count": manifest["count"]}
+    return _finish_neighbours(db, backend, store, out)
   config = _index_config(db, backend)
   [(_, emb_path, offset)] = retriever_lib.db_embedding_shards(str(db), lambda i: i == shard)
   shard_dir = str(layout.index_shard_dir(layout.index_dir(db, backend), shard))
@@ -196,6 +205,10 @@ def _finish_shard(db: pathlib.Path, shard: int, backend: str, embed_batch_size: 
   if not done:
     index_lib.build_shard(emb_path, offset, config, shard_dir)
   out["index"] = {"shard_dir": shard_dir, "built": not done}
+  return _finish_neighbours(db, backend, store, out)
+
+
+def _finish_neighbours(db: pathlib.Path, backend: str, store, out: dict) -> dict:
   if layout.neighbours_path(db, 0).exists():
     k = int(np.load(layout.neighbours_path(db, 0), mmap_mode="r").shape[1])
     out["neighbours"] = neighbours_lib.compute_neighbours(db, k=k, backend=backend, store=store)

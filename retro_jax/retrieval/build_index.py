@@ -1,4 +1,6 @@
-r"""Builds one index shard per embedding shard of a database, each serialised with a manifest.
+r"""Builds a database's index: the one global index (`build_global_index`, the default; see
+retro_jax/retrieval/global_index.py), or one index shard per embedding shard, each serialised with
+a manifest (`build_index`, the per-shard backends).
 
 Reads `DB/embeddings/shard-XXXXX.npy` (float32 [n, D], L2-normalised); writes
 `DB/index/<backend>/shard-XXXXX/` (searcher files + manifest.json). Global id offsets come from
@@ -17,6 +19,7 @@ from absl import logging
 from tqdm import tqdm
 
 from retro_jax.db import layout
+from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
 
@@ -58,3 +61,35 @@ def build_index(db_dir: str, config: index_lib.IndexConfig, out_dir: str | None 
       logging.info("Built %s in %.1f s.", out, time.time() - t0)
     done.append(out)
   return done
+
+
+def global_index_done(db_dir: str) -> bool:
+  """True when DB/index/global holds a finished index over every current embeddings shard."""
+  try:
+    return global_lib.is_built(global_lib.index_dir(db_dir),
+                               retriever_lib.db_global_sources(db_dir))
+  except index_lib.IndexError_:
+    return False
+
+
+def build_global_index(db_dir: str, config: global_lib.GlobalIndexConfig | None = None
+                       ) -> dict:
+  """Builds DB/index/global (retro_jax.retrieval.global_index) over every embeddings shard: one
+  partitioner and quantizer trained on a sample, every vector encoded once, shard by shard.
+  Kept when already built for the same shards; returns its manifest."""
+  sources = retriever_lib.db_global_sources(db_dir)
+  root = global_lib.index_dir(db_dir)
+  if global_lib.is_built(root, sources):
+    logging.info("Global index %s already built; skipping.", root)
+    return global_lib.read_manifest(root)
+  t0 = time.time()
+  manifest = global_lib.build(sources, root, config)
+  logging.info("Built global index %s (%d vectors) in %.1f s.", root, manifest["count"],
+               time.time() - t0)
+  return manifest
+
+
+def add_to_global_index(db_dir: str) -> dict:
+  """Encodes embeddings shards added since the global index was built (edit_db --add)."""
+  return global_lib.add_sources(global_lib.index_dir(db_dir),
+                                retriever_lib.db_global_sources(db_dir))

@@ -28,6 +28,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retro_jax.errors import UserError
+from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import service_pb2, service_pb2_grpc
 from retro_jax.retrieval.shard_server import CHANNEL_OPTIONS, SERVICE_NAME, Limits
 
@@ -160,7 +161,16 @@ class ServiceRetriever:
       warnings.warn(f"Retrieval service: shards not reachable at connect: {failures}",
                     PartialResultsWarning, stacklevel=2)
     up = sorted((c for c in self.clients if c.info is not None), key=lambda c: c.info.offset)
-    for a, b in zip(up, up[1:]):
+    glob = [c for c in up if c.info.backend == index_lib.GLOBAL_BACKEND]
+    if glob:  # serving shards of one global index: ids anywhere, one shard number each
+      if len(glob) != len(up) or len({c.info.index_sha256 for c in glob}) != 1:
+        raise ShardMismatchError("Serving shards of different indexes (or a global index mixed "
+                                 "with per-shard ones); serve one index.")
+      if len({c.info.shard for c in glob}) != len(glob):
+        raise ShardMismatchError("A serving shard of the global index is listed twice; serve "
+                                 "each shard once.")
+    ranged = [] if glob else up
+    for a, b in zip(ranged, ranged[1:]):
       if a.info.offset + a.info.count > b.info.offset:
         raise ShardMismatchError(f"Shards {a.shard} ({a.address}) and {b.shard} ({b.address}) "
                                  "cover overlapping chunk ids; serve each shard once.")
@@ -274,6 +284,8 @@ class ServiceRetriever:
       return (f"now serves shard {resp.shard.shard} [{resp.shard.offset}, "
               f"{resp.shard.offset + resp.shard.count}), connected as shard {c.info.shard}")
     ids = np.frombuffer(resp.ids, "<i8")
+    if resp.shard.backend == index_lib.GLOBAL_BACKEND:  # a serving shard's ids lie anywhere
+      return None
     lo, hi = int(resp.shard.offset), int(resp.shard.offset + resp.shard.count)
     bad = (ids >= 0) & ((ids < lo) | (ids >= hi))
     if bad.any():

@@ -40,6 +40,10 @@ BACKENDS = ("scann", "exact", "faiss")
 # faiss fast-scan IVF-PQ is the default (the ANN benchmark, docs/benchmarks.md, picks it); ScaNN
 # and the exact JAX backend sit behind the same interface.
 DEFAULT_BACKEND = "faiss"
+# Every index a database may hold: the per-shard backends above and the one global index
+# (retro_jax.retrieval.global_index, DB/index/global), the default for new databases.
+GLOBAL_BACKEND = "global"
+ALL_BACKENDS = BACKENDS + (GLOBAL_BACKEND,)
 
 
 class IndexError_(UserError, ValueError):  # noqa: N801 -- avoid shadowing the builtin IndexError.
@@ -158,6 +162,9 @@ class IndexShard:
   # True when `search` already returns exact float32 dot products against the stored embeddings
   # (the exact backend; ScaNN's float32 reorder), so the retriever may skip its own rescoring.
   exact_scores = False
+  # True: the shard holds exactly the ids [offset, offset + count) (the per-shard backends); the
+  # global index's serving shards hold their partitions' members instead.
+  contiguous_ids = True
 
   def __init__(self, embeddings_path: str, offset: int, config: IndexConfig):
     self.embeddings_path = embeddings_path
@@ -165,6 +172,10 @@ class IndexShard:
     self.offset = int(offset)
     self.count = int(self.embeddings_NxD.shape[0])
     self.config = config.resolved(self.count)
+
+  @property
+  def dim(self) -> int:
+    return int(self.embeddings_NxD.shape[1])
 
   def search(self, queries_QxD: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (local_ids_QxN int64, approximate scores_QxN float32); -1 ids pad missing slots."""

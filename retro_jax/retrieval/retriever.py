@@ -19,6 +19,7 @@ import numpy as np
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, verify
+from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
 
 DocIdsLike = np.ndarray | Sequence[np.ndarray] | Callable[[np.ndarray], np.ndarray] | None
@@ -106,15 +107,21 @@ def db_deleted_ranges(db_dir: str) -> np.ndarray:
   return chunk_store_lib.ChunkStore.open(db_dir).deleted_chunk_ranges()
 
 
+def db_global_sources(db_dir: str) -> list[global_lib.Source]:
+  """The embeddings shards as the global index reads them: (shard, float32 memmap, first id)."""
+  return [(i, index_lib.load_embeddings(p), off) for i, p, off in db_embedding_shards(db_dir)]
+
+
 def db_backend(db_dir: str, backend: str | None = None) -> str:
-  """`backend`, or the one the database was built with: DEFAULT_BACKEND if DB/index/ holds it,
-  else the only backend there."""
+  """`backend`, or the one the database was built with: the global index if DB/index/ holds it,
+  else DEFAULT_BACKEND if it is there, else the only backend there."""
   if backend:
     return backend
   root = os.path.join(db_dir, "index")
-  built = sorted(b for b in index_lib.BACKENDS if os.path.isdir(os.path.join(root, b)))
-  if index_lib.DEFAULT_BACKEND in built:
-    return index_lib.DEFAULT_BACKEND
+  built = sorted(b for b in index_lib.ALL_BACKENDS if os.path.isdir(os.path.join(root, b)))
+  for preferred in (global_lib.BACKEND, index_lib.DEFAULT_BACKEND):
+    if preferred in built:
+      return preferred
   if len(built) == 1:
     return built[0]
   if not built:
@@ -145,11 +152,12 @@ class Retriever:
                query_block: int = 512, rescore: bool | str = "auto",
                deleted_ranges: np.ndarray | None = None):
     self.shards = sorted(shards, key=lambda s: s.offset)
-    for a, b in zip(self.shards, self.shards[1:]):
+    ranged = [s for s in self.shards if s.contiguous_ids]
+    for a, b in zip(ranged, ranged[1:]):
       if a.offset + a.count > b.offset:
         raise ValueError(f"Index shards overlap: [{a.offset}, {a.offset + a.count}) and "
                          f"[{b.offset}, {b.offset + b.count}).")
-    dims = {s.embeddings_NxD.shape[1] for s in self.shards}
+    dims = {s.dim for s in self.shards}
     if len(dims) != 1:
       raise ValueError(f"Index shards have different embedding sizes {sorted(dims)}.")
     self.dim = dims.pop()
@@ -310,6 +318,8 @@ class Retriever:
     shards = db_embedding_shards(db_dir)
     if "deleted_ranges" not in kwargs:
       kwargs["deleted_ranges"] = db_deleted_ranges(db_dir)
+    if backend == global_lib.BACKEND:
+      return cls.from_global_index(db_dir, shards, **kwargs)
     out = str(layout.index_dir(db_dir, backend))
     r = cls.load([str(layout.index_shard_dir(out, i)) for i, _, _ in shards], [p for _, p, _ in shards], **kwargs)
     for s, (i, _, offset) in zip(r.shards, shards):
@@ -318,3 +328,23 @@ class Retriever:
             f"Index shard {layout.index_shard_dir(out, i)} was built for offset {s.offset} but the database "
             f"puts shard {i} at {offset}; rebuild it (build_db --stages=index).")
     return r
+
+  @classmethod
+  def from_global_index(cls, db_dir: str, shards: Sequence[tuple[int, str, int]] | None = None,
+                        serving: Sequence[int] | None = None, verify: bool = True,
+                        config_overrides: dict | None = None, **kwargs) -> "Retriever":
+    """The database's one global index (`DB/index/global`, retro_jax.retrieval.global_index):
+    one searcher per serving shard, each over its partitions (a query visits its nearest
+    partitions in any of them); `serving` limits it to those serving shards (what one service
+    process answers for)."""
+    root = global_lib.index_dir(db_dir)
+    index = global_lib.GlobalIndex(root, serving=serving, verify_files=verify,
+                                   nprobe=(config_overrides or {}).get("nprobe"))
+    shards = db_embedding_shards(db_dir) if shards is None else shards
+    built = [(e["shard"], e["offset"]) for e in index.manifest["embeddings_shards"]]
+    if built != [(i, off) for i, _, off in shards]:
+      raise index_lib.IndexError_(
+          f"The global index {root} covers embeddings shards (shard, first id) {built} but the "
+          f"database has {[(i, off) for i, _, off in shards]}; rebuild it (build_db "
+          "--stages=index) or, after `edit_db --add`, rerun the edit to encode the new shard.")
+    return cls([index.restricted([s]) for s in index.serving_ids], **kwargs)

@@ -17,7 +17,7 @@ flags.DEFINE_integer("shard", None, "index shard number to serve", required=True
 flags.DEFINE_string("host", "127.0.0.1", "interface to bind (default: loopback only)")
 flags.DEFINE_integer("port", 0, "port (0: a free one; see --port_file)")
 flags.DEFINE_string("port_file", None, "write {address, shard, pid} here once serving")
-flags.DEFINE_enum("backend", None, list(index_lib.BACKENDS),
+flags.DEFINE_enum("backend", None, list(index_lib.ALL_BACKENDS),
                   "index backend directory (default: the one built)")
 flags.DEFINE_string("index_root", None, "serve <index_root>/shard-XXXXX instead of "
                     "DB/index/<backend>/shard-XXXXX (embeddings and offset from its manifest)")

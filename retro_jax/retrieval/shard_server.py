@@ -19,6 +19,10 @@ process and merges, giving the same ids as the in-process `Retriever` over all s
 * Removed documents (`python -m retro_jax.edit_db --remove_docs=...` writes
   `DB/chunks/deletions.json`) take effect without a restart: the file is checked (stat) before every
   search and reloaded when it changed. A newly added shard needs its own process.
+* The global index (`DB/index/global`, the default): `--shard=S` serves serving shard S (its
+  partitions); each query is routed to its nearest partitions and answered from those this shard
+  holds (ShardInfo: offset 0, count = the vectors it holds, backend "global"); the client merges
+  the serving shards' answers as the in-process `Retriever` merges them.
 * `--index_root` serves a shard of another index directory (e.g. the benchmark's re-sharded copy);
   its embeddings are then the ones named in the shard's manifest, its offset the manifest's.
 SIGTERM / SIGINT: health goes NOT_SERVING, in-flight searches get 2 s to finish, the process exits.
@@ -46,11 +50,13 @@ from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.errors import UserError
+from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval import service_pb2, service_pb2_grpc
 
 SERVICE_NAME = "retro_jax.retrieval.ShardSearch"
+GLOBAL = index_lib.GLOBAL_BACKEND
 MAX_MESSAGE_BYTES = 256 << 20  # a 4096 x 384 float32 query block is 6 MiB (gRPC's default cap: 4)
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
@@ -99,6 +105,9 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
     self.db_dir, self.shard_number, self.address = str(db_dir), int(shard), address
     self.limits, self.overfetch = limits, overfetch
     self.store = chunk_store_lib.ChunkStore.open(self.db_dir)
+    if index_root is None and retriever_lib.db_backend(self.db_dir, backend) == GLOBAL:
+      self._init_global(overfetch, verify)
+      return
     if index_root is None:
       backend = retriever_lib.db_backend(self.db_dir, backend)
       found = retriever_lib.db_embedding_shards(self.db_dir, lambda i: i == self.shard_number)
@@ -129,6 +138,23 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
     self.deletions_sha256, self.num_deleted_docs = "", 0
     self._refresh_deletions()
 
+  def _init_global(self, overfetch: int, verify: bool) -> None:
+    """Serving shard `shard` of the global index: its partitions, every query routed to them."""
+    manifest = global_lib.read_manifest(global_lib.index_dir(self.db_dir))
+    have = [s["shard"] for s in manifest["serving_shards"]]
+    if self.shard_number not in have:
+      raise ServeError(f"The global index of {self.db_dir} has serving shards {have}; pick one of "
+                       "those for --shard.")
+    self.retriever = retriever_lib.Retriever.from_global_index(
+        self.db_dir, serving=[self.shard_number], verify=verify, doc_ids=self.store.doc_ids,
+        overfetch=overfetch)
+    self.index_shard = self.retriever.shards[0]
+    self.index_sha256 = layout.sha256_file(global_lib.index_dir(self.db_dir) / layout.MANIFEST)
+    self._lock = threading.Lock()
+    self._deletions_stat = None
+    self.deletions_sha256, self.num_deleted_docs = "", 0
+    self._refresh_deletions()
+
   # -- removed documents ------------------------------------------------------------------------
   def _refresh_deletions(self) -> None:
     """Reloads DB/chunks/deletions.json when its (mtime, size, inode) changed since the last look."""
@@ -152,7 +178,7 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
   def info(self) -> service_pb2.ShardInfo:
     return service_pb2.ShardInfo(
         shard=self.shard_number, offset=self.index_shard.offset, count=self.index_shard.count,
-        dim=self.retriever.dim, backend=self.index_shard.config.backend,
+        dim=self.retriever.dim, backend=getattr(self.index_shard.config, "backend", GLOBAL),
         index_sha256=self.index_sha256, num_deleted_docs=self.num_deleted_docs,
         deletions_sha256=self.deletions_sha256, address=self.address)
 
@@ -287,6 +313,15 @@ class ShardProcess:
         self.process.wait(timeout_s)
       except subprocess.TimeoutExpired:
         self.kill()
+
+
+def served_shards(db_dir: str, backend: str | None = None) -> list[int]:
+  """The `--shard` numbers that together serve the database: the global index's serving shards,
+  or one per embeddings shard for the per-shard backends."""
+  if retriever_lib.db_backend(db_dir, backend) == GLOBAL:
+    manifest = global_lib.read_manifest(global_lib.index_dir(db_dir))
+    return [int(s["shard"]) for s in manifest["serving_shards"]]
+  return [i for i, _, _ in retriever_lib.db_embedding_shards(db_dir)]
 
 
 def start_shards(db_dir: str, shards: Sequence[int], workdir: str, host: str = "127.0.0.1",

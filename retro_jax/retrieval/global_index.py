@@ -1,0 +1,480 @@
+"""One global index over the whole database: one partitioner, one quantizer, serving shards.
+
+faiss IVF-PQ fast-scan (4-bit PQ codes; the ANN benchmark in docs/benchmarks.md measures it against
+ScaNN) with one coarse quantizer (`nlist` partitions) and one product quantizer, both trained on a
+deterministic sample of the database's embeddings. Every vector is encoded once, streaming shard
+by shard (a block of rows at a time; the database is never in RAM), into the partition its
+nearest centroid names. Partitions are grouped into `S` serving shards (contiguous partition
+ranges); a query is routed to its `nprobe` nearest partitions, in whichever serving shards hold
+them, scanned there, and the best candidates of each serving shard are reranked against a compact
+int8 copy of the vectors kept on disk (memory-mapped, per embeddings shard), then merged.
+
+In RAM per vector: the PQ code (`pq_m / 2` bytes; 48 at the default `pq_m=96`), its int64 id
+(8 bytes) and the fast-scan block padding (each partition is stored in blocks of 32 codes): 61.9
+bytes at the default store's 60k vectors, less as partitions grow; no float32 copy. On disk per vector: the same, plus the int8
+rerank copy (D bytes: 384 for MiniLM). `GlobalIndex.memory_bytes()` reports the measured figure.
+
+Layout (`DB/index/global/`, written through `retro_jax.db.layout`: atomic writes, manifest last):
+
+    manifest.json                 config, counts, partition -> serving shard, sha256 of every file
+    trained.faiss                 the trained, empty index (coarse centroids + PQ codebooks)
+    serving/shard-XXXXX.faiss     serving shard s: the partitions [part_start, part_end)
+    rerank/shard-XXXXX.npy        int8 [chunks, D] copy of embeddings shard i (row = chunk id - offset)
+    rerank/scale.npy              float32 [D]: value = int8 * scale (per-dimension abs max / 127)
+
+Ids are int64 global chunk ids. To the `Retriever` (which adds the same-document exclusion,
+removed-document masking and the merge) each serving shard is one searcher, `GlobalIndex.restricted
+([s])`, over ids anywhere in `[0, N)`; its scores are the int8 rerank dot products (within ~1e-3 of
+the float32 ones), so the retriever skips its own float32 rescoring. One gRPC shard process serves
+one serving shard the same way, so the service's merged answer is the in-process one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+from etils import epath
+from faiss.contrib import clustering as faiss_clustering
+
+from retro_jax.db import layout
+from retro_jax.retrieval import index as index_lib
+
+BACKEND = index_lib.GLOBAL_BACKEND
+FORMAT_VERSION = 1
+TRAINED = "trained.faiss"
+SCALE = "scale.npy"
+BLOCK_ROWS = 65_536
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalIndexConfig:
+  """How the global index is trained and searched. None fields are derived from the size N."""
+  nlist: int | None = None          # partitions; default ~ 2 * sqrt(N), >= 39 points each
+  pq_m: int = 96                    # 4-bit PQ sub-quantizers: pq_m / 2 bytes per code
+  nprobe: int = 48                  # partitions scanned per query
+  rerank: int = 96                  # per serving shard, max(n, rerank) PQ candidates reranked
+  serving_shards: int | None = None  # default: ceil(N / vectors_per_serving_shard)
+  vectors_per_serving_shard: int = 1 << 28
+  train_sample: int = 131_072       # deterministic sample for k-means and PQ training
+  hnsw_quantizer_min_nlist: int = 2048  # from here on, an HNSW graph over the centroids routes
+  two_level_min_nlist: int = 1024   # from here on, k-means in two levels (sqrt(nlist) first)
+  kmeans_iters: int = 12
+  seed: int = 0
+  training_threads: int = 1         # 1 keeps the build repeatable on a busy machine
+
+  def resolved(self, n: int) -> "GlobalIndexConfig":
+    nlist = self.nlist or max(1, min(int(round(2 * math.sqrt(n))), n // 39 or 1))
+    shards = self.serving_shards or max(1, math.ceil(n / self.vectors_per_serving_shard))
+    return dataclasses.replace(self, nlist=nlist, serving_shards=min(shards, nlist))
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "GlobalIndexConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: (embeddings shard number, float32 [n, D] array-like (np.memmap or anything indexable
+# by slices and sorted int arrays), first global id).
+
+Source = tuple[int, Any, int]
+
+
+def sample_rows(sources: Sequence[Source], size: int, seed: int) -> np.ndarray:
+  """float32 [min(size, N), D]: rows drawn without replacement (fixed seed), read shard by shard."""
+  total = sum(int(s[1].shape[0]) for s in sources)
+  size = min(size, total)
+  rng = np.random.default_rng(seed)
+  picks = np.sort(rng.choice(total, size=size, replace=False)) if size < total else np.arange(total)
+  out = np.empty((size, sources[0][1].shape[1]), np.float32)
+  start, filled = 0, 0
+  for _, emb, _ in sources:
+    n = int(emb.shape[0])
+    mine = picks[(picks >= start) & (picks < start + n)] - start
+    for b in range(0, mine.size, BLOCK_ROWS):
+      rows = mine[b:b + BLOCK_ROWS]
+      out[filled:filled + rows.size] = np.asarray(emb[rows], np.float32)
+      filled += rows.size
+    start += n
+  return out
+
+
+def _threads(n: int):
+  class _Ctx:
+    def __enter__(self):
+      self.old = faiss.omp_get_max_threads()
+      faiss.omp_set_num_threads(n)
+
+    def __exit__(self, *a):
+      faiss.omp_set_num_threads(self.old)
+  return _Ctx()
+
+
+def _factory(dim: int, c: GlobalIndexConfig) -> str:
+  q = "_HNSW32" if c.nlist >= c.hnsw_quantizer_min_nlist else ""
+  return f"IVF{c.nlist}{q},PQ{c.pq_m}x4fs"
+
+
+def train(sources: Sequence[Source], config: GlobalIndexConfig):
+  """(trained empty faiss index, per-dimension int8 scale [D], resolved config)."""
+  n = sum(int(s[1].shape[0]) for s in sources)
+  c = config.resolved(n)
+  sample = sample_rows(sources, max(c.train_sample, 0), c.seed)
+  dim = sample.shape[1]
+  index = faiss.index_factory(dim, _factory(dim, c), faiss.METRIC_INNER_PRODUCT)
+  ivf = faiss.extract_index_ivf(index)
+  ivf.cp.niter = c.kmeans_iters
+  ivf.cp.seed = c.seed
+  ivf.cp.max_points_per_centroid = max(256, sample.shape[0] // max(c.nlist, 1) + 1)
+  with _threads(c.training_threads):
+    if c.nlist >= c.two_level_min_nlist:  # ~2 sqrt(nlist) distances per point, not nlist
+      cent, _ = faiss_clustering.two_level_clustering(
+          sample, int(round(math.sqrt(c.nlist))), c.nlist, clustering_niter=c.kmeans_iters,
+          seed=c.seed)
+      ivf.quantizer.add(np.ascontiguousarray(cent, np.float32))
+    index.train(sample)  # the PQ (the coarse quantizer is kept when already filled)
+  scale = (np.abs(sample).max(axis=0) / 127.0).astype(np.float32)
+  scale = np.maximum(scale, 1e-8)
+  return index, scale, c
+
+
+def to_int8(x_NxD: np.ndarray, scale_D: np.ndarray) -> np.ndarray:
+  return np.clip(np.rint(x_NxD / scale_D), -127, 127).astype(np.int8)
+
+
+def _partition_shard(nlist: int, shards: int) -> np.ndarray:
+  """int32 [nlist]: the serving shard of each partition (contiguous, equal partition ranges)."""
+  return (np.arange(nlist, dtype=np.int64) * shards // nlist).astype(np.int32)
+
+
+def _set_quantizer_search(index, nprobe: int) -> None:
+  q = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+  if isinstance(q, faiss.IndexHNSW):
+    q.hnsw.efSearch = max(64, 2 * nprobe)
+
+
+def encode_into(serving: list, trained, part_shard: np.ndarray, emb, offset: int,
+                rerank_path: epath.Path, scale_D: np.ndarray, threads: int = 1) -> None:
+  """Encodes one embeddings shard into the serving indexes (each vector to the serving shard of
+  its partition) and writes its int8 rerank copy, a block of rows at a time."""
+  n, dim = int(emb.shape[0]), int(emb.shape[1])
+  tmp = rerank_path.parent / (rerank_path.stem + ".tmp.npy")
+  rerank_path.parent.mkdir(parents=True, exist_ok=True)
+  out = np.lib.format.open_memmap(os.fspath(tmp), mode="w+", dtype=np.int8, shape=(n, dim))
+  quantizer = faiss.extract_index_ivf(trained).quantizer
+  with _threads(threads):
+    for a in range(0, n, BLOCK_ROWS):
+      x = np.ascontiguousarray(emb[a:a + BLOCK_ROWS], np.float32)
+      out[a:a + len(x)] = to_int8(x, scale_D)
+      ids = np.arange(offset + a, offset + a + len(x), dtype=np.int64)
+      if len(serving) == 1:
+        serving[0].add_with_ids(x, ids)
+        continue
+      _, assign = quantizer.search(x, 1)
+      owner = part_shard[assign[:, 0]]
+      for s in np.unique(owner):
+        m = owner == s
+        serving[s].add_with_ids(np.ascontiguousarray(x[m]), ids[m])
+  out.flush()
+  del out
+  os.replace(tmp, rerank_path)
+
+
+def memory_bytes(index) -> int:
+  """Bytes the inverted lists hold in RAM: codes (fast-scan blocks of `bbs`) and int64 ids."""
+  ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+  sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], np.int64)
+  bbs = getattr(ivf, "bbs", 1)
+  if bbs > 1:  # fast-scan: blocks of bbs codes, M2 / 2 bytes each
+    code_bytes = int(np.sum(-(-sizes // bbs) * bbs)) * ivf.M2 // 2
+  else:
+    code_bytes = int(sizes.sum()) * ivf.code_size
+  return code_bytes + int(sizes.sum()) * 8
+
+
+def _write_index(index, path: epath.Path) -> None:
+  layout.write_bytes_atomic(path, faiss.serialize_index(index).tobytes())
+
+
+def _read_index(path: epath.Path):
+  return faiss.deserialize_index(np.frombuffer(epath.Path(path).read_bytes(), np.uint8))
+
+
+def build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig | None = None,
+          progress: bool = False) -> dict[str, Any]:
+  """Trains on a sample, encodes every source once, writes `out_dir` (manifest last). Returns the
+  manifest (with `build_seconds` per phase)."""
+  out_dir = epath.Path(out_dir)
+  man_path = out_dir / layout.MANIFEST
+  if man_path.exists():
+    man_path.unlink()  # An unfinished rebuild is never mistaken for a finished index.
+  for sub in ("rerank", "serving"):
+    (out_dir / sub).mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  trained, scale, c = train(sources, config or GlobalIndexConfig())
+  t_train = time.perf_counter() - t0
+  _write_index(trained, out_dir / TRAINED)
+  layout.write_bytes_atomic(out_dir / "rerank" / SCALE, _npy_bytes(scale))
+  part_shard = _partition_shard(c.nlist, c.serving_shards)
+  serving = [faiss.clone_index(trained) for _ in range(c.serving_shards)]
+  t1 = time.perf_counter()
+  for i, emb, off in sources:
+    if progress:
+      print(f"  encoding embeddings shard {i} ({emb.shape[0]} rows)", flush=True)
+    encode_into(serving, trained, part_shard, emb, off, out_dir / "rerank" / f"{layout.shard_name(i)}.npy",
+                scale, c.training_threads)
+  t_encode = time.perf_counter() - t1
+  for s, idx in enumerate(serving):
+    _write_index(idx, out_dir / "serving" / f"{layout.shard_name(s)}.faiss")
+  manifest = _manifest(out_dir, c, sources, serving)
+  manifest["build_seconds"] = {"train": t_train, "encode": t_encode,
+                               "total": time.perf_counter() - t0}
+  layout.write_json_atomic(man_path, manifest)
+  return manifest
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  np.save(buf, a)
+  return buf.getvalue()
+
+
+def _manifest(out_dir: epath.Path, c: GlobalIndexConfig, sources: Sequence[Source],
+              serving: list) -> dict[str, Any]:
+  files = [TRAINED, f"rerank/{SCALE}"]
+  files += [f"serving/{layout.shard_name(s)}.faiss" for s in range(len(serving))]
+  files += [f"rerank/{layout.shard_name(i)}.npy" for i, _, _ in sources]
+  part_shard = _partition_shard(c.nlist, c.serving_shards)
+  n = sum(int(e.shape[0]) for _, e, _ in sources)
+  return {
+      "format_version": FORMAT_VERSION, "backend": BACKEND, "count": n,
+      "dim": int(sources[0][1].shape[1]), "config": c.to_json(),
+      "factory": _factory(int(sources[0][1].shape[1]), c),
+      "versions": index_lib.package_versions(),
+      "embeddings_shards": [{"shard": int(i), "offset": int(off), "count": int(e.shape[0])}
+                            for i, e, off in sources],
+      "serving_shards": [{"shard": s, "part_start": int(np.searchsorted(part_shard, s)),
+                          "part_end": int(np.searchsorted(part_shard, s, side="right")),
+                          "count": int(idx.ntotal), "ram_bytes": memory_bytes(idx)}
+                         for s, idx in enumerate(serving)],
+      "files": {f: {"sha256": layout.sha256_file(out_dir / f),
+                    "bytes": (out_dir / f).stat().length} for f in files},
+  }
+
+
+def read_manifest(index_dir) -> dict[str, Any]:
+  path = epath.Path(index_dir) / layout.MANIFEST
+  if not path.exists():
+    raise index_lib.IndexError_(
+        f"Global index manifest {path} is missing: the index was never built or its build was "
+        "interrupted; rerun `python -m retro_jax.build_db --stages=index`.")
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise index_lib.IndexError_(f"Global index manifest {path} is corrupt ({e}); rebuild it.")
+
+
+def verify(index_dir, manifest: dict[str, Any] | None = None) -> None:
+  index_dir = epath.Path(index_dir)
+  manifest = manifest or read_manifest(index_dir)
+  fix = "rerun `python -m retro_jax.build_db --stages=index`"
+  for name, rec in manifest["files"].items():
+    path = index_dir / name
+    if not path.exists():
+      raise index_lib.IndexError_(f"Global index file {path} is missing; {fix}.")
+    if path.stat().length != rec["bytes"] or layout.sha256_file(path) != rec["sha256"]:
+      raise index_lib.IndexError_(f"Global index file {path} is corrupt (sha256 mismatch with "
+                                  f"{index_dir / layout.MANIFEST}); {fix}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Search.
+
+
+class GlobalIndex(index_lib.IndexShard):
+  """The whole database (or serving shards of it) as one searcher over global ids `[0, N)`."""
+
+  exact_scores = True  # scores are the int8 rerank's; the retriever need not rescore
+  contiguous_ids = False  # a serving shard's ids are its partitions' members, anywhere in [0, N)
+
+  def __init__(self, index_dir, serving: Sequence[int] | None = None, verify_files: bool = True,
+               nprobe: int | None = None):
+    self.index_dir = epath.Path(index_dir)
+    self.manifest = read_manifest(self.index_dir)
+    if self.manifest.get("format_version") != FORMAT_VERSION:
+      raise index_lib.IndexError_(f"Global index {self.index_dir} has format version "
+                                  f"{self.manifest.get('format_version')}; rebuild it.")
+    if verify_files:
+      verify(self.index_dir, self.manifest)
+    self.config = GlobalIndexConfig.from_json(self.manifest["config"])
+    if nprobe:
+      self.config = dataclasses.replace(self.config, nprobe=nprobe)
+    self.offset, self.total = 0, int(self.manifest["count"])
+    self._dim = int(self.manifest["dim"])
+    trained = _read_index(self.index_dir / TRAINED)
+    self.quantizer = faiss.extract_index_ivf(trained).quantizer
+    self._trained = trained
+    _set_quantizer_search(trained, self.config.nprobe)
+    self.nlist = int(self.config.nlist)
+    self.part_shard = _partition_shard(self.nlist, int(self.config.serving_shards))
+    all_shards = [s["shard"] for s in self.manifest["serving_shards"]]
+    self.serving_ids = list(all_shards if serving is None else serving)
+    bad = sorted(set(self.serving_ids) - set(all_shards))
+    if bad:
+      raise index_lib.IndexError_(f"Global index {self.index_dir} has serving shards "
+                                  f"{all_shards}; {bad} do not exist.")
+    self.serving = {s: _read_index(self.index_dir / "serving" / f"{layout.shard_name(s)}.faiss")
+                    for s in self.serving_ids}
+    self._set_count()
+    self.scale_D = np.load(os.fspath(self.index_dir / "rerank" / SCALE)).astype(np.float32)
+    es = self.manifest["embeddings_shards"]
+    self._rr_offsets = np.array([e["offset"] for e in es], np.int64)
+    self._rr = [np.load(os.fspath(self.index_dir / "rerank" / f"{layout.shard_name(e['shard'])}.npy"),
+                        mmap_mode="r") for e in es]
+
+  @property
+  def dim(self) -> int:
+    return self._dim
+
+  def _set_count(self) -> None:
+    """`count`: the vectors this searcher holds (its serving shards'); ids span `[0, total)`."""
+    self.count = int(sum(self.serving[s].ntotal for s in self.serving_ids))
+
+  def restricted(self, serving: Sequence[int]) -> "GlobalIndex":
+    """The same index limited to these serving shards (shares the loaded files)."""
+    other = object.__new__(GlobalIndex)
+    other.__dict__.update(self.__dict__)
+    other.serving_ids = list(serving)
+    other.serving = {s: self.serving[s] for s in serving}
+    other._set_count()
+    return other
+
+  def memory_bytes(self) -> int:
+    return sum(memory_bytes(i) for i in self.serving.values())
+
+  def _nprobe(self, n: int) -> int:
+    """nprobe grows with the number of candidates asked for (the retriever's refills)."""
+    per_list = max(1.0, self.total / self.nlist)
+    need = math.ceil(2 * max(n, self.config.rerank) / per_list)
+    return int(min(self.nlist, max(self.config.nprobe, need)))
+
+  def route(self, queries_QxD: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(partition ids [Q, nprobe] int64, centroid scores [Q, nprobe]): where each query goes."""
+    nprobe = self._nprobe(n)
+    _set_quantizer_search(self._trained, nprobe)
+    dis, parts = self.quantizer.search(queries_QxD, nprobe)
+    return parts.astype(np.int64), dis.astype(np.float32)
+
+  def _scan(self, s: int, queries_QxD, parts_QxP, dis_QxP, r: int):
+    mask = (parts_QxP >= 0) & (self.part_shard[np.maximum(parts_QxP, 0)] == s)
+    if not mask.any():
+      return None
+    assign = np.ascontiguousarray(np.where(mask, parts_QxP, -1), np.int64)
+    dis = np.ascontiguousarray(dis_QxP, np.float32)
+    q, p = assign.shape
+    d_QxR = np.empty((q, r), np.float32)
+    i_QxR = np.empty((q, r), np.int64)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = p
+    idx = self.serving[s]
+    idx.search_preassigned_c(q, faiss.swig_ptr(queries_QxD), r, faiss.swig_ptr(assign),
+                             faiss.swig_ptr(dis), faiss.swig_ptr(d_QxR), faiss.swig_ptr(i_QxR),
+                             False, params)
+    return i_QxR
+
+  def rerank_scores(self, queries_QxD: np.ndarray, ids_QxR: np.ndarray) -> np.ndarray:
+    """float32 [Q, R]: dot products with the int8 copies of these ids (-inf where id < 0)."""
+    q, r = ids_QxR.shape
+    valid = ids_QxR >= 0
+    flat = np.where(valid, ids_QxR, 0).reshape(-1)
+    rows = np.empty((flat.size, self.dim), np.int8)
+    which = np.searchsorted(self._rr_offsets, flat, side="right") - 1
+    if len(self._rr) == 1:
+      rows[:] = self._rr[0][flat]
+    else:
+      for j in np.unique(which):
+        m = which == j
+        rows[m] = self._rr[j][flat[m] - self._rr_offsets[j]]
+    rows_QxRxD = rows.reshape(q, r, self.dim)
+    q_scaled = (queries_QxD * self.scale_D)[:, :, None]
+    scores = np.empty((q, r), np.float32)
+    for a in range(0, q, 64):  # blocks small enough for the cache: int8 -> float32, batched gemv
+      scores[a:a + 64] = np.matmul(rows_QxRxD[a:a + 64].astype(np.float32), q_scaled[a:a + 64])[..., 0]
+    return np.where(valid, scores, -np.inf).astype(np.float32)
+
+  def search_serving(self, s: int, queries_QxD, parts_QxP, dis_QxP, n: int):
+    """Serving shard s's best n (ids, int8-reranked scores) among its partitions in the route."""
+    r = max(n, self.config.rerank)
+    ids = self._scan(s, queries_QxD, parts_QxP, dis_QxP, r)
+    if ids is None:
+      q = queries_QxD.shape[0]
+      return np.full((q, n), -1, np.int64), np.full((q, n), -np.inf, np.float32)
+    return index_lib.top_k_rows(ids, self.rerank_scores(queries_QxD, ids), n)
+
+  def search(self, queries_QxD, n):
+    queries_QxD = np.ascontiguousarray(queries_QxD, np.float32)
+    parts, dis = self.route(queries_QxD, n)
+    got = [self.search_serving(s, queries_QxD, parts, dis, n) for s in self.serving_ids]
+    if len(got) == 1:
+      return got[0]
+    return index_lib.top_k_rows(np.concatenate([g[0] for g in got], 1),
+                                np.concatenate([g[1] for g in got], 1), n)
+
+
+def index_dir(db_dir) -> epath.Path:
+  """DB/index/global."""
+  return layout.index_dir(db_dir, BACKEND)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving-side state of a built index: is it built for these sources, add new sources.
+
+
+def is_built(root, sources: Sequence[Source]) -> bool:
+  """True when `root` has a manifest covering exactly these embeddings shards."""
+  if not (epath.Path(root) / layout.MANIFEST).exists():
+    return False
+  built = [(e["shard"], e["offset"], e["count"]) for e in read_manifest(root)["embeddings_shards"]]
+  return built == [(int(i), int(off), int(e.shape[0])) for i, e, off in sources]
+
+
+def add_sources(root, sources: Sequence[Source]) -> dict[str, Any]:
+  """Encodes the sources (all of the database's embeddings shards) that the built index does not
+  hold yet (documents added by `retro_jax.db.edit`) with the trained partitioner and quantizer:
+  each new vector goes to its partition's serving shard, whose file is rewritten atomically, then
+  the manifest (removed first, so an interrupted add is never mistaken for a finished index)."""
+  root = epath.Path(root)
+  manifest = read_manifest(root)
+  verify(root, manifest)
+  have = {e["shard"] for e in manifest["embeddings_shards"]}
+  new = [src for src in sources if src[0] not in have]
+  if not new:
+    return manifest
+  c = GlobalIndexConfig.from_json(manifest["config"])
+  trained = _read_index(root / TRAINED)
+  scale = np.load(os.fspath(root / "rerank" / SCALE)).astype(np.float32)
+  part_shard = _partition_shard(c.nlist, c.serving_shards)
+  serving = [_read_index(root / "serving" / f"{layout.shard_name(s['shard'])}.faiss")
+             for s in manifest["serving_shards"]]
+  for i, emb, off in new:
+    encode_into(serving, trained, part_shard, emb, off,
+                root / "rerank" / f"{layout.shard_name(i)}.npy", scale, c.training_threads)
+  (root / layout.MANIFEST).unlink()
+  for s, idx in enumerate(serving):
+    _write_index(idx, root / "serving" / f"{layout.shard_name(s)}.faiss")
+  done = sorted([src for src in sources if src[0] in have] + new, key=lambda t: t[2])
+  out = _manifest(root, c, done, serving)
+  out["build_seconds"] = manifest.get("build_seconds")
+  layout.write_json_atomic(root / layout.MANIFEST, out)
+  return out

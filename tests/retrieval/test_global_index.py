@@ -1,0 +1,193 @@
+"""The global index (retro_jax/retrieval/global_index.py) on a copy of the tiny real database.
+
+One partitioner and quantizer trained on a sample, every vector encoded once, partitions grouped
+into three serving shards: recall against exact search, routing to the nearest partitions only,
+the retriever and training neighbours through it, documents added and removed, corruption named,
+and the gRPC service giving the in-process answer.
+"""
+
+import dataclasses
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import corpus_path  # noqa: E402
+import tiny_db  # noqa: E402
+
+from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
+from retro_jax.db import edit as edit_db  # noqa: E402
+from retro_jax.db import neighbours as nb  # noqa: E402
+from retro_jax.retrieval import build_index as build_index_lib  # noqa: E402
+from retro_jax.retrieval import client as client_lib  # noqa: E402
+from retro_jax.retrieval import global_index as global_lib  # noqa: E402
+from retro_jax.retrieval import index as index_lib  # noqa: E402
+from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
+from retro_jax.retrieval import shard_server as serve_lib  # noqa: E402
+
+CONFIG = global_lib.GlobalIndexConfig(serving_shards=3, nprobe=4)
+
+
+def _copy_with_global(tmp_path_factory, name):
+  src = tiny_db.get(tmp_path_factory)[0]
+  dst = tmp_path_factory.mktemp(name) / "db"
+  shutil.copytree(src, dst)
+  build_index_lib.build_global_index(str(dst), CONFIG)
+  return str(dst)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+  return _copy_with_global(tmp_path_factory, "global")
+
+
+@pytest.fixture(scope="module")
+def store(db):
+  return chunk_store_lib.ChunkStore.open(db)
+
+
+@pytest.fixture(scope="module")
+def emb(db):
+  return np.concatenate([np.load(p) for p in retriever_lib.embedding_paths(db)])
+
+
+def exact_top(queries, emb_NxD, k, own_Q=None, doc_N=None):
+  s = queries @ emb_NxD.T
+  if own_Q is not None:
+    s[doc_N[None, :] == own_Q[:, None]] = -np.inf
+  return np.argsort(-s, axis=1, kind="stable")[:, :k], -np.sort(-s, axis=1)[:, :k]
+
+
+def test_layout_manifest_and_memory(db, emb):
+  root = global_lib.index_dir(db)
+  m = global_lib.read_manifest(root)
+  assert m["count"] == len(emb) and len(m["serving_shards"]) == 3
+  assert sum(s["count"] for s in m["serving_shards"]) == len(emb)
+  parts = [(s["part_start"], s["part_end"]) for s in m["serving_shards"]]
+  assert parts[0][0] == 0 and parts[-1][1] == m["config"]["nlist"]
+  assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+  assert {f"rerank/shard-{i:05d}.npy" for i in range(2)} <= set(m["files"])
+  rr = np.load(root / "rerank" / "shard-00000.npy", mmap_mode="r")
+  assert rr.dtype == np.int8 and rr.shape[1] == emb.shape[1]
+  g = global_lib.GlobalIndex(root)
+  # RAM: PQ codes (48 B at pq_m=96) + int64 id, plus fast-scan block padding (large for 500
+  # vectors in tiny partitions; the benchmarks report it at scale).
+  assert g.memory_bytes() >= len(emb) * (48 + 8)
+  assert retriever_lib.db_backend(db) == "global"
+
+
+def test_recall_against_exact(db, emb):
+  g = global_lib.GlobalIndex(global_lib.index_dir(db))
+  queries = emb[::5]
+  ids, scores = g.search(queries, 10)
+  assert ids.dtype == np.int64 and scores.dtype == np.float32
+  ref, _ = exact_top(queries, emb, 10)
+  true = np.einsum("qd,qkd->qk", queries, emb[ids])
+  recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, ref)])
+  assert recall >= 0.9, recall
+  assert np.abs(true - scores).max() < 0.02  # int8 rerank scores track the float32 ones
+
+
+def test_query_visits_only_its_nearest_partitions(db, emb):
+  g = global_lib.GlobalIndex(global_lib.index_dir(db), nprobe=1)
+  # A rerank pool small enough for one partition (nprobe grows to fill larger pools).
+  g.config = dataclasses.replace(g.config, rerank=5)
+  part_of = g.quantizer.assign(np.ascontiguousarray(emb), 1).ravel()
+  queries = emb[:40]
+  ids, _ = g.search(queries, 5)
+  home = g.quantizer.assign(np.ascontiguousarray(queries), 1).ravel()
+  valid = ids >= 0
+  assert valid.any()
+  assert np.all(part_of[ids[valid]] == np.repeat(home, 5).reshape(ids.shape)[valid])
+  # More partitions probed: answers from other partitions (and serving shards) appear.
+  wide = global_lib.GlobalIndex(global_lib.index_dir(db), nprobe=8)
+  wide.config = dataclasses.replace(wide.config, rerank=5)
+  ids8, _ = wide.search(queries, 5)
+  assert np.any(part_of[ids8] != home[:, None])
+
+
+def test_retriever_excludes_own_document_and_merges_serving_shards(db, store, emb):
+  r = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids)
+  assert len(r.shards) == 3 and r.size == len(emb)
+  queries, qids = emb[::7], np.arange(0, len(emb), 7)
+  own = store.doc_ids(qids)
+  ids, _ = r.search(queries, 5, own)
+  assert np.all(store.doc_ids(ids[ids >= 0]) != np.repeat(own, 5)[ids.ravel() >= 0])
+  doc_N = store.doc_ids(np.arange(len(emb)))
+  ref, _ = exact_top(queries, emb, 5, own, doc_N)
+  recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, ref)])
+  assert recall >= 0.9, recall
+
+
+def test_training_neighbours_through_the_global_index(tmp_path_factory, emb):
+  db = _copy_with_global(tmp_path_factory, "global_nbrs")
+  shutil.rmtree(os.path.join(db, "neighbours"))
+  nb.compute_neighbours(db, k=2)  # the backend the database holds: global
+  store = chunk_store_lib.ChunkStore.open(db)
+  got = np.concatenate([np.asarray(a) for a in nb.open_neighbours(db)[0]])
+  exact = retriever_lib.Retriever.from_embeddings(
+      retriever_lib.embedding_paths(db), config=index_lib.IndexConfig(backend="exact"),
+      doc_ids=store.doc_ids)
+  want = nb.search_block(exact, store, emb, np.arange(len(emb)), 2, store.heldout_doc_ids)
+  recall = np.mean([len(set(a) & set(b)) / 2 for a, b in zip(got, want)])
+  assert recall >= 0.9, recall
+
+
+def test_add_and_remove_documents(tmp_path_factory):
+  db = _copy_with_global(tmp_path_factory, "global_edit")
+  before = global_lib.read_manifest(global_lib.index_dir(db))["count"]
+  out = edit_db.add_documents(db, corpus_path.spec(python=2), backend="global")
+  store = chunk_store_lib.ChunkStore.open(db)
+  after = global_lib.read_manifest(global_lib.index_dir(db))
+  assert after["count"] == before + out["num_chunks"] == store.num_chunks
+  assert [e["shard"] for e in after["embeddings_shards"]] == [0, 1, 2]
+  new = np.load(retriever_lib.embedding_paths(db)[2])
+  r = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids)
+  ids, _ = r.search(new[:8], 1)
+  assert np.all(ids[:, 0] >= out["first_chunk_id"])  # each new chunk finds itself
+  doc = int(store.doc_ids([out["first_chunk_id"]])[0])
+  edit_db.remove_documents(db, [doc], backend="global")
+  a, b = chunk_store_lib.ChunkStore.open(db).doc_range(doc)
+  r = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids)
+  ids, _ = r.search(new[:8], 10)
+  assert not np.any((ids >= a) & (ids < b))
+
+
+def test_corrupt_serving_shard_is_named(tmp_path_factory):
+  db = _copy_with_global(tmp_path_factory, "global_corrupt")
+  path = global_lib.index_dir(db) / "serving" / "shard-00001.faiss"
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  path.write_bytes(bytes(data))
+  with pytest.raises(index_lib.IndexError_, match="shard-00001.faiss"):
+    retriever_lib.Retriever.from_db(db)
+
+
+def test_service_serves_partitions_with_the_in_process_answer(db, store, emb, tmp_path_factory):
+  procs = serve_lib.start_shards(db, [0, 1, 2], str(tmp_path_factory.mktemp("serve_global")))
+  try:
+    with client_lib.ServiceRetriever([p.address for p in procs], timeout_s=30.0) as service:
+      assert service.size == len(emb)
+      r = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids)
+      qids = np.arange(0, len(emb), 3)
+      own = store.doc_ids(qids)
+      want, want_s = r.search(emb[qids], 4, own)
+      got, got_s = service.search(emb[qids], 4, own)
+      np.testing.assert_array_equal(got, want)
+      np.testing.assert_allclose(got_s, want_s, rtol=1e-6)
+  finally:
+    for p in procs:
+      p.stop()
+
+
+def test_build_is_deterministic(db, tmp_path):
+  """The same sources and seed give byte-identical index files."""
+  sources = retriever_lib.db_global_sources(db)
+  global_lib.build(sources, tmp_path / "again", CONFIG)
+  a = global_lib.read_manifest(global_lib.index_dir(db))["files"]
+  b = global_lib.read_manifest(tmp_path / "again")["files"]
+  assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
