@@ -8,8 +8,8 @@ the same step are scored on the same held-out chunks (retro_jax.evaluation.bpb, 
 run's seq_len, stride seq_len - chunk so every scored chunk has its preceding chunk's neighbours),
 each difference with its 95% paired-bootstrap interval over documents
 (retro_jax.evaluation.controls). The gap (RETRO on - baseline, bpb) is fitted linearly against
-log10(training tokens) and the fit's zero crossing reported (`crossing_tokens`; None when the gap
-does not shrink). `--extra=LABEL:RETRO_DIR:BASELINE_DIR[:STEP]` adds a separately trained pair
+log10(training tokens) and the fit's zero crossing reported (`crossing_tokens`, with the
+direction the gap moves). `--extra=LABEL:RETRO_DIR:BASELINE_DIR[:STEP]` adds a separately trained pair
 (e.g. the demo's) as a labelled row, outside the fit.
 """
 import json
@@ -29,6 +29,7 @@ flags.DEFINE_string("baseline", None, "baseline workdir (same data and schedule)
 flags.DEFINE_string("db", None, "database (default: the RETRO run's)")
 flags.DEFINE_list("steps", [], "checkpoint steps present in both workdirs")
 flags.DEFINE_list("extra", [], "LABEL:RETRO_DIR:BASELINE_DIR[:STEP] pairs scored alongside")
+flags.DEFINE_list("modes", ["all"], "RETRO's modes at each step (on is needed for the gap)")
 flags.DEFINE_integer("stride", 0, "eval stride (0: seq_len - chunk size)")
 flags.DEFINE_integer("max_docs", None, "first N held-out documents only")
 flags.DEFINE_string("out", "bench/results/retro_gap_trend.json", "results JSON")
@@ -43,15 +44,21 @@ def _row(res: dict, tokens: int | None) -> dict:
           "differences": d}
 
 
-def _fit(rows: list[dict]) -> dict:
-  x = np.log10([r["train_tokens"] for r in rows])
-  y = np.array([r["differences"]["on-baseline"]["all"]["diff"] for r in rows])
-  slope, icpt = np.polyfit(x, y, 1)
-  crossing = 10 ** (-icpt / slope) if slope < 0 and icpt > 0 else None
+def fit_gap(tokens: list[float], gaps: list[float]) -> dict:
+  """Least squares gap = a + b * log10(tokens) and where it crosses zero (None if b == 0):
+  with b > 0 RETRO's lead shrinks and it falls behind past the crossing, with b < 0 it pulls
+  ahead past it."""
+  slope, icpt = np.polyfit(np.log10(tokens), gaps, 1)
+  crossing = float(10 ** (-icpt / slope)) if slope else None
   return {"model": "gap = a + b * log10(tokens)", "a": float(icpt), "b": float(slope),
-          "crossing_tokens": None if crossing is None else float(crossing),
-          "note": ("zero gap extrapolated at crossing_tokens" if crossing is not None else
-                   "the fitted gap does not shrink towards zero (or is already below it)")}
+          "crossing_tokens": crossing,
+          "direction": ("RETRO falls behind after the crossing" if slope > 0 else
+                        "RETRO pulls ahead after the crossing")}
+
+
+def _fit(rows: list[dict]) -> dict:
+  return fit_gap([r["train_tokens"] for r in rows],
+                 [r["differences"]["on-baseline"]["all"]["diff"] for r in rows])
 
 
 def main(argv):
@@ -72,18 +79,18 @@ def main(argv):
 
   def score(retro, base, step):
     res = ev.evaluate(retro, step=step, db=db, seq_len=seq, stride=f.stride, held=held,
-                      baseline=base, baseline_step=step, progress=False, keep_chunk_losses=False)
+                      baseline=base, baseline_step=step, progress=False, keep_chunk_losses=False,
+                      retrieval=modes)
     out["scored_tokens_without_retrieval"] = res["scored_tokens_without_retrieval"]
-    out["shuffled_same_document"] = res["shuffled_same_document"]
+    out["shuffled_same_document"] = res.get("shuffled_same_document")
     return res
 
+  modes = ev.parse_modes(f.modes)
+
   def show(label, row):
-    d = row["differences"]
-    print(f"{label}: on {row['bpb']['on']:.4f} off {row['bpb']['off']:.4f} shuffled "
-          f"{row['bpb']['shuffled']:.4f} baseline {row['bpb']['baseline']:.4f} | on-baseline "
-          f"{controls.format_diff(d['on-baseline']['all'])} on-shuffled "
-          f"{controls.format_diff(d['on-shuffled']['all'])} on-off "
-          f"{controls.format_diff(d['on-off']['all'])}", flush=True)
+    bpbs = " ".join(f"{m} {v:.4f}" for m, v in row["bpb"].items())
+    diffs = " ".join(f"{k} {controls.format_diff(v['all'])}" for k, v in row["differences"].items())
+    print(f"{label}: {bpbs} | {diffs}", flush=True)
 
   for spec in f.extra:
     label, retro, base, *step = spec.split(":")

@@ -83,8 +83,10 @@ DEMO_DIFFERENCES = (("RETRO[ON] - baseline", "on-baseline"), ("RETRO[ON] - RETRO
 
 def table(rows: list[tuple[str, dict]], differences: dict | None = None) -> str:
   """Rows (name, a `summarise` dict with "bins"); then the differences with 95% intervals."""
-  out = ["| model | neighbours | bpb, all chunks | bpb, alpha = 12.5% | bpb, overlap >= 50% |",
-         "|---|---|---|---|---|"]
+  counts = {b: v["chunks"] for b, v in rows[0][1].get("bins", {}).items()}
+  n_high = f" ({counts[HIGH]} chunks)" if HIGH in counts else ""
+  out = [f"| model | neighbours | bpb, all chunks | bpb, alpha = 12.5% | bpb, overlap >= 50%"
+         f"{n_high} |", "|---|---|---|---|---|"]
   for name, r in rows:
     kind = "on" if "ON" in name else "shuffled" if "SHUFFLED" in name else "off"
     high = r.get("bins", {}).get(HIGH, {}).get("bpb")
