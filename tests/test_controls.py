@@ -116,3 +116,13 @@ def test_paired_bootstrap_interval():
   bins = controls.compare(a, b, bytes_C, doc_C, np.linspace(0, 1, doc_C.size))
   assert set(bins) == {"all"} | {n for n, _, _ in controls.OVERLAP_BINS}
   assert sum(bins[n]["chunks"] for n, _, _ in controls.OVERLAP_BINS) == doc_C.size
+
+
+def test_stride_zero_gives_every_scored_chunk_its_preceding_chunks_neighbours():
+  lengths = [1, 63, 64, 65, 300, 1000, 2500]
+  assert ev.resolve_stride(256, 0, 64) == 192 and ev.resolve_stride(256, 128, 64) == 128
+  assert ev.scored_tokens_without_retrieval(lengths, 256, 192, 64) == 0.0
+  assert ev.scored_tokens_without_retrieval(lengths, 256, 128, 64) == 0.0
+  # Stride = window: the first chunk of every later window (63 of its 64 targets) goes without.
+  missing = ev.scored_tokens_without_retrieval(lengths, 256, 256, 64)
+  assert 0.2 < missing < 0.25
