@@ -116,6 +116,9 @@ def test_paired_bootstrap_interval():
   bins = controls.compare(a, b, bytes_C, doc_C, np.linspace(0, 1, doc_C.size))
   assert set(bins) == {"all"} | {n for n, _, _ in controls.OVERLAP_BINS}
   assert sum(bins[n]["chunks"] for n, _, _ in controls.OVERLAP_BINS) == doc_C.size
+  few = controls.paired_bootstrap(a, b, bytes_C, doc_C, doc_C < 3)  # 3 documents
+  assert few["docs"] == 3 and controls.format_diff(few).endswith("(3 docs, no interval)")
+  assert "[" in controls.format_diff(d)
 
 
 def test_stride_zero_gives_every_scored_chunk_its_preceding_chunks_neighbours():

@@ -132,9 +132,15 @@ def compare(loss_a_C: np.ndarray, loss_b_C: np.ndarray, bytes_C: np.ndarray, doc
   return out
 
 
+# Fewer documents than this: a resample over them says nothing; tables print no interval.
+MIN_DOCS_FOR_INTERVAL = 10
+
+
 def format_diff(d: dict, digits: int = 4) -> str:
-  """'-0.0123 [-0.0200, -0.0051]' (or 'n/a')."""
+  """'-0.0123 [-0.0200, -0.0051]', or '-0.0123 (3 docs, no interval)', or 'n/a'."""
   if d.get("diff") is None:
     return "n/a"
+  if d.get("docs", MIN_DOCS_FOR_INTERVAL) < MIN_DOCS_FOR_INTERVAL:
+    return f"{d['diff']:+.{digits}f} ({d['docs']} docs, no interval)"
   lo, hi = d["ci95"]
   return f"{d['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
