@@ -1,9 +1,11 @@
-r"""Bits-per-byte on held-out documents, retrieval on and off, with the paper's leakage filter.
+r"""Bits-per-byte on held-out documents, retrieval on / off / shuffled, with the leakage filter.
 
     python -m retro_jax.evaluate --workdir=runs/demo/retro [--seq_len=2048 --stride=1024] \
-        [--num_neighbours=2 --retrieval=both --db_fraction=1.0 --out=EVAL.json --plot=EVAL.png]
+        [--num_neighbours=2 --retrieval=on,off,shuffled --baseline=runs/demo/baseline] \
+        [--db_fraction=1.0 --out=EVAL.json --plot=EVAL.png]
 
-How documents, windows, retrieval and the filter work: retro_jax.evaluation.bpb.
+How documents, windows, retrieval and the filter work: retro_jax.evaluation.bpb; the shuffled
+control, overlap bins and bootstrap intervals: retro_jax.evaluation.controls.
 """
 import json
 import os
@@ -11,16 +13,21 @@ import os
 from absl import app, flags
 
 from retro_jax.errors import guard
-from retro_jax.evaluation import bpb
+from retro_jax.evaluation import bpb, controls
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "model directory (a training workdir)", required=True)
 flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 flags.DEFINE_string("db", None, "retrieval database (default: the one the model trained on)")
 flags.DEFINE_integer("seq_len", 2048, "window length in tokens")
-flags.DEFINE_integer("stride", 1024, "window stride in tokens")
+flags.DEFINE_integer("stride", 1024, "window stride in tokens (0: seq_len - chunk size, so every "
+                     "scored chunk gets its preceding chunk's neighbours)")
 flags.DEFINE_integer("num_neighbours", None, "neighbours per chunk (default: the model's)")
-flags.DEFINE_enum("retrieval", "both", ["both", "on", "off"], "retrieval modes to evaluate")
+flags.DEFINE_list("retrieval", ["all"], "modes to evaluate: all (= on,off,shuffled), both "
+                  "(= on,off), or a list of on / off / shuffled (another document's neighbours)")
+flags.DEFINE_string("baseline", None, "a baseline workdir scored on the same chunks (differences "
+                    "RETRO - baseline with intervals)")
+flags.DEFINE_integer("shuffle_seed", 0, "seed of the shuffled control's chunk pairing")
 flags.DEFINE_enum("retriever", "exact", list(bpb.RETRIEVERS),
                   "who finds the neighbours: exact search, the database's ANN index in-process, "
                   "or the gRPC retrieval service")
@@ -36,10 +43,15 @@ flags.DEFINE_string("plot", None, "PNG path (default next to the JSON)")
 def main(argv):
   del argv
   f = FLAGS
+  try:
+    modes = bpb.parse_modes(f.retrieval)
+  except bpb.EvalError as e:
+    raise app.UsageError(str(e)) from None
   res = bpb.evaluate(f.workdir, step=f.step, db=f.db, seq_len=f.seq_len, stride=f.stride,
-                     num_neighbours=f.num_neighbours, retrieval=f.retrieval,
+                     num_neighbours=f.num_neighbours, retrieval=modes,
                      db_fraction=f.db_fraction, batch_size=f.batch_size, max_docs=f.max_docs,
-                     retriever=f.retriever, service=f.service or (), backend=f.backend)
+                     retriever=f.retriever, service=f.service or (), backend=f.backend,
+                     baseline=f.baseline, shuffle_seed=f.shuffle_seed)
   out = f.out or os.path.join(f.workdir, "eval.json")
   with open(out, "w") as fh:
     json.dump(res, fh, indent=1)
@@ -47,7 +59,10 @@ def main(argv):
   bpb.plot({f"retrieval {m}": r for m, r in res["results"].items()}, plot_path,
            title=os.path.basename(os.path.normpath(f.workdir)))
   for m, r in res["results"].items():
-    print(f"retrieval {m}: bpb {r['bpb']:.4f}   bpb(alpha=12.5%) {bpb.bpb_at(r, 0.125):.4f}")
+    bins = "  ".join(f"{b} {v['bpb']:.4f}" for b, v in r["bins"].items() if v["bpb"] is not None)
+    print(f"{m:9s} bpb {r['bpb']:.4f}   bpb(alpha=12.5%) {bpb.bpb_at(r, 0.125):.4f}   {bins}")
+  for name, d in res["differences"].items():
+    print(f"{name:18s} {controls.format_diff(d['all'])} (95% interval, documents resampled)")
   print(f"wrote {out} and {plot_path}")
 
 

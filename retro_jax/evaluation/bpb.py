@@ -1,10 +1,15 @@
-r"""Bits-per-byte on held-out documents, retrieval on and off, with the paper's leakage filter.
+r"""Bits-per-byte on held-out documents, retrieval on / off / shuffled, with the leakage filter.
 
 Documents: the database's held-out documents (recorded in its manifest, never retrieved during
 training). Each is scored on its own in windows of `seq_len` tokens starting every `stride` tokens
 (the paper: 2048 / 1024): the first window scores all its tokens, each later one only the tokens no
 earlier window scored, so every token but the document's first is predicted once, with at least
-seq_len - stride tokens of context. Windows start on chunk boundaries.
+seq_len - stride tokens of context. Windows start on chunk boundaries. A scored token gets its
+preceding chunk's neighbours through CCA only if that chunk is in its window: with stride <=
+seq_len - chunk_size (`stride=0` picks seq_len - chunk_size) every scored chunk but each
+document's first has them; with stride = seq_len the first chunk of every later window (a quarter
+of the tokens at 256 / 64) is scored without retrieval. `scored_tokens_without_retrieval` reports
+the fraction (the documents' first chunks, which never have a preceding chunk, left out).
 
 Retrieval: for each held-out chunk, its 10 (or `num_neighbours`, if more) nearest chunks among
 training documents only (held-out documents, hence the chunk's own, and removed ones are excluded),
@@ -24,7 +29,14 @@ neighbour chunk plus its continuation, padding never matching), r(C) = s / chunk
 bpb(alpha) = sum of losses / sum of bytes over chunks with r(C) <= alpha. The filter depends on the
 data only, so models compared at the same alpha are scored on the same chunks.
 
-Output: JSON (bpb per mode, bpb(alpha) on a grid of alpha, chunk counts) and a PNG of bpb(alpha).
+Modes: `on` (each chunk's own neighbours), `off` (no neighbours: CCA is the identity), `shuffled`
+(each chunk gets the neighbours of a seeded random chunk of another held-out document, the control
+of retro_jax.evaluation.controls), and `baseline` (a second model, retrieval off). Every mode's bpb
+is also split by overlap bin (`controls.OVERLAP_BINS`), and every difference (on - off,
+on - shuffled, on - baseline, ...) gets a 95% interval from a paired bootstrap over documents.
+
+Output: JSON (bpb per mode, bpb(alpha) on a grid of alpha, chunk counts, bpb per overlap bin, the
+differences with intervals, each chunk's loss) and a PNG of bpb(alpha).
 """
 from __future__ import annotations
 
@@ -47,6 +59,7 @@ from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.neighbours import search_block
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
+from retro_jax.evaluation import controls
 from retro_jax.model.loss import token_nll
 from retro_jax.retrieval.client import ServiceRetriever
 from retro_jax.retrieval.retriever import Retriever, db_embedding_rows, db_embedding_shards
@@ -196,6 +209,26 @@ class Window:
   score_from: int  # first target index (absolute in the document) this window scores
 
 
+def resolve_stride(seq_len: int, stride: int, chunk_size: int) -> int:
+  """`stride`, or for 0 the largest that gives every scored chunk its preceding chunk's
+  neighbours: seq_len - chunk_size (seq_len when the window is a single chunk)."""
+  return stride if stride else max(chunk_size, seq_len - chunk_size)
+
+
+def scored_tokens_without_retrieval(doc_lengths: Sequence[int], seq_len: int, stride: int,
+                                    chunk_size: int) -> float:
+  """Fraction of the scored targets outside each document's first chunk whose window lacks the
+  preceding chunk (input position < chunk_size - 1: CCA gives it no neighbours)."""
+  m, missing, total = chunk_size, 0, 0
+  for w in make_windows(doc_lengths, seq_len, stride, chunk_size):
+    n = doc_lengths[w.doc]
+    lo, hi = max(0, w.score_from - w.start - 1), min(seq_len, n - 1 - w.start)
+    total += max(0, hi - lo) - (min(n - 1, m - 1) if w.start == 0 else 0)
+    if w.start > 0:
+      missing += max(0, min(hi, m - 1) - lo)
+  return missing / total if total else 0.0
+
+
 def make_windows(doc_lengths: Sequence[int], seq_len: int, stride: int, chunk_size: int
                  ) -> list[Window]:
   if stride <= 0 or stride > seq_len:
@@ -218,7 +251,11 @@ def make_windows(doc_lengths: Sequence[int], seq_len: int, stride: int, chunk_si
 
 
 def window_batch(held: HeldOut, wins: Sequence[Window], seq_len: int, chunk_size: int,
-                 num_neighbours: int, store, neighbour_len: int, pad_id: int, with_nbrs: bool):
+                 num_neighbours: int, store, neighbour_len: int, pad_id: int, with_nbrs: bool,
+                 neighbours_CxK: np.ndarray | None = None):
+  """One batch of windows; chunk c's neighbours are row c of `neighbours_CxK` (default: its own,
+  held.neighbours_CxK; the shuffled control passes another chunk's)."""
+  nbrs_CxK = held.neighbours_CxK if neighbours_CxK is None else neighbours_CxK
   B, T, m = len(wins), seq_len, chunk_size
   L = T // m
   inputs = np.full((B, T), pad_id, np.int32)
@@ -240,7 +277,7 @@ def window_batch(held: HeldOut, wins: Sequence[Window], seq_len: int, chunk_size
     for u in range(L):
       c = w.start // m + u
       if c < nchunks_doc:
-        nbr_ids[b, u] = held.neighbours_CxK[held.doc_first_row[w.doc] + c, :num_neighbours]
+        nbr_ids[b, u] = nbrs_CxK[held.doc_first_row[w.doc] + c, :num_neighbours]
   batch = {"inputs": inputs, "targets": targets, "scored": scored, "chunk_row": chunk_row}
   if with_nbrs:
     flat = nbr_ids.reshape(-1)
@@ -262,8 +299,9 @@ def make_loss_fn(model):
 
 def chunk_losses(model, cfg, held: HeldOut, store, *, seq_len: int, stride: int,
                  num_neighbours: int, retrieval: bool, batch_size: int = 8,
-                 progress: bool = True, desc: str = "eval") -> np.ndarray:
-  """Summed loss in nats of the targets in each held-out chunk."""
+                 progress: bool = True, desc: str = "eval",
+                 neighbours_CxK: np.ndarray | None = None) -> np.ndarray:
+  """Summed loss in nats of the targets in each held-out chunk (neighbours: `window_batch`)."""
   model.eval()
   wins = make_windows([len(t) for t in held.doc_tokens], seq_len, stride, cfg.chunk_size)
   if retrieval and not cfg.retrieval:
@@ -277,7 +315,7 @@ def chunk_losses(model, cfg, held: HeldOut, store, *, seq_len: int, stride: int,
     group = wins[i:i + batch_size]
     group = group + [group[-1]] * (batch_size - len(group))  # one compiled shape
     b = window_batch(held, group, seq_len, cfg.chunk_size, num_neighbours, store,
-                     cfg.neighbour_len, cfg.pad_id, retrieval)
+                     cfg.neighbour_len, cfg.pad_id, retrieval, neighbours_CxK)
     nll = loss_fn(b["inputs"], b["targets"], b.get("neighbours"))
     real = np.arange(batch_size) < len(wins[i:i + batch_size])
     sel = b["scored"] & real[:, None]
@@ -327,12 +365,43 @@ def plot(results: dict[str, dict], path: str, title: str = "", min_chunks: int =
   plt.close(fig)
 
 
+MODES = ("on", "off", "shuffled")
+MODE_SETS = {"all": MODES, "both": ("on", "off")}
+# The differences reported (a - b), when both modes were scored.
+DIFFERENCES = (("on", "off"), ("on", "shuffled"), ("shuffled", "off"), ("on", "baseline"),
+               ("off", "baseline"), ("shuffled", "baseline"))
+
+
+def parse_modes(retrieval: str | Sequence[str]) -> tuple[str, ...]:
+  """'all' | 'both' | one mode | a sequence of modes -> the modes, in MODES order."""
+  names = MODE_SETS.get(retrieval, (retrieval,)) if isinstance(retrieval, str) else retrieval
+  names = [m for n in names for m in MODE_SETS.get(n, (n,))]
+  bad = sorted(set(names) - set(MODES))
+  if bad or not names:
+    raise EvalError(f"retrieval={retrieval!r}; expected 'all', 'both' or modes of {MODES}.")
+  return tuple(m for m in MODES if m in names)
+
+
+def mode_neighbours(held: HeldOut, mode: str, shuffle_seed: int = 0) -> np.ndarray | None:
+  """int64 [C, K]: the neighbours chunk row c is given in `mode` (None for off): its own for on,
+  row perm[c]'s for shuffled (`controls.shuffled_rows`: a chunk of another held-out document)."""
+  if mode == "off":
+    return None
+  if mode == "on":
+    return held.neighbours_CxK
+  doc_C = controls.doc_of_row(held.doc_first_row, len(held.chunk_ids_C))
+  return held.neighbours_CxK[controls.shuffled_rows(doc_C, shuffle_seed)]
+
+
 def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_len: int = 2048,
-             stride: int = 1024, num_neighbours: int | None = None, retrieval: str = "both",
-             db_fraction: float = 1.0, batch_size: int = 8, max_docs: int | None = None,
-             held: HeldOut | None = None, progress: bool = True, retriever: str = "exact",
-             service: Sequence[str] = (), backend: str | None = None) -> dict[str, Any]:
-  """Evaluates the checkpoint at `path` (a workdir); returns the JSON-able results."""
+             stride: int = 1024, num_neighbours: int | None = None,
+             retrieval: str | Sequence[str] = "all", db_fraction: float = 1.0,
+             batch_size: int = 8, max_docs: int | None = None, held: HeldOut | None = None,
+             progress: bool = True, retriever: str = "exact", service: Sequence[str] = (),
+             backend: str | None = None, baseline: str | None = None, baseline_step: int | None = None,
+             shuffle_seed: int = 0, keep_chunk_losses: bool = True) -> dict[str, Any]:
+  """Evaluates the checkpoint at `path` (a workdir), and the `baseline` workdir's (retrieval off)
+  on the same chunks when given; returns the JSON-able results."""
   if num_neighbours is not None and num_neighbours < 1:
     raise EvalError(f"--num_neighbours={num_neighbours} must be >= 1 (omit it for the model's).")
   model, cfg, info = ckpt_lib.load_model(path, step)
@@ -340,9 +409,10 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
   verify.check_checkpoint_tokenizer(info.get("db_tokenizer"), info["db"], db, info["path"])
   store = chunk_store_lib.ChunkStore.open(db)
   k = num_neighbours or cfg.num_neighbours
-  modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[retrieval]
+  modes = parse_modes(retrieval)
   if not cfg.retrieval:
-    modes = ["off"]
+    modes = ("off",)
+  stride = resolve_stride(seq_len, stride, cfg.chunk_size)
   t0 = time.time()
   source = "precomputed HeldOut" if held is not None else retriever
   if held is None:
@@ -355,12 +425,36 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
          "seq_len": seq_len, "stride": stride, "num_neighbours": k,
          "retrieval_model": cfg.retrieval, "num_docs": len(held.doc_tokens),
          "num_chunks": int(len(held.chunk_ids_C)), "num_bytes": int(held.chunk_bytes_C.sum()),
-         "retrieve_seconds": t_retrieve, "results": {}}
+         "retrieve_seconds": t_retrieve, "shuffle_seed": shuffle_seed,
+         "scored_tokens_without_retrieval": scored_tokens_without_retrieval(
+             [len(t) for t in held.doc_tokens], seq_len, stride, cfg.chunk_size),
+         "overlap_bins": [list(b) for b in controls.OVERLAP_BINS], "results": {}}
+  doc_C = controls.doc_of_row(held.doc_first_row, len(held.chunk_ids_C))
+  if "shuffled" in modes:
+    out["shuffled_same_document"] = controls.same_document_fraction(
+        doc_C, controls.shuffled_rows(doc_C, shuffle_seed))
+  losses = {}
   for mode in modes:
-    losses = chunk_losses(model, cfg, held, store, seq_len=seq_len, stride=stride,
-                          num_neighbours=k, retrieval=mode == "on", batch_size=batch_size,
-                          progress=progress, desc=f"retrieval {mode}")
-    out["results"][mode] = summarise(losses, held)
+    losses[mode] = chunk_losses(model, cfg, held, store, seq_len=seq_len, stride=stride,
+                                num_neighbours=k, retrieval=mode != "off", batch_size=batch_size,
+                                progress=progress, desc=f"retrieval {mode}",
+                                neighbours_CxK=mode_neighbours(held, mode, shuffle_seed))
+  if baseline:
+    base_model, base_cfg, base_info = ckpt_lib.load_model(baseline, baseline_step)
+    out["baseline"] = {"checkpoint": base_info["path"], "step": base_info["step"]}
+    losses["baseline"] = chunk_losses(base_model, base_cfg, held, store, seq_len=seq_len,
+                                      stride=stride, num_neighbours=k, retrieval=False,
+                                      batch_size=batch_size, progress=progress, desc="baseline")
+  for mode, loss_C in losses.items():
+    out["results"][mode] = summarise(loss_C, held)
+    out["results"][mode]["bins"] = controls.bpb_by_bin(loss_C, held.chunk_bytes_C,
+                                                       held.leakage_C)
+  out["differences"] = {
+      f"{a}-{b}": controls.compare(losses[a], losses[b], held.chunk_bytes_C, doc_C,
+                                   held.leakage_C)
+      for a, b in DIFFERENCES if a in losses and b in losses}
+  if keep_chunk_losses:  # nats per chunk row, so that later runs can be compared to these
+    out["chunk_loss_nats"] = {m: np.round(v, 5).tolist() for m, v in losses.items()}
   return out
 
 

@@ -5,10 +5,16 @@ r"""The CPU demo (`make demo`): train a tiny RETRO and its baseline, evaluate bo
 On the database built by `make db`: trains experiments/tiny.py with retrieval (RETRO) and without
 (the baseline: same decoder, no CCA, no encoder) for the same steps and data, then scores both on
 the database's held-out documents (retro_jax.evaluation.bpb: bits-per-byte, windows of seq_len with
-stride seq_len (no overlap; --stride to change), the leakage filter with the 10 nearest training neighbours), and writes
-  OUT/results.json, OUT/results.md   the table: baseline, RETRO[OFF], RETRO[ON], each at alpha=100%
-                                     and 12.5%
-  OUT/leakage.png                    bpb(alpha) of the three
+stride seq_len - 64, so that every scored chunk but a document's first has its preceding chunk's
+neighbours (--stride to change), the leakage filter with the 10 nearest training neighbours), and
+writes
+  OUT/results.json, OUT/results.md   the table: baseline, RETRO[OFF], RETRO[SHUFFLED] (each chunk
+                                     given another held-out document's neighbours, the control of
+                                     retro_jax.evaluation.controls), RETRO[ON], each at alpha=100%
+                                     and 12.5% and on chunks with overlap >= 50%; and the
+                                     differences with 95% intervals (paired bootstrap over
+                                     documents)
+  OUT/leakage.png                    bpb(alpha) of the four
   OUT/loss.png                       training loss of both
 Every stage is restartable: a finished training run is not redone (its checkpoint is reused), a
 killed one resumes.
@@ -26,6 +32,7 @@ import numpy as np
 from experiments import tiny
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.evaluation import bpb as ev
+from retro_jax.evaluation import controls
 from retro_jax.evaluation.bpb import bpb_at
 from retro_jax.training import loop
 
@@ -68,11 +75,31 @@ def plot_losses(runs: dict[str, str], path: str) -> None:
   plt.close(fig)
 
 
-def table(rows: list[tuple[str, dict]]) -> str:
-  out = ["| model | retrieval | bpb, all chunks | bpb, alpha = 12.5% |", "|---|---|---|---|"]
+HIGH = controls.OVERLAP_BINS[-1][0]  # r >= 50%
+# (label, a, b) of the differences the demo prints, a - b in bpb (negative: a is better).
+DEMO_DIFFERENCES = (("RETRO[ON] - baseline", "on-baseline"), ("RETRO[ON] - RETRO[OFF]", "on-off"),
+                    ("RETRO[ON] - RETRO[SHUFFLED]", "on-shuffled"))
+
+
+def table(rows: list[tuple[str, dict]], differences: dict | None = None) -> str:
+  """Rows (name, a `summarise` dict with "bins"); then the differences with 95% intervals."""
+  counts = {b: v["chunks"] for b, v in rows[0][1].get("bins", {}).items()}
+  n_high = f" ({counts[HIGH]} chunks)" if HIGH in counts else ""
+  out = [f"| model | neighbours | bpb, all chunks | bpb, alpha = 12.5% | bpb, overlap >= 50%"
+         f"{n_high} |", "|---|---|---|---|---|"]
   for name, r in rows:
-    out.append(f"| {name} | {'on' if 'ON' in name else 'off'} | {r['bpb']:.4f} | "
-               f"{bpb_at(r, 0.125):.4f} |")
+    kind = "on" if "ON" in name else "shuffled" if "SHUFFLED" in name else "off"
+    high = r.get("bins", {}).get(HIGH, {}).get("bpb")
+    out.append(f"| {name} | {kind} | {r['bpb']:.4f} | {bpb_at(r, 0.125):.4f} | "
+               f"{'n/a' if high is None else f'{high:.4f}'} |")
+  if differences:
+    out += ["", "| difference (bpb, 95% interval) | all chunks | alpha <= 12.5% | overlap >= 50% |",
+            "|---|---|---|---|"]
+    low = controls.OVERLAP_BINS[0][0]
+    for label, key in DEMO_DIFFERENCES:
+      d = differences[key]
+      out.append(f"| {label} | {controls.format_diff(d['all'])} | "
+                 f"{controls.format_diff(d[low])} | {controls.format_diff(d[HIGH])} |")
   return "\n".join(out)
 
 
@@ -101,30 +128,36 @@ def run(db: str, out: str, *, steps: int | None = None, max_docs: int | None = N
   held = ev.load_heldout(store, db, neighbour_len=c.model_overrides.neighbour_len,
                          max_docs=max_docs)
   timings["retrieve_s"] = time.time() - t
-  # Stride = window length (no overlap) keeps the CPU demo inside its time budget; the paper's
-  # 2048 / 1024 is `python -m retro_jax.evaluate --seq_len=2048 --stride=1024`.
-  seq, stride = c.seq_len, stride or c.seq_len
+  # Stride = window length - one chunk: every scored chunk gets its preceding chunk's neighbours
+  # at 4/3 the cost of no overlap; the paper's 2048 / 1024 is
+  # `python -m retro_jax.evaluate --seq_len=2048 --stride=1024`.
+  seq = c.seq_len
+  stride = ev.resolve_stride(seq, stride or 0, c.model_overrides.chunk_size)
   t = time.time()
-  base = ev.evaluate(runs["baseline"], seq_len=seq, stride=stride, held=held, db=db)
-  retro = ev.evaluate(runs["RETRO"], seq_len=seq, stride=stride, held=held, db=db)
+  retro = ev.evaluate(runs["RETRO"], seq_len=seq, stride=stride, held=held, db=db,
+                      baseline=runs["baseline"])
   timings["evaluate_s"] = time.time() - t
-  rows = [("baseline", base["results"]["off"]), ("RETRO[OFF]", retro["results"]["off"]),
-          ("RETRO[ON]", retro["results"]["on"])]
+  res = retro["results"]
+  rows = [("baseline", res["baseline"]), ("RETRO[OFF]", res["off"]),
+          ("RETRO[SHUFFLED]", res["shuffled"]), ("RETRO[ON]", res["on"])]
   ev.plot({n: r for n, r in rows}, os.path.join(out, "leakage.png"),
           title="Held-out bpb against the leakage threshold alpha")
   plot_losses(runs, os.path.join(out, "loss.png"))
   timings["total_s"] = time.time() - t0
-  md = table(rows)
+  md = table(rows, retro["differences"])
   steps = c.total_steps
   header = (f"Tiny RETRO vs baseline, {steps} steps x {c.global_batch} x {c.seq_len} tokens each, "
             f"held-out: {held.chunk_ids_C.size} chunks of {len(held.doc_tokens)} documents "
-            f"({int(held.chunk_bytes_C.sum())} bytes); eval windows {seq}, stride {stride}.")
+            f"({int(held.chunk_bytes_C.sum())} bytes); eval windows {seq}, stride {stride}; "
+            f"intervals: paired bootstrap over documents.")
   summary = {"table": {n: {"bpb": r["bpb"], "bpb_alpha_12.5": ev.bpb_at(r, 0.125),
-                           "chunks_alpha_12.5": r["chunks_alpha"]["0.1250"]} for n, r in rows},
+                           "chunks_alpha_12.5": r["chunks_alpha"]["0.1250"],
+                           "bins": r["bins"]} for n, r in rows},
+             "differences": {label: retro["differences"][key] for label, key in DEMO_DIFFERENCES},
              "final_train_loss": {k: _loss_curve(runs[k])[1][-1] for k in runs},
              "num_chunks": int(held.chunk_ids_C.size), "timings": timings, "header": header,
              "markdown": md,
-             "eval": {"baseline": base, "retro": retro}}
+             "eval": retro}
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(summary, f, indent=1)
   with open(os.path.join(out, "results.md"), "w") as f:

@@ -8,8 +8,11 @@ The sweep file holds `train` (an experiment, e.g. experiments/tiny.py's) and `sw
   eval_max_docs 0 = every held-out document
 For every size, the RETRO model and its baseline train on the same data for the same steps
 (OUT/<size>/{retro,baseline}, resumable: finished runs are reused), then the held-out documents are
-scored (retro_jax.evaluation.bpb): the baseline, RETRO with retrieval off, RETRO with retrieval on at each
-database fraction. Writes OUT/scaling.json, OUT/bpb_vs_params.png (the paper's Figure 1 left: bpb
+scored (retro_jax.evaluation.bpb): the baseline, RETRO with retrieval off, RETRO with shuffled
+neighbours (each chunk given another held-out document's, retro_jax.evaluation.controls) and RETRO
+with retrieval on at each database fraction; the differences RETRO on - baseline (every fraction),
+on - off and on - shuffled (full database) carry 95% paired-bootstrap intervals over documents.
+Windows: the run's seq_len with stride seq_len / 2. Writes OUT/scaling.json, OUT/bpb_vs_params.png (the paper's Figure 1 left: bpb
 against non-embedding parameters) and OUT/bpb_vs_db.png (Figure 1 middle: bpb against the number
 of tokens in the retrieval database), and prints the table.
 """
@@ -27,6 +30,7 @@ from flax import nnx
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.evaluation import bpb as ev
+from retro_jax.evaluation import controls
 from retro_jax.model import Retro
 from retro_jax.model.retro import count_params
 from retro_jax.training import experiment, loop
@@ -66,18 +70,28 @@ def run_sweep(cfg, out: str) -> dict:
         held[frac] = ev.load_heldout(store, base.db, db_fraction=frac,
                                      neighbour_len=base.model_overrides.neighbour_len,
                                      max_docs=max_docs)
-    full = held[max(sweep.db_fractions)]
-    b = ev.evaluate(os.path.join(out, name, "baseline"), seq_len=seq, stride=stride, held=full,
-                    db=base.db)
-    entry["baseline"] = b["results"]["off"]["bpb"]
+    top = max(sweep.db_fractions)
+    full = held[top]
     r = ev.evaluate(os.path.join(out, name, "retro"), seq_len=seq, stride=stride, held=full,
-                    db=base.db, retrieval="off")
+                    db=base.db, baseline=os.path.join(out, name, "baseline"))
+    entry["baseline"] = r["results"]["baseline"]["bpb"]
     entry["retro_off"] = r["results"]["off"]["bpb"]
+    entry["retro_shuffled"] = r["results"]["shuffled"]["bpb"]
+    entry["differences"] = {k: r["differences"][k] for k in ("on-off", "on-shuffled")}
+    entry["differences"]["on-baseline"] = {}
+    base_C = np.asarray(r["chunk_loss_nats"]["baseline"])
+    doc_C = controls.doc_of_row(full.doc_first_row, len(full.chunk_ids_C))
     entry["retro_on"] = {}
     for frac in sweep.db_fractions:
-      r = ev.evaluate(os.path.join(out, name, "retro"), seq_len=seq, stride=stride,
-                      held=held[frac], db=base.db, retrieval="on")
-      entry["retro_on"][str(frac)] = r["results"]["on"]["bpb"]
+      if frac == top:
+        on_C = np.asarray(r["chunk_loss_nats"]["on"])
+      else:
+        on_C = np.asarray(ev.evaluate(
+            os.path.join(out, name, "retro"), seq_len=seq, stride=stride, held=held[frac],
+            db=base.db, retrieval="on")["chunk_loss_nats"]["on"])
+      entry["retro_on"][str(frac)] = float(on_C.sum() / np.log(2) / full.chunk_bytes_C.sum())
+      entry["differences"]["on-baseline"][str(frac)] = controls.compare(
+          on_C, base_C, full.chunk_bytes_C, doc_C, held[frac].leakage_C)
     results["sizes"][name] = entry
     with open(os.path.join(out, "scaling.json"), "w") as f:
       json.dump(results, f, indent=1)
@@ -100,6 +114,9 @@ def plot(results: dict, out: str) -> None:
           "s-", label="RETRO, retrieval on")
   ax.plot([sizes[n]["retro_params"] for n in names], [sizes[n]["retro_off"] for n in names],
           "^--", label="RETRO, retrieval off")
+  if all("retro_shuffled" in sizes[n] for n in names):
+    ax.plot([sizes[n]["retro_params"] for n in names], [sizes[n]["retro_shuffled"] for n in names],
+            "x:", label="RETRO, shuffled neighbours")
   ax.set_xscale("log")
   ax.set_xlabel("non-embedding parameters")
   ax.set_ylabel("held-out bits per byte")
@@ -126,14 +143,28 @@ def plot(results: dict, out: str) -> None:
 
 
 def table(results: dict) -> str:
+  """bpb per size and database fraction, then the differences with 95% intervals."""
   fracs = sorted(results["db_tokens"], key=float)
-  head = "| size | params (base / RETRO) | baseline | RETRO off | " + " | ".join(
+  head = "| size | params (base / RETRO) | baseline | RETRO off | RETRO shuffled | " + " | ".join(
       f"RETRO on, {float(f):.0%} DB" for f in fracs) + " |"
-  rows = [head, "|" + "---|" * (4 + len(fracs))]
-  for n, e in sorted(results["sizes"].items(), key=lambda kv: kv[1]["baseline_params"]):
+  rows = [head, "|" + "---|" * (5 + len(fracs))]
+  ordered = sorted(results["sizes"].items(), key=lambda kv: kv[1]["baseline_params"])
+  for n, e in ordered:
+    shuffled = e.get("retro_shuffled")
     rows.append(f"| {n} | {e['baseline_params'] / 1e6:.2f}M / {e['retro_params'] / 1e6:.2f}M | "
-                f"{e['baseline']:.4f} | {e['retro_off']:.4f} | " +
+                f"{e['baseline']:.4f} | {e['retro_off']:.4f} | "
+                f"{'n/a' if shuffled is None else f'{shuffled:.4f}'} | " +
                 " | ".join(f"{e['retro_on'][f]:.4f}" for f in fracs) + " |")
+  if all("differences" in e for _, e in ordered):
+    full = max(fracs, key=float)
+    rows += ["", "| size | on - baseline | on - off | on - shuffled | on - baseline, overlap >= 50% "
+             "|", "|---|---|---|---|---|"]
+    for n, e in ordered:
+      d = e["differences"]
+      rows.append(f"| {n} | {controls.format_diff(d['on-baseline'][full]['all'])} | "
+                  f"{controls.format_diff(d['on-off']['all'])} | "
+                  f"{controls.format_diff(d['on-shuffled']['all'])} | "
+                  f"{controls.format_diff(d['on-baseline'][full][controls.OVERLAP_BINS[-1][0]])} |")
   return "\n".join(rows)
 
 

@@ -16,7 +16,10 @@ Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour leng
                 targets[T-1] = the first token of the chunk after the sequence's last one (same
                 document only); every other position (document ends, padding) holds the pad id 0,
                 which the training loss masks (retro_jax.model.loss.cross_entropy).
-  "neighbours": int32 [L, K, R]  for chunk u, its K stored neighbours (retro_jax.db.neighbours),
+  "neighbours": int32 [L, K, R]  for chunk u, its first K stored neighbours
+                (retro_jax.db.neighbours) of no document present in the sequence (the paper's
+                rule, `exclude_sequence_docs=True`, retro_jax.training.sequence_exclusion; the
+                stage itself excludes only the chunk's own document, so store more than K),
                 each the neighbour chunk plus its continuation within its document
                 (`ChunkStore.neighbour_tokens`), pad 0 past the document's end and for missing
                 (-1) neighbours. Absent with retrieval=False.
@@ -46,6 +49,7 @@ import numpy as np
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import neighbours as neighbours_lib
+from retro_jax.training import sequence_exclusion
 
 PAD_ID = 0
 SPLITS = ("train", "heldout")
@@ -105,7 +109,7 @@ class SequenceSource:
   def __init__(self, db_dir: str | os.PathLike, seq_len: int, split: str = "train",
                retrieval: bool = True, num_neighbours: int | None = None,
                neighbour_len: int = 128, store=None, self_neighbour_rate: float = 0.0,
-               seed: int = 0):
+               seed: int = 0, exclude_sequence_docs: bool = True):
     if not 0.0 <= self_neighbour_rate <= 1.0:
       raise ValueError(f"self_neighbour_rate={self_neighbour_rate} must be in [0, 1].")
     if self_neighbour_rate and not retrieval:
@@ -127,9 +131,10 @@ class SequenceSource:
     self._deleted_Rx2 = self.store.deleted_chunk_ranges()
     self.retrieval = retrieval
     self.neighbour_len = neighbour_len
+    self.exclude_sequence_docs = bool(exclude_sequence_docs)
     if retrieval:
       self._nbr_shards, self._nbr_offsets = neighbours_lib.open_neighbours(db_dir, self.store)
-      k_stored = int(self._nbr_shards[0].shape[1])
+      k_stored = self.num_stored_neighbours = int(self._nbr_shards[0].shape[1])
       self.num_neighbours = k_stored if num_neighbours is None else int(num_neighbours)
       if not 1 <= self.num_neighbours <= k_stored:
         raise ValueError(f"num_neighbours={num_neighbours} but {db_dir}/neighbours holds "
@@ -151,19 +156,32 @@ class SequenceSource:
     L = self.num_chunks_per_seq
     return self.stream.chunk_ids(np.arange(index * L, (index + 1) * L, dtype=np.int64))
 
-  def neighbour_ids(self, chunk_ids_L: np.ndarray) -> np.ndarray:
-    """int64 [L, K]: stored neighbour ids of the given chunks (-1 where none)."""
+  def neighbour_ids(self, chunk_ids_L: np.ndarray, exclude_docs: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """int64 [L, K]: stored neighbour ids of the given chunks (-1 where none); with
+    `exclude_docs`, the first K stored ones of no such document (`sequence_exclusion`)."""
     shard_L = np.searchsorted(self._nbr_offsets, chunk_ids_L, side="right") - 1
-    out = np.empty((len(chunk_ids_L), self.num_neighbours), np.int64)
+    width = self.num_neighbours if exclude_docs is None else self.num_stored_neighbours
+    out = np.empty((len(chunk_ids_L), width), np.int64)
     for j in np.unique(shard_L):
       m = shard_L == j
-      out[m] = self._nbr_shards[j][chunk_ids_L[m] - self._nbr_offsets[j], :self.num_neighbours]
+      out[m] = self._nbr_shards[j][chunk_ids_L[m] - self._nbr_offsets[j], :width]
     if len(self._deleted_Rx2):  # Never hand out a chunk of a removed document.
       out[chunk_store_lib.in_ranges(out, self._deleted_Rx2)] = -1
+    if exclude_docs is not None:
+      docs = np.full(out.shape, -1, np.int64)
+      docs[out >= 0] = self.store.doc_ids(out[out >= 0])
+      out = sequence_exclusion.exclude_documents(out, docs, exclude_docs, self.num_neighbours)
     if self.self_neighbour_rate:  # the copy curriculum: the chunk itself first, others shifted
       own = self_neighbour_mask(chunk_ids_L, self.self_neighbour_rate, self.seed)
       out[own] = np.concatenate([chunk_ids_L[own, None], out[own, :-1]], axis=1)
     return out
+
+  def sequence_neighbour_ids(self, index: int) -> np.ndarray:
+    """int64 [L, K]: the neighbour ids sequence `index` is given (see the module docstring)."""
+    ids_L = self.sequence_chunk_ids(index)
+    seq_docs = np.unique(self.store.doc_ids(ids_L)) if self.exclude_sequence_docs else None
+    return self.neighbour_ids(ids_L, seq_docs)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)
@@ -180,7 +198,7 @@ class SequenceSource:
     targets_T[:-1] = np.where(docs_T[1:] == docs_T[:-1], targets_T[:-1], self.pad_id)
     example = {"inputs": inputs_T, "targets": targets_T.astype(np.int32)}
     if self.retrieval:
-      nbr_LxK = self.neighbour_ids(ids_L)
+      nbr_LxK = self.sequence_neighbour_ids(index)
       valid = nbr_LxK >= 0
       toks = np.asarray(self.store.neighbour_tokens(np.where(valid, nbr_LxK, 0).reshape(-1),
                                                     self.neighbour_len), np.int32)
