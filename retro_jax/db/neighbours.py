@@ -37,8 +37,7 @@ import numpy as np
 import tqdm
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout
-from retro_jax.db import npy_rows
+from retro_jax.db import layout, npy_rows
 from retro_jax.db.layout import progress_path, write_json_atomic
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import retriever as retriever_lib
