@@ -3,8 +3,8 @@
 import fsspec
 import numpy as np
 import pytest
-
 import tiny_db
+
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db import npy_rows
