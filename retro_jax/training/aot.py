@@ -79,7 +79,10 @@ def compile_step(size: str, topology: str, per_chip_batch: int, seq_len: int, me
                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", float("nan"))) * chips  # cost is per chip (SPMD module)
+  # cost is per chip (SPMD module); XLA counts a loop body once, so the micro-batch scan of
+  # gradient accumulation is counted for one micro-batch: times its trip count (the optimizer
+  # update outside the loop is then over-counted, a small fraction).
+  xla_flops = float(cost.get("flops", float("nan"))) * chips * grad_accum_steps
   abstract_model, _ = train.merge(train.abstract_state)
   params = count_params(abstract_model, non_embedding=False)
   hbm_gib, peak_tflops = CHIPS[generation]
