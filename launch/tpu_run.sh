@@ -5,6 +5,8 @@
 #
 #   launch/tpu_run.sh --project=P --zone=us-east5-a --bucket=gs://B --accelerator=v5p-32 --spot \
 #     --experiment=experiments/retro_172m.py [--run=NAME] [--config.x=y ...] [-- more train flags]
+#   launch/tpu_run.sh ... --num_slices=2 ...   multi-slice: 2 slices (nodes NAME-0, NAME-1) of one
+#                                              queued resource, joined over the data-centre network
 #   launch/tpu_run.sh --status | --stop | --delete  (same --name / --project / --zone)
 #
 # Every command is printed, numbered, before it runs; `--dry-run` prints them without running
@@ -35,7 +37,12 @@ Slice:
   --name=NAME            TPU VM (node) name (env TPU_NAME; default retro-ACCELERATOR)
   --qr-name=ID           queued resource id (default: NAME)
   --accelerator=TYPE     accelerator type, e.g. v5p-32, v5litepod-16, v6e-16, v4-32
-                         (env ACCELERATOR; default v5p-32)
+                         (env ACCELERATOR; default v5p-32); with --num_slices, one slice's type
+  --num_slices=N         N slices of --accelerator in one queued resource (--node-count=N,
+                         --node-prefix=NAME: nodes NAME-0 .. NAME-(N-1)), joined over the
+                         data-centre network (Multislice; the TPU runtime sets MEGASCALE_* on every
+                         worker). The trainer's mesh puts its data axis across the slices; use
+                         --config.grad_accum_steps=A for a global batch bigger than fits (default 1)
   --runtime-version=V    TPU software version (default from the accelerator: v5p v2-alpha-tpuv5,
                          v5e v2-alpha-tpuv5-lite, v6e v2-alpha-tpuv6e, v4 tpu-ubuntu2204-base)
   --spot | --reserved    Spot VMs (preemptible) or reserved capacity (default: on demand)
@@ -62,8 +69,8 @@ Run:
   --config.KEY=VALUE     passed to the trainer as is, as is everything after `--`
 
 Layout (WORKSPACE.md): workdir gs://BUCKET/checkpoints/EXPERIMENT/RUN/ (checkpoints/,
-metrics.jsonl, tensorboard/, config.json), logs gs://BUCKET/logs/RUN/worker-N.log (copied every
-60 s and at exit). A preempted Spot slice: `--delete`, then the same command with the same --run.
+metrics.jsonl, tensorboard/, config.json, logs/host-P.txt), logs gs://BUCKET/logs/RUN/worker-N.log
+(slice-S/worker-N.log with --num_slices; copied every 60 s and at exit). A preempted Spot slice: `--delete`, then the same command with the same --run.
 EOF
 }
 
@@ -131,6 +138,7 @@ QR_NAME=""
 ACCELERATOR=${ACCELERATOR:-v5p-32}
 RUNTIME_VERSION=""
 CAPACITY=""
+NUM_SLICES=1
 WAIT_TIMEOUT=3600
 POLL=30
 INTERNAL_IP=0
@@ -172,7 +180,8 @@ while (($#)); do
     --config.*=*) TRAIN_FLAGS+=("$arg"); continue ;;
     --*=*) key=${arg%%=*}; val=${arg#*=} ;;
     --project | --zone | --name | --qr-name | --accelerator | --runtime-version | --wait-timeout | \
-      --poll | --ref | --git-url | --experiment | --bucket | --run | --workdir | --db | --env | --grace)
+      --poll | --ref | --git-url | --experiment | --bucket | --run | --workdir | --db | --env | --grace | \
+      --num_slices | --num-slices)
       (($#)) || die "$arg needs a value (see --help)"
       key=$arg; val=$1; shift ;;
     *) die "unknown argument '$arg' (see --help; trainer flags go after --)" ;;
@@ -184,6 +193,7 @@ while (($#)); do
     --name) NAME=$val ;;
     --qr-name) QR_NAME=$val ;;
     --accelerator) ACCELERATOR=$val ;;
+    --num_slices | --num-slices) NUM_SLICES=$val ;;
     --runtime-version) RUNTIME_VERSION=$val ;;
     --wait-timeout) WAIT_TIMEOUT=$val ;;
     --poll) POLL=$val ;;
@@ -216,6 +226,13 @@ done
 for v in WAIT_TIMEOUT POLL GRACE; do
   is_uint "${!v}" || die "--$(tr '[:upper:]_' '[:lower:]-' <<<"$v")=${!v}: expected whole seconds"
 done
+[[ $NUM_SLICES =~ ^[1-9][0-9]*$ ]] || die "--num_slices=$NUM_SLICES: expected a whole number >= 1"
+# The TPU VMs: NAME for one slice; NAME-0 .. NAME-(N-1) for a multi-slice queued resource.
+NODES=("$NAME")
+if ((NUM_SLICES > 1)); then
+  NODES=()
+  for ((i = 0; i < NUM_SLICES; i++)); do NODES+=("$NAME-$i"); done
+fi
 if [[ -z $RUNTIME_VERSION ]]; then
   case $ACCELERATOR in
     v5p-*) RUNTIME_VERSION=v2-alpha-tpuv5 ;;
@@ -233,33 +250,44 @@ if ((INTERNAL_IP)); then SSH_FLAGS+=(--internal-ip); fi
 # ---- actions ------------------------------------------------------------------------------------
 worker_cmd() { cmdline bash tpu_worker.sh "$@"; }  # run in the worker's home directory
 
+on_nodes() {  # on_nodes ssh ARGS... | on_nodes scp FILES...: every worker of every node (slice)
+  local verb=$1 node
+  shift
+  for node in "${NODES[@]}"; do
+    if [[ $verb == scp ]]; then
+      step gcloud compute tpus tpu-vm scp "$@" "$node:" "${SSH_FLAGS[@]}"
+    else
+      step gcloud compute tpus tpu-vm ssh "$node" "${SSH_FLAGS[@]}" "$@"
+    fi
+  done
+}
+
 do_status() {
   local state
   query state ACTIVE gcloud compute tpus queued-resources describe "$QR_NAME" "${GC[@]}" \
     --format='value(state.state)'
-  if [[ -z $state ]]; then
+  if [[ -z $state ]] && ((NUM_SLICES == 1)); then
     query state READY gcloud compute tpus tpu-vm describe "$NAME" "${GC[@]}" --format='value(state)'
-    [[ -n $state ]] || die "neither a queued resource '$QR_NAME' nor a TPU VM '$NAME' in $ZONE"
   fi
+  [[ -n $state ]] || die "neither a queued resource '$QR_NAME' nor a TPU VM '$NAME' in $ZONE"
   ((DRY_RUN)) || echo "slice $NAME ($QR_NAME): $state"
   if [[ $state == ACTIVE || $state == READY ]]; then
-    step gcloud compute tpus tpu-vm ssh "$NAME" "${SSH_FLAGS[@]}" --command="$(worker_cmd status)"
+    on_nodes ssh --command="$(worker_cmd status)"
   fi
 }
 
 do_stop() {
-  step gcloud compute tpus tpu-vm ssh "$NAME" "${SSH_FLAGS[@]}" \
-    --command="$(worker_cmd stop --grace="$GRACE")"
+  on_nodes ssh --command="$(worker_cmd stop --grace="$GRACE")"
 }
 
 do_delete() {
   local state
   query state ACTIVE gcloud compute tpus queued-resources describe "$QR_NAME" "${GC[@]}" \
     --format='value(state.state)'
-  if [[ -n $state ]]; then
+  if [[ -n $state ]] || ((NUM_SLICES > 1)); then
     if ((DRY_RUN)); then
-      note "--force deletes the TPU VMs first; without a queued resource '$QR_NAME' the TPU VM" \
-        "is deleted instead: gcloud compute tpus tpu-vm delete $NAME ... --quiet"
+      note "--force deletes the TPU VMs (every slice) first; without a queued resource" \
+        "'$QR_NAME' the TPU VM is deleted instead: gcloud compute tpus tpu-vm delete $NAME ... --quiet"
     fi
     step gcloud compute tpus queued-resources delete "$QR_NAME" "${GC[@]}" --force --quiet
   else
@@ -300,7 +328,11 @@ ensure_slice() {
     FAILED | SUSPENDING | SUSPENDED | DELETING)
       die "queued resource $QR_NAME is $state: '$PROG --delete --name=$NAME', then run again" ;;
     "")
-      query node "" gcloud compute tpus tpu-vm describe "$NAME" "${GC[@]}" --format='value(state)'
+      if ((NUM_SLICES == 1)); then
+        query node "" gcloud compute tpus tpu-vm describe "$NAME" "${GC[@]}" --format='value(state)'
+      else
+        node=""
+      fi
       if [[ $node == READY ]]; then
         echo "reusing TPU VM $NAME (READY, no queued resource)"
         return 0
@@ -310,8 +342,13 @@ ensure_slice() {
         note "neither exists: request the slice (a READY TPU VM or an existing queued resource" \
           "is reused instead)"
       fi
-      local create=(gcloud compute tpus queued-resources create "$QR_NAME" --node-id="$NAME"
-        "${GC[@]}" --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME_VERSION")
+      local create=(gcloud compute tpus queued-resources create "$QR_NAME")
+      if ((NUM_SLICES > 1)); then
+        create+=(--node-count="$NUM_SLICES" --node-prefix="$NAME")
+      else
+        create+=(--node-id="$NAME")
+      fi
+      create+=("${GC[@]}" --accelerator-type="$ACCELERATOR" --runtime-version="$RUNTIME_VERSION")
       if [[ -n $CAPACITY ]]; then create+=("--$CAPACITY"); fi
       step "${create[@]}"
       ;;
@@ -323,16 +360,13 @@ ensure_slice() {
 install_code() {
   local sha=$SHA archive
   if [[ -n $GIT_URL ]]; then
-    step gcloud compute tpus tpu-vm scp "$SELF_DIR/tpu_worker.sh" "$NAME:" "${SSH_FLAGS[@]}"
-    step gcloud compute tpus tpu-vm ssh "$NAME" "${SSH_FLAGS[@]}" \
-      --command="$(worker_cmd install --git-url="$GIT_URL" --ref="$sha")"
+    on_nodes scp "$SELF_DIR/tpu_worker.sh"
+    on_nodes ssh --command="$(worker_cmd install --git-url="$GIT_URL" --ref="$sha")"
   else
     archive=${TMPDIR:-/tmp}/retro-jax-${sha:0:12}.tar.gz
     step git -C "$REPO" archive --format=tar.gz --output="$archive" "$sha"
-    step gcloud compute tpus tpu-vm scp "$SELF_DIR/tpu_worker.sh" "$archive" "$NAME:" \
-      "${SSH_FLAGS[@]}"
-    step gcloud compute tpus tpu-vm ssh "$NAME" "${SSH_FLAGS[@]}" \
-      --command="$(worker_cmd install --archive="$(basename "$archive")" --revision="$sha")"
+    on_nodes scp "$SELF_DIR/tpu_worker.sh" "$archive"
+    on_nodes ssh --command="$(worker_cmd install --archive="$(basename "$archive")" --revision="$sha")"
   fi
 }
 
@@ -385,13 +419,22 @@ do_launch() {
   else
     install_code
   fi
-  local start=(start --run="$RUN" --log-dir="$BUCKET/logs/$RUN")
-  for e in "${ENVS[@]+"${ENVS[@]}"}"; do start+=(--env="$e"); done
-  step gcloud compute tpus tpu-vm ssh "$NAME" "${SSH_FLAGS[@]}" \
-    --command="$(worker_cmd "${start[@]}" -- "${TRAIN[@]}")"
+  local envs=() i log_dir
+  for e in "${ENVS[@]+"${ENVS[@]}"}"; do envs+=(--env="$e"); done
+  if ((NUM_SLICES > 1)) && ((DRY_RUN)); then
+    note "$NUM_SLICES slices: the same trainer on every worker of ${NODES[*]}; the TPU runtime" \
+      "sets MEGASCALE_COORDINATOR_ADDRESS, MEGASCALE_NUM_SLICES, MEGASCALE_SLICE_ID, and" \
+      "jax.distributed.initialize() joins all $NUM_SLICES slices into one run"
+  fi
+  for i in "${!NODES[@]}"; do  # one slice's logs per directory: worker numbers restart per slice
+    log_dir=$BUCKET/logs/$RUN
+    if ((NUM_SLICES > 1)); then log_dir+=/slice-$i; fi
+    step gcloud compute tpus tpu-vm ssh "${NODES[$i]}" "${SSH_FLAGS[@]}" --command="$(worker_cmd \
+      start --run="$RUN" --log-dir="$log_dir" "${envs[@]+"${envs[@]}"}" -- "${TRAIN[@]}")"
+  done
   if ((DRY_RUN)); then
     note "each worker starts the trainer detached (setsid nohup) and returns; logs:" \
-      "$BUCKET/logs/$RUN/worker-N.log"
+      "$BUCKET/logs/$RUN/$( ((NUM_SLICES > 1)) && echo 'slice-S/')worker-N.log"
   else
     echo "started $RUN on $NAME; workdir $WORKDIR; logs $BUCKET/logs/$RUN/worker-N.log"
     echo "status: $PROG --status --name=$NAME --zone=$ZONE --project=$PROJECT"

@@ -4,7 +4,10 @@ r"""Train any experiment.
         [--config.total_steps=200 --config.retrieval=false ...]
 
 Running the same command again resumes from the latest checkpoint. What WORKDIR holds:
-retro_jax.training.loop. On a pod every host runs the same command (launch/tpu_run.sh).
+retro_jax.training.loop. On a pod every host runs the same command (launch/tpu_run.sh). Several
+processes on one machine (a multi-process CPU test):
+    python -m retro_jax.train ... --coordinator_address=localhost:12345 --num_processes=2 \
+        --process_id=0     # and --process_id=1 in a second process
 """
 import sys
 
@@ -19,7 +22,12 @@ config_flags.DEFINE_config_file("config", None, "experiment file (experiments/*.
                                 lock_config=False)
 flags.DEFINE_string("workdir", None, "model directory (local or gs://): checkpoints, metrics, logs")
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
-                  "call jax.distributed.initialize() (auto: when TPU_WORKER_HOSTNAMES lists >1 host)")
+                  "call jax.distributed.initialize() (auto: when TPU_WORKER_HOSTNAMES lists >1 host "
+                  "or --num_processes > 1)")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (default: "
+                    "auto-detected on TPU; needed for a multi-process CPU/GPU run)")
+flags.DEFINE_integer("num_processes", None, "processes in the run (default: auto-detected on TPU)")
+flags.DEFINE_integer("process_id", None, "this process's index (default: auto-detected on TPU)")
 
 
 def main(argv):
@@ -30,7 +38,12 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
   try:
-    loop.run(FLAGS.config, FLAGS.workdir, distributed=loop.want_distributed(FLAGS.distributed))
+    distributed = loop.want_distributed(FLAGS.distributed, FLAGS.num_processes)
+    if distributed:
+      distributed = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes",
+                                                 "process_id") if FLAGS[k].value is not None}
+      distributed = distributed or True
+    loop.run(FLAGS.config, FLAGS.workdir, distributed=distributed)
   except loop.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(3)

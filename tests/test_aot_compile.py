@@ -12,3 +12,15 @@ def test_tiny_training_step_compiles_for_v5e_2x2():
   assert res["chips"] == 4 and res["mesh"] == {"data": 1, "fsdp": 4, "model": 1}
   assert 0 < res["per_chip_gib"] < res["hbm_gib"]
   assert res["xla_tflops_per_step"] > 0
+
+
+def test_two_slices_get_a_hybrid_mesh_with_the_data_axis_across_slices():
+  from retro_jax.model.partitioning import make_mesh
+  from retro_jax.training.aot import topology_devices
+  _, devices = topology_devices("v5e:2x2", num_slices=2)
+  mesh = make_mesh((1, -1, 1), devices)  # one slice's shape; the slices multiply "data"
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
+  slice_of = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0]]
+  assert slice_of == [[0, 0, 0, 0], [1, 1, 1, 1]]  # only "data" crosses the DCN
+  with pytest.raises(ValueError, match="devices per slice"):
+    make_mesh((1, 8, 1), devices)

@@ -121,6 +121,41 @@ def test_dry_run_prints_the_whole_v5p_sequence(no_gcloud_env, tmp_path):
       "--config.db=gs://retro-bucket/databases/default_db", "--config.global_batch=512", override]
 
 
+def test_dry_run_prints_the_multi_slice_sequence(no_gcloud_env):
+  res = launch(["--dry-run", *V5P, "--num_slices=2", "--config.grad_accum_steps=4"], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  steps = numbered(res.stdout)
+  kinds = [" ".join(a[3:5] + a[5:6]) if a[0] == "gcloud" else a[0] for a in steps]
+  assert kinds == [
+      "queued-resources describe retro-pod",  # no READY single node to reuse: it is a multi-slice
+      "queued-resources create retro-pod",
+      "queued-resources describe retro-pod",  # polled until ACTIVE
+      "git",
+      "tpu-vm scp " + str(WORKER), "tpu-vm scp " + str(WORKER),  # the code to each slice
+      "tpu-vm ssh retro-pod-0", "tpu-vm ssh retro-pod-1",  # install
+      "tpu-vm ssh retro-pod-0", "tpu-vm ssh retro-pod-1",  # start
+  ], res.stdout
+  create = steps[1]
+  assert flag(create, "--node-count") == "2" and flag(create, "--node-prefix") == "retro-pod"
+  assert not any(a.startswith("--node-id") for a in create)
+  assert flag(create, "--accelerator-type") == "v5p-32" and "--spot" in create
+  assert [a[-4] for a in steps[4:6]] == ["retro-pod-0:", "retro-pod-1:"]
+  for i, start in enumerate(steps[8:]):
+    assert "--worker=all" in start
+    remote = shlex.split(flag(start, "--command"))
+    sep = remote.index("--")
+    assert remote[:sep] == ["bash", "tpu_worker.sh", "start", "--run=r172m-a",
+                            f"--log-dir=gs://retro-bucket/logs/r172m-a/slice-{i}"]
+    assert remote[sep + 1:][-1] == "--config.grad_accum_steps=4"
+  assert "MEGASCALE_NUM_SLICES" in res.stdout
+
+  res = launch(["--dry-run", "--stop", "--num_slices=2", "--project=p", "--zone=z",
+                "--name=retro-pod"], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  assert [a[3:6] for a in numbered(res.stdout)] == [["tpu-vm", "ssh", "retro-pod-0"],
+                                                    ["tpu-vm", "ssh", "retro-pod-1"]]
+
+
 @pytest.mark.parametrize("extra, runtime", [
     (["--accelerator=v5litepod-16"], "v2-alpha-tpuv5-lite"),
     (["--accelerator=v6e-16"], "v2-alpha-tpuv6e"),
@@ -186,6 +221,7 @@ def test_status_stop_delete(no_gcloud_env, action, commands):
     ([*V5P, "--name=Retro_Pod"], "lowercase letters"),
     ([*V5P, "--env=NOEQUALS"], "expected KEY=VALUE"),
     ([*V5P, "--wait-timeout=1h"], "whole seconds"),
+    ([*V5P, "--num_slices=0"], "expected a whole number >= 1"),
     ([*V5P, "--ref=no-such-ref"], "not a commit"),
     ([*V5P, "--bogus"], "unknown argument '--bogus'"),
     ([*V5P, "--run"], "--run needs a value"),

@@ -63,3 +63,25 @@ def test_logical_rules_refuse_collisions_and_unknown_names():
     logical_to_mesh(("embed", "enc_embed"))
   with pytest.raises(KeyError, match="no rule"):
     logical_to_mesh(("not_an_axis",))
+
+
+def test_gradient_accumulation_gives_the_whole_batch_step():
+  mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+  rng = np.random.default_rng(1)
+  toks = rng.integers(1, CFG.vocab_size, (4, 17)).astype(np.int32)
+  toks[1, 9:] = 0  # padding: the micro-batches hold different token counts
+  batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+           "neighbours": rng.integers(1, CFG.vocab_size, (4, 2, 2, 16)).astype(np.int32)}
+  runs = []
+  for accum in (1, 2, 4):
+    train = TrainStep(CFG, optim.adamw(3e-3, warmup_steps=1, total_steps=50), mesh,
+                      grad_accum_steps=accum)
+    state = train.init()
+    runs.append([])
+    for _ in range(2):
+      state, m = train.step(state, batch)
+      runs[-1].append((float(m["loss"]), float(m["grad_norm"]), float(m["tokens"])))
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+  np.testing.assert_allclose(runs[2], runs[0], rtol=1e-5)
+  with pytest.raises(ValueError, match="grad_accum_steps"):
+    TrainStep(CFG, optim.adamw(), mesh, grad_accum_steps=0)

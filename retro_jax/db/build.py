@@ -154,6 +154,12 @@ DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None
                 embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2, shard_index=0, num_shards=1)
 
 
+REMOTE_BUILD_ERROR = ("--db={db}: the build writes a local directory (its embedding, index and "
+                      "neighbour stages need local files); build into a local path, then copy it "
+                      "to the bucket (gsutil -m cp -r DB gs://...): training, evaluation and "
+                      "sampling read a database from gs:// directly.")
+
+
 def check_provenance(stage: str, db: pathlib.Path, cfg: dict[str, Any], rebuild: bool
                      ) -> dict[str, Any] | None:
   """This run's record of `stage` (None for 'finalize'); raises ProvenanceMismatchError when the
@@ -193,6 +199,8 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
   if not 0 <= cfg["shard_index"] < cfg["num_shards"]:
     raise ValueError(f"--shard_index={cfg['shard_index']} must be in [0, --num_shards="
                      f"{cfg['num_shards']}).")
+  if "://" in str(db_dir):  # pathlib would write a local directory named "gs:"
+    raise ValueError(REMOTE_BUILD_ERROR.format(db=db_dir))
   db = pathlib.Path(db_dir)
   db.mkdir(parents=True, exist_ok=True)
   times_path = db / layout.BUILD_TIMES

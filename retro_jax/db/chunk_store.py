@@ -1,6 +1,7 @@
 r"""The chunk store: documents tokenised and cut into fixed-size chunks, as sharded on-disk arrays.
 
-Layout (paths via etils.epath, so gs:// works; local reads are memory-mapped):
+Layout (paths via etils.epath, so gs:// works; local reads are memory-mapped, gs:// ones are
+ranged row reads, retro_jax.db.npy_rows):
 
   STORE/manifest.json                 written by `finalize_chunk_store` once every shard is done
   STORE/shard-00000/tokens.npy        int32 [n, m]   chunk tokens, a document's last chunk padded
@@ -36,8 +37,8 @@ import tqdm
 from etils import epath
 
 from retro_jax.db import corpus as corpus_lib
+from retro_jax.db import npy_rows, verify
 from retro_jax.db import tokenizer as tokenizer_lib
-from retro_jax.db import verify
 from retro_jax.db.layout import (
   DELETIONS,
   MANIFEST,
@@ -327,8 +328,8 @@ def _load_npy(path: epath.Path, mmap: bool = True) -> np.ndarray:
   if not path.exists():
     raise ChunkStoreError(f"chunk store file {path} is missing; rebuild its shard (delete the "
                           f"shard's .done.json and rerun `prepare --stage=chunks`)")
-  if mmap and not str(path).startswith(("gs://", "s3://")):
-    return np.load(os.fspath(path), mmap_mode="r")
+  if mmap:  # memory-mapped locally; ranged row reads on gs:// (no whole-shard copy, no cache)
+    return npy_rows.open_rows(path)
   with path.open("rb") as f:
     return np.load(f)
 

@@ -37,7 +37,7 @@ import numpy as np
 import tqdm
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout, verify
+from retro_jax.db import layout, npy_rows, verify
 from retro_jax.db.layout import progress_path, write_json_atomic
 from retro_jax.errors import UserError
 from retro_jax.retrieval import embed as embed_lib
@@ -195,7 +195,7 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
 
 
 def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[list[np.ndarray], np.ndarray]:
-  """Every finished neighbours shard memory-mapped, and the int64 first-chunk id of each shard."""
+  """Every finished neighbours shard for row reads (retro_jax.db.npy_rows), and the int64 first-chunk id of each shard."""
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
   arrays, offsets = [], []
   for shard, first_id, count in store.shard_spans():
@@ -203,7 +203,7 @@ def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[list[np.ndar
     if not shard_is_done(db_dir, shard):
       raise NeighboursError(f"{path} is missing or unfinished; run python -m "
                             f"retro_jax.db.neighbours --db={db_dir}.")
-    a = np.load(path, mmap_mode="r")
+    a = npy_rows.open_rows(path)  # memory-mapped, or ranged reads on gs://
     if a.shape[0] != count or a.dtype != np.int64:
       raise NeighboursError(f"{path}: shape {a.shape} {a.dtype}; expected ({count}, k) int64 for "
                             "the chunk store; delete it and recompute.")

@@ -11,6 +11,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -67,19 +68,37 @@ def logical_to_mesh(axes: Sequence[str | None], rules: str = "fsdp",
   return P(*out)
 
 
+def num_slices(devices) -> int:
+  """How many TPU slices (joined over the data-centre network, DCN) the devices span."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
-  """A ("data", "fsdp", "model") mesh; one -1 entry takes the remaining devices."""
+  """A ("data", "fsdp", "model") mesh; one -1 entry takes the remaining devices.
+
+  `shape` is one slice's mesh. Over several slices (multi-slice TPU: devices with distinct
+  `slice_index`) the mesh is `mesh_utils.create_hybrid_device_mesh(shape, (slices, 1, 1))`: the
+  "data" axis grows by the slice count and is the only axis that crosses the DCN (data-parallel
+  gradient all-reduce between slices; FSDP and tensor parallelism stay on each slice's ICI).
+  """
   devices = list(jax.devices() if devices is None else devices)
+  slices = num_slices(devices)
+  if len(devices) % slices:
+    raise ValueError(f"{len(devices)} devices do not split evenly over {slices} slices")
+  per_slice = len(devices) // slices
   shape = list(shape)
   if shape.count(-1) > 1:
     raise ValueError(f"at most one -1 in mesh shape {shape}")
   if -1 in shape:
     rest = int(np.prod([s for s in shape if s != -1]))
-    shape[shape.index(-1)] = len(devices) // rest
-  if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
-                     f"have {len(devices)}")
-  return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+    shape[shape.index(-1)] = per_slice // rest
+  if int(np.prod(shape)) != per_slice:
+    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices per slice, "
+                     f"have {per_slice}" + (f" ({slices} slices)" if slices > 1 else ""))
+  if slices == 1:
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+  grid = mesh_utils.create_hybrid_device_mesh(tuple(shape), (slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES)
 
 
 def _spec_of(variable: nnx.Variable, rules: str) -> P:

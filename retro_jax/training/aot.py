@@ -29,28 +29,32 @@ class DoesNotFit(RuntimeError):
   pass
 
 
-def topology_devices(name: str):
+def topology_devices(name: str, num_slices: int = 1):
+  """The devices of `num_slices` slices of topology `name` (several: multi-slice over DCN)."""
   generation, shape = name.split(":")
   dims = tuple(int(x) for x in shape.split("x"))
   del dims
   host = (2, 2, 1)  # 4 chips per host, as on v4 / v5p / v5e-16+ hosts
   topo = topologies.get_topology_desc(platform="tpu", topology_name=name,
                                       chip_config_name="default", chips_per_host_bounds=host,
-                                      num_slices=1)
+                                      num_slices=num_slices)
   return generation, topo.devices
 
 
 def compile_step(size: str, topology: str, per_chip_batch: int, seq_len: int, mesh_shape,
-                 dtype: str, remat: bool, retrieval: bool, q_block: int = 512) -> dict:
-  generation, devices = topology_devices(topology)
+                 dtype: str, remat: bool, retrieval: bool, q_block: int = 512,
+                 num_slices: int = 1, grad_accum_steps: int = 1) -> dict:
+  """`mesh_shape` is one slice's; over `num_slices` the hybrid mesh (partitioning.make_mesh).
+  `per_chip_batch` is one micro-batch's: global batch = per_chip_batch x chips x grad_accum."""
+  generation, devices = topology_devices(topology, num_slices)
   cfg = PAPER_SIZES[size].replace(dtype=dtype, remat=remat, attention_q_block=q_block,
                                  cpu_matmul_forms=False)  # compiled for a TPU, not this CPU
   if not retrieval:
     cfg = cfg.baseline()
   mesh = make_mesh(mesh_shape, devices)
-  train = TrainStep(cfg, optim.adamw(), mesh)
+  train = TrainStep(cfg, optim.adamw(), mesh, grad_accum_steps=grad_accum_steps)
   chips = len(devices)
-  b, t = per_chip_batch * chips, seq_len
+  b, t = per_chip_batch * chips * grad_accum_steps, seq_len
   l, n, r = cfg.num_chunks(t), cfg.num_neighbours, cfg.neighbour_len
   batch = {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32),
            "targets": jax.ShapeDtypeStruct((b, t), jnp.int32)}
@@ -75,13 +79,17 @@ def compile_step(size: str, topology: str, per_chip_batch: int, seq_len: int, me
                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  xla_flops = float(cost.get("flops", float("nan"))) * chips  # cost is per chip (SPMD module)
+  # cost is per chip (SPMD module); XLA counts a loop body once, so the micro-batch scan of
+  # gradient accumulation is counted for one micro-batch: times its trip count (the optimizer
+  # update outside the loop is then over-counted, a small fraction).
+  xla_flops = float(cost.get("flops", float("nan"))) * chips * grad_accum_steps
   abstract_model, _ = train.merge(train.abstract_state)
   params = count_params(abstract_model, non_embedding=False)
   hbm_gib, peak_tflops = CHIPS[generation]
   analytic = cfg.flops_per_token(t) * b * t
   return {
-      "size": size, "retrieval": retrieval, "topology": topology, "chips": chips,
+      "size": size, "retrieval": retrieval, "topology": topology, "num_slices": num_slices,
+      "grad_accum_steps": grad_accum_steps, "chips": chips,
       "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)), "per_chip_batch": per_chip_batch,
       "global_batch": b, "seq_len": t, "dtype": dtype, "remat": remat, "q_block": q_block,
       "params": params, "compile_s": round(seconds, 1),

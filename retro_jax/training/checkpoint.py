@@ -135,8 +135,10 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
     config = dataclasses.replace(config, **overrides)
   abstract = nnx.eval_shape(lambda: Retro(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
+  # On the default device whatever mesh saved it (e.g. 8 devices of a 2-host run).
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   state = restore_model_state(path, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state), step)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state), step)
   model = nnx.merge(graphdef, state)
   info = {"step": step, "db": meta.get("db"), "experiment": meta.get("experiment", {}),
           "path": str(checkpoint_dir(path)), "db_tokenizer": meta.get("db_tokenizer")}

@@ -39,7 +39,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.peak_lr = 2e-4
   c.weight_decay = 0.1
   c.clip_norm = 1.0
-  c.mesh = (1, -1, 1)  # (data, fsdp, model); one -1 takes the remaining devices
+  c.mesh = (1, -1, 1)  # (data, fsdp, model) of one slice; one -1 takes the remaining devices;
+  # over several TPU slices the data axis also spans the slices (partitioning.make_mesh)
   c.seed = 0  # parameters and data order
   c.num_neighbours = 0  # 0: the model's num_neighbours
   # Copy curriculum (retro_jax.training.input_pipeline): this fraction of training chunks get themselves as
@@ -53,6 +54,12 @@ def defaults() -> ml_collections.ConfigDict:
   c.init_from = ""  # a workdir or checkpoints dir of a baseline (retrieval=False) run
   c.train_only = "all"  # "all" | "retrieval" (CCA layers, their norms, the neighbour encoder)
   c.read_threads = 4
+  # Micro-batches per step: the global batch's gradient summed over this many slices of it (the
+  # paper's batch on a mesh too small to hold it at once); global_batch must be divisible by it.
+  c.grad_accum_steps = 1
+  # Every this many steps the hosts agree whether any got SIGTERM (a tiny all-gather); all stop and
+  # save at the same step. 1: stop at the next step (the cost is one host sync per step).
+  c.stop_check_every = 1
   c.debug_step_delay_s = 0.0  # sleep after each step (tests use it to kill a run mid-flight)
   return c
 

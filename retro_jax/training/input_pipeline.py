@@ -30,9 +30,10 @@ Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour leng
                 (`experiments/copy_tiny.py`; which chunks is a hash of (chunk id, seed)).
 Everything is gathered per example from memory-mapped files; the database is never loaded whole.
 
-Pipeline (`make_dataset`): source -> this process's contiguous slice (JAX process p of P gets
-sequences [p*n/P, (p+1)*n/P), equal sizes, so all processes step in lockstep) -> seeded shuffle ->
-repeat (reshuffled each epoch) -> batch(drop_remainder=True). `batch_size` is per process. The
+Pipeline (`make_dataset`): source -> seeded shuffle -> repeat (reshuffled each epoch) -> this
+process's rows of each global batch (`ProcessRows`: JAX process p of P reads rows [p*B, (p+1)*B) of
+global batch b, so the global batch is the single-process one row for row and each host reads only
+its share) -> batch(drop_remainder=True). `batch_size` B is per process. The
 iterator (`make_iterator`) is a grain DatasetIterator: `get_state()` / `set_state()` checkpoint it
 (save the state with the model state, e.g. through orbax).
 """
@@ -217,14 +218,6 @@ def self_neighbour_mask(chunk_ids_N: np.ndarray, rate: float, seed: int) -> np.n
   return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < rate
 
 
-def process_slice(n: int, process_index: int, process_count: int) -> slice:
-  """Equal contiguous slices of n items per process (remainder dropped, so all stay in lockstep)."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
-  per = n // process_count
-  return slice(process_index * per, (process_index + 1) * per)
-
-
 def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, split: str = "train",
                  retrieval: bool = True, num_neighbours: int | None = None,
                  neighbour_len: int = 128, seed: int = 0, shuffle: bool | None = None,
@@ -248,17 +241,45 @@ def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, sp
     shuffle = split == "train"
   if num_epochs is None and split != "train":
     num_epochs = 1
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
   ds = grain.MapDataset.source(src)
-  ds = ds[process_slice(len(ds), process_index, process_count)]
-  if len(ds) < batch_size:
-    raise ValueError(f"{db_dir}: process {process_index} of {process_count} has {len(ds)} "
-                     f"{split} sequences of {seq_len} tokens, fewer than batch_size={batch_size}; "
-                     "use a bigger corpus, shorter sequences or a smaller batch.")
+  global_batch = batch_size * process_count
+  if len(ds) < global_batch:
+    raise ValueError(f"{db_dir}: {len(ds)} {split} sequences of {seq_len} tokens, fewer than "
+                     f"batch_size={batch_size} x {process_count} processes; use a bigger corpus, "
+                     "shorter sequences or a smaller batch.")
   if shuffle:
     ds = ds.seed(seed).shuffle()
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
+  if process_count > 1:
+    ds = grain.MapDataset.source(ProcessRows(ds, batch_size, process_index, process_count))
   return ds.batch(batch_size, drop_remainder=True)
+
+
+class ProcessRows:
+  """This process's rows of every global batch of a (shuffled, repeated) dataset.
+
+  Global batch b is elements [b*G, (b+1)*G) of `ds` (G = batch_size x process_count, the order a
+  single process would read); process p reads only rows [p*B, (p+1)*B) of each. The global array
+  assembled from the processes' rows (`jax.make_array_from_process_local_data`, process p's rows
+  at [p*B, (p+1)*B)) is the single-process batch, row for row: losses do not depend on the number
+  of hosts. The remainder of a finite dataset (< G elements) is dropped on every process alike.
+  """
+
+  def __init__(self, ds: grain.MapDataset, batch_size: int, process_index: int,
+               process_count: int):
+    self.ds, self.b, self.p, self.n = ds, batch_size, process_index, process_count
+    self._len = (len(ds) // (batch_size * process_count)) * batch_size
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int):
+    i = int(i)
+    batch, row = divmod(i, self.b)
+    return self.ds[(batch * self.n + self.p) * self.b + row]
 
 
 def make_iterator(db_dir: str | os.PathLike, *, read_threads: int = 4,

@@ -7,12 +7,20 @@ Runs the jitted, sharded training step (retro_jax.training.step) on the grain lo
                        every `checkpoint_every` steps, at the end, and on SIGTERM (preemption)
   metrics.jsonl        one line per logged step: loss (nats/token), bpb, tokens/s, MFU,
                        learning rate, gradient norm, step time
-  tensorboard/         the same scalars as TensorBoard events
+  tensorboard/         the same scalars as TensorBoard events (tensorboardX; on gs:// through
+                       google-cloud-storage, flushed at every checkpoint)
+  logs/host-<p>.txt    what process p did: start or resume, checkpoints, preemption
+WORKDIR and the database may be local or gs:// (etils.epath, orbax/tensorstore, and ranged row reads
+of the database, retro_jax.db.npy_rows); on gs:// metrics.jsonl is rewritten whole at each logged
+step (objects cannot be appended to).
 Running the same command again resumes from the latest checkpoint (model, optimiser and data order:
 the following losses equal those of an uninterrupted run). A NaN or infinite loss stops the run with
 NonFiniteLossError before anything else is saved, so the last good checkpoint stays the latest.
 On a pod every host runs the same command (launch/tpu_run.sh); `--distributed` (default: when the
-TPU environment names several workers) calls jax.distributed.initialize() first.
+TPU environment names several workers) calls jax.distributed.initialize() first. Each host reads
+only its rows of every global batch (input_pipeline.ProcessRows). Preemption is one decision for
+all hosts: every `stop_check_every` steps the hosts all-gather their SIGTERM flags (and orbax's
+`reached_preemption` covers TPU maintenance events), so every host saves the same step and exits 0.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -65,11 +74,38 @@ class CheckpointWriteError(errors.UserError, RuntimeError):
   """A checkpoint could not be written (e.g. the disk is full); the previous one is kept."""
 
 
-def want_distributed(mode: str) -> bool:
-  """--distributed: 'true', 'false', or 'auto' (when TPU_WORKER_HOSTNAMES lists several hosts)."""
+def want_distributed(mode: str, num_processes: int | None = None) -> bool:
+  """--distributed: 'true', 'false', or 'auto' (when TPU_WORKER_HOSTNAMES lists several hosts,
+  MEGASCALE_NUM_SLICES several slices, or --num_processes is above 1)."""
   if mode != "auto":
     return mode == "true"
+  if num_processes is not None and num_processes > 1:
+    return True
+  if int(os.environ.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1:  # multi-slice, even 1 host each
+    return True
   return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any (a tiny all-gather; all must call it)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+
+
+class HostLog:
+  """WORKDIR/logs/host-<p>.txt: one timestamped line per event of this process (rewritten whole on
+  gs://, appended locally)."""
+
+  def __init__(self, workdir):
+    self.path = epath.Path(workdir) / "logs" / f"host-{jax.process_index()}.txt"
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+
+  def __call__(self, message: str) -> None:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    self.lines.append(f"{stamp} {message}\n")
+    self.path.write_text("".join(self.lines))
 
 
 def peak_flops(c, device) -> float:
@@ -89,7 +125,11 @@ def bytes_per_token(store) -> float:
 
 
 class MetricsWriter:
-  """metrics.jsonl (truncated to the resumed step on restart) and TensorBoard, on process 0."""
+  """metrics.jsonl (truncated to the resumed step on restart) and TensorBoard, on process 0.
+
+  Locally metrics.jsonl is appended line by line; on gs:// (no appends to objects) it is rewritten
+  whole at each write, so it is always complete in the bucket. TensorBoard events are flushed at
+  every checkpoint (`flush`) and at the end."""
 
   def __init__(self, workdir, resume_step: int, enabled: bool):
     self.enabled = enabled
@@ -100,7 +140,13 @@ class MetricsWriter:
       kept = [l for l in self.path.read_text().splitlines()
               if l.strip() and json.loads(l)["step"] <= resume_step]
       self.path.write_text("".join(l + "\n" for l in kept))
-    self._f = self.path.open("a")
+    else:
+      kept = []
+    self.remote = "://" in str(self.path)
+    if self.remote:
+      self._lines = [l + "\n" for l in kept]
+    else:
+      self._f = self.path.open("a")
     try:
       self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
     except ImportError:  # pragma: no cover
@@ -110,16 +156,25 @@ class MetricsWriter:
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
-    self._f.write(json.dumps(record) + "\n")
-    self._f.flush()
+    if self.remote:
+      self._lines.append(json.dumps(record) + "\n")
+      self.path.write_text("".join(self._lines))
+    else:
+      self._f.write(json.dumps(record) + "\n")
+      self._f.flush()
     if self.tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
           self.tb.add_scalar(f"train/{k}", v, record["step"])
 
+  def flush(self) -> None:
+    if self.enabled and self.tb is not None:
+      self.tb.flush()
+
   def close(self) -> None:
     if self.enabled:
-      self._f.close()
+      if not self.remote:
+        self._f.close()
       if self.tb is not None:
         self.tb.close()
 
@@ -183,11 +238,15 @@ class _QuietDiskFull(std_logging.Filter):
     return True
 
 
-def run(c, workdir: str, *, distributed: bool = False, progress: bool = True) -> dict[str, Any]:
+def run(c, workdir: str, *, distributed: bool | dict = False,
+        progress: bool = True) -> dict[str, Any]:
   """Trains `c` (an experiment ConfigDict) in `workdir`, holding its lock
-  (retro_jax.training.workdir_lock); returns the last logged metrics."""
+  (retro_jax.training.workdir_lock); returns the last logged metrics.
+
+  `distributed`: True calls jax.distributed.initialize() (auto-detected on TPU); a dict gives its
+  arguments (coordinator_address, num_processes, process_id: a multi-process CPU run)."""
   if distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**(distributed if isinstance(distributed, dict) else {}))
   lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
   quiet = _QuietDiskFull()
   # absl's root handler hands records to its inner handler without applying its own filters.
@@ -231,6 +290,9 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   if c.global_batch % jax.process_count():
     raise TrainSetupError(f"global_batch={c.global_batch} is not divisible by "
                           f"{jax.process_count()} processes.")
+  if c.grad_accum_steps < 1 or c.global_batch % c.grad_accum_steps:
+    raise TrainSetupError(f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide "
+                          f"global_batch={c.global_batch}.")
   if c.train_only not in ("all", "retrieval"):
     raise TrainSetupError(f"train_only={c.train_only!r}; expected 'all' or 'retrieval'.")
   if c.num_neighbours < 0 or (cfg.retrieval and c.num_neighbours == 0
@@ -258,7 +320,8 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   wrt = nnx.Param
   if c.train_only == "retrieval":
     wrt = RETRIEVAL_PARAMS
-  train = TrainStep(cfg, experiment.optimizer(c), mesh, wrt=wrt, seed=c.seed)
+  train = TrainStep(cfg, experiment.optimizer(c), mesh, wrt=wrt, seed=c.seed,
+                    grad_accum_steps=c.grad_accum_steps)
   num_neighbours = c.num_neighbours or cfg.num_neighbours
   data_iter = loader.make_iterator(
       c.db, seq_len=c.seq_len, batch_size=c.global_batch // jax.process_count(), split="train",
@@ -272,15 +335,20 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
           "params": {"non_embedding": count_params(abstract_model),
                      "total": count_params(abstract_model, non_embedding=False)}}
 
+  host_log = HostLog(workdir)
   start = mngr.latest_step()
   state = train.init()
   if start is not None:
     state, _ = ckpt_lib.restore(mngr, start, state, data_iter)
     logging.info("resumed from %s step %d", workdir / ckpt_lib.CHECKPOINTS, start)
+    host_log(f"process {jax.process_index()}/{jax.process_count()}: resumed from step {start}")
     if progress and is_main:
       print(f"resuming {workdir} from step {start}", flush=True)
   else:
     start = 0
+    host_log(f"process {jax.process_index()}/{jax.process_count()}: started, "
+             f"{jax.local_device_count()} of {jax.device_count()} devices, mesh "
+             f"{dict(mesh.shape)}, db {c.db}")
     if c.init_from:
       state = load_baseline_into(state, cfg, c.init_from)
   if is_main:
@@ -345,7 +413,9 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
       if step == start + 1:  # Leave compilation out of the first interval's throughput.
         jax.block_until_ready(metrics)
         flush()
-      stop = preempted["flag"] or mngr.reached_preemption(step)
+      stop = mngr.reached_preemption(step)  # the same answer on every host
+      if step % c.stop_check_every == 0 or step == c.total_steps:
+        stop = any_process(preempted["flag"]) or stop  # SIGTERM on any host stops all here
       save = stop or step % c.checkpoint_every == 0 or step == c.total_steps
       if save or step % c.log_every == 0:
         flush()
@@ -357,8 +427,11 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
         _check_space(workdir / ckpt_lib.CHECKPOINTS, state, step, last_good)
         ckpt_lib.save(mngr, step, state, data_iter, {**meta, "step": step})
         last_good = step
+        writer.flush()
+        host_log(f"checkpoint {step}")
       if stop:
         logging.warning("SIGTERM / preemption at step %d: checkpoint saved, exiting", step)
+        host_log(f"preempted: stopped at step {step} (SIGTERM here: {preempted['flag']})")
         if progress and is_main:
           print(f"preempted at step {step}: checkpoint saved", flush=True)
         break

@@ -109,16 +109,23 @@ def test_checkpoint_restore_continues_with_the_same_batches(db, source):
   assert_batches_equal(take(fresh, per_epoch + 2), expected)
 
 
-def test_two_processes_see_disjoint_sequences(db, source):
-  kw = dict(seq_len=T, batch_size=2, seed=0, num_epochs=1, retrieval=False)
-  rows = []
-  for p in range(2):
-    it = loader.make_iterator(db, process_index=p, process_count=2, **kw)
-    rows.append({r.tobytes() for b in it for r in b["inputs"]})
-  n = len(source) // 2 // 2 * 2  # per process: half the sequences, whole batches only
-  assert len(rows[0]) == len(rows[1]) == n
+def test_two_processes_read_their_rows_of_the_single_process_batches(db, source):
+  kw = dict(seq_len=T, seed=0, num_epochs=1, retrieval=False)
+  whole = list(loader.make_iterator(db, batch_size=4, process_index=0, process_count=1, **kw))
+  parts = [list(loader.make_iterator(db, batch_size=2, process_index=p, process_count=2, **kw))
+           for p in range(2)]
+  assert len(parts[0]) == len(parts[1]) == len(whole) == len(source) // 4
+  for b, batch in enumerate(whole):  # process p's rows are rows [2p, 2p+2) of global batch b
+    for p in range(2):
+      np.testing.assert_array_equal(parts[p][b]["inputs"], batch["inputs"][2 * p:2 * p + 2])
+  rows = [{r.tobytes() for b in part for r in b["inputs"]} for part in parts]
   assert not rows[0] & rows[1]
-  assert loader.process_slice(len(source), 1, 2) == slice(len(source) // 2, 2 * (len(source) // 2))
+  # Shuffled and repeated alike: the two processes' first batches make the single-process one.
+  kw = dict(seq_len=T, seed=5, retrieval=False)
+  one = next(loader.make_iterator(db, batch_size=4, process_index=0, process_count=1, **kw))
+  two = [next(loader.make_iterator(db, batch_size=2, process_index=p, process_count=2, **kw))
+         for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate([t["targets"] for t in two]), one["targets"])
 
 
 def test_retrieval_off_and_heldout_split(db, store):
