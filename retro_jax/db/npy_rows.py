@@ -62,6 +62,10 @@ class RemoteRows:
   def __len__(self) -> int:
     return self.shape[0]
 
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
   def _read(self, start: int, end: int) -> bytes:
     return self._fetch(self._kv.read(b"", byte_range=slice(start, end)), start, end)
 
