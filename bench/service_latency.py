@@ -291,23 +291,31 @@ def summarize(path: str, since: float | None = None) -> dict:
           if len(ok) else None, "queries_per_request": res["batch"], "error_samples": res["errors"]}
 
 
-def measure(n_shards: int, db: str, work: str) -> dict:
+def _reference_queries(db: str, work: str, n_shards: int, name: str):
+  """The shard copies, the sampled stored chunks as queries, their in-process answers (written
+  to WORK/NAME_S.npz for the load workers)."""
   from retro_jax.db import chunk_store as chunk_store_lib
-  from retro_jax.retrieval import client as client_lib
-  from retro_jax.retrieval import shard_server as serve_lib
+  from retro_jax.retrieval import retriever as retriever_lib
   db_copy, root = prepare(db, work, n_shards)
   store = chunk_store_lib.ChunkStore.open(db_copy)
-  rng = np.random.default_rng(0)
-  rows = np.sort(rng.choice(store.num_chunks, _NQ.value, replace=False))
-  from retro_jax.retrieval import retriever as retriever_lib
+  rows = np.sort(np.random.default_rng(0).choice(store.num_chunks, _NQ.value, replace=False))
   emb = [(np.load(p, mmap_mode="r"), o) for _, p, o in retriever_lib.db_embedding_shards(db)]
   q_QxD = np.stack([next(e[r - o] for e, o in emb if o <= r < o + len(e)) for r in rows])
   excl_Q = store.doc_ids(rows)
   want_QxK, want_scores_QxK, wide_QxW, inproc_lat = in_process_reference(
       db_copy, root, n_shards, q_QxD, excl_Q, _K.value)
-  qfile = os.path.join(work, f"queries_{n_shards}.npz")
+  qfile = os.path.join(work, f"{name}_{n_shards}.npz")
   np.savez(qfile, queries=q_QxD, exclude=excl_Q, expected=want_QxK,
            expected_scores=want_scores_QxK, expected_wide=wide_QxW)
+  return (db_copy, root, store, q_QxD, excl_Q, want_QxK, want_scores_QxK, wide_QxW, inproc_lat,
+          qfile)
+
+
+def measure(n_shards: int, db: str, work: str) -> dict:
+  from retro_jax.retrieval import client as client_lib
+  from retro_jax.retrieval import shard_server as serve_lib
+  db_copy, root, store, q_QxD, excl_Q, want_QxK, want_scores_QxK, wide_QxW, inproc_lat, qfile = (
+      _reference_queries(db, work, n_shards, "queries"))
   out: dict = {"num_shards": n_shards,
                "shard_sizes": [int(json.load(open(os.path.join(str(layout.index_shard_dir(root, i)),
                                                                "manifest.json")))["count"])
@@ -402,20 +410,9 @@ class RssSampler:
 
 def measure_abuse(n_shards: int, db: str, work: str) -> dict:
   """Normal single-query load without, with, and again without abusive requests mixed in."""
-  from retro_jax.db import chunk_store as chunk_store_lib
-  from retro_jax.retrieval import retriever as retriever_lib
   from retro_jax.retrieval import shard_server as serve_lib
-  db_copy, root = prepare(db, work, n_shards)
-  store = chunk_store_lib.ChunkStore.open(db_copy)
-  rows = np.sort(np.random.default_rng(0).choice(store.num_chunks, _NQ.value, replace=False))
-  emb = [(np.load(p, mmap_mode="r"), o) for _, p, o in retriever_lib.db_embedding_shards(db)]
-  q_QxD = np.stack([next(e[r - o] for e, o in emb if o <= r < o + len(e)) for r in rows])
-  excl_Q = store.doc_ids(rows)
-  want_QxK, want_scores_QxK, wide_QxW, _ = in_process_reference(
-      db_copy, root, n_shards, q_QxD, excl_Q, _K.value)
-  qfile = os.path.join(work, f"queries_abuse_{n_shards}.npz")
-  np.savez(qfile, queries=q_QxD, exclude=excl_Q, expected=want_QxK,
-           expected_scores=want_scores_QxK, expected_wide=wide_QxW)
+  db_copy, root, store, q_QxD, excl_Q, want_QxK, want_scores_QxK, wide_QxW, _, qfile = (
+      _reference_queries(db, work, n_shards, "queries_abuse"))
   procs = serve_lib.start_shards(db_copy, range(n_shards),
                                  os.path.join(work, f"serve_abuse_{n_shards}"), index_root=root)
   addrs = [p.address for p in procs]

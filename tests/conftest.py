@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # file collected last leaves one worker idle while the other finishes it.
 LONGEST_FIRST = ("tests/test_train_multiprocess.py", "tests/model/test_sharding.py",
                  "tests/test_train.py", "tests/test_retrofit.py", "tests/test_train_step.py",
-                 "tests/model/test_retro.py")
+                 "tests/test_hardening.py", "tests/model/test_retro.py", "tests/test_controls.py")
 
 
 def pytest_collection_modifyitems(config, items):

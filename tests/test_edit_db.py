@@ -6,7 +6,6 @@ from the fixed test corpus (after a removal), an upsert and the deletions-file c
 of a database with both edits).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -69,16 +68,6 @@ def all_neighbours(db):
 
 def inside(ids, a, b):
   return (ids >= a) & (ids < b)
-
-
-def digests(db, skip=()):
-  out = {}
-  for root, _, files in os.walk(db):
-    for f in files:
-      p = os.path.join(root, f)
-      if not any(s in p for s in skip):
-        out[os.path.relpath(p, db)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-  return out
 
 
 def most_referenced_training_doc(db):
@@ -155,13 +144,13 @@ def test_added_documents_are_retrievable_and_get_neighbours(db):
   # After a removal, so that the new chunks' neighbours have a removed document to avoid.
   removed = most_referenced_training_doc(db)
   edit_db.remove_documents(db, [removed])
-  before = digests(db, skip=("manifest.json", "embedder.json"))
+  before = tiny_db.digests(db, skip=("manifest.json", "embedder.json"))
   store = chunk_store_lib.ChunkStore.open(db)
   old_chunks, old_shards = store.num_chunks, store.num_shards
   res = edit_db.add_documents(db, PYTHON_DOCS)  # a new topic
   assert res["shard"] == old_shards and res["first_chunk_id"] == old_chunks
   # Existing shards' files are untouched.
-  after = digests(db)
+  after = tiny_db.digests(db)
   assert all(after[p] == d for p, d in before.items())
   store = chunk_store_lib.ChunkStore.open(db)
   a, b = old_chunks, store.num_chunks

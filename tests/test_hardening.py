@@ -6,7 +6,6 @@ database of tests/data/tiny_db.py (copied before any damage), a tiny model train
 steps, real orbax checkpoints, a real gRPC shard server, and the commands as subprocesses where
 the one-line error itself is the point.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -69,16 +68,6 @@ def copy_db(db, tmp_path, name="db") -> str:
   dst = tmp_path / name
   shutil.copytree(db, dst)
   return str(dst)
-
-
-def digests(root, skip=()) -> dict[str, str]:
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      p = os.path.join(d, f)
-      if not any(s in p for s in skip):
-        out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-  return out
 
 
 def experiment(db, model=(), **kw) -> ml_collections.ConfigDict:
@@ -165,7 +154,7 @@ def _flip_rows(path, rows=slice(0, 4)):
 
 def test_build_skips_a_stage_only_when_its_record_matches(db, tmp_path):
   d = copy_db(db, tmp_path)
-  before = digests(d)
+  before = tiny_db.digests(d)
   cases = [({"vocab_size": 900}, "vocab_size: built with 1000, now 900"),
            ({"heldout_fraction": 0.2}, "heldout_fraction: built with 0.1, now 0.2"),
            ({"corpus": corpus_path.spec(kernel=12, wiki=25)}, "corpus: built with")]
@@ -173,13 +162,13 @@ def test_build_skips_a_stage_only_when_its_record_matches(db, tmp_path):
     with pytest.raises(provenance.ProvenanceMismatchError, match="--rebuild") as e:
       build_lib.build(d, **{**tiny_db.SETTINGS, **change})
     assert needle in str(e.value)
-  assert digests(d) == before  # refused before anything was written
+  assert tiny_db.digests(d) == before  # refused before anything was written
 
   p = cli([sys.executable, "-m", "retro_jax.build_db", f"--db={d}",
            f"--corpus={tiny_db.CORPUS}", "--vocab_size=900", "--heldout_fraction=0.1",
            "--docs_per_shard=20", "--backend=scann"])
   assert_one_line_error(p, "vocab_size: built with 1000, now 900", "--rebuild")
-  assert digests(d) == before
+  assert tiny_db.digests(d) == before
 
   # --rebuild rebuilds the tokenizer and the chunks; the embeddings, built from the old chunks,
   # are then refused by name.
@@ -193,13 +182,13 @@ def test_build_skips_a_stage_only_when_its_record_matches(db, tmp_path):
 
 def test_missing_or_damaged_outputs_are_rebuilt(db, tmp_path):
   d = copy_db(db, tmp_path)
-  want = digests(d, skip=("build_times.json",))
+  want = tiny_db.digests(d, skip=("build_times.json",))
   os.remove(layout.neighbours_path(d, 1))  # its progress file (done) remains
   _flip_rows(str(layout.neighbours_path(d, 0)))
   record = build_lib.build(d, **tiny_db.SETTINGS)
   assert not record["stages"]["neighbours"]["skipped"]
   assert all(record["stages"][s]["skipped"] for s in ("tokenizer", "chunks", "embeddings", "index"))
-  assert digests(d, skip=("build_times.json",)) == want  # byte-identical to the original build
+  assert tiny_db.digests(d, skip=("build_times.json",)) == want  # byte-identical to the original build
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,10 +270,10 @@ def test_checkpoint_refuses_a_database_with_another_tokenizer(ckpt, other_tokeni
 
 
 def test_resume_with_another_d_model_is_refused(db, ckpt):
-  before = digests(os.path.join(ckpt, "checkpoints"))
+  before = tiny_db.digests(os.path.join(ckpt, "checkpoints"))
   with pytest.raises(loop.TrainSetupError, match="d_model 32 -> 64"):
     loop.run(experiment(db, model={"d_model": 64}, total_steps=4), ckpt, progress=False)
-  assert digests(os.path.join(ckpt, "checkpoints")) == before
+  assert tiny_db.digests(os.path.join(ckpt, "checkpoints")) == before
   assert not os.path.exists(os.path.join(ckpt, workdir_lock.LOCK))  # released on the error
 
 

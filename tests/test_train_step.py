@@ -73,7 +73,7 @@ def test_gradient_accumulation_gives_the_whole_batch_step():
   batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
            "neighbours": rng.integers(1, CFG.vocab_size, (4, 2, 2, 16)).astype(np.int32)}
   runs = []
-  for accum in (1, 2, 4):
+  for accum in (1, 4):
     train = TrainStep(CFG, optim.adamw(3e-3, warmup_steps=1, total_steps=50), mesh,
                       grad_accum_steps=accum)
     state = train.init()
@@ -82,6 +82,5 @@ def test_gradient_accumulation_gives_the_whole_batch_step():
       state, m = train.step(state, batch)
       runs[-1].append((float(m["loss"]), float(m["grad_norm"]), float(m["tokens"])))
   np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
-  np.testing.assert_allclose(runs[2], runs[0], rtol=1e-5)
   with pytest.raises(ValueError, match="grad_accum_steps"):
     TrainStep(CFG, optim.adamw(), mesh, grad_accum_steps=0)

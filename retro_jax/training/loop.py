@@ -271,6 +271,16 @@ def run(c, workdir: str, *, distributed: bool | dict = False,
       lock.release()
 
 
+def _keep_disk_full(fn, failed: list) -> None:
+  """Calls fn(); a full disk is appended to `failed` (reported once, after), anything else raises."""
+  try:
+    fn()
+  except Exception as e:  # noqa: BLE001
+    if not errors.is_disk_full(e):
+      raise
+    failed.append(e)
+
+
 def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   c = experiment.with_defaults(c)
   cfg = experiment.model_config(c)
@@ -441,18 +451,8 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     failed.append(e)
   finally:
     bar.close()
-    try:
-      mngr.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
-      if not errors.is_disk_full(e):
-        raise
-      failed.append(e)
-    try:
-      writer.close()
-    except Exception as e:  # noqa: BLE001
-      if not errors.is_disk_full(e):
-        raise
-      failed.append(e)
+    _keep_disk_full(mngr.wait_until_finished, failed)
+    _keep_disk_full(writer.close, failed)
     signal.signal(signal.SIGTERM, old_handler)
   if failed:
     # (orbax's writers may still be running; a temporary directory they leave is removed when

@@ -5,6 +5,7 @@ chunks, 2 store shards), SentencePiece vocab 1000, 10% of the documents held out
 embedder, a real ScaNN index, k=2 training neighbours.
 Shared by tests/data/test_neighbours.py, tests/data/test_loader.py and tests/test_build_db.py.
 """
+import hashlib
 import os
 import sys
 import threading
@@ -30,3 +31,16 @@ def get(tmp_path_factory):
       record = build_db.build(db, **SETTINGS)
       _cache["db"] = (db, record)
     return _cache["db"]
+
+
+def digests(root, skip=()) -> dict[str, str]:
+  """sha256 of every file under `root` (relative path -> digest), paths containing a `skip`
+  string left out: to compare a database or workdir before and after."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(d, f)
+      if not any(s in p for s in skip):
+        with open(p, "rb") as fh:
+          out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out

@@ -120,6 +120,7 @@ def test_skew_equals_explicit_relative_indexing():
       assert got[0, i, j] == x[0, i, q - 1 - i + j]
 
 
+@pytest.mark.slow  # make test-slow (keeps make test within CI's time)
 def test_short_sequences_and_lengths_not_multiple_of_m(model):
   for t in (1, 5, M, M + 1, 3 * M - 1):
     tokens, nbrs = _inputs(6, 2, t)
@@ -136,6 +137,7 @@ def test_bad_neighbour_shape_and_bad_config_raise(model):
     Retro(CFG.baseline(), rngs=nnx.Rngs(0))(tokens, nbrs)
 
 
+@pytest.mark.slow  # make test-slow (keeps make test within CI's time)
 def test_bfloat16_compute_is_close_to_float32():
   tokens, nbrs = _inputs(8, 1, 16)
   f32 = Retro(CFG, rngs=nnx.Rngs(0))(tokens, nbrs)
@@ -145,6 +147,7 @@ def test_bfloat16_compute_is_close_to_float32():
   assert rel < 0.05
 
 
+@pytest.mark.slow  # make test-slow (keeps make test within CI's time)
 def test_query_blocked_self_attention_equals_unblocked(model):
   tokens, nbrs = _inputs(9, 2, 32)
   blocked = Retro(CFG.replace(attention_q_block=8), rngs=nnx.Rngs(0))
