@@ -7,7 +7,6 @@ r"""Build a retrieval database: corpus -> tokenizer -> chunks -> embeddings -> i
 Every stage is restartable and a finished one is skipped (retro_jax.db.build); stage times go to
 DB/build_times.json.
 """
-import sys
 
 from absl import app, flags
 
@@ -40,8 +39,6 @@ flags.DEFINE_bool("rebuild", False, "rebuild a finished stage whose recorded set
 
 def main(argv) -> None:
   del argv
-  if "://" in FLAGS.db:
-    sys.exit("error: " + build.REMOTE_BUILD_ERROR.format(db=FLAGS.db))
   build.build(FLAGS.db, stages=tuple(FLAGS.stages), rebuild=FLAGS.rebuild,
               **{name: FLAGS[name].value for name in build.DEFAULTS})
 

@@ -46,7 +46,8 @@ def overrides(db, **kw):
           "model_overrides.ffw_size": 64, "model_overrides.cca_layers": "(2,)",
           "model_overrides.encoder_d_model": 16, "model_overrides.encoder_num_heads": 1,
           "seq_len": 128, "global_batch": 8, "total_steps": TOTAL, "warmup_steps": 2,
-          "checkpoint_every": 100, "log_every": 1, "peak_lr": 3e-3, "read_threads": 1}
+          "checkpoint_every": 100, "log_every": 1, "peak_lr": 3e-3, "read_threads": 1,
+          "metrics_upload_every_s": 0.0}
   base.update(kw)
   return [f"--config.{k}={v}" for k, v in base.items()]
 

@@ -200,7 +200,7 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
     raise ValueError(f"--shard_index={cfg['shard_index']} must be in [0, --num_shards="
                      f"{cfg['num_shards']}).")
   if "://" in str(db_dir):  # pathlib would write a local directory named "gs:"
-    raise ValueError(REMOTE_BUILD_ERROR.format(db=db_dir))
+    raise BuildError(REMOTE_BUILD_ERROR.format(db=db_dir))
   db = pathlib.Path(db_dir)
   db.mkdir(parents=True, exist_ok=True)
   times_path = db / layout.BUILD_TIMES

@@ -60,6 +60,8 @@ def defaults() -> ml_collections.ConfigDict:
   # Every this many steps the hosts agree whether any got SIGTERM (a tiny all-gather); all stop and
   # save at the same step. 1: stop at the next step (the cost is one host sync per step).
   c.stop_check_every = 1
+  # On gs://, metrics.jsonl is uploaded whole at most this often (and at checkpoints and the end).
+  c.metrics_upload_every_s = 60.0
   c.debug_step_delay_s = 0.0  # sleep after each step (tests use it to kill a run mid-flight)
   return c
 

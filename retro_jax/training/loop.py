@@ -127,12 +127,13 @@ def bytes_per_token(store) -> float:
 class MetricsWriter:
   """metrics.jsonl (truncated to the resumed step on restart) and TensorBoard, on process 0.
 
-  Locally metrics.jsonl is appended line by line; on gs:// (no appends to objects) it is rewritten
-  whole at each write, so it is always complete in the bucket. TensorBoard events are flushed at
-  every checkpoint (`flush`) and at the end."""
+  Locally metrics.jsonl is appended line by line; on gs:// (no appends to objects) the object is
+  rewritten whole, at the first record, then at most every `upload_every_s` seconds, at every
+  checkpoint (`flush`) and at the end, so a step never waits on an upload of the whole log.
+  TensorBoard events are flushed at every checkpoint and at the end."""
 
-  def __init__(self, workdir, resume_step: int, enabled: bool):
-    self.enabled = enabled
+  def __init__(self, workdir, resume_step: int, enabled: bool, upload_every_s: float = 60.0):
+    self.enabled, self.upload_every_s = enabled, upload_every_s
     if not enabled:
       return
     self.path = epath.Path(workdir) / "metrics.jsonl"
@@ -145,6 +146,7 @@ class MetricsWriter:
     self.remote = "://" in str(self.path)
     if self.remote:
       self._lines = [l + "\n" for l in kept]
+      self._uploaded = -math.inf
     else:
       self._f = self.path.open("a")
     try:
@@ -158,7 +160,8 @@ class MetricsWriter:
       return
     if self.remote:
       self._lines.append(json.dumps(record) + "\n")
-      self.path.write_text("".join(self._lines))
+      if time.monotonic() - self._uploaded >= self.upload_every_s:
+        self._upload()
     else:
       self._f.write(json.dumps(record) + "\n")
       self._f.flush()
@@ -167,13 +170,21 @@ class MetricsWriter:
         if k != "step" and isinstance(v, (int, float)):
           self.tb.add_scalar(f"train/{k}", v, record["step"])
 
+  def _upload(self) -> None:
+    self.path.write_text("".join(self._lines))
+    self._uploaded = time.monotonic()
+
   def flush(self) -> None:
+    if self.enabled and self.remote:
+      self._upload()
     if self.enabled and self.tb is not None:
       self.tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      if not self.remote:
+      if self.remote:
+        self._upload()
+      else:
         self._f.close()
       if self.tb is not None:
         self.tb.close()
@@ -364,7 +375,7 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   if is_main:
     write_json_atomic(workdir / "config.json", meta)
 
-  writer = MetricsWriter(workdir, start, is_main)
+  writer = MetricsWriter(workdir, start, is_main, c.metrics_upload_every_s)
   preempted = {"flag": False}
 
   def on_sigterm(signum, frame):

@@ -68,7 +68,7 @@ def _create_local(path: epath.Path, data: bytes) -> bool:
 
 def _create_gcs(path: epath.Path, data: bytes) -> bool:
   """gs://BUCKET/OBJECT created only if absent (generation precondition 0)."""
-  from google.api_core import exceptions as gcs_exceptions  # optional: only for gs:// workdirs
+  from google.api_core import exceptions as gcs_exceptions  # here: local runs skip its import
   from google.cloud import storage
   bucket, _, name = str(path)[len("gs://"):].partition("/")
   blob = storage.Client().bucket(bucket).blob(name)
