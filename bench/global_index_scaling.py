@@ -58,6 +58,9 @@ _SCRATCH = flags.DEFINE_string("scratch", "/tmp/global_scaling", "Where the inde
                                "(each size's is deleted after it is measured).")
 _OUT = flags.DEFINE_string("out", "bench/results/global_index_scaling.json", "Results file.")
 _PLOT = flags.DEFINE_string("plot", "docs/global_index_scaling.png", "Plot file.")
+_MERGE = flags.DEFINE_bool("merge", True, "Keep the points of sizes not measured in this run from "
+                           "an existing --out (each point records its run's date; compare QPS "
+                           "only within one run).")
 K = 10
 BLOCK = 65_536
 
@@ -186,7 +189,16 @@ def main(argv):
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        "shared with other jobs (compare within this run)",
             "sizes": []}
-  for n in [int(s) for s in _SIZES.value]:
+  sizes = [int(s) for s in _SIZES.value]
+  kept = []
+  if _MERGE.value and os.path.exists(_OUT.value):
+    with open(_OUT.value) as f:
+      old = json.load(f)
+    if old.get("config") == report["config"] and old.get("noise_sigma") == _NOISE.value:
+      kept = [dict(p, date_utc=p.get("date_utc", old.get("date_utc")))
+              for p in old["sizes"] if p["num_vectors"] not in sizes]
+  run_date = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
+  for n in sizes:
     data = NoisyCopies(real, n, _NOISE.value)
     out = os.path.join(_SCRATCH.value, f"n{n}")
     shutil.rmtree(out, ignore_errors=True)
@@ -233,21 +245,23 @@ def main(argv):
         "best_at_recall_0.9": max(ok, key=lambda s: s["qps"]) if ok else None,
         "best_at_recall_0.95": max([s for s in sweep if s["recall@10"] >= 0.95],
                                    key=lambda s: s["qps"], default=None),
-        "sweep": sweep}
+        "sweep": sweep, "date_utc": run_date}
     report["sizes"].append(point)
     print(f"n={n:,}: build {build_s:.0f} s, RAM {point['ram_bytes_per_vector']:.1f} B/vector, "
           f"disk {point['disk_bytes_per_vector']:.0f} B/vector, best at recall>=0.9: "
           f"{point['best_at_recall_0.9']}", flush=True)
     del index
     shutil.rmtree(out, ignore_errors=True)
+    # QPS ratio between the smallest and largest size measured in this run (same machine, load).
     pts = [p["best_at_recall_0.9"]["qps"] for p in report["sizes"] if p["best_at_recall_0.9"]]
     report["qps_ratio_smallest_to_largest"] = (pts[0] / pts[-1]) if len(pts) > 1 else None
-    report["date_utc"] = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
+    report["date_utc"] = run_date
+    merged = dict(report, sizes=sorted(kept + report["sizes"], key=lambda p: p["num_vectors"]))
     os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
     with open(_OUT.value, "w") as f:
-      json.dump(report, f, indent=1)
+      json.dump(merged, f, indent=1)
     if _PLOT.value:
-      plot(report, _PLOT.value)
+      plot(merged, _PLOT.value)
   print(f"wrote {_OUT.value}")
 
 
