@@ -10,15 +10,14 @@ query: they stay in the index files and are dropped (and refilled) the same way.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout, verify
+from retro_jax.db import layout, npy_rows, verify
 from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
 
@@ -27,11 +26,10 @@ DocIdsLike = np.ndarray | Sequence[np.ndarray] | Callable[[np.ndarray], np.ndarr
 
 def _unfinished(path: str) -> bool:
   """The embed stage writes `shard-XXXXX.npy` in place and marks it done in `.progress.json`."""
-  progress = path[:-len(".npy")] + ".progress.json"
-  if not os.path.isfile(progress):
+  progress = layout.progress_path(path)
+  if not progress.exists():
     return False
-  with open(progress) as f:
-    return not json.load(f).get("done")
+  return not json.loads(progress.read_text()).get("done")
 
 
 def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
@@ -43,20 +41,19 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
   Offsets come from the chunk store's `DB/chunks/manifest.json` (`first_chunk_id`, and the row
   count is checked against `num_chunks`) when it exists, else from the running sum of row counts.
   """
-  pattern = os.path.join(layout.embeddings_dir(db_dir), "shard-*.npy")
-  paths = sorted(p for p in glob.glob(pattern) if not p.endswith(".tmp.npy"))
-  manifest_path = os.path.join(layout.chunks_dir(db_dir), layout.MANIFEST)
+  emb_dir = layout.embeddings_dir(db_dir)
+  pattern = f"{emb_dir}/shard-*.npy"
+  manifest_path = layout.chunks_dir(db_dir) / layout.MANIFEST
   fix = f"run `python -m retro_jax.build_db --db={db_dir} --stages=embeddings` first"
-  if os.path.isfile(manifest_path):
-    with open(manifest_path) as f:
-      store_shards = json.load(f)["shards"]
+  if manifest_path.exists():
+    store_shards = json.loads(manifest_path.read_text())["shards"]
     out = []
     for s in store_shards:
       i = int(s["index"])
       if select is not None and not select(i):
         continue
       path = str(layout.embeddings_path(db_dir, i))
-      if not os.path.isfile(path) or _unfinished(path):
+      if not epath.Path(path).exists() or _unfinished(path):
         raise index_lib.IndexError_(f"Embeddings shard {path} is missing or unfinished; {fix}.")
       rows = index_lib.load_embeddings(path).shape[0]
       if rows != int(s["num_chunks"]):
@@ -66,6 +63,8 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
       verify.embeddings_shard(db_dir, i)  # content checksum, once per process
       out.append((i, path, int(s["first_chunk_id"])))
     return out
+  paths = sorted(str(p) for p in emb_dir.glob("shard-*.npy")) if emb_dir.exists() else []
+  paths = [p for p in paths if not p.endswith(".tmp.npy")]
   if not paths:
     raise index_lib.IndexError_(f"No embedding shards found at {pattern}; {fix}.")
   for p in paths:
@@ -78,8 +77,8 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
 
 def db_embedding_rows(db_dir: str, ids_N: np.ndarray) -> np.ndarray:
   """float32 [N, D]: the database's stored embeddings of these global chunk ids (memory-mapped
-  reads of the rows asked for; the shards are never loaded whole)."""
-  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
+  or ranged reads of the rows asked for, retro_jax.db.npy_rows; never whole shards)."""
+  embs = [(npy_rows.open_rows(p), off) for _, p, off in db_embedding_shards(db_dir)]
   ids_N = np.asarray(ids_N, np.int64)
   out = np.empty((len(ids_N), embs[0][0].shape[1]), np.float32)
   offs = np.array([o for _, o in embs], np.int64)
@@ -97,13 +96,12 @@ def embedding_paths(db_dir: str) -> list[str]:
 
 def db_deleted_ranges(db_dir: str) -> np.ndarray:
   """int64 [R, 2] chunk-id ranges of the documents removed from `db_dir` (empty when none)."""
-  manifest = os.path.join(layout.chunks_dir(db_dir), layout.MANIFEST)
-  if not os.path.isfile(os.path.join(layout.chunks_dir(db_dir), layout.DELETIONS)):
-    if not os.path.isfile(manifest):
+  manifest = layout.chunks_dir(db_dir) / layout.MANIFEST
+  if not (layout.chunks_dir(db_dir) / layout.DELETIONS).exists():
+    if not manifest.exists():
       return np.zeros((0, 2), np.int64)  # embeddings and index only: no chunk store, no edits
-    with open(manifest) as f:
-      if not json.load(f).get("edits", {}).get("deletions", {}).get("num_docs"):
-        return np.zeros((0, 2), np.int64)  # never edited (a lost deletions file is an error below)
+    if not json.loads(manifest.read_text()).get("edits", {}).get("deletions", {}).get("num_docs"):
+      return np.zeros((0, 2), np.int64)  # never edited (a lost deletions file is an error below)
   return chunk_store_lib.ChunkStore.open(db_dir).deleted_chunk_ranges()
 
 
@@ -117,8 +115,8 @@ def db_backend(db_dir: str, backend: str | None = None) -> str:
   else DEFAULT_BACKEND if it is there, else the only backend there."""
   if backend:
     return backend
-  root = os.path.join(db_dir, "index")
-  built = sorted(b for b in index_lib.ALL_BACKENDS if os.path.isdir(os.path.join(root, b)))
+  root = epath.Path(db_dir) / layout.INDEX_DIR
+  built = sorted(b for b in index_lib.ALL_BACKENDS if (root / b).is_dir())
   for preferred in (global_lib.BACKEND, index_lib.DEFAULT_BACKEND):
     if preferred in built:
       return preferred
