@@ -99,11 +99,15 @@ def check_reachable(path: PathLike, what: str = "--db") -> None:
                        f"network (or the emulator), or use a local path") from None
   bucket = url[len("gs://"):].split("/", 1)[0]
   try:
-    found = epath.Path(f"gs://{bucket}").exists()
+    epath.Path(url).exists()  # an object read or listing: credentials and permissions
   except Exception as e:  # noqa: BLE001  (auth, permission, HTTP errors: all one clear line)
     raise StorageError(f"{what}={url}: cannot use bucket gs://{bucket} at {where} "
                        f"({type(e).__name__}: {str(e)[:200]}); check its credentials "
                        f"(gcloud auth application-default login) and permissions") from None
+  try:
+    found = epath.Path(f"gs://{bucket}").exists()
+  except Exception:  # noqa: BLE001  (no bucket-metadata permission; objects are readable)
+    found = True
   if not found:
     raise StorageError(f"{what}={url}: bucket gs://{bucket} does not exist (or is not visible "
                        f"with these credentials); create it or fix the path")
