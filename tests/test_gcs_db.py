@@ -5,8 +5,10 @@ The build (`retro_jax.db.build.build`, every stage) writes gs://BUCKET/db throug
 retro_jax.db.layout (epath/gcsfs, tensorstore ranged reads, staged local files for faiss and
 np.memmap); `retro_jax.train` (3 steps) reads it with its workdir in gs://BUCKET/run;
 `retro_jax.evaluate` and `retro_jax.sample` (live retrieval: the global index and embeddings read
-from the bucket) read both from there. The emulator: tests/gcs_emulator.py.
+from the bucket) read both from there; the slow test retrofits a gs:// baseline into gs://. The
+emulator: tests/gcs_emulator.py.
 """
+import hashlib
 import io
 import json
 import os
@@ -15,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from retro_jax.db import build as build_lib
 from retro_jax.db import layout
@@ -22,6 +25,7 @@ from retro_jax.retrieval import build_index, embed
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval.embedder import Embedder
+from retro_jax.training import checkpoint as ckpt_lib
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
@@ -95,6 +99,23 @@ def test_build_into_gs_writes_every_stage_there_and_a_rerun_skips_them(gs_db, tm
   again = build_lib.build(db, **SETTINGS)
   assert all(s["skipped"] for s in again["stages"].values()), again["stages"]
   assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")
+
+
+@pytest.mark.slow
+def test_a_gs_build_is_byte_identical_to_a_local_one(gs_db, tmp_path):
+  """Every file of the gs:// build equals the local build's (build times aside)."""
+  emulator, bucket, _, _ = gs_db
+  local = tmp_path / "db"
+  build_lib.build(local, **SETTINGS)
+  want = tiny_db.digests(local, skip=("build_times.json", "index/global/manifest.json"))
+  skip = ("db/build_times.json", "db/index/global/manifest.json", "db/index/scann/")
+  got = {n[len("db/"):]: hashlib.sha256(emulator.read(n, bucket)).hexdigest()
+         for n in emulator.names("db/", bucket) if not n.startswith(skip)}
+  assert got == want
+  a = json.loads((local / "index/global/manifest.json").read_text())
+  b = json.loads(emulator.read("db/index/global/manifest.json", bucket))
+  assert {k: v for k, v in a.items() if k != "build_seconds"} == \
+      {k: v for k, v in b.items() if k != "build_seconds"}
 
 
 def test_train_three_steps_then_evaluate_from_gs(gs_db, gs_run, tmp_path):
@@ -174,3 +195,32 @@ def test_embeddings_resume_on_gs_after_a_kill_mid_shard(gs_db, tmp_path):
   embed.embed_to_npy(embedder, batches(), local, num_rows=40, block_rows=16)
   assert emulator.read("resume/shard-00000.npy", bucket) == local.read_bytes()
   assert layout.is_finished(remote) and not emulator.names("resume/shard-00000.parts/", bucket)
+
+
+@pytest.mark.slow
+def test_retrofit_reads_its_baseline_and_database_from_gs(gs_db, tmp_path):
+  """A baseline trained into gs://, retrofitted by `retro_jax.retrofit` into gs:// from the gs://
+  database: every baseline weight reaches the retrofit checkpoint bit for bit."""
+  emulator, bucket, db, _ = gs_db
+  base, ret = f"gs://{bucket}/baseline", f"gs://{bucket}/retrofit"
+  tiny = {"db": db, "model_overrides.vocab_size": 1000, "model_overrides.d_model": 32,
+          "model_overrides.num_heads": 2, "model_overrides.num_layers": 3,
+          "model_overrides.ffw_size": 64, "model_overrides.cca_layers": "(2,3)",
+          "model_overrides.encoder_d_model": 16, "model_overrides.encoder_num_heads": 1,
+          "seq_len": 128, "global_batch": 2, "warmup_steps": 1, "total_steps": 2,
+          "checkpoint_every": 100, "log_every": 1, "read_threads": 1, "peak_lr": 1e-2}
+  flags = [f"--config.{k}={v}" for k, v in tiny.items()]
+  _run("retro_jax.train", f"--config={ROOT}/experiments/retrofit_tiny.py", f"--workdir={base}",
+       "--config.retrieval=false", "--config.train_only=all", "--config.init_from=", *flags,
+       cwd=tmp_path)
+  _run("retro_jax.retrofit", f"--config={ROOT}/experiments/retrofit_tiny.py", f"--workdir={ret}",
+       f"--config.init_from={base}", *flags, cwd=tmp_path)
+  base_model, _, _ = ckpt_lib.load_model(base)
+  ret_model, ret_cfg, info = ckpt_lib.load_model(ret)
+  assert ret_cfg.retrieval and info["step"] == 2 and info["db"] == db
+  base_w = dict(nnx.to_flat_state(nnx.state(base_model, nnx.Param)))
+  ret_w = dict(nnx.to_flat_state(nnx.state(ret_model, nnx.Param)))
+  assert set(base_w) < set(ret_w)
+  for path, v in base_w.items():
+    assert np.array_equal(np.asarray(ret_w[path].get_value()), np.asarray(v.get_value())), path
+  assert os.listdir(tmp_path) == []
