@@ -198,8 +198,7 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
 
 
 def write_json_atomic(path: PathLike, obj: Any) -> None:
-  """Writes to a temporary name and renames, so a killed run never leaves half a file (local
-  paths and, through etils.epath, gs:// ones)."""
+  """Atomic, as write_bytes_atomic: a killed run never leaves half a file (local or gs://)."""
   write_bytes_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
 
