@@ -37,7 +37,7 @@ import tqdm
 from etils import epath
 
 from retro_jax.db import corpus as corpus_lib
-from retro_jax.db import npy_rows, verify
+from retro_jax.db import layout, npy_rows, verify
 from retro_jax.db import tokenizer as tokenizer_lib
 from retro_jax.db.layout import (
   DELETIONS,
@@ -392,8 +392,9 @@ class ChunkStore:
 
   @classmethod
   def open(cls, path: str | os.PathLike) -> "ChunkStore":
-    """Opens STORE (or DB whose store is DB/chunks)."""
-    root = epath.Path(path)
+    """Opens STORE (or DB whose store is DB/chunks); a gs:// one after a quick reachability
+    check (layout.db_root: one clear error, not minutes of client retries)."""
+    root = layout.db_root(path)
     if not (root / MANIFEST).exists() and (root / "chunks" / MANIFEST).exists():
       root = root / "chunks"
     manifest_path = root / MANIFEST

@@ -80,16 +80,24 @@ def _gcs_endpoint() -> tuple[str, int]:
   return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
+# (endpoint, bucket) pairs this process has found reachable: checked once, not per open.
+_reachable: set[tuple[str, int, str]] = set()
+
+
 def check_reachable(path: PathLike, what: str = "--db") -> None:
   """Raises StorageError, within about REACH_TIMEOUT_S, unless `path`'s storage answers (a TCP
-  connection to the endpoint, then the bucket itself). The clients' own retries would take
-  minutes to give up on a closed port or a missing DNS name. Local paths: nothing to check."""
+  connection to the endpoint, then the bucket itself; once per bucket and process). The clients'
+  own retries would take minutes to give up on a closed port or a missing DNS name. Local paths:
+  nothing to check."""
   if not is_remote(path):
     return
   url = os.fspath(path)
   if not url.startswith("gs://"):
     return  # other URL schemes: left to their fsspec backend
   host, port = _gcs_endpoint()
+  bucket = url[len("gs://"):].split("/", 1)[0]
+  if (host, port, bucket) in _reachable:
+    return
   where = ("STORAGE_EMULATOR_HOST=" + os.environ["STORAGE_EMULATOR_HOST"]
            if os.environ.get("STORAGE_EMULATOR_HOST") else f"{host}:{port}")
   try:
@@ -97,7 +105,6 @@ def check_reachable(path: PathLike, what: str = "--db") -> None:
   except OSError as e:
     raise StorageError(f"{what}={url}: cannot reach Cloud Storage at {where} ({e}); check the "
                        f"network (or the emulator), or use a local path") from None
-  bucket = url[len("gs://"):].split("/", 1)[0]
   try:
     epath.Path(url).exists()  # an object read or listing: credentials and permissions
   except Exception as e:  # noqa: BLE001  (auth, permission, HTTP errors: all one clear line)
@@ -111,6 +118,7 @@ def check_reachable(path: PathLike, what: str = "--db") -> None:
   if not found:
     raise StorageError(f"{what}={url}: bucket gs://{bucket} does not exist (or is not visible "
                        f"with these credentials); create it or fix the path")
+  _reachable.add((host, port, bucket))
 
 
 def db_root(db: PathLike, what: str = "--db") -> epath.Path:
