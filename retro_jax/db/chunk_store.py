@@ -348,10 +348,13 @@ class ChunkStore:
     self.shard_offsets = np.asarray([s["first_chunk_id"] for s in shards] + [self.num_chunks],
                                     np.int64)
     self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
-    for s in shards:  # Fail at open, not at the first gather, on a missing or resized file.
-      for name in SHARD_FILES:
-        verify.size(root / s["path"] / name, s.get("files", {}).get(name, {}).get("bytes"),
-                    self._fix(s), ChunkStoreError)
+    # A missing or resized file fails at open, not at the first gather: locally (a stat per
+    # file); on gs:// (a request per file, millions at pod scale) when its shard is first read.
+    self._remote = layout.is_remote(root)
+    if not self._remote:
+      for i in range(len(shards)):
+        self._check_sizes(i)
+    self._sized: set[int] = set()
     self._check_counts()
     self._tokens = [None] * len(shards)
     self._doc_ids = [None] * len(shards)
@@ -363,6 +366,18 @@ class ChunkStore:
     self._tables: list[np.ndarray | None] = [None] * len(shards)
     self._keys: list[list[str] | None] = [None] * len(shards)
     self._whole: np.ndarray | None = None
+
+  def _check_sizes(self, shard: int) -> None:
+    s = self.manifest["shards"][shard]
+    for name in SHARD_FILES:
+      verify.size(self.root / s["path"] / name, s.get("files", {}).get(name, {}).get("bytes"),
+                  self._fix(s), ChunkStoreError)
+
+  def _first_read(self, shard: int) -> None:
+    """On gs://: the shard's file sizes against the manifest, the first time it is read."""
+    if self._remote and shard not in self._sized:
+      self._check_sizes(shard)
+      self._sized.add(shard)
 
   def _fix(self, s: dict) -> str:
     return (f"rebuild shard {s['index']} (delete {self.root / s['path']}.done.json and rerun "
@@ -418,6 +433,7 @@ class ChunkStore:
 
   def shard_tokens(self, shard: int) -> np.ndarray:
     if self._tokens[shard] is None:
+      self._first_read(shard)
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "tokens.npy"
       verify.file_once(path, s.get("files", {}).get("tokens.npy", {}).get("sha256"), self._fix(s),
@@ -434,6 +450,7 @@ class ChunkStore:
 
   def shard_doc_ids(self, shard: int) -> np.ndarray:
     if self._doc_ids[shard] is None:
+      self._first_read(shard)
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "doc_ids.npy"
       verify.file_once(path, s.get("files", {}).get("doc_ids.npy", {}).get("sha256"), self._fix(s),
@@ -450,6 +467,7 @@ class ChunkStore:
     (checksum, document ids, chunk count) the first time it is needed."""
     table = self._tables[shard]
     if table is None:
+      self._first_read(shard)
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "doc_table.npy"
       verify.file_once(path, s.get("files", {}).get("doc_table.npy", {}).get("sha256"),
