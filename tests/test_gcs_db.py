@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 
 from retro_jax.db import build as build_lib
@@ -224,3 +225,20 @@ def test_retrofit_reads_its_baseline_and_database_from_gs(gs_db, tmp_path):
   for path, v in base_w.items():
     assert np.array_equal(np.asarray(ret_w[path].get_value()), np.asarray(v.get_value())), path
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_rows_writer_gives_np_save_bytes_and_refuses_short_parts(where, tmp_path, gcs_emulator):
+  root = str(tmp_path) if where == "local" else f"gs://{gcs_emulator.new_bucket()}/x"
+  a_NxK = np.arange(50 * 3, dtype=np.int64).reshape(50, 3)
+  w = layout.NpyRowsWriter(f"{root}/a.npy", a_NxK.shape, a_NxK.dtype)
+  for s in range(0, 50, 16):
+    w.write(s, a_NxK[s:s + 16])
+  w.finish(16)
+  buf = io.BytesIO()
+  np.save(buf, a_NxK)
+  assert epath.Path(f"{root}/a.npy").read_bytes() == buf.getvalue()
+  assert not layout.parts_dir(f"{root}/a.npy").exists()
+  with pytest.raises(layout.StorageError, match="hold 50 of 60 rows"):
+    layout.assemble_npy(f"{root}/b.npy", (60, 3), np.int64, [f"{root}/a.npy"])
+  assert not epath.Path(f"{root}/b.npy").exists()

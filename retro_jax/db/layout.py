@@ -337,6 +337,31 @@ def _npy_header(shape: tuple[int, ...], dtype) -> bytes:
   return buf.getvalue()
 
 
+def assemble_npy(path: PathLike, shape: tuple[int, ...], dtype, parts) -> None:
+  """Writes `path`, np.save's bytes of a C-ordered `shape` / `dtype` array, from `.npy` parts that
+  hold its rows in order, one part in memory at a time (local: a temporary name, then a rename;
+  gs://: one streamed upload). Raises StorageError when the parts do not add up to `shape`."""
+  path, dtype = epath.Path(path), np.dtype(dtype)
+  tmp = path if is_remote(path) else path.parent / _tmp_name(path.name)
+  rows = 0
+  with tmp.open("wb") as f:
+    f.write(_npy_header(shape, dtype))
+    for p in parts:
+      with epath.Path(p).open("rb") as fb:
+        part = np.load(fb, allow_pickle=False)
+      if part.shape[1:] != tuple(shape[1:]) or rows + len(part) > shape[0]:
+        raise StorageError(f"{p}: shape {part.shape} does not fit rows {rows}.. of {path} "
+                           f"{tuple(shape)}; delete the parts and redo them")
+      f.write(np.ascontiguousarray(part, dtype).tobytes())
+      rows += len(part)
+  if rows != shape[0]:
+    if tmp.exists():
+      tmp.unlink()  # gs://: the short object is gone again; locally, the temporary file
+    raise StorageError(f"{path}: its parts hold {rows} of {shape[0]} rows; redo the missing ones")
+  if tmp != path:
+    tmp.replace(path)
+
+
 class NpyRowsWriter:
   """A `.npy` of `shape` / `dtype` filled a block of rows at a time, resumably; the bytes are
   np.save's of the whole array, local or remote.
@@ -391,12 +416,7 @@ class NpyRowsWriter:
     if missing:
       raise StorageError(f"{self.path}: blocks at rows {missing[:5]} are missing from "
                          f"{parts_dir(self.path)}; delete it and its progress file to redo it")
-    with self.path.open("wb") as f:
-      f.write(_npy_header(self.shape, self.dtype))
-      for s in starts:
-        with self._part(s).open("rb") as fb:
-          part = np.load(fb, allow_pickle=False)
-        f.write(np.ascontiguousarray(part, self.dtype).tobytes())
+    assemble_npy(self.path, self.shape, self.dtype, [self._part(s) for s in starts])
     parts_dir(self.path).rmtree()
 
   def close(self) -> None:
