@@ -21,7 +21,7 @@ from etils import epath
 from flax import nnx
 
 from retro_jax.db import build as build_lib
-from retro_jax.db import layout
+from retro_jax.db import layout, verify
 from retro_jax.retrieval import build_index, embed
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
@@ -168,6 +168,18 @@ def test_per_shard_scann_index_on_gs_searches_as_a_local_one(gs_db, tmp_path, mo
     ids_want, scores_want = want.search(queries, 3)
     np.testing.assert_array_equal(ids_got, ids_want)
     np.testing.assert_allclose(scores_got, scores_want, rtol=1e-6)
+
+
+def test_the_global_retriever_on_gs_downloads_no_embeddings(gs_db):
+  """The global index searches its own codes and int8 copy: opening it from the bucket verifies
+  its files, not the embeddings (which on gs:// would be a download of every vector)."""
+  _, _, db, _ = gs_db
+  verify._verified.clear()  # the per-process record of verified files
+  r = retriever_lib.Retriever.from_db(db)
+  assert not [k for k in verify._verified if "/embeddings/" in str(k[0])]
+  q_QxD = retriever_lib.db_embedding_rows(db, np.arange(0, 40, 8))  # (this reads, and verifies)
+  _, scores = r.search(q_QxD, 2)
+  assert (scores[:, 0] > 0.98).all()  # each finds itself (or an identical chunk) first
 
 
 def test_embeddings_resume_on_gs_after_a_kill_mid_shard(gs_db, tmp_path):

@@ -39,7 +39,8 @@ def check_or_write_info(embedder: Embedder, out_dir: epath.Path) -> None:
 
 def load_embeddings(db_dir: str | os.PathLike, shard: int, embedder: Embedder | None = None) -> np.ndarray:
   """A finished shard's embeddings for row reads (memory-mapped read-only locally, ranged reads on
-  gs://, retro_jax.db.npy_rows); checks the embedder if one is given."""
+  gs://, retro_jax.db.npy_rows), its checksum verified (once per process); checks the embedder if
+  one is given."""
   path = layout.embeddings_path(db_dir, shard)
   if not layout.is_finished(path):
     raise FileNotFoundError(f"{path}: not finished; run `python -m retro_jax.build_db "
@@ -47,6 +48,7 @@ def load_embeddings(db_dir: str | os.PathLike, shard: int, embedder: Embedder | 
   if embedder is not None:
     info = layout.embeddings_dir(db_dir) / layout.EMBEDDER_INFO
     embedder.check_info(json.loads(info.read_text()), where=str(info))
+  verify.embeddings_shard(db_dir, shard)
   return npy_rows.open_rows(path)
 
 

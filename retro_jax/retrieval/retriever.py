@@ -32,12 +32,14 @@ def _unfinished(path: str) -> bool:
   return not json.loads(progress.read_text()).get("done")
 
 
-def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
-                        ) -> list[tuple[int, str, int]]:
+def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None,
+                        verify_content: bool = True) -> list[tuple[int, str, int]]:
   """(shard number, embeddings path, first global chunk id) of `DB/embeddings/shard-XXXXX.npy`.
 
   `select(shard number)` limits the listing (e.g. this host's shards); every selected shard must
-  have finished embeddings.
+  have finished embeddings. `verify_content`: each shard's checksum is checked (once per process,
+  one sequential read); off for readers that never read the vectors (the global index searches
+  its own codes and int8 copy), so opening it on gs:// does not download every embedding.
   Offsets come from the chunk store's `DB/chunks/manifest.json` (`first_chunk_id`, and the row
   count is checked against `num_chunks`) when it exists, else from the running sum of row counts.
   """
@@ -60,7 +62,8 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
         raise index_lib.IndexError_(
             f"Embeddings shard {path} has {rows} rows but chunk-store shard {i} has "
             f"{s['num_chunks']} chunks ({manifest_path}); re-embed it.")
-      verify.embeddings_shard(db_dir, i)  # content checksum, once per process
+      if verify_content:
+        verify.embeddings_shard(db_dir, i)  # content checksum, once per process
       out.append((i, path, int(s["first_chunk_id"])))
     return out
   paths = sorted(str(p) for p in emb_dir.glob("shard-*.npy")) if emb_dir.exists() else []
@@ -313,7 +316,7 @@ class Retriever:
     None: the one built, see `db_backend`); removed documents (`DB/chunks/deletions.json`) are
     excluded unless `deleted_ranges` is passed."""
     backend = db_backend(db_dir, backend)
-    shards = db_embedding_shards(db_dir)
+    shards = db_embedding_shards(db_dir, verify_content=backend != global_lib.BACKEND)
     if "deleted_ranges" not in kwargs:
       kwargs["deleted_ranges"] = db_deleted_ranges(db_dir)
     if backend == global_lib.BACKEND:
@@ -338,7 +341,7 @@ class Retriever:
     root = global_lib.index_dir(db_dir)
     index = global_lib.GlobalIndex(root, serving=serving, verify_files=verify,
                                    nprobe=(config_overrides or {}).get("nprobe"))
-    shards = db_embedding_shards(db_dir) if shards is None else shards
+    shards = db_embedding_shards(db_dir, verify_content=False) if shards is None else shards
     built = [(e["shard"], e["offset"]) for e in index.manifest["embeddings_shards"]]
     if built != [(i, off) for i, _, off in shards]:
       raise index_lib.IndexError_(
