@@ -11,6 +11,7 @@ import json
 import os
 
 from absl import app, flags
+from etils import epath
 
 from retro_jax.errors import guard
 from retro_jax.evaluation import bpb, controls
@@ -52,12 +53,11 @@ def main(argv):
                      db_fraction=f.db_fraction, batch_size=f.batch_size, max_docs=f.max_docs,
                      retriever=f.retriever, service=f.service or (), backend=f.backend,
                      baseline=f.baseline, shuffle_seed=f.shuffle_seed)
-  out = f.out or os.path.join(f.workdir, "eval.json")
-  with open(out, "w") as fh:
-    json.dump(res, fh, indent=1)
+  out = f.out or str(epath.Path(f.workdir) / "eval.json")  # local or gs://
+  epath.Path(out).write_text(json.dumps(res, indent=1))
   plot_path = f.plot or os.path.splitext(out)[0] + ".png"
   bpb.plot({f"retrieval {m}": r for m, r in res["results"].items()}, plot_path,
-           title=os.path.basename(os.path.normpath(f.workdir)))
+           title=epath.Path(f.workdir).name)
   for m, r in res["results"].items():
     bins = "  ".join(f"{b} {v['bpb']:.4f}" for b, v in r["bins"].items() if v["bpb"] is not None)
     print(f"{m:9s} bpb {r['bpb']:.4f}   bpb(alpha=12.5%) {bpb.bpb_at(r, 0.125):.4f}   {bins}")

@@ -10,7 +10,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # The longest files first: `make test` runs two xdist workers that take whole files, and a long
 # file collected last leaves one worker idle while the other finishes it.
-LONGEST_FIRST = ("tests/test_train_multiprocess.py", "tests/model/test_sharding.py",
+LONGEST_FIRST = ("tests/test_train_multiprocess.py", "tests/test_gcs_db.py",
+                 "tests/model/test_sharding.py",
                  "tests/test_train.py", "tests/test_retrofit.py", "tests/test_train_step.py",
                  "tests/test_hardening.py", "tests/model/test_retro.py", "tests/test_controls.py")
 

@@ -1,6 +1,8 @@
-"""gs:// paths the commands cannot serve fail with one clear line and write nothing locally."""
+"""gs:// paths that cannot be served fail with one clear line and write nothing locally; the
+workdir lock on gs://. (Building, training, evaluating and sampling on gs://: test_gcs_db.py.)"""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,13 +13,28 @@ from retro_jax.training import workdir_lock
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_build_db_into_gs_is_a_one_line_error_and_writes_no_local_gs_dir(tmp_path):
+def _closed_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("storage", ["closed_port", "no_emulator"])
+def test_build_db_into_unreachable_gs_is_a_quick_one_line_error(tmp_path, storage):
+  """No storage to reach: an emulator address where nothing listens, or (offline, no emulator, no
+  credentials) Google's endpoint. One line, exit 2, no retries for minutes, nothing written."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGE_EMULATOR", "GOOGLE_",
+                                                                  "TENSORSTORE_GCS"))}
+  if storage == "closed_port":
+    env["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{_closed_port()}"
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")
   p = subprocess.run([sys.executable, "-m", "retro_jax.build_db", "--db=gs://some-bucket/db"],
-                     cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT),
-                     capture_output=True, text=True, timeout=300)
-  assert p.returncode != 0
+                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2, p.stderr
   lines = p.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: --db=gs://some-bucket/db"), p.stderr
+  assert len(lines) == 1 and lines[0].startswith("error: --db=gs://some-bucket/db: "), p.stderr
+  if storage == "closed_port":
+    assert "cannot reach Cloud Storage at STORAGE_EMULATOR_HOST=http://127.0.0.1:" in lines[0]
   assert "Traceback" not in p.stderr
   assert not (tmp_path / "gs:").exists() and os.listdir(tmp_path) == []
 

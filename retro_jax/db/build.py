@@ -154,12 +154,6 @@ DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None
                 embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2, shard_index=0, num_shards=1)
 
 
-REMOTE_BUILD_ERROR = ("--db={db}: the build writes a local directory (its embedding, index and "
-                      "neighbour stages need local files); build into a local path, then copy it "
-                      "to the bucket (gsutil -m cp -r DB gs://...): training, evaluation and "
-                      "sampling read a database from gs:// directly.")
-
-
 def check_provenance(stage: str, db: pathlib.Path, cfg: dict[str, Any], rebuild: bool
                      ) -> dict[str, Any] | None:
   """This run's record of `stage` (None for 'finalize'); raises ProvenanceMismatchError when the
@@ -199,9 +193,7 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
   if not 0 <= cfg["shard_index"] < cfg["num_shards"]:
     raise ValueError(f"--shard_index={cfg['shard_index']} must be in [0, --num_shards="
                      f"{cfg['num_shards']}).")
-  if "://" in str(db_dir):  # pathlib would write a local directory named "gs:"
-    raise BuildError(REMOTE_BUILD_ERROR.format(db=db_dir))
-  db = pathlib.Path(db_dir)
+  db = layout.db_root(db_dir)  # local or gs:// (checked reachable); never a local "gs:" dir
   db.mkdir(parents=True, exist_ok=True)
   times_path = db / layout.BUILD_TIMES
   previous = json.loads(times_path.read_text()).get("stages", {}) if times_path.exists() else {}

@@ -37,7 +37,7 @@ import tqdm
 from etils import epath
 
 from retro_jax.db import corpus as corpus_lib
-from retro_jax.db import npy_rows, verify
+from retro_jax.db import layout, npy_rows, verify
 from retro_jax.db import tokenizer as tokenizer_lib
 from retro_jax.db.layout import (
   DELETIONS,
@@ -348,35 +348,36 @@ class ChunkStore:
     self.shard_offsets = np.asarray([s["first_chunk_id"] for s in shards] + [self.num_chunks],
                                     np.int64)
     self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
-    for s in shards:  # Fail at open, not at the first gather, on a missing or resized file.
-      for name in SHARD_FILES:
-        verify.size(root / s["path"] / name, s.get("files", {}).get(name, {}).get("bytes"),
-                    self._fix(s), ChunkStoreError)
+    # A missing or resized file fails at open, not at the first gather: locally (a stat per
+    # file); on gs:// (a request per file, millions at pod scale) when its shard is first read.
+    self._remote = layout.is_remote(root)
+    if not self._remote:
+      for i in range(len(shards)):
+        self._check_sizes(i)
+    self._sized: set[int] = set()
     self._check_counts()
     self._tokens = [None] * len(shards)
     self._doc_ids = [None] * len(shards)
-    for s in shards:  # Read whole at open: verified now.
-      verify.file_once(root / s["path"] / "doc_table.npy",
-                       s.get("files", {}).get("doc_table.npy", {}).get("sha256"), self._fix(s),
-                       ChunkStoreError)
-    tables = [_load_npy(root / s["path"] / "doc_table.npy", mmap=False) for s in shards]
-    table_Dx5 = np.concatenate(tables) if tables else np.zeros((0, 5), np.int64)
-    if len(table_Dx5) != self.num_docs or not np.array_equal(table_Dx5[:, 0],
-                                                              np.arange(self.num_docs)):
-      raise ChunkStoreError(f"{root}: the shards' document tables do not cover docs "
-                            f"0..{self.num_docs - 1} in order; the store is corrupt, rebuild it")
-    for s, t in zip(shards, tables):
-      if int(t[:, 2].sum()) != int(s["num_chunks"]):
-        raise ChunkStoreError(f"{root / MANIFEST}: shard {s['index']} has num_chunks "
-                              f"{s['num_chunks']} but its document table covers "
-                              f"{int(t[:, 2].sum())} chunks; the manifest is damaged, rerun "
-                              f"`python -m retro_jax.build_db --stages=finalize`")
-    shard_of_doc = np.repeat(np.arange(len(shards)), [len(t) for t in tables])
-    self.doc_first_chunk = (table_Dx5[:, 1] + self.shard_offsets[shard_of_doc]).astype(np.int64)
-    self.doc_num_chunks = table_Dx5[:, 2].astype(np.int64)
-    self.doc_num_bytes = table_Dx5[:, 3].astype(np.int64)
-    self.doc_heldout = table_Dx5[:, 4].astype(bool)
-    self._doc_keys = None
+    # Documents: shard s holds docs [doc_offsets[s], doc_offsets[s + 1]). Each shard's document
+    # table (and keys) is read and checked the first time one of its documents is asked about:
+    # opening a store reads its manifest (and checks file sizes), never every shard's documents,
+    # and a reader holds the tables of the shards it touches only.
+    self.doc_offsets = np.asarray([s["first_doc_id"] for s in shards] + [self.num_docs], np.int64)
+    self._tables: list[np.ndarray | None] = [None] * len(shards)
+    self._keys: list[list[str] | None] = [None] * len(shards)
+    self._whole: np.ndarray | None = None
+
+  def _check_sizes(self, shard: int) -> None:
+    s = self.manifest["shards"][shard]
+    for name in SHARD_FILES:
+      verify.size(self.root / s["path"] / name, s.get("files", {}).get(name, {}).get("bytes"),
+                  self._fix(s), ChunkStoreError)
+
+  def _first_read(self, shard: int) -> None:
+    """On gs://: the shard's file sizes against the manifest, the first time it is read."""
+    if self._remote and shard not in self._sized:
+      self._check_sizes(shard)
+      self._sized.add(shard)
 
   def _fix(self, s: dict) -> str:
     return (f"rebuild shard {s['index']} (delete {self.root / s['path']}.done.json and rerun "
@@ -392,7 +393,13 @@ class ChunkStore:
                               f"{s['first_chunk_id']}, expected {first}; the manifest is damaged, "
                               f"rerun `python -m retro_jax.build_db --stages=finalize`")
       first += int(s["num_chunks"])
-    docs = sum(int(s["num_docs"]) for s in shards)
+    docs = 0
+    for s in shards:
+      if int(s["first_doc_id"]) != docs:
+        raise ChunkStoreError(f"{self.root / MANIFEST}: shard {s['index']} starts at document "
+                              f"{s['first_doc_id']}, expected {docs}; the manifest is damaged, "
+                              f"rerun `python -m retro_jax.build_db --stages=finalize`")
+      docs += int(s["num_docs"])
     if first != self.num_chunks or docs != self.num_docs:
       raise ChunkStoreError(f"{self.root / MANIFEST}: num_chunks {self.num_chunks} / num_docs "
                             f"{self.num_docs}, but its shards hold {first} / {docs}; the manifest "
@@ -400,8 +407,9 @@ class ChunkStore:
 
   @classmethod
   def open(cls, path: str | os.PathLike) -> "ChunkStore":
-    """Opens STORE (or DB whose store is DB/chunks)."""
-    root = epath.Path(path)
+    """Opens STORE (or DB whose store is DB/chunks); a gs:// one after a quick reachability
+    check (layout.db_root: one clear error, not minutes of client retries)."""
+    root = layout.db_root(path)
     if not (root / MANIFEST).exists() and (root / "chunks" / MANIFEST).exists():
       root = root / "chunks"
     manifest_path = root / MANIFEST
@@ -425,6 +433,7 @@ class ChunkStore:
 
   def shard_tokens(self, shard: int) -> np.ndarray:
     if self._tokens[shard] is None:
+      self._first_read(shard)
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "tokens.npy"
       verify.file_once(path, s.get("files", {}).get("tokens.npy", {}).get("sha256"), self._fix(s),
@@ -441,6 +450,7 @@ class ChunkStore:
 
   def shard_doc_ids(self, shard: int) -> np.ndarray:
     if self._doc_ids[shard] is None:
+      self._first_read(shard)
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "doc_ids.npy"
       verify.file_once(path, s.get("files", {}).get("doc_ids.npy", {}).get("sha256"), self._fix(s),
@@ -451,6 +461,69 @@ class ChunkStore:
                               f"{self._fix(s)}")
       self._doc_ids[shard] = arr
     return self._doc_ids[shard]
+
+  def shard_doc_table(self, shard: int) -> np.ndarray:
+    """int64 [d, 5] (DOC_TABLE_COLUMNS; first_row within the shard) of store shard `shard`, read
+    (checksum, document ids, chunk count) the first time it is needed."""
+    table = self._tables[shard]
+    if table is None:
+      self._first_read(shard)
+      s = self.manifest["shards"][shard]
+      path = self.root / s["path"] / "doc_table.npy"
+      verify.file_once(path, s.get("files", {}).get("doc_table.npy", {}).get("sha256"),
+                       self._fix(s), ChunkStoreError)
+      table = np.asarray(_load_npy(path, mmap=False), np.int64).reshape(-1, len(DOC_TABLE_COLUMNS))
+      first, n = int(s["first_doc_id"]), int(s["num_docs"])
+      if len(table) != n or not np.array_equal(table[:, 0], np.arange(first, first + n)):
+        raise ChunkStoreError(f"{path}: the document table does not cover docs {first}.."
+                              f"{first + n - 1} in order; the store is corrupt, {self._fix(s)}")
+      if int(table[:, 2].sum()) != int(s["num_chunks"]):
+        raise ChunkStoreError(f"{self.root / MANIFEST}: shard {s['index']} has num_chunks "
+                              f"{s['num_chunks']} but its document table covers "
+                              f"{int(table[:, 2].sum())} chunks; the manifest is damaged, rerun "
+                              f"`python -m retro_jax.build_db --stages=finalize`")
+      self._tables[shard] = table
+    return table
+
+  def doc_rows(self, doc_ids) -> np.ndarray:
+    """int64 [n, 5]: the document-table rows of these global document ids, first_row made a
+    global chunk id (only the shards holding them are read)."""
+    docs_N = np.asarray(doc_ids, np.int64).reshape(-1)
+    if docs_N.size and (docs_N.min() < 0 or docs_N.max() >= self.num_docs):
+      raise IndexError(f"doc ids must be in [0, {self.num_docs}); got "
+                       f"[{docs_N.min()}, {docs_N.max()}]")
+    out = np.empty((len(docs_N), len(DOC_TABLE_COLUMNS)), np.int64)
+    shard_N = np.searchsorted(self.doc_offsets, docs_N, side="right") - 1
+    for s in np.unique(shard_N):
+      m = shard_N == s
+      rows = self.shard_doc_table(int(s))[docs_N[m] - self.doc_offsets[s]]
+      out[m] = rows
+      out[m, 1] += self.shard_offsets[s]
+    return out
+
+  def _whole_table(self) -> np.ndarray:
+    """Every shard's document table (global first rows): O(documents) memory, built on first use
+    by the whole-store views below (evaluation and statistics); lookups use `doc_rows`."""
+    if self._whole is None:
+      self._whole = self.doc_rows(np.arange(self.num_docs, dtype=np.int64))
+    return self._whole
+
+  @property
+  def doc_first_chunk(self) -> np.ndarray:
+    """int64 [num_docs]: each document's first global chunk id (whole store; see doc_rows)."""
+    return self._whole_table()[:, 1]
+
+  @property
+  def doc_num_chunks(self) -> np.ndarray:
+    return self._whole_table()[:, 2]
+
+  @property
+  def doc_num_bytes(self) -> np.ndarray:
+    return self._whole_table()[:, 3]
+
+  @property
+  def doc_heldout(self) -> np.ndarray:
+    return self._whole_table()[:, 4].astype(bool)
 
   def _check_ids(self, ids) -> np.ndarray:
     ids_N = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -484,14 +557,17 @@ class ChunkStore:
     """(first_chunk_id, end_chunk_id) of a document: its chunks are [first, end)."""
     if not 0 <= doc_id < self.num_docs:
       raise IndexError(f"doc id {doc_id} not in [0, {self.num_docs})")
-    first = int(self.doc_first_chunk[doc_id])
-    return first, first + int(self.doc_num_chunks[doc_id])
+    row = self.doc_rows([doc_id])[0]
+    return int(row[1]), int(row[1] + row[2])
 
   def doc_key(self, doc_id: int) -> str:
-    if self._doc_keys is None:
-      self._doc_keys = [k for s in self.manifest["shards"]
-                        for k in json.loads((self.root / s["path"] / "doc_keys.json").read_text())]
-    return self._doc_keys[doc_id]
+    if not 0 <= doc_id < self.num_docs:
+      raise IndexError(f"doc id {doc_id} not in [0, {self.num_docs})")
+    shard = int(np.searchsorted(self.doc_offsets, doc_id, side="right") - 1)
+    if self._keys[shard] is None:
+      s = self.manifest["shards"][shard]
+      self._keys[shard] = json.loads((self.root / s["path"] / "doc_keys.json").read_text())
+    return self._keys[shard][doc_id - int(self.doc_offsets[shard])]
 
   def shard_spans(self) -> list[tuple[int, int, int]]:
     """(shard number, first global chunk id, chunk count) of each shard, in order."""
@@ -529,9 +605,9 @@ class ChunkStore:
 
   def deleted_chunk_ranges(self) -> np.ndarray:
     """int64 [R, 2]: sorted, merged `[start, end)` chunk-id ranges of the removed documents."""
-    docs = self.deleted_doc_ids()
-    starts = self.doc_first_chunk[docs]
-    ends = starts + self.doc_num_chunks[docs]
+    rows = self.doc_rows(self.deleted_doc_ids())
+    starts = rows[:, 1]
+    ends = starts + rows[:, 2]
     return merge_ranges(np.stack([starts, ends], axis=1))
 
   def is_deleted(self, ids, ranges_Rx2: np.ndarray | None = None) -> np.ndarray:
@@ -544,8 +620,8 @@ class ChunkStore:
     pad_id after the document's last chunk (never reads into the next document)."""
     ids_N = self._check_ids(ids)
     m = self.chunk_size
-    docs_N = self.doc_ids(ids_N)
-    end_N = self.doc_first_chunk[docs_N] + self.doc_num_chunks[docs_N]
+    rows = self.doc_rows(self.doc_ids(ids_N))
+    end_N = rows[:, 1] + rows[:, 2]
     n_steps = math.ceil(r / m)
     out = np.full((len(ids_N), n_steps * m), self.pad_id, np.int32)
     for j in range(n_steps):
@@ -559,7 +635,7 @@ class ChunkStore:
   def _texts(self, ids_N: np.ndarray, tokens_NxM: np.ndarray, tokenizer) -> list[str]:
     # A document's first chunk starts with SentencePiece's dummy-prefix space (dropped by decode);
     # any later chunk's leading space is real text (kept by decode_fragment).
-    first_N = self.doc_first_chunk[self.doc_ids(ids_N)] == ids_N
+    first_N = self.doc_rows(self.doc_ids(ids_N))[:, 1] == ids_N
     frag = getattr(tokenizer, "decode_fragment", tokenizer.decode)
     return [(tokenizer.decode if f else frag)(row[row != self.pad_id].tolist())
             for f, row in zip(first_N, tokens_NxM)]

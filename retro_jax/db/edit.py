@@ -36,14 +36,14 @@ import datetime
 import hashlib
 import json
 import os
-import pathlib
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import corpus as corpus_lib
-from retro_jax.db import layout
+from retro_jax.db import layout, npy_rows
 from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
@@ -81,7 +81,7 @@ def _doc_keys(store) -> list[str]:
           for k in json.loads((store.root / s["path"] / "doc_keys.json").read_text())]
 
 
-def _open(db: pathlib.Path):
+def _open(db: epath.Path):
   return chunk_store_lib.ChunkStore.open(db)
 
 
@@ -102,9 +102,7 @@ def _write_deletions(store, new_ids: Sequence[int], keys: Sequence[str], note: s
                                "note": note})
     record["doc_ids"] = sorted(set(record["doc_ids"]) | {int(i) for i in new_ids})
     data = (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)  # The deletion is in force from here on.
+    layout.write_bytes_atomic(path, data)  # The deletion is in force from here on.
   # The manifest follows the file (a run killed in between is repaired by the rerun).
   manifest = store.manifest
   edits = _edits(manifest)
@@ -123,7 +121,7 @@ def remove_documents(db_dir: str | os.PathLike, doc_ids: Sequence[int] = (),
                      keys: Sequence[str] = (), backend: str | None = None, note: str = "") -> dict:
   """Records a deletion request and repairs the training neighbours. Returns stats."""
   backend = _backend(db_dir, backend)
-  db = pathlib.Path(db_dir)
+  db = epath.Path(db_dir)  # local or gs://
   store = _open(db)
   ids = {int(i) for i in doc_ids}
   bad = sorted(i for i in ids if not 0 <= i < store.num_docs)
@@ -167,17 +165,17 @@ def _backend(db_dir, backend: str | None) -> str:
   return retriever_lib.db_backend(str(db_dir), backend)
 
 
-def _index_config(db: pathlib.Path, backend: str):
+def _index_config(db: epath.Path, backend: str):
   """The existing shard 0's index settings, size-dependent fields left to be re-derived."""
   first = str(layout.index_shard_dir(layout.index_dir(db, backend), 0))
-  if not os.path.isfile(os.path.join(first, index_lib.MANIFEST)):
+  if not (epath.Path(first) / index_lib.MANIFEST).exists():
     raise EditError(f"{db} has no {backend} index ({first}); build it first with "
                     f"`python -m retro_jax.build_db --db={db} --backend={backend}`.")
   config = index_lib.IndexConfig.from_json(index_lib.read_manifest(first)["config"])
   return dataclasses.replace(config, num_leaves=None, leaves_to_search=None)
 
 
-def _finish_shard(db: pathlib.Path, shard: int, backend: str, embed_batch_size: int) -> dict:
+def _finish_shard(db: epath.Path, shard: int, backend: str, embed_batch_size: int) -> dict:
   """Embeddings, index shard and training neighbours of store shard `shard` (finished parts kept)."""
   out: dict[str, Any] = {}
   store = _open(db)
@@ -208,9 +206,9 @@ def _finish_shard(db: pathlib.Path, shard: int, backend: str, embed_batch_size: 
   return _finish_neighbours(db, backend, store, out)
 
 
-def _finish_neighbours(db: pathlib.Path, backend: str, store, out: dict) -> dict:
+def _finish_neighbours(db: epath.Path, backend: str, store, out: dict) -> dict:
   if layout.neighbours_path(db, 0).exists():
-    k = int(np.load(layout.neighbours_path(db, 0), mmap_mode="r").shape[1])
+    k = int(npy_rows.open_rows(layout.neighbours_path(db, 0)).shape[1])
     out["neighbours"] = neighbours_lib.compute_neighbours(db, k=k, backend=backend, store=store)
   return out
 
@@ -219,7 +217,7 @@ def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str | No
                   upsert: bool = False, embed_batch_size: int = 32) -> dict:
   """Appends the corpus's documents as a new shard and finishes its downstream stages."""
   backend = _backend(db_dir, backend)
-  db = pathlib.Path(db_dir)
+  db = epath.Path(db_dir)  # local or gs://
   store = _open(db)
   stats = corpus_lib.CorpusStats()
   try:

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import shutil
 import time
 from typing import Any
 
 import numpy as np
 import tqdm
+from etils import epath
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, npy_rows, verify
@@ -105,13 +104,13 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
                   block_rows: int = 4096, settings: dict[str, Any] | None = None,
                   desc: str | None = None) -> dict:
   """Writes one neighbours shard (resumable, block by block). Returns stats."""
-  out_path = pathlib.Path(out_path)
+  out_path = epath.Path(out_path)
   prog_path = progress_path(out_path)
   num_rows = int(embeddings_NxD.shape[0])
   want = {"format_version": FORMAT_VERSION, "num_rows": num_rows, "first_id": int(first_id),
           "k": int(k), "block_rows": int(block_rows), **(settings or {})}
   state = {"rows_done": 0, "done": False}
-  if prog_path.exists() and out_path.exists():
+  if prog_path.exists() and layout.rows_output_exists(out_path):
     state = json.loads(prog_path.read_text())
     made = {key: state.get(key) for key in want}
     if made != want:
@@ -120,14 +119,11 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
           "progress file to recompute it (or rerun with the old settings).")
   if state.get("done"):
     return {"rows": 0, "seconds": 0.0, "skipped": True}
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  if state["rows_done"] == 0:
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.int64, shape=(num_rows, k))
-  else:
-    out = np.lib.format.open_memmap(out_path, mode="r+")
-    if out.shape != (num_rows, k) or out.dtype != np.int64:
-      raise NeighboursError(f"{out_path}: shape {out.shape} {out.dtype}, expected ({num_rows}, {k}) "
-                            "int64; delete it and its progress file.")
+  resume = state["rows_done"] > 0
+  out = layout.NpyRowsWriter(out_path, (num_rows, k), np.int64, resume=resume)
+  if resume and out.found != ((num_rows, k), np.int64):
+    raise NeighboursError(f"{out_path}: shape {out.found[0]} {out.found[1]}, expected ({num_rows}, "
+                          f"{k}) int64; delete it and its progress file.")
   state = {**want, "rows_done": state["rows_done"], "done": False}
   t0, computed = time.perf_counter(), 0
   with tqdm.tqdm(total=num_rows, initial=state["rows_done"], unit="chunk",
@@ -136,13 +132,12 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
       end = min(start + block_rows, num_rows)
       q_QxD = np.asarray(embeddings_NxD[start:end], np.float32)
       ids_Q = np.arange(first_id + start, first_id + end, dtype=np.int64)
-      out[start:end] = search_block(retriever, store, q_QxD, ids_Q, k, heldout_docs)
-      out.flush()
+      out.write(start, search_block(retriever, store, q_QxD, ids_Q, k, heldout_docs))
       state["rows_done"] = end
       write_json_atomic(prog_path, state)
       computed += end - start
       bar.update(end - start)
-  del out
+  out.finish(block_rows)
   state["done"] = True
   write_json_atomic(prog_path, verify.record_sha256(out_path, state))  # checked on every read
   return {"rows": computed, "seconds": time.perf_counter() - t0, "skipped": False}
@@ -161,7 +156,7 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
     raise ValueError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
   if k < 1:
     raise ValueError(f"--k={k} must be >= 1.")
-  db_dir = pathlib.Path(db_dir)
+  db_dir = epath.Path(db_dir)
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
   mine = [s for s in store.shard_spans() if s[0] % num_shards == shard_index]
   totals = {"rows": 0, "seconds": 0.0, "shards": [], "skipped": []}
@@ -172,8 +167,8 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
   if retriever is None:
     if backend is None:  # the one the database was built with
       backend = retriever_lib.db_backend(str(db_dir))
-    index_root = str(layout.index_dir(db_dir, backend))
-    if not os.path.isdir(index_root):
+    index_root = layout.index_dir(db_dir, backend)
+    if not index_root.exists():
       raise NeighboursError(f"No {backend} index at {index_root}; run python -m "
                             f"retro_jax.build_db --db={db_dir} --backend={backend} --stages=index.")
     retriever = retriever_lib.Retriever.from_db(str(db_dir), backend, doc_ids=store.doc_ids)
@@ -234,7 +229,7 @@ def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,
     path = layout.neighbours_path(db_dir, shard)
     if not shard_is_done(db_dir, shard):
       continue  # Computed later by compute_neighbours, whose retriever excludes the removed docs.
-    nbr_NxK = np.load(path, mmap_mode="r")
+    nbr_NxK = npy_rows.open_rows(path)
     stale, own = [], []
     for start in range(0, count, block_rows):
       block = np.asarray(nbr_NxK[start:start + block_rows])
@@ -246,19 +241,18 @@ def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,
     stale, own = np.concatenate(stale), np.concatenate(own)
     if not stale.size and not own.size:
       continue
-    tmp = path.with_name(path.stem + ".repair.tmp.npy")
-    shutil.copyfile(path, tmp)
-    out = np.load(tmp, mmap_mode="r+")
-    emb = embed_lib.load_embeddings(db_dir, shard)
-    for start in tqdm.tqdm(range(0, stale.size, block_rows), desc=f"repair neighbours {shard}",
-                           disable=stale.size < block_rows):
-      rows = stale[start:start + block_rows]
-      out[rows] = search_block(retriever, store, np.asarray(emb[rows], np.float32),
-                               first_id + rows, out.shape[1], heldout)
-    out[own] = -1
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    with layout.staged_file(path) as tmp:  # a copy edited, then put in place (gs:// too)
+      layout.copy_file(path, tmp)
+      out = np.load(tmp, mmap_mode="r+")
+      emb = embed_lib.load_embeddings(db_dir, shard)
+      for start in tqdm.tqdm(range(0, stale.size, block_rows), desc=f"repair neighbours {shard}",
+                             disable=stale.size < block_rows):
+        rows = stale[start:start + block_rows]
+        out[rows] = search_block(retriever, store, np.asarray(emb[rows], np.float32),
+                                 first_id + rows, out.shape[1], heldout)
+      out[own] = -1
+      out.flush()
+      del out
     prog = progress_path(path)
     state = json.loads(prog.read_text())
     state.setdefault("repairs", []).append(

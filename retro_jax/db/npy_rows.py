@@ -22,14 +22,12 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from retro_jax.db.layout import is_remote
+
 # Remote reads bridge gaps up to this many rows (one request instead of two).
 GAP_ROWS = 16
 # magic (6 bytes), version (2), header length (2 in format 1.0, 4 in 2.0 and 3.0).
 _PREFIX = 12
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-  return "://" in os.fspath(path) and not os.fspath(path).startswith("file://")
 
 
 class RemoteRows:

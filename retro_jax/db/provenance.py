@@ -58,7 +58,7 @@ def _settings(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
   out = {k: cfg[k] for k in STAGE_SETTINGS[stage]}
   if stage == "tokenizer":
     given = cfg["tokenizer"]
-    if given and os.path.isfile(str(given)):
+    if given and epath.Path(given).is_file():
       out["tokenizer"] = "sha256:" + layout.sha256_file(given)  # the file, not its path
     if given:  # a given tokenizer is not trained: neither corpus nor vocabulary matters
       out = {"tokenizer": out["tokenizer"]}
@@ -173,7 +173,7 @@ def clear_outputs(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> Non
     _remove(db / layout.CHUNKS_DIR)
   elif stage == "embeddings":
     for i in shards:
-      _remove(layout.embeddings_path(db, i))
+      layout.remove_rows_output(layout.embeddings_path(db, i))
       _remove(layout.progress_path(layout.embeddings_path(db, i)))
     if cfg["num_shards"] == 1:
       _remove(layout.embeddings_dir(db) / layout.EMBEDDER_INFO)
@@ -182,7 +182,7 @@ def clear_outputs(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> Non
       _remove(layout.index_shard_dir(layout.index_dir(db, cfg["backend"]), i))
   elif stage == "neighbours":
     for i in shards:
-      _remove(layout.neighbours_path(db, i))
+      layout.remove_rows_output(layout.neighbours_path(db, i))
       _remove(layout.progress_path(layout.neighbours_path(db, i)))
   _remove(record_path(db, stage, cfg))
 
@@ -200,8 +200,9 @@ def repair(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> list[str]:
       if not prog.exists():
         continue
       want = verify.recorded_sha256(npy)
-      if not npy.exists() or (want and layout.sha256_file(npy) != want):
-        _remove(npy)
+      if not layout.rows_output_exists(npy) or (want and npy.exists()
+                                                 and layout.sha256_file(npy) != want):
+        layout.remove_rows_output(npy)
         _remove(prog)
         removed.append(str(npy))
   elif stage == "chunks" and (db / layout.CHUNKS_DIR / layout.MANIFEST).exists():

@@ -73,7 +73,7 @@ def size(path: str | os.PathLike, want: int | None, fix: str,
   if not path.exists():
     raise error(f"{path} is missing; {fix}")
   if want is not None:
-    got = path.stat().length if "://" in str(path) else os.path.getsize(path)
+    got = layout.file_size(path)
     if got != want:
       raise error(f"{path} has {got} bytes, its manifest says {want}; {fix}")
 
@@ -106,7 +106,7 @@ def recorded_sha256(npy_path: str | os.PathLike) -> str | None:
 def record_sha256(npy_path: str | os.PathLike, state: dict) -> dict:
   """`state` with the finished shard's sha256 and size (written into its progress file)."""
   return {**state, "sha256": layout.sha256_file(npy_path),
-          "bytes": os.path.getsize(os.fspath(npy_path))}
+          "bytes": layout.file_size(npy_path)}
 
 
 def _index_recorded_sha256(db: str | os.PathLike, shard: int) -> str | None:
@@ -161,13 +161,16 @@ def db_tokenizer(db: str | os.PathLike) -> dict | None:
   return json.loads(path.read_text()).get("tokenizer")
 
 
+def _abs(path: str | os.PathLike) -> str:
+  return os.fspath(path) if layout.is_remote(path) else os.path.abspath(os.fspath(path))
+
+
 def check_checkpoint_tokenizer(recorded: dict | None, trained_db: str | None,
                                db: str | os.PathLike, checkpoint: str) -> None:
   """Raises TokenizerMismatchError when database `db` has another tokenizer than the one the
   checkpoint was trained with: `recorded` (its meta's "db_tokenizer"), or, for checkpoints older
   than that record, the tokenizer of `trained_db` (the database it names) if that still exists."""
-  if recorded is None and trained_db and os.path.abspath(str(trained_db)) != \
-      os.path.abspath(str(db)):
+  if recorded is None and trained_db and _abs(trained_db) != _abs(db):
     recorded = db_tokenizer(trained_db)
   have = db_tokenizer(db)
   if recorded is None or have is None:

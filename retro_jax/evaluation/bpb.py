@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import time
 from typing import Any, Sequence
@@ -50,11 +51,12 @@ import jax
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import verify
+from retro_jax.db import npy_rows, verify
 from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.neighbours import search_block
 from retro_jax.db.prepare import load_db_tokenizer
@@ -106,9 +108,10 @@ def exact_neighbours(store, db_dir: str, query_ids_Q: np.ndarray, k: int, allowe
                      block: int = 32768) -> np.ndarray:
   """Top-k chunk ids by exact dot product of stored embeddings among chunks of allowed documents.
 
-  Streams the memory-mapped embedding shards in blocks (never the whole database in RAM).
+  Streams the embedding shards in blocks (memory-mapped, or ranged reads on gs://; never the
+  whole database in RAM).
   """
-  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
+  embs = [(npy_rows.open_rows(p), off) for _, p, off in db_embedding_shards(db_dir)]
   q_QxD = db_embedding_rows(db_dir, query_ids_Q)
   best_s = np.full((len(q_QxD), k), -np.inf, np.float32)
   best_i = np.full((len(q_QxD), k), -1, np.int64)
@@ -361,8 +364,10 @@ def plot(results: dict[str, dict], path: str, title: str = "", min_chunks: int =
   ax.set_title(title or "Leakage-filtered bpb")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  buf = io.BytesIO()  # through epath: `path` may be gs://
+  fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
+  epath.Path(path).write_bytes(buf.getvalue())
 
 
 MODES = ("on", "off", "shuffled")

@@ -54,7 +54,7 @@ def export(out: str | os.PathLike, db: str = "runs/smollm2_db") -> dict:
     raise ExportError(f"the GGUF gives a config that differs from experiment.PRETRAINED_SIZES"
                       f"[{MODEL_SIZE!r}] in (file, registry) = {diff}; update the registry.")
   check_db_tokenizer(db, tokenizer)
-  out = epath.Path(os.path.abspath(out))  # orbax wants absolute paths
+  out = epath.Path(out if "://" in str(out) else os.path.abspath(out))  # orbax: absolute paths
   directory = out / ckpt_lib.CHECKPOINTS
   if directory.exists() and ocp.CheckpointManager(directory).all_steps():
     raise ExportError(f"{directory} already holds checkpoints; remove it or pass another --out.")

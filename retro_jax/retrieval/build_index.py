@@ -12,10 +12,10 @@ config) are skipped, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import logging
+from etils import epath
 from tqdm import tqdm
 
 from retro_jax.db import layout
@@ -26,7 +26,7 @@ from retro_jax.retrieval import retriever as retriever_lib
 
 def shard_is_done(out: str, config: index_lib.IndexConfig, offset: int) -> bool:
   """True when `out` holds a verified shard built with the same config and offset."""
-  if not os.path.isfile(os.path.join(out, index_lib.MANIFEST)):
+  if not (epath.Path(out) / index_lib.MANIFEST).exists():
     return False
   try:
     manifest = index_lib.read_manifest(out)
@@ -49,7 +49,7 @@ def build_index(db_dir: str, config: index_lib.IndexConfig, out_dir: str | None 
     raise ValueError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
   mine = retriever_lib.db_embedding_shards(db_dir, lambda i: i % num_shards == shard_index)
   out_dir = out_dir or str(layout.index_dir(db_dir, config.backend))
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   done = []
   for i, path, offset in tqdm(mine, desc=f"index shards ({config.backend})"):
     out = str(layout.index_shard_dir(out_dir, i))

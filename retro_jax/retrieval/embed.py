@@ -1,7 +1,8 @@
 """Embed stage: chunk texts -> `<db>/embeddings/shard-XXXXX.npy` (float32 [rows, 384]).
 
 One `.npy` per chunk-store shard (same shard numbers, same row order as the shard's chunk ids),
-written through `np.lib.format.open_memmap`, never held whole in RAM. Work is done in fixed blocks
+written through `layout.NpyRowsWriter` (memory-mapped in place locally, one object per block on
+gs://), never held whole in RAM. Work is done in fixed blocks
 of `block_rows` rows; `shard-XXXXX.progress.json` records the finished rows, so a killed run resumes
 at the next block, finished shards are skipped, and the output is byte-identical to an
 uninterrupted run (block contents, and so batching, do not depend on where a run started).
@@ -11,21 +12,22 @@ with a different embedder refuses to touch existing embeddings.
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import time
 from typing import Iterable, Iterator
 
 import numpy as np
 import tqdm
+from etils import epath
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout, verify
+from retro_jax.db import layout, npy_rows, verify
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db.layout import progress_path, write_json_atomic
 from retro_jax.retrieval.embedder import Embedder, EmbedderMismatchError
 
 
-def check_or_write_info(embedder: Embedder, out_dir: pathlib.Path) -> None:
+def check_or_write_info(embedder: Embedder, out_dir: epath.Path) -> None:
   """Writes `embedder.json`, or raises EmbedderMismatchError if it names another embedder."""
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / layout.EMBEDDER_INFO
@@ -35,8 +37,10 @@ def check_or_write_info(embedder: Embedder, out_dir: pathlib.Path) -> None:
     write_json_atomic(path, embedder.info)
 
 
-def load_embeddings(db_dir: str | pathlib.Path, shard: int, embedder: Embedder | None = None) -> np.ndarray:
-  """A finished shard's embeddings, memory-mapped read-only; checks the embedder if one is given."""
+def load_embeddings(db_dir: str | os.PathLike, shard: int, embedder: Embedder | None = None) -> np.ndarray:
+  """A finished shard's embeddings for row reads (memory-mapped read-only locally, ranged reads on
+  gs://, retro_jax.db.npy_rows), its checksum verified (once per process); checks the embedder if
+  one is given."""
   path = layout.embeddings_path(db_dir, shard)
   if not layout.is_finished(path):
     raise FileNotFoundError(f"{path}: not finished; run `python -m retro_jax.build_db "
@@ -44,7 +48,8 @@ def load_embeddings(db_dir: str | pathlib.Path, shard: int, embedder: Embedder |
   if embedder is not None:
     info = layout.embeddings_dir(db_dir) / layout.EMBEDDER_INFO
     embedder.check_info(json.loads(info.read_text()), where=str(info))
-  return np.load(path, mmap_mode="r")
+  verify.embeddings_shard(db_dir, shard)
+  return npy_rows.open_rows(path)
 
 
 def _blocks(batches: Iterable[tuple[np.ndarray, list[str]]], block_rows: int,
@@ -70,16 +75,16 @@ def _blocks(batches: Iterable[tuple[np.ndarray, list[str]]], block_rows: int,
 
 
 def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[str]]],
-                 out_path: str | pathlib.Path, num_rows: int, first_id: int = 0,
+                 out_path: str | os.PathLike, num_rows: int, first_id: int = 0,
                  block_rows: int = 4096, desc: str | None = None) -> dict:
   """Embeds (chunk_ids, texts) batches with ids first_id.. first_id+num_rows-1 into a float32 .npy.
 
   Resumable: skips rows a previous run finished (per `<out>.progress.json`). Returns stats.
   """
-  out_path = pathlib.Path(out_path)
+  out_path = epath.Path(out_path)
   prog_path = progress_path(out_path)
   state = {"rows_done": 0, "done": False}
-  if prog_path.exists() and out_path.exists():
+  if prog_path.exists() and layout.rows_output_exists(out_path):
     state = json.loads(prog_path.read_text())
     if state.get("num_rows") != num_rows or state.get("block_rows") != block_rows:
       raise ValueError(f"{prog_path}: made for num_rows={state.get('num_rows')}, block_rows="
@@ -89,15 +94,13 @@ def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[st
       raise EmbedderMismatchError(f"{prog_path}: started by another embedder; delete it and {out_path}")
   if state.get("done"):
     return {"rows": 0, "seconds": 0.0, "skipped": True}
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  if state["rows_done"] == 0 or not out_path.exists():
-    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(num_rows, embedder.dim))
+  resume = state["rows_done"] > 0 and layout.rows_output_exists(out_path)
+  out = layout.NpyRowsWriter(out_path, (num_rows, embedder.dim), np.float32, resume=resume)
+  if not resume:
     state = {"rows_done": 0, "done": False}
-  else:
-    out = np.lib.format.open_memmap(out_path, mode="r+")
-    if out.shape != (num_rows, embedder.dim) or out.dtype != np.float32:
-      raise ValueError(f"{out_path}: shape {out.shape} {out.dtype}, expected ({num_rows}, {embedder.dim}) "
-                       "float32; delete it and its progress file")
+  elif out.found != ((num_rows, embedder.dim), np.float32):
+    raise ValueError(f"{out_path}: shape {out.found[0]} {out.found[1]}, expected ({num_rows}, "
+                     f"{embedder.dim}) float32; delete it and its progress file")
   state.update(num_rows=num_rows, block_rows=block_rows, fingerprint=embedder.fingerprint,
                dtype=embedder.dtype)
   t0, embedded = time.perf_counter(), 0
@@ -108,28 +111,27 @@ def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[st
         continue
       if start + len(texts) > num_rows:
         raise ValueError(f"{out_path}: the batches hold more than num_rows={num_rows} rows")
-      out[start:start + len(texts)] = embedder.embed(texts)
-      out.flush()
+      out.write(start, embedder.embed(texts))
       state["rows_done"] = start + len(texts)
       write_json_atomic(prog_path, state)
       embedded += len(texts)
       bar.update(len(texts))
   if state["rows_done"] != num_rows:
     raise ValueError(f"{out_path}: the batches ended after {state['rows_done']} of {num_rows} rows")
-  del out
+  out.finish(block_rows)
   state["done"] = True
   write_json_atomic(prog_path, verify.record_sha256(out_path, state))  # checked on every read
   seconds = time.perf_counter() - t0
   return {"rows": embedded, "seconds": seconds, "skipped": False}
 
 
-def embed_chunk_store(db_dir: str | pathlib.Path, embedder: Embedder, shard_index: int = 0,
+def embed_chunk_store(db_dir: str | os.PathLike, embedder: Embedder, shard_index: int = 0,
                       num_shards: int = 1, block_rows: int = 4096, text_batch_size: int = 1024) -> dict:
   """Embeds the chunk-store shards s with s % num_shards == shard_index into <db>/embeddings/."""
 
   if not 0 <= shard_index < num_shards:
     raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
-  db_dir = pathlib.Path(db_dir)
+  db_dir = epath.Path(db_dir)
   store = chunk_store_lib.ChunkStore.open(db_dir)
   tokenizer = prepare_lib.load_db_tokenizer(db_dir)  # SentencePiece or BPE (e.g. smollm2)
   out_dir = layout.embeddings_dir(db_dir)

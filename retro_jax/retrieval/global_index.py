@@ -27,6 +27,11 @@ removed-document masking and the merge) each serving shard is one searcher, `Glo
 ([s])`, over ids anywhere in `[0, N)`; its scores are the int8 rerank dot products (within ~1e-3 of
 the float32 ones), so the retriever skips its own float32 rescoring. One gRPC shard process serves
 one serving shard the same way, so the service's merged answer is the in-process one.
+
+On gs:// the same layout is read and written through retro_jax.db.layout: faiss files as bytes
+(serialize / deserialize, no local file), each rerank copy filled as a local np.memmap and uploaded
+when complete (`layout.staged_file`), and read back by rows (retro_jax.db.npy_rows: ranged reads,
+nothing staged locally).
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import time
 from typing import Any, Sequence
 
@@ -44,7 +48,7 @@ import numpy as np
 from etils import epath
 from faiss.contrib import clustering as faiss_clustering
 
-from retro_jax.db import layout
+from retro_jax.db import layout, npy_rows
 from retro_jax.retrieval import index as index_lib
 
 BACKEND = index_lib.GLOBAL_BACKEND
@@ -169,9 +173,16 @@ def encode_into(serving: list, trained, part_shard: np.ndarray, emb, offset: int
   """Encodes one embeddings shard into the serving indexes (each vector to the serving shard of
   its partition) and writes its int8 rerank copy, a block of rows at a time."""
   n, dim = int(emb.shape[0]), int(emb.shape[1])
-  tmp = rerank_path.parent / (rerank_path.stem + ".tmp.npy")
-  rerank_path.parent.mkdir(parents=True, exist_ok=True)
-  out = np.lib.format.open_memmap(os.fspath(tmp), mode="w+", dtype=np.int8, shape=(n, dim))
+  with layout.staged_file(rerank_path) as tmp:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=(n, dim))
+    _encode_blocks(serving, trained, part_shard, emb, offset, out, scale_D, threads)
+    out.flush()
+    del out
+
+
+def _encode_blocks(serving: list, trained, part_shard: np.ndarray, emb, offset: int, out,
+                   scale_D: np.ndarray, threads: int) -> None:
+  n = int(emb.shape[0])
   quantizer = faiss.extract_index_ivf(trained).quantizer
   with _threads(threads):
     for a in range(0, n, BLOCK_ROWS):
@@ -186,9 +197,6 @@ def encode_into(serving: list, trained, part_shard: np.ndarray, emb, offset: int
       for s in np.unique(owner):
         m = owner == s
         serving[s].add_with_ids(np.ascontiguousarray(x[m]), ids[m])
-  out.flush()
-  del out
-  os.replace(tmp, rerank_path)
 
 
 def memory_bytes(index) -> int:
@@ -242,6 +250,10 @@ def build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig | None =
                                "total": time.perf_counter() - t0}
   layout.write_json_atomic(man_path, manifest)
   return manifest
+
+
+def _load_npy(path: epath.Path) -> np.ndarray:
+  return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:
@@ -337,11 +349,11 @@ class GlobalIndex(index_lib.IndexShard):
     self.serving = {s: _read_index(self.index_dir / "serving" / f"{layout.shard_name(s)}.faiss")
                     for s in self.serving_ids}
     self._set_count()
-    self.scale_D = np.load(os.fspath(self.index_dir / "rerank" / SCALE)).astype(np.float32)
+    self.scale_D = _load_npy(self.index_dir / "rerank" / SCALE).astype(np.float32)
     es = self.manifest["embeddings_shards"]
     self._rr_offsets = np.array([e["offset"] for e in es], np.int64)
-    self._rr = [np.load(os.fspath(self.index_dir / "rerank" / f"{layout.shard_name(e['shard'])}.npy"),
-                        mmap_mode="r") for e in es]
+    self._rr = [npy_rows.open_rows(self.index_dir / "rerank" / f"{layout.shard_name(e['shard'])}.npy")
+                for e in es]  # memory-mapped, or ranged reads on gs://
 
   @property
   def dim(self) -> int:
@@ -463,7 +475,7 @@ def add_sources(root, sources: Sequence[Source]) -> dict[str, Any]:
     return manifest
   c = GlobalIndexConfig.from_json(manifest["config"])
   trained = _read_index(root / TRAINED)
-  scale = np.load(os.fspath(root / "rerank" / SCALE)).astype(np.float32)
+  scale = _load_npy(root / "rerank" / SCALE).astype(np.float32)
   part_shard = _partition_shard(c.nlist, c.serving_shards)
   serving = [_read_index(root / "serving" / f"{layout.shard_name(s['shard'])}.faiss")
              for s in manifest["serving_shards"]]

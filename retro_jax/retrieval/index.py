@@ -12,6 +12,12 @@ embeddings (`[count, D]`, read with `np.load(mmap_mode='r')`). Three backends sh
 A shard is serialised to a directory with `manifest.json` (offset, count, backend config, package
 versions, sha256 of every serialised file), written last so that its presence marks a finished
 shard. Loading verifies the checksums and raises `IndexError_` naming the file on any mismatch.
+
+Shard directories and embeddings may be on gs:// (through retro_jax.db.layout): a shard is
+serialised in a local scratch directory and copied into place, manifest last (`layout.staged_dir`);
+ScaNN reads its searcher only from a local directory, so a remote shard is copied once into the
+local cache (`layout.local_dir`, keyed by the manifest: bounded by the index shard's size, not the
+database's); faiss files are read as bytes. Embeddings are read by rows (retro_jax.db.npy_rows).
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from importlib import metadata
 from typing import Any, Sequence
 
@@ -29,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scann
+from etils import epath
 
+from retro_jax.db import layout, npy_rows
 from retro_jax.db.layout import sha256_file
 from retro_jax.errors import UserError
 
@@ -115,11 +122,12 @@ def package_versions() -> dict[str, str]:
 
 
 def load_embeddings(path: str) -> np.ndarray:
-  """Memory-maps a `[n, D]` float32 embeddings `.npy` file, with a clear error when it is wrong."""
-  if not os.path.isfile(path):
+  """Opens a `[n, D]` float32 embeddings `.npy` file for row reads (memory-mapped, or ranged reads
+  on gs://), with a clear error when it is wrong."""
+  if not epath.Path(path).exists():
     raise IndexError_(f"Embeddings file {path} does not exist; run the embedding stage first.")
   try:
-    emb_NxD = np.load(path, mmap_mode="r")
+    emb_NxD = npy_rows.open_rows(path)
   except ValueError as e:
     raise IndexError_(f"Embeddings file {path} is not a readable .npy array ({e}); rebuild it.")
   if emb_NxD.ndim != 2 or emb_NxD.dtype != np.float32:
@@ -272,7 +280,9 @@ class ScannShard(IndexShard):
     return sorted(os.listdir(directory))
 
   def load(self, directory: str) -> None:
-    self.searcher = scann.scann_ops_pybind.load_searcher(directory)
+    manifest = epath.Path(directory) / MANIFEST
+    key = sha256_file(manifest) if manifest.exists() else ""
+    self.searcher = scann.scann_ops_pybind.load_searcher(layout.local_dir(directory, key))
 
   def set_num_threads(self, n: int) -> None:
     self.searcher.set_num_threads(n)
@@ -329,7 +339,8 @@ class FaissShard(IndexShard):
     return [self.FILE]
 
   def load(self, directory: str) -> None:
-    self.index = faiss.read_index(os.path.join(directory, self.FILE))
+    data = (epath.Path(directory) / self.FILE).read_bytes()  # local or gs://
+    self.index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
     self._set_params()
 
   def search(self, queries_QxD, n):
@@ -362,38 +373,34 @@ def build_shard(embeddings_path: str, offset: int, config: IndexConfig,
 
 
 def save_shard(shard: IndexShard, out_dir: str) -> None:
-  """Writes `out_dir/` (backend files + manifest.json) via a temporary directory and a rename."""
-  tmp = out_dir.rstrip("/") + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  files = shard.save(tmp)
-  manifest = {
-      "format_version": FORMAT_VERSION,
-      "backend": shard.config.backend,
-      "offset": shard.offset,
-      "count": shard.count,
-      "dim": int(shard.embeddings_NxD.shape[1]),
-      "config": shard.config.to_json(),
-      "versions": package_versions(),
-      "embeddings": {"path": os.path.abspath(shard.embeddings_path),
-                     "bytes": os.path.getsize(shard.embeddings_path),
-                     "sha256": sha256_file(shard.embeddings_path)},
-      "files": {f: sha256_file(os.path.join(tmp, f)) for f in files},
-  }
-  with open(os.path.join(tmp, MANIFEST), "w") as f:
-    json.dump(manifest, f, indent=1, sort_keys=True)
-  shutil.rmtree(out_dir, ignore_errors=True)
-  os.replace(tmp, out_dir)
+  """Writes `out_dir/` (backend files + manifest.json) in a local scratch directory, then puts it
+  in place (a rename locally; on gs:// an upload, manifest last: layout.staged_dir)."""
+  emb = shard.embeddings_path
+  with layout.staged_dir(out_dir, last=MANIFEST) as tmp:
+    files = shard.save(tmp)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "backend": shard.config.backend,
+        "offset": shard.offset,
+        "count": shard.count,
+        "dim": int(shard.embeddings_NxD.shape[1]),
+        "config": shard.config.to_json(),
+        "versions": package_versions(),
+        "embeddings": {"path": os.fspath(emb) if layout.is_remote(emb) else os.path.abspath(emb),
+                       "bytes": layout.file_size(emb), "sha256": sha256_file(emb)},
+        "files": {f: sha256_file(os.path.join(tmp, f)) for f in files},
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=1, sort_keys=True)
 
 
 def read_manifest(shard_dir: str) -> dict[str, Any]:
-  path = os.path.join(shard_dir, MANIFEST)
-  if not os.path.isfile(path):
+  path = epath.Path(shard_dir) / MANIFEST
+  if not path.exists():
     raise IndexError_(f"Index shard manifest {path} is missing: the shard was never built or its "
                       "build was interrupted; rerun `python -m retro_jax.build_db --stages=index`.")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise IndexError_(f"Index shard manifest {path} is corrupt ({e}); delete {shard_dir} and "
                       "rerun `python -m retro_jax.build_db --stages=index`.")
@@ -405,17 +412,17 @@ def verify_shard(shard_dir: str, manifest: dict[str, Any] | None = None,
   manifest = manifest or read_manifest(shard_dir)
   fix = f"delete {shard_dir} and rerun `python -m retro_jax.build_db --stages=index`"
   for name, digest in manifest["files"].items():
-    path = os.path.join(shard_dir, name)
-    if not os.path.isfile(path):
+    path = epath.Path(shard_dir) / name
+    if not path.exists():
       raise IndexError_(f"Index shard file {path} is missing; {fix}.")
     if sha256_file(path) != digest:
       raise IndexError_(f"Index shard file {path} is corrupt (sha256 mismatch with "
-                        f"{os.path.join(shard_dir, MANIFEST)}); {fix}.")
+                        f"{epath.Path(shard_dir) / MANIFEST}); {fix}.")
   emb = embeddings_path or manifest["embeddings"]["path"]
-  if not os.path.isfile(emb):
+  if not epath.Path(emb).exists():
     raise IndexError_(f"Embeddings file {emb} used by index shard {shard_dir} is missing.")
   if check_embeddings:
-    if (os.path.getsize(emb) != manifest["embeddings"]["bytes"]
+    if (layout.file_size(emb) != manifest["embeddings"]["bytes"]
         or sha256_file(emb) != manifest["embeddings"]["sha256"]):
       raise IndexError_(f"Embeddings file {emb} differs from the one index shard {shard_dir} was "
                         f"built from (sha256 mismatch); {fix}.")

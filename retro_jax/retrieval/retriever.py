@@ -10,15 +10,14 @@ query: they stay in the index files and are dropped (and refilled) the same way.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Callable, Sequence
 
 import numpy as np
+from etils import epath
 
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout, verify
+from retro_jax.db import layout, npy_rows, verify
 from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
 
@@ -27,45 +26,48 @@ DocIdsLike = np.ndarray | Sequence[np.ndarray] | Callable[[np.ndarray], np.ndarr
 
 def _unfinished(path: str) -> bool:
   """The embed stage writes `shard-XXXXX.npy` in place and marks it done in `.progress.json`."""
-  progress = path[:-len(".npy")] + ".progress.json"
-  if not os.path.isfile(progress):
+  progress = layout.progress_path(path)
+  if not progress.exists():
     return False
-  with open(progress) as f:
-    return not json.load(f).get("done")
+  return not json.loads(progress.read_text()).get("done")
 
 
-def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
-                        ) -> list[tuple[int, str, int]]:
+def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None,
+                        verify_content: bool = True) -> list[tuple[int, str, int]]:
   """(shard number, embeddings path, first global chunk id) of `DB/embeddings/shard-XXXXX.npy`.
 
   `select(shard number)` limits the listing (e.g. this host's shards); every selected shard must
-  have finished embeddings.
+  have finished embeddings. `verify_content`: each shard's checksum is checked (once per process,
+  one sequential read); off for readers that never read the vectors (the global index searches
+  its own codes and int8 copy), so opening it on gs:// does not download every embedding.
   Offsets come from the chunk store's `DB/chunks/manifest.json` (`first_chunk_id`, and the row
   count is checked against `num_chunks`) when it exists, else from the running sum of row counts.
   """
-  pattern = os.path.join(layout.embeddings_dir(db_dir), "shard-*.npy")
-  paths = sorted(p for p in glob.glob(pattern) if not p.endswith(".tmp.npy"))
-  manifest_path = os.path.join(layout.chunks_dir(db_dir), layout.MANIFEST)
+  emb_dir = layout.embeddings_dir(db_dir)
+  pattern = f"{emb_dir}/shard-*.npy"
+  manifest_path = layout.chunks_dir(db_dir) / layout.MANIFEST
   fix = f"run `python -m retro_jax.build_db --db={db_dir} --stages=embeddings` first"
-  if os.path.isfile(manifest_path):
-    with open(manifest_path) as f:
-      store_shards = json.load(f)["shards"]
+  if manifest_path.exists():
+    store_shards = json.loads(manifest_path.read_text())["shards"]
     out = []
     for s in store_shards:
       i = int(s["index"])
       if select is not None and not select(i):
         continue
       path = str(layout.embeddings_path(db_dir, i))
-      if not os.path.isfile(path) or _unfinished(path):
+      if not epath.Path(path).exists() or _unfinished(path):
         raise index_lib.IndexError_(f"Embeddings shard {path} is missing or unfinished; {fix}.")
       rows = index_lib.load_embeddings(path).shape[0]
       if rows != int(s["num_chunks"]):
         raise index_lib.IndexError_(
             f"Embeddings shard {path} has {rows} rows but chunk-store shard {i} has "
             f"{s['num_chunks']} chunks ({manifest_path}); re-embed it.")
-      verify.embeddings_shard(db_dir, i)  # content checksum, once per process
+      if verify_content:
+        verify.embeddings_shard(db_dir, i)  # content checksum, once per process
       out.append((i, path, int(s["first_chunk_id"])))
     return out
+  paths = sorted(str(p) for p in emb_dir.glob("shard-*.npy")) if emb_dir.exists() else []
+  paths = [p for p in paths if not p.endswith(".tmp.npy")]
   if not paths:
     raise index_lib.IndexError_(f"No embedding shards found at {pattern}; {fix}.")
   for p in paths:
@@ -78,8 +80,8 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
 
 def db_embedding_rows(db_dir: str, ids_N: np.ndarray) -> np.ndarray:
   """float32 [N, D]: the database's stored embeddings of these global chunk ids (memory-mapped
-  reads of the rows asked for; the shards are never loaded whole)."""
-  embs = [(np.load(p, mmap_mode="r"), off) for _, p, off in db_embedding_shards(db_dir)]
+  or ranged reads of the rows asked for, retro_jax.db.npy_rows; never whole shards)."""
+  embs = [(npy_rows.open_rows(p), off) for _, p, off in db_embedding_shards(db_dir)]
   ids_N = np.asarray(ids_N, np.int64)
   out = np.empty((len(ids_N), embs[0][0].shape[1]), np.float32)
   offs = np.array([o for _, o in embs], np.int64)
@@ -97,13 +99,12 @@ def embedding_paths(db_dir: str) -> list[str]:
 
 def db_deleted_ranges(db_dir: str) -> np.ndarray:
   """int64 [R, 2] chunk-id ranges of the documents removed from `db_dir` (empty when none)."""
-  manifest = os.path.join(layout.chunks_dir(db_dir), layout.MANIFEST)
-  if not os.path.isfile(os.path.join(layout.chunks_dir(db_dir), layout.DELETIONS)):
-    if not os.path.isfile(manifest):
+  manifest = layout.chunks_dir(db_dir) / layout.MANIFEST
+  if not (layout.chunks_dir(db_dir) / layout.DELETIONS).exists():
+    if not manifest.exists():
       return np.zeros((0, 2), np.int64)  # embeddings and index only: no chunk store, no edits
-    with open(manifest) as f:
-      if not json.load(f).get("edits", {}).get("deletions", {}).get("num_docs"):
-        return np.zeros((0, 2), np.int64)  # never edited (a lost deletions file is an error below)
+    if not json.loads(manifest.read_text()).get("edits", {}).get("deletions", {}).get("num_docs"):
+      return np.zeros((0, 2), np.int64)  # never edited (a lost deletions file is an error below)
   return chunk_store_lib.ChunkStore.open(db_dir).deleted_chunk_ranges()
 
 
@@ -117,8 +118,8 @@ def db_backend(db_dir: str, backend: str | None = None) -> str:
   else DEFAULT_BACKEND if it is there, else the only backend there."""
   if backend:
     return backend
-  root = os.path.join(db_dir, "index")
-  built = sorted(b for b in index_lib.ALL_BACKENDS if os.path.isdir(os.path.join(root, b)))
+  root = epath.Path(db_dir) / layout.INDEX_DIR
+  built = sorted(b for b in index_lib.ALL_BACKENDS if (root / b).is_dir())
   for preferred in (global_lib.BACKEND, index_lib.DEFAULT_BACKEND):
     if preferred in built:
       return preferred
@@ -315,7 +316,7 @@ class Retriever:
     None: the one built, see `db_backend`); removed documents (`DB/chunks/deletions.json`) are
     excluded unless `deleted_ranges` is passed."""
     backend = db_backend(db_dir, backend)
-    shards = db_embedding_shards(db_dir)
+    shards = db_embedding_shards(db_dir, verify_content=backend != global_lib.BACKEND)
     if "deleted_ranges" not in kwargs:
       kwargs["deleted_ranges"] = db_deleted_ranges(db_dir)
     if backend == global_lib.BACKEND:
@@ -340,7 +341,7 @@ class Retriever:
     root = global_lib.index_dir(db_dir)
     index = global_lib.GlobalIndex(root, serving=serving, verify_files=verify,
                                    nprobe=(config_overrides or {}).get("nprobe"))
-    shards = db_embedding_shards(db_dir) if shards is None else shards
+    shards = db_embedding_shards(db_dir, verify_content=False) if shards is None else shards
     built = [(e["shard"], e["offset"]) for e in index.manifest["embeddings_shards"]]
     if built != [(i, off) for i, _, off in shards]:
       raise index_lib.IndexError_(

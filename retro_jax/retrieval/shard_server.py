@@ -43,6 +43,7 @@ from typing import Sequence
 
 import grpc
 import numpy as np
+from etils import epath
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -120,7 +121,7 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
     else:
       emb_path, offset = None, None
       shard_path = str(layout.index_shard_dir(index_root, self.shard_number))
-    if not os.path.isdir(shard_path):
+    if not epath.Path(shard_path).is_dir():
       raise ServeError(f"Index shard {shard_path} does not exist; build it with `python -m "
                        f"retro_jax.build_db --db={self.db_dir} --backend={backend} --stages=index`.")
     index_shard = index_lib.load_shard(shard_path, emb_path, verify=verify)

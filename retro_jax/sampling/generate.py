@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from typing import Callable, Sequence
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retro_jax.db import layout
 from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.db.tokenizer import check_tokenizer
@@ -272,12 +272,12 @@ class DatabaseRetrieval:
     store = ChunkStore.open(db_dir)
     tokenizer = load_db_tokenizer(db_dir)  # SentencePiece or byte-level BPE
     check_tokenizer(tokenizer, store.manifest["tokenizer"], f"chunk store {store.root}")
-    info_path = os.path.join(db_dir, "embeddings", "embedder.json")
-    info = json.load(open(info_path)) if os.path.exists(info_path) else {}
+    info_path = layout.embeddings_dir(db_dir) / layout.EMBEDDER_INFO  # local or gs://
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
     embedder = Embedder.load(max_length=info.get("max_length", 128),
                              dtype=info.get("dtype", "bfloat16"), batch_size=1)
     if info:
-      embedder.check_info(info, where=info_path)
+      embedder.check_info(info, where=str(info_path))
     if searcher is None:
       searcher = Retriever.from_db(db_dir, backend=backend)
     return cls(searcher, embedder, tokenizer, store, num_neighbours, neighbour_len)
