@@ -147,15 +147,21 @@ def test_killed_chunking_resumes_byte_identical(db, tmp_path, hook):
     assert got[name] == want[name], name
 
 
-def test_sharded_workers_and_finalize(db, tok, tmp_path):
+def test_shard_by_shard_and_finalize(db, tok, tmp_path):
   out = tmp_path / "chunks"
+  # Shards written one at a time (as the Beam build's elements are), in any order.
+  stats = corpus.CorpusStats()
+  all_docs = corpus.read_documents(SPEC, stats)
+  num = -(-len(all_docs) // DOCS_PER_SHARD)
+  settings = cs.store_settings(tok, SPEC, docs_per_shard=DOCS_PER_SHARD, heldout_fraction=0.1)
+  for s in (3, 0):
+    assert cs.write_store_shard(out, s, all_docs, tok, settings,
+                                {**stats.to_json(), "num_store_shards": num})
   with pytest.raises(cs.ChunkStoreError, match="not done"):
-    cs.build_chunk_store(SPEC, out, tok, docs_per_shard=DOCS_PER_SHARD, heldout_fraction=0.1,
-                         shard_index=0, num_shards=2, progress=False)
     cs.finalize_chunk_store(out)
   res = cs.build_chunk_store(SPEC, out, tok, docs_per_shard=DOCS_PER_SHARD, heldout_fraction=0.1,
-                             shard_index=1, num_shards=2, progress=False)
-  assert res["written"] == [1, 3]
+                             progress=False)
+  assert res["written"] == [1, 2] and res["skipped"] == [0, 3]
   cs.finalize_chunk_store(out)
   cs.finalize_chunk_store(out)  # Idempotent: the manifest is replaced, not refused.
   assert _files(out) == _files(db / "chunks")
