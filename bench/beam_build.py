@@ -91,7 +91,7 @@ def _run(cmd: list[str], env: dict, log: pathlib.Path) -> float:
   return time.perf_counter() - t0
 
 
-def timed_builds(tokenizer: str) -> dict:
+def timed_builds(tokenizer: str, out: dict) -> dict:
   work = pathlib.Path(FLAGS.work)
   work.mkdir(parents=True, exist_ok=True)
   common = [f"--corpus={FLAGS.corpus}", f"--tokenizer={tokenizer}"]
@@ -118,10 +118,12 @@ def timed_builds(tokenizer: str) -> dict:
       runs[kind].append(seconds)
       stages[kind].append({s: round(v["seconds"], 1) for s, v in times["stages"].items()})
       print(f"{kind} build {r}: {seconds:.1f} s {stages[kind][-1]}", flush=True)
-      if r or kind == "old":
+      out["timed"] = {"wall_seconds": runs, "stage_seconds": stages, "finished": False}
+      pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=1) + "\n")  # after every build
+      if r:  # the first of each kind is kept for the chunk-store comparison
         shutil.rmtree(db, ignore_errors=True)
   best = {k: min(v) for k, v in runs.items()}
-  return {"corpus": FLAGS.corpus, "max_docs": FLAGS.max_docs, "workers": FLAGS.workers,
+  return {"finished": True, "corpus": FLAGS.corpus, "max_docs": FLAGS.max_docs, "workers": FLAGS.workers,
           "wall_seconds": runs, "stage_seconds": stages, "best_seconds": best,
           "beam_over_old": best["beam"] / best["old"],
           "same_chunk_store_as_old": same_chunk_store(work / "beam_0", work / "old_0")
@@ -145,7 +147,7 @@ def main(argv) -> None:
         "reference": {s: round(v["seconds"], 1) for s, v in ref_times["stages"].items()},
         "note": "each measured on its own at a different time (load differs); see timed"}
   if FLAGS.old_code:
-    out["timed"] = timed_builds(str(ref_db / layout.TOKENIZER_PATH))
+    out["timed"] = timed_builds(str(ref_db / layout.TOKENIZER_PATH), out)
     print("timed:", {k: out["timed"][k] for k in ("best_seconds", "beam_over_old")}, flush=True)
   pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=1) + "\n")
 

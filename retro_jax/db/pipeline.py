@@ -77,9 +77,13 @@ def pipeline(beam_args: Sequence[str] | None) -> beam.Pipeline:
   return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision), options=options)
 
 
-def worker_env(beam_args: Sequence[str] | None, cores: int | None = None) -> dict[str, str]:
-  """Environment for local multi-processing workers: each worker's XLA and OpenMP (faiss) thread
-  pools sized to its share of the cores, so that N workers do not each spin on every core."""
+def worker_env(beam_args: Sequence[str] | None, stage: str = "embeddings",
+               cores: int | None = None) -> dict[str, str]:
+  """Environment for local multi-processing workers of the stages with many elements (embeddings,
+  neighbours): each worker's XLA and OpenMP (faiss) thread pools sized to its share of the cores,
+  so that N workers do not each spin on every core. The index stage is one element: all cores."""
+  if stage not in ("embeddings", "neighbours"):
+    return {}
   opts = pipeline_options(beam_args).get_all_options()
   workers = opts.get("direct_num_workers") or 1
   if opts.get("direct_running_mode") != "multi_processing" or workers <= 1:
@@ -222,6 +226,11 @@ class _AssembleShard(beam.DoFn):
     parts_dir = layout.embedding_part_path(self._db, shard, 0).parent
     if parts_dir.exists():
       parts_dir.rmtree()
+    try:  # the last shard assembled removes embeddings/parts/ too
+      if not any(parts_dir.parent.iterdir()):
+        parts_dir.parent.rmdir()
+    except (OSError, ValueError):  # another worker's parts are still there
+      pass
     embedded = sum(1 for _, e in blocks if e)
     print(f"[build_db] embeddings: shard {shard} assembled ({embedded} blocks embedded, "
           f"{len(blocks) - embedded} kept)", flush=True)
@@ -321,7 +330,7 @@ def run_stage(stage: str, db: str | os.PathLike, cfg: dict[str, Any],
     embed_lib.check_or_write_info(embedder, layout.embeddings_dir(db))
     epath.Path(layout.embeddings_dir(db)).mkdir(parents=True, exist_ok=True)
   logging.getLogger("apache_beam").setLevel(logging.WARNING)  # per-bundle INFO lines
-  env = worker_env(beam_args)
+  env = worker_env(beam_args, stage)
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # inherited by the local runner's worker processes
   try:
