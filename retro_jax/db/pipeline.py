@@ -92,7 +92,24 @@ def worker_env(beam_args: Sequence[str] | None, stage: str = "embeddings",
   xla = os.environ.get("XLA_FLAGS", "")
   if threads == 1:
     xla += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  return {"XLA_FLAGS": xla.strip(), "OMP_NUM_THREADS": str(threads)}
+  return {"XLA_FLAGS": xla.strip(), "OMP_NUM_THREADS": str(threads),
+          WORKER_CORES_ENV: str(threads)}
+
+
+WORKER_CORES_ENV = "RETRO_JAX_BEAM_WORKER_CORES"
+
+
+def pin_worker() -> None:
+  """In a local multi-processing worker (worker_env set WORKER_CORES_ENV), binds this process's
+  threads started from now on (XLA's, OpenMP's) to its own cores: worker i (the runner's
+  WORKER_ID) gets cores [i * n, i * n + n) mod the cores, so that workers do not thrash."""
+  per = int(os.environ.get(WORKER_CORES_ENV, "0") or 0)
+  worker = os.environ.get("WORKER_ID", "").rpartition("_")[2]
+  if per <= 0 or not worker.isdigit() or not hasattr(os, "sched_setaffinity"):
+    return
+  cores = sorted(os.sched_getaffinity(0))
+  first = int(worker) * per % len(cores)
+  os.sched_setaffinity(0, set(cores[first:first + per]) or set(cores))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +187,7 @@ class _EmbedBlock(beam.DoFn):
     self._db, self._dtype, self._batch_size = db, dtype, batch_size
 
   def setup(self):
+    pin_worker()  # before XLA starts its threads
     self._embedder = Embedder.load(dtype=self._dtype, batch_size=self._batch_size)
     self._store = chunk_store_lib.ChunkStore.open(self._db)
     self._tok = prepare_lib.load_db_tokenizer(self._db)
@@ -255,6 +273,7 @@ class _NeighboursShard(beam.DoFn):
     self._db, self._k, self._backend = db, k, backend
 
   def setup(self):
+    pin_worker()  # before faiss starts its OpenMP threads
     self._store = chunk_store_lib.ChunkStore.open(self._db)
     self._retriever, self._backend = neighbours_lib.load_retriever(self._db, self._store,
                                                                    self._backend)
