@@ -52,6 +52,21 @@ def _digests(root: pathlib.Path) -> dict[str, str]:
           for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def same_files(beam_db: pathlib.Path, ref_db: pathlib.Path) -> dict:
+  """Every file of the two databases but build_times.json, by sha256 (the global index's
+  manifest records its build times, so it is compared without them)."""
+  a, b = _digests(beam_db), _digests(ref_db)
+  differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != layout.BUILD_TIMES)
+  manifest = "index/global/manifest.json"
+  if manifest in differ:
+    m = [json.loads((d / manifest).read_text()) for d in (beam_db, ref_db)]
+    for x in m:
+      x.pop("build_seconds", None)
+    if m[0] == m[1]:
+      differ.remove(manifest)
+  return {"files": len(b) - 1, "differing_files": differ, "byte_identical": not differ}
+
+
 def same_chunk_store(beam_db: pathlib.Path, ref_db: pathlib.Path) -> dict:
   a, b = _digests(beam_db / layout.CHUNKS_DIR), _digests(ref_db / layout.CHUNKS_DIR)
   differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -86,8 +101,9 @@ def neighbours_recall(db: pathlib.Path, queries: int, seed: int = 0) -> dict:
 
 def _run(cmd: list[str], env: dict, log: pathlib.Path) -> float:
   t0 = time.perf_counter()
-  with log.open("w") as f:
-    subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
+  with log.open("w") as f:  # cwd: `python -m` imports the package from the working directory
+    subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True,
+                   cwd=env["PYTHONPATH"])
   return time.perf_counter() - t0
 
 
@@ -138,6 +154,8 @@ def main(argv) -> None:
   if (beam_db / layout.CHUNKS_DIR).exists():
     out["chunk_store"] = same_chunk_store(beam_db, ref_db)
     print("chunk store:", out["chunk_store"], flush=True)
+    out["whole_database"] = same_files(beam_db, ref_db)
+    print("whole database:", out["whole_database"], flush=True)
     out["neighbours"] = neighbours_recall(beam_db, FLAGS.queries)
     print("neighbours:", out["neighbours"], flush=True)
     times = json.loads((beam_db / layout.BUILD_TIMES).read_text())
