@@ -26,10 +26,12 @@ blocks and shards. Runner options are Beam's own flags (`--runner`, `--direct_nu
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import json
 import logging
 import os
+import re
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
@@ -46,6 +48,7 @@ from retro_jax.db import layout, verify
 from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db.layout import write_bytes_atomic, write_json_atomic
+from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import index as index_lib
@@ -56,12 +59,36 @@ EMBED_BLOCK_ROWS = 4096
 
 
 def pipeline_options(beam_args: Sequence[str] | None) -> PipelineOptions:
-  """Beam's options from its flags; with none, the in-process DirectRunner. Workers log warnings
-  and errors only unless `--default_sdk_harness_log_level` says otherwise."""
+  """Beam's options from its flags; with none, the in-process DirectRunner. Local workers log
+  critical errors only unless `--default_sdk_harness_log_level` says otherwise: a failing
+  element's error comes back to the launcher in the exception."""
   args = list(beam_args or ["--runner=DirectRunner"])
-  if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
-    args.append("--default_sdk_harness_log_level=WARNING")
+  local = PipelineOptions(args).view_as(StandardOptions).runner in (None, "DirectRunner")
+  if local and not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+    args.append("--default_sdk_harness_log_level=CRITICAL")
   return PipelineOptions(args)
+
+
+class WorkerUserError(UserError, RuntimeError):
+  """A user error (bad corpus, mismatched inputs, ...) raised in a worker process."""
+
+
+_REMOTE_ERROR = re.compile(r"^(retro_jax(?:\.\w+)+)\.(\w+): (.+)$", re.M)
+
+
+def user_error_of(e: Exception) -> UserError | None:
+  """The retro_jax UserError a worker process's traceback (in `e`'s message) ends with, if any,
+  so that the command prints its one line instead of the worker's traceback."""
+  if isinstance(e, UserError):
+    return e
+  for module, name, message in _REMOTE_ERROR.findall(str(e)):
+    try:
+      cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+      continue
+    if isinstance(cls, type) and issubclass(cls, UserError):
+      return WorkerUserError(message)
+  return None
 
 
 def pipeline(beam_args: Sequence[str] | None) -> beam.Pipeline:
@@ -348,14 +375,22 @@ def run_stage(stage: str, db: str | os.PathLike, cfg: dict[str, Any],
     embedder = Embedder.load(dtype=cfg["embed_dtype"], batch_size=cfg["embed_batch_size"])
     embed_lib.check_or_write_info(embedder, layout.embeddings_dir(db))
     epath.Path(layout.embeddings_dir(db)).mkdir(parents=True, exist_ok=True)
-  logging.getLogger("apache_beam").setLevel(logging.WARNING)  # per-bundle INFO lines
+  beam_logger = logging.getLogger("apache_beam")
+  level = beam_logger.level
+  beam_logger.setLevel(logging.CRITICAL)  # a failing element's traceback: the exception has it
   env = worker_env(beam_args, stage)
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)  # inherited by the local runner's worker processes
   try:
     with pipeline(beam_args) as p:
       STAGE_PIPELINES[stage](p, db, cfg)
+  except Exception as e:
+    user_error = user_error_of(e)
+    if user_error is None or user_error is e:
+      raise
+    raise user_error from e
   finally:
+    beam_logger.setLevel(level)
     for k, v in saved.items():
       if v is None:
         os.environ.pop(k, None)
