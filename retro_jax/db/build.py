@@ -35,7 +35,7 @@ from retro_jax.retrieval import retriever as retriever_lib
 STAGES = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
 
 class BuildError(UserError, RuntimeError):
-  """A stage whose inputs are not finished (e.g. another host's shard)."""
+  """A stage whose inputs are not finished (an earlier stage not run, or killed)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +79,8 @@ def is_done(stage: str, db: pathlib.Path, cfg: dict[str, Any]) -> bool:
   raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES + ('finalize',)}.")
 
 
-# Stages.
+# ------------------------------------------------------------------------------------------------
+# Stages: each a Beam pipeline (retro_jax.db.pipeline).
 
 
 def _stage_finalize(db: pathlib.Path, cfg: dict[str, Any], beam_args) -> None:
