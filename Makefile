@@ -36,12 +36,16 @@ bench: $(STAMP)
 	LD_PRELOAD=$(TCMALLOC) $(PY) -m bench.train_step
 
 # The default retrieval database (the embedded default corpus: kernel:limit=500+python:limit=200+wiki):
-# every stage, restartable.
+# every stage, restartable; the Beam pipeline (retro_jax/db/pipeline.py) on the local runner, one
+# worker process per core (DB_WORKERS). More build_db flags: make db DB_FLAGS=--tokenizer=spm.model
+DB_WORKERS ?= $(shell nproc)
+DB_FLAGS ?=
 db: $(STAMP)
 	# The default corpus: Debian's kernel and Python documentation (tests never read them).
 	test -d /usr/share/doc/linux-doc-6.1/html/_sources -a -d /usr/share/doc/python3.11/html/_sources || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc-6.1 python3.11-doc; }
-	JAX_PLATFORMS=cpu $(PY) -m retro_jax.build_db --corpus=default --db=runs/default_db
+	JAX_PLATFORMS=cpu $(PY) -m retro_jax.build_db --corpus=default --db=runs/default_db $(DB_FLAGS) \
+	  --runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=$(DB_WORKERS)
 
 bench-embed: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m bench.embed_throughput

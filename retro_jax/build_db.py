@@ -1,10 +1,14 @@
 r"""Build a retrieval database: corpus -> tokenizer -> chunks -> embeddings -> index -> neighbours.
 
-    python -m retro_jax.build_db --corpus=default --db=runs/default_db
+    python -m retro_jax.build_db --corpus=default --db=runs/default_db \
+        --runner=DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2
     python -m retro_jax.build_db --corpus=DIR_OR_JSONL --db=/tmp/small_db --max_docs=200 --vocab_size=2000
     python -m retro_jax.build_db --corpus=default --db=runs/smollm2_db --tokenizer=smollm2
 
-Every stage is restartable and a finished one is skipped (retro_jax.db.build); stage times go to
+Each stage is an Apache Beam pipeline (retro_jax.db.pipeline); flags this command does not define
+(`--runner`, `--direct_num_workers`, `--direct_running_mode`, Dataflow's `--project`, `--region`,
+`--temp_location`, `--setup_file`, ...) go to Beam's PipelineOptions (docs/beam.md). Every stage
+is restartable and a finished one is skipped (retro_jax.db.build); stage times go to
 DB/build_times.json.
 """
 
@@ -25,8 +29,6 @@ flags.DEFINE_integer("docs_per_shard", 4096, "documents per chunk-store shard")
 flags.DEFINE_float("heldout_fraction", 0.01, "fraction of documents held out (by document)")
 flags.DEFINE_integer("seed", 0, "seed of the held-out split and tokenizer sampling")
 flags.DEFINE_integer("max_docs", None, "keep only the first N documents")
-flags.DEFINE_integer("shard_index", 0, "this host's index among num_shards")
-flags.DEFINE_integer("num_shards", 1, "number of hosts splitting each stage")
 flags.DEFINE_list("stages", list(build.STAGES),
                   f"stages to run, in order, from {build.STAGES} (+ 'finalize')")
 flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "embedder matmul dtype")
@@ -38,10 +40,10 @@ flags.DEFINE_bool("rebuild", False, "rebuild a finished stage whose recorded set
 
 
 def main(argv) -> None:
-  del argv
-  build.build(FLAGS.db, stages=tuple(FLAGS.stages), rebuild=FLAGS.rebuild,
+  build.build(FLAGS.db, stages=tuple(FLAGS.stages), rebuild=FLAGS.rebuild, beam_args=argv[1:],
               **{name: FLAGS[name].value for name in build.DEFAULTS})
 
 
 if __name__ == "__main__":
-  app.run(guard(main))
+  # Flags this command does not define are Beam's (--runner, --direct_num_workers, ...).
+  app.run(guard(main), flags_parser=lambda argv: FLAGS(argv, known_only=True))

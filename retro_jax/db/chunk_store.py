@@ -164,12 +164,10 @@ def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.D
 def build_chunk_store(corpus_spec: str, out_dir: str | os.PathLike, tokenizer,
                       chunk_size: int = 64, docs_per_shard: int = 4096,
                       heldout_fraction: float = 0.01, seed: int = 0, max_docs: int | None = None,
-                      shard_index: int = 0, num_shards: int = 1, append_eos: bool = True,
-                      finalize: bool = True, progress: bool = True) -> dict:
-  """Writes the store shards s with s % num_shards == shard_index; then finalizes if asked (and
-  all shards are done). Returns {"seconds", "written", "skipped", "num_store_shards", ...}."""
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+                      append_eos: bool = True, finalize: bool = True, progress: bool = True) -> dict:
+  """Writes every store shard (finished ones are kept), then finalizes if asked. Returns
+  {"seconds", "written", "skipped", "num_store_shards", ...}. The Beam build
+  (retro_jax/db/pipeline.py) writes the same shards one element each with `write_store_shard`."""
   if chunk_size < 1 or docs_per_shard < 1:
     raise ValueError(f"chunk_size={chunk_size} and docs_per_shard={docs_per_shard} must be >= 1")
   out = epath.Path(out_dir)
@@ -182,28 +180,53 @@ def build_chunk_store(corpus_spec: str, out_dir: str | os.PathLike, tokenizer,
   docs = corpus_lib.read_documents(corpus_spec, stats, max_docs=max_docs)
   num_store_shards = math.ceil(len(docs) / docs_per_shard)
   corpus_stats = {**stats.to_json(), "num_store_shards": num_store_shards}
-  mine = [s for s in range(num_store_shards) if s % num_shards == shard_index]
+  mine = list(range(num_store_shards))
   written, skipped = [], []
-  kill_after = os.environ.get("RETRO_JAX_TEST_KILL_AFTER_SHARDS")
   bar = tqdm.tqdm(total=len(mine), unit="shard", desc="chunk store", disable=not progress)
   for s in mine:
-    if _shard_done(out, s, settings) is not None:
+    if not write_store_shard(out, s, docs, tokenizer, settings, corpus_stats):
       skipped.append(s)
       bar.update(1)
       continue
-    part = [(doc_id, docs[doc_id], corpus_lib.is_heldout(docs[doc_id].key, heldout_fraction, seed))
-            for doc_id in range(s * docs_per_shard, min(len(docs), (s + 1) * docs_per_shard))]
-    _write_shard(out, s, part, tokenizer, chunk_size, append_eos, settings, corpus_stats)
     written.append(s)
     bar.update(1)
-    if kill_after is not None and len(written) >= int(kill_after):
-      os.kill(os.getpid(), signal.SIGKILL)  # Test hook: die between shards.
   bar.close()
   result = {"seconds": time.perf_counter() - t0, "written": written, "skipped": skipped,
             "num_store_shards": num_store_shards, "num_docs": len(docs)}
-  if finalize and num_shards == 1:
+  if finalize:
     result["manifest"] = finalize_chunk_store(out)
   return result
+
+
+def store_settings(tokenizer, corpus_spec: str, chunk_size: int = 64, docs_per_shard: int = 4096,
+                   heldout_fraction: float = 0.01, seed: int = 0, max_docs: int | None = None,
+                   append_eos: bool = True) -> dict:
+  """The settings every shard's done marker records (a shard with others is refused)."""
+  return _settings(tokenizer, chunk_size, docs_per_shard, corpus_spec, max_docs, heldout_fraction,
+                   seed, append_eos)
+
+
+def write_store_shard(out_dir: str | os.PathLike, shard: int,
+                      docs: Sequence[corpus_lib.Document], tokenizer, settings: dict,
+                      corpus_stats: dict) -> bool:
+  """Writes store shard `shard` (documents shard * docs_per_shard.. of the whole corpus `docs`)
+  unless it is finished; returns whether it was written."""
+  out = epath.Path(out_dir)
+  if _shard_done(out, shard, settings) is not None:
+    return False
+  per, frac, seed = settings["docs_per_shard"], settings["heldout_fraction"], settings["seed"]
+  part = [(doc_id, docs[doc_id], corpus_lib.is_heldout(docs[doc_id].key, frac, seed))
+          for doc_id in range(shard * per, min(len(docs), (shard + 1) * per))]
+  _write_shard(out, shard, part, tokenizer, settings["chunk_size"], settings["append_eos"],
+               settings, corpus_stats)
+  _WRITTEN_IN_PROCESS.append(shard)
+  kill_after = os.environ.get("RETRO_JAX_TEST_KILL_AFTER_SHARDS")
+  if kill_after is not None and len(_WRITTEN_IN_PROCESS) >= int(kill_after):
+    os.kill(os.getpid(), signal.SIGKILL)  # Test hook: die between shards.
+  return True
+
+
+_WRITTEN_IN_PROCESS: list[int] = []  # for the test hook above
 
 
 def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
@@ -219,7 +242,7 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
              if not (out / (shard_name(s) + ".done.json")).exists()]
   if missing:
     raise ChunkStoreError(f"{out}: shards {missing} of {num_store_shards} are not done; run "
-                          f"`prepare --stage=chunks` for them (their --shard_index) and finalize again")
+                          f"the chunks stage for them and finalize again")
   for s in range(num_store_shards):
     markers.append(json.loads((out / (shard_name(s) + ".done.json")).read_text()))
   settings = first["settings"]

@@ -7,6 +7,7 @@
       chunks/shard-XXXXX/                         tokens.npy, doc_ids.npy, doc_table.npy, doc_keys.json
       embeddings/embedder.json                    which embedder made the vectors
       embeddings/shard-XXXXX.npy                  float32 [chunks, D] (+ .progress.json while written)
+      embeddings/parts/shard-XXXXX/               the Beam build's finished row blocks (until assembled)
       index/<backend>/shard-XXXXX/                one searcher per embeddings shard + manifest.json
       neighbours/shard-XXXXX.npy                  int64 [chunks, k] training neighbours (+ .progress.json)
       build_times.json                            the build's stage times
@@ -55,6 +56,7 @@ NEIGHBOURS_DIR = "neighbours"
 MANIFEST = "manifest.json"
 DELETIONS = "deletions.json"
 EMBEDDER_INFO = "embedder.json"
+EMBEDDING_PARTS_DIR = "parts"  # embeddings/parts/shard-XXXXX/rows-XXXXXXXXXX.npy: Beam's blocks
 BUILD_TIMES = "build_times.json"
 
 PathLike = str | os.PathLike
@@ -150,6 +152,11 @@ def embeddings_dir(db: PathLike) -> epath.Path:
 
 def embeddings_path(db: PathLike, shard: int) -> epath.Path:
   return embeddings_dir(db) / f"{shard_name(shard)}.npy"
+
+
+def embedding_part_path(db: PathLike, shard: int, start: int) -> epath.Path:
+  """A finished block of rows [start, ..) of embeddings shard `shard` (retro_jax/db/pipeline.py)."""
+  return embeddings_dir(db) / EMBEDDING_PARTS_DIR / shard_name(shard) / f"rows-{start:010d}.npy"
 
 
 def index_dir(db: PathLike, backend: str) -> epath.Path:

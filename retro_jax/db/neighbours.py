@@ -1,7 +1,6 @@
 r"""Training neighbours: the k nearest database chunks from other documents, per chunk, per shard.
 
-    python -m retro_jax.db.neighbours --db=DIR --k=2 [--backend=scann] \
-        [--shard_index=0 --num_shards=1] [--block_rows=4096]
+    python -m retro_jax.build_db --db=DIR --stages=neighbours --k=2
 
 For every chunk of the chunk store (shard by shard, same shard numbers and row order as the chunk
 store and `DB/embeddings/`), the query is the chunk's own stored embedding and the answer is the
@@ -20,8 +19,8 @@ evaluation loader with retrieval on (their candidates likewise come from trainin
 Restartable: work goes in fixed blocks of `block_rows` rows; `shard-XXXXX.progress.json` records the
 finished rows, a killed run resumes at the next block, finished shards are skipped, and the output is
 byte-identical to an uninterrupted run (a block's result depends only on its rows).
-Shardable: host `shard_index` of `num_shards` computes the store shards s with
-`s % num_shards == shard_index` (every host loads the whole index, since a query visits every shard).
+Distributed: the Beam build (retro_jax/db/pipeline.py) computes one shard per element, each worker
+loading the index once (`neighbours_shard`).
 """
 
 from __future__ import annotations
@@ -147,42 +146,51 @@ def shard_is_done(db_dir: str | os.PathLike, shard: int) -> bool:
   return layout.is_finished(layout.neighbours_path(db_dir, shard))
 
 
-def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | None = None,
-                       shard_index: int = 0, num_shards: int = 1, block_rows: int = 4096,
-                       retriever=None, store=None) -> dict:
-  """Computes this host's neighbour shards of `db_dir` (finished ones are skipped). Returns stats."""
+def load_retriever(db_dir: str | os.PathLike, store, backend: str | None = None):
+  """(retriever over the database's index, backend name) for the neighbours search."""
+  if backend is None:  # the one the database was built with
+    backend = retriever_lib.db_backend(str(db_dir))
+  index_root = layout.index_dir(db_dir, backend)
+  if not index_root.exists():
+    raise NeighboursError(f"No {backend} index at {index_root}; run python -m "
+                          f"retro_jax.build_db --db={db_dir} --backend={backend} --stages=index.")
+  return retriever_lib.Retriever.from_db(str(db_dir), backend, doc_ids=store.doc_ids), backend
 
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
+
+def neighbours_shard(db_dir: str | os.PathLike, shard: int, retriever, store, backend: str,
+                     k: int = 2, block_rows: int = 4096) -> dict:
+  """Computes neighbours shard `shard` of `db_dir` (resumable; skipped when finished)."""
+  _, first_id, count = store.shard_spans()[shard]
+  heldout = store.heldout_doc_ids
+  settings = {"backend": backend, "excludes": "own_document+heldout_documents",
+              "num_heldout_docs": int(heldout.size), "index_size": int(retriever.size)}
+  emb = embed_lib.load_embeddings(db_dir, shard)
+  if emb.shape[0] != count:
+    raise NeighboursError(f"Embeddings shard {shard} of {db_dir} has {emb.shape[0]} rows but the "
+                          f"chunk store shard has {count}; re-embed it.")
+  return compute_shard(retriever, store, emb, first_id, layout.neighbours_path(db_dir, shard), k,
+                       heldout, block_rows=block_rows, settings=settings,
+                       desc=f"neighbours shard {shard}")
+
+
+def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | None = None,
+                       block_rows: int = 4096, retriever=None, store=None) -> dict:
+  """Computes every neighbour shard of `db_dir` (finished ones are skipped). Returns stats."""
+
   if k < 1:
     raise ValueError(f"--k={k} must be >= 1.")
   db_dir = epath.Path(db_dir)
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
-  mine = [s for s in store.shard_spans() if s[0] % num_shards == shard_index]
+  mine = store.shard_spans()
   totals = {"rows": 0, "seconds": 0.0, "shards": [], "skipped": []}
   todo = [s for s in mine if not shard_is_done(db_dir, s[0])]
   totals["skipped"] = [s[0] for s in mine if shard_is_done(db_dir, s[0])]
   if not todo:
     return totals
   if retriever is None:
-    if backend is None:  # the one the database was built with
-      backend = retriever_lib.db_backend(str(db_dir))
-    index_root = layout.index_dir(db_dir, backend)
-    if not index_root.exists():
-      raise NeighboursError(f"No {backend} index at {index_root}; run python -m "
-                            f"retro_jax.build_db --db={db_dir} --backend={backend} --stages=index.")
-    retriever = retriever_lib.Retriever.from_db(str(db_dir), backend, doc_ids=store.doc_ids)
-  heldout = store.heldout_doc_ids
-  settings = {"backend": backend, "excludes": "own_document+heldout_documents",
-              "num_heldout_docs": int(heldout.size), "index_size": int(retriever.size)}
-  for shard, first_id, count in todo:
-    emb = embed_lib.load_embeddings(db_dir, shard)
-    if emb.shape[0] != count:
-      raise NeighboursError(f"Embeddings shard {shard} of {db_dir} has {emb.shape[0]} rows but the "
-                            f"chunk store shard has {count}; re-embed it.")
-    stats = compute_shard(retriever, store, emb, first_id, layout.neighbours_path(db_dir, shard), k, heldout,
-                          block_rows=block_rows, settings=settings,
-                          desc=f"neighbours shard {shard}")
+    retriever, backend = load_retriever(db_dir, store, backend)
+  for shard, _, _ in todo:
+    stats = neighbours_shard(db_dir, shard, retriever, store, backend, k, block_rows)
     totals["rows"] += stats["rows"]
     totals["seconds"] += stats["seconds"]
     totals["shards"].append(shard)

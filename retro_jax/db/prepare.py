@@ -111,8 +111,8 @@ def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: in
 
 def prepare(corpus_spec: str, out_dir: str, stage: str = "all", vocab_size: int = 8192,
             chunk_size: int = 64, docs_per_shard: int = 4096, heldout_fraction: float = 0.01,
-            seed: int = 0, max_docs: int | None = None, shard_index: int = 0, num_shards: int = 1,
-            tokenizer_path: str | None = None, input_sentence_size: int = 300_000) -> dict:
+            seed: int = 0, max_docs: int | None = None, tokenizer_path: str | None = None,
+            input_sentence_size: int = 300_000) -> dict:
   """Runs the stages; returns timings and counts."""
   out = epath.Path(out_dir)
   report: dict = {}
@@ -127,8 +127,7 @@ def prepare(corpus_spec: str, out_dir: str, stage: str = "all", vocab_size: int 
     tok = load_db_tokenizer(out)
     res = chunk_store_lib.build_chunk_store(
         corpus_spec, out / CHUNKS_DIR, tok, chunk_size=chunk_size, docs_per_shard=docs_per_shard,
-        heldout_fraction=heldout_fraction, seed=seed, max_docs=max_docs, shard_index=shard_index,
-        num_shards=num_shards, finalize=(stage == "all" and num_shards == 1))
+        heldout_fraction=heldout_fraction, seed=seed, max_docs=max_docs, finalize=(stage == "all"))
     report["chunks_seconds"] = res["seconds"]
     report["shards_written"] = res["written"]
     report["shards_skipped"] = res["skipped"]

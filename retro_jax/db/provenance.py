@@ -1,6 +1,6 @@
 """What each database stage was built from, so that a rerun skips a stage only when it matches.
 
-`DB/provenance/<stage>.json` (per host on a pod: `<stage>.host-I-of-N.json`) records, when the
+`DB/provenance/<stage>.json` records, when the
 stage finishes:
   settings   the build settings the stage depends on (corpus, vocabulary, held-out fraction, ...),
   tokenizer  the sha256 of the database's tokenizer file (the tokenizer's fingerprint),
@@ -44,9 +44,8 @@ class ProvenanceMismatchError(UserError, RuntimeError):
 
 
 def record_path(db: str | os.PathLike, stage: str, cfg: dict[str, Any]) -> epath.Path:
-  host = "" if cfg["num_shards"] == 1 or stage == "tokenizer" else \
-      f".host-{cfg['shard_index']}-of-{cfg['num_shards']}"
-  return epath.Path(db) / PROVENANCE_DIR / f"{stage}{host}.json"
+  del cfg  # one record per stage (the whole database)
+  return epath.Path(db) / PROVENANCE_DIR / f"{stage}.json"
 
 
 def _tokenizer_file(db: epath.Path) -> epath.Path | None:
@@ -68,7 +67,7 @@ def _settings(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
 def _my_shards(db: epath.Path, cfg: dict[str, Any]) -> list[dict]:
   manifest = db / layout.CHUNKS_DIR / layout.MANIFEST
   shards = json.loads(manifest.read_text())["shards"] if manifest.exists() else []
-  return [s for s in shards if int(s["index"]) % cfg["num_shards"] == cfg["shard_index"]]
+  return shards
 
 
 def _inputs(stage: str, db: epath.Path, cfg: dict[str, Any]) -> dict[str, str]:
@@ -164,7 +163,7 @@ def _remove(path: epath.Path) -> None:
 
 
 def clear_outputs(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> None:
-  """Deletes this host's outputs of `stage` (--rebuild), and its record."""
+  """Deletes the outputs of `stage` (--rebuild), and its record."""
   db = epath.Path(db)
   shards = [int(s["index"]) for s in _my_shards(db, cfg)]
   if stage == "tokenizer":
@@ -175,8 +174,8 @@ def clear_outputs(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> Non
     for i in shards:
       layout.remove_rows_output(layout.embeddings_path(db, i))
       _remove(layout.progress_path(layout.embeddings_path(db, i)))
-    if cfg["num_shards"] == 1:
-      _remove(layout.embeddings_dir(db) / layout.EMBEDDER_INFO)
+    _remove(layout.embeddings_dir(db) / layout.EMBEDDER_INFO)
+    _remove(layout.embeddings_dir(db) / layout.EMBEDDING_PARTS_DIR)
   elif stage == "index":
     for i in shards:
       _remove(layout.index_shard_dir(layout.index_dir(db, cfg["backend"]), i))
@@ -188,7 +187,7 @@ def clear_outputs(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> Non
 
 
 def repair(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> list[str]:
-  """Removes this host's damaged or partial outputs of `stage` so that the stage rebuilds them;
+  """Removes the damaged or partial outputs of `stage` so that the stage rebuilds them;
   returns what was removed."""
   db = epath.Path(db)
   removed = []
@@ -209,18 +208,16 @@ def repair(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> list[str]:
     store_dir = db / layout.CHUNKS_DIR
     manifest = json.loads((store_dir / layout.MANIFEST).read_text())
     for s in manifest["shards"]:
-      if int(s["index"]) % cfg["num_shards"] != cfg["shard_index"]:
-        continue
       bad = [n for n, rec in s["files"].items()
              if not (store_dir / s["path"] / n).exists()
              or layout.sha256_file(store_dir / s["path"] / n) != rec["sha256"]]
       if bad:
         _remove(store_dir / f"{s['path']}.done.json")
         removed.append(f"{store_dir / s['path']} ({', '.join(bad)})")
-    if removed and (manifest.get("edits") or cfg["num_shards"] > 1):
+    if removed and manifest.get("edits"):
       raise ProvenanceMismatchError(
-          f"damaged chunk-store shards {removed} in a store that was edited or built on several "
-          f"hosts; rebuild it with --rebuild (or restore the files)")
+          f"damaged chunk-store shards {removed} in a store that was edited; rebuild it with "
+          f"--rebuild (or restore the files)")
     if removed:  # Rewritten by the chunks stage (same bytes: the build is deterministic).
       _remove(store_dir / layout.MANIFEST)
   return removed

@@ -5,8 +5,7 @@ a manifest (`build_index`, the per-shard backends).
 Reads `DB/embeddings/shard-XXXXX.npy` (float32 [n, D], L2-normalised); writes
 `DB/index/<backend>/shard-XXXXX/` (searcher files + manifest.json). Global id offsets come from
 the chunk store's manifest (`DB/chunks/manifest.json`), else the running sum of the shards' row
-counts. Host `shard_index` of `num_shards` builds the embedding shards i with
-`i % num_shards == shard_index`. Finished shards (manifest present and checksums valid, same
+counts. Finished shards (manifest present and checksums valid, same
 config) are skipped, so a killed run resumes where it stopped.
 """
 
@@ -43,11 +42,10 @@ def shard_is_done(out: str, config: index_lib.IndexConfig, offset: int) -> bool:
 
 
 def build_index(db_dir: str, config: index_lib.IndexConfig, out_dir: str | None = None,
-                shard_index: int = 0, num_shards: int = 1) -> list[str]:
-  """Builds (or skips when finished) this host's shards; returns their directories."""
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}).")
-  mine = retriever_lib.db_embedding_shards(db_dir, lambda i: i % num_shards == shard_index)
+                shards: set[int] | None = None) -> list[str]:
+  """Builds (or skips when finished) the index shards (all, or those in `shards`: the Beam build
+  gives one per element); returns their directories."""
+  mine = retriever_lib.db_embedding_shards(db_dir, None if shards is None else shards.__contains__)
   out_dir = out_dir or str(layout.index_dir(db_dir, config.backend))
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   done = []

@@ -125,25 +125,28 @@ def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[st
   return {"rows": embedded, "seconds": seconds, "skipped": False}
 
 
-def embed_chunk_store(db_dir: str | os.PathLike, embedder: Embedder, shard_index: int = 0,
-                      num_shards: int = 1, block_rows: int = 4096, text_batch_size: int = 1024) -> dict:
-  """Embeds the chunk-store shards s with s % num_shards == shard_index into <db>/embeddings/."""
+def embed_shard(db_dir: str | os.PathLike, embedder: Embedder, shard: int, store=None,
+                tokenizer=None, block_rows: int = 4096, text_batch_size: int = 1024) -> dict:
+  """Embeds chunk-store shard `shard` into <db>/embeddings/shard-XXXXX.npy (resumable)."""
+  store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
+  tokenizer = tokenizer if tokenizer is not None else prepare_lib.load_db_tokenizer(db_dir)
+  _, first_id, count = store.shard_spans()[shard]
+  return embed_to_npy(
+      embedder, store.iter_chunk_texts(tokenizer, shard=shard, batch_size=text_batch_size),
+      layout.embeddings_path(db_dir, shard), num_rows=count, first_id=first_id,
+      block_rows=block_rows, desc=f"embed shard {shard}")
 
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index={shard_index} must be in [0, num_shards={num_shards})")
+
+def embed_chunk_store(db_dir: str | os.PathLike, embedder: Embedder, block_rows: int = 4096,
+                      text_batch_size: int = 1024) -> dict:
+  """Embeds every chunk-store shard into <db>/embeddings/ (finished shards are skipped)."""
   db_dir = epath.Path(db_dir)
   store = chunk_store_lib.ChunkStore.open(db_dir)
   tokenizer = prepare_lib.load_db_tokenizer(db_dir)  # SentencePiece or BPE (e.g. smollm2)
-  out_dir = layout.embeddings_dir(db_dir)
-  check_or_write_info(embedder, out_dir)
+  check_or_write_info(embedder, layout.embeddings_dir(db_dir))
   totals = {"rows": 0, "seconds": 0.0, "shards": []}
-  for shard, first_id, count in store.shard_spans():
-    if shard % num_shards != shard_index:
-      continue
-    stats = embed_to_npy(
-        embedder, store.iter_chunk_texts(tokenizer, shard=shard, batch_size=text_batch_size),
-        layout.embeddings_path(db_dir, shard), num_rows=count, first_id=first_id, block_rows=block_rows,
-        desc=f"embed shard {shard}")
+  for shard, _, _ in store.shard_spans():
+    stats = embed_shard(db_dir, embedder, shard, store, tokenizer, block_rows, text_batch_size)
     totals["rows"] += stats["rows"]
     totals["seconds"] += stats["seconds"]
     totals["shards"].append(shard)

@@ -5,7 +5,7 @@ import warnings
 
 from retro_jax.retrieval import service_pb2 as retro__jax_dot_retrieval_dot_service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class ShardSearchStub:
+class ShardSearchStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -46,7 +46,7 @@ class ShardSearchStub:
                 _registered_method=True)
 
 
-class ShardSearchServicer:
+class ShardSearchServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Search(self, request, context):
@@ -82,7 +82,7 @@ def add_ShardSearchServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ShardSearch:
+class ShardSearch(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -132,30 +132,39 @@ def test_killed_chunking_resumes_byte_identical(db, tmp_path, hook):
   env = {**os.environ, hook: "1"}
   killed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-  done = sorted(p.name for p in (tmp_path / "chunks").glob("*.done.json"))
-  assert done == ["shard-00000.done.json"]
+  # The Beam pipeline writes the shards in any order (one element each).
+  done = sorted((tmp_path / "chunks").glob("*.done.json"))
   assert not (tmp_path / "chunks" / cs.MANIFEST).exists()
   if hook.endswith("MIDSHARD"):  # Shard 1 was half written: a tokens file, no marker.
     assert (tmp_path / "chunks" / "shard-00001" / "tokens.npy").exists()
-  marker0 = (tmp_path / "chunks" / "shard-00000.done.json").stat().st_mtime_ns
+    assert "shard-00001.done.json" not in [p.name for p in done]
+  else:
+    assert len(done) == 1
+  markers = {p.name: p.stat().st_mtime_ns for p in done}
   rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
-  assert (tmp_path / "chunks" / "shard-00000.done.json").stat().st_mtime_ns == marker0
+  assert {p: (tmp_path / "chunks" / p).stat().st_mtime_ns for p in markers} == markers
   want, got = _files(db / "chunks"), _files(tmp_path / "chunks")
   assert list(got) == list(want)
   for name in want:
     assert got[name] == want[name], name
 
 
-def test_sharded_workers_and_finalize(db, tok, tmp_path):
+def test_shard_by_shard_and_finalize(db, tok, tmp_path):
   out = tmp_path / "chunks"
+  # Shards written one at a time (as the Beam build's elements are), in any order.
+  stats = corpus.CorpusStats()
+  all_docs = corpus.read_documents(SPEC, stats)
+  num = -(-len(all_docs) // DOCS_PER_SHARD)
+  settings = cs.store_settings(tok, SPEC, docs_per_shard=DOCS_PER_SHARD, heldout_fraction=0.1)
+  for s in (3, 0):
+    assert cs.write_store_shard(out, s, all_docs, tok, settings,
+                                {**stats.to_json(), "num_store_shards": num})
   with pytest.raises(cs.ChunkStoreError, match="not done"):
-    cs.build_chunk_store(SPEC, out, tok, docs_per_shard=DOCS_PER_SHARD, heldout_fraction=0.1,
-                         shard_index=0, num_shards=2, progress=False)
     cs.finalize_chunk_store(out)
   res = cs.build_chunk_store(SPEC, out, tok, docs_per_shard=DOCS_PER_SHARD, heldout_fraction=0.1,
-                             shard_index=1, num_shards=2, progress=False)
-  assert res["written"] == [1, 3]
+                             progress=False)
+  assert res["written"] == [1, 2] and res["skipped"] == [0, 3]
   cs.finalize_chunk_store(out)
   cs.finalize_chunk_store(out)  # Idempotent: the manifest is replaced, not refused.
   assert _files(out) == _files(db / "chunks")

@@ -124,22 +124,21 @@ def test_killed_run_resumes_byte_identical(db, store, exact_retriever, tmp_path)
     nb.compute_shard(exact_retriever, store, emb, 0, part, k=3, heldout_docs=held, block_rows=100)
 
 
-def test_rerun_skips_and_two_hosts_give_the_same_files(db, store, tmp_path):
+def test_rerun_skips_and_shard_by_shard_gives_the_same_files(db, store, tmp_path):
   import shutil
   shards = [s for s, _, _ in store.shard_spans()]
   before = {s: layout.neighbours_path(db, s).read_bytes() for s in shards}
   stats = nb.compute_neighbours(db, k=2)
   assert stats["rows"] == 0 and stats["skipped"] == shards
   assert {s: layout.neighbours_path(db, s).read_bytes() for s in shards} == before
-  # Host 1 of 2, then host 0 of 2, on a copy without neighbours: the same bytes.
+  # Shard 1, then shard 0 (one Beam element each), on a copy without neighbours: the same bytes.
   copy = tmp_path / "db"
   shutil.copytree(db, copy, ignore=shutil.ignore_patterns("neighbours"))
-  assert nb.compute_neighbours(copy, k=2, shard_index=1, num_shards=2)["shards"] == [1]
+  retriever, backend = nb.load_retriever(copy, store)
+  assert nb.neighbours_shard(copy, 1, retriever, store, backend, k=2)["rows"] > 0
   assert not nb.shard_is_done(copy, 0)
-  assert nb.compute_neighbours(copy, k=2, shard_index=0, num_shards=2)["shards"] == [0]
+  assert nb.compute_neighbours(copy, k=2)["shards"] == [0]
   assert {s: layout.neighbours_path(copy, s).read_bytes() for s in shards} == before
-  with pytest.raises(ValueError, match="shard_index"):
-    nb.compute_neighbours(db, k=2, shard_index=2, num_shards=2)
 
 
 def test_missing_index_is_a_clear_error(db, tmp_path):

@@ -185,8 +185,8 @@ def test_build_serialize_load_round_trip_and_restart(data):
 
 
 def test_build_is_deterministic(data, tmp_path):
-  d1 = build(data["db"], out_dir=str(tmp_path / "a"), shard_index=1, num_shards=2)
-  d2 = build(data["db"], out_dir=str(tmp_path / "b"), shard_index=1, num_shards=2)
+  d1 = build(data["db"], out_dir=str(tmp_path / "a"), shards={1})
+  d2 = build(data["db"], out_dir=str(tmp_path / "b"), shards={1})
   assert [os.path.basename(d) for d in d1] == ["shard-00001"]
   m1, m2 = index_lib.read_manifest(d1[0]), index_lib.read_manifest(d2[0])
   assert m1["files"] == m2["files"]  # byte-identical serialised searchers
@@ -196,7 +196,7 @@ def test_build_is_deterministic(data, tmp_path):
 
 
 def test_corrupt_or_missing_shard_file_is_a_clear_error(data, tmp_path):
-  (d,) = build(data["db"], out_dir=str(tmp_path / "idx"), shard_index=0, num_shards=3)
+  (d,) = build(data["db"], out_dir=str(tmp_path / "idx"), shards={0})
   victim = os.path.join(d, "hashed_dataset.npy")
   with open(victim, "r+b") as f:
     f.seek(200)
@@ -206,7 +206,7 @@ def test_corrupt_or_missing_shard_file_is_a_clear_error(data, tmp_path):
   with pytest.raises(index_lib.IndexError_, match=r"hashed_dataset\.npy is corrupt"):
     index_lib.load_shard(d)
   # The build notices and rebuilds it.
-  build(data["db"], out_dir=str(tmp_path / "idx"), shard_index=0, num_shards=3)
+  build(data["db"], out_dir=str(tmp_path / "idx"), shards={0})
   index_lib.load_shard(d)
   os.remove(os.path.join(d, "dataset.npy"))
   with pytest.raises(index_lib.IndexError_, match=r"dataset\.npy is missing"):
@@ -289,7 +289,7 @@ def test_db_layout_offsets_from_chunk_store_and_unfinished_embeddings(data, tmp_
   (db / "embeddings" / "shard-00002.progress.json").write_text(json.dumps({"done": False}))
   with pytest.raises(index_lib.IndexError_, match=r"shard-00002\.npy is missing or unfinished"):
     build(str(db), backend="exact")
-  build(str(db), backend="exact", shard_index=0, num_shards=3)  # this host's shard is finished
+  build(str(db), backend="exact", shards={0})  # shard 0 alone: finished, so it builds
   (db / "embeddings" / "shard-00002.progress.json").write_text(json.dumps({"done": True}))
   build(str(db), backend="exact")
   r = retriever_lib.Retriever.from_db(str(db), "exact")

@@ -1,0 +1,112 @@
+"""The database build as a Beam pipeline (retro_jax/db/pipeline.py) against the plain stage
+functions, and killed with SIGKILL while embedding, then started again."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import corpus_path  # tests/corpus_path.py
+import pytest
+
+from retro_jax.db import build as build_lib
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout, prepare
+from retro_jax.retrieval import embed as embed_lib
+from retro_jax.retrieval.embedder import Embedder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = corpus_path.spec(kernel=12, wiki=24)
+SETTINGS = dict(corpus=SPEC, vocab_size=500, docs_per_shard=4, heldout_fraction=0.1)
+
+
+def _digests(root) -> dict[str, str]:
+  out = {}
+  for base, _, files in os.walk(root):
+    for f in files:
+      p = os.path.join(base, f)
+      out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+  """Tokenizer, chunk store and embeddings by the stage functions themselves (no Beam)."""
+  db = tmp_path_factory.mktemp("plain")
+  tok = prepare.build_tokenizer(SPEC, db, vocab_size=500, heldout_fraction=0.1)
+  chunk_store_lib.build_chunk_store(SPEC, db / layout.CHUNKS_DIR, tok, docs_per_shard=4,
+                                    heldout_fraction=0.1, progress=False)
+  embed_lib.embed_chunk_store(db, Embedder.load(dtype="bfloat16", batch_size=32))
+  return db
+
+
+@pytest.fixture(scope="module")
+def beam(plain, tmp_path_factory):
+  """Every stage by the Beam pipeline (in-process runner), uninterrupted, the same tokenizer."""
+  db = tmp_path_factory.mktemp("beam")
+  record = build_lib.build(db, **{**SETTINGS, "tokenizer": str(plain / layout.TOKENIZER_PATH)})
+  assert not any(record["stages"][s]["skipped"] for s in build_lib.STAGES)
+  return db
+
+
+def test_beam_build_gives_the_stage_functions_bytes(plain, beam):
+  db = beam
+  want, got = _digests(plain / layout.CHUNKS_DIR), _digests(db / layout.CHUNKS_DIR)
+  assert len(want) > 9 * 5 and got == want  # every shard file, marker and the manifest
+  want, got = _digests(plain / layout.EMBEDDINGS_DIR), _digests(db / layout.EMBEDDINGS_DIR)
+  assert got == want  # the .npy and its progress record; no part file left behind
+
+
+def _build_cmd(db) -> list[str]:
+  return [sys.executable, "-m", "retro_jax.build_db", f"--db={db}",
+          *(f"--{k}={v}" for k, v in SETTINGS.items()), "--runner=DirectRunner"]
+
+
+def test_killed_while_embedding_resumes_without_redoing_blocks(plain, beam, tmp_path):
+  db = tmp_path / "killed"
+  parts = db / layout.EMBEDDINGS_DIR / layout.EMBEDDING_PARTS_DIR
+  cmd = _build_cmd(db) + [f"--tokenizer={plain / layout.TOKENIZER_PATH}"]
+  log = open(tmp_path / "killed.log", "w")
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)  # its own group: SIGKILL reaches any worker
+  deadline = time.monotonic() + 240
+  finished: dict[str, tuple[int, int]] = {}
+  while time.monotonic() < deadline and proc.poll() is None:
+    found = sorted(parts.glob("shard-*/rows-*.npy")) if parts.exists() else []
+    if len(found) >= 2:
+      os.killpg(proc.pid, signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, open(tmp_path / "killed.log").read()[-3000:]
+  for p in sorted(parts.glob("shard-*/rows-*.npy")):
+    st = p.stat()
+    finished[p.parent.name] = (st.st_ino, st.st_mtime_ns)
+  num_shards = len(chunk_store_lib.ChunkStore.open(db).shard_spans())
+  assert 2 <= len(finished) < num_shards  # killed in the middle of the embedding stage
+  assert not (db / "neighbours").exists()
+
+  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+  out = rerun.stdout + rerun.stderr
+  for shard in finished:  # its finished block was kept, not embedded again
+    n = layout.shard_number(shard)
+    assert f"shard {n} assembled (0 blocks embedded, 1 kept)" in out, out[-3000:]
+    assert f"shard {n} rows 0.." not in out
+  assert "[build_db] chunks: already done, skipped" in out
+  assert not parts.exists() or not any(parts.rglob("*.npy"))
+
+  # The uninterrupted build's bytes, every stage (chunks, embeddings, index, neighbours, records);
+  # the global index's manifest differs only in its build times.
+  index_manifest = os.path.join("index", "global", "manifest.json")
+  skip = {layout.BUILD_TIMES, index_manifest}
+  want = {k: v for k, v in _digests(beam).items() if k not in skip}
+  got = {k: v for k, v in _digests(db).items() if k not in skip}
+  assert sorted(got) == sorted(want) and len(got) > 40
+  assert got == want
+  manifests = [json.loads((d / index_manifest).read_text()) for d in (beam, db)]
+  for m in manifests:
+    del m["build_seconds"]
+  assert manifests[0] == manifests[1]
