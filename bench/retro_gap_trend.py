@@ -14,6 +14,7 @@ direction the gap moves). `--extra=LABEL:RETRO_DIR:BASELINE_DIR[:STEP]` adds a s
 """
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -72,7 +73,10 @@ def main(argv):
   t0 = time.time()
   held = ev.load_heldout(store, db, neighbour_len=cfg["model_config"]["neighbour_len"],
                          max_docs=f.max_docs)
-  out = {"retro": f.retro, "baseline": f.baseline, "db": db, "seq_len": seq,
+  base_exp = json.load(open(os.path.join(f.baseline, "config.json")))["experiment"]
+  out = {"command": " ".join(["python -m bench.retro_gap_trend"] + sys.argv[1:]),
+         "retro": f.retro, "baseline": f.baseline, "db": db, "seq_len": seq,
+         "total_steps": {"retro": exp["total_steps"], "baseline": base_exp["total_steps"]},
          "stride": ev.resolve_stride(seq, f.stride, store.chunk_size),
          "tokens_per_step": exp["global_batch"] * seq, "num_chunks": int(held.chunk_ids_C.size),
          "num_docs": len(held.doc_tokens), "rows": [], "extra": {}}
@@ -98,6 +102,7 @@ def main(argv):
     res = score(retro, base, step)
     ecfg = json.load(open(os.path.join(retro, "config.json")))["experiment"]
     out["extra"][label] = _row(res, res["step"] * ecfg["global_batch"] * ecfg["seq_len"])
+    out["extra"][label]["total_steps"] = ecfg["total_steps"]  # its own schedule, outside the fit
     show(label, out["extra"][label])
   for step in map(int, f.steps):
     res = score(f.retro, f.baseline, step)
@@ -105,6 +110,8 @@ def main(argv):
     show(f"step {step}", out["rows"][-1])
     if len(out["rows"]) >= 2:
       out["fit"] = _fit(out["rows"])
+    if len(out["rows"]) >= 3:  # the earliest checkpoint tends to dominate a log fit
+      out["fit_without_first"] = _fit(out["rows"][1:])
     out["wall_s"] = time.time() - t0
     with open(f.out, "w") as fh:
       json.dump(out, fh, indent=1)
@@ -112,7 +119,7 @@ def main(argv):
     fit = out["fit"]
     cross = fit["crossing_tokens"]
     print(f"fit: gap = {fit['a']:+.4f} {fit['b']:+.4f} * log10(tokens); crossing at "
-          f"{'none' if cross is None else f'{cross:.3g}'} tokens")
+          f"{'none' if cross is None else f'{cross:.3g}'} tokens ({fit['direction']})")
   with open(f.out, "w") as fh:
     json.dump(out, fh, indent=1)
   print(f"wrote {f.out} ({(time.time() - t0) / 60:.1f} min; shared, loaded machine)")
