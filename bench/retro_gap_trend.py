@@ -10,10 +10,14 @@ each difference with its 95% paired-bootstrap interval over documents
 (retro_jax.evaluation.controls). The gap (RETRO on - baseline, bpb) is fitted linearly against
 log10(training tokens) and the fit's zero crossing reported (`crossing_tokens`, with the
 direction the gap moves). `--extra=LABEL:RETRO_DIR:BASELINE_DIR[:STEP]` adds a separately trained pair
-(e.g. the demo's) as a labelled row, outside the fit.
+(e.g. the demo's) as a labelled row, outside the fit. `--resume` keeps what --out already holds
+for the same runs and settings, so checkpoints can be scored as training writes them;
+`--fit_with=LABEL=FILE[:KEY]` fits these rows together with rows of another schedule that this
+script measured before (`fit_combined`, each point labelled with its schedule).
 """
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -33,6 +37,11 @@ flags.DEFINE_list("modes", ["all"], "RETRO's modes at each step (on is needed fo
 flags.DEFINE_integer("stride", 0, "eval stride (0: seq_len - chunk size)")
 flags.DEFINE_integer("max_docs", None, "first N held-out documents only")
 flags.DEFINE_string("out", "bench/results/retro_gap_trend.json", "results JSON")
+flags.DEFINE_list("fit_with", [], "LABEL=RESULTS_JSON[:KEY]: rows this script wrote earlier for "
+                  "another schedule (KEY: the object of that file holding them), fitted together "
+                  "with this run's rows as `fit_combined`, every point labelled with its schedule")
+flags.DEFINE_bool("resume", False, "keep the rows (steps, extra labels) already in --out when it "
+                  "scored the same runs, database and windows; score only the rest")
 
 
 def _row(res: dict, tokens: int | None) -> dict:
@@ -58,7 +67,20 @@ def fit_gap(tokens: list[float], gaps: list[float]) -> dict:
 
 def _fit(rows: list[dict]) -> dict:
   return fit_gap([r["train_tokens"] for r in rows],
-                 [r["differences"]["on-baseline"]["all"]["diff"] for r in rows])
+                 [_gap(r) for r in rows])
+
+
+def _gap(row: dict) -> float:
+  return row["differences"]["on-baseline"]["all"]["diff"]
+
+
+def _combined_fit(series: list[tuple[str, list[dict]]]) -> dict | None:
+  """One fit over the rows of several schedules; None with fewer than two points."""
+  pts = [{"schedule": label, "step": r["step"], "train_tokens": r["train_tokens"], "gap": _gap(r)}
+         for label, rows in series for r in rows]
+  if len(pts) < 2:
+    return None
+  return {"points": pts, **fit_gap([p["train_tokens"] for p in pts], [p["gap"] for p in pts])}
 
 
 def main(argv):
@@ -72,10 +94,23 @@ def main(argv):
   t0 = time.time()
   held = ev.load_heldout(store, db, neighbour_len=cfg["model_config"]["neighbour_len"],
                          max_docs=f.max_docs)
-  out = {"retro": f.retro, "baseline": f.baseline, "db": db, "seq_len": seq,
+  base_exp = json.load(open(os.path.join(f.baseline, "config.json")))["experiment"]
+  out = {"command": " ".join(["python -m bench.retro_gap_trend"] + sys.argv[1:]),
+         "retro": f.retro, "baseline": f.baseline, "db": db, "seq_len": seq,
+         "total_steps": {"retro": exp["total_steps"], "baseline": base_exp["total_steps"]},
          "stride": ev.resolve_stride(seq, f.stride, store.chunk_size),
          "tokens_per_step": exp["global_batch"] * seq, "num_chunks": int(held.chunk_ids_C.size),
          "num_docs": len(held.doc_tokens), "rows": [], "extra": {}}
+
+  same = ("retro", "baseline", "db", "seq_len", "stride", "num_chunks")  # rows keep their modes
+  prev = json.load(open(f.out)) if f.resume and os.path.exists(f.out) else {}
+  if prev and any(prev.get(k) != out[k] for k in same):
+    print(f"--resume: {f.out} scored other runs or settings; scoring everything again")
+    prev = {}
+  prev_rows = {r["step"]: r for r in prev.get("rows", [])}
+  for k in ("scored_tokens_without_retrieval", "shuffled_same_document"):
+    if k in prev:
+      out[k] = prev[k]
 
   def score(retro, base, step):
     res = ev.evaluate(retro, step=step, db=db, seq_len=seq, stride=f.stride, held=held,
@@ -92,19 +127,43 @@ def main(argv):
     diffs = " ".join(f"{k} {controls.format_diff(v['all'])}" for k, v in row["differences"].items())
     print(f"{label}: {bpbs} | {diffs}", flush=True)
 
+  others = []
+  for spec in f.fit_with:
+    label, path = spec.split("=", 1)
+    path, _, key = path.partition(":")
+    other = json.load(open(path))
+    others.append((label, (other[key] if key else other)["rows"]))
+  this = f"{exp['total_steps']}-step schedule ({f.retro})"
+
   for spec in f.extra:
     label, retro, base, *step = spec.split(":")
-    step = int(step[0]) if step else None
-    res = score(retro, base, step)
-    ecfg = json.load(open(os.path.join(retro, "config.json")))["experiment"]
-    out["extra"][label] = _row(res, res["step"] * ecfg["global_batch"] * ecfg["seq_len"])
+    old = prev.get("extra", {}).get(label)
+    if old and old.get("spec") == spec:
+      out["extra"][label] = old
+    else:
+      step = int(step[0]) if step else None
+      t1 = time.time()
+      res = score(retro, base, step)
+      ecfg = json.load(open(os.path.join(retro, "config.json")))["experiment"]
+      out["extra"][label] = _row(res, res["step"] * ecfg["global_batch"] * ecfg["seq_len"])
+      out["extra"][label].update(spec=spec, eval_s=time.time() - t1,
+                                 total_steps=ecfg["total_steps"])  # own schedule, not in the fit
     show(label, out["extra"][label])
   for step in map(int, f.steps):
-    res = score(f.retro, f.baseline, step)
-    out["rows"].append(_row(res, step * out["tokens_per_step"]))
+    if step in prev_rows:
+      out["rows"].append(prev_rows[step])
+    else:
+      t1 = time.time()
+      res = score(f.retro, f.baseline, step)
+      out["rows"].append(_row(res, step * out["tokens_per_step"]))
+      out["rows"][-1]["eval_s"] = time.time() - t1
     show(f"step {step}", out["rows"][-1])
     if len(out["rows"]) >= 2:
       out["fit"] = _fit(out["rows"])
+    if len(out["rows"]) >= 3:  # the earliest checkpoint tends to dominate a log fit
+      out["fit_without_first"] = _fit(out["rows"][1:])
+    if others:
+      out["fit_combined"] = _combined_fit([(this, out["rows"])] + others)
     out["wall_s"] = time.time() - t0
     with open(f.out, "w") as fh:
       json.dump(out, fh, indent=1)
@@ -112,7 +171,7 @@ def main(argv):
     fit = out["fit"]
     cross = fit["crossing_tokens"]
     print(f"fit: gap = {fit['a']:+.4f} {fit['b']:+.4f} * log10(tokens); crossing at "
-          f"{'none' if cross is None else f'{cross:.3g}'} tokens")
+          f"{'none' if cross is None else f'{cross:.3g}'} tokens ({fit['direction']})")
   with open(f.out, "w") as fh:
     json.dump(out, fh, indent=1)
   print(f"wrote {f.out} ({(time.time() - t0) / 60:.1f} min; shared, loaded machine)")
