@@ -357,10 +357,37 @@ STAGE_PIPELINES = {"tokenizer": _tokenizer, "chunks": _chunks, "embeddings": _em
                    "index": _index, "neighbours": _neighbours}
 
 
+# Stages that run in the launching process on the local runner: each is one or a few elements
+# whose work is small beside a worker process's start-up (importing JAX, faiss, reading the
+# corpus again); the embeddings stage is the one that gains from parallel local workers.
+IN_PROCESS_LOCALLY = ("tokenizer", "chunks", "index", "neighbours")
+
+
+def stage_args(beam_args: Sequence[str] | None, stage: str) -> list[str] | None:
+  """`beam_args` for `stage`: on the local runner, the stages of IN_PROCESS_LOCALLY run in this
+  process (Beam's in_memory mode); other runners get the arguments unchanged."""
+  if stage not in IN_PROCESS_LOCALLY or not beam_args:
+    return None if not beam_args else list(beam_args)
+  opts = pipeline_options(beam_args).get_all_options()
+  if opts.get("runner") not in (None, "DirectRunner") or opts.get("direct_running_mode") in (
+      None, "in_memory"):
+    return list(beam_args)
+  keep, skip = [], False
+  for a in beam_args:
+    if skip:  # the value of a dropped "--flag value"
+      skip = False
+    elif a in ("--direct_running_mode", "--direct_num_workers"):
+      skip = True
+    elif not a.startswith(("--direct_running_mode=", "--direct_num_workers=")):
+      keep.append(a)
+  return keep + ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+
 def run_stage(stage: str, db: str | os.PathLike, cfg: dict[str, Any],
               beam_args: Sequence[str] | None = None) -> None:
   """Runs one stage's pipeline to completion (the next stage reads all of its output)."""
   db = os.fspath(db)
+  beam_args = stage_args(beam_args, stage)
   if stage == "embeddings":  # the embedder every block must match, recorded before any runs
     embedder = Embedder.load(dtype=cfg["embed_dtype"], batch_size=cfg["embed_batch_size"])
     embed_lib.check_or_write_info(embedder, layout.embeddings_dir(db))
