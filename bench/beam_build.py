@@ -151,6 +151,12 @@ def main(argv) -> None:
   beam_db, ref_db = pathlib.Path(FLAGS.beam_db), pathlib.Path(FLAGS.reference_db)
   out = {"machine": {"cpus": os.cpu_count(), "note": "shared, loaded machine: compare ratios"},
          "beam_db": str(beam_db), "reference_db": str(ref_db)}
+  if FLAGS.old_code:
+    out["timed"] = timed_builds(str(ref_db / layout.TOKENIZER_PATH), out)
+    print("timed:", {k: out["timed"][k] for k in ("best_seconds", "beam_over_old")}, flush=True)
+    if not (beam_db / layout.CHUNKS_DIR).exists():  # compare the last timed Beam build
+      beam_db = pathlib.Path(FLAGS.work) / f"beam_{FLAGS.repeats - 1}"
+      out["beam_db"] = str(beam_db)
   if (beam_db / layout.CHUNKS_DIR).exists():
     out["chunk_store"] = same_chunk_store(beam_db, ref_db)
     print("chunk store:", out["chunk_store"], flush=True)
@@ -164,9 +170,6 @@ def main(argv) -> None:
         "beam": {s: round(v["seconds"], 1) for s, v in times["stages"].items()},
         "reference": {s: round(v["seconds"], 1) for s, v in ref_times["stages"].items()},
         "note": "each measured on its own at a different time (load differs); see timed"}
-  if FLAGS.old_code:
-    out["timed"] = timed_builds(str(ref_db / layout.TOKENIZER_PATH), out)
-    print("timed:", {k: out["timed"][k] for k in ("best_seconds", "beam_over_old")}, flush=True)
   pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=1) + "\n")
 
 
