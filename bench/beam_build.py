@@ -154,8 +154,8 @@ def main(argv) -> None:
   if FLAGS.old_code:
     out["timed"] = timed_builds(str(ref_db / layout.TOKENIZER_PATH), out)
     print("timed:", {k: out["timed"][k] for k in ("best_seconds", "beam_over_old")}, flush=True)
-    if not (beam_db / layout.CHUNKS_DIR).exists():  # compare the last timed Beam build
-      beam_db = pathlib.Path(FLAGS.work) / f"beam_{FLAGS.repeats - 1}"
+    if not (beam_db / layout.CHUNKS_DIR).exists():  # compare the first timed Beam build (kept)
+      beam_db = pathlib.Path(FLAGS.work) / "beam_0"
       out["beam_db"] = str(beam_db)
   if (beam_db / layout.CHUNKS_DIR).exists():
     out["chunk_store"] = same_chunk_store(beam_db, ref_db)
