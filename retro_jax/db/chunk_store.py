@@ -409,20 +409,18 @@ class ChunkStore:
   def _check_counts(self) -> None:
     """The manifest's totals and offsets agree with its shards (a hand-edited or damaged
     manifest is refused at open, not at the first out-of-range gather)."""
-    shards, first = self.manifest["shards"], 0
-    for s in shards:
-      if int(s["first_chunk_id"]) != first:
-        raise ChunkStoreError(f"{self.root / MANIFEST}: shard {s['index']} starts at chunk "
-                              f"{s['first_chunk_id']}, expected {first}; the manifest is damaged, "
-                              f"rerun `python -m retro_jax.build_db --stages=finalize`")
-      first += int(s["num_chunks"])
-    docs = 0
-    for s in shards:
-      if int(s["first_doc_id"]) != docs:
-        raise ChunkStoreError(f"{self.root / MANIFEST}: shard {s['index']} starts at document "
-                              f"{s['first_doc_id']}, expected {docs}; the manifest is damaged, "
-                              f"rerun `python -m retro_jax.build_db --stages=finalize`")
-      docs += int(s["num_docs"])
+    totals = {}
+    for what, start_key, count_key in (("chunk", "first_chunk_id", "num_chunks"),
+                                       ("document", "first_doc_id", "num_docs")):
+      total = 0
+      for s in self.manifest["shards"]:
+        if int(s[start_key]) != total:
+          raise ChunkStoreError(f"{self.root / MANIFEST}: shard {s['index']} starts at {what} "
+                                f"{s[start_key]}, expected {total}; the manifest is damaged, "
+                                f"rerun `python -m retro_jax.build_db --stages=finalize`")
+        total += int(s[count_key])
+      totals[what] = total
+    first, docs = totals["chunk"], totals["document"]
     if first != self.num_chunks or docs != self.num_docs:
       raise ChunkStoreError(f"{self.root / MANIFEST}: num_chunks {self.num_chunks} / num_docs "
                             f"{self.num_docs}, but its shards hold {first} / {docs}; the manifest "
