@@ -354,7 +354,7 @@ def _load_npy(path: epath.Path, mmap: bool = True) -> np.ndarray:
   if mmap:  # memory-mapped locally; ranged row reads on gs:// (no whole-shard copy, no cache)
     return npy_rows.open_rows(path)
   with path.open("rb") as f:
-    return np.load(f)
+    return npy_rows.load(f)
 
 
 class ChunkStore:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,10 @@ from retro_jax.db.layout import is_remote
 
 # Remote reads bridge gaps up to this many rows (one request instead of two).
 GAP_ROWS = 16
+# numpy parses every .npy header with ast.literal_eval, and CPython 3.11's parser is not safe to
+# enter from several threads at once (it fails with "AST constructor recursion depth mismatch");
+# grain's reader threads open shards concurrently, so every header parse here holds this lock.
+HEADER_LOCK = threading.Lock()
 # magic (6 bytes), version (2), header length (2 in format 1.0, 4 in 2.0 and 3.0).
 _PREFIX = 12
 
@@ -42,10 +47,11 @@ class RemoteRows:
     length = int.from_bytes(prefix[8:10] if major == 1 else prefix[8:12], "little")
     f = io.BytesIO(self._read(0, (10 if major == 1 else 12) + length))
     version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-      shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-      shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    with HEADER_LOCK:
+      if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+      else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     if fortran:
       raise ValueError(f"{path}: Fortran-ordered .npy files are not supported")
     if dtype.hasobject:
@@ -125,4 +131,11 @@ def open_rows(path: str | os.PathLike):
   """A `.npy` file for row reads: np.memmap locally, `RemoteRows` on gs:// (and other URLs)."""
   if is_remote(path):
     return RemoteRows(os.fspath(path))
-  return np.load(os.fspath(path), mmap_mode="r")
+  with HEADER_LOCK:
+    return np.load(os.fspath(path), mmap_mode="r")
+
+
+def load(f) -> np.ndarray:
+  """np.load of a whole `.npy` from an open file, safe beside other threads' header parses."""
+  with HEADER_LOCK:
+    return np.load(f, allow_pickle=False)
