@@ -6,6 +6,7 @@ pytest.importorskip("libtpu")
 from retro_jax.training.aot import compile_step  # noqa: E402
 
 
+@pytest.mark.slow  # keeps make test within CI time; run by make test-slow
 def test_tiny_training_step_compiles_for_v5e_2x2():
   res = compile_step("tiny", "v5e:2x2", per_chip_batch=2, seq_len=64, mesh_shape=(1, -1, 1),
                      dtype="bfloat16", remat=True, retrieval=True, q_block=32)

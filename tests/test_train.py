@@ -84,6 +84,7 @@ def test_kill9_then_resume_equals_uninterrupted(db, tmp_path):
     assert got[s] == want[s], (s, got[s], want[s])  # bitwise: same state, same batches
 
 
+@pytest.mark.slow  # keeps make test within CI time; run by make test-slow
 def test_nan_stops_and_keeps_last_good_checkpoint(db, tmp_path):
   wd = tmp_path / "nan"
   run(train_cmd(wd, db, total_steps=4))
