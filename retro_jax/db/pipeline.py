@@ -44,10 +44,10 @@ from etils import epath
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import corpus as corpus_lib
-from retro_jax.db import layout, verify
+from retro_jax.db import layout
 from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db import prepare as prepare_lib
-from retro_jax.db.layout import write_bytes_atomic, write_json_atomic
+from retro_jax.db.layout import write_bytes_atomic
 from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
@@ -239,8 +239,8 @@ class _AssembleShard(beam.DoFn):
   """Writes embeddings/shard-XXXXX.npy from its parts (row order), its finished progress record
   (as embed.embed_to_npy writes it), then removes the parts."""
 
-  def __init__(self, db: str, dtype: str, batch_size: int):
-    self._db, self._dtype, self._batch_size = db, dtype, batch_size
+  def __init__(self, db: str):
+    self._db = db
 
   def setup(self):
     self._info = json.loads((layout.embeddings_dir(self._db) / layout.EMBEDDER_INFO).read_text())
@@ -255,9 +255,8 @@ class _AssembleShard(beam.DoFn):
     out = layout.embeddings_path(self._db, shard)
     layout.assemble_npy(out, (count, int(self._info["dim"])), np.float32,
                         [layout.embedding_part_path(self._db, shard, s) for s in starts])
-    state = {"rows_done": count, "done": True, "num_rows": count, "block_rows": EMBED_BLOCK_ROWS,
-             "fingerprint": self._info["fingerprint"], "dtype": self._info["dtype"]}
-    write_json_atomic(layout.progress_path(out), verify.record_sha256(out, state))
+    embed_lib.write_finished(out, count, EMBED_BLOCK_ROWS, self._info["fingerprint"],
+                             self._info["dtype"])
     parts_dir = layout.embedding_part_path(self._db, shard, 0).parent
     if parts_dir.exists():
       parts_dir.rmtree()
@@ -331,7 +330,7 @@ def _embeddings(p, db: str, cfg: dict[str, Any]) -> None:
   _ = (p | "Blocks" >> beam.Create(blocks)
        | "Embed" >> beam.ParDo(_EmbedBlock(db, cfg["embed_dtype"], cfg["embed_batch_size"]))
        | "ByShard" >> beam.GroupByKey()
-       | "Assemble" >> beam.ParDo(_AssembleShard(db, cfg["embed_dtype"], cfg["embed_batch_size"])))
+       | "Assemble" >> beam.ParDo(_AssembleShard(db)))
 
 
 def _index(p, db: str, cfg: dict[str, Any]) -> None:

@@ -74,6 +74,15 @@ def _blocks(batches: Iterable[tuple[np.ndarray, list[str]]], block_rows: int,
     yield start, buf
 
 
+def write_finished(out_path: str | os.PathLike, num_rows: int, block_rows: int, fingerprint: str,
+                   dtype: str) -> None:
+  """The finished progress record beside an embeddings shard (with its sha256, checked on every
+  read): the one format both embed_to_npy and the Beam pipeline's assembly write."""
+  state = {"rows_done": num_rows, "done": True, "num_rows": num_rows, "block_rows": block_rows,
+           "fingerprint": fingerprint, "dtype": dtype}
+  write_json_atomic(progress_path(out_path), verify.record_sha256(epath.Path(out_path), state))
+
+
 def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[str]]],
                  out_path: str | os.PathLike, num_rows: int, first_id: int = 0,
                  block_rows: int = 4096, desc: str | None = None) -> dict:
@@ -119,8 +128,7 @@ def embed_to_npy(embedder: Embedder, batches: Iterable[tuple[np.ndarray, list[st
   if state["rows_done"] != num_rows:
     raise ValueError(f"{out_path}: the batches ended after {state['rows_done']} of {num_rows} rows")
   out.finish(block_rows)
-  state["done"] = True
-  write_json_atomic(prog_path, verify.record_sha256(out_path, state))  # checked on every read
+  write_finished(out_path, num_rows, block_rows, embedder.fingerprint, embedder.dtype)
   seconds = time.perf_counter() - t0
   return {"rows": embedded, "seconds": seconds, "skipped": False}
 
