@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece
@@ -211,12 +211,22 @@ def write_store_shard(out_dir: str | os.PathLike, shard: int,
                       corpus_stats: dict) -> bool:
   """Writes store shard `shard` (documents shard * docs_per_shard.. of the whole corpus `docs`)
   unless it is finished; returns whether it was written."""
+  per = settings["docs_per_shard"]
+  return write_store_shard_docs(out_dir, shard, lambda: docs[shard * per:(shard + 1) * per],
+                                tokenizer, settings, corpus_stats)
+
+
+def write_store_shard_docs(out_dir: str | os.PathLike, shard: int,
+                           shard_docs: Callable[[], Sequence[corpus_lib.Document]], tokenizer,
+                           settings: dict, corpus_stats: dict) -> bool:
+  """`write_store_shard` given only the shard's own documents (ids shard * docs_per_shard..),
+  read by `shard_docs()` only when the shard is not finished."""
   out = epath.Path(out_dir)
   if _shard_done(out, shard, settings) is not None:
     return False
   per, frac, seed = settings["docs_per_shard"], settings["heldout_fraction"], settings["seed"]
-  part = [(doc_id, docs[doc_id], corpus_lib.is_heldout(docs[doc_id].key, frac, seed))
-          for doc_id in range(shard * per, min(len(docs), (shard + 1) * per))]
+  part = [(shard * per + j, d, corpus_lib.is_heldout(d.key, frac, seed))
+          for j, d in enumerate(shard_docs())]
   _write_shard(out, shard, part, tokenizer, settings["chunk_size"], settings["append_eos"],
                settings, corpus_stats)
   _WRITTEN_IN_PROCESS.append(shard)

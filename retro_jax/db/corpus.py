@@ -7,7 +7,13 @@ A corpus SPEC is one of
     leads (`kernel+python+wiki` is the full embedded corpus);
   * a directory of text files (one document per file, recursive, sorted relative paths);
   * a `.jsonl` / `.json` file of JSON lines with a `text` field (and optionally `id`/`key`);
-  * `tfds:NAME:SPLIT` (e.g. `tfds:c4/en:train`), read with `tensorflow_datasets` (optional extra);
+  * a TFDS dataset prepared in ArrayRecord format, read by random access with `tfds.data_source`
+    (no TensorFlow): `tfds:NAME[/CONFIG][:VERSION][?OPTIONS]`, OPTIONS `&`-joined from
+    `split=S` (default `train`; TFDS slicing such as `train[:10%]` works), `data_dir=D` (the TFDS
+    data directory, local or gs://; default TFDS's own), `text_field=F` (the text feature, default
+    `text`) and `key_field=F` (a feature holding each document's unique key; default: the key is
+    `tfds:FULL_NAME:SPLIT:INDEX`). Documents come in the dataset's record order.
+    E.g. `tfds:wikipedia/20230601.en?split=train&data_dir=gs://BUCKET/data/tfds`;
   * several of these joined by `+`.
 Any spec may end in `:limit=N` to keep only its first N (good) documents (for tests / smoke runs).
 
@@ -18,14 +24,18 @@ The held-out split is by document: `is_heldout(key, fraction, seed)` hashes the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import importlib.util
 import itertools
 import json
 import os
-from typing import Iterator
+import re
+import urllib.parse
+from typing import Iterator, Sequence
 
+import numpy as np
 from etils import epath
 
 from retro_jax.errors import UserError
@@ -59,6 +69,21 @@ class CorpusStats:
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
+  def add(self, status: int, key: str) -> None:
+    """Counts one record `classify` gave `status`."""
+    if status == BINARY:
+      self.skipped_binary += 1
+      self.skipped_binary_keys.append(key)
+      return
+    if status == EMPTY:
+      self.skipped_empty += 1
+      self.skipped_empty_keys.append(key)
+      return
+    if status == GOOD_REPLACED:
+      self.invalid_utf8_replaced += 1
+      self.invalid_utf8_keys.append(key)
+    self.documents += 1
+
 
 class CorpusError(UserError, ValueError):
   """A corpus spec that cannot be read, has no usable document or repeats a document key."""
@@ -72,19 +97,28 @@ def is_heldout(key: str, fraction: float, seed: int) -> bool:
   return int.from_bytes(h[:8], "little") / 2.0**64 < fraction
 
 
+# What the reader made of one record's bytes (`classify`); CorpusStats.add counts it.
+GOOD, GOOD_REPLACED, EMPTY, BINARY = 0, 1, 2, 3
+
+
+def classify(data: bytes) -> tuple[int, str | None]:
+  """Bytes -> (GOOD / GOOD_REPLACED (invalid UTF-8 replaced) / EMPTY / BINARY, text or None)."""
+  if b"\x00" in data:
+    return BINARY, None
+  try:
+    text, status = data.decode("utf-8"), GOOD
+  except UnicodeDecodeError:  # U+FFFD is not whitespace: a replaced text is never empty
+    text, status = data.decode("utf-8", errors="replace"), GOOD_REPLACED
+  if not text.strip():
+    return EMPTY, None
+  return status, text
+
+
 def _decode(key: str, data: bytes, stats: CorpusStats) -> str | None:
   """Bytes -> text, or None (skipped). Updates stats."""
-  if b"\x00" in data:
-    stats.skipped_binary += 1
-    stats.skipped_binary_keys.append(key)
-    return None
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError:
-    text = data.decode("utf-8", errors="replace")
-    stats.invalid_utf8_replaced += 1
-    stats.invalid_utf8_keys.append(key)
-  return _check_text(key, text, stats)
+  status, text = classify(data)
+  stats.add(status, key)
+  return text
 
 
 def _check_text(key: str, text: str, stats: CorpusStats) -> str | None:
@@ -186,20 +220,104 @@ def _iter_wiki(stats: CorpusStats) -> Iterator[Document]:
       yield Document(key, text)
 
 
-def _iter_tfds(name: str, split: str, stats: CorpusStats) -> Iterator[Document]:
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise CorpusError(f"corpus tfds:{name}:{split} needs tensorflow_datasets: "
-                      f"pip install -e '.[tfds]'") from e
-  ds = tfds.load(name, split=split, shuffle_files=False)
-  for i, ex in enumerate(tfds.as_numpy(ds)):
-    key = f"tfds:{name}:{split}:{i:012d}"
-    if "url" in ex:
-      key += ":" + ex["url"].decode("utf-8", errors="replace")
-    text = _decode(key, bytes(ex["text"]), stats)
-    if text is not None:
-      yield Document(key, text)
+# ------------------------------------------------------------------------------------------------
+# TFDS in ArrayRecord format: random access by record index, no TensorFlow.
+
+TFDS_OPTIONS = ("split", "data_dir", "text_field", "key_field")
+_TFDS_NAME = re.compile(r"^[a-z0-9_]+(/[A-Za-z0-9_.\-]+)?(:\d+\.\d+\.\d+)?$")
+_TFDS_READ_BATCH = 256  # records per __getitems__ call
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+  """A parsed `tfds:NAME[/CONFIG][:VERSION][?OPTIONS]` corpus part."""
+  name: str  # NAME[/CONFIG][:VERSION], as tfds.data_source takes it
+  split: str = "train"
+  data_dir: str | None = None
+  text_field: str = "text"
+  key_field: str | None = None
+
+  @classmethod
+  def parse(cls, spec: str) -> "TfdsSpec":
+    body = spec.removeprefix("tfds:")
+    name, _, query = body.partition("?")
+    if not _TFDS_NAME.match(name):
+      raise CorpusError(
+          f"tfds corpus spec {spec!r}: {name!r} is not NAME[/CONFIG][:X.Y.Z]; the split goes in "
+          f"the options, e.g. tfds:c4/en?split=train&data_dir=gs://BUCKET/tfds")
+    try:
+      options = dict(urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+                     if query else [])
+    except ValueError as e:
+      raise CorpusError(f"tfds corpus spec {spec!r}: options must be KEY=VALUE joined by '&' "
+                        f"({', '.join(TFDS_OPTIONS)})") from e
+    unknown = sorted(set(options) - set(TFDS_OPTIONS))
+    if unknown:
+      raise CorpusError(f"tfds corpus spec {spec!r}: unknown option(s) {unknown}; known: "
+                        f"{', '.join(TFDS_OPTIONS)}")
+    return cls(name=name, **{k: v for k, v in options.items() if v != ""})
+
+
+class TfdsSource:
+  """One TFDS split read by record index through `tfds.data_source` (ArrayRecord, no
+  TensorFlow). `read(indices)` gives (key, text bytes) per record."""
+
+  def __init__(self, spec: str):
+    self.spec = spec
+    self.parsed = TfdsSpec.parse(spec)
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise CorpusError(f"corpus {spec} needs tensorflow_datasets: "
+                        f"pip install tensorflow-datasets==4.9.10") from e
+    p = self.parsed
+    where = p.data_dir or "TFDS's default data_dir (TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    try:
+      self._ds = tfds.data_source(p.name, split=p.split, data_dir=p.data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise CorpusError(f"tfds dataset {p.name!r} is not prepared in {where}: prepare it there "
+                        f"with file_format='array_record', or set data_dir= in {spec!r}") from e
+    except (ValueError, AssertionError, NotImplementedError, OSError) as e:
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      if "Random access data source for file format" in first:  # unprepared, or TFRecord files
+        first = ("no ArrayRecord files there (not prepared, or prepared as TFRecord): prepare it "
+                 "with file_format='array_record'")
+      raise CorpusError(f"tfds corpus {spec!r} in {where}: {first}") from e
+    info = self._ds.dataset_info
+    self.full_name = info.full_name
+    features = sorted(info.features.keys())
+    for what, field in (("text_field", p.text_field), ("key_field", p.key_field)):
+      if field is not None and field not in features:
+        raise CorpusError(f"tfds corpus {spec!r}: {what}={field!r} is not a feature of "
+                          f"{self.full_name} (its features: {features})")
+
+  def __len__(self) -> int:
+    return len(self._ds)
+
+  def key(self, index: int, record: dict | None = None) -> str:
+    if self.parsed.key_field is None:
+      return f"tfds:{self.full_name}:{self.parsed.split}:{index:012d}"
+    value = record[self.parsed.key_field]
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+  def read(self, indices: Sequence[int]) -> Iterator[tuple[int, str, bytes]]:
+    """(index, key, text bytes) of each record in `indices`, in that order."""
+    indices = [int(i) for i in indices]
+    for a in range(0, len(indices), _TFDS_READ_BATCH):
+      batch = indices[a:a + _TFDS_READ_BATCH]
+      for i, record in zip(batch, self._ds.__getitems__(batch)):
+        text = record[self.parsed.text_field]
+        data = text if isinstance(text, bytes) else str(text).encode("utf-8")
+        yield i, self.key(i, record), data
+
+
+def _iter_tfds(spec: str, stats: CorpusStats) -> Iterator[Document]:
+  source = TfdsSource(spec)
+  for a in range(0, len(source), _TFDS_READ_BATCH):
+    for _, key, data in source.read(range(a, min(a + _TFDS_READ_BATCH, len(source)))):
+      text = _decode(key, data, stats)
+      if text is not None:
+        yield Document(key, text)
 
 
 def _iter_one(spec: str, stats: CorpusStats) -> Iterator[Document]:
@@ -214,25 +332,30 @@ def _iter_one(spec: str, stats: CorpusStats) -> Iterator[Document]:
   elif spec == "wiki":
     yield from _iter_wiki(stats)
   elif spec.startswith("tfds:"):
-    parts = spec.split(":")
-    if len(parts) != 3:
-      raise CorpusError(f"tfds corpus spec {spec!r} must be tfds:NAME:SPLIT, e.g. tfds:c4/en:train")
-    yield from _iter_tfds(parts[1], parts[2], stats)
+    yield from _iter_tfds(spec, stats)
   elif spec.endswith((".jsonl", ".json")):
     yield from _iter_jsonl(spec, stats)
   elif epath.Path(spec).is_dir():
     yield from _iter_directory(spec, stats)
   else:
     raise CorpusError(f"corpus spec {spec!r} is neither 'default'/'kernel'/'python'/'wiki', "
-                      f"tfds:NAME:SPLIT, a .jsonl file nor an existing directory")
+                      f"tfds:NAME[?split=...], a .jsonl file nor an existing directory")
 
 
-def _iter_parts(spec: str, stats: CorpusStats) -> Iterator[Document]:
+def split_parts(spec: str) -> list[tuple[str, int | None]]:
+  """(part, limit or None) of each `+`-joined part of SPEC."""
+  out = []
   for part in spec.split("+"):
     limit = None
     if ":limit=" in part:
       part, _, n = part.rpartition(":limit=")
       limit = int(n)
+    out.append((part, limit))
+  return out
+
+
+def _iter_parts(spec: str, stats: CorpusStats) -> Iterator[Document]:
+  for part, limit in split_parts(spec):
     yield from itertools.islice(_iter_one(part, stats), limit)  # Reads no document past the limit.
 
 
@@ -256,3 +379,131 @@ def read_documents(spec: str, stats: CorpusStats | None = None,
   if dup:
     raise CorpusError(f"corpus {spec!r} has duplicate document keys (e.g. {dup[:3]})")
   return docs
+
+
+# ------------------------------------------------------------------------------------------------
+# Random access (the Beam chunks stage, retro_jax/db/pipeline.py): when every part of a spec is a
+# TFDS source, records are classified in parallel blocks (`scan_block`), one element picks the
+# documents exactly as `read_documents` would (`select_documents`: same ids, same CorpusStats), and
+# each store shard's worker reads only its own records (`read_selected`).
+
+SCAN_BLOCK_RECORDS = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomAccessPart:
+  spec: str
+  limit: int | None
+  length: int  # records in the source
+  full_name: str
+  split: str
+  keyed: bool  # key_field set: keys come from the data (checked for duplicates)
+
+
+@functools.lru_cache(maxsize=8)
+def open_tfds(spec: str) -> TfdsSource:
+  """The source of one tfds part, opened once per process."""
+  return TfdsSource(spec)
+
+
+def random_access_parts(spec: str) -> list[RandomAccessPart] | None:
+  """The parts of SPEC when every one is random-access (tfds:), else None."""
+  parts = split_parts(spec)
+  if not all(part.startswith("tfds:") for part, _ in parts):
+    return None
+  out = []
+  for part, limit in parts:
+    src = open_tfds(part)
+    out.append(RandomAccessPart(part, limit, len(src), src.full_name, src.parsed.split,
+                                src.parsed.key_field is not None))
+  return out
+
+
+def scan_blocks(parts: Sequence[RandomAccessPart],
+                max_docs: int | None) -> list[tuple[int, int, int]]:
+  """(part, start, stop) blocks to classify: a part with a limit (or under max_docs) only its
+  first limit records at first; `select_documents` reads on where bad records left it short."""
+  out = []
+  for p, part in enumerate(parts):
+    cap = min(x for x in (part.length, part.limit, max_docs) if x is not None)
+    out += [(p, a, min(a + SCAN_BLOCK_RECORDS, cap)) for a in range(0, cap, SCAN_BLOCK_RECORDS)]
+  return out
+
+
+def scan_block(parts: Sequence[RandomAccessPart], block: tuple[int, int, int]) -> dict:
+  """Classifies the records of one block: {"part", "start", "status" (int8 per record), "keys"
+  ({index: key} of every record not plainly GOOD, and of every record of a keyed part)}."""
+  p, start, stop = block
+  part = parts[p]
+  status = np.zeros(stop - start, np.int8)
+  keys = {}
+  for i, key, data in open_tfds(part.spec).read(range(start, stop)):
+    status[i - start] = classify(data)[0]
+    if status[i - start] != GOOD or part.keyed:
+      keys[i] = key
+  return {"part": p, "start": start, "status": status, "keys": keys}
+
+
+def _cut_after(status: np.ndarray, n: int | None) -> int:
+  """Records read to yield n good ones (all of them if fewer): itertools.islice's stopping point."""
+  if n is None:
+    return len(status)
+  good = np.flatnonzero(status <= GOOD_REPLACED)
+  return 0 if n <= 0 else (int(good[n - 1]) + 1 if len(good) >= n else len(status))
+
+
+def select_documents(spec: str, parts: Sequence[RandomAccessPart], scans: Sequence[dict],
+                     max_docs: int | None) -> tuple[np.ndarray, CorpusStats]:
+  """The documents `read_documents(spec, max_docs=max_docs)` gives, as int64 [N, 2] (part,
+  record index) in document-id order, and its CorpusStats, from the blocks' scans; with the same
+  checks (at least one document, unique keys)."""
+  stats, refs, keyed_keys, total = CorpusStats(), [], [], 0
+  for p, part in enumerate(parts):
+    mine = sorted((s for s in scans if s["part"] == p), key=lambda s: s["start"])
+    status = np.concatenate([s["status"] for s in mine]) if mine else np.zeros(0, np.int8)
+    keys = {i: k for s in mine for i, k in s["keys"].items()}
+    want = min((x for x in (part.limit, None if max_docs is None else max_docs - total)
+                if x is not None), default=None)
+    while (want is not None and len(status) < part.length
+           and int((status <= GOOD_REPLACED).sum()) < want):  # bad records left the prefix short
+      more = scan_block(parts, (p, len(status), min(part.length, len(status) + SCAN_BLOCK_RECORDS)))
+      status, keys = np.concatenate([status, more["status"]]), {**keys, **more["keys"]}
+    status = status[:_cut_after(status, want)]
+    for i in np.flatnonzero(status != GOOD):
+      stats.add(int(status[i]), keys[int(i)])
+    good = np.flatnonzero(status <= GOOD_REPLACED)
+    stats.documents += int((status == GOOD).sum())
+    refs.append(np.stack([np.full(len(good), p, np.int64), good.astype(np.int64)], axis=1))
+    if part.keyed:
+      keyed_keys += [keys[int(i)] for i in good]
+    total += len(good)
+    if max_docs is not None and total >= max_docs:
+      break
+  refs_Nx2 = np.concatenate(refs) if refs else np.zeros((0, 2), np.int64)
+  if not len(refs_Nx2):
+    raise CorpusError(f"corpus {spec!r} yielded no usable document (skipped: "
+                      f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
+  # Derived keys (tfds:FULL_NAME:SPLIT:INDEX) are unique unless two parts read the same split.
+  derived = [(part.full_name, part.split) for part in parts[:len(refs)] if not part.keyed]
+  if len(set(derived)) != len(derived) or keyed_keys:
+    all_keys = keyed_keys + [open_tfds(parts[p].spec).key(int(i))
+                             for p, i in refs_Nx2 if not parts[p].keyed]
+    seen: set[str] = set()
+    dup = [k for k in all_keys if k in seen or seen.add(k)]
+    if dup:
+      raise CorpusError(f"corpus {spec!r} has duplicate document keys (e.g. {dup[:3]})")
+  return refs_Nx2, stats
+
+
+def read_selected(parts: Sequence[RandomAccessPart], refs_Nx2: np.ndarray) -> list[Document]:
+  """The documents at (part, record index) `refs_Nx2`, in that order (each read once)."""
+  docs: dict[tuple[int, int], Document] = {}
+  for p in sorted(set(int(x) for x in refs_Nx2[:, 0])):
+    indices = sorted(int(i) for q, i in refs_Nx2 if q == p)
+    for i, key, data in open_tfds(parts[p].spec).read(indices):
+      status, text = classify(data)
+      if text is None:
+        raise CorpusError(f"{parts[p].spec}: record {i} changed since it was planned (now "
+                          f"{['good', 'good', 'empty', 'binary'][status]})")
+      docs[(p, i)] = Document(key, text)
+  return [docs[(int(p), int(i))] for p, i in refs_Nx2]

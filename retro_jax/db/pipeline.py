@@ -6,7 +6,10 @@ Each stage (retro_jax/db/build.py runs them in order, skipping finished ones) is
               non-held-out documents, on one worker), or the given --tokenizer copied.
   chunks      the corpus is read and planned into chunk-store shards; one element per shard:
               tokenise and chunk its documents (`chunk_store.write_store_shard`); then one element
-              writes the manifest (`finalize_chunk_store`).
+              writes the manifest (`finalize_chunk_store`). A random-access corpus (TFDS
+              ArrayRecord) is instead classified in parallel blocks of records, one element picks
+              the documents (the ids and stats of a whole read), and each shard's worker reads only
+              its own records.
   embeddings  one element per block of `EMBED_BLOCK_ROWS` rows of a store shard: a DoFn that loads
               the JAX MiniLM once per worker (`setup`) embeds the block into a part file
               (`layout.embedding_part_path`, written atomically, so a finished part is never redone);
@@ -178,6 +181,33 @@ class _WriteStoreShard(beam.DoFn):
     yield shard, written
 
 
+class _WriteSelectedShard(_WriteStoreShard):
+  """A store shard of a random-access corpus: reads only its own records, planned by
+  `_select_shards` (the same ids and corpus stats as reading the whole corpus)."""
+
+  def __init__(self, db: str, cfg: dict[str, Any], parts: list[corpus_lib.RandomAccessPart]):
+    super().__init__(db, cfg)
+    self._parts = parts
+
+  def process(self, item: tuple[int, np.ndarray, dict]):
+    shard, refs_Nx2, stats = item
+    written = chunk_store_lib.write_store_shard_docs(
+        layout.chunks_dir(self._db), shard,
+        lambda: corpus_lib.read_selected(self._parts, refs_Nx2), self._tok, self._settings, stats)
+    yield shard, written
+
+
+def _select_shards(scans: list[dict], parts: list[corpus_lib.RandomAccessPart],
+                   cfg: dict[str, Any]) -> Iterator[tuple[int, np.ndarray, dict]]:
+  """(shard, its (part, record) references, corpus stats) of every store shard."""
+  refs_Nx2, stats = corpus_lib.select_documents(cfg["corpus"], parts, scans, cfg["max_docs"])
+  per = cfg["docs_per_shard"]
+  num_store_shards = -(-len(refs_Nx2) // per)
+  stats_json = {**stats.to_json(), "num_store_shards": num_store_shards}
+  for shard in range(num_store_shards):
+    yield shard, refs_Nx2[shard * per:(shard + 1) * per], stats_json
+
+
 def _finalize(results: list[tuple[int, bool]], db: str) -> dict:
   chunk_store_lib.finalize_chunk_store(layout.chunks_dir(db))
   written = sorted(s for s, w in results if w)
@@ -314,12 +344,24 @@ def _tokenizer(p, db: str, cfg: dict[str, Any]) -> None:
 
 
 def _chunks(p, db: str, cfg: dict[str, Any]) -> None:
+  """A random-access corpus (every part tfds:) is classified in parallel blocks and each shard's
+  worker reads only its records; any other is read whole by the planner and every worker."""
   layout.chunks_dir(db).mkdir(parents=True, exist_ok=True)
-  _ = (p | "Corpus" >> beam.Create([cfg["corpus"]])
-       | "ReadAndPlan" >> beam.FlatMap(_plan_store_shards, cfg)
-       | "Distribute" >> beam.Reshuffle()
-       | "TokeniseAndChunk" >> beam.ParDo(_WriteStoreShard(db, cfg))
-       | "AllShards" >> beam.combiners.ToList()
+  parts = corpus_lib.random_access_parts(cfg["corpus"])
+  if parts is None:
+    shards = (p | "Corpus" >> beam.Create([cfg["corpus"]])
+              | "ReadAndPlan" >> beam.FlatMap(_plan_store_shards, cfg)
+              | "Distribute" >> beam.Reshuffle()
+              | "TokeniseAndChunk" >> beam.ParDo(_WriteStoreShard(db, cfg)))
+  else:
+    shards = (p | "Blocks" >> beam.Create(corpus_lib.scan_blocks(parts, cfg["max_docs"]))
+              | "SpreadBlocks" >> beam.Reshuffle()
+              | "Classify" >> beam.Map(lambda block: corpus_lib.scan_block(parts, block))
+              | "AllBlocks" >> beam.combiners.ToList()
+              | "Select" >> beam.FlatMap(_select_shards, parts, cfg)
+              | "Distribute" >> beam.Reshuffle()
+              | "TokeniseAndChunk" >> beam.ParDo(_WriteSelectedShard(db, cfg, parts)))
+  _ = (shards | "AllShards" >> beam.combiners.ToList()
        | "Finalize" >> beam.Map(_finalize, db))
 
 

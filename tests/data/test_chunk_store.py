@@ -204,8 +204,8 @@ def test_bad_inputs_skipped_and_counted(tok, tmp_path, docs):
 def test_corpus_spec_errors(tmp_path):
   with pytest.raises(corpus.CorpusError, match="neither"):
     list(corpus.iter_documents(str(tmp_path / "nope")))
-  with pytest.raises(corpus.CorpusError, match="tensorflow_datasets"):
-    list(corpus.iter_documents("tfds:c4/en:train"))
+  with pytest.raises(corpus.CorpusError, match="the split goes in the options"):
+    list(corpus.iter_documents("tfds:c4/en:train"))  # the old tfds:NAME:SPLIT form
   (tmp_path / "empty").mkdir()
   with pytest.raises(corpus.CorpusError, match="no files"):
     list(corpus.iter_documents(str(tmp_path / "empty")))
