@@ -1,5 +1,5 @@
 """TFDS corpora read through `tfds.data_source` (ArrayRecord, no TensorFlow): a real TFDS dataset
-written by TFDS's own builder from the test corpus, read and built into a chunk store that equals
+written by TFDS's own builder (retro_jax/db/tfds_writer.py) from the test corpus, read and built into a chunk store that equals
 the one built from the same texts as a .jsonl; and the Beam chunks stage's random-access path
 (each shard's worker reads only its records) byte for byte against the whole-corpus read."""
 import hashlib
@@ -11,45 +11,15 @@ import sys
 import corpus_path  # tests/corpus_path.py
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from retro_jax.db import build as build_lib
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import corpus, layout, prepare
+from retro_jax.db import corpus, layout, prepare, tfds_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = corpus_path.spec(kernel=9, wiki=12)
 # Records the reader must skip or repair, between good ones: counted in the corpus stats.
 BAD = [("bad:empty", b"   \n"), ("bad:binary", b"abc\x00def"), ("bad:utf8", b"caf\xe9 au lait")]
-
-
-class _TextDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A text dataset of the records given to `write_tfds` (record order kept: no shuffling)."""
-  name = "text_dataset"
-  VERSION = tfds.core.Version("1.0.0")
-  RECORDS: dict[str, list[tuple[str, bytes]]] = {}
-
-  def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self, disable_shuffling=True,
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
-                                             "key": tfds.features.Text()}))
-
-  def _split_generators(self, dl_manager):
-    return {split: self._generate_examples(split) for split in self.RECORDS}
-
-  def _generate_examples(self, split):
-    for i, (key, text) in enumerate(self.RECORDS[split]):
-      yield i, {"text": text, "key": key}
-
-
-def write_tfds(data_dir, splits: dict[str, list[tuple[str, bytes]]]) -> None:
-  """Prepares a real TFDS dataset `text_dataset` in ArrayRecord format under data_dir."""
-  _TextDataset.RECORDS = splits
-  tfds.disable_progress_bar()
-  builder = _TextDataset(data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +30,7 @@ def data(tmp_path_factory):
   docs = corpus.read_documents(SOURCE)
   good = [(d.key, d.text.encode("utf-8")) for d in docs]
   train = good[:3] + BAD[:2] + good[3:7] + BAD[2:] + good[7:]
-  write_tfds(root / "data", {"train": train, "clean": good})
+  tfds_writer.write_text_dataset(root / "data", "text_dataset", {"train": train, "clean": good})
   jsonl = root / "clean.jsonl"
   jsonl.write_text("".join(json.dumps({"key": k, "text": t.decode()}) + "\n" for k, t in good))
   return root, docs

@@ -6,10 +6,10 @@ import signal
 import subprocess
 import sys
 
+import corpus_path  # tests/corpus_path.py
 import numpy as np
 import pytest
 
-import corpus_path  # tests/corpus_path.py
 from retro_jax.db import chunk_store as cs
 from retro_jax.db import corpus, layout, prepare
 from retro_jax.db import tokenizer as tokenizer_lib
