@@ -46,6 +46,7 @@ def _shard_digests(chunks_dir: str) -> dict[str, str]:
 
 def main(argv):
   del argv
+  load_start = os.getloadavg()[0]
   work = _WORK.value
   shutil.rmtree(work, ignore_errors=True)
   docs = corpus.read_documents("default")
@@ -61,15 +62,15 @@ def main(argv):
   scans = [corpus.scan_block(parts, b) for b in corpus.scan_blocks(parts, None)]
   scan_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  refs_Nx2, _ = corpus.select_documents(spec, parts, scans, None)
+  selection = corpus.select_documents(spec, parts, scans, None)
   select_s = time.perf_counter() - t0
-  assert len(refs_Nx2) == len(docs)
+  assert selection.num_docs == len(docs)
 
   settings = dict(tokenizer=os.path.abspath(_TOKENIZER.value))
   seconds: dict[str, list[float]] = {"tfds": [], "default": []}
   digests = {}
   for r in range(_REPEATS.value):
-    for kind, corpus_spec in (("tfds", spec), ("default", "default")):
+    for kind, corpus_spec in (("tfds", spec), ("default", "default"))[::1 if r % 2 == 0 else -1]:
       db = os.path.join(work, f"{kind}_{r}")
       record = build_lib.build(db, stages=("tokenizer", "chunks"), corpus=corpus_spec, **settings)
       seconds[kind].append(record["stages"]["chunks"]["build_seconds"])
@@ -90,8 +91,9 @@ def main(argv):
       "shard_files": len(digests["tfds"]),
       "runner": "local in-process (the chunks stage runs in the launching process locally); "
                 "SentencePiece encodes with every core (2)",
-      "machine": f"x86_64, {os.cpu_count()} cores, shared with other jobs (load ~7 during the "
-                 "run): compare within this run",
+      "machine": f"x86_64, {os.cpu_count()} cores, shared with other jobs: compare within "
+                 "this run",
+      "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
       "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
       "command": "python -m bench.tfds_chunks --tokenizer=/work/main/runs/default_db/tokenizer/"
                  f"spm.model --repeats={_REPEATS.value}",

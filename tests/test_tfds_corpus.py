@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import corpus_path  # tests/corpus_path.py
-import numpy as np
 import pytest
 
 from retro_jax.db import build as build_lib
@@ -54,6 +53,11 @@ def test_tfds_reads_the_documents_in_record_order(data):
   assert [d.key for d in corpus.read_documents(_spec(root, "clean", "") + ":limit=2")] == [
       "tfds:text_dataset/1.0.0:clean:000000000000", "tfds:text_dataset/1.0.0:clean:000000000001"]
   assert corpus.read_documents(_spec(root, "clean[2:4]")) == docs[2:4]
+  # Text fields come from the raw tf.Example; TFDS's own decoding of whole records agrees.
+  source = corpus.TfdsSource(_spec(root))
+  fast = list(source.read(range(len(source))))
+  source._raw = None  # pylint: disable=protected-access
+  assert list(source.read(range(len(source)))) == fast and len(fast) == len(docs) + 3
 
 
 def test_tfds_spec_errors_are_one_line(data):
@@ -107,11 +111,13 @@ def test_build_db_from_tfds_equals_the_jsonl_build(data, tmp_path):
 
 
 @pytest.mark.parametrize("max_docs", [None, 11])
-def test_beam_chunks_reads_only_its_records_and_gives_the_same_bytes(data, tmp_path, max_docs):
+def test_beam_chunks_reads_only_its_records_and_gives_the_same_bytes(data, tmp_path, max_docs,
+                                                                   monkeypatch):
   """The Beam chunks stage on a TFDS corpus (random access: blocks classified in parallel, each
   shard reads only its records) writes the chunk store `build_chunk_store` writes reading the
   whole corpus: every shard file, done marker (with the corpus stats) and the manifest."""
   root, _ = data
+  monkeypatch.setattr(corpus, "SCAN_BLOCK_RECORDS", 3)  # many blocks, bad records across them
   spec = f"{_spec(root)}:limit=17+{_spec(root, 'clean', '')}:limit=5"
   parts = corpus.random_access_parts(spec)
   assert parts is not None and corpus.random_access_parts(SOURCE) is None
@@ -127,8 +133,15 @@ def test_beam_chunks_reads_only_its_records_and_gives_the_same_bytes(data, tmp_p
   m = chunk_store_lib.ChunkStore.open(db).manifest
   assert m["num_docs"] == (11 if max_docs else 17 + 5)
   assert m["corpus"]["bad_input"]["skipped_binary_keys"] == ["bad:binary"]
-  # The plan in blocks: records classified block by block give the same selection.
+  # The plan from blocks classified one by one: the same documents, stats and shard spans.
   scans = [corpus.scan_block(parts, b) for b in corpus.scan_blocks(parts, max_docs)]
-  refs_Nx2, stats = corpus.select_documents(spec, parts, scans, max_docs)
-  assert {**stats.to_json(), "num_store_shards": -(-len(refs_Nx2) // 4)} == m["corpus"]["bad_input"]
-  np.testing.assert_array_equal(np.unique(refs_Nx2[:, 0]), [0, 1] if not max_docs else [0])
+  sel = corpus.select_documents(spec, parts, scans, max_docs)
+  assert {**sel.stats.to_json(), "num_store_shards": -(-sel.num_docs // 4)} == m[
+      "corpus"]["bad_input"]
+  whole = corpus.read_documents(spec, max_docs=max_docs)
+  assert corpus.read_spans(parts, sel.spans(0, sel.num_docs), sel.num_docs) == whole
+  assert corpus.read_spans(parts, sel.spans(5, 9), 4) == whole[5:9]
+  # Documents j >= 3 of part 0 are records j + 2 (2 skipped before); document 17 (part 0's limit
+  # reached) is part 1's record 0.
+  assert sel.spans(15, 19) == ([] if max_docs else [(0, 17, 19), (1, 0, 2)])
+  assert sel.spans(2, 4) == [(0, 2, 6)]

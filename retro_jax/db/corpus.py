@@ -267,6 +267,7 @@ class TfdsSource:
     self.parsed = TfdsSpec.parse(spec)
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise CorpusError(f"corpus {spec} needs tensorflow_datasets: "
                         f"pip install tensorflow-datasets==4.9.10") from e
@@ -286,10 +287,18 @@ class TfdsSource:
     info = self._ds.dataset_info
     self.full_name = info.full_name
     features = sorted(info.features.keys())
+    fields = [f for f in (p.text_field, p.key_field) if f is not None]
     for what, field in (("text_field", p.text_field), ("key_field", p.key_field)):
       if field is not None and field not in features:
         raise CorpusError(f"tfds corpus {spec!r}: {what}={field!r} is not a feature of "
                           f"{self.full_name} (its features: {features})")
+    # Text features are read from the raw tf.Example (its bytes_list) instead of TFDS decoding
+    # every feature of every record: half the read time.
+    self._raw = None
+    if all(isinstance(info.features[f], tfds.features.Text) for f in fields):
+      self._raw = tfds.data_source(p.name, split=p.split, data_dir=p.data_dir, download=False,
+                                   deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+      self._example = tf_example_pb2.Example
 
   def __len__(self) -> int:
     return len(self._ds)
@@ -300,12 +309,29 @@ class TfdsSource:
     value = record[self.parsed.key_field]
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
+  def _raw_fields(self, raw: bytes) -> dict | None:
+    """The text (and key) fields' bytes from a serialized tf.Example, or None if not there."""
+    feature = self._example.FromString(raw).features.feature
+    out = {}
+    for f in (self.parsed.text_field, self.parsed.key_field):
+      if f is not None:
+        values = feature[f].bytes_list.value if f in feature else []
+        if len(values) != 1:
+          return None
+        out[f] = values[0]
+    return out
+
   def read(self, indices: Sequence[int]) -> Iterator[tuple[int, str, bytes]]:
     """(index, key, text bytes) of each record in `indices`, in that order."""
     indices = [int(i) for i in indices]
     for a in range(0, len(indices), _TFDS_READ_BATCH):
       batch = indices[a:a + _TFDS_READ_BATCH]
-      for i, record in zip(batch, self._ds.__getitems__(batch)):
+      if self._raw is not None:
+        records = [self._raw_fields(r) for r in self._raw.__getitems__(batch)]
+      else:
+        records = [None] * len(batch)
+      for i, record in zip(batch, records):
+        record = record if record is not None else self._ds[i]
         text = record[self.parsed.text_field]
         data = text if isinstance(text, bytes) else str(text).encode("utf-8")
         yield i, self.key(i, record), data
@@ -383,9 +409,10 @@ def read_documents(spec: str, stats: CorpusStats | None = None,
 
 # ------------------------------------------------------------------------------------------------
 # Random access (the Beam chunks stage, retro_jax/db/pipeline.py): when every part of a spec is a
-# TFDS source, records are classified in parallel blocks (`scan_block`), one element picks the
-# documents exactly as `read_documents` would (`select_documents`: same ids, same CorpusStats), and
-# each store shard's worker reads only its own records (`read_selected`).
+# TFDS source, records are classified in parallel blocks (`scan_block`: only the records that are
+# not plainly good are listed), one element picks the documents exactly as `read_documents` would
+# (`select_documents`: same ids, same CorpusStats, in memory O(blocks + skipped records)), and each
+# store shard's worker reads only its own record spans (`Selection.spans`, `read_spans`).
 
 SCAN_BLOCK_RECORDS = 16384
 
@@ -431,79 +458,112 @@ def scan_blocks(parts: Sequence[RandomAccessPart],
 
 
 def scan_block(parts: Sequence[RandomAccessPart], block: tuple[int, int, int]) -> dict:
-  """Classifies the records of one block: {"part", "start", "status" (int8 per record), "keys"
-  ({index: key} of every record not plainly GOOD, and of every record of a keyed part)}."""
+  """Classifies the records of one block: {"part", "start", "stop", "marks": {index: (status,
+  key)} of every record not plainly GOOD, "keys": the good records' keys in order (keyed parts
+  only, for the duplicate check)}."""
   p, start, stop = block
   part = parts[p]
-  status = np.zeros(stop - start, np.int8)
-  keys = {}
+  marks, keys = {}, []
   for i, key, data in open_tfds(part.spec).read(range(start, stop)):
-    status[i - start] = classify(data)[0]
-    if status[i - start] != GOOD or part.keyed:
-      keys[i] = key
-  return {"part": p, "start": start, "status": status, "keys": keys}
+    status = classify(data)[0]
+    if status != GOOD:
+      marks[i] = (status, key)
+    if part.keyed and status <= GOOD_REPLACED:
+      keys.append(key)
+  return {"part": p, "start": start, "stop": stop, "marks": marks, "keys": keys}
 
 
-def _cut_after(status: np.ndarray, n: int | None) -> int:
-  """Records read to yield n good ones (all of them if fewer): itertools.islice's stopping point."""
-  if n is None:
-    return len(status)
-  good = np.flatnonzero(status <= GOOD_REPLACED)
-  return 0 if n <= 0 else (int(good[n - 1]) + 1 if len(good) >= n else len(status))
+def _record_of(skipped: np.ndarray, j: np.ndarray | int) -> np.ndarray:
+  """The record index of good document j of a part whose skipped records are `skipped`
+  (sorted): j plus the skipped records before it."""
+  good_before = skipped - np.arange(len(skipped))  # good records before each skipped one
+  return j + np.searchsorted(good_before, j, side="right")
+
+
+@dataclasses.dataclass
+class Selection:
+  """The documents of a random-access spec: per part used, (part, records read [0, cut), sorted
+  indices of the skipped records below cut); num_docs; the CorpusStats of a whole read."""
+  parts: list[tuple[int, int, np.ndarray]]
+  num_docs: int
+  stats: CorpusStats
+
+  def spans(self, first: int, stop: int) -> list[tuple[int, int, int]]:
+    """(part, start record, stop record) spans holding documents [first, stop), in order."""
+    out, base = [], 0
+    for p, cut, skipped in self.parts:
+      n_good = cut - len(skipped)
+      lo, hi = max(first - base, 0), min(stop - base, n_good)
+      if lo < hi:
+        out.append((p, int(_record_of(skipped, lo)), int(_record_of(skipped, hi - 1)) + 1))
+      base += n_good
+    return out
 
 
 def select_documents(spec: str, parts: Sequence[RandomAccessPart], scans: Sequence[dict],
-                     max_docs: int | None) -> tuple[np.ndarray, CorpusStats]:
-  """The documents `read_documents(spec, max_docs=max_docs)` gives, as int64 [N, 2] (part,
-  record index) in document-id order, and its CorpusStats, from the blocks' scans; with the same
-  checks (at least one document, unique keys)."""
-  stats, refs, keyed_keys, total = CorpusStats(), [], [], 0
+                     max_docs: int | None) -> Selection:
+  """The documents `read_documents(spec, max_docs=max_docs)` gives, from the blocks' scans, with
+  the same checks (at least one document, unique keys) and the same CorpusStats."""
+  stats, used, keyed_keys, total = CorpusStats(), [], [], 0
   for p, part in enumerate(parts):
     mine = sorted((s for s in scans if s["part"] == p), key=lambda s: s["start"])
-    status = np.concatenate([s["status"] for s in mine]) if mine else np.zeros(0, np.int8)
-    keys = {i: k for s in mine for i, k in s["keys"].items()}
+    read = mine[-1]["stop"] if mine else 0
+    marks = {i: m for s in mine for i, m in s["marks"].items()}
+    keys = [k for s in mine for k in s["keys"]]
     want = min((x for x in (part.limit, None if max_docs is None else max_docs - total)
                 if x is not None), default=None)
-    while (want is not None and len(status) < part.length
-           and int((status <= GOOD_REPLACED).sum()) < want):  # bad records left the prefix short
-      more = scan_block(parts, (p, len(status), min(part.length, len(status) + SCAN_BLOCK_RECORDS)))
-      status, keys = np.concatenate([status, more["status"]]), {**keys, **more["keys"]}
-    status = status[:_cut_after(status, want)]
-    for i in np.flatnonzero(status != GOOD):
-      stats.add(int(status[i]), keys[int(i)])
-    good = np.flatnonzero(status <= GOOD_REPLACED)
-    stats.documents += int((status == GOOD).sum())
-    refs.append(np.stack([np.full(len(good), p, np.int64), good.astype(np.int64)], axis=1))
+
+    def skipped_below(n: int) -> np.ndarray:
+      return np.asarray(sorted(i for i, (st, _) in marks.items() if st > GOOD_REPLACED and i < n),
+                        np.int64)
+
+    while want is not None and read < part.length and read - len(skipped_below(read)) < want:
+      more = scan_block(parts, (p, read, min(part.length, read + SCAN_BLOCK_RECORDS)))
+      marks, keys, read = {**marks, **more["marks"]}, keys + more["keys"], more["stop"]
+    skipped = skipped_below(read)
+    cut = read  # itertools.islice's stopping point: just after the want-th good record
+    if want is not None and read - len(skipped) >= want:
+      cut = 0 if want <= 0 else int(_record_of(skipped, want - 1)) + 1
+      skipped = skipped[skipped < cut]
+    for i in sorted(i for i in marks if i < cut):
+      stats.add(marks[i][0], marks[i][1])
+    n_good = cut - len(skipped)
+    stats.documents += n_good - sum(1 for i, (st, _) in marks.items()
+                                    if i < cut and st == GOOD_REPLACED)
+    used.append((p, cut, skipped))
     if part.keyed:
-      keyed_keys += [keys[int(i)] for i in good]
-    total += len(good)
+      keyed_keys += keys[:n_good]
+    total += n_good
     if max_docs is not None and total >= max_docs:
       break
-  refs_Nx2 = np.concatenate(refs) if refs else np.zeros((0, 2), np.int64)
-  if not len(refs_Nx2):
+  if not total:
     raise CorpusError(f"corpus {spec!r} yielded no usable document (skipped: "
                       f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
   # Derived keys (tfds:FULL_NAME:SPLIT:INDEX) are unique unless two parts read the same split.
-  derived = [(part.full_name, part.split) for part in parts[:len(refs)] if not part.keyed]
+  derived = [(parts[p].full_name, parts[p].split) for p, _, _ in used if not parts[p].keyed]
   if len(set(derived)) != len(derived) or keyed_keys:
-    all_keys = keyed_keys + [open_tfds(parts[p].spec).key(int(i))
-                             for p, i in refs_Nx2 if not parts[p].keyed]
+    all_keys = list(keyed_keys)
+    for p, cut, skipped in used:
+      if not parts[p].keyed:
+        records = _record_of(skipped, np.arange(cut - len(skipped)))
+        all_keys += [open_tfds(parts[p].spec).key(int(i)) for i in records]
     seen: set[str] = set()
     dup = [k for k in all_keys if k in seen or seen.add(k)]
     if dup:
       raise CorpusError(f"corpus {spec!r} has duplicate document keys (e.g. {dup[:3]})")
-  return refs_Nx2, stats
+  return Selection(used, total, stats)
 
 
-def read_selected(parts: Sequence[RandomAccessPart], refs_Nx2: np.ndarray) -> list[Document]:
-  """The documents at (part, record index) `refs_Nx2`, in that order (each read once)."""
-  docs: dict[tuple[int, int], Document] = {}
-  for p in sorted(set(int(x) for x in refs_Nx2[:, 0])):
-    indices = sorted(int(i) for q, i in refs_Nx2 if q == p)
-    for i, key, data in open_tfds(parts[p].spec).read(indices):
-      status, text = classify(data)
-      if text is None:
-        raise CorpusError(f"{parts[p].spec}: record {i} changed since it was planned (now "
-                          f"{['good', 'good', 'empty', 'binary'][status]})")
-      docs[(p, i)] = Document(key, text)
-  return [docs[(int(p), int(i))] for p, i in refs_Nx2]
+def read_spans(parts: Sequence[RandomAccessPart], spans: Sequence[tuple[int, int, int]],
+               expected: int) -> list[Document]:
+  """The good documents of the record spans (part, start, stop), in order: `expected` of them."""
+  docs = []
+  for p, start, stop in spans:
+    for _, key, data in open_tfds(parts[p].spec).read(range(start, stop)):
+      text = classify(data)[1]
+      if text is not None:
+        docs.append(Document(key, text))
+  if len(docs) != expected:
+    raise CorpusError(f"records {list(spans)} hold {len(docs)} usable documents, not the "
+                      f"{expected} planned: the dataset changed during the build")
+  return docs

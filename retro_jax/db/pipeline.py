@@ -182,30 +182,32 @@ class _WriteStoreShard(beam.DoFn):
 
 
 class _WriteSelectedShard(_WriteStoreShard):
-  """A store shard of a random-access corpus: reads only its own records, planned by
+  """A store shard of a random-access corpus: reads only its own record spans, planned by
   `_select_shards` (the same ids and corpus stats as reading the whole corpus)."""
 
   def __init__(self, db: str, cfg: dict[str, Any], parts: list[corpus_lib.RandomAccessPart]):
     super().__init__(db, cfg)
     self._parts = parts
 
-  def process(self, item: tuple[int, np.ndarray, dict]):
-    shard, refs_Nx2, stats = item
+  def process(self, item: tuple[int, list[tuple[int, int, int]], int, dict]):
+    shard, spans, num_docs, stats = item
     written = chunk_store_lib.write_store_shard_docs(
         layout.chunks_dir(self._db), shard,
-        lambda: corpus_lib.read_selected(self._parts, refs_Nx2), self._tok, self._settings, stats)
+        lambda: corpus_lib.read_spans(self._parts, spans, num_docs), self._tok, self._settings,
+        stats)
     yield shard, written
 
 
 def _select_shards(scans: list[dict], parts: list[corpus_lib.RandomAccessPart],
-                   cfg: dict[str, Any]) -> Iterator[tuple[int, np.ndarray, dict]]:
-  """(shard, its (part, record) references, corpus stats) of every store shard."""
-  refs_Nx2, stats = corpus_lib.select_documents(cfg["corpus"], parts, scans, cfg["max_docs"])
+                   cfg: dict[str, Any]) -> Iterator[tuple[int, list, int, dict]]:
+  """(shard, its record spans, its document count, corpus stats) of every store shard."""
+  sel = corpus_lib.select_documents(cfg["corpus"], parts, scans, cfg["max_docs"])
   per = cfg["docs_per_shard"]
-  num_store_shards = -(-len(refs_Nx2) // per)
-  stats_json = {**stats.to_json(), "num_store_shards": num_store_shards}
+  num_store_shards = -(-sel.num_docs // per)
+  stats_json = {**sel.stats.to_json(), "num_store_shards": num_store_shards}
   for shard in range(num_store_shards):
-    yield shard, refs_Nx2[shard * per:(shard + 1) * per], stats_json
+    first, stop = shard * per, min(sel.num_docs, (shard + 1) * per)
+    yield shard, sel.spans(first, stop), stop - first, stats_json
 
 
 def _finalize(results: list[tuple[int, bool]], db: str) -> dict:
