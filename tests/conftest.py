@@ -1,5 +1,7 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -14,6 +16,24 @@ LONGEST_FIRST = ("tests/test_train_multiprocess.py", "tests/test_gcs_db.py",
                  "tests/model/test_sharding.py",
                  "tests/test_train.py", "tests/test_retrofit.py", "tests/test_train_step.py",
                  "tests/test_hardening.py", "tests/model/test_retro.py", "tests/test_controls.py")
+
+
+def pytest_configure(config):
+  """One JAX compilation cache for the whole run, shared by the xdist workers and every subprocess
+  (they inherit the variable): the trainers, evaluators and sharding workers that the tests start
+  compile the same programs again and again. A fresh directory per run, removed at its end, so a
+  test never reads an executable compiled by other code."""
+  if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return  # an xdist worker: the controller made it; or the caller chose one
+  config._retro_jax_cache = tempfile.mkdtemp(prefix="retro_jax_test_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = config._retro_jax_cache
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_compilation_cache_dir", config._retro_jax_cache)
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "_retro_jax_cache", None):
+    shutil.rmtree(config._retro_jax_cache, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,15 +11,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_meshes_match_single_device():
+
+@pytest.mark.parametrize("meshes", [
+    # data x fsdp x model all > 1: every sharding rule at work at once.
+    ("2x2x2",),
+    # pure data parallel and data x fsdp: each compile takes a while, so in make test-slow.
+    pytest.param(("8x1x1", "2x4x1"), marks=pytest.mark.slow),
+])
+def test_meshes_match_single_device(meshes):
   worker = Path(__file__).with_name("sharding_worker.py")
-  proc = subprocess.run([sys.executable, str(worker), "8x1x1", "2x4x1", "2x2x2"],
+  proc = subprocess.run([sys.executable, str(worker), *meshes],
                         capture_output=True, text=True, timeout=600,
                         cwd=Path(__file__).parents[2])
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert [r["mesh"] for r in results] == [[8, 1, 1], [2, 4, 1], [2, 2, 2]]
+  assert [r["mesh"] for r in results] == [[int(n) for n in m.split("x")] for m in meshes]
   for r in results:
     for got, want in zip(r["losses"], r["ref_losses"]):
       assert abs(got - want) <= 1e-5 * abs(want), r
