@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -51,7 +51,9 @@ from retro_jax.db.layout import write_bytes_atomic
 from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
+from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval.embedder import Embedder
 
 # Rows per embedding element: embed.embed_to_npy's block, so the assembled shard is its bytes.
@@ -272,14 +274,90 @@ class _AssembleShard(beam.DoFn):
 
 
 # ------------------------------------------------------------------------------------------------
-# Index and neighbours.
+# Index: the global index as Beam transforms over global_index's build steps; the per-shard
+# backends one element per embeddings shard.
 
 
-def _build_index_shard(shard: int | None, db: str, backend: str) -> str:
-  if backend == index_lib.GLOBAL_BACKEND:
-    build_index_lib.build_global_index(db)
-    return str(layout.index_dir(db, backend))
+def _build_index_shard(shard: int, db: str, backend: str) -> str:
   return build_index_lib.build_index(db, index_lib.IndexConfig(backend=backend), shards={shard})[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _global_sources(db: str) -> list[global_lib.Source]:
+  """The embeddings shards as memory maps (checked once by the launcher, not per worker)."""
+  return [(i, index_lib.load_embeddings(p), off)
+          for i, p, off in retriever_lib.db_embedding_shards(db, verify_content=False)]
+
+
+def _train_on_sample(_, db: str, c: global_lib.GlobalIndexConfig) -> None:
+  trained = global_lib.train_step(_global_sources(db), global_lib.index_dir(db), c)
+  print(f"[build_db] index: {'trained' if trained else 'kept the trained'} partitioner and "
+        "quantizer", flush=True)
+
+
+class _EncodeShard(beam.DoFn):
+  """One embeddings shard encoded (kept when finished); yields (serving shard, embeddings shard)
+  for every serving shard."""
+
+  def __init__(self, db: str):
+    self._db = db
+
+  def setup(self):
+    pin_worker()
+    self._root = global_lib.index_dir(self._db)
+    self._trained = global_lib.load_trained(self._root)
+
+  def process(self, shard: int):
+    src = {s[0]: s for s in _global_sources(self._db)}[shard]
+    encoded = global_lib.encode_step(src, self._root, self._trained)
+    print(f"[build_db] index: embeddings shard {shard} {'encoded' if encoded else 'kept'}",
+          flush=True)
+    for s in range(self._trained[2].serving_shards):
+      yield s, shard
+
+
+class _MergeServingShard(beam.DoFn):
+  """serving/shard-XXXXX.faiss from its parts, in embeddings-shard order; yields the shard."""
+
+  def __init__(self, db: str):
+    self._db = db
+
+  def setup(self):
+    self._root = global_lib.index_dir(self._db)
+    self._trained = global_lib.load_trained(self._root)
+
+  def process(self, item):
+    s, shards = item
+    global_lib.merge_step(s, sorted(shards), self._root, self._trained)
+    yield s
+
+
+def _finish_index(merged: list[int], db: str) -> None:
+  m = global_lib.finish_build(_global_sources(db), global_lib.index_dir(db))
+  print(f"[build_db] index: {m['count']} vectors in {len(merged)} serving shards", flush=True)
+
+
+def _global_index(p, db: str, config: global_lib.GlobalIndexConfig | None) -> None:
+  sources = retriever_lib.db_global_sources(db)  # every shard's checksum, once
+  root = global_lib.index_dir(db)
+  if global_lib.is_built(root, sources):
+    return
+  c = global_lib.prepare_build(sources, root, config)
+  shards = [i for i, _, _ in sources]
+  _ = (p | "Start" >> beam.Create([None])
+       | "TrainOnSample" >> beam.Map(_train_on_sample, db, c)
+       | "EmbeddingsShards" >> beam.FlatMap(lambda _: shards)
+       | "Distribute" >> beam.Reshuffle()
+       | "EncodeShard" >> beam.ParDo(_EncodeShard(db))
+       | "ByServingShard" >> beam.GroupByKey()
+       | "MergeServingShard" >> beam.ParDo(_MergeServingShard(db))
+       | "AllServingShards" >> beam.combiners.ToList()
+       | "Manifest" >> beam.Map(_finish_index, db))
+
+
+# ------------------------------------------------------------------------------------------------
+# Neighbours. The global index: a routed batch job over query blocks (below); the per-shard
+# backends: one element per store shard, the whole index loaded once per worker.
 
 
 class _NeighboursShard(beam.DoFn):
@@ -298,6 +376,234 @@ class _NeighboursShard(beam.DoFn):
     stats = neighbours_lib.neighbours_shard(self._db, shard, self._retriever, self._store,
                                             self._backend, self._k)
     yield shard, stats["rows"]
+
+
+# A query block: (store shard, first row) of NEIGHBOURS_BLOCK_ROWS rows (the last may be
+# shorter); the unit of resumption, as neighbours.compute_shard's blocks. A round of a block:
+# (block, (rows int64 [R] within it, fetch)). Round 1 asks every row for first_fetch candidates;
+# rows still short of k after the held-out filter go to the next round with twice as many.
+NEIGHBOURS_BLOCK_ROWS = 4096
+_KV = Tuple[Any, Any]  # (key, value) for the GroupByKeys after the multi-output DoFns
+
+
+class _QueryReader:
+  """The store, the held-out documents and each store shard's embeddings (the queries)."""
+
+  def _open(self, db: str):
+    self._store = chunk_store_lib.ChunkStore.open(db)
+    self._spans = {s: (first, n) for s, first, n in self._store.shard_spans()}
+    self._emb = {}
+
+  def _queries(self, db: str, block: tuple[int, int], rows: np.ndarray):
+    shard, start = block
+    if shard not in self._emb:
+      self._emb[shard] = neighbours_lib.shard_embeddings(db, self._store, shard)
+    q = np.asarray(self._emb[shard][start + rows], np.float32)
+    return q, self._spans[shard][0] + start + rows
+
+
+class _RouteBlock(beam.DoFn, _QueryReader):
+  """Routes a round's queries to their nearest partitions (the trained quantizer only): yields
+  (serving shard, (block, rows that reach it, fetch)), and on the tag "rows" the round itself."""
+
+  def __init__(self, db: str):
+    self._db = db
+
+  def setup(self):
+    self._open(self._db)
+    self._index = global_lib.GlobalIndex(global_lib.index_dir(self._db), serving=[],
+                                         verify_files=False)
+
+  def process(self, element):
+    block, (rows, fetch) = element
+    yield beam.pvalue.TaggedOutput("rows", (block, ("rows", rows, fetch)))
+    shards = int(self._index.config.serving_shards)
+    if shards == 1:
+      yield 0, (block, rows, fetch)
+      return
+    q, _ = self._queries(self._db, block, rows)
+    parts, _ = self._index.route(q, fetch * retriever_lib.OVERFETCH)
+    for s in range(shards):
+      mine = self._index.reaches(parts, [s])
+      if mine.any():
+        yield s, (block, rows[mine], fetch)
+
+
+class _SearchServingShard(beam.DoFn, _QueryReader):
+  """All of one serving shard's queries of a round: a retriever over that serving shard alone
+  (same-document exclusion and refill, removed documents), loaded once per worker and shard;
+  yields (block, ("found", rows, ids, scores)), each row's best `fetch` there."""
+
+  def __init__(self, db: str):
+    self._db = db
+
+  def setup(self):
+    pin_worker()
+    self._open(self._db)
+    self._deleted = retriever_lib.db_deleted_ranges(self._db)
+    self._shard, self._retriever = None, None
+
+  def _load(self, s: int):
+    if self._shard != s:
+      self._retriever = None  # one serving shard in memory at a time
+      index = global_lib.GlobalIndex(global_lib.index_dir(self._db), serving=[s],
+                                     verify_files=False)
+      self._retriever = retriever_lib.Retriever([index], doc_ids=self._store.doc_ids,
+                                                deleted_ranges=self._deleted)
+      self._shard = s
+    return self._retriever
+
+  def process(self, item):
+    s, queries = item
+    retriever = self._load(s)
+    for block, rows, fetch in queries:
+      q, ids = self._queries(self._db, block, rows)
+      found, scores = retriever.search(q, fetch, self._store.doc_ids(ids))
+      yield block, ("found", rows, found, scores)
+
+
+class _CombineRound(beam.DoFn):
+  """Per block and round: each row's best `fetch` over the serving shards (index.top_k_rows, as
+  Retriever.search merges), then neighbours.keep_round. Finished rows go out on the tag "done"
+  as (block, (rows, ids)); rows still short come out as the next round."""
+
+  def __init__(self, db: str, k: int, total: int):
+    self._db, self._k, self._total = db, k, total
+
+  def setup(self):
+    self._store = chunk_store_lib.ChunkStore.open(self._db)
+    self._heldout = self._store.heldout_doc_ids
+
+  def process(self, item):
+    block, records = item
+    records = list(records)
+    (_, rows, fetch), = [r for r in records if r[0] == "rows"]
+    pos = {int(r): j for j, r in enumerate(rows)}
+    ids, scores = [], []
+    for _, found_rows, found, found_scores in (r for r in records if r[0] == "found"):
+      at = np.array([pos[int(r)] for r in found_rows], np.int64)
+      i = np.full((len(rows), found.shape[1]), -1, np.int64)
+      sc = np.full((len(rows), found.shape[1]), -np.inf, np.float32)
+      i[at], sc[at] = found, found_scores
+      ids.append(i)
+      scores.append(sc)
+    if not ids:  # no serving shard reached (cannot happen: every route has a partition)
+      ids, scores = [np.full((len(rows), fetch), -1, np.int64)], [np.full((len(rows), fetch),
+                                                                          -np.inf, np.float32)]
+    best, _ = index_lib.top_k_rows(np.concatenate(ids, 1), np.concatenate(scores, 1), fetch)
+    out, short = neighbours_lib.keep_round(best, self._store, self._k, fetch, self._total,
+                                           self._heldout)
+    yield beam.pvalue.TaggedOutput("done", (block, (rows[~short], out[~short])))
+    if short.any():
+      yield block, (rows[short], neighbours_lib.next_fetch(fetch, self._total))
+
+
+def _write_block(item, db: str, k: int, counts: dict[int, int]) -> Iterator[tuple[int, int]]:
+  """A block's rows into its part file (atomic); yields (store shard, first row)."""
+  (shard, start), pieces = item
+  count = counts[shard]
+  out = np.full((min(NEIGHBOURS_BLOCK_ROWS, count - start), k), -1, np.int64)
+  filled = np.zeros(len(out), bool)
+  for rows, ids in pieces:
+    out[rows], filled[rows] = ids, True
+  if not filled.all():
+    raise RuntimeError(f"neighbours shard {shard} block {start}: rows "
+                       f"{np.flatnonzero(~filled)[:5]} were never finished")
+  part = layout.neighbours_part_path(db, shard, start)
+  part.parent.mkdir(parents=True, exist_ok=True)
+  write_bytes_atomic(part, _npy_bytes(out))
+  print(f"[build_db] neighbours: shard {shard} rows {start}..{start + len(out)} searched",
+        flush=True)
+  yield shard, start
+
+
+class _AssembleNeighbours(beam.DoFn):
+  """neighbours/shard-XXXXX.npy from its block parts (row order) and its finished progress
+  record (as neighbours.compute_shard writes them), then the parts removed."""
+
+  def __init__(self, db: str, k: int, settings: dict[str, Any],
+               spans: dict[int, tuple[int, int]]):
+    self._db, self._k, self._settings, self._spans = db, k, settings, spans
+
+  def process(self, item):
+    shard, starts = item
+    starts = sorted(starts)
+    first_id, count = self._spans[shard]
+    if starts != list(range(0, count, NEIGHBOURS_BLOCK_ROWS)):
+      raise RuntimeError(f"neighbours shard {shard}: blocks {starts} do not cover {count} rows")
+    out = layout.neighbours_path(self._db, shard)
+    layout.assemble_npy(out, (count, self._k), np.int64,
+                        [layout.neighbours_part_path(self._db, shard, s) for s in starts])
+    neighbours_lib.write_finished(out, neighbours_lib.shard_record(
+        count, first_id, self._k, NEIGHBOURS_BLOCK_ROWS, self._settings))
+    _remove_parts(layout.neighbours_part_path(self._db, shard, 0).parent)
+    print(f"[build_db] neighbours: shard {shard} assembled", flush=True)
+    yield shard
+
+
+def _remove_parts(parts_dir: epath.Path) -> None:
+  """Removes one shard's parts directory, and the parts/ above it once empty."""
+  if parts_dir.exists():
+    parts_dir.rmtree()
+  try:  # the last shard assembled removes parts/ too
+    if not any(parts_dir.parent.iterdir()):
+      parts_dir.parent.rmdir()
+  except (OSError, ValueError):  # another worker's parts are still there
+    pass
+
+
+def _routed_neighbours(p, db: str, k: int) -> None:
+  """Training neighbours over the global index as a batch job: query blocks -> rounds of (route
+  -> search per serving shard -> per-block combine) -> block part files -> shards assembled."""
+  store = chunk_store_lib.ChunkStore.open(db)
+  root = global_lib.index_dir(db)
+  index = global_lib.GlobalIndex(root, serving=[])  # the files' checksums, once
+  built = [(e["shard"], e["offset"]) for e in index.manifest["embeddings_shards"]]
+  have = [(i, off) for i, _, off in retriever_lib.db_embedding_shards(db, verify_content=False)]
+  if built != have:
+    raise index_lib.IndexError_(f"The global index {root} covers embeddings shards {built} but "
+                                f"the database has {have}; rebuild it (--stages=index).")
+  total = index.total
+  heldout = store.heldout_doc_ids
+  settings = neighbours_lib.search_settings(store, global_lib.BACKEND, total)
+  todo, kept = [], []
+  spans = {shard: (first, count) for shard, first, count in store.shard_spans()}
+  for shard, _, count in store.shard_spans():
+    if neighbours_lib.shard_is_done(db, shard):
+      continue
+    for start in range(0, count, NEIGHBOURS_BLOCK_ROWS):
+      done = layout.neighbours_part_path(db, shard, start).exists()
+      (kept if done else todo).append((shard, start, min(NEIGHBOURS_BLOCK_ROWS, count - start)))
+  if not todo and not kept:
+    return
+  fetch = neighbours_lib.first_fetch(k, total, heldout.size > 0)
+  rounds = 1
+  while heldout.size and fetch < total:  # rounds until the fetch reaches the whole index
+    fetch, rounds = neighbours_lib.next_fetch(fetch, total), rounds + 1
+  first = neighbours_lib.first_fetch(k, total, heldout.size > 0)
+  pending = (p | "QueryBlocks" >> beam.Create(
+      [((s, a), (np.arange(n, dtype=np.int64), first)) for s, a, n in todo])
+      | "Distribute" >> beam.Reshuffle())
+  finished = []
+  for r in range(rounds):
+    routed = pending | f"Route{r}" >> beam.ParDo(_RouteBlock(db)).with_output_types(
+        _KV).with_outputs("rows", main="s")
+    found = (routed.s | f"ByServingShard{r}" >> beam.GroupByKey()
+             | f"SearchServingShard{r}" >> beam.ParDo(_SearchServingShard(db)))
+    combined = ((routed.rows, found) | f"Round{r}" >> beam.Flatten()
+                | f"ByBlock{r}" >> beam.GroupByKey()
+                | f"Combine{r}" >> beam.ParDo(_CombineRound(db, k, total)).with_output_types(
+                    _KV).with_outputs("done", main="pending"))
+    finished.append(combined.done)
+    pending = combined.pending
+  written = (tuple(finished) | "Finished" >> beam.Flatten()
+             | "RowsByBlock" >> beam.GroupByKey()
+             | "WriteBlock" >> beam.FlatMap(_write_block, db, k,
+                                              {s: n for s, (_, n) in spans.items()}))
+  kept_blocks = p | "KeptBlocks" >> beam.Create([(s, a) for s, a, _ in kept])
+  _ = ((written, kept_blocks) | "AllBlocks" >> beam.Flatten()
+       | "ByStoreShard" >> beam.GroupByKey()
+       | "AssembleShard" >> beam.ParDo(_AssembleNeighbours(db, k, settings, spans)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,14 +641,18 @@ def _embeddings(p, db: str, cfg: dict[str, Any]) -> None:
 
 def _index(p, db: str, cfg: dict[str, Any]) -> None:
   backend = cfg["backend"]
+  if backend == index_lib.GLOBAL_BACKEND:
+    _global_index(p, db, cfg.get("global_index_config"))  # None: the default (tests set it)
+    return
   store = chunk_store_lib.ChunkStore.open(db)
-  shards = ([None] if backend == index_lib.GLOBAL_BACKEND
-            else [s for s, _, _ in store.shard_spans()])
-  _ = (p | "Shards" >> beam.Create(shards)
+  _ = (p | "Shards" >> beam.Create([s for s, _, _ in store.shard_spans()])
        | "BuildIndex" >> beam.Map(_build_index_shard, db, backend))
 
 
 def _neighbours(p, db: str, cfg: dict[str, Any]) -> None:
+  if retriever_lib.db_backend(db, cfg["backend"]) == index_lib.GLOBAL_BACKEND:
+    _routed_neighbours(p, db, cfg["k"])
+    return
   store = chunk_store_lib.ChunkStore.open(db)
   todo = [s for s, _, _ in store.shard_spans() if not neighbours_lib.shard_is_done(db, s)]
   if not todo:

@@ -384,7 +384,9 @@ def train_step(sources: Sequence[Source], out_dir, c: GlobalIndexConfig) -> bool
   return True
 
 
-def _trained(out_dir: epath.Path) -> tuple[Any, np.ndarray, GlobalIndexConfig]:
+def load_trained(out_dir) -> tuple[Any, np.ndarray, GlobalIndexConfig]:
+  """(trained index, int8 scale, resolved config) of a build whose train step is finished."""
+  out_dir = epath.Path(out_dir)
   rec = _read_json(out_dir / PARTS / TRAINED_RECORD)
   if rec is None:
     raise index_lib.IndexError_(f"{out_dir}: the index is not trained yet (no "
@@ -401,7 +403,7 @@ def encode_step(source: Source, out_dir, trained=None) -> bool:
   if _read_json(_encoded_record(out_dir, i)) is not None:
     return False
   t0 = time.perf_counter()
-  trained, scale, c = trained or _trained(out_dir)
+  trained, scale, c = trained or load_trained(out_dir)
   part_shard = _partition_shard(c.nlist, c.serving_shards)
   encoded = encode_source(trained, part_shard, emb, off,
                           out_dir / "rerank" / f"{layout.shard_name(i)}.npy", scale,
@@ -429,9 +431,10 @@ def merge_step(s: int, source_shards: Sequence[int], out_dir, trained=None) -> d
   if rec is not None:
     return {"count": rec["count"], "ram_bytes": rec["ram_bytes"]}
   t0 = time.perf_counter()
-  trained = (trained or _trained(out_dir))[0]
+  trained = (trained or load_trained(out_dir))[0]
   index = faiss.clone_index(trained)
-  append_encoded(index, [_read_encoded(_encoded_path(out_dir, i, s)) for i in sorted(source_shards)])
+  append_encoded(index, [_read_encoded(_encoded_path(out_dir, i, s))
+                         for i in sorted(source_shards)])
   _write_index(index, out_dir / "serving" / f"{layout.shard_name(s)}.faiss")
   stats = {"count": int(index.ntotal), "ram_bytes": memory_bytes(index)}
   layout.write_json_atomic(_merged_record(out_dir, s),
@@ -467,7 +470,7 @@ def build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig | None =
   out_dir = epath.Path(out_dir)
   c = prepare_build(sources, out_dir, config)
   train_step(sources, out_dir, c)
-  trained = _trained(out_dir)
+  trained = load_trained(out_dir)
   for src in sources:
     if progress:
       print(f"  encoding embeddings shard {src[0]} ({src[1].shape[0]} rows)", flush=True)
@@ -613,6 +616,18 @@ class GlobalIndex(index_lib.IndexShard):
     _set_quantizer_search(self._trained, nprobe)
     dis, parts = self.quantizer.search(queries_QxD, nprobe)
     return parts.astype(np.int64), dis.astype(np.float32)
+
+  def reaches(self, parts_QxP: np.ndarray, serving: Sequence[int] | None = None) -> np.ndarray:
+    """bool [Q]: the routed queries (partitions from `route`) with a partition in these serving
+    shards (default: this searcher's)."""
+    serving = self.serving_ids if serving is None else serving
+    mine = np.isin(self.part_shard[np.maximum(parts_QxP, 0)], serving)
+    return (mine & (parts_QxP >= 0)).any(axis=1)
+
+  def reached(self, queries_QxD: np.ndarray, n: int) -> np.ndarray:
+    if len(self.serving_ids) == int(self.config.serving_shards):  # every partition is here
+      return np.ones(len(queries_QxD), bool)
+    return self.reaches(self.route(np.ascontiguousarray(queries_QxD, np.float32), n)[0])
 
   def _scan(self, s: int, queries_QxD, parts_QxP, dis_QxP, r: int):
     mask = (parts_QxP >= 0) & (self.part_shard[np.maximum(parts_QxP, 0)] == s)
