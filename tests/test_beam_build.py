@@ -168,7 +168,7 @@ def test_killed_while_embedding_resumes_without_redoing_blocks(plain, beam, tmp_
   for shard in finished:  # its finished block was kept, not embedded again
     n = layout.shard_number(shard)
     assert f"shard {n} assembled (0 blocks embedded, 1 kept)" in out, out[-3000:]
-    assert f"shard {n} rows 0.." not in out
+    assert f"embeddings: shard {n} rows 0.." not in out
   assert "[build_db] chunks: already done, skipped" in out
   assert not parts.exists() or not any(parts.rglob("*.npy"))
 

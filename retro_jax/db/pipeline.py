@@ -12,11 +12,23 @@ Each stage (retro_jax/db/build.py runs them in order, skipping finished ones) is
               (`layout.embedding_part_path`, written atomically, so a finished part is never redone);
               the parts are grouped by shard and assembled into `embeddings/shard-XXXXX.npy`
               (the same bytes as `embed.embed_shard`'s, block for block).
-  index       the global index (one element: partitioner and quantizer trained on a sample, every
-              vector encoded, partitions grouped into serving shards), or one element per
-              embeddings shard for the per-shard backends.
-  neighbours  one element per store shard: `neighbours.neighbours_shard`, the index loaded once per
-              worker.
+  index       the global index (retro_jax.retrieval.global_index's build steps): TrainOnSample
+              (one element: partitioner, quantizer and int8 scale trained on a sample, written
+              with a record) -> EncodeShard (one element per embeddings shard: its int8 rerank
+              copy and its (partition, id, PQ code) per serving shard as part files) ->
+              GroupByKey(serving shard) -> MergeServingShard (serving/shard-XXXXX.faiss from
+              the parts in embeddings-shard order: the plain build's bytes) -> Manifest (one
+              writer, last). Per-shard backends: one element per embeddings shard.
+  neighbours  the global index: a routed batch job over query blocks (NEIGHBOURS_BLOCK_ROWS rows
+              of a store shard) in rounds: route each query to its nearest partitions (the
+              trained quantizer only) -> GroupByKey(serving shard) -> search there (a worker
+              loads that serving shard only; own-document exclusion and refill) -> GroupByKey
+              (block) -> per-query top-k combine and the held-out filter
+              (`neighbours.keep_round`); rows still short of k go to the next round with twice
+              the candidates (the in-process `search_block`'s rounds, unrolled). Finished
+              blocks are part files, assembled per store shard with the progress record: the
+              in-process search's bytes. Per-shard backends: one element per store shard
+              (`neighbours.neighbours_shard`), the index loaded once per worker.
 
 Every element skips finished work, so a killed pipeline started again redoes only unfinished
 blocks and shards. Runner options are Beam's own flags (`--runner`, `--direct_num_workers`,
@@ -386,79 +398,84 @@ NEIGHBOURS_BLOCK_ROWS = 4096
 _KV = Tuple[Any, Any]  # (key, value) for the GroupByKeys after the multi-output DoFns
 
 
-class _QueryReader:
-  """The store, the held-out documents and each store shard's embeddings (the queries)."""
-
-  def _open(self, db: str):
-    self._store = chunk_store_lib.ChunkStore.open(db)
-    self._spans = {s: (first, n) for s, first, n in self._store.shard_spans()}
-    self._emb = {}
-
-  def _queries(self, db: str, block: tuple[int, int], rows: np.ndarray):
-    shard, start = block
-    if shard not in self._emb:
-      self._emb[shard] = neighbours_lib.shard_embeddings(db, self._store, shard)
-    q = np.asarray(self._emb[shard][start + rows], np.float32)
-    return q, self._spans[shard][0] + start + rows
+# What the routed job's DoFns read, loaded once per worker process (not per DoFn instance: the
+# unrolled rounds have one instance each); cleared by the launcher before each run.
 
 
-class _RouteBlock(beam.DoFn, _QueryReader):
+@functools.lru_cache(maxsize=1)
+def _store(db: str):
+  return chunk_store_lib.ChunkStore.open(db)
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_queries(db: str, shard: int):
+  return neighbours_lib.shard_embeddings(db, _store(db), shard)
+
+
+def _queries(db: str, block: tuple[int, int], rows: np.ndarray):
+  """(float32 queries [R, D], their global chunk ids [R]) of these rows of a query block."""
+  shard, start = block
+  first_id = _store(db).shard_spans()[shard][1]
+  return np.asarray(_shard_queries(db, shard)[start + rows], np.float32), first_id + start + rows
+
+
+@functools.lru_cache(maxsize=1)
+def _router(db: str):
+  """The global index without serving shards: the trained quantizer that routes queries."""
+  return global_lib.GlobalIndex(global_lib.index_dir(db), serving=[], verify_files=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _serving_retriever(db: str, s: int):
+  """A retriever over serving shard s alone (one serving shard in memory at a time)."""
+  index = global_lib.GlobalIndex(global_lib.index_dir(db), serving=[s], verify_files=False)
+  return retriever_lib.Retriever([index], doc_ids=_store(db).doc_ids,
+                                 deleted_ranges=retriever_lib.db_deleted_ranges(db))
+
+
+_ROUTED_CACHES = (_store, _shard_queries, _router, _serving_retriever)
+
+
+class _RouteBlock(beam.DoFn):
   """Routes a round's queries to their nearest partitions (the trained quantizer only): yields
   (serving shard, (block, rows that reach it, fetch)), and on the tag "rows" the round itself."""
 
   def __init__(self, db: str):
     self._db = db
 
-  def setup(self):
-    self._open(self._db)
-    self._index = global_lib.GlobalIndex(global_lib.index_dir(self._db), serving=[],
-                                         verify_files=False)
-
   def process(self, element):
     block, (rows, fetch) = element
     yield beam.pvalue.TaggedOutput("rows", (block, ("rows", rows, fetch)))
-    shards = int(self._index.config.serving_shards)
+    index = _router(self._db)
+    shards = int(index.config.serving_shards)
     if shards == 1:
       yield 0, (block, rows, fetch)
       return
-    q, _ = self._queries(self._db, block, rows)
-    parts, _ = self._index.route(q, fetch * retriever_lib.OVERFETCH)
+    parts, _ = index.route(_queries(self._db, block, rows)[0], fetch * retriever_lib.OVERFETCH)
     for s in range(shards):
-      mine = self._index.reaches(parts, [s])
+      mine = index.reaches(parts, [s])
       if mine.any():
         yield s, (block, rows[mine], fetch)
 
 
-class _SearchServingShard(beam.DoFn, _QueryReader):
+class _SearchServingShard(beam.DoFn):
   """All of one serving shard's queries of a round: a retriever over that serving shard alone
-  (same-document exclusion and refill, removed documents), loaded once per worker and shard;
-  yields (block, ("found", rows, ids, scores)), each row's best `fetch` there."""
+  (same-document exclusion and refill, removed documents); yields (block, ("found", rows, ids,
+  scores)), each row's best `fetch` there."""
 
   def __init__(self, db: str):
     self._db = db
 
   def setup(self):
     pin_worker()
-    self._open(self._db)
-    self._deleted = retriever_lib.db_deleted_ranges(self._db)
-    self._shard, self._retriever = None, None
-
-  def _load(self, s: int):
-    if self._shard != s:
-      self._retriever = None  # one serving shard in memory at a time
-      index = global_lib.GlobalIndex(global_lib.index_dir(self._db), serving=[s],
-                                     verify_files=False)
-      self._retriever = retriever_lib.Retriever([index], doc_ids=self._store.doc_ids,
-                                                deleted_ranges=self._deleted)
-      self._shard = s
-    return self._retriever
 
   def process(self, item):
     s, queries = item
-    retriever = self._load(s)
+    retriever = _serving_retriever(self._db, s)
+    doc_ids = _store(self._db).doc_ids
     for block, rows, fetch in queries:
-      q, ids = self._queries(self._db, block, rows)
-      found, scores = retriever.search(q, fetch, self._store.doc_ids(ids))
+      q, ids = _queries(self._db, block, rows)
+      found, scores = retriever.search(q, fetch, doc_ids(ids))
       yield block, ("found", rows, found, scores)
 
 
@@ -470,12 +487,9 @@ class _CombineRound(beam.DoFn):
   def __init__(self, db: str, k: int, total: int):
     self._db, self._k, self._total = db, k, total
 
-  def setup(self):
-    self._store = chunk_store_lib.ChunkStore.open(self._db)
-    self._heldout = self._store.heldout_doc_ids
-
   def process(self, item):
     block, records = item
+    store = _store(self._db)
     records = list(records)
     (_, rows, fetch), = [r for r in records if r[0] == "rows"]
     pos = {int(r): j for j, r in enumerate(rows)}
@@ -491,8 +505,8 @@ class _CombineRound(beam.DoFn):
       ids, scores = [np.full((len(rows), fetch), -1, np.int64)], [np.full((len(rows), fetch),
                                                                           -np.inf, np.float32)]
     best, _ = index_lib.top_k_rows(np.concatenate(ids, 1), np.concatenate(scores, 1), fetch)
-    out, short = neighbours_lib.keep_round(best, self._store, self._k, fetch, self._total,
-                                           self._heldout)
+    out, short = neighbours_lib.keep_round(best, store, self._k, fetch, self._total,
+                                           store.heldout_doc_ids)
     yield beam.pvalue.TaggedOutput("done", (block, (rows[~short], out[~short])))
     if short.any():
       yield block, (rows[short], neighbours_lib.next_fetch(fetch, self._total))
@@ -555,6 +569,8 @@ def _remove_parts(parts_dir: epath.Path) -> None:
 def _routed_neighbours(p, db: str, k: int) -> None:
   """Training neighbours over the global index as a batch job: query blocks -> rounds of (route
   -> search per serving shard -> per-block combine) -> block part files -> shards assembled."""
+  for cache in _ROUTED_CACHES:  # this process's (the in-process runner's) from an earlier run
+    cache.cache_clear()
   store = chunk_store_lib.ChunkStore.open(db)
   root = global_lib.index_dir(db)
   index = global_lib.GlobalIndex(root, serving=[])  # the files' checksums, once

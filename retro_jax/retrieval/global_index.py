@@ -22,6 +22,13 @@ Layout (`DB/index/global/`, written through `retro_jax.db.layout`: atomic writes
     rerank/shard-XXXXX.npy        int8 [chunks, D] copy of embeddings shard i (row = chunk id - offset)
     rerank/scale.npy              float32 [D]: value = int8 * scale (per-dimension abs max / 127)
 
+Built in steps, each recorded under `parts/` when finished (removed with the manifest): train
+(one), encode (one per embeddings shard: its rerank copy, and its vectors' (partition, id, PQ
+code) per serving shard as part files), merge (one per serving shard: the parts appended in
+embeddings-shard order and packed into fast-scan blocks: the bytes faiss's `add_with_ids` gives
+shard by shard), finish (the manifest). `build` runs them in turn in one process; the Beam build
+(retro_jax/db/pipeline.py) runs them as transforms, encode and merge in parallel.
+
 Ids are int64 global chunk ids. To the `Retriever` (which adds the same-document exclusion,
 removed-document masking and the merge) each serving shard is one searcher, `GlobalIndex.restricted
 ([s])`, over ids anywhere in `[0, N)`; its scores are the int8 rerank dot products (within ~1e-3 of
@@ -330,8 +337,10 @@ def _signature(sources: Sequence[Source]) -> list[list[int]]:
   return [[int(i), int(off), int(e.shape[0])] for i, e, off in sources]
 
 
-def _encoded_path(out_dir: epath.Path, i: int, s: int) -> epath.Path:
-  return out_dir / PARTS / f"{layout.shard_name(i)}.serving-{s:05d}.npz"
+def _encoded_path(out_dir: epath.Path, i: int, s: int, name: str) -> epath.Path:
+  """parts/shard-i.serving-s.NAME.npy: `partitions` [L] and `starts` [L + 1] (each partition's
+  rows), `ids` [n] and `codes` [n, code_size] (sorted by partition, source order within)."""
+  return out_dir / PARTS / f"{layout.shard_name(i)}.serving-{s:05d}.{name}.npy"
 
 
 def _encoded_record(out_dir: epath.Path, i: int) -> epath.Path:
@@ -409,23 +418,46 @@ def encode_step(source: Source, out_dir, trained=None) -> bool:
                           out_dir / "rerank" / f"{layout.shard_name(i)}.npy", scale,
                           c.training_threads)
   for s, (lists, ids, codes) in encoded.items():
-    buf = io.BytesIO()
-    np.savez(buf, partitions=lists, ids=ids, codes=codes)
-    layout.write_bytes_atomic(_encoded_path(out_dir, i, s), buf.getvalue())
+    order = np.argsort(lists, kind="stable")  # by partition, source order within each
+    lists = lists[order]
+    names, starts = np.unique(lists, return_index=True)
+    arrays = {"partitions": names, "starts": np.append(starts, lists.size).astype(np.int64),
+              "ids": ids[order], "codes": codes[order]}
+    for name, a in arrays.items():
+      layout.write_bytes_atomic(_encoded_path(out_dir, i, s, name), _npy_bytes(a))
   layout.write_json_atomic(_encoded_record(out_dir, i), {
       "counts": [int(encoded[s][1].size) for s in sorted(encoded)],
       "seconds": time.perf_counter() - t0})
   return True
 
 
-def _read_encoded(path: epath.Path) -> Encoded:
-  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
-    return z["partitions"], z["ids"], z["codes"]
+def _open_encoded(out_dir: epath.Path, i: int, s: int) -> tuple[dict[int, tuple[int, int]], Any,
+                                                                 Any]:
+  """One part: ({partition: (first row, end row)}, ids, codes); ids and codes memory-mapped (or
+  read by ranges on gs://), so a merge holds one partition's entries at a time."""
+  names = _load_npy(_encoded_path(out_dir, i, s, "partitions")).tolist()
+  starts = _load_npy(_encoded_path(out_dir, i, s, "starts")).tolist()
+  rows = {p: (a, b) for p, a, b in zip(names, starts[:-1], starts[1:])}
+  return (rows, npy_rows.open_rows(_encoded_path(out_dir, i, s, "ids")),
+          npy_rows.open_rows(_encoded_path(out_dir, i, s, "codes")))
+
+
+def merge_encoded(index, parts: Sequence[tuple[dict[int, tuple[int, int]], Any, Any]]) -> None:
+  """Fills an empty (trained) index from parts in order: each partition gets its entries of the
+  first part, then the second's, ... (one partition in memory at a time)."""
+  ivf = _ivf(index)
+  for p in sorted(set().union(*(rows for rows, _, _ in parts))):
+    got = [(ids[rows[p][0]:rows[p][1]], codes[rows[p][0]:rows[p][1]])
+           for rows, ids, codes in parts if p in rows]
+    _set_list(ivf, int(p), np.concatenate([np.asarray(g[0], np.int64) for g in got]),
+              np.concatenate([np.asarray(g[1], np.uint8) for g in got]))
+  index.ntotal = ivf.ntotal
 
 
 def merge_step(s: int, source_shards: Sequence[int], out_dir, trained=None) -> dict[str, int]:
   """Assembles serving/shard-s.faiss from every source's part for it (in source order), then its
-  record. Kept when recorded. Returns {"count", "ram_bytes"}."""
+  record. Kept when recorded. Returns {"count", "ram_bytes"}. In RAM: the serving shard's index
+  and one partition's entries."""
   out_dir = epath.Path(out_dir)
   rec = _read_json(_merged_record(out_dir, s))
   if rec is not None:
@@ -433,8 +465,7 @@ def merge_step(s: int, source_shards: Sequence[int], out_dir, trained=None) -> d
   t0 = time.perf_counter()
   trained = (trained or load_trained(out_dir))[0]
   index = faiss.clone_index(trained)
-  append_encoded(index, [_read_encoded(_encoded_path(out_dir, i, s))
-                         for i in sorted(source_shards)])
+  merge_encoded(index, [_open_encoded(out_dir, i, s) for i in sorted(source_shards)])
   _write_index(index, out_dir / "serving" / f"{layout.shard_name(s)}.faiss")
   stats = {"count": int(index.ntotal), "ram_bytes": memory_bytes(index)}
   layout.write_json_atomic(_merged_record(out_dir, s),
