@@ -19,8 +19,12 @@ evaluation loader with retrieval on (their candidates likewise come from trainin
 Restartable: work goes in fixed blocks of `block_rows` rows; `shard-XXXXX.progress.json` records the
 finished rows, a killed run resumes at the next block, finished shards are skipped, and the output is
 byte-identical to an uninterrupted run (a block's result depends only on its rows).
-Distributed: the Beam build (retro_jax/db/pipeline.py) computes one shard per element, each worker
-loading the index once (`neighbours_shard`).
+Distributed: over the global index the Beam build (retro_jax/db/pipeline.py) runs a routed batch
+job: query blocks routed to their nearest partitions, searched per serving shard (a worker loads
+one serving shard), combined per block with `keep_round` (the rounds of `search_block`), written as
+block parts and assembled with `shard_record` / `write_finished`: the same bytes as `compute_shard`.
+For the per-shard backends it computes one shard per element (`neighbours_shard`), each worker
+loading the whole index once.
 """
 
 from __future__ import annotations

@@ -726,9 +726,12 @@ def index_dir(db_dir) -> epath.Path:
 
 
 def is_built(root, sources: Sequence[Source]) -> bool:
-  """True when `root` has a manifest covering exactly these embeddings shards."""
+  """True when `root` has a manifest covering exactly these embeddings shards (the `parts/` of
+  a build killed after its manifest was written are removed)."""
   if not (epath.Path(root) / layout.MANIFEST).exists():
     return False
+  if (epath.Path(root) / PARTS).exists():
+    (epath.Path(root) / PARTS).rmtree()
   built = [(e["shard"], e["offset"], e["count"]) for e in read_manifest(root)["embeddings_shards"]]
   return built == [(int(i), int(off), int(e.shape[0])) for i, e, off in sources]
 
