@@ -118,6 +118,12 @@ def test_index_and_routed_neighbours_resume_after_a_partial_run(plain, tmp_path,
   assert "[build_db] index: kept the trained partitioner and quantizer" in out
   assert "embeddings shard 1 kept" in out and "embeddings shard 0 encoded" in out
 
+  g = global_lib.GlobalIndex(root)
+  emb = np.concatenate([np.asarray(e, np.float32) for _, e, _ in sources])
+  parts, _ = g.route(emb, neighbours_lib.first_fetch(2, len(emb), True) * retriever_lib.OVERFETCH)
+  reach = np.stack([g.reaches(parts, [s]) for s in range(3)], axis=1)
+  assert (~reach).any() and reach.any(axis=1).all()  # routed: not every query to every shard
+
   finished = [0, 3]  # one block each, from an earlier run
   for shard in finished:
     part = layout.neighbours_part_path(db, shard, 0)
