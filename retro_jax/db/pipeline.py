@@ -436,32 +436,30 @@ def _serving_retriever(db: str, s: int):
 _ROUTED_CACHES = (_store, _shard_queries, _router, _serving_retriever)
 
 
-class _RouteBlock(beam.DoFn):
-  """Routes a round's queries to their nearest partitions (the trained quantizer only): yields
-  (serving shard, (block, rows that reach it, fetch)), and on the tag "rows" the round itself."""
+def _route(db: str, block: tuple[int, int], rows: np.ndarray, fetch: int):
+  """A round's queries routed to their nearest partitions (the trained quantizer only): yields
+  (serving shard, (block, rows whose route reaches it, fetch)); every row reaches one or more."""
+  index = _router(db)
+  shards = int(index.config.serving_shards)
+  if shards == 1:
+    yield 0, (block, rows, fetch)
+    return
+  parts, _ = index.route(_queries(db, block, rows)[0], fetch * retriever_lib.OVERFETCH)
+  for s in range(shards):
+    mine = index.reaches(parts, [s])
+    if mine.any():
+      yield s, (block, rows[mine], fetch)
 
-  def __init__(self, db: str):
-    self._db = db
 
-  def process(self, element):
-    block, (rows, fetch) = element
-    yield beam.pvalue.TaggedOutput("rows", (block, ("rows", rows, fetch)))
-    index = _router(self._db)
-    shards = int(index.config.serving_shards)
-    if shards == 1:
-      yield 0, (block, rows, fetch)
-      return
-    parts, _ = index.route(_queries(self._db, block, rows)[0], fetch * retriever_lib.OVERFETCH)
-    for s in range(shards):
-      mine = index.reaches(parts, [s])
-      if mine.any():
-        yield s, (block, rows[mine], fetch)
+def _route_block(element, db: str):
+  block, (rows, fetch) = element
+  yield from _route(db, block, rows, fetch)
 
 
 class _SearchServingShard(beam.DoFn):
   """All of one serving shard's queries of a round: a retriever over that serving shard alone
-  (same-document exclusion and refill, removed documents); yields (block, ("found", rows, ids,
-  scores)), each row's best `fetch` there."""
+  (same-document exclusion and refill, removed documents); yields (block, (rows, ids, scores,
+  fetch)), each row's best `fetch` there."""
 
   def __init__(self, db: str):
     self._db = db
@@ -476,40 +474,38 @@ class _SearchServingShard(beam.DoFn):
     for block, rows, fetch in queries:
       q, ids = _queries(self._db, block, rows)
       found, scores = retriever.search(q, fetch, doc_ids(ids))
-      yield block, ("found", rows, found, scores)
+      yield block, (rows, found, scores, fetch)
 
 
 class _CombineRound(beam.DoFn):
-  """Per block and round: each row's best `fetch` over the serving shards (index.top_k_rows, as
-  Retriever.search merges), then neighbours.keep_round. Finished rows go out on the tag "done"
-  as (block, (rows, ids)); rows still short come out as the next round."""
+  """Per block and round: each row's best `fetch` over the serving shards that its route reached
+  (index.top_k_rows, as Retriever.search merges), then neighbours.keep_round. Finished rows go
+  out on the tag "done" as (block, (rows, ids)); rows still short of k are routed again with
+  twice the candidates (the next round's elements)."""
 
   def __init__(self, db: str, k: int, total: int):
     self._db, self._k, self._total = db, k, total
 
   def process(self, item):
-    block, records = item
+    block, found = item
+    found = list(found)
     store = _store(self._db)
-    records = list(records)
-    (_, rows, fetch), = [r for r in records if r[0] == "rows"]
-    pos = {int(r): j for j, r in enumerate(rows)}
+    fetch = found[0][3]
+    rows = np.unique(np.concatenate([f[0] for f in found]))  # the round's rows, in order
     ids, scores = [], []
-    for _, found_rows, found, found_scores in (r for r in records if r[0] == "found"):
-      at = np.array([pos[int(r)] for r in found_rows], np.int64)
-      i = np.full((len(rows), found.shape[1]), -1, np.int64)
-      sc = np.full((len(rows), found.shape[1]), -np.inf, np.float32)
-      i[at], sc[at] = found, found_scores
+    for found_rows, found_ids, found_scores, _ in found:
+      at = np.searchsorted(rows, found_rows)
+      i = np.full((len(rows), found_ids.shape[1]), -1, np.int64)
+      sc = np.full((len(rows), found_ids.shape[1]), -np.inf, np.float32)
+      i[at], sc[at] = found_ids, found_scores
       ids.append(i)
       scores.append(sc)
-    if not ids:  # no serving shard reached (cannot happen: every route has a partition)
-      ids, scores = [np.full((len(rows), fetch), -1, np.int64)], [np.full((len(rows), fetch),
-                                                                          -np.inf, np.float32)]
     best, _ = index_lib.top_k_rows(np.concatenate(ids, 1), np.concatenate(scores, 1), fetch)
     out, short = neighbours_lib.keep_round(best, store, self._k, fetch, self._total,
                                            store.heldout_doc_ids)
     yield beam.pvalue.TaggedOutput("done", (block, (rows[~short], out[~short])))
     if short.any():
-      yield block, (rows[short], neighbours_lib.next_fetch(fetch, self._total))
+      yield from _route(self._db, block, rows[short], neighbours_lib.next_fetch(fetch, self._total))
 
 
 def _write_block(item, db: str, k: int, counts: dict[int, int]) -> Iterator[tuple[int, int]]:
@@ -597,21 +593,19 @@ def _routed_neighbours(p, db: str, k: int) -> None:
   while heldout.size and fetch < total:  # rounds until the fetch reaches the whole index
     fetch, rounds = neighbours_lib.next_fetch(fetch, total), rounds + 1
   first = neighbours_lib.first_fetch(k, total, heldout.size > 0)
-  pending = (p | "QueryBlocks" >> beam.Create(
+  routed = (p | "QueryBlocks" >> beam.Create(
       [((s, a), (np.arange(n, dtype=np.int64), first)) for s, a, n in todo])
-      | "Distribute" >> beam.Reshuffle())
+      | "Distribute" >> beam.Reshuffle()
+      | "Route" >> beam.FlatMap(_route_block, db))
   finished = []
-  for r in range(rounds):
-    routed = pending | f"Route{r}" >> beam.ParDo(_RouteBlock(db)).with_output_types(
-        _KV).with_outputs("rows", main="s")
-    found = (routed.s | f"ByServingShard{r}" >> beam.GroupByKey()
-             | f"SearchServingShard{r}" >> beam.ParDo(_SearchServingShard(db)))
-    combined = ((routed.rows, found) | f"Round{r}" >> beam.Flatten()
+  for r in range(rounds):  # each: search per serving shard, combine per block, route the rest
+    combined = (routed | f"ByServingShard{r}" >> beam.GroupByKey()
+                | f"SearchServingShard{r}" >> beam.ParDo(_SearchServingShard(db))
                 | f"ByBlock{r}" >> beam.GroupByKey()
                 | f"Combine{r}" >> beam.ParDo(_CombineRound(db, k, total)).with_output_types(
-                    _KV).with_outputs("done", main="pending"))
+                    _KV).with_outputs("done", main="routed"))
     finished.append(combined.done)
-    pending = combined.pending
+    routed = combined.routed
   written = (tuple(finished) | "Finished" >> beam.Flatten()
              | "RowsByBlock" >> beam.GroupByKey()
              | "WriteBlock" >> beam.FlatMap(_write_block, db, k,
