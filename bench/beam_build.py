@@ -13,6 +13,13 @@ r"""The database build as a Beam pipeline against the plain stage-by-stage build
    the Beam build (local runner, one worker process per core) on the same corpus and the same
    tokenizer, alternating `--repeats` times into fresh directories; best of each and the ratio.
    The machine is shared: read the ratio, not the absolute seconds.
+4. With `--stages=index,neighbours` (and `--old_code`), only those stages: each run copies the
+   reference database's tokenizer, chunk store and embeddings into a fresh directory under
+   `--work` and runs `build_db --stages=...` there, the old code and the Beam transforms (the
+   global index as TrainOnSample / EncodeShard / MergeServingShard, the neighbours as the routed
+   batch job) alternating `--repeats` times; per-stage seconds, the ratio, whether the two give
+   the same bytes, and recall@2 of the new neighbours against exact search. Results:
+   `--out` (bench/results/beam_index_neighbours.json).
 Results: bench/results/beam_build.json.
 """
 from __future__ import annotations
@@ -45,6 +52,7 @@ flags.DEFINE_integer("repeats", 2, "alternating builds of each kind")
 flags.DEFINE_integer("workers", os.cpu_count() or 1, "Beam local worker processes")
 flags.DEFINE_string("work", "/tmp/beam_build_bench", "scratch directory of the timed builds")
 flags.DEFINE_string("out", "bench/results/beam_build.json", "results file")
+flags.DEFINE_list("stages", None, "time only these stages (4. above) on copies of --reference_db")
 
 
 def _digests(root: pathlib.Path) -> dict[str, str]:
@@ -146,8 +154,79 @@ def timed_builds(tokenizer: str, out: dict) -> dict:
           if (work / "old_0").exists() else None}
 
 
+def _copy_inputs(ref_db: pathlib.Path, db: pathlib.Path, stages: list[str]) -> None:
+  """The reference database but the given stages' outputs and provenance records."""
+  shutil.rmtree(db, ignore_errors=True)
+  db.mkdir(parents=True)
+  for sub in ("tokenizer", layout.CHUNKS_DIR, layout.EMBEDDINGS_DIR):
+    shutil.copytree(ref_db / sub, db / sub)
+  (db / "provenance").mkdir()
+  for rec in (ref_db / "provenance").iterdir():
+    if rec.stem not in stages:
+      shutil.copy(rec, db / "provenance" / rec.name)
+
+
+def timed_stages(ref_db: pathlib.Path, stages: list[str]) -> dict:
+  work = pathlib.Path(FLAGS.work)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  seconds: dict[str, list] = {"old": [], "beam": []}
+  for r in range(FLAGS.repeats):
+    for kind in ("old", "beam"):
+      db = work / f"stages_{kind}_{r}"
+      _copy_inputs(ref_db, db, stages)
+      cmd = [FLAGS.old_python if kind == "old" else sys.executable, "-m", "retro_jax.build_db",
+             f"--db={db}", f"--stages={','.join(stages)}"]
+      if kind == "beam":
+        cmd += ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
+                f"--direct_num_workers={FLAGS.workers}"]
+      wall = _run(cmd, {**env, "PYTHONPATH": FLAGS.old_code if kind == "old" else os.getcwd()},
+                  work / f"stages_{kind}_{r}.log")
+      times = json.loads((db / layout.BUILD_TIMES).read_text())["stages"]
+      seconds[kind].append({"wall": round(wall, 2),
+                            **{s: round(times[s]["seconds"], 2) for s in stages}})
+      print(f"{kind} {r}: {seconds[kind][-1]}", flush=True)
+  best = {k: {s: min(x[s] for x in v) for s in ["wall", *stages]} for k, v in seconds.items()}
+  old, new = work / "stages_old_0", work / "stages_beam_0"
+  same = {}
+  for s in stages:
+    if s == "index":
+      same[s] = _same_index(new, old)
+      continue
+    a, b = _digests(new / s), _digests(old / s)
+    differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    same[s] = {"files": len(b), "differing_files": differ, "byte_identical": not differ}
+  return {"stages": stages, "workers": FLAGS.workers, "seconds": seconds, "best_seconds": best,
+          "beam_over_old": {s: round(best["beam"][s] / best["old"][s], 3)
+                            for s in ["wall", *stages]},
+          "same_bytes_as_old": same,
+          "neighbours_beam": neighbours_recall(new, FLAGS.queries) if "neighbours" in stages
+          else None,
+          "neighbours_old": neighbours_recall(old, FLAGS.queries) if "neighbours" in stages
+          else None}
+
+
+def _same_index(a: pathlib.Path, b: pathlib.Path) -> dict:
+  """The global indexes' files by sha256, their manifests without build times."""
+  a, b = a / "index" / "global", b / "index" / "global"
+  da, db_ = _digests(a), _digests(b)
+  differ = sorted(k for k in set(da) | set(db_) if da.get(k) != db_.get(k) and k != "manifest.json")
+  m = [json.loads((d / "manifest.json").read_text()) for d in (a, b)]
+  for x in m:
+    x.pop("build_seconds", None)
+  if m[0] != m[1]:
+    differ.append("manifest.json")
+  return {"files": len(db_), "differing_files": differ, "byte_identical": not differ}
+
+
 def main(argv) -> None:
   del argv
+  if FLAGS.stages:
+    out = {"machine": {"cpus": os.cpu_count(), "note": "shared, loaded machine: compare ratios"},
+           "reference_db": FLAGS.reference_db, "old_code": FLAGS.old_code,
+           "timed": timed_stages(pathlib.Path(FLAGS.reference_db), FLAGS.stages)}
+    pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out["timed"]["beam_over_old"]), flush=True)
+    return
   beam_db, ref_db = pathlib.Path(FLAGS.beam_db), pathlib.Path(FLAGS.reference_db)
   out = {"machine": {"cpus": os.cpu_count(), "note": "shared, loaded machine: compare ratios"},
          "beam_db": str(beam_db), "reference_db": str(ref_db)}

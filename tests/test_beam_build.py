@@ -1,20 +1,30 @@
 """The database build as a Beam pipeline (retro_jax/db/pipeline.py) against the plain stage
-functions, and killed with SIGKILL while embedding, then started again."""
+functions (the global index built in process, neighbours searched in process), killed with
+SIGKILL while embedding then started again, and the index and routed neighbours resumed after a
+partial run."""
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import corpus_path  # tests/corpus_path.py
+import numpy as np
 import pytest
 
 from retro_jax.db import build as build_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, prepare
+from retro_jax.db import neighbours as neighbours_lib
+from retro_jax.db import pipeline as pipeline_lib
+from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
+from retro_jax.retrieval import global_index as global_lib
+from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval.embedder import Embedder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +49,8 @@ def plain(tmp_path_factory):
   chunk_store_lib.build_chunk_store(SPEC, db / layout.CHUNKS_DIR, tok, docs_per_shard=4,
                                     heldout_fraction=0.1, progress=False)
   embed_lib.embed_chunk_store(db, Embedder.load(dtype="bfloat16", batch_size=32))
+  build_index_lib.build_global_index(str(db))  # global_index.build, in process
+  neighbours_lib.compute_neighbours(db, k=2)  # the whole Retriever, in process
   return db
 
 
@@ -57,6 +69,74 @@ def test_beam_build_gives_the_stage_functions_bytes(plain, beam):
   assert len(want) > 9 * 5 and got == want  # every shard file, marker and the manifest
   want, got = _digests(plain / layout.EMBEDDINGS_DIR), _digests(db / layout.EMBEDDINGS_DIR)
   assert got == want  # the .npy and its progress record; no part file left behind
+  _same_index(plain, db)
+  # The routed neighbours job: the in-process search's bytes and progress records.
+  want, got = _digests(plain / layout.NEIGHBOURS_DIR), _digests(db / layout.NEIGHBOURS_DIR)
+  assert len(want) == 2 * 9 and got == want
+
+
+def _same_index(a, b) -> None:
+  """Every file of the two global indexes by sha256; the manifests but for their build times."""
+  want, got = _digests(global_lib.index_dir(a)), _digests(global_lib.index_dir(b))
+  assert sorted(got) == sorted(want) and len(got) > 9  # no parts/ left behind
+  assert {k: v for k, v in got.items() if k != layout.MANIFEST} == {
+      k: v for k, v in want.items() if k != layout.MANIFEST}
+  manifests = [global_lib.read_manifest(global_lib.index_dir(d)) for d in (a, b)]
+  for m in manifests:
+    del m["build_seconds"]
+  assert manifests[0] == manifests[1]
+
+
+def _copy_through_embeddings(src, dst):
+  for sub in ("tokenizer", layout.CHUNKS_DIR, layout.EMBEDDINGS_DIR):
+    shutil.copytree(src / sub, dst / sub)
+  return dst
+
+
+def test_index_and_routed_neighbours_resume_after_a_partial_run(plain, tmp_path, capsys):
+  """Three serving shards (queries routed to some of them): after a run that trained, encoded
+  one embeddings shard and finished two neighbours blocks, the stages do only the rest, and the
+  bytes are the in-process build's."""
+  config = global_lib.GlobalIndexConfig(serving_shards=3, nprobe=4)
+  ref = _copy_through_embeddings(plain, tmp_path / "ref")
+  build_index_lib.build_global_index(str(ref), config)
+  neighbours_lib.compute_neighbours(ref, k=2)
+
+  db = _copy_through_embeddings(plain, tmp_path / "db")
+  sources = retriever_lib.db_global_sources(str(db))
+  root = global_lib.index_dir(db)
+  c = global_lib.prepare_build(sources, root, config)
+  assert global_lib.train_step(sources, root, c)
+  assert global_lib.encode_step(sources[1], root)
+  kept = {p: os.stat(root / p).st_ino for p in ("trained.faiss", "rerank/shard-00001.npy")}
+  capsys.readouterr()
+  cfg = {**build_lib.DEFAULTS, "backend": "global", "global_index_config": config}
+  pipeline_lib.run_stage("index", db, cfg)
+  _same_index(ref, db)
+  assert {p: os.stat(root / p).st_ino for p in kept} == kept  # not written again
+  out = capsys.readouterr().out
+  assert "[build_db] index: kept the trained partitioner and quantizer" in out
+  assert "embeddings shard 1 kept" in out and "embeddings shard 0 encoded" in out
+
+  g = global_lib.GlobalIndex(root)
+  emb = np.concatenate([np.asarray(e, np.float32) for _, e, _ in sources])
+  parts, _ = g.route(emb, neighbours_lib.first_fetch(2, len(emb), True) * retriever_lib.OVERFETCH)
+  reach = np.stack([g.reaches(parts, [s]) for s in range(3)], axis=1)
+  assert (~reach).any() and reach.any(axis=1).all()  # routed: not every query to every shard
+
+  finished = [0, 3]  # one block each, from an earlier run
+  for shard in finished:
+    part = layout.neighbours_part_path(db, shard, 0)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    np.save(part, np.load(layout.neighbours_path(ref, shard)))
+  pipeline_lib.run_stage("neighbours", db, cfg)
+  out = capsys.readouterr().out
+  num_shards = len(chunk_store_lib.ChunkStore.open(db).shard_spans())
+  searched = {int(s) for s in re.findall(r"neighbours: shard (\d+) rows 0\.\.\d+ searched", out)}
+  assert searched == set(range(num_shards)) - set(finished), out
+  assert out.count("assembled") == num_shards
+  want, got = _digests(ref / layout.NEIGHBOURS_DIR), _digests(db / layout.NEIGHBOURS_DIR)
+  assert got == want and len(want) == 2 * num_shards  # no parts/ left behind
 
 
 def _build_cmd(db) -> list[str]:
@@ -94,7 +174,7 @@ def test_killed_while_embedding_resumes_without_redoing_blocks(plain, beam, tmp_
   for shard in finished:  # its finished block was kept, not embedded again
     n = layout.shard_number(shard)
     assert f"shard {n} assembled (0 blocks embedded, 1 kept)" in out, out[-3000:]
-    assert f"shard {n} rows 0.." not in out
+    assert f"embeddings: shard {n} rows 0.." not in out
   assert "[build_db] chunks: already done, skipped" in out
   assert not parts.exists() or not any(parts.rglob("*.npy"))
 

@@ -56,7 +56,7 @@ NEIGHBOURS_DIR = "neighbours"
 MANIFEST = "manifest.json"
 DELETIONS = "deletions.json"
 EMBEDDER_INFO = "embedder.json"
-EMBEDDING_PARTS_DIR = "parts"  # embeddings/parts/shard-XXXXX/rows-XXXXXXXXXX.npy: Beam's blocks
+EMBEDDING_PARTS_DIR = "parts"  # {embeddings,neighbours}/parts/shard-XXXXX/rows-XXXXXXXXXX.npy: Beam
 BUILD_TIMES = "build_times.json"
 
 PathLike = str | os.PathLike
@@ -169,6 +169,12 @@ def index_shard_dir(index_root: PathLike, shard: int) -> epath.Path:
 
 def neighbours_path(db: PathLike, shard: int) -> epath.Path:
   return epath.Path(db) / NEIGHBOURS_DIR / f"{shard_name(shard)}.npy"
+
+
+def neighbours_part_path(db: PathLike, shard: int, start: int) -> epath.Path:
+  """A finished block of rows [start, ..) of neighbours shard `shard` (the routed Beam job)."""
+  return (epath.Path(db) / NEIGHBOURS_DIR / EMBEDDING_PARTS_DIR / shard_name(shard)
+          / f"rows-{start:010d}.npy")
 
 
 def progress_path(npy_path: PathLike) -> epath.Path:

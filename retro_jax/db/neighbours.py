@@ -19,8 +19,12 @@ evaluation loader with retrieval on (their candidates likewise come from trainin
 Restartable: work goes in fixed blocks of `block_rows` rows; `shard-XXXXX.progress.json` records the
 finished rows, a killed run resumes at the next block, finished shards are skipped, and the output is
 byte-identical to an uninterrupted run (a block's result depends only on its rows).
-Distributed: the Beam build (retro_jax/db/pipeline.py) computes one shard per element, each worker
-loading the index once (`neighbours_shard`).
+Distributed: over the global index the Beam build (retro_jax/db/pipeline.py) runs a routed batch
+job: query blocks routed to their nearest partitions, searched per serving shard (a worker loads
+one serving shard), combined per block with `keep_round` (the rounds of `search_block`), written as
+block parts and assembled with `shard_record` / `write_finished`: the same bytes as `compute_shard`.
+For the per-shard backends it computes one shard per element (`neighbours_shard`), each worker
+loading the whole index once.
 """
 
 from __future__ import annotations
@@ -68,33 +72,48 @@ def _compact(ids_QxF: np.ndarray, keep_QxF: np.ndarray, k: int) -> np.ndarray:
   return ids.astype(np.int64)
 
 
+def first_fetch(k: int, total: int, excluded: bool) -> int:
+  """Candidates asked of the retriever in a block's first round: k when only the own document is
+  excluded (the retriever refills those itself), else 4k (doubling each round, up to `total`)."""
+  return min(4 * k, total) if excluded else k
+
+
+def next_fetch(fetch: int, total: int) -> int:
+  return min(2 * fetch, total)
+
+
+def keep_round(ids_RxF: np.ndarray, store, k: int, fetch: int, total: int,
+               excluded_docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """One round of a block's search: from the retriever's best `fetch` candidates of each row
+  (own document already excluded), the first k not of `excluded_docs` (-1 padded), and bool [R]:
+  the rows still short of k whose candidates were not exhausted (asked again with next_fetch)."""
+  ids_RxF = np.asarray(ids_RxF, np.int64)
+  if excluded_docs.size == 0:
+    return ids_RxF, np.zeros(len(ids_RxF), bool)
+  valid = ids_RxF >= 0
+  docs = np.full(ids_RxF.shape, -1, np.int64)
+  docs[valid] = store.doc_ids(ids_RxF[valid])
+  keep = valid & ~np.isin(docs, excluded_docs)
+  short = (keep.sum(1) < k) & (valid.sum(1) == ids_RxF.shape[1]) & (fetch < total)
+  return _compact(ids_RxF, keep, k), short
+
+
 def search_block(retriever, store, queries_QxD: np.ndarray, query_ids_Q: np.ndarray, k: int,
                  excluded_docs: np.ndarray) -> np.ndarray:
   """int64 [Q, k]: nearest chunks not of the query's own document nor of `excluded_docs` (the
   held-out documents here; evaluation adds those outside its database fraction). `retriever` is
-  anything with `Retriever.search` and `size` (the in-process Retriever or the gRPC service)."""
+  anything with `Retriever.search` and `size` (the in-process Retriever or the gRPC service).
+  Rows short of k after the filter are searched again with twice the candidates (the routed
+  Beam job, retro_jax/db/pipeline.py, runs the same rounds through `keep_round`)."""
   own_docs_Q = np.asarray(store.doc_ids(query_ids_Q), np.int64)
-  if excluded_docs.size == 0:
-    ids, _ = retriever.search(queries_QxD, k, own_docs_Q)
-    return np.asarray(ids, np.int64)
-  fetch = 2 * k
+  total = min(retriever.size, getattr(retriever, "max_k", retriever.size))  # service: bounded k
+  fetch = first_fetch(k, total, excluded_docs.size > 0)
   rows = np.arange(len(query_ids_Q))
   out_QxK = np.full((len(query_ids_Q), k), -1, np.int64)
-  total = min(retriever.size, getattr(retriever, "max_k", retriever.size))  # service: bounded k
   while rows.size:
-    fetch = min(fetch * 2, total)
     ids, _ = retriever.search(queries_QxD[rows], fetch, own_docs_Q[rows])
-    ids = np.asarray(ids, np.int64)
-    valid = ids >= 0
-    docs = np.full(ids.shape, -1, np.int64)
-    docs[valid] = store.doc_ids(ids[valid])
-    keep = valid & ~np.isin(docs, excluded_docs)
-    out_QxK[rows] = _compact(ids, keep, k)
-    # Rows still short of k whose search was not exhausted get a larger fetch.
-    short = (keep.sum(1) < k) & (valid.sum(1) == ids.shape[1])
-    if fetch >= total:
-      break
-    rows = rows[short]
+    out_QxK[rows], short = keep_round(ids, store, k, fetch, total, excluded_docs)
+    rows, fetch = rows[short], next_fetch(fetch, total)
   return out_QxK
 
 
@@ -106,8 +125,7 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
   out_path = epath.Path(out_path)
   prog_path = progress_path(out_path)
   num_rows = int(embeddings_NxD.shape[0])
-  want = {"format_version": FORMAT_VERSION, "num_rows": num_rows, "first_id": int(first_id),
-          "k": int(k), "block_rows": int(block_rows), **(settings or {})}
+  want = shard_record(num_rows, first_id, k, block_rows, settings)
   state = {"rows_done": 0, "done": False}
   if prog_path.exists() and layout.rows_output_exists(out_path):
     state = json.loads(prog_path.read_text())
@@ -137,9 +155,27 @@ def compute_shard(retriever, store, embeddings_NxD: np.ndarray, first_id: int,
       computed += end - start
       bar.update(end - start)
   out.finish(block_rows)
-  state["done"] = True
-  write_json_atomic(prog_path, verify.record_sha256(out_path, state))  # checked on every read
+  write_finished(out_path, want)
   return {"rows": computed, "seconds": time.perf_counter() - t0, "skipped": False}
+
+
+def shard_record(num_rows: int, first_id: int, k: int, block_rows: int,
+                 settings: dict[str, Any] | None) -> dict[str, Any]:
+  """What a neighbours shard was made with (its progress record, less the progress)."""
+  return {"format_version": FORMAT_VERSION, "num_rows": int(num_rows), "first_id": int(first_id),
+          "k": int(k), "block_rows": int(block_rows), **(settings or {})}
+
+
+def write_finished(out_path, want: dict[str, Any]) -> None:
+  """The finished shard's progress record, with the .npy's sha256 (checked on every read)."""
+  state = {**want, "rows_done": want["num_rows"], "done": True}
+  write_json_atomic(progress_path(out_path), verify.record_sha256(out_path, state))
+
+
+def search_settings(store, backend: str, index_size: int) -> dict[str, Any]:
+  """The settings a neighbours shard records: backend, exclusions, index size."""
+  return {"backend": backend, "excludes": "own_document+heldout_documents",
+          "num_heldout_docs": int(store.heldout_doc_ids.size), "index_size": int(index_size)}
 
 
 def shard_is_done(db_dir: str | os.PathLike, shard: int) -> bool:
@@ -160,17 +196,21 @@ def load_retriever(db_dir: str | os.PathLike, store, backend: str | None = None)
 def neighbours_shard(db_dir: str | os.PathLike, shard: int, retriever, store, backend: str,
                      k: int = 2, block_rows: int = 4096) -> dict:
   """Computes neighbours shard `shard` of `db_dir` (resumable; skipped when finished)."""
-  _, first_id, count = store.shard_spans()[shard]
-  heldout = store.heldout_doc_ids
-  settings = {"backend": backend, "excludes": "own_document+heldout_documents",
-              "num_heldout_docs": int(heldout.size), "index_size": int(retriever.size)}
+  _, first_id, _ = store.shard_spans()[shard]
+  settings = search_settings(store, backend, retriever.size)
+  return compute_shard(retriever, store, shard_embeddings(db_dir, store, shard), first_id,
+                       layout.neighbours_path(db_dir, shard), k, store.heldout_doc_ids,
+                       block_rows=block_rows, settings=settings, desc=f"neighbours shard {shard}")
+
+
+def shard_embeddings(db_dir, store, shard: int):
+  """The queries of store shard `shard`: its stored embeddings (checked to match the store)."""
+  count = store.shard_spans()[shard][2]
   emb = embed_lib.load_embeddings(db_dir, shard)
   if emb.shape[0] != count:
     raise NeighboursError(f"Embeddings shard {shard} of {db_dir} has {emb.shape[0]} rows but the "
                           f"chunk store shard has {count}; re-embed it.")
-  return compute_shard(retriever, store, emb, first_id, layout.neighbours_path(db_dir, shard), k,
-                       heldout, block_rows=block_rows, settings=settings,
-                       desc=f"neighbours shard {shard}")
+  return emb
 
 
 def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | None = None,

@@ -15,11 +15,23 @@ Each stage (retro_jax/db/build.py runs them in order, skipping finished ones) is
               (`layout.embedding_part_path`, written atomically, so a finished part is never redone);
               the parts are grouped by shard and assembled into `embeddings/shard-XXXXX.npy`
               (the same bytes as `embed.embed_shard`'s, block for block).
-  index       the global index (one element: partitioner and quantizer trained on a sample, every
-              vector encoded, partitions grouped into serving shards), or one element per
-              embeddings shard for the per-shard backends.
-  neighbours  one element per store shard: `neighbours.neighbours_shard`, the index loaded once per
-              worker.
+  index       the global index (retro_jax.retrieval.global_index's build steps): TrainOnSample
+              (one element: partitioner, quantizer and int8 scale trained on a sample, written
+              with a record) -> EncodeShard (one element per embeddings shard: its int8 rerank
+              copy and its (partition, id, PQ code) per serving shard as part files) ->
+              GroupByKey(serving shard) -> MergeServingShard (serving/shard-XXXXX.faiss from
+              the parts in embeddings-shard order: the plain build's bytes) -> Manifest (one
+              writer, last). Per-shard backends: one element per embeddings shard.
+  neighbours  the global index: a routed batch job over query blocks (NEIGHBOURS_BLOCK_ROWS rows
+              of a store shard) in rounds: route each query to its nearest partitions (the
+              trained quantizer only) -> GroupByKey(serving shard) -> search there (a worker
+              loads that serving shard only; own-document exclusion and refill) -> GroupByKey
+              (block) -> per-query top-k combine and the held-out filter
+              (`neighbours.keep_round`); rows still short of k go to the next round with twice
+              the candidates (the in-process `search_block`'s rounds, unrolled). Finished
+              blocks are part files, assembled per store shard with the progress record: the
+              in-process search's bytes. Per-shard backends: one element per store shard
+              (`neighbours.neighbours_shard`), the index loaded once per worker.
 
 Every element skips finished work, so a killed pipeline started again redoes only unfinished
 blocks and shards. Runner options are Beam's own flags (`--runner`, `--direct_num_workers`,
@@ -35,7 +47,7 @@ import json
 import logging
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -54,7 +66,9 @@ from retro_jax.db.layout import write_bytes_atomic
 from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
+from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import retriever as retriever_lib
 from retro_jax.retrieval.embedder import Embedder
 
 # Rows per embedding element: embed.embed_to_npy's block, so the assembled shard is its bytes.
@@ -304,14 +318,90 @@ class _AssembleShard(beam.DoFn):
 
 
 # ------------------------------------------------------------------------------------------------
-# Index and neighbours.
+# Index: the global index as Beam transforms over global_index's build steps; the per-shard
+# backends one element per embeddings shard.
 
 
-def _build_index_shard(shard: int | None, db: str, backend: str) -> str:
-  if backend == index_lib.GLOBAL_BACKEND:
-    build_index_lib.build_global_index(db)
-    return str(layout.index_dir(db, backend))
+def _build_index_shard(shard: int, db: str, backend: str) -> str:
   return build_index_lib.build_index(db, index_lib.IndexConfig(backend=backend), shards={shard})[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _global_sources(db: str) -> list[global_lib.Source]:
+  """The embeddings shards as memory maps (checked once by the launcher, not per worker)."""
+  return [(i, index_lib.load_embeddings(p), off)
+          for i, p, off in retriever_lib.db_embedding_shards(db, verify_content=False)]
+
+
+def _train_on_sample(_, db: str, c: global_lib.GlobalIndexConfig) -> None:
+  trained = global_lib.train_step(_global_sources(db), global_lib.index_dir(db), c)
+  print(f"[build_db] index: {'trained' if trained else 'kept the trained'} partitioner and "
+        "quantizer", flush=True)
+
+
+class _EncodeShard(beam.DoFn):
+  """One embeddings shard encoded (kept when finished); yields (serving shard, embeddings shard)
+  for every serving shard."""
+
+  def __init__(self, db: str):
+    self._db = db
+
+  def setup(self):
+    pin_worker()
+    self._root = global_lib.index_dir(self._db)
+    self._trained = global_lib.load_trained(self._root)
+
+  def process(self, shard: int):
+    src = {s[0]: s for s in _global_sources(self._db)}[shard]
+    encoded = global_lib.encode_step(src, self._root, self._trained)
+    print(f"[build_db] index: embeddings shard {shard} {'encoded' if encoded else 'kept'}",
+          flush=True)
+    for s in range(self._trained[2].serving_shards):
+      yield s, shard
+
+
+class _MergeServingShard(beam.DoFn):
+  """serving/shard-XXXXX.faiss from its parts, in embeddings-shard order; yields the shard."""
+
+  def __init__(self, db: str):
+    self._db = db
+
+  def setup(self):
+    self._root = global_lib.index_dir(self._db)
+    self._trained = global_lib.load_trained(self._root)
+
+  def process(self, item):
+    s, shards = item
+    global_lib.merge_step(s, sorted(shards), self._root, self._trained)
+    yield s
+
+
+def _finish_index(merged: list[int], db: str) -> None:
+  m = global_lib.finish_build(_global_sources(db), global_lib.index_dir(db))
+  print(f"[build_db] index: {m['count']} vectors in {len(merged)} serving shards", flush=True)
+
+
+def _global_index(p, db: str, config: global_lib.GlobalIndexConfig | None) -> None:
+  sources = retriever_lib.db_global_sources(db)  # every shard's checksum, once
+  root = global_lib.index_dir(db)
+  if global_lib.is_built(root, sources):
+    return
+  c = global_lib.prepare_build(sources, root, config)
+  shards = [i for i, _, _ in sources]
+  _ = (p | "Start" >> beam.Create([None])
+       | "TrainOnSample" >> beam.Map(_train_on_sample, db, c)
+       | "EmbeddingsShards" >> beam.FlatMap(lambda _: shards)
+       | "Distribute" >> beam.Reshuffle()
+       | "EncodeShard" >> beam.ParDo(_EncodeShard(db))
+       | "ByServingShard" >> beam.GroupByKey()
+       | "MergeServingShard" >> beam.ParDo(_MergeServingShard(db))
+       | "AllServingShards" >> beam.combiners.ToList()
+       | "Manifest" >> beam.Map(_finish_index, db))
+
+
+# ------------------------------------------------------------------------------------------------
+# Neighbours. The global index: a routed batch job over query blocks (below); the per-shard
+# backends: one element per store shard, the whole index loaded once per worker.
 
 
 class _NeighboursShard(beam.DoFn):
@@ -330,6 +420,232 @@ class _NeighboursShard(beam.DoFn):
     stats = neighbours_lib.neighbours_shard(self._db, shard, self._retriever, self._store,
                                             self._backend, self._k)
     yield shard, stats["rows"]
+
+
+# A query block: (store shard, first row) of NEIGHBOURS_BLOCK_ROWS rows (the last may be
+# shorter); the unit of resumption, as neighbours.compute_shard's blocks. A round of a block:
+# (block, (rows int64 [R] within it, fetch)). Round 1 asks every row for first_fetch candidates;
+# rows still short of k after the held-out filter go to the next round with twice as many.
+NEIGHBOURS_BLOCK_ROWS = 4096
+_KV = Tuple[Any, Any]  # (key, value) for the GroupByKeys after the multi-output DoFns
+
+
+# What the routed job's DoFns read, loaded once per worker process (not per DoFn instance: the
+# unrolled rounds have one instance each); cleared by the launcher before each run.
+
+
+@functools.lru_cache(maxsize=1)
+def _store(db: str):
+  return chunk_store_lib.ChunkStore.open(db)
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_queries(db: str, shard: int):
+  return neighbours_lib.shard_embeddings(db, _store(db), shard)
+
+
+def _queries(db: str, block: tuple[int, int], rows: np.ndarray):
+  """(float32 queries [R, D], their global chunk ids [R]) of these rows of a query block."""
+  shard, start = block
+  first_id = _store(db).shard_spans()[shard][1]
+  return np.asarray(_shard_queries(db, shard)[start + rows], np.float32), first_id + start + rows
+
+
+@functools.lru_cache(maxsize=1)
+def _router(db: str):
+  """The global index without serving shards: the trained quantizer that routes queries."""
+  return global_lib.GlobalIndex(global_lib.index_dir(db), serving=[], verify_files=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _serving_retriever(db: str, s: int):
+  """A retriever over serving shard s alone (one serving shard in memory at a time)."""
+  index = global_lib.GlobalIndex(global_lib.index_dir(db), serving=[s], verify_files=False)
+  return retriever_lib.Retriever([index], doc_ids=_store(db).doc_ids,
+                                 deleted_ranges=retriever_lib.db_deleted_ranges(db))
+
+
+_ROUTED_CACHES = (_store, _shard_queries, _router, _serving_retriever)
+
+
+def _route(db: str, block: tuple[int, int], rows: np.ndarray, fetch: int):
+  """A round's queries routed to their nearest partitions (the trained quantizer only): yields
+  (serving shard, (block, rows whose route reaches it, fetch)); every row reaches one or more."""
+  index = _router(db)
+  shards = int(index.config.serving_shards)
+  if shards == 1:
+    yield 0, (block, rows, fetch)
+    return
+  parts, _ = index.route(_queries(db, block, rows)[0], fetch * retriever_lib.OVERFETCH)
+  for s in range(shards):
+    mine = index.reaches(parts, [s])
+    if mine.any():
+      yield s, (block, rows[mine], fetch)
+
+
+def _route_block(element, db: str):
+  block, (rows, fetch) = element
+  yield from _route(db, block, rows, fetch)
+
+
+class _SearchServingShard(beam.DoFn):
+  """All of one serving shard's queries of a round: a retriever over that serving shard alone
+  (same-document exclusion and refill, removed documents); yields (block, (rows, ids, scores,
+  fetch)), each row's best `fetch` there."""
+
+  def __init__(self, db: str):
+    self._db = db
+
+  def setup(self):
+    pin_worker()
+
+  def process(self, item):
+    s, queries = item
+    retriever = _serving_retriever(self._db, s)
+    doc_ids = _store(self._db).doc_ids
+    for block, rows, fetch in queries:
+      q, ids = _queries(self._db, block, rows)
+      found, scores = retriever.search(q, fetch, doc_ids(ids))
+      yield block, (rows, found, scores, fetch)
+
+
+class _CombineRound(beam.DoFn):
+  """Per block and round: each row's best `fetch` over the serving shards that its route reached
+  (index.top_k_rows, as Retriever.search merges), then neighbours.keep_round. Finished rows go
+  out on the tag "done" as (block, (rows, ids)); rows still short of k are routed again with
+  twice the candidates (the next round's elements)."""
+
+  def __init__(self, db: str, k: int, total: int):
+    self._db, self._k, self._total = db, k, total
+
+  def process(self, item):
+    block, found = item
+    found = list(found)
+    store = _store(self._db)
+    fetch = found[0][3]
+    rows = np.unique(np.concatenate([f[0] for f in found]))  # the round's rows, in order
+    ids, scores = [], []
+    for found_rows, found_ids, found_scores, _ in found:
+      at = np.searchsorted(rows, found_rows)
+      i = np.full((len(rows), found_ids.shape[1]), -1, np.int64)
+      sc = np.full((len(rows), found_ids.shape[1]), -np.inf, np.float32)
+      i[at], sc[at] = found_ids, found_scores
+      ids.append(i)
+      scores.append(sc)
+    best, _ = index_lib.top_k_rows(np.concatenate(ids, 1), np.concatenate(scores, 1), fetch)
+    out, short = neighbours_lib.keep_round(best, store, self._k, fetch, self._total,
+                                           store.heldout_doc_ids)
+    yield beam.pvalue.TaggedOutput("done", (block, (rows[~short], out[~short])))
+    if short.any():
+      yield from _route(self._db, block, rows[short], neighbours_lib.next_fetch(fetch, self._total))
+
+
+def _write_block(item, db: str, k: int, counts: dict[int, int]) -> Iterator[tuple[int, int]]:
+  """A block's rows into its part file (atomic); yields (store shard, first row)."""
+  (shard, start), pieces = item
+  count = counts[shard]
+  out = np.full((min(NEIGHBOURS_BLOCK_ROWS, count - start), k), -1, np.int64)
+  filled = np.zeros(len(out), bool)
+  for rows, ids in pieces:
+    out[rows], filled[rows] = ids, True
+  if not filled.all():
+    raise RuntimeError(f"neighbours shard {shard} block {start}: rows "
+                       f"{np.flatnonzero(~filled)[:5]} were never finished")
+  part = layout.neighbours_part_path(db, shard, start)
+  part.parent.mkdir(parents=True, exist_ok=True)
+  write_bytes_atomic(part, _npy_bytes(out))
+  print(f"[build_db] neighbours: shard {shard} rows {start}..{start + len(out)} searched",
+        flush=True)
+  yield shard, start
+
+
+class _AssembleNeighbours(beam.DoFn):
+  """neighbours/shard-XXXXX.npy from its block parts (row order) and its finished progress
+  record (as neighbours.compute_shard writes them), then the parts removed."""
+
+  def __init__(self, db: str, k: int, settings: dict[str, Any],
+               spans: dict[int, tuple[int, int]]):
+    self._db, self._k, self._settings, self._spans = db, k, settings, spans
+
+  def process(self, item):
+    shard, starts = item
+    starts = sorted(starts)
+    first_id, count = self._spans[shard]
+    if starts != list(range(0, count, NEIGHBOURS_BLOCK_ROWS)):
+      raise RuntimeError(f"neighbours shard {shard}: blocks {starts} do not cover {count} rows")
+    out = layout.neighbours_path(self._db, shard)
+    layout.assemble_npy(out, (count, self._k), np.int64,
+                        [layout.neighbours_part_path(self._db, shard, s) for s in starts])
+    neighbours_lib.write_finished(out, neighbours_lib.shard_record(
+        count, first_id, self._k, NEIGHBOURS_BLOCK_ROWS, self._settings))
+    _remove_parts(layout.neighbours_part_path(self._db, shard, 0).parent)
+    print(f"[build_db] neighbours: shard {shard} assembled", flush=True)
+    yield shard
+
+
+def _remove_parts(parts_dir: epath.Path) -> None:
+  """Removes one shard's parts directory, and the parts/ above it once empty."""
+  if parts_dir.exists():
+    parts_dir.rmtree()
+  try:  # the last shard assembled removes parts/ too
+    if not any(parts_dir.parent.iterdir()):
+      parts_dir.parent.rmdir()
+  except (OSError, ValueError):  # another worker's parts are still there
+    pass
+
+
+def _routed_neighbours(p, db: str, k: int) -> None:
+  """Training neighbours over the global index as a batch job: query blocks -> rounds of (route
+  -> search per serving shard -> per-block combine) -> block part files -> shards assembled."""
+  for cache in _ROUTED_CACHES:  # this process's (the in-process runner's) from an earlier run
+    cache.cache_clear()
+  store = chunk_store_lib.ChunkStore.open(db)
+  root = global_lib.index_dir(db)
+  index = global_lib.GlobalIndex(root, serving=[])  # the files' checksums, once
+  built = [(e["shard"], e["offset"]) for e in index.manifest["embeddings_shards"]]
+  have = [(i, off) for i, _, off in retriever_lib.db_embedding_shards(db, verify_content=False)]
+  if built != have:
+    raise index_lib.IndexError_(f"The global index {root} covers embeddings shards {built} but "
+                                f"the database has {have}; rebuild it (--stages=index).")
+  total = index.total
+  heldout = store.heldout_doc_ids
+  settings = neighbours_lib.search_settings(store, global_lib.BACKEND, total)
+  todo, kept = [], []
+  spans = {shard: (first, count) for shard, first, count in store.shard_spans()}
+  for shard, _, count in store.shard_spans():
+    if neighbours_lib.shard_is_done(db, shard):
+      continue
+    for start in range(0, count, NEIGHBOURS_BLOCK_ROWS):
+      done = layout.neighbours_part_path(db, shard, start).exists()
+      (kept if done else todo).append((shard, start, min(NEIGHBOURS_BLOCK_ROWS, count - start)))
+  if not todo and not kept:
+    return
+  fetch = neighbours_lib.first_fetch(k, total, heldout.size > 0)
+  rounds = 1
+  while heldout.size and fetch < total:  # rounds until the fetch reaches the whole index
+    fetch, rounds = neighbours_lib.next_fetch(fetch, total), rounds + 1
+  first = neighbours_lib.first_fetch(k, total, heldout.size > 0)
+  routed = (p | "QueryBlocks" >> beam.Create(
+      [((s, a), (np.arange(n, dtype=np.int64), first)) for s, a, n in todo])
+      | "Distribute" >> beam.Reshuffle()
+      | "Route" >> beam.FlatMap(_route_block, db))
+  finished = []
+  for r in range(rounds):  # each: search per serving shard, combine per block, route the rest
+    combined = (routed | f"ByServingShard{r}" >> beam.GroupByKey()
+                | f"SearchServingShard{r}" >> beam.ParDo(_SearchServingShard(db))
+                | f"ByBlock{r}" >> beam.GroupByKey()
+                | f"Combine{r}" >> beam.ParDo(_CombineRound(db, k, total)).with_output_types(
+                    _KV).with_outputs("done", main="routed"))
+    finished.append(combined.done)
+    routed = combined.routed
+  written = (tuple(finished) | "Finished" >> beam.Flatten()
+             | "RowsByBlock" >> beam.GroupByKey()
+             | "WriteBlock" >> beam.FlatMap(_write_block, db, k,
+                                              {s: n for s, (_, n) in spans.items()}))
+  kept_blocks = p | "KeptBlocks" >> beam.Create([(s, a) for s, a, _ in kept])
+  _ = ((written, kept_blocks) | "AllBlocks" >> beam.Flatten()
+       | "ByStoreShard" >> beam.GroupByKey()
+       | "AssembleShard" >> beam.ParDo(_AssembleNeighbours(db, k, settings, spans)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,14 +695,18 @@ def _embeddings(p, db: str, cfg: dict[str, Any]) -> None:
 
 def _index(p, db: str, cfg: dict[str, Any]) -> None:
   backend = cfg["backend"]
+  if backend == index_lib.GLOBAL_BACKEND:
+    _global_index(p, db, cfg.get("global_index_config"))  # None: the default (tests set it)
+    return
   store = chunk_store_lib.ChunkStore.open(db)
-  shards = ([None] if backend == index_lib.GLOBAL_BACKEND
-            else [s for s, _, _ in store.shard_spans()])
-  _ = (p | "Shards" >> beam.Create(shards)
+  _ = (p | "Shards" >> beam.Create([s for s, _, _ in store.shard_spans()])
        | "BuildIndex" >> beam.Map(_build_index_shard, db, backend))
 
 
 def _neighbours(p, db: str, cfg: dict[str, Any]) -> None:
+  if retriever_lib.db_backend(db, cfg["backend"]) == index_lib.GLOBAL_BACKEND:
+    _routed_neighbours(p, db, cfg["k"])
+    return
   store = chunk_store_lib.ChunkStore.open(db)
   todo = [s for s, _, _ in store.shard_spans() if not neighbours_lib.shard_is_done(db, s)]
   if not todo:

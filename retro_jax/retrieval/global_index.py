@@ -22,6 +22,13 @@ Layout (`DB/index/global/`, written through `retro_jax.db.layout`: atomic writes
     rerank/shard-XXXXX.npy        int8 [chunks, D] copy of embeddings shard i (row = chunk id - offset)
     rerank/scale.npy              float32 [D]: value = int8 * scale (per-dimension abs max / 127)
 
+Built in steps, each recorded under `parts/` when finished (removed with the manifest): train
+(one), encode (one per embeddings shard: its rerank copy, and its vectors' (partition, id, PQ
+code) per serving shard as part files), merge (one per serving shard: the parts appended in
+embeddings-shard order and packed into fast-scan blocks: the bytes faiss's `add_with_ids` gives
+shard by shard), finish (the manifest). `build` runs them in turn in one process; the Beam build
+(retro_jax/db/pipeline.py) runs them as transforms, encode and merge in parallel.
+
 Ids are int64 global chunk ids. To the `Retriever` (which adds the same-document exclusion,
 removed-document masking and the merge) each serving shard is one searcher, `GlobalIndex.restricted
 ([s])`, over ids anywhere in `[0, N)`; its scores are the int8 rerank dot products (within ~1e-3 of
@@ -168,35 +175,131 @@ def _set_quantizer_search(index, nprobe: int) -> None:
     q.hnsw.efSearch = max(64, 2 * nprobe)
 
 
-def encode_into(serving: list, trained, part_shard: np.ndarray, emb, offset: int,
-                rerank_path: epath.Path, scale_D: np.ndarray, threads: int = 1) -> None:
-  """Encodes one embeddings shard into the serving indexes (each vector to the serving shard of
-  its partition) and writes its int8 rerank copy, a block of rows at a time."""
+# ----------------------------------------------------------------------------------------------
+# Encoding: every vector to (partition, id, PQ code), grouped by serving shard.
+#
+# Encoded = (partitions int64 [n], ids int64 [n], codes uint8 [n, code_size]): a source's
+# vectors of one serving shard, in source row order. A serving shard's file is the trained index
+# with each partition's entries appended in source order (then row order) and packed into
+# fast-scan blocks, zero-padded: the bytes faiss's own `add_with_ids`, source by source, writes.
+
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _ivf(index):
+  return faiss.downcast_index(faiss.extract_index_ivf(index))
+
+
+def _assign(ivf, x_NxD: np.ndarray) -> np.ndarray:
+  _, parts = ivf.quantizer.search(x_NxD, 1)  # faiss's IndexIVF.add_with_ids assigns the same way
+  return parts[:, 0].astype(np.int64)
+
+
+def _codes(ivf, x_NxD: np.ndarray, parts_N: np.ndarray) -> np.ndarray:
+  out = np.empty((len(x_NxD), ivf.code_size), np.uint8)
+  if len(x_NxD):
+    ivf.encode_vectors(len(x_NxD), faiss.swig_ptr(x_NxD), faiss.swig_ptr(parts_N),
+                       faiss.swig_ptr(out), False)
+  return out
+
+
+def encode_block(ivf, part_shard: np.ndarray, x_NxD: np.ndarray, ids_N: np.ndarray
+                 ) -> dict[int, Encoded]:
+  """One block of vectors, encoded, by serving shard. With several serving shards each shard's
+  vectors are assigned again on their own (what adding them to that shard's faiss index does)."""
+  parts = _assign(ivf, x_NxD)
+  if len(part_shard) and part_shard[-1] == 0:  # one serving shard
+    return {0: (parts, ids_N, _codes(ivf, x_NxD, parts))}
+  owner = part_shard[parts]
+  out = {}
+  for s in np.unique(owner):
+    m = owner == s
+    xs = np.ascontiguousarray(x_NxD[m])
+    ps = _assign(ivf, xs)
+    out[int(s)] = (ps, ids_N[m], _codes(ivf, xs, ps))
+  return out
+
+
+def _concat(parts: Sequence[Encoded], code_size: int) -> Encoded:
+  if not parts:
+    return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, code_size), np.uint8))
+  return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+
+def encode_source(trained, part_shard: np.ndarray, emb, offset: int, rerank_path: epath.Path,
+                  scale_D: np.ndarray, threads: int = 1) -> dict[int, Encoded]:
+  """Encodes one embeddings shard, a block of rows at a time, and writes its int8 rerank copy.
+  Returns its vectors by serving shard (every serving shard, empty ones too)."""
+  ivf = _ivf(trained)
   n, dim = int(emb.shape[0]), int(emb.shape[1])
-  with layout.staged_file(rerank_path) as tmp:
+  blocks: dict[int, list[Encoded]] = {}
+  with layout.staged_file(rerank_path) as tmp, _threads(threads):
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=(n, dim))
-    _encode_blocks(serving, trained, part_shard, emb, offset, out, scale_D, threads)
-    out.flush()
-    del out
-
-
-def _encode_blocks(serving: list, trained, part_shard: np.ndarray, emb, offset: int, out,
-                   scale_D: np.ndarray, threads: int) -> None:
-  n = int(emb.shape[0])
-  quantizer = faiss.extract_index_ivf(trained).quantizer
-  with _threads(threads):
     for a in range(0, n, BLOCK_ROWS):
       x = np.ascontiguousarray(emb[a:a + BLOCK_ROWS], np.float32)
       out[a:a + len(x)] = to_int8(x, scale_D)
       ids = np.arange(offset + a, offset + a + len(x), dtype=np.int64)
-      if len(serving) == 1:
-        serving[0].add_with_ids(x, ids)
-        continue
-      _, assign = quantizer.search(x, 1)
-      owner = part_shard[assign[:, 0]]
-      for s in np.unique(owner):
-        m = owner == s
-        serving[s].add_with_ids(np.ascontiguousarray(x[m]), ids[m])
+      for s, enc in encode_block(ivf, part_shard, x, ids).items():
+        blocks.setdefault(s, []).append(enc)
+    out.flush()
+    del out
+  shards = int(part_shard[-1]) + 1 if len(part_shard) else 1
+  return {s: _concat(blocks.get(s, []), ivf.code_size) for s in range(shards)}
+
+
+def _list_entries(ivf, part: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [n], flat codes [n, code_size]) of one partition of a built index."""
+  il, n = ivf.invlists, ivf.invlists.list_size(part)
+  if not n:
+    return np.zeros(0, np.int64), np.zeros((0, ivf.code_size), np.uint8)
+  ids = faiss.rev_swig_ptr(il.get_ids(part), n).copy()
+  packer, bbs = ivf.get_CodePacker(), ivf.bbs
+  nb = -(-n // bbs)
+  block_bytes = packer.block_size
+  packed = faiss.rev_swig_ptr(il.get_codes(part), nb * block_bytes)
+  flat = np.empty((nb * bbs, ivf.code_size), np.uint8)
+  for b in range(nb):
+    blk = np.ascontiguousarray(packed[b * block_bytes:(b + 1) * block_bytes])
+    packer.unpack_all(faiss.swig_ptr(blk), faiss.swig_ptr(flat[b * bbs:(b + 1) * bbs]))
+  return ids.astype(np.int64), flat[:n]
+
+
+def _set_list(ivf, part: int, ids_N: np.ndarray, codes_NxC: np.ndarray) -> None:
+  """Replaces one partition's entries: codes packed into zero-padded fast-scan blocks."""
+  il, n = ivf.invlists, len(ids_N)
+  ivf.ntotal -= il.list_size(part)
+  il.resize(part, 0)
+  if not n:
+    return
+  packer, bbs = ivf.get_CodePacker(), ivf.bbs
+  nb = -(-n // bbs)
+  flat = np.zeros((nb * bbs, ivf.code_size), np.uint8)
+  flat[:n] = codes_NxC
+  blocks = np.zeros(nb * packer.block_size, np.uint8)
+  for b in range(nb):
+    packer.pack_all(faiss.swig_ptr(flat[b * bbs:(b + 1) * bbs]),
+                    faiss.swig_ptr(blocks[b * packer.block_size:(b + 1) * packer.block_size]))
+  ids = np.ascontiguousarray(ids_N, np.int64)
+  il.add_entries(part, n, faiss.swig_ptr(ids), faiss.swig_ptr(blocks))  # empty list: a copy
+  ivf.ntotal += n
+
+
+def append_encoded(index, parts: Sequence[Encoded]) -> None:
+  """Appends encoded vectors (in order) to `index`'s partitions, after the entries there."""
+  ivf = _ivf(index)
+  if not parts:
+    return
+  lists, ids, codes = _concat(parts, ivf.code_size)
+  order = np.argsort(lists, kind="stable")
+  lists, ids, codes = lists[order], ids[order], codes[order]
+  bounds = np.searchsorted(lists, np.arange(ivf.nlist + 1))
+  for p in np.flatnonzero(np.diff(bounds)):
+    a, b = bounds[p], bounds[p + 1]
+    old_ids, old_codes = _list_entries(ivf, int(p))
+    _set_list(ivf, int(p), np.concatenate([old_ids, ids[a:b]]),
+              np.concatenate([old_codes, codes[a:b]]))
+  if ivf is not index:
+    index.ntotal = ivf.ntotal
 
 
 def memory_bytes(index) -> int:
@@ -219,37 +322,193 @@ def _read_index(path: epath.Path):
   return faiss.deserialize_index(np.frombuffer(epath.Path(path).read_bytes(), np.uint8))
 
 
-def build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig | None = None,
-          progress: bool = False) -> dict[str, Any]:
-  """Trains on a sample, encodes every source once, writes `out_dir` (manifest last). Returns the
-  manifest (with `build_seconds` per phase)."""
+# ----------------------------------------------------------------------------------------------
+# The build, as steps (the plain `build` runs them in turn; retro_jax/db/pipeline.py runs each
+# step's elements as Beam transforms): prepare; train (one); encode (one per source); merge (one
+# per serving shard); finish (one: the manifest, last). Each step's output is written atomically
+# with a record under `parts/` naming it finished, so a killed build redoes only unfinished
+# elements; `finish` writes the manifest and removes `parts/`.
+
+PARTS = "parts"
+TRAINED_RECORD = "trained.json"
+
+
+def _signature(sources: Sequence[Source]) -> list[list[int]]:
+  return [[int(i), int(off), int(e.shape[0])] for i, e, off in sources]
+
+
+def _encoded_path(out_dir: epath.Path, i: int, s: int, name: str) -> epath.Path:
+  """parts/shard-i.serving-s.NAME.npy: `partitions` [L] and `starts` [L + 1] (each partition's
+  rows), `ids` [n] and `codes` [n, code_size] (sorted by partition, source order within)."""
+  return out_dir / PARTS / f"{layout.shard_name(i)}.serving-{s:05d}.{name}.npy"
+
+
+def _encoded_record(out_dir: epath.Path, i: int) -> epath.Path:
+  return out_dir / PARTS / f"{layout.shard_name(i)}.encoded.json"
+
+
+def _merged_record(out_dir: epath.Path, s: int) -> epath.Path:
+  return out_dir / PARTS / f"serving-{s:05d}.merged.json"
+
+
+def _read_json(path: epath.Path) -> dict[str, Any] | None:
+  try:
+    return json.loads(path.read_text()) if path.exists() else None
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None
+
+
+def prepare_build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig | None = None
+                  ) -> GlobalIndexConfig:
+  """Before the steps: removes any manifest (an unfinished build is never taken for a finished
+  one) and the records of a build of other sources or settings. Returns the resolved config."""
   out_dir = epath.Path(out_dir)
   man_path = out_dir / layout.MANIFEST
   if man_path.exists():
-    man_path.unlink()  # An unfinished rebuild is never mistaken for a finished index.
-  for sub in ("rerank", "serving"):
+    man_path.unlink()
+  c = (config or GlobalIndexConfig()).resolved(sum(int(s[1].shape[0]) for s in sources))
+  rec = _read_json(out_dir / PARTS / TRAINED_RECORD)
+  if rec is not None and (rec.get("config") != c.to_json()
+                          or rec.get("sources") != _signature(sources)):
+    (out_dir / PARTS).rmtree()
+  for sub in ("rerank", "serving", PARTS):
     (out_dir / sub).mkdir(parents=True, exist_ok=True)
+  return c
+
+
+def train_step(sources: Sequence[Source], out_dir, c: GlobalIndexConfig) -> bool:
+  """Trains the partitioner and quantizer (kept when trained for these sources and settings):
+  trained.faiss and rerank/scale.npy, then the record. Returns True when it trained."""
+  out_dir = epath.Path(out_dir)
+  if _read_json(out_dir / PARTS / TRAINED_RECORD) is not None:
+    return False
   t0 = time.perf_counter()
-  trained, scale, c = train(sources, config or GlobalIndexConfig())
-  t_train = time.perf_counter() - t0
+  trained, scale, c2 = train(sources, c)
+  assert c2 == c, (c2, c)
   _write_index(trained, out_dir / TRAINED)
   layout.write_bytes_atomic(out_dir / "rerank" / SCALE, _npy_bytes(scale))
+  layout.write_json_atomic(out_dir / PARTS / TRAINED_RECORD, {
+      "config": c.to_json(), "sources": _signature(sources),
+      "seconds": time.perf_counter() - t0})
+  return True
+
+
+def load_trained(out_dir) -> tuple[Any, np.ndarray, GlobalIndexConfig]:
+  """(trained index, int8 scale, resolved config) of a build whose train step is finished."""
+  out_dir = epath.Path(out_dir)
+  rec = _read_json(out_dir / PARTS / TRAINED_RECORD)
+  if rec is None:
+    raise index_lib.IndexError_(f"{out_dir}: the index is not trained yet (no "
+                                f"{PARTS}/{TRAINED_RECORD}); run the train step first.")
+  scale = _load_npy(out_dir / "rerank" / SCALE).astype(np.float32)
+  return _read_index(out_dir / TRAINED), scale, GlobalIndexConfig.from_json(rec["config"])
+
+
+def encode_step(source: Source, out_dir, trained=None) -> bool:
+  """Encodes one source: its rerank copy and, per serving shard, its (partitions, ids, codes)
+  as a part file, then its record. Kept when recorded. Returns True when it encoded."""
+  out_dir = epath.Path(out_dir)
+  i, emb, off = source
+  if _read_json(_encoded_record(out_dir, i)) is not None:
+    return False
+  t0 = time.perf_counter()
+  trained, scale, c = trained or load_trained(out_dir)
   part_shard = _partition_shard(c.nlist, c.serving_shards)
-  serving = [faiss.clone_index(trained) for _ in range(c.serving_shards)]
-  t1 = time.perf_counter()
-  for i, emb, off in sources:
-    if progress:
-      print(f"  encoding embeddings shard {i} ({emb.shape[0]} rows)", flush=True)
-    encode_into(serving, trained, part_shard, emb, off, out_dir / "rerank" / f"{layout.shard_name(i)}.npy",
-                scale, c.training_threads)
-  t_encode = time.perf_counter() - t1
-  for s, idx in enumerate(serving):
-    _write_index(idx, out_dir / "serving" / f"{layout.shard_name(s)}.faiss")
-  manifest = _manifest(out_dir, c, sources, serving)
-  manifest["build_seconds"] = {"train": t_train, "encode": t_encode,
-                               "total": time.perf_counter() - t0}
-  layout.write_json_atomic(man_path, manifest)
+  encoded = encode_source(trained, part_shard, emb, off,
+                          out_dir / "rerank" / f"{layout.shard_name(i)}.npy", scale,
+                          c.training_threads)
+  for s, (lists, ids, codes) in encoded.items():
+    order = np.argsort(lists, kind="stable")  # by partition, source order within each
+    lists = lists[order]
+    names, starts = np.unique(lists, return_index=True)
+    arrays = {"partitions": names, "starts": np.append(starts, lists.size).astype(np.int64),
+              "ids": ids[order], "codes": codes[order]}
+    for name, a in arrays.items():
+      layout.write_bytes_atomic(_encoded_path(out_dir, i, s, name), _npy_bytes(a))
+  layout.write_json_atomic(_encoded_record(out_dir, i), {
+      "counts": [int(encoded[s][1].size) for s in sorted(encoded)],
+      "seconds": time.perf_counter() - t0})
+  return True
+
+
+def _open_encoded(out_dir: epath.Path, i: int, s: int) -> tuple[dict[int, tuple[int, int]], Any,
+                                                                 Any]:
+  """One part: ({partition: (first row, end row)}, ids, codes); ids and codes memory-mapped (or
+  read by ranges on gs://), so a merge holds one partition's entries at a time."""
+  names = _load_npy(_encoded_path(out_dir, i, s, "partitions")).tolist()
+  starts = _load_npy(_encoded_path(out_dir, i, s, "starts")).tolist()
+  rows = {p: (a, b) for p, a, b in zip(names, starts[:-1], starts[1:])}
+  return (rows, npy_rows.open_rows(_encoded_path(out_dir, i, s, "ids")),
+          npy_rows.open_rows(_encoded_path(out_dir, i, s, "codes")))
+
+
+def merge_encoded(index, parts: Sequence[tuple[dict[int, tuple[int, int]], Any, Any]]) -> None:
+  """Fills an empty (trained) index from parts in order: each partition gets its entries of the
+  first part, then the second's, ... (one partition in memory at a time)."""
+  ivf = _ivf(index)
+  for p in sorted(set().union(*(rows for rows, _, _ in parts))):
+    got = [(ids[rows[p][0]:rows[p][1]], codes[rows[p][0]:rows[p][1]])
+           for rows, ids, codes in parts if p in rows]
+    _set_list(ivf, int(p), np.concatenate([np.asarray(g[0], np.int64) for g in got]),
+              np.concatenate([np.asarray(g[1], np.uint8) for g in got]))
+  index.ntotal = ivf.ntotal
+
+
+def merge_step(s: int, source_shards: Sequence[int], out_dir, trained=None) -> dict[str, int]:
+  """Assembles serving/shard-s.faiss from every source's part for it (in source order), then its
+  record. Kept when recorded. Returns {"count", "ram_bytes"}. In RAM: the serving shard's index
+  and one partition's entries."""
+  out_dir = epath.Path(out_dir)
+  rec = _read_json(_merged_record(out_dir, s))
+  if rec is not None:
+    return {"count": rec["count"], "ram_bytes": rec["ram_bytes"]}
+  t0 = time.perf_counter()
+  trained = (trained or load_trained(out_dir))[0]
+  index = faiss.clone_index(trained)
+  merge_encoded(index, [_open_encoded(out_dir, i, s) for i in sorted(source_shards)])
+  _write_index(index, out_dir / "serving" / f"{layout.shard_name(s)}.faiss")
+  stats = {"count": int(index.ntotal), "ram_bytes": memory_bytes(index)}
+  layout.write_json_atomic(_merged_record(out_dir, s),
+                           {**stats, "seconds": time.perf_counter() - t0})
+  return stats
+
+
+def finish_build(sources: Sequence[Source], out_dir) -> dict[str, Any]:
+  """Writes the manifest (sha256 of every file; build seconds per step, summed over elements)
+  once every serving shard is merged, then removes `parts/`. Returns the manifest."""
+  out_dir = epath.Path(out_dir)
+  rec = _read_json(out_dir / PARTS / TRAINED_RECORD)
+  c = GlobalIndexConfig.from_json(rec["config"])
+  merged = [_read_json(_merged_record(out_dir, s)) for s in range(c.serving_shards)]
+  encoded = [_read_json(_encoded_record(out_dir, i)) for i, _, _ in sources]
+  if any(m is None for m in merged + encoded):
+    raise index_lib.IndexError_(f"{out_dir}: not every source is encoded and every serving "
+                                "shard merged; run those steps first.")
+  manifest = _manifest(out_dir, c, sources, merged)
+  seconds = {"train": rec["seconds"], "encode": sum(e["seconds"] for e in encoded),
+             "merge": sum(m["seconds"] for m in merged)}
+  manifest["build_seconds"] = {**seconds, "total": sum(seconds.values())}
+  layout.write_json_atomic(out_dir / layout.MANIFEST, manifest)
+  (out_dir / PARTS).rmtree()
   return manifest
+
+
+def build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig | None = None,
+          progress: bool = False) -> dict[str, Any]:
+  """Trains on a sample, encodes every source once, writes `out_dir` (manifest last): the steps
+  in turn, in this process (resumable like the Beam build, which runs the same steps). Returns
+  the manifest (with `build_seconds` per step)."""
+  out_dir = epath.Path(out_dir)
+  c = prepare_build(sources, out_dir, config)
+  train_step(sources, out_dir, c)
+  trained = load_trained(out_dir)
+  for src in sources:
+    if progress:
+      print(f"  encoding embeddings shard {src[0]} ({src[1].shape[0]} rows)", flush=True)
+    encode_step(src, out_dir, trained)
+  for s in range(c.serving_shards):
+    merge_step(s, [i for i, _, _ in sources], out_dir, trained)
+  return finish_build(sources, out_dir)
 
 
 def _load_npy(path: epath.Path) -> np.ndarray:
@@ -263,7 +522,8 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def _manifest(out_dir: epath.Path, c: GlobalIndexConfig, sources: Sequence[Source],
-              serving: list) -> dict[str, Any]:
+              serving: Sequence[dict[str, int]]) -> dict[str, Any]:
+  """`serving`: {"count", "ram_bytes"} of each serving shard."""
   files = [TRAINED, f"rerank/{SCALE}"]
   files += [f"serving/{layout.shard_name(s)}.faiss" for s in range(len(serving))]
   files += [f"rerank/{layout.shard_name(i)}.npy" for i, _, _ in sources]
@@ -278,8 +538,8 @@ def _manifest(out_dir: epath.Path, c: GlobalIndexConfig, sources: Sequence[Sourc
                             for i, e, off in sources],
       "serving_shards": [{"shard": s, "part_start": int(np.searchsorted(part_shard, s)),
                           "part_end": int(np.searchsorted(part_shard, s, side="right")),
-                          "count": int(idx.ntotal), "ram_bytes": memory_bytes(idx)}
-                         for s, idx in enumerate(serving)],
+                          "count": int(st["count"]), "ram_bytes": int(st["ram_bytes"])}
+                         for s, st in enumerate(serving)],
       "files": {f: {"sha256": layout.sha256_file(out_dir / f),
                     "bytes": (out_dir / f).stat().length} for f in files},
   }
@@ -388,6 +648,18 @@ class GlobalIndex(index_lib.IndexShard):
     dis, parts = self.quantizer.search(queries_QxD, nprobe)
     return parts.astype(np.int64), dis.astype(np.float32)
 
+  def reaches(self, parts_QxP: np.ndarray, serving: Sequence[int] | None = None) -> np.ndarray:
+    """bool [Q]: the routed queries (partitions from `route`) with a partition in these serving
+    shards (default: this searcher's)."""
+    serving = self.serving_ids if serving is None else serving
+    mine = np.isin(self.part_shard[np.maximum(parts_QxP, 0)], serving)
+    return (mine & (parts_QxP >= 0)).any(axis=1)
+
+  def reached(self, queries_QxD: np.ndarray, n: int) -> np.ndarray:
+    if len(self.serving_ids) == int(self.config.serving_shards):  # every partition is here
+      return np.ones(len(queries_QxD), bool)
+    return self.reaches(self.route(np.ascontiguousarray(queries_QxD, np.float32), n)[0])
+
   def _scan(self, s: int, queries_QxD, parts_QxP, dis_QxP, r: int):
     mask = (parts_QxP >= 0) & (self.part_shard[np.maximum(parts_QxP, 0)] == s)
     if not mask.any():
@@ -454,9 +726,12 @@ def index_dir(db_dir) -> epath.Path:
 
 
 def is_built(root, sources: Sequence[Source]) -> bool:
-  """True when `root` has a manifest covering exactly these embeddings shards."""
+  """True when `root` has a manifest covering exactly these embeddings shards (the `parts/` of
+  a build killed after its manifest was written are removed)."""
   if not (epath.Path(root) / layout.MANIFEST).exists():
     return False
+  if (epath.Path(root) / PARTS).exists():
+    (epath.Path(root) / PARTS).rmtree()
   built = [(e["shard"], e["offset"], e["count"]) for e in read_manifest(root)["embeddings_shards"]]
   return built == [(int(i), int(off), int(e.shape[0])) for i, e, off in sources]
 
@@ -479,14 +754,16 @@ def add_sources(root, sources: Sequence[Source]) -> dict[str, Any]:
   part_shard = _partition_shard(c.nlist, c.serving_shards)
   serving = [_read_index(root / "serving" / f"{layout.shard_name(s['shard'])}.faiss")
              for s in manifest["serving_shards"]]
-  for i, emb, off in new:
-    encode_into(serving, trained, part_shard, emb, off,
-                root / "rerank" / f"{layout.shard_name(i)}.npy", scale, c.training_threads)
+  encoded = [encode_source(trained, part_shard, emb, off,
+                           root / "rerank" / f"{layout.shard_name(i)}.npy", scale,
+                           c.training_threads) for i, emb, off in new]
   (root / layout.MANIFEST).unlink()
   for s, idx in enumerate(serving):
+    append_encoded(idx, [e[s] for e in encoded])
     _write_index(idx, root / "serving" / f"{layout.shard_name(s)}.faiss")
   done = sorted([src for src in sources if src[0] in have] + new, key=lambda t: t[2])
-  out = _manifest(root, c, done, serving)
+  out = _manifest(root, c, done, [{"count": int(i.ntotal), "ram_bytes": memory_bytes(i)}
+                                  for i in serving])
   out["build_seconds"] = manifest.get("build_seconds")
   layout.write_json_atomic(root / layout.MANIFEST, out)
   return out

@@ -189,6 +189,11 @@ class IndexShard:
     """Returns (local_ids_QxN int64, approximate scores_QxN float32); -1 ids pad missing slots."""
     raise NotImplementedError
 
+  def reached(self, queries_QxD: np.ndarray, n: int) -> np.ndarray:
+    """bool [Q]: the queries a search for n candidates visits this searcher for (all of them;
+    a serving shard of the global index only those whose route reaches its partitions)."""
+    return np.ones(len(queries_QxD), bool)
+
   def save(self, directory: str) -> list[str]:
     """Writes the backend's files into `directory`; returns their names (relative)."""
     raise NotImplementedError

@@ -131,6 +131,10 @@ def db_backend(db_dir: str, backend: str | None = None) -> str:
   raise index_lib.IndexError_(f"{root} holds indexes {built}; pick one with backend=.")
 
 
+# Candidates per shard for k results when they are rescored or filtered: k * OVERFETCH.
+OVERFETCH = 4
+
+
 class Retriever:
   """`search(queries_QxD, k, exclude_doc_ids_Q) -> (ids_QxK int64, scores_QxK float32)`.
 
@@ -149,7 +153,7 @@ class Retriever:
   """
 
   def __init__(self, shards: Sequence[index_lib.IndexShard], doc_ids: DocIdsLike = None,
-               doc_starts: np.ndarray | None = None, overfetch: int = 4,
+               doc_starts: np.ndarray | None = None, overfetch: int = OVERFETCH,
                query_block: int = 512, rescore: bool | str = "auto",
                deleted_ranges: np.ndarray | None = None):
     self.shards = sorted(shards, key=lambda s: s.offset)
@@ -240,6 +244,10 @@ class Retriever:
     ids, scores = self._exclude(ids, scores, exclude_Q)
     want = k
     short = np.flatnonzero(np.sum(ids >= 0, axis=1) < min(want, shard.count))
+    # A serving shard of the global index that the query's route does not reach has nothing to
+    # refill with: the query visits only its nearest partitions, wherever they are.
+    if short.size:
+      short = short[shard.reached(queries_QxD[short], n)]
     fetch = n
     while short.size and fetch < shard.count:  # Own document crowded out the candidates: ask more.
       fetch = min(fetch * 4, shard.count)
