@@ -42,9 +42,11 @@ def test_training_step_learns_a_fixed_batch_and_donates_state():
                     make_mesh((1, 1, 1), jax.devices()[:1]))
   state = train.init()
   rng = np.random.default_rng(0)
-  toks = rng.integers(1, CFG.vocab_size, (2, 17)).astype(np.int32)
+  # The batch shape of test_gradient_accumulation_gives_the_whole_batch_step: one compiled step
+  # (the run's JAX compilation cache, tests/conftest.py) serves both tests.
+  toks = rng.integers(1, CFG.vocab_size, (4, 17)).astype(np.int32)
   batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
-           "neighbours": rng.integers(1, CFG.vocab_size, (2, 2, 2, 16)).astype(np.int32)}
+           "neighbours": rng.integers(1, CFG.vocab_size, (4, 2, 2, 16)).astype(np.int32)}
   losses = []
   for _ in range(15):
     old = state
@@ -53,7 +55,7 @@ def test_training_step_learns_a_fixed_batch_and_donates_state():
   assert losses[-1] < losses[0] - 1.0
   assert jax.tree.leaves(old)[0].is_deleted()  # the previous state was donated
   model, _ = train.merge(state)
-  assert model(batch["inputs"], batch["neighbours"]).shape == (2, 16, CFG.vocab_size)
+  assert model(batch["inputs"], batch["neighbours"]).shape == (4, 16, CFG.vocab_size)
 
 
 def test_logical_rules_refuse_collisions_and_unknown_names():
