@@ -22,7 +22,6 @@ the rerun's files are byte-identical to an uninterrupted run's.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -60,12 +59,6 @@ DOC_TABLE_COLUMNS = ("doc_id", "first_row", "num_chunks", "num_utf8_bytes", "hel
 
 class ChunkStoreError(UserError, ValueError):
   """A chunk store that is missing, incomplete, corrupt or built with other settings."""
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  np.save(buf, arr, allow_pickle=False)
-  return buf.getvalue()
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -140,8 +133,8 @@ def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.D
                 else np.zeros((0, chunk_size), np.int32)).astype(np.int32)
   doc_table_Dx5 = np.asarray(doc_rows, np.int64).reshape(-1, len(DOC_TABLE_COLUMNS))
   doc_ids_N = np.repeat(doc_table_Dx5[:, 0], doc_table_Dx5[:, 2]).astype(np.int64)
-  payloads = {"tokens.npy": _npy_bytes(tokens_NxM), "doc_ids.npy": _npy_bytes(doc_ids_N),
-              "doc_table.npy": _npy_bytes(doc_table_Dx5), "doc_keys.json": _json_bytes(keys)}
+  payloads = {"tokens.npy": layout.npy_bytes(tokens_NxM), "doc_ids.npy": layout.npy_bytes(doc_ids_N),
+              "doc_table.npy": layout.npy_bytes(doc_table_Dx5), "doc_keys.json": _json_bytes(keys)}
   files = {}
   for name in SHARD_FILES:
     write_bytes_atomic(shard_dir / name, payloads[name])

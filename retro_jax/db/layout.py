@@ -218,6 +218,13 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
   tmp.replace(path)
 
 
+def npy_bytes(a: np.ndarray) -> bytes:
+  """`a` as the bytes of a .npy file (for `write_bytes_atomic`)."""
+  buf = io.BytesIO()
+  np.save(buf, a, allow_pickle=False)
+  return buf.getvalue()
+
+
 def write_json_atomic(path: PathLike, obj: Any) -> None:
   """Atomic, as write_bytes_atomic: a killed run never leaves half a file (local or gs://)."""
   write_bytes_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())

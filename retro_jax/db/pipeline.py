@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import io
 import json
 import logging
 import os
@@ -246,12 +245,6 @@ def embedding_blocks(db: str) -> list[tuple[int, int, int]]:
   return out
 
 
-def _npy_bytes(a: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  np.save(buf, a, allow_pickle=False)
-  return buf.getvalue()
-
-
 class _EmbedBlock(beam.DoFn):
   """Embeds one block of a shard into its part file, unless a finished part is there; the
   MiniLM is loaded once per worker. Yields (shard, (start, embedded?))."""
@@ -276,7 +269,7 @@ class _EmbedBlock(beam.DoFn):
                                    self._tok)
     vecs_BxD = np.asarray(self._embedder.embed(texts), np.float32)
     part.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(part, _npy_bytes(vecs_BxD))
+    write_bytes_atomic(part, layout.npy_bytes(vecs_BxD))
     print(f"[build_db] embeddings: shard {shard} rows {start}..{end} embedded", flush=True)
     yield shard, (start, True)
 
@@ -553,7 +546,7 @@ def _write_block(item, db: str, k: int, counts: dict[int, int]) -> Iterator[tupl
                        f"{np.flatnonzero(~filled)[:5]} were never finished")
   part = layout.neighbours_part_path(db, shard, start)
   part.parent.mkdir(parents=True, exist_ok=True)
-  write_bytes_atomic(part, _npy_bytes(out))
+  write_bytes_atomic(part, layout.npy_bytes(out))
   print(f"[build_db] neighbours: shard {shard} rows {start}..{start + len(out)} searched",
         flush=True)
   yield shard, start

@@ -386,7 +386,7 @@ def train_step(sources: Sequence[Source], out_dir, c: GlobalIndexConfig) -> bool
   trained, scale, c2 = train(sources, c)
   assert c2 == c, (c2, c)
   _write_index(trained, out_dir / TRAINED)
-  layout.write_bytes_atomic(out_dir / "rerank" / SCALE, _npy_bytes(scale))
+  layout.write_bytes_atomic(out_dir / "rerank" / SCALE, layout.npy_bytes(scale))
   layout.write_json_atomic(out_dir / PARTS / TRAINED_RECORD, {
       "config": c.to_json(), "sources": _signature(sources),
       "seconds": time.perf_counter() - t0})
@@ -424,7 +424,7 @@ def encode_step(source: Source, out_dir, trained=None) -> bool:
     arrays = {"partitions": names, "starts": np.append(starts, lists.size).astype(np.int64),
               "ids": ids[order], "codes": codes[order]}
     for name, a in arrays.items():
-      layout.write_bytes_atomic(_encoded_path(out_dir, i, s, name), _npy_bytes(a))
+      layout.write_bytes_atomic(_encoded_path(out_dir, i, s, name), layout.npy_bytes(a))
   layout.write_json_atomic(_encoded_record(out_dir, i), {
       "counts": [int(encoded[s][1].size) for s in sorted(encoded)],
       "seconds": time.perf_counter() - t0})
@@ -513,12 +513,6 @@ def build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig | None =
 
 def _load_npy(path: epath.Path) -> np.ndarray:
   return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
-  buf = io.BytesIO()
-  np.save(buf, a)
-  return buf.getvalue()
 
 
 def _manifest(out_dir: epath.Path, c: GlobalIndexConfig, sources: Sequence[Source],
