@@ -1,8 +1,9 @@
 r"""The CPU demo (`make demo`): a tiny RETRO and its baseline, trained and evaluated.
 
-    python -m retro_jax.demo [--db=runs/default_db --out=runs/demo --steps=N]
+    python -m retro_jax.demo [--db=runs/dup_db --out=runs/demo --steps=N]
 
-Trains experiments/tiny.py with and without retrieval on the database, scores both on its held-out
+Trains experiments/dup_tiny.py with and without retrieval on the database (by default the
+duplication database of `make dup-db`, where held-out text recurs in other documents), scores both on its held-out
 documents (retrieval on, off and shuffled, with 95% intervals) and writes OUT/results.{md,json}, OUT/leakage.png and OUT/loss.png
 (retro_jax.evaluation.demo). Finished runs are reused; a killed one resumes.
 """
@@ -12,9 +13,9 @@ from retro_jax.errors import guard
 from retro_jax.evaluation import demo
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("db", "runs/default_db", "retrieval database (built by `make db`)")
+flags.DEFINE_string("db", "runs/dup_db", "retrieval database (built by `make dup-db`)")
 flags.DEFINE_string("out", "runs/demo", "output directory")
-flags.DEFINE_integer("steps", None, "training steps per model (default: experiments/tiny.py)")
+flags.DEFINE_integer("steps", None, "training steps per model (default: experiments/dup_tiny.py)")
 flags.DEFINE_integer("max_docs", None, "evaluate on the first N held-out documents only")
 flags.DEFINE_integer("stride", None, "evaluation stride (default: the sequence length - 64, so "
                      "every scored chunk gets its preceding chunk's neighbours)")

@@ -25,7 +25,9 @@ flags.DEFINE_integer("stride", 1024, "window stride in tokens (0: seq_len - chun
                      "scored chunk gets its preceding chunk's neighbours)")
 flags.DEFINE_integer("num_neighbours", None, "neighbours per chunk (default: the model's)")
 flags.DEFINE_list("retrieval", ["all"], "modes to evaluate: all (= on,off,shuffled), both "
-                  "(= on,off), or a list of on / off / shuffled (another document's neighbours)")
+                  "(= on,off), controls (all five), or a list of on / off / shuffled (another "
+                  "document's neighbours) / shuffled_source (another document of the same source) "
+                  "/ same_document (another chunk of the same document)")
 flags.DEFINE_string("baseline", None, "a baseline workdir scored on the same chunks (differences "
                     "RETRO - baseline with intervals)")
 flags.DEFINE_integer("shuffle_seed", 0, "seed of the shuffled control's chunk pairing")

@@ -129,3 +129,66 @@ def test_stride_zero_gives_every_scored_chunk_its_preceding_chunks_neighbours():
   # Stride = window: the first chunk of every later window (63 of its 64 targets) goes without.
   missing = ev.scored_tokens_without_retrieval(lengths, 256, 256, 64)
   assert 0.2 < missing < 0.25
+
+
+def test_same_source_and_same_document_controls():
+  keys = ["linux-doc:a.rst.txt", "linux-doc-6.12:a.rst.txt", "linux-doc:b.rst.txt",
+          "wiki:X", "wiki:Y", "python-doc:z.txt"]
+  sources = [controls.source_of_key(k) for k in keys]
+  assert sources == ["linux-doc"] * 3 + ["wiki", "wiki", "python-doc"]
+  assert controls.source_of_key("plain/path.txt") == ""
+  doc_C = np.repeat(np.arange(6), [8, 6, 3, 2, 2, 7])
+  perm, same = controls.same_source_rows(doc_C, sources, seed=1)
+  assert (doc_C[perm] != doc_C).all()  # always another document
+  src_C = np.asarray(sources)[doc_C]
+  # The lone python document (7 chunks) is the only one paired outside its source.
+  assert ((src_C[perm] == src_C) == (src_C != "python-doc")).all()
+  assert same == np.mean(src_C != "python-doc")
+  perm, same = controls.same_source_rows(doc_C[doc_C < 5], sources, seed=1)  # no lone source
+  assert sorted(perm) == list(range(np.sum(doc_C < 5))) and same == 1.0
+  perm, defined = controls.same_document_rows(doc_C, gap=3)
+  assert (doc_C[perm] == doc_C).all()
+  assert (defined == np.isin(doc_C, [0, 1, 5])).all()  # documents of >= 6 chunks
+  first = np.concatenate([[0], np.cumsum(np.bincount(doc_C))])[doc_C]
+  pos, other = np.arange(len(doc_C)) - first, perm - first
+  n_C = np.bincount(doc_C)[doc_C]
+  dist = np.minimum((pos - other) % n_C, (other - pos) % n_C)
+  assert (dist[defined] >= 3).all() and (perm[~defined] == np.flatnonzero(~defined)).all()
+
+
+def test_ratio_bootstrap_recovers_a_known_fraction():
+  rng = np.random.default_rng(0)
+  doc_C = np.repeat(np.arange(50), 4)
+  bytes_C = np.full(doc_C.size, 200)
+  base = 300 + rng.random(doc_C.size) * 50
+  scratch = base - 40 - rng.normal(0, 4, doc_C.size)
+  half = base - 0.5 * (base - scratch)
+  r = controls.ratio_bootstrap(base, half, scratch, bytes_C, doc_C)
+  assert abs(r["ratio"] - 0.5) < 1e-9 and r["ci95"][0] <= 0.5 <= r["ci95"][1]
+  assert r == controls.ratio_bootstrap(base, half, scratch, bytes_C, doc_C)
+
+
+def test_given_overlap_is_that_of_the_preceding_chunks_neighbours(tmp_path_factory):
+  db = tiny_db.get(tmp_path_factory)[0]
+  store = chunk_store_lib.ChunkStore.open(db)
+  held = ev.load_heldout(store, str(db))
+  got = ev.given_overlap(held, store, 2, 128)
+  first = np.zeros(len(got), bool)
+  first[held.doc_first_row] = True
+  assert (got[first] == 0).all() and ((got >= 0) & (got <= 1)).all()
+  # Handing chunk c its own neighbours' ids from row c - 1 by hand gives the same numbers.
+  toks = np.asarray(store.tokens(held.chunk_ids_C))
+  for c in np.flatnonzero(~first)[:20]:
+    ids = held.neighbours_CxK[c - 1, :2]
+    nb = np.asarray(store.neighbour_tokens(np.maximum(ids, 0), 128))
+    nb = np.where(ids[:, None] >= 0, nb, store.pad_id)
+    best = 0
+    for k in range(2):
+      for i in range(64):
+        for j in range(128):
+          n = 0
+          while i + n < 64 and j + n < 128 and toks[c, i + n] == nb[k, j + n] != store.pad_id:
+            n += 1
+          best = max(best, n)
+    assert got[c] == best / 64
+  assert held.doc_keys is not None and len(held.doc_keys) == len(held.doc_tokens)

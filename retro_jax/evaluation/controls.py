@@ -8,10 +8,21 @@ stay real retrieved text of the same database, with the same statistics, only un
 chunk: a model that reads its neighbours scores worse than with its own (on < shuffled); a model
 that merely got used to having some encoder input scores the same.
 
+Two more controls hold topic and source fixed: `shuffled_source` gives chunk c the neighbours of a
+chunk of another held-out document of the SAME source (`source_of_key`: kernel docs get kernel
+docs' neighbours, whatever the version; `same_source_rows`), and `same_document` the neighbours of
+another chunk of its OWN document, at least `SAME_DOCUMENT_GAP` chunks away in either direction
+(`same_document_rows`: the neighbours of a chunk carry its continuation, so nearer chunks would
+still hold the text to predict). A model that reads its neighbours beats both; one that only uses
+the topic or style of its neighbours does not.
+
 Overlap bins: the leakage statistic r(C) (longest common token substring between the chunk and its
 10 nearest training neighbours, over the chunk size; `retro_jax.evaluation.bpb`) split into
 `OVERLAP_BINS`: r <= 12.5% (the paper's leakage-filtered threshold), 12.5% < r < 50%, r >= 50%.
-A model that copies from its neighbours gains most where they overlap most.
+A model that copies from its neighbours gains most where they overlap most. The paper's r(C)
+looks at the chunk's own 10 nearest neighbours; what the model is GIVEN when it predicts chunk c is
+the first k neighbours of the preceding chunk c - 1 (chunk plus continuation), so the same bins
+are also taken of `bpb.given_overlap` (0 for a document's first chunk, which gets no neighbours).
 
 Intervals: a paired bootstrap over documents. bpb is a ratio (bits / bytes over the chunks), so a
 resample draws documents with replacement (the same draw for both sides of a difference, since
@@ -22,6 +33,8 @@ negative = a is better.
 from __future__ import annotations
 
 import math
+import re
+from typing import Sequence
 
 import numpy as np
 
@@ -63,6 +76,56 @@ def shuffled_rows(doc_C: np.ndarray, seed: int = 0) -> np.ndarray:
   perm = np.empty(n, np.int64)
   perm[layout] = layout[(np.arange(n) + shift) % n]
   return perm
+
+
+def source_of_key(key: str) -> str:
+  """A document key's source: its prefix before ':' without a version suffix
+  ('linux-doc-6.12:x.rst.txt' and 'linux-doc:y.rst.txt' are both 'linux-doc'); '' without one."""
+  prefix = key.partition(":")[0] if ":" in key else ""
+  return re.sub(r"-\d+(\.\d+)*$", "", prefix)
+
+
+def same_source_rows(doc_C: np.ndarray, source_D: Sequence[str], seed: int = 0
+                     ) -> tuple[np.ndarray, float]:
+  """(perm int64 [C], fraction of chunks paired within their source): `shuffled_rows` inside each
+  source (chunks of another held-out document of the same source). A source with a single
+  held-out document cannot: its chunks are paired with chunks of other sources' documents (the
+  plain shuffled control), and the fraction says how many chunks that left."""
+  doc_C = np.asarray(doc_C, np.int64)
+  src = np.asarray(source_D, dtype=object)[doc_C]
+  perm = np.full(len(doc_C), -1, np.int64)
+  for s in sorted(set(src.tolist())):
+    rows = np.flatnonzero(src == s)
+    if len(np.unique(doc_C[rows])) >= 2:
+      perm[rows] = rows[shuffled_rows(doc_C[rows], seed)]
+  rest = np.flatnonzero(perm < 0)
+  if len(rest):
+    if len(np.unique(doc_C[rest])) >= 2:
+      perm[rest] = rest[shuffled_rows(doc_C[rest], seed)]
+    else:  # one lone document left: borrow rows of the plain shuffled control
+      perm[rest] = shuffled_rows(doc_C, seed)[rest]
+  same = src[perm] == src
+  return perm, float(np.mean(same)) if len(same) else 0.0
+
+
+SAME_DOCUMENT_GAP = 3
+
+
+def same_document_rows(doc_C: np.ndarray, gap: int = SAME_DOCUMENT_GAP
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """(perm int64 [C], defined bool [C]): chunk c of a document of n chunks takes the row of its
+  chunk (c + n // 2) mod n, at least `gap` chunks away both ways (so n >= 2 * gap). Chunks of
+  shorter documents are not defined (perm[c] = c); compare them out with the mask."""
+  doc_C = np.asarray(doc_C, np.int64)
+  perm = np.arange(len(doc_C), dtype=np.int64)
+  defined = np.zeros(len(doc_C), bool)
+  for d in np.unique(doc_C):
+    rows = np.flatnonzero(doc_C == d)
+    n = len(rows)
+    if n >= 2 * gap:
+      perm[rows] = rows[(np.arange(n) + n // 2) % n]
+      defined[rows] = True
+  return perm, defined
 
 
 def same_document_fraction(doc_C: np.ndarray, perm: np.ndarray) -> float:
@@ -124,12 +187,39 @@ def paired_bootstrap(loss_a_C: np.ndarray, loss_b_C: np.ndarray, bytes_C: np.nda
 
 
 def compare(loss_a_C: np.ndarray, loss_b_C: np.ndarray, bytes_C: np.ndarray, doc_C: np.ndarray,
-            leakage_C: np.ndarray, seed: int = 0) -> dict:
-  """`paired_bootstrap` on all chunks ("all") and in each overlap bin."""
-  out = {"all": paired_bootstrap(loss_a_C, loss_b_C, bytes_C, doc_C, seed=seed)}
+            leakage_C: np.ndarray, seed: int = 0, mask_C: np.ndarray | None = None) -> dict:
+  """`paired_bootstrap` on all chunks ("all") and in each overlap bin (of the chunks in mask_C,
+  when given: a control defined for some chunks only)."""
+  mask_C = np.ones(len(bytes_C), bool) if mask_C is None else np.asarray(mask_C, bool)
+  out = {"all": paired_bootstrap(loss_a_C, loss_b_C, bytes_C, doc_C, mask_C, seed=seed)}
   for name, m in bin_masks(leakage_C).items():
-    out[name] = paired_bootstrap(loss_a_C, loss_b_C, bytes_C, doc_C, m, seed=seed)
+    out[name] = paired_bootstrap(loss_a_C, loss_b_C, bytes_C, doc_C, m & mask_C, seed=seed)
   return out
+
+
+def ratio_bootstrap(loss_ref_C: np.ndarray, loss_a_C: np.ndarray, loss_b_C: np.ndarray,
+                    bytes_C: np.ndarray, doc_C: np.ndarray, mask_C: np.ndarray | None = None,
+                    num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> dict:
+  """R = (bpb(ref) - bpb(a)) / (bpb(ref) - bpb(b)) with a 95% interval from the same resampling
+  of documents as `paired_bootstrap` (e.g. a retrofit's recovery of the from-scratch gain:
+  ref = the baseline, a = the retrofit, b = RETRO from scratch). {"ratio", "ci95", "docs"}."""
+  mask_C = np.ones(len(bytes_C), bool) if mask_C is None else np.asarray(mask_C, bool)
+  doc_C = np.asarray(doc_C, np.int64)
+  num_docs = int(doc_C.max()) + 1 if len(doc_C) else 0
+  per_doc = [np.bincount(doc_C[mask_C], np.asarray(x)[mask_C] / math.log(2), num_docs)
+             for x in (loss_ref_C, loss_a_C, loss_b_C)]
+  n_D = np.bincount(doc_C[mask_C], np.asarray(bytes_C, np.float64)[mask_C], num_docs)
+  used = n_D > 0
+  r_D, a_D, b_D, n_D = (x[used] for x in (*per_doc, n_D))
+  if not used.any():
+    return {"ratio": None, "ci95": [None, None], "docs": 0}
+  ratio = float((r_D.sum() - a_D.sum()) / (r_D.sum() - b_D.sum()))
+  rng = np.random.default_rng(seed)
+  D = len(n_D)
+  w_BxD = rng.multinomial(D, np.full(D, 1.0 / D), size=num_resamples).astype(np.float64)
+  r_B = (w_BxD @ r_D - w_BxD @ a_D) / (w_BxD @ r_D - w_BxD @ b_D)
+  lo, hi = (float(x) for x in np.percentile(r_B, [2.5, 97.5]))
+  return {"ratio": ratio, "ci95": [lo, hi], "docs": int(D)}
 
 
 # Fewer documents than this: a resample over them says nothing; tables print no interval.

@@ -1,8 +1,9 @@
 r"""The CPU demo (`make demo`): train a tiny RETRO and its baseline, evaluate both, print the table.
 
-    python -m retro_jax.demo [--db=runs/default_db --out=runs/demo --steps=N]
+    python -m retro_jax.demo [--db=runs/dup_db --out=runs/demo --steps=N]
 
-On the database built by `make db`: trains experiments/tiny.py with retrieval (RETRO) and without
+On the database built by `make dup-db` (both kernel documentation versions: held-out text recurs in
+other documents, as on the web): trains experiments/dup_tiny.py with retrieval (RETRO) and without
 (the baseline: same decoder, no CCA, no encoder) for the same steps and data, then scores both on
 the database's held-out documents (retro_jax.evaluation.bpb: bits-per-byte, windows of seq_len with
 stride seq_len - 64, so that every scored chunk but a document's first has its preceding chunk's
@@ -29,7 +30,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments import tiny
+from experiments import dup_tiny
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.evaluation import bpb as ev
 from retro_jax.evaluation import controls
@@ -38,7 +39,7 @@ from retro_jax.training import loop
 
 
 def _config(db: str, steps: int | None, retrieval: bool):
-  c = tiny.get_config()
+  c = dup_tiny.get_config()
   c.db = db
   c.retrieval = retrieval
   if steps:
@@ -68,7 +69,7 @@ def plot_losses(runs: dict[str, str], path: str) -> None:
     ax.plot(s[k - 1:], sm, label=label)
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (nats/token)")
-  ax.set_title("Tiny RETRO and baseline on the default database")
+  ax.set_title("Tiny RETRO and baseline")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
