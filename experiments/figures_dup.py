@@ -14,6 +14,7 @@ def get_config():
   f = ml_collections.ConfigDict()
   f.title = "duplication database: "
   f.seeds = (0, 1, 2)
+  f.other_seed_modes = ("on", "shuffled_source")  # seed 0: every control
   f.db_fractions = (0.125, 0.25, 0.5, 1.0)
   f.fraction_seeds = (0,)
   f.retrofit_steps = 100

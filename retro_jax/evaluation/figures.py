@@ -4,7 +4,8 @@ r"""The paper's figures at CPU scale, from one resumable command (`python -m ret
 
 The config holds `train` (an experiment, e.g. experiments/dup_tiny.py's) and `figures`:
   seeds            RETRO and its baseline are trained from scratch once per seed (`seed` sets the
-                   parameters and the data order), OUT/seed<S>/{retro,baseline}
+                   parameters and the data order), OUT/seed<S>/{retro,baseline}; the first seed
+                   is scored with every control, the others with `other_seed_modes`
   db_fractions     fractions of the training documents that form the retrieval database when the
                    held-out documents are scored (nested subsets, retro_jax.evaluation.bpb)
   fraction_seeds   the seeds whose RETRO is scored at every fraction
@@ -135,13 +136,15 @@ def run_figures(cfg, out: str) -> dict:
 
   # Per seed at the whole database: every control and the baseline.
   losses = {}
-  for s in fig.seeds:
-    r = _cached_eval(out, f"seed{s}_full", lambda s=s: ev.evaluate(
-        runs[f"seed{s}/retro"], retrieval="controls", held=H,
+  for i, s in enumerate(fig.seeds):
+    modes = "controls" if i == 0 else tuple(fig.get("other_seed_modes", ("on", "shuffled")))
+    r = _cached_eval(out, f"seed{s}_full", lambda s=s, modes=modes: ev.evaluate(
+        runs[f"seed{s}/retro"], retrieval=modes, held=H,
         baseline=runs[f"seed{s}/baseline"], **kw))
     losses[s] = {m: np.asarray(v) for m, v in r["chunk_loss_nats"].items()}
     res["per_seed"][str(s)] = _slim(r)
-  given_C = np.asarray(r["chunk_given_overlap"])
+    if i == 0:
+      given_C = np.asarray(r["chunk_given_overlap"])
   gains = [res["per_seed"][str(s)]["differences"]["on-baseline"]["all"]["diff"] for s in fig.seeds]
   res["on_minus_baseline"] = {"per_seed": gains, "mean": float(np.mean(gains)),
                               "sd": float(np.std(gains, ddof=1)) if len(gains) > 1 else None,
@@ -183,8 +186,9 @@ def run_figures(cfg, out: str) -> dict:
   # The retrofit, its recovery of the from-scratch gain, and the trained-longer control.
   if fig.retrofit_steps:
     s0 = fig.seeds[0]
+    # (Retrieval off is the frozen baseline itself, bit for bit: not scored again.)
     rf = _cached_eval(out, "retrofit", lambda: ev.evaluate(
-        runs[f"seed{s0}/retrofit"], retrieval="all", held=H,
+        runs[f"seed{s0}/retrofit"], retrieval=("on", "shuffled"), held=H,
         baseline=runs[f"seed{s0}/baseline_longer"], **kw))
     rf_on = np.asarray(rf["chunk_loss_nats"]["on"])
     longer = np.asarray(rf["chunk_loss_nats"]["baseline"])
@@ -193,14 +197,13 @@ def run_figures(cfg, out: str) -> dict:
         "steps": int(fig.retrofit_steps), "scratch_steps": base.total_steps,
         "bpb": {"baseline": _bpb(base_C, bytes_C), "from_scratch_on": _bpb(scratch_on, bytes_C),
                 "retrofit_on": _bpb(rf_on, bytes_C),
-                "retrofit_off": rf["results"]["off"]["bpb"],
                 "retrofit_shuffled": rf["results"]["shuffled"]["bpb"],
                 "baseline_longer": _bpb(longer, bytes_C)},
         "recovery": controls.ratio_bootstrap(base_C, rf_on, scratch_on, bytes_C, doc_C),
         "on-baseline": controls.compare(rf_on, base_C, bytes_C, doc_C, H.leakage_C),
         "on-baseline_longer": controls.compare(rf_on, longer, bytes_C, doc_C, H.leakage_C),
         "baseline_longer-baseline": controls.paired_bootstrap(longer, base_C, bytes_C, doc_C),
-        "differences": {k: rf["differences"][k] for k in ("on-off", "on-shuffled")}}
+        "on-shuffled": rf["differences"]["on-shuffled"]}
   res["wall_s"] = time.time() - t0
   return res
 
@@ -242,9 +245,9 @@ def plot(res: dict, out: str, title: str = "") -> list[str]:
                                       ("on-shuffled_source", "on - same-source shuffled"),
                                       ("on-baseline", "on - baseline"))):
       ys, lo, hi = [], [], []
+      first = next(iter(res["per_seed"].values()))  # the seed scored with every control
       for b in names:
-        vals = [r[key][diff][b] for r in res["per_seed"].values()]
-        d = vals[0]
+        d = first[key][diff][b]
         ys.append(d["diff"] if d["diff"] is not None else np.nan)
         lo.append(d["ci95"][0] if d["ci95"][0] is not None else np.nan)
         hi.append(d["ci95"][1] if d["ci95"][1] is not None else np.nan)
@@ -274,12 +277,14 @@ def table(res: dict) -> str:
           "on - same document |", "|---|" + "---|" * 10]
   for s in seeds:
     r = res["per_seed"][s]
-    b = {m: v["bpb"] for m, v in r["results"].items()}
-    d = r["differences"]
-    out.append(f"| {s} | {b['baseline']:.4f} | {b['off']:.4f} | {b['shuffled']:.4f} | "
-               f"{b['shuffled_source']:.4f} | {b['same_document']:.4f} | **{b['on']:.4f}** | "
-               f"{fd(d['on-baseline']['all'])} | {fd(d['on-shuffled']['all'])} | "
-               f"{fd(d['on-shuffled_source']['all'])} | {fd(d['on-same_document']['all'])} |")
+    b = {m: f"{v['bpb']:.4f}" for m, v in r["results"].items()}
+    d = {k: fd(v["all"]) for k, v in r["differences"].items()}
+    cells = [b.get(m, "-") for m in ("baseline", "off", "shuffled", "shuffled_source",
+                                     "same_document")]
+    cells.append(f"**{b['on']}**")
+    cells += [d.get(k, "-") for k in ("on-baseline", "on-shuffled", "on-shuffled_source",
+                                      "on-same_document")]
+    out.append(f"| {s} | " + " | ".join(cells) + " |")
   g = res["on_minus_baseline"]
   sd = "n/a" if g["sd"] is None else f"{g['sd']:.4f}"
   out += ["", f"on - baseline over {len(seeds)} seeds: mean {g['mean']:+.4f}, sd {sd}", ""]
@@ -322,7 +327,8 @@ def table(res: dict) -> str:
     out += [f"Retrofit ({rf['steps']} steps on the frozen {rf['scratch_steps']}-step baseline):", "",
             "| model | bpb |", "|---|---|"]
     out += [f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in b.items()]
-    out += ["", f"recovery R = {rec['ratio']:.3f} [{rec['ci95'][0]:.3f}, {rec['ci95'][1]:.3f}]; "
+    out += ["", f"recovery R = (baseline - retrofit on) / (baseline - from-scratch on) = "
+            f"{rec['ratio']:.3f} [{rec['ci95'][0]:.3f}, {rec['ci95'][1]:.3f}]; "
             f"retrofit on - baseline trained {rf['steps']} steps longer: "
             f"{fd(rf['on-baseline_longer']['all'])}; trained longer - baseline: "
             f"{fd(rf['baseline_longer-baseline'])}"]

@@ -259,3 +259,21 @@ def test_corrupt_and_missing_shard_files(db, tok, tmp_path):
                        heldout_fraction=0.1, progress=False)
   cs.ChunkStore.open(copy).check(tok)
   assert _files(copy / "chunks") == _files(db / "chunks")
+
+
+def test_two_kernel_versions_are_different_documents(monkeypatch):
+  """`kernel612` keys carry the version, so the same file of both versions is two documents; the
+  duplication corpus joins them (read here from the test corpus, never the installed docs)."""
+  for name in ("KERNEL_DOCS", "KERNEL612_DOCS"):
+    monkeypatch.setattr(corpus, f"{name}_ROOT", corpus_path.KERNEL_DIR)
+    monkeypatch.setattr(corpus, f"{name}_GLOB", corpus_path.KERNEL_DIR + "/**/*.rst.txt")
+  monkeypatch.setattr(corpus, "DUP_SPEC", f"kernel:limit=3+kernel612:limit=3+"
+                      f"{corpus_path.WIKI_JSONL}:limit=2")
+  old = corpus.read_documents("kernel:limit=3")
+  new = corpus.read_documents("kernel612:limit=3")
+  assert [d.key.removeprefix("linux-doc:") for d in old] == \
+      [d.key.removeprefix("linux-doc-6.12:") for d in new]
+  assert all(d.key.startswith("linux-doc-6.12:") for d in new)
+  assert [d.text for d in old] == [d.text for d in new]
+  dup = corpus.read_documents("dup")  # unique keys: read_documents checks
+  assert [d.key for d in dup[:6]] == [d.key for d in old + new] and len(dup) == 8
