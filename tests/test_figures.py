@@ -29,6 +29,7 @@ def _config(db):
   return cfg
 
 
+@pytest.mark.slow  # six tiny trainings and a dozen scoring passes: about two minutes
 def test_figures_run_then_resume(tmp_path_factory, tmp_path, capsys):
   db = tiny_db.get(tmp_path_factory)[0]
   cfg = _config(db)

@@ -253,7 +253,9 @@ def plot(res: dict, out: str, title: str = "") -> list[str]:
         hi.append(d["ci95"][1] if d["ci95"][1] is not None else np.nan)
       x = np.arange(len(names)) + (j - 1) * 0.25
       ys, lo, hi = (np.asarray(v, float) for v in (ys, lo, hi))
-      ax.bar(x, ys, 0.25, yerr=[ys - lo, hi - ys], capsize=3, label=name)
+      # (A bootstrap interval need not contain the point estimate: clip the bars at zero.)
+      err = np.nan_to_num(np.maximum([ys - lo, hi - ys], 0))
+      ax.bar(x, ys, 0.25, yerr=err, capsize=3, label=name)
     ax.set_xticks(np.arange(len(names)), names)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel(label)
