@@ -31,9 +31,13 @@ data only, so models compared at the same alpha are scored on the same chunks.
 
 Modes: `on` (each chunk's own neighbours), `off` (no neighbours: CCA is the identity), `shuffled`
 (each chunk gets the neighbours of a seeded random chunk of another held-out document, the control
-of retro_jax.evaluation.controls), and `baseline` (a second model, retrieval off). Every mode's bpb
-is also split by overlap bin (`controls.OVERLAP_BINS`), and every difference (on - off,
-on - shuffled, on - baseline, ...) gets a 95% interval from a paired bootstrap over documents.
+of retro_jax.evaluation.controls), `shuffled_source` (of another held-out document of the same
+source), `same_document` (of another chunk of the same document, far enough away; defined for
+long enough documents only, and compared on those), and `baseline` (a second model, retrieval
+off). Every mode's bpb is split by the overlap bins of r(C) (`bins`) and of the overlap with the
+neighbours the model is given, those of the preceding chunk (`bins_given`, `given_overlap`), and
+every difference (on - off, on - shuffled, on - baseline, ...) gets a 95% interval from a paired
+bootstrap over documents, overall and in each bin of both kinds.
 
 Output: JSON (bpb per mode, bpb(alpha) on a grid of alpha, chunk counts, bpb per overlap bin, the
 differences with intervals, each chunk's loss) and a PNG of bpb(alpha).

@@ -46,6 +46,10 @@ def defaults() -> ml_collections.ConfigDict:
   # Copy curriculum (retro_jax.training.input_pipeline): this fraction of training chunks get themselves as
   # neighbour 0, so the model learns to copy from a neighbour that matches. 0: the paper's setup.
   c.self_neighbour_rate = 0.0
+  # Training neighbours start 0..neighbour_shift tokens into the neighbour chunk (a hash per chunk
+  # and slot; retro_jax.training.input_pipeline), so that a model cannot copy by position from
+  # chunk-aligned duplicates. 0: the paper's setup. Evaluation never shifts.
+  c.neighbour_shift = 0
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.log_every = 50

@@ -28,6 +28,12 @@ Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour leng
                 the stored neighbours shift right by one): the leakage the paper's evaluation
                 filters, used on purpose to teach a model to copy from a neighbour that matches
                 (`experiments/copy_tiny.py`; which chunks is a hash of (chunk id, seed)).
+                With `neighbour_shift` S > 0 (off by default), each neighbour's R tokens start
+                a pseudo-random 0..S tokens into the neighbour chunk instead of at its start (a
+                hash of (chunk id, neighbour slot, seed); S <= chunk size keeps the whole
+                continuation in view): text that recurs on the web recurs at any offset, but two
+                versions of one file recur chunk-aligned, which lets a model copy by position
+                instead of by content; shifted neighbours take that shortcut away.
 Everything is gathered per example from memory-mapped files; the database is never loaded whole.
 
 Pipeline (`make_dataset`): source -> seeded shuffle -> repeat (reshuffled each epoch) -> this
@@ -110,12 +116,13 @@ class SequenceSource:
   def __init__(self, db_dir: str | os.PathLike, seq_len: int, split: str = "train",
                retrieval: bool = True, num_neighbours: int | None = None,
                neighbour_len: int = 128, store=None, self_neighbour_rate: float = 0.0,
-               seed: int = 0, exclude_sequence_docs: bool = True):
+               seed: int = 0, exclude_sequence_docs: bool = True, neighbour_shift: int = 0):
     if not 0.0 <= self_neighbour_rate <= 1.0:
       raise ValueError(f"self_neighbour_rate={self_neighbour_rate} must be in [0, 1].")
     if self_neighbour_rate and not retrieval:
       raise ValueError("self_neighbour_rate > 0 needs retrieval=True (it sets neighbours).")
     self.self_neighbour_rate, self.seed = float(self_neighbour_rate), int(seed)
+    self.neighbour_shift = int(neighbour_shift)
     self.db_dir = str(db_dir)
     self.store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
     self.chunk_size = int(self.store.chunk_size)
@@ -124,6 +131,9 @@ class SequenceSource:
                        f"{self.chunk_size} of {db_dir}.")
     if neighbour_len < self.chunk_size:
       raise ValueError(f"neighbour_len={neighbour_len} must be >= the chunk size {self.chunk_size}.")
+    if not 0 <= self.neighbour_shift <= self.chunk_size:
+      raise ValueError(f"neighbour_shift={neighbour_shift} must be in [0, the chunk size "
+                       f"{self.chunk_size}] (a larger shift loses the continuation).")
     self.pad_id = int(getattr(self.store, "pad_id", PAD_ID))
     self.seq_len = seq_len
     self.num_chunks_per_seq = seq_len // self.chunk_size
@@ -201,21 +211,32 @@ class SequenceSource:
     if self.retrieval:
       nbr_LxK = self.sequence_neighbour_ids(index)
       valid = nbr_LxK >= 0
+      S, R = self.neighbour_shift, self.neighbour_len
       toks = np.asarray(self.store.neighbour_tokens(np.where(valid, nbr_LxK, 0).reshape(-1),
-                                                    self.neighbour_len), np.int32)
-      toks_LxKxR = toks.reshape(*nbr_LxK.shape, self.neighbour_len)
+                                                    R + S), np.int32)
+      if S:
+        L, K = nbr_LxK.shape
+        slot_N = (ids_L[:, None] * K + np.arange(K)).reshape(-1)
+        shift_N = np.minimum((unit_hash(slot_N, self.seed + 1) * (S + 1)).astype(np.int64), S)
+        toks = toks[np.arange(len(toks))[:, None], shift_N[:, None] + np.arange(R)]
+      toks_LxKxR = toks.reshape(*nbr_LxK.shape, R)
       example["neighbours"] = np.where(valid[..., None], toks_LxKxR, self.pad_id).astype(np.int32)
     return example
 
 
-def self_neighbour_mask(chunk_ids_N: np.ndarray, rate: float, seed: int) -> np.ndarray:
-  """bool [N]: the chunks that get themselves as neighbour 0 (splitmix64 of id and seed < rate)."""
+def unit_hash(ids_N: np.ndarray, seed: int) -> np.ndarray:
+  """float64 [N] in [0, 1): splitmix64 of (id, seed), the same on every host and run."""
   with np.errstate(over="ignore"):
-    z = np.asarray(chunk_ids_N, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+    z = np.asarray(ids_N, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     z = z ^ (z >> np.uint64(31))
-  return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < rate
+  return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def self_neighbour_mask(chunk_ids_N: np.ndarray, rate: float, seed: int) -> np.ndarray:
+  """bool [N]: the chunks that get themselves as neighbour 0 (splitmix64 of id and seed < rate)."""
+  return unit_hash(chunk_ids_N, seed) < rate
 
 
 def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, split: str = "train",
@@ -223,7 +244,7 @@ def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, sp
                  neighbour_len: int = 128, seed: int = 0, shuffle: bool | None = None,
                  num_epochs: int | None = None, process_index: int | None = None,
                  process_count: int | None = None, source: SequenceSource | None = None,
-                 self_neighbour_rate: float = 0.0) -> grain.MapDataset:
+                 self_neighbour_rate: float = 0.0, neighbour_shift: int = 0) -> grain.MapDataset:
   """Batched MapDataset of examples (leading axis `batch_size`, per process).
 
   Defaults: split "train" shuffles and repeats forever; split "heldout" reads once in order.
@@ -236,7 +257,7 @@ def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, sp
     process_count = jax.process_count() if process_count is None else process_count
   src = source if source is not None else SequenceSource(
       db_dir, seq_len, split, retrieval, num_neighbours, neighbour_len,
-      self_neighbour_rate=self_neighbour_rate, seed=seed)
+      self_neighbour_rate=self_neighbour_rate, seed=seed, neighbour_shift=neighbour_shift)
   if shuffle is None:
     shuffle = split == "train"
   if num_epochs is None and split != "train":

@@ -348,7 +348,8 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
       c.db, seq_len=c.seq_len, batch_size=c.global_batch // jax.process_count(), split="train",
       retrieval=cfg.retrieval, num_neighbours=num_neighbours if cfg.retrieval else None,
       neighbour_len=cfg.neighbour_len, seed=c.seed, read_threads=c.read_threads,
-      self_neighbour_rate=c.self_neighbour_rate if cfg.retrieval else 0.0)
+      self_neighbour_rate=c.self_neighbour_rate if cfg.retrieval else 0.0,
+      neighbour_shift=c.neighbour_shift if cfg.retrieval else 0)
 
   bpt = bytes_per_token(store)
   meta = {"model_config": cfg.to_dict(), "experiment": c.to_dict(),

@@ -182,3 +182,24 @@ def test_copy_curriculum_gives_a_fraction_of_chunks_themselves_first(db, store, 
     loader.SequenceSource(db, T, store=store, self_neighbour_rate=1.5)
   with pytest.raises(ValueError, match="retrieval=True"):
     loader.SequenceSource(db, T, store=store, retrieval=False, self_neighbour_rate=0.5)
+
+
+def test_shifted_neighbours_start_inside_the_neighbour_chunk(db, store, source):
+  shifted = loader.SequenceSource(db, T, store=store, neighbour_shift=64, seed=3)
+  again = loader.SequenceSource(db, T, store=store, neighbour_shift=64, seed=3)
+  shifts = []
+  for i in range(min(len(source), 12)):
+    ids = source.sequence_neighbour_ids(i)
+    np.testing.assert_array_equal(shifted.sequence_neighbour_ids(i), ids)  # same neighbours
+    got = shifted[i]["neighbours"]
+    np.testing.assert_array_equal(got, again[i]["neighbours"])  # deterministic
+    for u, k in zip(*np.nonzero(ids >= 0)):
+      long = np.asarray(store.neighbour_tokens([ids[u, k]], 128 + 64))[0]
+      match = [d for d in range(65) if (long[d:d + 128] == got[u, k]).all()]
+      assert match, "each neighbour is a 128-token window 0..64 tokens into its chunk"
+      shifts.append(match[0])
+  assert len(set(shifts)) > 5 and max(shifts) <= 64  # spread over the range
+  np.testing.assert_array_equal(loader.SequenceSource(db, T, store=store, neighbour_shift=0)[0][
+      "neighbours"], source[0]["neighbours"])
+  with pytest.raises(ValueError, match="neighbour_shift"):
+    loader.SequenceSource(db, T, store=store, neighbour_shift=65)
