@@ -9,5 +9,5 @@ def get_config():
   cfg.train = tiny.get_config()
   cfg.figures.title = "default database: "
   cfg.figures.seeds = (0,)
-  cfg.figures.retrofit_steps = 0
+  cfg.figures.retrofit_steps = ()
   return cfg

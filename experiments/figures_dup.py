@@ -17,7 +17,7 @@ def get_config():
   f.other_seed_modes = ("on", "shuffled_source")  # seed 0: every control
   f.db_fractions = (0.125, 0.25, 0.5, 1.0)
   f.fraction_seeds = (0,)
-  f.retrofit_steps = 100
+  f.retrofit_steps = (100, 300)  # a third of the from-scratch steps; then as many
   f.stride = 0  # seq_len - chunk: every scored chunk has its preceding chunk's neighbours
   f.eval_max_docs = 0
   return ml_collections.ConfigDict({"train": c, "figures": f})

@@ -25,7 +25,7 @@ def _config(db):
   c.seq_len, c.global_batch, c.total_steps, c.warmup_steps = 128, 2, 3, 1
   c.checkpoint_every, c.log_every, c.read_threads = 3, 1, 1
   f = cfg.figures
-  f.seeds, f.db_fractions, f.fraction_seeds, f.retrofit_steps = (0, 1), (0.5, 1.0), (0,), 2
+  f.seeds, f.db_fractions, f.fraction_seeds, f.retrofit_steps = (0, 1), (0.5, 1.0), (0,), (2,)
   return cfg
 
 

@@ -12,7 +12,8 @@ The config holds `train` (an experiment, e.g. experiments/dup_tiny.py's) and `fi
   retrofit_steps   0, or the steps of a retrofit of seed 0's frozen baseline (CCA and encoder only,
                    OUT/seed0/retrofit) and of its control, the same baseline trained the same steps
                    with all weights and no retrieval (OUT/seed0/baseline_longer: "it trained
-                   longer")
+                   longer"); a tuple adds retrofits of more steps (OUT/seed0/retrofit_<N>,
+                   baseline_longer_<N>), the first being the headline one
   eval_max_docs    0 = every held-out document
 
 What it measures (each difference a - b in bpb with a 95% paired-bootstrap interval over documents,
@@ -67,21 +68,28 @@ def train_all(base, fig, out: str) -> dict[str, str]:
       c.retrieval = kind == "retro"
       runs[f"seed{s}/{kind}"] = wd = os.path.join(out, f"seed{s}", kind)
       _train(c, wd)
-  if fig.retrofit_steps:
-    s0 = fig.seeds[0]
-    base_wd = runs[f"seed{s0}/baseline"]
+  s0 = fig.seeds[0]
+  for i, steps in enumerate(retrofit_steps(fig)):
     for kind in ("retrofit", "baseline_longer"):
       c = copy.deepcopy(base)
       c.seed = int(s0)
-      c.init_from = base_wd
+      c.init_from = runs[f"seed{s0}/baseline"]
       c.retrieval = kind == "retrofit"
       c.train_only = "retrieval" if kind == "retrofit" else "all"
-      c.total_steps = int(fig.retrofit_steps)
+      c.total_steps = steps
       c.warmup_steps = max(1, min(c.warmup_steps, c.total_steps // 10))
       c.checkpoint_every = min(c.checkpoint_every, c.total_steps)
-      runs[f"seed{s0}/{kind}"] = wd = os.path.join(out, f"seed{s0}", kind)
+      name = kind if i == 0 else f"{kind}_{steps}"
+      runs[f"seed{s0}/{name}"] = wd = os.path.join(out, f"seed{s0}", name)
       _train(c, wd)
   return runs
+
+
+def retrofit_steps(fig) -> list[int]:
+  """The retrofits' step counts, the headline one first ([] for none)."""
+  steps = fig.retrofit_steps
+  steps = [steps] if isinstance(steps, int) else list(steps)
+  return [int(x) for x in steps if x]
 
 
 def _cached_eval(out: str, name: str, fn) -> dict:
@@ -183,18 +191,19 @@ def run_figures(cfg, out: str) -> dict:
                                       d["shuffled"]["ci95"][0] <= 0 <= d["shuffled"]["ci95"][1]
                                       for d in steps.values())}
 
-  # The retrofit, its recovery of the from-scratch gain, and the trained-longer control.
-  if fig.retrofit_steps:
-    s0 = fig.seeds[0]
+  # The retrofits, their recovery of the from-scratch gain, and the trained-longer controls.
+  s0 = fig.seeds[0]
+  base_C, scratch_on = losses[s0]["baseline"], losses[s0]["on"]
+  for i, steps in enumerate(retrofit_steps(fig)):
+    tag = "" if i == 0 else f"_{steps}"
     # (Retrieval off is the frozen baseline itself, bit for bit: not scored again.)
-    rf = _cached_eval(out, "retrofit", lambda: ev.evaluate(
-        runs[f"seed{s0}/retrofit"], retrieval=("on", "shuffled"), held=H,
-        baseline=runs[f"seed{s0}/baseline_longer"], **kw))
+    rf = _cached_eval(out, f"retrofit{tag}", lambda tag=tag: ev.evaluate(
+        runs[f"seed{s0}/retrofit{tag}"], retrieval=("on", "shuffled"), held=H,
+        baseline=runs[f"seed{s0}/baseline_longer{tag}"], **kw))
     rf_on = np.asarray(rf["chunk_loss_nats"]["on"])
     longer = np.asarray(rf["chunk_loss_nats"]["baseline"])
-    base_C, scratch_on = losses[s0]["baseline"], losses[s0]["on"]
-    res["retrofit"] = {
-        "steps": int(fig.retrofit_steps), "scratch_steps": base.total_steps,
+    entry = {
+        "steps": steps, "scratch_steps": base.total_steps,
         "bpb": {"baseline": _bpb(base_C, bytes_C), "from_scratch_on": _bpb(scratch_on, bytes_C),
                 "retrofit_on": _bpb(rf_on, bytes_C),
                 "retrofit_shuffled": rf["results"]["shuffled"]["bpb"],
@@ -204,6 +213,10 @@ def run_figures(cfg, out: str) -> dict:
         "on-baseline_longer": controls.compare(rf_on, longer, bytes_C, doc_C, H.leakage_C),
         "baseline_longer-baseline": controls.paired_bootstrap(longer, base_C, bytes_C, doc_C),
         "on-shuffled": rf["differences"]["on-shuffled"]}
+    if i == 0:
+      res["retrofit"] = entry
+    else:
+      res.setdefault("retrofit_more_steps", {})[str(steps)] = entry
   res["wall_s"] = time.time() - t0
   return res
 
@@ -322,8 +335,8 @@ def table(res: dict) -> str:
     for k, v in d["steps"].items():
       out.append(f"| {k} | {fd(v['on'])} | {fd(v['shuffled'])} |")
     out.append("")
-  rf = res.get("retrofit")
-  if rf:
+  for rf in ([res["retrofit"]] if res.get("retrofit") else []) + list(
+      res.get("retrofit_more_steps", {}).values()):
     b = rf["bpb"]
     rec = rf["recovery"]
     out += [f"Retrofit ({rf['steps']} steps on the frozen {rf['scratch_steps']}-step baseline):", "",
@@ -333,7 +346,7 @@ def table(res: dict) -> str:
             f"{rec['ratio']:.3f} [{rec['ci95'][0]:.3f}, {rec['ci95'][1]:.3f}]; "
             f"retrofit on - baseline trained {rf['steps']} steps longer: "
             f"{fd(rf['on-baseline_longer']['all'])}; trained longer - baseline: "
-            f"{fd(rf['baseline_longer-baseline'])}"]
+            f"{fd(rf['baseline_longer-baseline'])}", ""]
   return "\n".join(out)
 
 
