@@ -25,7 +25,7 @@ def test_paper_experiment_recipe(name):
 @pytest.mark.parametrize("name", ALL)
 def test_experiment_resolves_to_a_model(name):
   cfg = importlib.import_module(f"experiments.{name}").get_config()
-  runs = [cfg.train] if "sweep" in cfg else [cfg]
+  runs = [cfg.train] if "sweep" in cfg or "figures" in cfg else [cfg]
   for c in runs:
     model = experiment.model_config(experiment.with_defaults(c))
     assert model.num_layers >= 1
