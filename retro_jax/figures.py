@@ -9,6 +9,7 @@ copies the results to bench/results/NAME.json and the plots to docs/NAME_*.png.
 """
 import os
 import shutil
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,7 +26,8 @@ flags.DEFINE_string("publish", None, "also write bench/results/NAME.json and doc
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
-  res = figures.run(FLAGS.config, FLAGS.out, argv=argv)
+  del argv  # absl's, without the flags: the results record the whole command line
+  res = figures.run(FLAGS.config, FLAGS.out, argv=sys.argv)
   print(figures.table(res))
   print(f"wrote {FLAGS.out}/figures.json, figures.md, " +
         ", ".join(os.path.basename(p) for p in res["plots"]))
