@@ -13,15 +13,15 @@ JSON (`python -m retro_jax.evaluate ... --out`, or a `retro_jax.figures` evaluat
 losses) the bpb of each of its modes in each group. A model that copies by content gains wherever
 the neighbours overlap; one that copies by position gains only from the aligned twin.
 """
-import datetime
 import json
-import subprocess
+import sys
 
 import numpy as np
 from absl import app, flags
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.evaluation import bpb as ev
+from retro_jax.evaluation import figures
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("db", "runs/dup_db", "the database the evaluations scored")
@@ -34,26 +34,22 @@ def _path(key: str) -> str:
 
 
 def main(argv):
+  del argv  # absl's, without the flags: the results record sys.argv
   store = chunk_store_lib.ChunkStore.open(FLAGS.db)
   held = ev.load_heldout(store, FLAGS.db)
   C = len(held.chunk_ids_C)
-  first = np.zeros(C, bool)
-  first[held.doc_first_row] = True
-  given = held.neighbours_CxK[np.where(first, 0, np.arange(C) - 1), 0]
+  given = ev.given_neighbours(held, 1)[:, 0]
   docs = np.asarray(store.heldout_doc_ids, np.int64)
   own = np.repeat([store.doc_key(int(d)) for d in docs], np.asarray(store.doc_num_chunks)[docs])
   nbr = [store.doc_key(int(d)) for d in store.doc_ids(np.maximum(given, 0))]
   twin = np.array([g >= 0 and _path(a) == _path(b) and a != b
-                   for g, a, b in zip(given, own, nbr)]) & ~first
+                   for g, a, b in zip(given, own, nbr)])
   groups = {"all": np.ones(C, bool), "r<=12.5%": held.leakage_C <= 0.125 + 1e-9}
   for over, m_over in (("r<=12.5%", held.leakage_C <= 0.125 + 1e-9),
                        ("r>=50%", held.leakage_C >= 0.5 - 1e-9)):
-    for who, m_who in (("twin", twin), ("other", ~twin & ~first & (given >= 0))):
+    for who, m_who in (("twin", twin), ("other", ~twin & (given >= 0))):
       groups[f"{over}, {who}"] = m_over & m_who
-  res = {"command": "python -m bench.copy_alignment " + " ".join(argv[1:]),
-         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True, check=False).stdout.strip(),
-         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+  res = {**figures.provenance(" ".join(["python -m bench.copy_alignment"] + sys.argv[1:])),
          "db": FLAGS.db, "chunks": {g: int(m.sum()) for g, m in groups.items()}, "bpb": {}}
   b = held.chunk_bytes_C
   for item in FLAGS.evals:

@@ -9,7 +9,6 @@ results (runs/demo/results.json) with the command, commit and date. The clone cr
 .venv; the pip cache and installed Debian packages of this machine are used as they are.
 """
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -17,9 +16,7 @@ import shutil
 import subprocess
 import time
 
-
-def _utc() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+from retro_jax.evaluation.figures import provenance, utc_now
 
 
 def main() -> None:
@@ -29,20 +26,18 @@ def main() -> None:
   p.add_argument("--out", default="bench/results/make_demo_fresh.json")
   a = p.parse_args()
   repo = os.path.abspath(a.repo)
-  commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+  rec = provenance(f"git clone {repo} {a.dest} && cd {a.dest} && make demo", repo)
   shutil.rmtree(a.dest, ignore_errors=True)
   subprocess.run(["git", "clone", "-q", repo, a.dest], check=True)
-  start, t0 = _utc(), time.time()
+  start, t0 = utc_now(), time.time()
   log = os.path.join(a.dest, "make_demo.log")
   with open(log, "w") as f:
     rc = subprocess.run(["make", "demo"], cwd=a.dest, stdout=f, stderr=subprocess.STDOUT).returncode
   wall = time.time() - t0
-  rec = {"command": f"git clone {repo} {a.dest} && cd {a.dest} && make demo",
-         "script": "python -m bench.fresh_demo", "commit": commit, "start_utc": start,
-         "end_utc": _utc(), "wall_seconds": round(wall, 1), "exit_status": rc,
-         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-         "load_average_at_end": os.getloadavg()}
+  rec.update({"script": "python -m bench.fresh_demo", "start_utc": start, "end_utc": utc_now(),
+              "wall_seconds": round(wall, 1), "exit_status": rc,
+              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "load_average_at_end": os.getloadavg()})
   times = os.path.join(a.dest, "runs", "dup_db", "build_times.json")
   if os.path.exists(times):
     with open(times) as f:

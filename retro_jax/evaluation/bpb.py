@@ -208,23 +208,27 @@ def load_heldout(store, db_dir: str, *, db_fraction: float = 1.0, k: int = FILTE
                  lcs / m, keys)
 
 
-def given_overlap(held: HeldOut, store, num_neighbours: int, neighbour_len: int) -> np.ndarray:
-  """float [C]: overlap of each chunk with what the model is given when predicting it: the longest
-  common token substring between chunk c and the first `num_neighbours` neighbours (chunk +
-  continuation) of the preceding chunk c - 1 of its document, over the chunk size; 0 for a
-  document's first chunk, which is given none."""
-  m, pad = store.chunk_size, store.pad_id
+def given_neighbours(held: HeldOut, num_neighbours: int) -> np.ndarray:
+  """int64 [C, num_neighbours]: the neighbours chunk c is given when it is predicted, those of the
+  preceding chunk c - 1 of its document; -1 for a document's first chunk, which is given none."""
   C = len(held.chunk_ids_C)
   first = np.zeros(C, bool)
   first[held.doc_first_row] = True
-  prev = np.where(first, 0, np.arange(C) - 1)
-  given = held.neighbours_CxK[prev, :num_neighbours]
-  given = np.where(first[:, None], -1, given)
+  given = held.neighbours_CxK[np.where(first, 0, np.arange(C) - 1), :num_neighbours]
+  return np.where(first[:, None], -1, given)
+
+
+def given_overlap(held: HeldOut, store, num_neighbours: int, neighbour_len: int) -> np.ndarray:
+  """float [C]: overlap of each chunk with what the model is given when predicting it
+  (`given_neighbours`, each the chunk + continuation): the longest common token substring over the
+  chunk size; 0 for a document's first chunk."""
+  given = given_neighbours(held, num_neighbours)
   flat = given.reshape(-1)
   toks = np.asarray(store.neighbour_tokens(np.where(flat >= 0, flat, 0), neighbour_len))
-  toks = np.where(flat[:, None] >= 0, toks, pad).reshape(C, num_neighbours, neighbour_len)
+  toks = np.where(flat[:, None] >= 0, toks, store.pad_id)
+  toks = toks.reshape(len(given), num_neighbours, neighbour_len)
   chunk_tok = np.asarray(store.tokens(held.chunk_ids_C))
-  return longest_common_substrings(chunk_tok, toks, pad) / m
+  return longest_common_substrings(chunk_tok, toks, store.pad_id) / store.chunk_size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,13 +485,13 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
              [len(t) for t in held.doc_tokens], seq_len, stride, cfg.chunk_size),
          "overlap_bins": [list(b) for b in controls.OVERLAP_BINS], "results": {}}
   doc_C = controls.doc_of_row(held.doc_first_row, len(held.chunk_ids_C))
+  rows = {m: mode_rows(held, m, shuffle_seed) for m in modes}  # (perm, defined) per mode
+  defined = {m: d for m, (_, d) in rows.items()}
   if "shuffled" in modes:
-    out["shuffled_same_document"] = controls.same_document_fraction(
-        doc_C, controls.shuffled_rows(doc_C, shuffle_seed))
+    out["shuffled_same_document"] = controls.same_document_fraction(doc_C, rows["shuffled"][0])
   if "shuffled_source" in modes:
-    out["shuffled_source_same_source"] = controls.same_source_rows(
-        doc_C, [controls.source_of_key(k) for k in held.doc_keys], shuffle_seed)[1]
-  defined = {m: mode_rows(held, m, shuffle_seed)[1] for m in modes}
+    src_C = np.asarray([controls.source_of_key(k) for k in held.doc_keys], object)[doc_C]
+    out["shuffled_source_same_source"] = float(np.mean(src_C[rows["shuffled_source"][0]] == src_C))
   if "same_document" in modes:
     out["same_document_defined_chunks"] = int(defined["same_document"].sum())
   losses = {}
@@ -495,7 +499,8 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
     losses[mode] = chunk_losses(model, cfg, held, store, seq_len=seq_len, stride=stride,
                                 num_neighbours=k, retrieval=mode != "off", batch_size=batch_size,
                                 progress=progress, desc=f"retrieval {mode}",
-                                neighbours_CxK=mode_neighbours(held, mode, shuffle_seed))
+                                neighbours_CxK=None if mode == "off" else
+                                held.neighbours_CxK[rows[mode][0]])
   if baseline:
     base_model, base_cfg, base_info = ckpt_lib.load_model(baseline, baseline_step)
     out["baseline"] = {"checkpoint": base_info["path"], "step": base_info["step"]}

@@ -221,12 +221,19 @@ def run_figures(cfg, out: str) -> dict:
   return res
 
 
-def _commit() -> str:
+def utc_now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def provenance(command: str, repo: str = ".") -> dict:
+  """{"command", "commit" (short HEAD of `repo`, "unknown" outside git), "date" (UTC)}: what a
+  results file records about the run that wrote it."""
   try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          timeout=10, check=False).stdout.strip() or "unknown"
+    commit = subprocess.run(["git", "-C", repo, "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, timeout=10, check=False).stdout.strip()
   except OSError:
-    return "unknown"
+    commit = ""
+  return {"command": command, "commit": commit or "unknown", "date": utc_now()}
 
 
 def plot(res: dict, out: str, title: str = "") -> list[str]:
@@ -354,9 +361,8 @@ def run(cfg, out: str, argv: list[str] | None = None) -> dict:
   """The figures, their plots and OUT/figures.md; returns the results."""
   os.makedirs(out, exist_ok=True)
   res = run_figures(cfg, out)
-  res["command"] = " ".join(["python -m retro_jax.figures"] + list((argv or sys.argv)[1:]))
-  res["commit"] = _commit()
-  res["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+  res.update(provenance(" ".join(["python -m retro_jax.figures"] +
+                                  list((argv or sys.argv)[1:]))))
   res["plots"] = plot(res, out, title=cfg.figures.get("title", ""))
   with open(os.path.join(out, "figures.json"), "w") as f:
     json.dump(res, f, indent=1)
