@@ -35,12 +35,16 @@ flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "embedder 
 flags.DEFINE_integer("embed_batch_size", 32, "embedder rows per forward call")
 flags.DEFINE_enum("backend", index_lib.GLOBAL_BACKEND, list(index_lib.ALL_BACKENDS), "index backend")
 flags.DEFINE_integer("k", 2, "training neighbours per chunk")
+flags.DEFINE_bool("audit", False, "read every output of every stage (the whole database) and "
+                  "rebuild the missing or damaged ones; a run without it reads a few small files "
+                  "per stage to know what is finished")
 flags.DEFINE_bool("rebuild", False, "rebuild a finished stage whose recorded settings, tokenizer "
                   "or inputs differ from this run's (default: stop with an error naming them)")
 
 
 def main(argv) -> None:
   build.build(FLAGS.db, stages=tuple(FLAGS.stages), rebuild=FLAGS.rebuild, beam_args=argv[1:],
+              audit=FLAGS.audit,
               **{name: FLAGS[name].value for name in build.DEFAULTS})
 
 

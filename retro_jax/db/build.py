@@ -43,25 +43,31 @@ class BuildError(UserError, RuntimeError):
 # "Is this stage finished?" checks (cheap; the stages themselves also skip finished shards).
 
 
+def _store(db: epath.Path) -> chunk_store_lib.ChunkStore:
+  return chunk_store_lib.ChunkStore.open(db)  # manifest.json only: no shard list
+
+
 def _store_shards(db: epath.Path) -> list[tuple[int, int, int]]:
-  return chunk_store_lib.ChunkStore.open(db).shard_spans()
+  return _store(db).shard_spans()
 
 
-def _embeddings_done(db: epath.Path, shards) -> bool:
-  for shard, _, _ in shards:
-    if not layout.is_finished(layout.embeddings_path(db, shard)):
-      return False
-  return True
+def _outputs_done(db: epath.Path, stage: str) -> bool:
+  """The stage's outputs record names every store shard (one small file; `--audit` checks the
+  shards themselves)."""
+  rec = provenance.read_outputs(db, stage)
+  return rec is not None and rec.get("num_shards") == _store(db).num_shards
 
 
-def _index_done(db: epath.Path, backend: str, shards) -> bool:
+def _index_done(db: epath.Path, backend: str) -> bool:
   if backend == index_lib.GLOBAL_BACKEND:
-    return build_index_lib.global_index_done(str(db))
+    return build_index_lib.global_index_done(str(db), _store(db).num_chunks)
+  # The per-shard backends (small databases): one manifest per index shard.
   return all((layout.index_shard_dir(layout.index_dir(db, backend), s) / index_lib.MANIFEST).exists()
-             for s, _, _ in shards)
+             for s, _, _ in _store_shards(db))
 
 
 def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
+  """Whether `stage` is finished, from a few small files whatever the database's size."""
   if stage == "tokenizer":
     want = (layout.BPE_TOKENIZER_PATH if prepare_lib.is_bpe_tokenizer(cfg["tokenizer"])
             else layout.TOKENIZER_PATH)
@@ -70,13 +76,10 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
     return (db / layout.CHUNKS_DIR / layout.MANIFEST).exists()
   if not is_done("chunks", db, cfg):
     return False
-  shards = _store_shards(db)
-  if stage == "embeddings":
-    return _embeddings_done(db, shards)
+  if stage in ("embeddings", "neighbours"):
+    return _outputs_done(db, stage)
   if stage == "index":
-    return _index_done(db, cfg["backend"], shards)
-  if stage == "neighbours":
-    return all(neighbours_lib.shard_is_done(db, s) for s, _, _ in shards)
+    return _index_done(db, cfg["backend"])
   raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES + ('finalize',)}.")
 
 
@@ -90,15 +93,12 @@ def _stage_finalize(db: epath.Path, cfg: dict[str, Any], beam_args) -> None:
 
 def _check_inputs(stage: str, db: epath.Path, cfg: dict[str, Any]) -> None:
   """A stage whose inputs are not all finished stops with an error naming them."""
-  if stage == "index":
-    have = {layout.shard_number(e) for e in retriever_lib.embedding_paths(str(db))}
-    want = {s for s, _, _ in _store_shards(db)}
-    if want - have:
-      raise BuildError(f"{db}/embeddings lacks shards {sorted(want - have)}; run the embeddings "
-                       "stage first.")
-  if stage == "neighbours" and not _index_done(db, cfg["backend"], _store_shards(db)):
-    raise BuildError(f"{db}/index/{cfg['backend']} is missing shards; the neighbours search "
-                     "every index shard, so build them all first (--stages=index).")
+  if stage == "index" and not _outputs_done(db, "embeddings"):
+    raise BuildError(f"{db}/embeddings is not finished; run the embeddings stage first "
+                     "(--stages=embeddings).")
+  if stage == "neighbours" and not _index_done(db, cfg["backend"]):
+    raise BuildError(f"{db}/index/{cfg['backend']} is not finished; the neighbours search the "
+                     "whole index, so build it first (--stages=index).")
 
 
 def _stage_pipeline(stage: str) -> Callable[[epath.Path, dict[str, Any], Any], None]:
@@ -117,11 +117,12 @@ DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None
                 embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2)
 
 
-def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: bool
-                     ) -> dict[str, Any] | None:
+def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: bool,
+                     audit: bool = False) -> dict[str, Any] | None:
   """This run's record of `stage` (None for 'finalize'); raises ProvenanceMismatchError when the
   finished stage was built from something else, unless `rebuild` (its outputs are then deleted).
-  Damaged or partial outputs are removed so that the stage rebuilds them."""
+  With `audit`, every output is read and the damaged or partial ones removed so that the stage
+  rebuilds them (the whole database: a run without it reads a few small files per stage)."""
   if stage not in provenance.STAGE_SETTINGS:
     return None
   want = provenance.expected(stage, db, cfg)
@@ -135,19 +136,23 @@ def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: b
     print(f"[build_db] {stage}: rebuilding ({'; '.join(diff)})", flush=True)
     provenance.clear_outputs(stage, db, cfg)
     want = provenance.expected(stage, db, cfg)
-  for what in provenance.repair(stage, db, cfg):
+  for what in (provenance.repair(stage, db, cfg) if audit else ()):
     print(f"[build_db] {stage}: {what} is missing or damaged; rebuilding it", flush=True)
   return want
 
 
 def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
-          beam_args: Sequence[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+          beam_args: Sequence[str] | None = None, audit: bool = False,
+          plan_only: bool = False, **kwargs: Any) -> dict[str, Any]:
   """Runs `stages` in order (finished ones skipped); returns and writes OUT/build_times.json.
 
   Each stage is a Beam pipeline run with `beam_args` (Beam's flags, e.g. `--runner=DirectRunner
   --direct_running_mode=multi_processing --direct_num_workers=2`; none: in-process DirectRunner).
   A finished stage is skipped only when its provenance record (retro_jax.db.provenance) matches
-  this run; `rebuild` rebuilds a stage whose record differs instead of stopping."""
+  this run; `rebuild` rebuilds a stage whose record differs instead of stopping; `audit` first
+  checks every output of every stage (reading the whole database) and rebuilds what is damaged.
+  `plan_only` builds each stage's pipeline without running it (finished or not) and records its
+  serialized size (`pipeline.PLANS`): the job graph a runner would be sent."""
   unknown = set(kwargs) - set(DEFAULTS)
   if unknown:
     raise TypeError(f"build() got unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
@@ -164,7 +169,10 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
   t_all = time.perf_counter()
   for stage in stages:
     t0 = time.perf_counter()
-    want = check_provenance(stage, db, cfg, rebuild)
+    want = check_provenance(stage, db, cfg, rebuild, audit)
+    if plan_only:
+      pipeline_lib.run_stage(stage, db, cfg, beam_args, plan_only=True)
+      continue
     if is_done(stage, db, cfg):
       if want is not None:  # (also records a database built before provenance records)
         provenance.write(db, stage, cfg, provenance.expected(stage, db, cfg))

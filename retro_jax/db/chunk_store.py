@@ -3,7 +3,12 @@ r"""The chunk store: documents tokenised and cut into fixed-size chunks, as shar
 Layout (paths via etils.epath, so gs:// works; local reads are memory-mapped, gs:// ones are
 ranged row reads, retro_jax.db.npy_rows):
 
-  STORE/manifest.json                 written by `finalize_chunk_store` once every shard is done
+  STORE/manifest.json                 written by `finalize_chunk_store` once every shard is done:
+                                      totals, settings, content fingerprint (a fixed size: what
+                                      opening a store reads)
+  STORE/shards.json                   each shard's offsets, counts and file checksums (read by the
+                                      first gather, not at open)
+  STORE/heldout.json                  the held-out document ids and keys (read when first asked)
   STORE/shard-00000/tokens.npy        int32 [n, m]   chunk tokens, a document's last chunk padded
   STORE/shard-00000/doc_ids.npy       int64 [n]      global document id of each chunk
   STORE/shard-00000/doc_table.npy     int64 [d, 5]   (doc_id, first_row, num_chunks, num_utf8_bytes,
@@ -22,6 +27,7 @@ the rerun's files are byte-identical to an uninterrupted run's.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -48,7 +54,9 @@ from retro_jax.db.layout import (
 )
 from retro_jax.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: shards and held-out ids inside manifest.json (still read)
+SHARDS = "shards.json"
+HELDOUT = "heldout.json"
 SHARD_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy", "doc_keys.json")
 DOC_TABLE_COLUMNS = ("doc_id", "first_row", "num_chunks", "num_utf8_bytes", "heldout")
 # Documents removed by `retro_jax.db.edit --remove_docs/--remove_keys`: STORE/deletions.json, read by
@@ -263,7 +271,7 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
     doc_offset += m["num_docs"]
   heldout_ids = [i for m in markers for i in m["heldout_doc_ids"]]
   heldout_keys = [k for m in markers for k in m["heldout_doc_keys"]]
-  manifest = {
+  manifest = _Manifest({
       "format_version": FORMAT_VERSION,
       "chunk_size": settings["chunk_size"],
       "num_chunks": offset,
@@ -280,8 +288,8 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
       "doc_table_columns": list(DOC_TABLE_COLUMNS),
       "shards": shards,
       "versions": package_versions(),
-  }
-  write_bytes_atomic(out / MANIFEST, _json_bytes(manifest))
+  })
+  write_manifest(out, manifest)
   return manifest
 
 
@@ -308,9 +316,68 @@ def in_ranges(ids, ranges_Rx2: np.ndarray) -> np.ndarray:
   return (j >= 0) & (ids < ranges_Rx2[np.maximum(j, 0), 1])
 
 
+def content_sha256(shards: Sequence[dict]) -> str:
+  """sha256 over every shard's file checksums: what the later stages were built from."""
+  parts = [(s["index"], sorted((n, f["sha256"]) for n, f in s["files"].items())) for s in shards]
+  return sha256_bytes(json.dumps(parts, sort_keys=True).encode())
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
-  """Rewrites STORE/manifest.json atomically (used by `retro_jax.db.edit`)."""
-  write_bytes_atomic(epath.Path(out_dir) / MANIFEST, _json_bytes(manifest))
+  """Writes a whole manifest (as `read_manifest` gives it) as its three files: STORE/shards.json
+  and STORE/heldout.json, then STORE/manifest.json (the commit point), each atomically."""
+  out = epath.Path(out_dir)
+  shards = list(manifest["shards"])
+  held_in = manifest["heldout"]
+  ids, keys = list(held_in["doc_ids"]), list(held_in["doc_keys"])
+  held = {k: v for k, v in held_in.items() if k not in ("doc_ids", "doc_keys", "file", "sha256")}
+  held_bytes = _json_bytes({"doc_ids": ids, "doc_keys": keys})
+  write_bytes_atomic(out / SHARDS, _json_bytes(shards))
+  write_bytes_atomic(out / HELDOUT, held_bytes)
+  top = {k: v for k, v in manifest.items() if k != "shards"}
+  top["heldout"] = {**held, "file": HELDOUT, "sha256": sha256_bytes(held_bytes)}
+  top.update(format_version=FORMAT_VERSION, num_shards=len(shards), shards_file=SHARDS,
+             content_sha256=content_sha256(shards))
+  write_bytes_atomic(out / MANIFEST, _json_bytes(top))
+
+
+class _Lazy(dict):
+  """A manifest dict whose big entries (`lazy`: key -> loader) are read on first access."""
+
+  def __init__(self, data: dict, lazy: dict[str, Callable[[], Any]] | None = None):
+    super().__init__(data)
+    self._lazy = lazy or {}
+
+  def __missing__(self, key):
+    if key not in self._lazy:
+      raise KeyError(key)
+    self[key] = self._lazy.pop(key)()
+    return self[key]
+
+
+_Manifest = _Lazy
+
+
+def _read_json(path: epath.Path, what: str) -> Any:
+  if not path.exists():
+    raise ChunkStoreError(f"{path} is missing: the store's {what} is gone; rebuild the store "
+                          f"(`python -m retro_jax.build_db --stages=chunks`)")
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ChunkStoreError(f"{path} is corrupt ({e}); rerun "
+                          f"`python -m retro_jax.build_db --stages=finalize`") from e
+
+
+def read_manifest(root: epath.Path, top: dict | None = None) -> dict:
+  """STORE/manifest.json with its shards and held-out ids, each file read on first access."""
+  top = top if top is not None else _read_json(root / MANIFEST, "manifest")
+  if "shards" in top:  # format 1: everything inline
+    return _Lazy(top)
+  held = top["heldout"]
+  held_lazy = {k: (lambda k=k: _read_json(root / held.get("file", HELDOUT), "held-out list")[k])
+               for k in ("doc_ids", "doc_keys")}
+  return _Lazy({**top, "heldout": _Lazy(held, held_lazy)},
+               {"shards": lambda: _read_json(root / top.get("shards_file", SHARDS), "shard list")})
 
 
 def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document], tokenizer,
@@ -320,8 +387,8 @@ def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document]
   caller writes with `write_manifest` (until then the store is unchanged; rerunning rewrites the
   same shard). Existing shards are not touched."""
   out = epath.Path(out_dir)
-  manifest = json.loads((out / MANIFEST).read_text())
-  index, first_doc = len(manifest["shards"]), int(manifest["num_docs"])
+  manifest = read_manifest(out)
+  index, first_doc = int(manifest.get("num_shards", len(manifest["shards"]))), int(manifest["num_docs"])
   tokenizer_lib.check_tokenizer(tokenizer, manifest["tokenizer"], f"chunk store {out}")
   fraction, seed = manifest["heldout"]["fraction"], manifest["heldout"]["seed"]
   settings = _settings(tokenizer, manifest["chunk_size"], manifest["corpus"]["docs_per_shard"],
@@ -330,10 +397,11 @@ def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document]
           for j, d in enumerate(docs)]
   m = _write_shard(out, index, part, tokenizer, manifest["chunk_size"], manifest["append_eos"],
                    settings, corpus_stats)
-  manifest["shards"].append({
+  manifest["shards"] = manifest["shards"] + [{
       "index": index, "path": shard_name(index), "first_chunk_id": int(manifest["num_chunks"]),
       "num_chunks": m["num_chunks"], "first_doc_id": first_doc, "num_docs": m["num_docs"],
-      "num_tokens": m["num_tokens"], "files": m["files"], "corpus": corpus_spec})
+      "num_tokens": m["num_tokens"], "files": m["files"], "corpus": corpus_spec}]
+  manifest["num_shards"] = index + 1
   manifest["num_chunks"] += m["num_chunks"]
   manifest["num_docs"] += m["num_docs"]
   manifest["num_tokens"] += m["num_tokens"]
@@ -370,28 +438,31 @@ class ChunkStore:
     self.num_chunks = int(manifest["num_chunks"])
     self.num_docs = int(manifest["num_docs"])
     self.pad_id = int(manifest["tokenizer"]["pad_id"])
-    shards = manifest["shards"]
-    self.shard_offsets = np.asarray([s["first_chunk_id"] for s in shards] + [self.num_chunks],
-                                    np.int64)
     self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
-    # A missing or resized file fails at open, not at the first gather: locally (a stat per
-    # file); on gs:// (a request per file, millions at pod scale) when its shard is first read.
-    self._remote = layout.is_remote(root)
-    if not self._remote:
-      for i in range(len(shards)):
-        self._check_sizes(i)
+    # Opening reads manifest.json only (a fixed size, whatever the store's size): the shard list
+    # (offsets, file sizes and checksums) is read by the first gather, each shard's file sizes
+    # are checked when it is first read, and its document table (and keys) the first time one
+    # of its documents is asked about; a reader holds the shards it touches only.
     self._sized: set[int] = set()
-    self._check_counts()
-    self._tokens = [None] * len(shards)
-    self._doc_ids = [None] * len(shards)
-    # Documents: shard s holds docs [doc_offsets[s], doc_offsets[s + 1]). Each shard's document
-    # table (and keys) is read and checked the first time one of its documents is asked about:
-    # opening a store reads its manifest (and checks file sizes), never every shard's documents,
-    # and a reader holds the tables of the shards it touches only.
-    self.doc_offsets = np.asarray([s["first_doc_id"] for s in shards] + [self.num_docs], np.int64)
-    self._tables: list[np.ndarray | None] = [None] * len(shards)
-    self._keys: list[list[str] | None] = [None] * len(shards)
+    self._tokens: dict[int, np.ndarray] = {}
+    self._doc_ids: dict[int, np.ndarray] = {}
+    self._tables: dict[int, np.ndarray] = {}
+    self._keys: dict[int, list[str]] = {}
     self._whole: np.ndarray | None = None
+
+  @functools.cached_property
+  def shard_offsets(self) -> np.ndarray:
+    """int64 [S + 1]: shard s holds chunks [shard_offsets[s], shard_offsets[s + 1])."""
+    self._check_counts()
+    return np.asarray([s["first_chunk_id"] for s in self.manifest["shards"]] + [self.num_chunks],
+                      np.int64)
+
+  @functools.cached_property
+  def doc_offsets(self) -> np.ndarray:
+    """int64 [S + 1]: shard s holds documents [doc_offsets[s], doc_offsets[s + 1])."""
+    self._check_counts()
+    return np.asarray([s["first_doc_id"] for s in self.manifest["shards"]] + [self.num_docs],
+                      np.int64)
 
   def _check_sizes(self, shard: int) -> None:
     s = self.manifest["shards"][shard]
@@ -400,8 +471,8 @@ class ChunkStore:
                   self._fix(s), ChunkStoreError)
 
   def _first_read(self, shard: int) -> None:
-    """On gs://: the shard's file sizes against the manifest, the first time it is read."""
-    if self._remote and shard not in self._sized:
+    """The shard's file sizes against the manifest, the first time it is read."""
+    if shard not in self._sized:
       self._check_sizes(shard)
       self._sized.add(shard)
 
@@ -439,24 +510,24 @@ class ChunkStore:
     manifest_path = root / MANIFEST
     if not manifest_path.exists():
       raise ChunkStoreError(f"no chunk store manifest at {manifest_path}: build the store with "
-                            f"`python -m retro_jax.db.prepare --out=...` (and --stage=finalize "
-                            f"after a sharded run)")
+                            f"`python -m retro_jax.build_db --db=...` (its chunks stage)")
     try:
       manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
-      raise ChunkStoreError(f"{manifest_path} is corrupt ({e}); rerun --stage=finalize") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
+      raise ChunkStoreError(f"{manifest_path} is corrupt ({e}); rerun "
+                            f"`python -m retro_jax.build_db --stages=finalize`") from e
+    if manifest.get("format_version") not in (1, FORMAT_VERSION):
       raise ChunkStoreError(f"{manifest_path}: format {manifest.get('format_version')}, this code "
-                            f"reads {FORMAT_VERSION}; rebuild the store")
-    return cls(root, manifest)
+                            f"reads 1 and {FORMAT_VERSION}; rebuild the store")
+    return cls(root, read_manifest(root, manifest))
 
   # -- per-shard arrays -----------------------------------------------------------------------
   @property
   def num_shards(self) -> int:
-    return len(self.manifest["shards"])
+    return int(self.manifest.get("num_shards") or len(self.manifest["shards"]))
 
   def shard_tokens(self, shard: int) -> np.ndarray:
-    if self._tokens[shard] is None:
+    if shard not in self._tokens:
       self._first_read(shard)
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "tokens.npy"
@@ -473,7 +544,7 @@ class ChunkStore:
     return self._tokens[shard]
 
   def shard_doc_ids(self, shard: int) -> np.ndarray:
-    if self._doc_ids[shard] is None:
+    if shard not in self._doc_ids:
       self._first_read(shard)
       s = self.manifest["shards"][shard]
       path = self.root / s["path"] / "doc_ids.npy"
@@ -489,7 +560,7 @@ class ChunkStore:
   def shard_doc_table(self, shard: int) -> np.ndarray:
     """int64 [d, 5] (DOC_TABLE_COLUMNS; first_row within the shard) of store shard `shard`, read
     (checksum, document ids, chunk count) the first time it is needed."""
-    table = self._tables[shard]
+    table = self._tables.get(shard)
     if table is None:
       self._first_read(shard)
       s = self.manifest["shards"][shard]
@@ -588,10 +659,15 @@ class ChunkStore:
     if not 0 <= doc_id < self.num_docs:
       raise IndexError(f"doc id {doc_id} not in [0, {self.num_docs})")
     shard = int(np.searchsorted(self.doc_offsets, doc_id, side="right") - 1)
-    if self._keys[shard] is None:
+    if shard not in self._keys:
       s = self.manifest["shards"][shard]
       self._keys[shard] = json.loads((self.root / s["path"] / "doc_keys.json").read_text())
     return self._keys[shard][doc_id - int(self.doc_offsets[shard])]
+
+  def shard_span(self, shard: int) -> tuple[int, int, int]:
+    """(shard number, first global chunk id, chunk count) of one shard."""
+    a, b = self.shard_offsets[shard], self.shard_offsets[shard + 1]
+    return int(shard), int(a), int(b - a)
 
   def shard_spans(self) -> list[tuple[int, int, int]]:
     """(shard number, first global chunk id, chunk count) of each shard, in order."""

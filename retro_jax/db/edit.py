@@ -43,7 +43,7 @@ from etils import epath
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import corpus as corpus_lib
-from retro_jax.db import layout, npy_rows
+from retro_jax.db import layout, npy_rows, provenance
 from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
@@ -266,6 +266,7 @@ def add_documents(db_dir: str | os.PathLike, corpus_spec: str, backend: str | No
   result.update(shard=shard, first_doc_id=s["first_doc_id"], num_docs=s["num_docs"],
                 first_chunk_id=s["first_chunk_id"], num_chunks=s["num_chunks"])
   result.update(_finish_shard(db, shard, backend, embed_batch_size))
+  provenance.refresh(db)
   return result
 
 

@@ -60,7 +60,9 @@ from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import corpus as corpus_lib
 from retro_jax.db import layout
 from retro_jax.db import neighbours as neighbours_lib
+from retro_jax.db import plan as plan_lib
 from retro_jax.db import prepare as prepare_lib
+from retro_jax.db import provenance
 from retro_jax.db.layout import write_bytes_atomic
 from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
@@ -234,15 +236,27 @@ def _finalize(results: list[tuple[int, bool]], db: str) -> dict:
 # Embeddings.
 
 
-def embedding_blocks(db: str) -> list[tuple[int, int, int]]:
-  """(shard, start row, end row) of every block of every unfinished embeddings shard."""
-  store = chunk_store_lib.ChunkStore.open(db)
-  out = []
-  for shard, _, count in store.shard_spans():
-    if layout.is_finished(layout.embeddings_path(db, shard)):
-      continue
-    out += [(shard, a, min(a + EMBED_BLOCK_ROWS, count)) for a in range(0, count, EMBED_BLOCK_ROWS)]
-  return out
+def _embedding_blocks_in(rows: tuple[int, int], db: str) -> Iterator[tuple[int, int, int]]:
+  """(shard, start row, end row) of the blocks of unfinished embeddings shards whose first
+  global id is in `rows` (a plan range; expanded by a worker)."""
+  store = _store(db)
+  finished: dict[int, bool] = {}
+  for shard, a, n in plan_lib.blocks_in(store.shard_offsets, rows[0], rows[1], EMBED_BLOCK_ROWS):
+    if shard not in finished:
+      finished[shard] = layout.is_finished(layout.embeddings_path(db, shard))
+    if not finished[shard]:
+      yield shard, a, a + n
+
+
+def _record_outputs(_, db: str, stage: str) -> None:
+  """The stage's outputs record, once every shard is finished (retro_jax.db.provenance)."""
+  n = _store(db).num_shards
+  is_done = (neighbours_lib.shard_is_done if stage == "neighbours"
+             else lambda d, s: layout.is_finished(layout.embeddings_path(d, s)))
+  missing = [s for s in range(n) if not is_done(db, s)]
+  if missing:
+    raise RuntimeError(f"{stage}: shards {missing[:5]} are not finished")
+  provenance.write_outputs(db, stage, n)
 
 
 class _EmbedBlock(beam.DoFn):
@@ -255,7 +269,7 @@ class _EmbedBlock(beam.DoFn):
   def setup(self):
     pin_worker()  # before XLA starts its threads
     self._embedder = Embedder.load(dtype=self._dtype, batch_size=self._batch_size)
-    self._store = chunk_store_lib.ChunkStore.open(self._db)
+    self._store = _store(self._db)
     self._tok = prepare_lib.load_db_tokenizer(self._db)
 
   def process(self, block: tuple[int, int, int]):
@@ -264,7 +278,7 @@ class _EmbedBlock(beam.DoFn):
     if part.exists():
       yield shard, (start, False)
       return
-    first_id = self._store.shard_spans()[shard][1]
+    first_id = self._store.shard_span(shard)[1]
     texts = self._store.chunk_text(np.arange(first_id + start, first_id + end, dtype=np.int64),
                                    self._tok)
     vecs_BxD = np.asarray(self._embedder.embed(texts), np.float32)
@@ -287,7 +301,7 @@ class _AssembleShard(beam.DoFn):
   def process(self, item):
     shard, blocks = item
     blocks = sorted(blocks)
-    count = chunk_store_lib.ChunkStore.open(self._db).shard_spans()[shard][2]
+    count = _store(self._db).shard_span(shard)[2]
     starts = [s for s, _ in blocks]
     if starts != list(range(0, count, EMBED_BLOCK_ROWS)):
       raise RuntimeError(f"embeddings shard {shard}: blocks {starts} do not cover {count} rows")
@@ -326,6 +340,15 @@ def _global_sources(db: str) -> list[global_lib.Source]:
           for i, p, off in retriever_lib.db_embedding_shards(db, verify_content=False)]
 
 
+def _global_source(db: str, shard: int) -> global_lib.Source:
+  """One embeddings shard as a memory map, with its first chunk id (from the store)."""
+  path = layout.embeddings_path(db, shard)
+  if not layout.is_finished(path):
+    raise index_lib.IndexError_(f"Embeddings shard {path} is missing or unfinished; run the "
+                                "embeddings stage first (--stages=embeddings).")
+  return shard, index_lib.load_embeddings(str(path)), _store(db).shard_span(shard)[1]
+
+
 def _train_on_sample(_, db: str, c: global_lib.GlobalIndexConfig) -> None:
   trained = global_lib.train_step(_global_sources(db), global_lib.index_dir(db), c)
   print(f"[build_db] index: {'trained' if trained else 'kept the trained'} partitioner and "
@@ -345,7 +368,7 @@ class _EncodeShard(beam.DoFn):
     self._trained = global_lib.load_trained(self._root)
 
   def process(self, shard: int):
-    src = {s[0]: s for s in _global_sources(self._db)}[shard]
+    src = _global_source(self._db, shard)
     encoded = global_lib.encode_step(src, self._root, self._trained)
     print(f"[build_db] index: embeddings shard {shard} {'encoded' if encoded else 'kept'}",
           flush=True)
@@ -375,15 +398,21 @@ def _finish_index(merged: list[int], db: str) -> None:
 
 
 def _global_index(p, db: str, config: global_lib.GlobalIndexConfig | None) -> None:
-  sources = retriever_lib.db_global_sources(db)  # every shard's checksum, once
+  """The launcher reads the store's manifest only; the shards are named by plan ranges."""
+  _clear_caches()
+  _global_sources.cache_clear()
+  store = chunk_store_lib.ChunkStore.open(db)
   root = global_lib.index_dir(db)
-  if global_lib.is_built(root, sources):
+  if build_index_lib.global_index_done(db, store.num_chunks):
     return
-  c = global_lib.prepare_build(sources, root, config)
-  shards = [i for i, _, _ in sources]
+  c = global_lib.prepare_build_for(global_lib.signature(store.num_chunks, store.num_shards),
+                                   root, config)
+  shard_ranges = plan_lib.ranges(store.num_shards)
   _ = (p | "Start" >> beam.Create([None])
        | "TrainOnSample" >> beam.Map(_train_on_sample, db, c)
-       | "EmbeddingsShards" >> beam.FlatMap(lambda _: shards)
+       | "ShardRanges" >> beam.FlatMap(lambda _: shard_ranges)
+       | "SpreadRanges" >> beam.Reshuffle()
+       | "EmbeddingsShards" >> beam.FlatMap(lambda r: range(*r))
        | "Distribute" >> beam.Reshuffle()
        | "EncodeShard" >> beam.ParDo(_EncodeShard(db))
        | "ByServingShard" >> beam.GroupByKey()
@@ -440,7 +469,7 @@ def _shard_queries(db: str, shard: int):
 def _queries(db: str, block: tuple[int, int], rows: np.ndarray):
   """(float32 queries [R, D], their global chunk ids [R]) of these rows of a query block."""
   shard, start = block
-  first_id = _store(db).shard_spans()[shard][1]
+  first_id = _store(db).shard_span(shard)[1]
   return np.asarray(_shard_queries(db, shard)[start + rows], np.float32), first_id + start + rows
 
 
@@ -466,14 +495,15 @@ def _route(db: str, block: tuple[int, int], rows: np.ndarray, fetch: int):
   (serving shard, (block, rows whose route reaches it, fetch)); every row reaches one or more."""
   index = _router(db)
   shards = int(index.config.serving_shards)
+  group = plan_lib.search_group(_store(db).shard_offsets[block[0]] + block[1])
   if shards == 1:
-    yield 0, (block, rows, fetch)
+    yield (0, group), (block, rows, fetch)
     return
   parts, _ = index.route(_queries(db, block, rows)[0], fetch * retriever_lib.OVERFETCH)
   for s in range(shards):
     mine = index.reaches(parts, [s])
     if mine.any():
-      yield s, (block, rows[mine], fetch)
+      yield (s, group), (block, rows[mine], fetch)
 
 
 def _route_block(element, db: str):
@@ -493,13 +523,13 @@ class _SearchServingShard(beam.DoFn):
     pin_worker()
 
   def process(self, item):
-    s, queries = item
+    (s, _), queries = item
     retriever = _serving_retriever(self._db, s)
     doc_ids = _store(self._db).doc_ids
     for block, rows, fetch in queries:
       q, ids = _queries(self._db, block, rows)
       found, scores = retriever.search(q, fetch, doc_ids(ids))
-      yield block, (rows, found, scores, fetch)
+      yield block, (s, rows, found, scores, fetch)
 
 
 class _CombineRound(beam.DoFn):
@@ -513,7 +543,7 @@ class _CombineRound(beam.DoFn):
 
   def process(self, item):
     block, found = item
-    found = list(found)
+    found = [f[1:] for f in sorted(found, key=lambda f: f[0])]  # serving-shard order
     store = _store(self._db)
     fetch = found[0][3]
     rows = np.unique(np.concatenate([f[0] for f in found]))  # the round's rows, in order
@@ -533,10 +563,10 @@ class _CombineRound(beam.DoFn):
       yield from _route(self._db, block, rows[short], neighbours_lib.next_fetch(fetch, self._total))
 
 
-def _write_block(item, db: str, k: int, counts: dict[int, int]) -> Iterator[tuple[int, int]]:
+def _write_block(item, db: str, k: int) -> Iterator[tuple[int, int]]:
   """A block's rows into its part file (atomic); yields (store shard, first row)."""
   (shard, start), pieces = item
-  count = counts[shard]
+  count = _store(db).shard_span(shard)[2]
   out = np.full((min(NEIGHBOURS_BLOCK_ROWS, count - start), k), -1, np.int64)
   filled = np.zeros(len(out), bool)
   for rows, ids in pieces:
@@ -556,14 +586,17 @@ class _AssembleNeighbours(beam.DoFn):
   """neighbours/shard-XXXXX.npy from its block parts (row order) and its finished progress
   record (as neighbours.compute_shard writes them), then the parts removed."""
 
-  def __init__(self, db: str, k: int, settings: dict[str, Any],
-               spans: dict[int, tuple[int, int]]):
-    self._db, self._k, self._settings, self._spans = db, k, settings, spans
+  def __init__(self, db: str, k: int, total: int):
+    self._db, self._k, self._total = db, k, total
+
+  def setup(self):
+    self._settings = neighbours_lib.search_settings(_store(self._db), global_lib.BACKEND,
+                                                    self._total)
 
   def process(self, item):
     shard, starts = item
     starts = sorted(starts)
-    first_id, count = self._spans[shard]
+    _, first_id, count = _store(self._db).shard_span(shard)
     if starts != list(range(0, count, NEIGHBOURS_BLOCK_ROWS)):
       raise RuntimeError(f"neighbours shard {shard}: blocks {starts} do not cover {count} rows")
     out = layout.neighbours_path(self._db, shard)
@@ -587,44 +620,56 @@ def _remove_parts(parts_dir: epath.Path) -> None:
     pass
 
 
-def _routed_neighbours(p, db: str, k: int) -> None:
-  """Training neighbours over the global index as a batch job: query blocks -> rounds of (route
-  -> search per serving shard -> per-block combine) -> block part files -> shards assembled."""
+def _neighbour_blocks_in(rows: tuple[int, int], db: str, first: int):
+  """A plan range expanded by a worker: its query blocks of unfinished neighbours shards, as
+  (block, (rows, fetch)) to search, or on the tag "kept" as (store shard, first row) when the
+  block's part file is already written."""
+  store = _store(db)
+  done: dict[int, bool] = {}
+  for shard, a, n in plan_lib.blocks_in(store.shard_offsets, rows[0], rows[1],
+                                        NEIGHBOURS_BLOCK_ROWS):
+    if shard not in done:
+      done[shard] = neighbours_lib.shard_is_done(db, shard)
+    if done[shard]:
+      continue
+    if layout.neighbours_part_path(db, shard, a).exists():
+      yield beam.pvalue.TaggedOutput("kept", (shard, a))
+    else:
+      yield (shard, a), (np.arange(n, dtype=np.int64), first)
+
+
+def _clear_caches() -> None:
   for cache in _ROUTED_CACHES:  # this process's (the in-process runner's) from an earlier run
     cache.cache_clear()
+
+
+def _routed_neighbours(p, db: str, k: int) -> None:
+  """Training neighbours over the global index as a batch job: plan ranges -> query blocks
+  (expanded in the workers) -> rounds of (route -> search per (serving shard, search group) ->
+  per-block combine) -> block part files -> shards assembled -> the outputs record. The launcher
+  reads the store's and the index's manifests only."""
+  _clear_caches()
   store = chunk_store_lib.ChunkStore.open(db)
   root = global_lib.index_dir(db)
-  index = global_lib.GlobalIndex(root, serving=[])  # the files' checksums, once
-  built = [(e["shard"], e["offset"]) for e in index.manifest["embeddings_shards"]]
-  have = [(i, off) for i, _, off in retriever_lib.db_embedding_shards(db, verify_content=False)]
-  if built != have:
-    raise index_lib.IndexError_(f"The global index {root} covers embeddings shards {built} but "
-                                f"the database has {have}; rebuild it (--stages=index).")
-  total = index.total
-  heldout = store.heldout_doc_ids
-  settings = neighbours_lib.search_settings(store, global_lib.BACKEND, total)
-  todo, kept = [], []
-  spans = {shard: (first, count) for shard, first, count in store.shard_spans()}
-  for shard, _, count in store.shard_spans():
-    if neighbours_lib.shard_is_done(db, shard):
-      continue
-    for start in range(0, count, NEIGHBOURS_BLOCK_ROWS):
-      done = layout.neighbours_part_path(db, shard, start).exists()
-      (kept if done else todo).append((shard, start, min(NEIGHBOURS_BLOCK_ROWS, count - start)))
-  if not todo and not kept:
-    return
-  fetch = neighbours_lib.first_fetch(k, total, heldout.size > 0)
-  rounds = 1
-  while heldout.size and fetch < total:  # rounds until the fetch reaches the whole index
+  manifest = global_lib.read_manifest(root)
+  total = int(manifest["count"])
+  if total != store.num_chunks:
+    raise index_lib.IndexError_(f"The global index {root} holds {total} vectors but the database "
+                                f"has {store.num_chunks} chunks; rebuild it (--stages=index).")
+  held = int(store.manifest["heldout"]["num_docs"]) > 0
+  first = neighbours_lib.first_fetch(k, total, held)
+  fetch, rounds = first, 1
+  while held and fetch < total:  # rounds until the fetch reaches the whole index
     fetch, rounds = neighbours_lib.next_fetch(fetch, total), rounds + 1
-  first = neighbours_lib.first_fetch(k, total, heldout.size > 0)
-  routed = (p | "QueryBlocks" >> beam.Create(
-      [((s, a), (np.arange(n, dtype=np.int64), first)) for s, a, n in todo])
-      | "Distribute" >> beam.Reshuffle()
-      | "Route" >> beam.FlatMap(_route_block, db))
+  blocks = (p | "Ranges" >> beam.Create(plan_lib.ranges(store.num_chunks))
+            | "SpreadRanges" >> beam.Reshuffle()
+            | "QueryBlocks" >> beam.FlatMap(_neighbour_blocks_in, db, first).with_outputs(
+                "kept", main="todo"))
+  routed = (blocks.todo | "Distribute" >> beam.Reshuffle()
+            | "Route" >> beam.FlatMap(_route_block, db))
   finished = []
   for r in range(rounds):  # each: search per serving shard, combine per block, route the rest
-    combined = (routed | f"ByServingShard{r}" >> beam.GroupByKey()
+    combined = (routed | f"BySearchKey{r}" >> beam.GroupByKey()
                 | f"SearchServingShard{r}" >> beam.ParDo(_SearchServingShard(db))
                 | f"ByBlock{r}" >> beam.GroupByKey()
                 | f"Combine{r}" >> beam.ParDo(_CombineRound(db, k, total)).with_output_types(
@@ -633,12 +678,12 @@ def _routed_neighbours(p, db: str, k: int) -> None:
     routed = combined.routed
   written = (tuple(finished) | "Finished" >> beam.Flatten()
              | "RowsByBlock" >> beam.GroupByKey()
-             | "WriteBlock" >> beam.FlatMap(_write_block, db, k,
-                                              {s: n for s, (_, n) in spans.items()}))
-  kept_blocks = p | "KeptBlocks" >> beam.Create([(s, a) for s, a, _ in kept])
-  _ = ((written, kept_blocks) | "AllBlocks" >> beam.Flatten()
+             | "WriteBlock" >> beam.FlatMap(_write_block, db, k))
+  _ = ((written, blocks.kept) | "AllBlocks" >> beam.Flatten()
        | "ByStoreShard" >> beam.GroupByKey()
-       | "AssembleShard" >> beam.ParDo(_AssembleNeighbours(db, k, settings, spans)))
+       | "AssembleShard" >> beam.ParDo(_AssembleNeighbours(db, k, total))
+       | "AllShards" >> beam.combiners.Count.Globally()
+       | "Record" >> beam.Map(_record_outputs, db, "neighbours"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -677,13 +722,17 @@ def _chunks(p, db: str, cfg: dict[str, Any]) -> None:
 
 
 def _embeddings(p, db: str, cfg: dict[str, Any]) -> None:
-  blocks = embedding_blocks(db)
-  if not blocks:
-    return
-  _ = (p | "Blocks" >> beam.Create(blocks)
+  _clear_caches()
+  n = chunk_store_lib.ChunkStore.open(db).num_chunks
+  _ = (p | "Ranges" >> beam.Create(plan_lib.ranges(n))
+       | "SpreadRanges" >> beam.Reshuffle()
+       | "Blocks" >> beam.FlatMap(_embedding_blocks_in, db)
+       | "SpreadBlocks" >> beam.Reshuffle()
        | "Embed" >> beam.ParDo(_EmbedBlock(db, cfg["embed_dtype"], cfg["embed_batch_size"]))
        | "ByShard" >> beam.GroupByKey()
-       | "Assemble" >> beam.ParDo(_AssembleShard(db)))
+       | "Assemble" >> beam.ParDo(_AssembleShard(db))
+       | "AllShards" >> beam.combiners.Count.Globally()
+       | "Record" >> beam.Map(_record_outputs, db, "embeddings"))
 
 
 def _index(p, db: str, cfg: dict[str, Any]) -> None:
@@ -692,7 +741,9 @@ def _index(p, db: str, cfg: dict[str, Any]) -> None:
     _global_index(p, db, cfg.get("global_index_config"))  # None: the default (tests set it)
     return
   store = chunk_store_lib.ChunkStore.open(db)
-  _ = (p | "Shards" >> beam.Create([s for s, _, _ in store.shard_spans()])
+  _ = (p | "ShardRanges" >> beam.Create(plan_lib.ranges(store.num_shards))
+       | "Shards" >> beam.FlatMap(lambda r: range(*r))
+       | "Distribute" >> beam.Reshuffle()
        | "BuildIndex" >> beam.Map(_build_index_shard, db, backend))
 
 
@@ -700,13 +751,15 @@ def _neighbours(p, db: str, cfg: dict[str, Any]) -> None:
   if retriever_lib.db_backend(db, cfg["backend"]) == index_lib.GLOBAL_BACKEND:
     _routed_neighbours(p, db, cfg["k"])
     return
+  _clear_caches()
   store = chunk_store_lib.ChunkStore.open(db)
-  todo = [s for s, _, _ in store.shard_spans() if not neighbours_lib.shard_is_done(db, s)]
-  if not todo:
-    return
-  _ = (p | "Shards" >> beam.Create(todo)
+  _ = (p | "ShardRanges" >> beam.Create(plan_lib.ranges(store.num_shards))
+       | "Shards" >> beam.FlatMap(
+           lambda r: (s for s in range(*r) if not neighbours_lib.shard_is_done(db, s)))
        | "Reshuffle" >> beam.Reshuffle()
-       | "Neighbours" >> beam.ParDo(_NeighboursShard(db, cfg["k"], cfg["backend"])))
+       | "Neighbours" >> beam.ParDo(_NeighboursShard(db, cfg["k"], cfg["backend"]))
+       | "AllShards" >> beam.combiners.Count.Globally()
+       | "Record" >> beam.Map(_record_outputs, db, "neighbours"))
 
 
 STAGE_PIPELINES = {"tokenizer": _tokenizer, "chunks": _chunks, "embeddings": _embeddings,
@@ -739,10 +792,25 @@ def stage_args(beam_args: Sequence[str] | None, stage: str) -> list[str] | None:
   return keep + ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
 
+# plan_only runs: stage -> serialized bytes of its pipeline (what a runner would be sent).
+PLANS: dict[str, int] = {}
+
+
+def plan_bytes(p: beam.Pipeline) -> int:
+  """Serialized size of a pipeline's job graph (Beam's runner API proto, as a job request)."""
+  return len(p.to_runner_api().SerializeToString())
+
+
 def run_stage(stage: str, db: str | os.PathLike, cfg: dict[str, Any],
-              beam_args: Sequence[str] | None = None) -> None:
-  """Runs one stage's pipeline to completion (the next stage reads all of its output)."""
+              beam_args: Sequence[str] | None = None, plan_only: bool = False) -> None:
+  """Runs one stage's pipeline to completion (the next stage reads all of its output). With
+  `plan_only`, builds the pipeline without running it and records its size in PLANS."""
   db = os.fspath(db)
+  if plan_only:
+    p = beam.Pipeline(runner=fn_runner.FnApiRunner(), options=pipeline_options(beam_args))
+    STAGE_PIPELINES[stage](p, db, cfg)
+    PLANS[stage] = plan_bytes(p)
+    return
   beam_args = stage_args(beam_args, stage)
   if stage == "embeddings":  # the embedder every block must match, recorded before any runs
     embedder = Embedder.load(dtype=cfg["embed_dtype"], batch_size=cfg["embed_batch_size"])

@@ -136,10 +136,10 @@ def prepare(corpus_spec: str, out_dir: str, stage: str = "all", vocab_size: int 
   if stage == "finalize":
     chunk_store_lib.finalize_chunk_store(out / CHUNKS_DIR)
   if (out / CHUNKS_DIR / MANIFEST).exists():
-    m = json.loads((out / CHUNKS_DIR / MANIFEST).read_text())
+    m = chunk_store_lib.read_manifest(out / CHUNKS_DIR)
     report.update(num_docs=m["num_docs"], num_tokens=m["num_tokens"], num_chunks=m["num_chunks"],
                   num_heldout_docs=m["heldout"]["num_docs"], bad_input={
                       k: v for k, v in m["corpus"]["bad_input"].items() if not k.endswith("keys")})
     print(f"store: {m['num_docs']} docs, {m['num_tokens']} tokens, {m['num_chunks']} chunks, "
-          f"{len(m['shards'])} shards, {m['heldout']['num_docs']} held-out docs", flush=True)
+          f"{m.get('num_shards') or len(m['shards'])} shards, {m['heldout']['num_docs']} held-out docs", flush=True)
   return report

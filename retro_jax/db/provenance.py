@@ -12,8 +12,10 @@ stage finishes:
 them again (and so every later stage, whose inputs then change). An input present in only one of the
 two records is not a difference (`retro_jax.edit_db --add` appends shards).
 
-`repair` removes outputs that are missing parts or whose recorded checksum no longer matches, so the
-stage (resumable) rebuilds them: e.g. a deleted neighbours shard whose progress file remains.
+Every input is read from one small file, so checking a stage costs the launching process the same
+few requests at any database size. `repair` (`build_db --audit`: it reads the whole database)
+removes outputs that are missing parts or whose recorded checksum no longer matches, so the stage
+(resumable) rebuilds them: e.g. a deleted neighbours shard whose progress file remains.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Any
 
 from etils import epath
 
-from retro_jax.db import layout, verify
+from retro_jax.db import chunk_store, layout, verify
 from retro_jax.errors import UserError
 
 PROVENANCE_DIR = "provenance"
@@ -65,33 +67,78 @@ def _settings(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _my_shards(db: epath.Path, cfg: dict[str, Any]) -> list[dict]:
-  manifest = db / layout.CHUNKS_DIR / layout.MANIFEST
-  shards = json.loads(manifest.read_text())["shards"] if manifest.exists() else []
-  return shards
+  """Every store shard's manifest entry (the whole list: --rebuild and --audit only)."""
+  store_dir = db / layout.CHUNKS_DIR
+  if not (store_dir / layout.MANIFEST).exists():
+    return []
+  return list(chunk_store.read_manifest(store_dir)["shards"])
+
+
+def _store_top(db: epath.Path) -> dict | None:
+  """DB/chunks/manifest.json alone (a fixed size; no shard list)."""
+  path = db / layout.CHUNKS_DIR / layout.MANIFEST
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+# A finished embeddings or neighbours stage: DB/provenance/<stage>.outputs.json, written when its
+# last shard is assembled: {"num_shards", "sha256" over every shard's recorded checksum}. The build
+# reads this one file to know the stage is finished (not every shard's progress record).
+OUTPUTS = ".outputs.json"
+
+
+def outputs_path(db: str | os.PathLike, stage: str) -> epath.Path:
+  return epath.Path(db) / PROVENANCE_DIR / f"{stage}{OUTPUTS}"
+
+
+def write_outputs(db: str | os.PathLike, stage: str, num_shards: int) -> dict[str, Any]:
+  """Records that `stage`'s shards 0..num_shards-1 are finished (reads each one's progress
+  record: run by the stage's last element, or by an edit that added a shard)."""
+  path = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}[stage]
+  shas = [verify.recorded_sha256(path(db, s)) for s in range(num_shards)]
+  rec = {"format_version": FORMAT_VERSION, "stage": stage, "num_shards": int(num_shards),
+         "sha256": layout.sha256_bytes(json.dumps(shas).encode())}
+  out = outputs_path(db, stage)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  layout.write_json_atomic(out, rec)
+  return rec
+
+
+def read_outputs(db: str | os.PathLike, stage: str) -> dict[str, Any] | None:
+  path = outputs_path(db, stage)
+  try:
+    return json.loads(path.read_text()) if path.exists() else None
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None
 
 
 def _inputs(stage: str, db: epath.Path, cfg: dict[str, Any]) -> dict[str, str]:
+  """The checksums a stage is built from, each read from one small file (never per shard):
+  the chunk store's content fingerprint, the embeddings stage's outputs record, the index
+  manifest and the held-out list's checksum."""
   out: dict[str, str] = {}
-  if stage == "embeddings":
-    for s in _my_shards(db, cfg):
-      out[f"{layout.CHUNKS_DIR}/{s['path']}/tokens.npy"] = s["files"]["tokens.npy"]["sha256"]
+  top = _store_top(db)
+  if stage == "embeddings" and top is not None:
+    out[layout.CHUNKS_DIR] = (top.get("content_sha256")
+                              or chunk_store.content_sha256(top.get("shards", [])))
   elif stage == "index":
-    for s in _my_shards(db, cfg):
-      path = layout.embeddings_path(db, int(s["index"]))
-      if layout.is_finished(path):
-        out[f"{layout.EMBEDDINGS_DIR}/{path.name}"] = (verify.recorded_sha256(path)
-                                                        or layout.sha256_file(path))
+    rec = read_outputs(db, "embeddings")
+    if rec is not None:
+      out[layout.EMBEDDINGS_DIR] = rec["sha256"]
   elif stage == "neighbours":
     root = layout.index_dir(db, cfg["backend"])
-    if root.exists():
+    if (root / layout.MANIFEST).exists():  # the global index: its files' checksums (not times)
+      m = json.loads((root / layout.MANIFEST).read_text())
+      out[f"{layout.INDEX_DIR}/{cfg['backend']}"] = layout.sha256_bytes(json.dumps(
+          {k: m.get(k) for k in ("count", "config", "files")}, sort_keys=True).encode())
+    elif root.exists():  # per-shard backends: one manifest per index shard
       for d in sorted(root.iterdir()):
         if (d / "manifest.json").exists():
           out[f"{layout.INDEX_DIR}/{cfg['backend']}/{d.name}"] = layout.sha256_file(
               d / "manifest.json")
-    manifest = db / layout.CHUNKS_DIR / layout.MANIFEST
-    if manifest.exists():
-      held = json.loads(manifest.read_text())["heldout"]["doc_ids"]
-      out["heldout_doc_ids"] = layout.sha256_bytes(json.dumps(held).encode())
+    if top is not None:
+      held = top["heldout"]
+      out["heldout_doc_ids"] = (held["sha256"] if "sha256" in held else
+                                layout.sha256_bytes(json.dumps(held["doc_ids"]).encode()))
   return out
 
 
@@ -110,7 +157,7 @@ def _derived(stage: str, db: epath.Path, cfg: dict[str, Any]) -> dict[str, Any] 
   path = db / layout.CHUNKS_DIR / layout.MANIFEST
   if stage not in ("tokenizer", "chunks") or not path.exists():
     return None
-  m = json.loads(path.read_text())
+  m = _store_top(db)
   known = {"corpus": m["corpus"]["spec"], "max_docs": m["corpus"]["max_docs"],
            "heldout_fraction": m["heldout"]["fraction"], "seed": m["heldout"]["seed"],
            "chunk_size": m["chunk_size"], "docs_per_shard": m["corpus"]["docs_per_shard"],
@@ -176,6 +223,7 @@ def clear_outputs(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> Non
       _remove(layout.progress_path(layout.embeddings_path(db, i)))
     _remove(layout.embeddings_dir(db) / layout.EMBEDDER_INFO)
     _remove(layout.embeddings_dir(db) / layout.EMBEDDING_PARTS_DIR)
+    _remove(outputs_path(db, stage))
   elif stage == "index":
     for i in shards:
       _remove(layout.index_shard_dir(layout.index_dir(db, cfg["backend"]), i))
@@ -183,6 +231,7 @@ def clear_outputs(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> Non
     for i in shards:
       layout.remove_rows_output(layout.neighbours_path(db, i))
       _remove(layout.progress_path(layout.neighbours_path(db, i)))
+    _remove(outputs_path(db, stage))
   _remove(record_path(db, stage, cfg))
 
 
@@ -203,10 +252,11 @@ def repair(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> list[str]:
                                                  and layout.sha256_file(npy) != want):
         layout.remove_rows_output(npy)
         _remove(prog)
+        _remove(outputs_path(db, stage))
         removed.append(str(npy))
   elif stage == "chunks" and (db / layout.CHUNKS_DIR / layout.MANIFEST).exists():
     store_dir = db / layout.CHUNKS_DIR
-    manifest = json.loads((store_dir / layout.MANIFEST).read_text())
+    manifest = chunk_store.read_manifest(store_dir)
     for s in manifest["shards"]:
       bad = [n for n, rec in s["files"].items()
              if not (store_dir / s["path"] / n).exists()
@@ -221,3 +271,18 @@ def repair(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> list[str]:
     if removed:  # Rewritten by the chunks stage (same bytes: the build is deterministic).
       _remove(store_dir / layout.MANIFEST)
   return removed
+
+
+def refresh(db: str | os.PathLike) -> None:
+  """After an edit that finished a new shard through every stage (`edit_db --add`): the outputs
+  records name every shard again and each stage's record names its inputs as they now are."""
+  db = epath.Path(db)
+  n = int(_store_top(db).get("num_shards") or len(_my_shards(db, {})))
+  for stage in ("embeddings", "neighbours"):
+    path = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}[stage]
+    if all(layout.is_finished(path(db, s)) for s in range(n)):
+      write_outputs(db, stage, n)
+  for stage in ("embeddings", "index", "neighbours"):
+    rec = read(db, stage, {})
+    if rec is not None and "settings" in rec:
+      write(db, stage, {}, {**rec, "inputs": _inputs(stage, db, rec["settings"])})

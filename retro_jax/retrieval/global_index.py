@@ -73,8 +73,12 @@ class GlobalIndexConfig:
   nprobe: int = 48                  # partitions scanned per query
   rerank: int = 96                  # per serving shard, max(n, rerank) PQ candidates reranked
   serving_shards: int | None = None  # default: ceil(N / vectors_per_serving_shard)
-  vectors_per_serving_shard: int = 1 << 28
-  train_sample: int = 131_072       # deterministic sample for k-means and PQ training
+  # 2^24 vectors (~1 GB of codes and ids): a host serves several; at 28e9 vectors, 1,669 serving
+  # shards, so the merge and the neighbours search have at least that many keys.
+  vectors_per_serving_shard: int = 1 << 24
+  train_sample: int = 131_072       # deterministic sample for k-means and PQ training, raised
+                                    # to min_points_per_centroid * nlist where that is more
+  min_points_per_centroid: int = 39  # faiss's floor below which k-means is undertrained
   hnsw_quantizer_min_nlist: int = 2048  # from here on, an HNSW graph over the centroids routes
   two_level_min_nlist: int = 1024   # from here on, k-means in two levels (sqrt(nlist) first)
   kmeans_iters: int = 12
@@ -84,7 +88,9 @@ class GlobalIndexConfig:
   def resolved(self, n: int) -> "GlobalIndexConfig":
     nlist = self.nlist or max(1, min(int(round(2 * math.sqrt(n))), n // 39 or 1))
     shards = self.serving_shards or max(1, math.ceil(n / self.vectors_per_serving_shard))
-    return dataclasses.replace(self, nlist=nlist, serving_shards=min(shards, nlist))
+    sample = max(self.train_sample, self.min_points_per_centroid * nlist)
+    return dataclasses.replace(self, nlist=nlist, serving_shards=min(shards, nlist),
+                               train_sample=sample)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -333,8 +339,15 @@ PARTS = "parts"
 TRAINED_RECORD = "trained.json"
 
 
-def _signature(sources: Sequence[Source]) -> list[list[int]]:
-  return [[int(i), int(off), int(e.shape[0])] for i, e, off in sources]
+def signature(count: int, num_sources: int) -> dict[str, int]:
+  """What a build's records are checked against: the vector and source counts (read from the
+  chunk store's manifest by the Beam build's launcher; the sources' contents are the stage's
+  provenance record's business)."""
+  return {"count": int(count), "num_sources": int(num_sources)}
+
+
+def _signature(sources: Sequence[Source]) -> dict[str, int]:
+  return signature(sum(int(e.shape[0]) for _, e, _ in sources), len(sources))
 
 
 def _encoded_path(out_dir: epath.Path, i: int, s: int, name: str) -> epath.Path:
@@ -362,14 +375,19 @@ def prepare_build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig 
                   ) -> GlobalIndexConfig:
   """Before the steps: removes any manifest (an unfinished build is never taken for a finished
   one) and the records of a build of other sources or settings. Returns the resolved config."""
+  return prepare_build_for(_signature(sources), out_dir, config)
+
+
+def prepare_build_for(sig: dict[str, int], out_dir, config: GlobalIndexConfig | None = None
+                      ) -> GlobalIndexConfig:
+  """`prepare_build` from the sources' `signature` alone (a few small reads)."""
   out_dir = epath.Path(out_dir)
   man_path = out_dir / layout.MANIFEST
   if man_path.exists():
     man_path.unlink()
-  c = (config or GlobalIndexConfig()).resolved(sum(int(s[1].shape[0]) for s in sources))
+  c = (config or GlobalIndexConfig()).resolved(sig["count"])
   rec = _read_json(out_dir / PARTS / TRAINED_RECORD)
-  if rec is not None and (rec.get("config") != c.to_json()
-                          or rec.get("sources") != _signature(sources)):
+  if rec is not None and (rec.get("config") != c.to_json() or rec.get("sources") != sig):
     (out_dir / PARTS).rmtree()
   for sub in ("rerank", "serving", PARTS):
     (out_dir / sub).mkdir(parents=True, exist_ok=True)

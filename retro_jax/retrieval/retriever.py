@@ -48,7 +48,7 @@ def db_embedding_shards(db_dir: str, select: Callable[[int], bool] | None = None
   manifest_path = layout.chunks_dir(db_dir) / layout.MANIFEST
   fix = f"run `python -m retro_jax.build_db --db={db_dir} --stages=embeddings` first"
   if manifest_path.exists():
-    store_shards = json.loads(manifest_path.read_text())["shards"]
+    store_shards = chunk_store_lib.read_manifest(manifest_path.parent)["shards"]
     out = []
     for s in store_shards:
       i = int(s["index"])

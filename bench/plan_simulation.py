@@ -1,0 +1,264 @@
+r"""The build's planning over a simulated database of N chunks: what the launching process reads
+and what job graph it sends, per stage, from 6e4 to 2.8e10 chunks.
+
+    python -m bench.plan_simulation            # -> bench/results/plan_simulation.json
+
+The layout is metadata only: the chunk store's manifest.json (totals), the embeddings stage's
+outputs record, and the global index's manifest as `global_index._manifest` writes it (one rerank
+file per embeddings shard). No shard list, no shard files: a launcher that reads one fails. The
+real planning code runs over it (`build.build(plan_only=True)`: every stage's checks and its Beam
+pipeline built, not run) while every filesystem call of this process is counted (open, stat,
+listdir). Per stage it reports the serialized job graph, the launcher's requests and bytes read,
+the distinct keys of each grouping and the largest element's work (from the plan functions the
+workers run), and the index's nlist against its training sample. The tokenizer and chunks stages
+(which read the corpus) are not simulated.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from retro_jax.db import build as build_lib
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout, pipeline, plan, provenance
+from retro_jax.evaluation.figures import provenance as run_provenance
+from retro_jax.retrieval import global_index as global_lib
+
+SIZES = (60_000, 10_000_000, 1_000_000_000, 28_000_000_000)
+CHUNKS_PER_STORE_SHARD = 81_920  # 4,096 documents of ~20 chunks, as in the default database
+STAGES = ("embeddings", "index", "neighbours")
+DIM = 384
+
+
+def layout_for(n: int, root: str) -> dict:
+  """Writes the simulated database's metadata under `root`; returns its shape."""
+  shards = -(-n // CHUNKS_PER_STORE_SHARD)
+  db = os.path.join(root, "db")
+  os.makedirs(os.path.join(db, "chunks"))
+  os.makedirs(os.path.join(db, "tokenizer"))
+  open(os.path.join(db, layout.TOKENIZER_PATH), "wb").close()
+  top = {"format_version": chunk_store_lib.FORMAT_VERSION, "chunk_size": 64, "num_chunks": n,
+         "num_docs": n // 20, "num_tokens": n * 60, "docs_shorter_than_chunk": 0,
+         "append_eos": True, "seed": 0,
+         "tokenizer": {"kind": "sentencepiece", "vocab_size": 8192, "pad_id": 0,
+                       "fingerprint": "0" * 64},
+         "corpus": {"spec": "simulated", "max_docs": None, "docs_per_shard": 4096,
+                    "bad_input": {}},
+         "heldout": {"fraction": 0.01, "seed": 0, "num_docs": n // 2000, "file": "heldout.json",
+                     "sha256": "1" * 64},
+         "num_shards": shards, "shards_file": "shards.json", "content_sha256": "2" * 64}
+  with open(os.path.join(db, "chunks", "manifest.json"), "w") as f:
+    json.dump(top, f)
+  provenance.outputs_path(db, "embeddings").parent.mkdir(parents=True, exist_ok=True)
+  with open(provenance.outputs_path(db, "embeddings"), "w") as f:
+    json.dump({"format_version": 1, "stage": "embeddings", "num_shards": shards,
+               "sha256": "3" * 64}, f)
+  c = global_lib.GlobalIndexConfig().resolved(n)
+  idx = global_lib.index_dir(db)
+  os.makedirs(idx)
+  per = -(-n // c.serving_shards)
+  files = {f"rerank/{layout.shard_name(i)}.npy": {"sha256": "4" * 64, "bytes": 1}
+           for i in range(shards)}
+  files.update({f"serving/{layout.shard_name(s)}.faiss": {"sha256": "5" * 64, "bytes": 1}
+                for s in range(c.serving_shards)})
+  manifest = {"format_version": global_lib.FORMAT_VERSION, "backend": global_lib.BACKEND,
+              "count": n, "dim": DIM, "config": c.to_json(),
+              "embeddings_shards": [{"shard": i, "offset": i * CHUNKS_PER_STORE_SHARD,
+                                     "count": min(CHUNKS_PER_STORE_SHARD,
+                                                  n - i * CHUNKS_PER_STORE_SHARD)}
+                                    for i in range(shards)],
+              "serving_shards": [{"shard": s, "count": per} for s in range(c.serving_shards)],
+              "files": files}
+  return {"db": db, "store_shards": shards, "config": c, "index_manifest": manifest}
+
+
+def _write_index_manifest(shape: dict) -> None:
+  """After the index stage's planning (which plans a build only where none is finished)."""
+  with open(os.path.join(global_lib.index_dir(shape["db"]), "manifest.json"), "w") as f:
+    json.dump(shape["index_manifest"], f)
+
+
+class Counter:
+  """Counts this process's filesystem calls under `root` (open / stat / listdir) and the bytes of
+  the files it opens for reading, between start() and stop()."""
+
+  def __init__(self, root: str):
+    self.root, self.requests, self.bytes, self.paths = root, 0, 0, {}
+    self._stat, self._listdir, self._scandir = os.stat, os.listdir, os.scandir
+
+  def _hit(self, path, size=0):
+    p = os.fspath(path) if isinstance(path, (str, bytes, os.PathLike)) else ""
+    if isinstance(p, str) and p.startswith(self.root):
+      self.requests += 1
+      self.bytes += size
+      key = os.path.relpath(p, self.root)
+      self.paths[key] = self.paths.get(key, 0) + 1
+
+  def _audit(self, event, args):
+    if self.on and event == "open" and args and args[0] is not None:
+      path, mode = args[0], args[1] if len(args) > 1 else "r"
+      if isinstance(path, (str, os.PathLike)) and ("r" in str(mode) or mode is None):
+        try:
+          size = self._stat(path).st_size
+        except OSError:
+          size = 0
+        self._hit(path, size)
+
+  def start(self):
+    self.on = True
+    counter = self
+
+    def stat(path, *a, **k):
+      counter._hit(path)
+      return counter._stat(path, *a, **k)
+
+    def listdir(path=".", *a, **k):
+      counter._hit(path)
+      return counter._listdir(path, *a, **k)
+
+    def scandir(path=".", *a, **k):
+      counter._hit(path)
+      return counter._scandir(path, *a, **k)
+    os.stat, os.listdir, os.scandir = stat, listdir, scandir
+    if not getattr(Counter, "_hooked", False):
+      sys.addaudithook(lambda e, a: Counter._current._audit(e, a) if Counter._current else None)
+      Counter._hooked = True
+    Counter._current = self
+    return self
+
+  def stop(self):
+    self.on = False
+    os.stat, os.listdir, os.scandir = self._stat, self._listdir, self._scandir
+    Counter._current = None
+
+
+Counter._current = None
+
+
+def _groupings(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
+  blocks_e = -(-n // pipeline.EMBED_BLOCK_ROWS)  # about: blocks restart at each store shard
+  blocks_n = -(-n // pipeline.NEIGHBOURS_BLOCK_ROWS)
+  ranges = len(plan.ranges(n))
+  return {
+      "embeddings": {"SpreadRanges": ranges, "SpreadBlocks": blocks_e, "ByShard": shards},
+      "index": {"SpreadRanges": len(plan.ranges(shards)), "Distribute": shards,
+                "ByServingShard": c.serving_shards},
+      "neighbours": {"SpreadRanges": ranges, "Distribute": blocks_n,
+                     "BySearchKey": plan.num_search_keys(n, c.serving_shards),
+                     "ByBlock": blocks_n, "ByStoreShard": shards},
+  }
+
+
+def _largest(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
+  """The largest element of each stage, from the plan functions the workers run."""
+  offsets = np.minimum(np.arange(shards + 1, dtype=np.int64) * CHUNKS_PER_STORE_SHARD, n)
+  biggest = max((plan.ranges(n)), key=lambda r: r[1] - r[0])
+  blocks = sum(1 for _ in plan.blocks_in(offsets, biggest[0], biggest[1],
+                                         pipeline.NEIGHBOURS_BLOCK_ROWS))
+  per_serving = -(-n // c.serving_shards)
+  return {
+      "embeddings": {"block_rows": pipeline.EMBED_BLOCK_ROWS,
+                     "range_expands_to_blocks": blocks},
+      "index": {"train_sample_vectors": min(n, c.train_sample),
+                "train_sample_bytes_float32": min(n, c.train_sample) * DIM * 4,
+                "encode_rows": CHUNKS_PER_STORE_SHARD, "merge_vectors": per_serving,
+                "finish_reads_records": shards + c.serving_shards},
+      "neighbours": {"search_queries": plan.SEARCH_GROUP_ROWS,
+                     "search_serving_shard_vectors": per_serving,
+                     "outputs_record_reads": shards},
+  }
+
+
+def simulate(n: int, workdir: str | None = None) -> dict:
+  with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    t0 = time.perf_counter()
+    shape = layout_for(n, tmp)
+    setup_s = time.perf_counter() - t0
+    shape.pop("index_manifest_path", None)
+    db, shards, c = shape["db"], shape["store_shards"], shape["config"]
+    out = {"num_chunks": n, "store_shards": shards, "serving_shards": c.serving_shards,
+           "nlist": c.nlist, "train_sample": c.train_sample,
+           "sample_per_centroid": c.train_sample / c.nlist, "layout_seconds": setup_s,
+           "stages": {}}
+    out["index_manifest_bytes"] = len(json.dumps(shape["index_manifest"]))
+    groupings, largest = _groupings(n, shards, c), _largest(n, shards, c)
+    cfg = dict(build_lib.DEFAULTS)
+    for stage in STAGES:
+      if stage == "neighbours":
+        _write_index_manifest(shape)
+      pipeline.PLANS.clear()
+      counter = Counter(tmp).start()
+      t0 = time.perf_counter()
+      try:
+        build_lib.build(db, stages=(stage,), plan_only=True)
+      finally:
+        counter.stop()
+      out["stages"][stage] = {
+          "graph_bytes": pipeline.PLANS[stage], "launcher_requests": counter.requests,
+          "launcher_bytes_read": counter.bytes, "launcher_paths": counter.paths,
+          "plan_seconds": time.perf_counter() - t0,
+          "grouping_keys": groupings[stage], "largest_element": largest[stage]}
+    del cfg
+  return out
+
+
+def main() -> None:
+  rows = []
+  for n in SIZES:
+    r = simulate(n)
+    rows.append(r)
+    print(json.dumps({"num_chunks": n, **{s: {k: v for k, v in d.items()
+                                               if k in ("graph_bytes", "launcher_requests",
+                                                        "launcher_bytes_read")}
+                                           for s, d in r["stages"].items()}}), flush=True)
+  out = {**run_provenance("python -m bench.plan_simulation"), "sizes": rows,
+         "chunks_per_store_shard": CHUNKS_PER_STORE_SHARD, "plan_ranges": plan.PLAN_RANGES}
+  path = os.path.join(os.path.dirname(__file__), "results", "plan_simulation.json")
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+    f.write("\n")
+  print(f"wrote {path}")
+  doc = os.path.join(os.path.dirname(__file__), "..", "docs", "plan_simulation.md")
+  with open(doc, "w") as f:
+    f.write(table(out))
+  print(f"wrote {os.path.normpath(doc)}")
+
+
+def table(res: dict) -> str:
+  """docs/plan_simulation.md from the results file (every figure read from it)."""
+  lines = ["# The build's planning at 6e4 .. 2.8e10 chunks (simulated layout)", "",
+           f"Written by `{res['command']}` at commit {res['commit']} on {res['date']} from "
+           "`bench/results/plan_simulation.json`; how it is measured: `bench/plan_simulation.py`.",
+           "Requests and bytes are the launching process's filesystem calls (open, stat, "
+           "listdir) during one stage's checks and planning; graph bytes are the serialized Beam "
+           "pipeline; keys are the distinct keys of the stage's smallest grouping.", "",
+           "| chunks | store shards | serving shards | nlist | train sample (per centroid) "
+           "| stage | graph bytes | launcher requests | launcher bytes read | fewest keys "
+           "(grouping) |", "|" + "---|" * 10]
+  for r in res["sizes"]:
+    for stage, d in r["stages"].items():
+      name, keys = min(d["grouping_keys"].items(), key=lambda kv: kv[1])
+      lines.append(
+          f"| {r['num_chunks']:.1e} | {r['store_shards']:,} | {r['serving_shards']:,} "
+          f"| {r['nlist']:,} | {r['train_sample']:,} ({r['sample_per_centroid']:.0f}) | {stage} "
+          f"| {d['graph_bytes']:,} | {d['launcher_requests']} | {d['launcher_bytes_read']:,} "
+          f"| {keys:,} ({name}) |")
+  big = res["sizes"][-1]
+  lines += ["", f"Largest elements at {big['num_chunks']:.1e} chunks:", ""]
+  for stage, d in big["stages"].items():
+    lines.append(f"- {stage}: " + ", ".join(f"{k} {v:,}" for k, v in
+                                            d["largest_element"].items()))
+  lines += ["", "The neighbours stage's launcher bytes grow with the index manifest (one entry "
+            "per embeddings shard's rerank file): one request, read whole.", ""]
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,22 @@
+"""The build's planning stays flat from 1e7 to 2.8e10 chunks (bench/plan_simulation.py: the real
+planning code over a simulated layout, metadata only)."""
+
+from bench import plan_simulation
+
+
+def test_graph_and_launcher_requests_stay_flat_to_28_billion_chunks(tmp_path):
+  small = plan_simulation.simulate(10_000_000, str(tmp_path))
+  big = plan_simulation.simulate(28_000_000_000, str(tmp_path))
+  for stage in plan_simulation.STAGES:
+    s, b = small["stages"][stage], big["stages"][stage]
+    assert b["graph_bytes"] <= 5_000_000, (stage, b["graph_bytes"])
+    assert b["graph_bytes"] <= 2 * s["graph_bytes"], (stage, s["graph_bytes"], b["graph_bytes"])
+    assert b["launcher_requests"] <= 2 * s["launcher_requests"], (stage, s, b)
+    # No shard list, shard file or per-shard record is touched by the launcher.
+    assert not [p for p in b["launcher_paths"] if "shard" in p], b["launcher_paths"]
+    assert min(b["grouping_keys"].values()) >= 1000, (stage, b["grouping_keys"])
+  # The chunk store and the embeddings are known from fixed-size files.
+  for stage in ("embeddings", "index"):
+    assert big["stages"][stage]["launcher_bytes_read"] <= 2 * small["stages"][stage][
+        "launcher_bytes_read"]
+  assert big["train_sample"] >= 39 * big["nlist"]
