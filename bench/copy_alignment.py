@@ -21,6 +21,7 @@ from absl import app, flags
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.evaluation import bpb as ev
+from retro_jax.evaluation import controls
 from retro_jax.evaluation import figures
 
 FLAGS = flags.FLAGS
@@ -59,8 +60,8 @@ def main(argv):
     if any(len(v) != C for v in losses.values()):
       raise SystemExit(f"{path} scored {len(next(iter(losses.values())))} chunks, not the {C} "
                        f"held-out chunks of {FLAGS.db}")
-    res["bpb"][label] = {g: {mode: float(x[m].sum() / np.log(2) / b[m].sum())
-                             for mode, x in losses.items()} for g, m in groups.items()}
+    res["bpb"][label] = {g: {mode: controls.bpb(x, b, m) for mode, x in losses.items()}
+                         for g, m in groups.items()}
   with open(FLAGS.out, "w") as f:
     json.dump(res, f, indent=1)
   for label, by in res["bpb"].items():

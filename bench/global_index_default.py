@@ -32,6 +32,7 @@ from absl import app, flags  # noqa: E402
 from retro_jax.db import layout  # noqa: E402
 from retro_jax.db.chunk_store import ChunkStore  # noqa: E402
 from retro_jax.retrieval import build_index as build_index_lib  # noqa: E402
+from retro_jax.retrieval import global_index as global_lib  # noqa: E402
 from retro_jax.retrieval import index as index_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
 
@@ -71,7 +72,8 @@ def main(argv):
   doc_N = store.doc_ids(np.arange(len(db_NxD)))
   n = len(db_NxD)
   t0 = time.perf_counter()
-  built_now = not build_index_lib.global_index_done(db)
+  built_now = not global_lib.is_built(global_lib.index_dir(db),
+                                      retriever_lib.db_global_sources(db))
   manifest = build_index_lib.build_global_index(db)
   build_s = time.perf_counter() - t0 if built_now else manifest["build_seconds"]["total"]
   if not build_index_lib.shard_is_done(  # today's per-shard faiss index, built if missing

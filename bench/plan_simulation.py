@@ -181,7 +181,6 @@ def simulate(n: int, workdir: str | None = None) -> dict:
     t0 = time.perf_counter()
     shape = layout_for(n, tmp)
     setup_s = time.perf_counter() - t0
-    shape.pop("index_manifest_path", None)
     db, shards, c = shape["db"], shape["store_shards"], shape["config"]
     out = {"num_chunks": n, "store_shards": shards, "serving_shards": c.serving_shards,
            "nlist": c.nlist, "train_sample": c.train_sample,
@@ -189,23 +188,21 @@ def simulate(n: int, workdir: str | None = None) -> dict:
            "stages": {}}
     out["index_manifest_bytes"] = len(json.dumps(shape["index_manifest"]))
     groupings, largest = _groupings(n, shards, c), _largest(n, shards, c)
-    cfg = dict(build_lib.DEFAULTS)
     for stage in STAGES:
       if stage == "neighbours":
         _write_index_manifest(shape)
-      pipeline.PLANS.clear()
       counter = Counter(tmp).start()
       t0 = time.perf_counter()
       try:
-        build_lib.build(db, stages=(stage,), plan_only=True)
+        planned = build_lib.build(db, stages=(stage,), plan_only=True)
       finally:
         counter.stop()
       out["stages"][stage] = {
-          "graph_bytes": pipeline.PLANS[stage], "launcher_requests": counter.requests,
+          "graph_bytes": planned["stages"][stage]["graph_bytes"],
+          "launcher_requests": counter.requests,
           "launcher_bytes_read": counter.bytes, "launcher_paths": counter.paths,
           "plan_seconds": time.perf_counter() - t0,
           "grouping_keys": groupings[stage], "largest_element": largest[stage]}
-    del cfg
   return out
 
 

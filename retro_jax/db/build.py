@@ -24,14 +24,12 @@ from etils import epath
 
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, provenance
-from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db import pipeline as pipeline_lib
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import index as index_lib
-from retro_jax.retrieval import retriever as retriever_lib
 
 STAGES = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
 
@@ -47,23 +45,19 @@ def _store(db: epath.Path) -> chunk_store_lib.ChunkStore:
   return chunk_store_lib.ChunkStore.open(db)  # manifest.json only: no shard list
 
 
-def _store_shards(db: epath.Path) -> list[tuple[int, int, int]]:
-  return _store(db).shard_spans()
-
-
-def _outputs_done(db: epath.Path, stage: str) -> bool:
+def _outputs_done(db: epath.Path, stage: str, store: chunk_store_lib.ChunkStore) -> bool:
   """The stage's outputs record names every store shard (one small file; `--audit` checks the
   shards themselves)."""
   rec = provenance.read_outputs(db, stage)
-  return rec is not None and rec.get("num_shards") == _store(db).num_shards
+  return rec is not None and rec.get("num_shards") == store.num_shards
 
 
-def _index_done(db: epath.Path, backend: str) -> bool:
+def _index_done(db: epath.Path, backend: str, store: chunk_store_lib.ChunkStore) -> bool:
   if backend == index_lib.GLOBAL_BACKEND:
-    return build_index_lib.global_index_done(str(db), _store(db).num_chunks)
+    return build_index_lib.global_index_done(str(db), store.num_chunks)
   # The per-shard backends (small databases): one manifest per index shard.
   return all((layout.index_shard_dir(layout.index_dir(db, backend), s) / index_lib.MANIFEST).exists()
-             for s, _, _ in _store_shards(db))
+             for s in range(store.num_shards))
 
 
 def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
@@ -77,9 +71,9 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
   if not is_done("chunks", db, cfg):
     return False
   if stage in ("embeddings", "neighbours"):
-    return _outputs_done(db, stage)
+    return _outputs_done(db, stage, _store(db))
   if stage == "index":
-    return _index_done(db, cfg["backend"])
+    return _index_done(db, cfg["backend"], _store(db))
   raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES + ('finalize',)}.")
 
 
@@ -93,10 +87,10 @@ def _stage_finalize(db: epath.Path, cfg: dict[str, Any], beam_args) -> None:
 
 def _check_inputs(stage: str, db: epath.Path, cfg: dict[str, Any]) -> None:
   """A stage whose inputs are not all finished stops with an error naming them."""
-  if stage == "index" and not _outputs_done(db, "embeddings"):
+  if stage == "index" and not _outputs_done(db, "embeddings", _store(db)):
     raise BuildError(f"{db}/embeddings is not finished; run the embeddings stage first "
                      "(--stages=embeddings).")
-  if stage == "neighbours" and not _index_done(db, cfg["backend"]):
+  if stage == "neighbours" and not _index_done(db, cfg["backend"], _store(db)):
     raise BuildError(f"{db}/index/{cfg['backend']} is not finished; the neighbours search the "
                      "whole index, so build it first (--stages=index).")
 
@@ -151,8 +145,8 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
   A finished stage is skipped only when its provenance record (retro_jax.db.provenance) matches
   this run; `rebuild` rebuilds a stage whose record differs instead of stopping; `audit` first
   checks every output of every stage (reading the whole database) and rebuilds what is damaged.
-  `plan_only` builds each stage's pipeline without running it (finished or not) and records its
-  serialized size (`pipeline.PLANS`): the job graph a runner would be sent."""
+  `plan_only` builds each stage's pipeline without running it (finished or not) and returns
+  {"stages": {stage: {"graph_bytes"}}}: the job graph a runner would be sent (nothing written)."""
   unknown = set(kwargs) - set(DEFAULTS)
   if unknown:
     raise TypeError(f"build() got unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
@@ -171,11 +165,12 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
     t0 = time.perf_counter()
     want = check_provenance(stage, db, cfg, rebuild, audit)
     if plan_only:
-      pipeline_lib.run_stage(stage, db, cfg, beam_args, plan_only=True)
+      record["stages"][stage] = {
+          "graph_bytes": pipeline_lib.run_stage(stage, db, cfg, beam_args, plan_only=True)}
       continue
     if is_done(stage, db, cfg):
       if want is not None:  # (also records a database built before provenance records)
-        provenance.write(db, stage, cfg, provenance.expected(stage, db, cfg))
+        provenance.write(db, stage, cfg, want)
       seconds = time.perf_counter() - t0
       prev = previous.get(stage, {})
       record["stages"][stage] = {"seconds": seconds, "skipped": True,
@@ -190,6 +185,8 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
     record["stages"][stage] = {"seconds": seconds, "skipped": False, "build_seconds": seconds}
     print(f"[build_db] {stage}: {seconds:.1f} s", flush=True)
     write_json_atomic(times_path, record)  # After each stage, so a killed build keeps its times.
+  if plan_only:
+    return {"stages": {s: record["stages"][s] for s in stages}}
   record["total_seconds"] = time.perf_counter() - t_all
   record["total_build_seconds"] = sum(v.get("build_seconds") or 0.0
                                       for v in record["stages"].values())

@@ -271,7 +271,7 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
     doc_offset += m["num_docs"]
   heldout_ids = [i for m in markers for i in m["heldout_doc_ids"]]
   heldout_keys = [k for m in markers for k in m["heldout_doc_keys"]]
-  manifest = _Manifest({
+  manifest = {
       "format_version": FORMAT_VERSION,
       "chunk_size": settings["chunk_size"],
       "num_chunks": offset,
@@ -288,7 +288,7 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
       "doc_table_columns": list(DOC_TABLE_COLUMNS),
       "shards": shards,
       "versions": package_versions(),
-  })
+  }
   write_manifest(out, manifest)
   return manifest
 
@@ -352,9 +352,6 @@ class _Lazy(dict):
       raise KeyError(key)
     self[key] = self._lazy.pop(key)()
     return self[key]
-
-
-_Manifest = _Lazy
 
 
 def _read_json(path: epath.Path, what: str) -> Any:

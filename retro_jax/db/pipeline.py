@@ -236,27 +236,29 @@ def _finalize(results: list[tuple[int, bool]], db: str) -> dict:
 # Embeddings.
 
 
-def _embedding_blocks_in(rows: tuple[int, int], db: str) -> Iterator[tuple[int, int, int]]:
-  """(shard, start row, end row) of the blocks of unfinished embeddings shards whose first
-  global id is in `rows` (a plan range; expanded by a worker)."""
+def _unfinished_blocks(rows: tuple[int, int], db: str, block_rows: int, shard_path
+                       ) -> Iterator[tuple[int, int, int]]:
+  """A plan range expanded by a worker: (store shard, first row, rows) of its blocks whose shard's
+  output (`shard_path(db, shard)`) is not finished."""
   store = _store(db)
   finished: dict[int, bool] = {}
-  for shard, a, n in plan_lib.blocks_in(store.shard_offsets, rows[0], rows[1], EMBED_BLOCK_ROWS):
+  for shard, a, n in plan_lib.blocks_in(store.shard_offsets, rows[0], rows[1], block_rows):
     if shard not in finished:
-      finished[shard] = layout.is_finished(layout.embeddings_path(db, shard))
+      finished[shard] = layout.is_finished(shard_path(db, shard))
     if not finished[shard]:
-      yield shard, a, a + n
+      yield shard, a, n
+
+
+def _embedding_blocks_in(rows: tuple[int, int], db: str) -> Iterator[tuple[int, int, int]]:
+  """(shard, start row, end row) of the blocks of unfinished embeddings shards in `rows`."""
+  for shard, a, n in _unfinished_blocks(rows, db, EMBED_BLOCK_ROWS, layout.embeddings_path):
+    yield shard, a, a + n
 
 
 def _record_outputs(_, db: str, stage: str) -> None:
   """The stage's outputs record, once every shard is finished (retro_jax.db.provenance)."""
-  n = _store(db).num_shards
-  is_done = (neighbours_lib.shard_is_done if stage == "neighbours"
-             else lambda d, s: layout.is_finished(layout.embeddings_path(d, s)))
-  missing = [s for s in range(n) if not is_done(db, s)]
-  if missing:
-    raise RuntimeError(f"{stage}: shards {missing[:5]} are not finished")
-  provenance.write_outputs(db, stage, n)
+  if provenance.write_outputs(db, stage, _store(db).num_shards) is None:
+    raise RuntimeError(f"{stage}: not every shard is finished")
 
 
 class _EmbedBlock(beam.DoFn):
@@ -400,7 +402,6 @@ def _finish_index(merged: list[int], db: str) -> None:
 def _global_index(p, db: str, config: global_lib.GlobalIndexConfig | None) -> None:
   """The launcher reads the store's manifest only; the shards are named by plan ranges."""
   _clear_caches()
-  _global_sources.cache_clear()
   store = chunk_store_lib.ChunkStore.open(db)
   root = global_lib.index_dir(db)
   if build_index_lib.global_index_done(db, store.num_chunks):
@@ -487,7 +488,9 @@ def _serving_retriever(db: str, s: int):
                                  deleted_ranges=retriever_lib.db_deleted_ranges(db))
 
 
-_ROUTED_CACHES = (_store, _shard_queries, _router, _serving_retriever)
+# Per-process caches of the workers' reads; cleared by the launcher before each stage (the
+# in-process runner's workers are this process).
+_WORKER_CACHES = (_store, _shard_queries, _router, _serving_retriever, _global_sources)
 
 
 def _route(db: str, block: tuple[int, int], rows: np.ndarray, fetch: int):
@@ -624,14 +627,7 @@ def _neighbour_blocks_in(rows: tuple[int, int], db: str, first: int):
   """A plan range expanded by a worker: its query blocks of unfinished neighbours shards, as
   (block, (rows, fetch)) to search, or on the tag "kept" as (store shard, first row) when the
   block's part file is already written."""
-  store = _store(db)
-  done: dict[int, bool] = {}
-  for shard, a, n in plan_lib.blocks_in(store.shard_offsets, rows[0], rows[1],
-                                        NEIGHBOURS_BLOCK_ROWS):
-    if shard not in done:
-      done[shard] = neighbours_lib.shard_is_done(db, shard)
-    if done[shard]:
-      continue
+  for shard, a, n in _unfinished_blocks(rows, db, NEIGHBOURS_BLOCK_ROWS, layout.neighbours_path):
     if layout.neighbours_part_path(db, shard, a).exists():
       yield beam.pvalue.TaggedOutput("kept", (shard, a))
     else:
@@ -639,7 +635,7 @@ def _neighbour_blocks_in(rows: tuple[int, int], db: str, first: int):
 
 
 def _clear_caches() -> None:
-  for cache in _ROUTED_CACHES:  # this process's (the in-process runner's) from an earlier run
+  for cache in _WORKER_CACHES:
     cache.cache_clear()
 
 
@@ -792,25 +788,20 @@ def stage_args(beam_args: Sequence[str] | None, stage: str) -> list[str] | None:
   return keep + ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
 
-# plan_only runs: stage -> serialized bytes of its pipeline (what a runner would be sent).
-PLANS: dict[str, int] = {}
-
-
 def plan_bytes(p: beam.Pipeline) -> int:
   """Serialized size of a pipeline's job graph (Beam's runner API proto, as a job request)."""
   return len(p.to_runner_api().SerializeToString())
 
 
 def run_stage(stage: str, db: str | os.PathLike, cfg: dict[str, Any],
-              beam_args: Sequence[str] | None = None, plan_only: bool = False) -> None:
+              beam_args: Sequence[str] | None = None, plan_only: bool = False) -> int | None:
   """Runs one stage's pipeline to completion (the next stage reads all of its output). With
-  `plan_only`, builds the pipeline without running it and records its size in PLANS."""
+  `plan_only`, builds the pipeline without running it and returns its serialized size."""
   db = os.fspath(db)
   if plan_only:
     p = beam.Pipeline(runner=fn_runner.FnApiRunner(), options=pipeline_options(beam_args))
     STAGE_PIPELINES[stage](p, db, cfg)
-    PLANS[stage] = plan_bytes(p)
-    return
+    return plan_bytes(p)
   beam_args = stage_args(beam_args, stage)
   if stage == "embeddings":  # the embedder every block must match, recorded before any runs
     embedder = Embedder.load(dtype=cfg["embed_dtype"], batch_size=cfg["embed_batch_size"])

@@ -75,9 +75,9 @@ def _my_shards(db: epath.Path, cfg: dict[str, Any]) -> list[dict]:
 
 
 def _store_top(db: epath.Path) -> dict | None:
-  """DB/chunks/manifest.json alone (a fixed size; no shard list)."""
-  path = db / layout.CHUNKS_DIR / layout.MANIFEST
-  return json.loads(path.read_text()) if path.exists() else None
+  """The chunk store's manifest (manifest.json only: its shard list is read if asked for)."""
+  store_dir = db / layout.CHUNKS_DIR
+  return chunk_store.read_manifest(store_dir) if (store_dir / layout.MANIFEST).exists() else None
 
 
 # A finished embeddings or neighbours stage: DB/provenance/<stage>.outputs.json, written when its
@@ -90,11 +90,21 @@ def outputs_path(db: str | os.PathLike, stage: str) -> epath.Path:
   return epath.Path(db) / PROVENANCE_DIR / f"{stage}{OUTPUTS}"
 
 
-def write_outputs(db: str | os.PathLike, stage: str, num_shards: int) -> dict[str, Any]:
-  """Records that `stage`'s shards 0..num_shards-1 are finished (reads each one's progress
-  record: run by the stage's last element, or by an edit that added a shard)."""
-  path = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}[stage]
-  shas = [verify.recorded_sha256(path(db, s)) for s in range(num_shards)]
+_SHARD_PATH = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}
+
+
+def write_outputs(db: str | os.PathLike, stage: str, num_shards: int) -> dict[str, Any] | None:
+  """Records that `stage`'s shards 0..num_shards-1 are finished, from each one's progress record
+  (one read per shard: run by the stage's last element, or after an edit that added a shard).
+  Returns the record, or None (nothing written) when a shard is not finished."""
+  shas = []
+  for s in range(num_shards):
+    npy = _SHARD_PATH[stage](db, s)
+    prog = layout.progress_path(npy)
+    rec = json.loads(prog.read_text()) if prog.exists() else {}
+    if not rec.get("done") or not npy.exists():
+      return None
+    shas.append(rec.get("sha256"))
   rec = {"format_version": FORMAT_VERSION, "stage": stage, "num_shards": int(num_shards),
          "sha256": layout.sha256_bytes(json.dumps(shas).encode())}
   out = outputs_path(db, stage)
@@ -277,11 +287,9 @@ def refresh(db: str | os.PathLike) -> None:
   """After an edit that finished a new shard through every stage (`edit_db --add`): the outputs
   records name every shard again and each stage's record names its inputs as they now are."""
   db = epath.Path(db)
-  n = int(_store_top(db).get("num_shards") or len(_my_shards(db, {})))
-  for stage in ("embeddings", "neighbours"):
-    path = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}[stage]
-    if all(layout.is_finished(path(db, s)) for s in range(n)):
-      write_outputs(db, stage, n)
+  n = chunk_store.ChunkStore.open(db).num_shards
+  for stage in _SHARD_PATH:
+    write_outputs(db, stage, n)
   for stage in ("embeddings", "index", "neighbours"):
     rec = read(db, stage, {})
     if rec is not None and "settings" in rec:

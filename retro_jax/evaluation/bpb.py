@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import math
 import time
 from typing import Any, Sequence
 
@@ -359,14 +358,12 @@ ALPHAS = tuple(i / 64 for i in range(65))
 
 
 def summarise(loss_C: np.ndarray, held: HeldOut, alphas: Sequence[float] = ALPHAS) -> dict:
-  bits = loss_C / math.log(2)
   curve, counts = {}, {}
   for a in alphas:
     keep = held.leakage_C <= a + 1e-9
-    nbytes = held.chunk_bytes_C[keep].sum()
-    curve[f"{a:.4f}"] = float(bits[keep].sum() / nbytes) if nbytes else None
+    curve[f"{a:.4f}"] = controls.bpb(loss_C, held.chunk_bytes_C, keep)
     counts[f"{a:.4f}"] = int(keep.sum())
-  return {"bpb": float(bits.sum() / held.chunk_bytes_C.sum()), "bpb_alpha": curve,
+  return {"bpb": controls.bpb(loss_C, held.chunk_bytes_C), "bpb_alpha": curve,
           "chunks_alpha": counts}
 
 
@@ -499,8 +496,7 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
     losses[mode] = chunk_losses(model, cfg, held, store, seq_len=seq_len, stride=stride,
                                 num_neighbours=k, retrieval=mode != "off", batch_size=batch_size,
                                 progress=progress, desc=f"retrieval {mode}",
-                                neighbours_CxK=None if mode == "off" else
-                                held.neighbours_CxK[rows[mode][0]])
+                                neighbours_CxK=mode_neighbours(held, mode, shuffle_seed))
   if baseline:
     base_model, base_cfg, base_info = ckpt_lib.load_model(baseline, baseline_step)
     out["baseline"] = {"checkpoint": base_info["path"], "step": base_info["step"]}

@@ -148,14 +148,21 @@ def bin_masks(leakage_C: np.ndarray) -> dict[str, np.ndarray]:
   return out
 
 
+def bpb(loss_C: np.ndarray, bytes_C: np.ndarray, mask_C: np.ndarray | None = None
+        ) -> float | None:
+  """Bits per byte of the chunks in mask_C (all by default): nats / ln 2 / bytes; None when they
+  hold no bytes."""
+  loss_C, bytes_C = np.asarray(loss_C), np.asarray(bytes_C)
+  if mask_C is not None:
+    loss_C, bytes_C = loss_C[mask_C], bytes_C[mask_C]
+  nbytes = bytes_C.sum()
+  return float(loss_C.sum() / math.log(2) / nbytes) if nbytes else None
+
+
 def bpb_by_bin(loss_C: np.ndarray, bytes_C: np.ndarray, leakage_C: np.ndarray) -> dict:
   """name -> {"bpb", "chunks"} per overlap bin (bpb None for an empty bin)."""
-  bits = np.asarray(loss_C) / math.log(2)
-  out = {}
-  for name, m in bin_masks(leakage_C).items():
-    nbytes = bytes_C[m].sum()
-    out[name] = {"bpb": float(bits[m].sum() / nbytes) if nbytes else None, "chunks": int(m.sum())}
-  return out
+  return {name: {"bpb": bpb(loss_C, bytes_C, m), "chunks": int(m.sum())}
+          for name, m in bin_masks(leakage_C).items()}
 
 
 def paired_bootstrap(loss_a_C: np.ndarray, loss_b_C: np.ndarray, bytes_C: np.ndarray,

@@ -45,6 +45,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout
 from retro_jax.evaluation import bpb as ev
 from retro_jax.evaluation import controls
 from retro_jax.training import loop
@@ -101,15 +102,8 @@ def _cached_eval(out: str, name: str, fn) -> dict:
   print(f"== scoring {name}", flush=True)
   r = fn()
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(r, f)
-  os.replace(path + ".tmp", path)
+  layout.write_json_atomic(path, r)
   return r
-
-
-def _bpb(loss_C: np.ndarray, bytes_C: np.ndarray, mask_C: np.ndarray | None = None) -> float:
-  m = np.ones(len(bytes_C), bool) if mask_C is None else mask_C
-  return float(loss_C[m].sum() / np.log(2) / bytes_C[m].sum())
 
 
 def _slim(r: dict) -> dict:
@@ -172,11 +166,13 @@ def run_figures(cfg, out: str) -> dict:
         r = _cached_eval(out, f"seed{s}_fraction{f}", lambda s=s, f=f: ev.evaluate(
             runs[f"seed{s}/retro"], retrieval=("on", "shuffled"), held=held[f], **kw))
         on[f], shuf[f] = (np.asarray(r["chunk_loss_nats"][m]) for m in ("on", "shuffled"))
-      rows[str(f)] = {"on": _bpb(on[f], bytes_C), "shuffled": _bpb(shuf[f], bytes_C),
-                      "baseline": _bpb(losses[s]["baseline"], bytes_C),
+      rows[str(f)] = {"on": controls.bpb(on[f], bytes_C),
+                      "shuffled": controls.bpb(shuf[f], bytes_C),
+                      "baseline": controls.bpb(losses[s]["baseline"], bytes_C),
                       "db_tokens": int(np.sum(store.doc_num_chunks[ev.training_doc_mask(
                           store, f)])) * store.chunk_size,
-                      "alpha_12.5": {m: _bpb(x[f], bytes_C, held[f].leakage_C <= 0.125 + 1e-9)
+                      "alpha_12.5": {m: controls.bpb(x[f], bytes_C,
+                                                     held[f].leakage_C <= 0.125 + 1e-9)
                                      for m, x in (("on", on), ("shuffled", shuf))}}
       rows[str(f)]["on-baseline"] = controls.paired_bootstrap(on[f], losses[s]["baseline"],
                                                               bytes_C, doc_C)
@@ -204,10 +200,11 @@ def run_figures(cfg, out: str) -> dict:
     longer = np.asarray(rf["chunk_loss_nats"]["baseline"])
     entry = {
         "steps": steps, "scratch_steps": base.total_steps,
-        "bpb": {"baseline": _bpb(base_C, bytes_C), "from_scratch_on": _bpb(scratch_on, bytes_C),
-                "retrofit_on": _bpb(rf_on, bytes_C),
+        "bpb": {"baseline": controls.bpb(base_C, bytes_C),
+                "from_scratch_on": controls.bpb(scratch_on, bytes_C),
+                "retrofit_on": controls.bpb(rf_on, bytes_C),
                 "retrofit_shuffled": rf["results"]["shuffled"]["bpb"],
-                "baseline_longer": _bpb(longer, bytes_C)},
+                "baseline_longer": controls.bpb(longer, bytes_C)},
         "recovery": controls.ratio_bootstrap(base_C, rf_on, scratch_on, bytes_C, doc_C),
         "on-baseline": controls.compare(rf_on, base_C, bytes_C, doc_C, H.leakage_C),
         "on-baseline_longer": controls.compare(rf_on, longer, bytes_C, doc_C, H.leakage_C),

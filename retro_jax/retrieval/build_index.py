@@ -61,16 +61,13 @@ def build_index(db_dir: str, config: index_lib.IndexConfig, out_dir: str | None 
   return done
 
 
-def global_index_done(db_dir: str, num_chunks: int | None = None) -> bool:
-  """True when DB/index/global holds a finished index: with `num_chunks`, one over that many
-  vectors (its manifest only: what the build checks), else over exactly the current embeddings
-  shards (each shard opened)."""
+def global_index_done(db_dir: str, num_chunks: int) -> bool:
+  """True when DB/index/global holds a finished index over `num_chunks` vectors (its manifest
+  only: what the build checks; `global_index.is_built` compares every embeddings shard)."""
   root = global_lib.index_dir(db_dir)
   try:
-    if num_chunks is not None:
-      return ((root / layout.MANIFEST).exists()
-              and int(global_lib.read_manifest(root)["count"]) == int(num_chunks))
-    return global_lib.is_built(root, retriever_lib.db_global_sources(db_dir))
+    return ((root / layout.MANIFEST).exists()
+            and int(global_lib.read_manifest(root)["count"]) == int(num_chunks))
   except index_lib.IndexError_:
     return False
 
