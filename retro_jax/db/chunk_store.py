@@ -54,7 +54,8 @@ from retro_jax.db.layout import (
 )
 from retro_jax.errors import UserError
 
-FORMAT_VERSION = 2  # 1: shards and held-out ids inside manifest.json (still read)
+FORMAT_VERSION = 2  # of the manifest; 1: shards and held-out ids inside manifest.json (still read)
+SHARD_FORMAT_VERSION = 1  # of a shard's files (its done marker's settings): unchanged by format 2
 SHARDS = "shards.json"
 HELDOUT = "heldout.json"
 SHARD_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy", "doc_keys.json")
@@ -93,7 +94,8 @@ def chunk_document(ids: Sequence[int], chunk_size: int, pad_id: int) -> np.ndarr
 
 def _settings(tokenizer, chunk_size, docs_per_shard, corpus_spec, max_docs, heldout_fraction, seed,
               append_eos) -> dict:
-  return {"format_version": FORMAT_VERSION, "tokenizer": tokenizer.info(), "chunk_size": chunk_size,
+  return {"format_version": SHARD_FORMAT_VERSION, "tokenizer": tokenizer.info(),
+          "chunk_size": chunk_size,
           "docs_per_shard": docs_per_shard, "corpus": corpus_spec, "max_docs": max_docs,
           "heldout_fraction": heldout_fraction, "seed": seed, "append_eos": append_eos}
 

@@ -1,0 +1,86 @@
+r"""Are two retrieval databases the same? Every file compared by sha256, and the manifests whose
+format may differ between the builds compared by content.
+
+    python -m bench.compare_dbs --a=runs/default_db --b=runs/default_db_check \
+        --out=bench/results/make_db_same.json
+
+Files: identical, different, or in one database only (build times, provenance records and the
+manifests are compared by content below, not by bytes). The chunk store: totals, the shard list
+(offsets, counts, file checksums) and the held-out ids, through `chunk_store.read_manifest` (so a
+format-1 store compares with a format-2 one). The global index: its files' checksums, and which
+configuration fields differ or only one side records.
+"""
+import hashlib
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout
+from retro_jax.evaluation.figures import provenance
+from retro_jax.retrieval import global_index as global_lib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("a", "runs/default_db", "one database")
+flags.DEFINE_string("b", "runs/default_db_check", "the other")
+flags.DEFINE_string("out", "bench/results/make_db_same.json", "results JSON")
+
+# Compared by content (or not at all: wall times).
+BY_CONTENT = ("build_times.json", "provenance/", "chunks/manifest.json", "chunks/shards.json",
+              "chunks/heldout.json", "index/global/manifest.json")
+
+
+def _digests(root: str) -> dict[str, str]:
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      path = os.path.join(d, f)
+      rel = os.path.relpath(path, root)
+      if not rel.startswith(BY_CONTENT):
+        with open(path, "rb") as fh:
+          out[rel] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
+def _store(root: str) -> dict:
+  m = chunk_store_lib.read_manifest(layout.chunks_dir(root))
+  keep = ("chunk_size", "num_chunks", "num_docs", "num_tokens", "tokenizer", "corpus")
+  return {**{k: m[k] for k in keep}, "shards": list(m["shards"]),
+          "heldout_doc_ids": list(m["heldout"]["doc_ids"]),
+          "heldout_doc_keys": list(m["heldout"]["doc_keys"])}
+
+
+def _index(root: str) -> dict:
+  return global_lib.read_manifest(global_lib.index_dir(root))
+
+
+def main(argv):
+  del argv
+  a, b = _digests(FLAGS.a), _digests(FLAGS.b)
+  same = sorted(k for k in a.keys() & b.keys() if a[k] == b[k])
+  res = {**provenance(" ".join(["python -m bench.compare_dbs"] + sys.argv[1:])),
+         "a": FLAGS.a, "b": FLAGS.b, "files_identical": len(same),
+         "files_different": sorted(k for k in a.keys() & b.keys() if a[k] != b[k]),
+         "only_in_a": sorted(a.keys() - b.keys()), "only_in_b": sorted(b.keys() - a.keys())}
+  sa, sb = _store(FLAGS.a), _store(FLAGS.b)
+  res["chunk_store_differs_in"] = sorted(k for k in sa if sa[k] != sb.get(k))
+  ia, ib = _index(FLAGS.a), _index(FLAGS.b)
+  res["index_files_identical"] = ia["files"] == ib["files"]
+  res["index_config_differs_in"] = sorted(k for k in ia["config"].keys() & ib["config"].keys()
+                                          if ia["config"][k] != ib["config"][k])
+  res["index_config_only_in_one"] = sorted(ia["config"].keys() ^ ib["config"].keys())
+  # The data: every file, the chunk store's contents and the index's files (its recorded
+  # configuration may name settings that changed without changing a byte: listed above).
+  res["same_database"] = (not res["files_different"] and not res["only_in_a"]
+                          and not res["only_in_b"] and not res["chunk_store_differs_in"]
+                          and res["index_files_identical"])
+  with open(FLAGS.out, "w") as f:
+    json.dump(res, f, indent=1)
+    f.write("\n")
+  print(json.dumps({k: v for k, v in res.items() if k not in ("command",)}, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
