@@ -82,7 +82,7 @@ def test_build_into_gs_writes_every_stage_there_and_a_rerun_skips_them(gs_db, tm
   names = emulator.names("db/", bucket)
   for want in ("db/tokenizer/spm.model", "db/chunks/manifest.json",
                "db/chunks/shard-00001/tokens.npy", "db/embeddings/shard-00001.npy",
-               "db/index/global/manifest.json", "db/index/global/rerank/shard-00001.npy",
+               "db/index/global/manifest.json", "db/index/global/serving/shard-00000.rerank.npy",
                "db/neighbours/shard-00001.npy", "db/build_times.json"):
     assert want in names, names
   # Unfinished-block objects and temporary names are all gone once the stages finish.

@@ -357,9 +357,9 @@ def _train_on_sample(_, db: str, c: global_lib.GlobalIndexConfig) -> None:
         "quantizer", flush=True)
 
 
-class _EncodeShard(beam.DoFn):
-  """One embeddings shard encoded (kept when finished); yields (serving shard, embeddings shard)
-  for every serving shard."""
+class _EncodeGroup(beam.DoFn):
+  """One encode group (ENCODE_GROUP_SOURCES embeddings shards) encoded (kept when finished);
+  yields (serving shard, group) for every serving shard."""
 
   def __init__(self, db: str):
     self._db = db
@@ -369,17 +369,18 @@ class _EncodeShard(beam.DoFn):
     self._root = global_lib.index_dir(self._db)
     self._trained = global_lib.load_trained(self._root)
 
-  def process(self, shard: int):
-    src = _global_source(self._db, shard)
-    encoded = global_lib.encode_step(src, self._root, self._trained)
-    print(f"[build_db] index: embeddings shard {shard} {'encoded' if encoded else 'kept'}",
-          flush=True)
+  def process(self, g: int):
+    n = _store(self._db).num_shards
+    sources = [_global_source(self._db, i) for i in global_lib.group_sources(g, n)]
+    encoded = global_lib.encode_step(g, sources, self._root, self._trained)
+    print(f"[build_db] index: embeddings shards {sources[0][0]}..{sources[-1][0]} "
+          f"{'encoded' if encoded else 'kept'}", flush=True)
     for s in range(self._trained[2].serving_shards):
-      yield s, shard
+      yield s, g
 
 
 class _MergeServingShard(beam.DoFn):
-  """serving/shard-XXXXX.faiss from its parts, in embeddings-shard order; yields the shard."""
+  """serving/shard-S.* from its parts, in group order; yields the shard."""
 
   def __init__(self, db: str):
     self._db = db
@@ -389,18 +390,20 @@ class _MergeServingShard(beam.DoFn):
     self._trained = global_lib.load_trained(self._root)
 
   def process(self, item):
-    s, shards = item
-    global_lib.merge_step(s, sorted(shards), self._root, self._trained)
+    s, groups = item
+    global_lib.merge_step(s, sorted(groups), self._root, self._trained)
     yield s
 
 
 def _finish_index(merged: list[int], db: str) -> None:
-  m = global_lib.finish_build(_global_sources(db), global_lib.index_dir(db))
+  store = _store(db)
+  m = global_lib.finish_build(global_lib.signature(store.num_chunks, store.num_shards),
+                              global_lib.index_dir(db))
   print(f"[build_db] index: {m['count']} vectors in {len(merged)} serving shards", flush=True)
 
 
 def _global_index(p, db: str, config: global_lib.GlobalIndexConfig | None) -> None:
-  """The launcher reads the store's manifest only; the shards are named by plan ranges."""
+  """The launcher reads the store's manifest only; the encode groups are named by plan ranges."""
   _clear_caches()
   store = chunk_store_lib.ChunkStore.open(db)
   root = global_lib.index_dir(db)
@@ -408,14 +411,14 @@ def _global_index(p, db: str, config: global_lib.GlobalIndexConfig | None) -> No
     return
   c = global_lib.prepare_build_for(global_lib.signature(store.num_chunks, store.num_shards),
                                    root, config)
-  shard_ranges = plan_lib.ranges(store.num_shards)
+  group_ranges = plan_lib.ranges(global_lib.num_groups(store.num_shards))
   _ = (p | "Start" >> beam.Create([None])
        | "TrainOnSample" >> beam.Map(_train_on_sample, db, c)
-       | "ShardRanges" >> beam.FlatMap(lambda _: shard_ranges)
+       | "GroupRanges" >> beam.FlatMap(lambda _: group_ranges)
        | "SpreadRanges" >> beam.Reshuffle()
-       | "EmbeddingsShards" >> beam.FlatMap(lambda r: range(*r))
+       | "EncodeGroups" >> beam.FlatMap(lambda r: range(*r))
        | "Distribute" >> beam.Reshuffle()
-       | "EncodeShard" >> beam.ParDo(_EncodeShard(db))
+       | "EncodeGroup" >> beam.ParDo(_EncodeGroup(db))
        | "ByServingShard" >> beam.GroupByKey()
        | "MergeServingShard" >> beam.ParDo(_MergeServingShard(db))
        | "AllServingShards" >> beam.combiners.ToList()
@@ -762,10 +765,10 @@ STAGE_PIPELINES = {"tokenizer": _tokenizer, "chunks": _chunks, "embeddings": _em
                    "index": _index, "neighbours": _neighbours}
 
 
-# Stages that run in the launching process on the local runner: each is one or a few elements
-# whose work is small beside a worker process's start-up (importing JAX, faiss, reading the
-# corpus again); the embeddings stage is the one that gains from parallel local workers.
-IN_PROCESS_LOCALLY = ("tokenizer", "chunks", "index", "neighbours")
+# Stages that run in the launching process on the local runner: one element each (the tokenizer;
+# the chunks stage's planner reads the corpus) whose work is small beside a worker process's
+# start-up. The embeddings, index and neighbours stages run in the worker processes asked for.
+IN_PROCESS_LOCALLY = ("tokenizer", "chunks")
 
 
 def stage_args(beam_args: Sequence[str] | None, stage: str) -> list[str] | None:

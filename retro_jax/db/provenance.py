@@ -139,7 +139,7 @@ def _inputs(stage: str, db: epath.Path, cfg: dict[str, Any]) -> dict[str, str]:
     if (root / layout.MANIFEST).exists():  # the global index: its files' checksums (not times)
       m = json.loads((root / layout.MANIFEST).read_text())
       out[f"{layout.INDEX_DIR}/{cfg['backend']}"] = layout.sha256_bytes(json.dumps(
-          {k: m.get(k) for k in ("count", "config", "files")}, sort_keys=True).encode())
+          {k: m.get(k) for k in ("count", "config", "files", "content_sha256")}, sort_keys=True).encode())
     elif root.exists():  # per-shard backends: one manifest per index shard
       for d in sorted(root.iterdir()):
         if (d / "manifest.json").exists():

@@ -62,12 +62,15 @@ def build_index(db_dir: str, config: index_lib.IndexConfig, out_dir: str | None 
 
 
 def global_index_done(db_dir: str, num_chunks: int) -> bool:
-  """True when DB/index/global holds a finished index over `num_chunks` vectors (its manifest
-  only: what the build checks; `global_index.is_built` compares every embeddings shard)."""
+  """True when DB/index/global holds a finished index of this format over `num_chunks` vectors
+  (its manifest only)."""
   root = global_lib.index_dir(db_dir)
   try:
-    return ((root / layout.MANIFEST).exists()
-            and int(global_lib.read_manifest(root)["count"]) == int(num_chunks))
+    if not (root / layout.MANIFEST).exists():
+      return False
+    m = global_lib.read_manifest(root)
+    return (m.get("format_version") == global_lib.FORMAT_VERSION
+            and int(m["count"]) == int(num_chunks))
   except index_lib.IndexError_:
     return False
 

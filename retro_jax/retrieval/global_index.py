@@ -7,26 +7,33 @@ by shard (a block of rows at a time; the database is never in RAM), into the par
 nearest centroid names. Partitions are grouped into `S` serving shards (contiguous partition
 ranges); a query is routed to its `nprobe` nearest partitions, in whichever serving shards hold
 them, scanned there, and the best candidates of each serving shard are reranked against a compact
-int8 copy of the vectors kept on disk (memory-mapped, per embeddings shard), then merged.
+int8 copy of its own vectors kept on disk (memory-mapped), then merged. A serving host holds its
+serving shards' files and nothing else.
 
 In RAM per vector: the PQ code (`pq_m / 2` bytes; 48 at the default `pq_m=96`), its int64 id
 (8 bytes) and the fast-scan block padding (each partition is stored in blocks of 32 codes): 61.9
-bytes at the default store's 60k vectors, less as partitions grow; no float32 copy. On disk per vector: the same, plus the int8
-rerank copy (D bytes: 384 for MiniLM). `GlobalIndex.memory_bytes()` reports the measured figure.
+bytes at the default store's 60k vectors, less as partitions grow; no float32 copy (a serving
+shard whose ids are not 0..n-1 also holds its sorted ids: 8 more). On disk per vector: the same,
+plus the int8 rerank copy (D bytes: 384 for MiniLM) and its id (8). `GlobalIndex.memory_bytes()`
+reports the measured figure.
 
 Layout (`DB/index/global/`, written through `retro_jax.db.layout`: atomic writes, manifest last):
 
-    manifest.json                 config, counts, partition -> serving shard, sha256 of every file
+    manifest.json                 totals, config, the trained files' sha256, one fingerprint of
+                                  every serving shard's record (its size does not grow with N)
     trained.faiss                 the trained, empty index (coarse centroids + PQ codebooks)
-    serving/shard-XXXXX.faiss     serving shard s: the partitions [part_start, part_end)
-    rerank/shard-XXXXX.npy        int8 [chunks, D] copy of embeddings shard i (row = chunk id - offset)
-    rerank/scale.npy              float32 [D]: value = int8 * scale (per-dimension abs max / 127)
+    scale.npy                     float32 [D]: value = int8 * scale (per-dimension abs max / 127)
+    serving/shard-S.faiss         serving shard S: the partitions [part_start, part_end)
+    serving/shard-S.rerank.npy    int8 [n_S, D]: its vectors' copies, in id order
+    serving/shard-S.ids.npy       int64 [n_S]: their ids, ascending
+    serving/shard-S.json          its record: partitions, count, RAM bytes, sha256 of its files
 
-Built in steps, each recorded under `parts/` when finished (removed with the manifest): train
-(one), encode (one per embeddings shard: its rerank copy, and its vectors' (partition, id, PQ
-code) per serving shard as part files), merge (one per serving shard: the parts appended in
-embeddings-shard order and packed into fast-scan blocks: the bytes faiss's `add_with_ids` gives
-shard by shard), finish (the manifest). `build` runs them in turn in one process; the Beam build
+Built in steps, each recorded when finished: train (one), encode (one per group of
+ENCODE_GROUP_SOURCES embeddings shards: its vectors' (partition, id, PQ code, int8 copy) as one
+part file per serving shard, `parts/`), merge (one per serving shard: its parts read whole in
+group order, the codes packed into fast-scan blocks (the bytes faiss's `add_with_ids` gives
+shard by shard), the int8 copies and ids streamed to disk; its record last), finish (the
+manifest; `parts/` removed). `build` runs them in turn in one process; the Beam build
 (retro_jax/db/pipeline.py) runs them as transforms, encode and merge in parallel.
 
 Ids are int64 global chunk ids. To the `Retriever` (which adds the same-document exclusion,
@@ -36,17 +43,19 @@ the float32 ones), so the retriever skips its own float32 rescoring. One gRPC sh
 one serving shard the same way, so the service's merged answer is the in-process one.
 
 On gs:// the same layout is read and written through retro_jax.db.layout: faiss files as bytes
-(serialize / deserialize, no local file), each rerank copy filled as a local np.memmap and uploaded
+(serialize / deserialize, no local file), each rerank copy and ids file written locally and uploaded
 when complete (`layout.staged_file`), and read back by rows (retro_jax.db.npy_rows: ranged reads,
 nothing staged locally).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import json
 import math
+import os
 import time
 from typing import Any, Sequence
 
@@ -59,7 +68,7 @@ from retro_jax.db import layout, npy_rows
 from retro_jax.retrieval import index as index_lib
 
 BACKEND = index_lib.GLOBAL_BACKEND
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one rerank copy per embeddings shard, every file in the manifest
 TRAINED = "trained.faiss"
 SCALE = "scale.npy"
 BLOCK_ROWS = 65_536
@@ -182,14 +191,16 @@ def _set_quantizer_search(index, nprobe: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoding: every vector to (partition, id, PQ code), grouped by serving shard.
+# Encoding: every vector to (partition, id, PQ code, int8 copy), grouped by serving shard.
 #
-# Encoded = (partitions int64 [n], ids int64 [n], codes uint8 [n, code_size]): a source's
-# vectors of one serving shard, in source row order. A serving shard's file is the trained index
-# with each partition's entries appended in source order (then row order) and packed into
-# fast-scan blocks, zero-padded: the bytes faiss's own `add_with_ids`, source by source, writes.
+# Encoded = (partitions int64 [n], ids int64 [n], codes uint8 [n, code_size], int8 copies
+# [n, D]): a source's vectors of one serving shard, in source row order (ids ascending). A serving
+# shard's faiss file is the trained index with each partition's entries appended in source order
+# (then row order) and packed into fast-scan blocks, zero-padded: the bytes faiss's own
+# `add_with_ids`, source by source, writes. Its rerank copy holds its vectors' int8 copies in id
+# order, beside their ids.
 
-Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def _ivf(index):
@@ -209,48 +220,45 @@ def _codes(ivf, x_NxD: np.ndarray, parts_N: np.ndarray) -> np.ndarray:
   return out
 
 
-def encode_block(ivf, part_shard: np.ndarray, x_NxD: np.ndarray, ids_N: np.ndarray
-                 ) -> dict[int, Encoded]:
+def encode_block(ivf, part_shard: np.ndarray, x_NxD: np.ndarray, ids_N: np.ndarray,
+                 scale_D: np.ndarray) -> dict[int, Encoded]:
   """One block of vectors, encoded, by serving shard. With several serving shards each shard's
   vectors are assigned again on their own (what adding them to that shard's faiss index does)."""
   parts = _assign(ivf, x_NxD)
   if len(part_shard) and part_shard[-1] == 0:  # one serving shard
-    return {0: (parts, ids_N, _codes(ivf, x_NxD, parts))}
+    return {0: (parts, ids_N, _codes(ivf, x_NxD, parts), to_int8(x_NxD, scale_D))}
   owner = part_shard[parts]
   out = {}
   for s in np.unique(owner):
     m = owner == s
     xs = np.ascontiguousarray(x_NxD[m])
     ps = _assign(ivf, xs)
-    out[int(s)] = (ps, ids_N[m], _codes(ivf, xs, ps))
+    out[int(s)] = (ps, ids_N[m], _codes(ivf, xs, ps), to_int8(xs, scale_D))
   return out
 
 
-def _concat(parts: Sequence[Encoded], code_size: int) -> Encoded:
+def _concat(parts: Sequence[Encoded], code_size: int, dim: int) -> Encoded:
   if not parts:
-    return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, code_size), np.uint8))
-  return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+    return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, code_size), np.uint8),
+            np.zeros((0, dim), np.int8))
+  return tuple(np.concatenate([p[j] for p in parts]) for j in range(4))
 
 
-def encode_source(trained, part_shard: np.ndarray, emb, offset: int, rerank_path: epath.Path,
-                  scale_D: np.ndarray, threads: int = 1) -> dict[int, Encoded]:
-  """Encodes one embeddings shard, a block of rows at a time, and writes its int8 rerank copy.
-  Returns its vectors by serving shard (every serving shard, empty ones too)."""
+def encode_source(trained, part_shard: np.ndarray, emb, offset: int, scale_D: np.ndarray,
+                  threads: int = 1) -> dict[int, Encoded]:
+  """Encodes one embeddings shard, a block of rows at a time. Returns its vectors by serving
+  shard (every serving shard, empty ones too)."""
   ivf = _ivf(trained)
   n, dim = int(emb.shape[0]), int(emb.shape[1])
   blocks: dict[int, list[Encoded]] = {}
-  with layout.staged_file(rerank_path) as tmp, _threads(threads):
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int8, shape=(n, dim))
+  with _threads(threads):
     for a in range(0, n, BLOCK_ROWS):
       x = np.ascontiguousarray(emb[a:a + BLOCK_ROWS], np.float32)
-      out[a:a + len(x)] = to_int8(x, scale_D)
       ids = np.arange(offset + a, offset + a + len(x), dtype=np.int64)
-      for s, enc in encode_block(ivf, part_shard, x, ids).items():
+      for s, enc in encode_block(ivf, part_shard, x, ids, scale_D).items():
         blocks.setdefault(s, []).append(enc)
-    out.flush()
-    del out
   shards = int(part_shard[-1]) + 1 if len(part_shard) else 1
-  return {s: _concat(blocks.get(s, []), ivf.code_size) for s in range(shards)}
+  return {s: _concat(blocks.get(s, []), ivf.code_size, dim) for s in range(shards)}
 
 
 def _list_entries(ivf, part: int) -> tuple[np.ndarray, np.ndarray]:
@@ -295,7 +303,7 @@ def append_encoded(index, parts: Sequence[Encoded]) -> None:
   ivf = _ivf(index)
   if not parts:
     return
-  lists, ids, codes = _concat(parts, ivf.code_size)
+  lists, ids, codes = (np.concatenate([p[j] for p in parts]) for j in range(3))
   order = np.argsort(lists, kind="stable")
   lists, ids, codes = lists[order], ids[order], codes[order]
   bounds = np.searchsorted(lists, np.arange(ivf.nlist + 1))
@@ -330,13 +338,19 @@ def _read_index(path: epath.Path):
 
 # ----------------------------------------------------------------------------------------------
 # The build, as steps (the plain `build` runs them in turn; retro_jax/db/pipeline.py runs each
-# step's elements as Beam transforms): prepare; train (one); encode (one per source); merge (one
-# per serving shard); finish (one: the manifest, last). Each step's output is written atomically
-# with a record under `parts/` naming it finished, so a killed build redoes only unfinished
-# elements; `finish` writes the manifest and removes `parts/`.
+# step's elements as Beam transforms): prepare; train (one); encode (one per group of
+# ENCODE_GROUP_SOURCES sources); merge (one per serving shard); finish (one: the manifest, last).
+# Each step's output is written atomically with a record naming it finished, so a killed build
+# redoes only unfinished elements; `finish` writes the manifest and removes `parts/`.
+#
+# An encode group writes one part per serving shard (`parts/group-G.serving-S.npz`), so a serving
+# shard's merge reads one file per group, each whole and in group order (a few reads in flight):
+# at 2.8e10 vectors, 21,400 groups of ~1,300 vectors per serving shard, not a read per partition.
 
 PARTS = "parts"
 TRAINED_RECORD = "trained.json"
+ENCODE_GROUP_SOURCES = 16  # sources per encode element: ~1.3M vectors, ~0.6 GB encoded in RAM
+MERGE_READS_IN_FLIGHT = 8
 
 
 def signature(count: int, num_sources: int) -> dict[str, int]:
@@ -350,18 +364,37 @@ def _signature(sources: Sequence[Source]) -> dict[str, int]:
   return signature(sum(int(e.shape[0]) for _, e, _ in sources), len(sources))
 
 
-def _encoded_path(out_dir: epath.Path, i: int, s: int, name: str) -> epath.Path:
-  """parts/shard-i.serving-s.NAME.npy: `partitions` [L] and `starts` [L + 1] (each partition's
-  rows), `ids` [n] and `codes` [n, code_size] (sorted by partition, source order within)."""
-  return out_dir / PARTS / f"{layout.shard_name(i)}.serving-{s:05d}.{name}.npy"
+def num_groups(num_sources: int) -> int:
+  return -(-int(num_sources) // ENCODE_GROUP_SOURCES)
 
 
-def _encoded_record(out_dir: epath.Path, i: int) -> epath.Path:
-  return out_dir / PARTS / f"{layout.shard_name(i)}.encoded.json"
+def group_sources(g: int, num_sources: int) -> range:
+  """The source (embeddings shard) numbers of encode group g."""
+  return range(g * ENCODE_GROUP_SOURCES, min((g + 1) * ENCODE_GROUP_SOURCES, int(num_sources)))
 
 
-def _merged_record(out_dir: epath.Path, s: int) -> epath.Path:
-  return out_dir / PARTS / f"serving-{s:05d}.merged.json"
+def _part_path(out_dir: epath.Path, g: int, s: int) -> epath.Path:
+  """parts/group-G.serving-S.npz: `partitions` [L] and `starts` [L + 1] (each partition's rows),
+  `ids` [n] and `codes` [n, code_size] (sorted by partition, source order within), `rerank` int8
+  [n, D] and `rerank_ids` [n] (id order)."""
+  return out_dir / PARTS / f"group-{g:05d}.serving-{s:05d}.npz"
+
+
+def _encoded_record(out_dir: epath.Path, g: int) -> epath.Path:
+  return out_dir / PARTS / f"group-{g:05d}.encoded.json"
+
+
+def _merge_seconds(out_dir: epath.Path, s: int) -> epath.Path:
+  return out_dir / PARTS / f"serving-{s:05d}.seconds.json"
+
+
+def serving_path(out_dir, s: int, what: str) -> epath.Path:
+  """serving/shard-S.{faiss, rerank.npy, ids.npy, json} of serving shard s."""
+  ext = {"faiss": "faiss", "rerank": "rerank.npy", "ids": "ids.npy", "record": "json"}[what]
+  return epath.Path(out_dir) / "serving" / f"{layout.shard_name(s)}.{ext}"
+
+
+SERVING_FILES = ("faiss", "rerank", "ids")
 
 
 def _read_json(path: epath.Path) -> dict[str, Any] | None:
@@ -387,16 +420,21 @@ def prepare_build_for(sig: dict[str, int], out_dir, config: GlobalIndexConfig | 
     man_path.unlink()
   c = (config or GlobalIndexConfig()).resolved(sig["count"])
   rec = _read_json(out_dir / PARTS / TRAINED_RECORD)
-  if rec is not None and (rec.get("config") != c.to_json() or rec.get("sources") != sig):
+  if rec is not None and (rec.get("config") != c.to_json() or rec.get("sources") != sig
+                          or rec.get("format_version") != FORMAT_VERSION):
     (out_dir / PARTS).rmtree()
-  for sub in ("rerank", "serving", PARTS):
+  if rec is None or not (out_dir / PARTS).exists():  # serving files of another build: stale
+    for old in ("serving", "rerank"):
+      if (out_dir / old).exists():
+        (out_dir / old).rmtree()
+  for sub in ("serving", PARTS):
     (out_dir / sub).mkdir(parents=True, exist_ok=True)
   return c
 
 
 def train_step(sources: Sequence[Source], out_dir, c: GlobalIndexConfig) -> bool:
   """Trains the partitioner and quantizer (kept when trained for these sources and settings):
-  trained.faiss and rerank/scale.npy, then the record. Returns True when it trained."""
+  trained.faiss and scale.npy, then the record. Returns True when it trained."""
   out_dir = epath.Path(out_dir)
   if _read_json(out_dir / PARTS / TRAINED_RECORD) is not None:
     return False
@@ -404,9 +442,9 @@ def train_step(sources: Sequence[Source], out_dir, c: GlobalIndexConfig) -> bool
   trained, scale, c2 = train(sources, c)
   assert c2 == c, (c2, c)
   _write_index(trained, out_dir / TRAINED)
-  layout.write_bytes_atomic(out_dir / "rerank" / SCALE, layout.npy_bytes(scale))
+  layout.write_bytes_atomic(out_dir / SCALE, layout.npy_bytes(scale))
   layout.write_json_atomic(out_dir / PARTS / TRAINED_RECORD, {
-      "config": c.to_json(), "sources": _signature(sources),
+      "format_version": FORMAT_VERSION, "config": c.to_json(), "sources": _signature(sources),
       "seconds": time.perf_counter() - t0})
   return True
 
@@ -418,93 +456,161 @@ def load_trained(out_dir) -> tuple[Any, np.ndarray, GlobalIndexConfig]:
   if rec is None:
     raise index_lib.IndexError_(f"{out_dir}: the index is not trained yet (no "
                                 f"{PARTS}/{TRAINED_RECORD}); run the train step first.")
-  scale = _load_npy(out_dir / "rerank" / SCALE).astype(np.float32)
+  scale = _load_npy(out_dir / SCALE).astype(np.float32)
   return _read_index(out_dir / TRAINED), scale, GlobalIndexConfig.from_json(rec["config"])
 
 
-def encode_step(source: Source, out_dir, trained=None) -> bool:
-  """Encodes one source: its rerank copy and, per serving shard, its (partitions, ids, codes)
-  as a part file, then its record. Kept when recorded. Returns True when it encoded."""
+def _write_npz(path: epath.Path, arrays: dict[str, np.ndarray]) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  layout.write_bytes_atomic(path, buf.getvalue())
+
+
+def encode_step(g: int, sources: Sequence[Source], out_dir, trained=None) -> bool:
+  """Encodes group g (its sources, in order): per serving shard one part file, then the group's
+  record. Kept when recorded. Returns True when it encoded."""
   out_dir = epath.Path(out_dir)
-  i, emb, off = source
-  if _read_json(_encoded_record(out_dir, i)) is not None:
+  if _read_json(_encoded_record(out_dir, g)) is not None:
     return False
   t0 = time.perf_counter()
   trained, scale, c = trained or load_trained(out_dir)
   part_shard = _partition_shard(c.nlist, c.serving_shards)
-  encoded = encode_source(trained, part_shard, emb, off,
-                          out_dir / "rerank" / f"{layout.shard_name(i)}.npy", scale,
-                          c.training_threads)
-  for s, (lists, ids, codes) in encoded.items():
+  ivf = _ivf(trained)
+  per_source = [encode_source(trained, part_shard, emb, off, scale, c.training_threads)
+                for _, emb, off in sources]
+  dim = int(trained.d)
+  counts = []
+  for s in range(c.serving_shards):
+    lists, ids, codes, rows = _concat([e[s] for e in per_source], ivf.code_size, dim)
     order = np.argsort(lists, kind="stable")  # by partition, source order within each
-    lists = lists[order]
-    names, starts = np.unique(lists, return_index=True)
-    arrays = {"partitions": names, "starts": np.append(starts, lists.size).astype(np.int64),
-              "ids": ids[order], "codes": codes[order]}
-    for name, a in arrays.items():
-      layout.write_bytes_atomic(_encoded_path(out_dir, i, s, name), layout.npy_bytes(a))
-  layout.write_json_atomic(_encoded_record(out_dir, i), {
-      "counts": [int(encoded[s][1].size) for s in sorted(encoded)],
+    names, starts = np.unique(lists[order], return_index=True)
+    _write_npz(_part_path(out_dir, g, s), {
+        "partitions": names, "starts": np.append(starts, lists.size).astype(np.int64),
+        "ids": ids[order], "codes": codes[order], "rerank": rows, "rerank_ids": ids})
+    counts.append(int(ids.size))
+  layout.write_json_atomic(_encoded_record(out_dir, g), {
+      "sources": [int(i) for i, _, _ in sources], "count": int(sum(counts)),
       "seconds": time.perf_counter() - t0})
   return True
 
 
-def _open_encoded(out_dir: epath.Path, i: int, s: int) -> tuple[dict[int, tuple[int, int]], Any,
-                                                                 Any]:
-  """One part: ({partition: (first row, end row)}, ids, codes); ids and codes memory-mapped (or
-  read by ranges on gs://), so a merge holds one partition's entries at a time."""
-  names = _load_npy(_encoded_path(out_dir, i, s, "partitions")).tolist()
-  starts = _load_npy(_encoded_path(out_dir, i, s, "starts")).tolist()
-  rows = {p: (a, b) for p, a, b in zip(names, starts[:-1], starts[1:])}
-  return (rows, npy_rows.open_rows(_encoded_path(out_dir, i, s, "ids")),
-          npy_rows.open_rows(_encoded_path(out_dir, i, s, "codes")))
+def _read_part(path: epath.Path) -> dict[str, np.ndarray]:
+  with epath.Path(path).open("rb") as f:
+    with np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
 
 
-def merge_encoded(index, parts: Sequence[tuple[dict[int, tuple[int, int]], Any, Any]]) -> None:
-  """Fills an empty (trained) index from parts in order: each partition gets its entries of the
-  first part, then the second's, ... (one partition in memory at a time)."""
-  ivf = _ivf(index)
-  for p in sorted(set().union(*(rows for rows, _, _ in parts))):
-    got = [(ids[rows[p][0]:rows[p][1]], codes[rows[p][0]:rows[p][1]])
-           for rows, ids, codes in parts if p in rows]
-    _set_list(ivf, int(p), np.concatenate([np.asarray(g[0], np.int64) for g in got]),
-              np.concatenate([np.asarray(g[1], np.uint8) for g in got]))
-  index.ntotal = ivf.ntotal
+class _NpyStream:
+  """A .npy of rows [?, *tail] written front to back into a local file: rows appended, the header
+  (of a fixed 128 bytes, so the rows need not move) written when the count is known."""
+
+  HEADER = 128
+
+  def __init__(self, path: str, dtype, tail: tuple[int, ...]):
+    self.f, self.dtype, self.tail, self.rows = open(path, "wb"), np.dtype(dtype), tail, 0
+    self.f.write(b"\0" * self.HEADER)
+
+  def append(self, a: np.ndarray) -> None:
+    self.f.write(np.ascontiguousarray(a, self.dtype).tobytes())
+    self.rows += len(a)
+
+  def close(self) -> None:
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                "fortran_order": False,
+                                                "shape": (self.rows, *self.tail)})
+    if len(head.getvalue()) != self.HEADER:
+      raise ValueError(f"npy header of {len(head.getvalue())} bytes, not {self.HEADER}")
+    self.f.seek(0)
+    self.f.write(head.getvalue())
+    self.f.close()
 
 
-def merge_step(s: int, source_shards: Sequence[int], out_dir, trained=None) -> dict[str, int]:
-  """Assembles serving/shard-s.faiss from every source's part for it (in source order), then its
-  record. Kept when recorded. Returns {"count", "ram_bytes"}. In RAM: the serving shard's index
-  and one partition's entries."""
+def _file_record(path: str, data: bytes | None = None) -> dict[str, Any]:
+  if data is not None:
+    return {"sha256": layout.sha256_bytes(data), "bytes": len(data)}
+  return {"sha256": layout.sha256_file(path), "bytes": os.path.getsize(path)}
+
+
+def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str, Any]:
+  """Serving shard s from every group's part for it, read whole in group order (a few reads in
+  flight): its int8 rerank copy and ids streamed to disk as they come, its codes into the faiss
+  file. Then its record (serving/shard-S.json: counts and checksums), which marks it merged. Kept
+  when recorded. Returns the record. In RAM: the serving shard's codes and ids."""
   out_dir = epath.Path(out_dir)
-  rec = _read_json(_merged_record(out_dir, s))
+  rec = _read_json(serving_path(out_dir, s, "record"))
   if rec is not None:
-    return {"count": rec["count"], "ram_bytes": rec["ram_bytes"]}
+    return rec
   t0 = time.perf_counter()
-  trained = (trained or load_trained(out_dir))[0]
+  trained, _, c = trained or load_trained(out_dir)
   index = faiss.clone_index(trained)
-  merge_encoded(index, [_open_encoded(out_dir, i, s) for i in sorted(source_shards)])
-  _write_index(index, out_dir / "serving" / f"{layout.shard_name(s)}.faiss")
-  stats = {"count": int(index.ntotal), "ram_bytes": memory_bytes(index)}
-  layout.write_json_atomic(_merged_record(out_dir, s),
-                           {**stats, "seconds": time.perf_counter() - t0})
-  return stats
+  ivf = _ivf(index)
+  lists, ids, codes = [], [], []
+  files = {}
+  with layout.staged_file(serving_path(out_dir, s, "rerank")) as rr_tmp, \
+      layout.staged_file(serving_path(out_dir, s, "ids")) as ids_tmp:
+    rr, rr_ids = _NpyStream(rr_tmp, np.int8, (int(trained.d),)), _NpyStream(ids_tmp, np.int64, ())
+    with concurrent.futures.ThreadPoolExecutor(MERGE_READS_IN_FLIGHT) as pool:
+      for part in pool.map(_read_part, [_part_path(out_dir, g, s) for g in sorted(groups)]):
+        rr.append(part["rerank"])
+        rr_ids.append(part["rerank_ids"])
+        sizes = np.diff(part["starts"])
+        lists.append(np.repeat(part["partitions"], sizes))
+        ids.append(part["ids"])
+        codes.append(part["codes"])
+    rr.close()
+    rr_ids.close()
+    files["rerank"], files["ids"] = _file_record(rr_tmp), _file_record(ids_tmp)
+  if lists:
+    lists_n, ids_n, codes_n = np.concatenate(lists), np.concatenate(ids), np.concatenate(codes)
+    del lists, ids, codes
+    order = np.argsort(lists_n, kind="stable")  # by partition; group, source, row order within
+    lists_n, ids_n, codes_n = lists_n[order], ids_n[order], codes_n[order]
+    bounds = np.searchsorted(lists_n, np.arange(ivf.nlist + 1))
+    for p in np.flatnonzero(np.diff(bounds)):
+      _set_list(ivf, int(p), ids_n[bounds[p]:bounds[p + 1]], codes_n[bounds[p]:bounds[p + 1]])
+    index.ntotal = ivf.ntotal
+  data = faiss.serialize_index(index).tobytes()
+  layout.write_bytes_atomic(serving_path(out_dir, s, "faiss"), data)
+  files["faiss"] = _file_record("", data)
+  part_shard = _partition_shard(c.nlist, c.serving_shards)
+  rec = {"shard": int(s), "part_start": int(np.searchsorted(part_shard, s)),
+         "part_end": int(np.searchsorted(part_shard, s, side="right")),
+         "count": int(index.ntotal), "ram_bytes": memory_bytes(index), "files": files}
+  # the time beside it under parts/ (the record, which marks the shard merged, is deterministic)
+  layout.write_json_atomic(_merge_seconds(out_dir, s), {"seconds": time.perf_counter() - t0})
+  layout.write_json_atomic(serving_path(out_dir, s, "record"), rec)
+  return rec
 
 
-def finish_build(sources: Sequence[Source], out_dir) -> dict[str, Any]:
-  """Writes the manifest (sha256 of every file; build seconds per step, summed over elements)
-  once every serving shard is merged, then removes `parts/`. Returns the manifest."""
+def _content_sha256(top_files: dict[str, dict], serving: Sequence[dict]) -> str:
+  """One fingerprint of every file's recorded checksum (the index's content)."""
+  shas = [top_files[f]["sha256"] for f in sorted(top_files)]
+  shas += [r["files"][f]["sha256"] for r in serving for f in SERVING_FILES]
+  return layout.sha256_bytes(json.dumps(shas).encode())
+
+
+def finish_build(sig: dict[str, int], out_dir) -> dict[str, Any]:
+  """Writes the manifest (fixed size: totals, config, the trained files' checksums and one
+  fingerprint over every serving shard's record; build seconds per step, summed over elements)
+  once every group is encoded and every serving shard merged, then removes `parts/`. Returns the
+  manifest."""
   out_dir = epath.Path(out_dir)
   rec = _read_json(out_dir / PARTS / TRAINED_RECORD)
   c = GlobalIndexConfig.from_json(rec["config"])
-  merged = [_read_json(_merged_record(out_dir, s)) for s in range(c.serving_shards)]
-  encoded = [_read_json(_encoded_record(out_dir, i)) for i, _, _ in sources]
-  if any(m is None for m in merged + encoded):
-    raise index_lib.IndexError_(f"{out_dir}: not every source is encoded and every serving "
+  serving = [_read_json(serving_path(out_dir, s, "record")) for s in range(c.serving_shards)]
+  encoded = [_read_json(_encoded_record(out_dir, g)) for g in range(num_groups(sig["num_sources"]))]
+  if any(m is None for m in serving + encoded):
+    raise index_lib.IndexError_(f"{out_dir}: not every group is encoded and every serving "
                                 "shard merged; run those steps first.")
-  manifest = _manifest(out_dir, c, sources, merged)
+  count = sum(int(r["count"]) for r in serving)
+  if count != sig["count"]:
+    raise index_lib.IndexError_(f"{out_dir}: the serving shards hold {count} vectors, the "
+                                f"sources {sig['count']}; rebuild the index.")
   seconds = {"train": rec["seconds"], "encode": sum(e["seconds"] for e in encoded),
-             "merge": sum(m["seconds"] for m in merged)}
+             "merge": sum((_read_json(_merge_seconds(out_dir, s)) or {}).get("seconds", 0.0)
+                          for s in range(c.serving_shards))}
+  manifest = _manifest(out_dir, c, sig, serving)
   manifest["build_seconds"] = {**seconds, "total": sum(seconds.values())}
   layout.write_json_atomic(out_dir / layout.MANIFEST, manifest)
   (out_dir / PARTS).rmtree()
@@ -520,40 +626,34 @@ def build(sources: Sequence[Source], out_dir, config: GlobalIndexConfig | None =
   c = prepare_build(sources, out_dir, config)
   train_step(sources, out_dir, c)
   trained = load_trained(out_dir)
-  for src in sources:
+  groups = range(num_groups(len(sources)))
+  for g in groups:
+    mine = [sources[i] for i in group_sources(g, len(sources))]
     if progress:
-      print(f"  encoding embeddings shard {src[0]} ({src[1].shape[0]} rows)", flush=True)
-    encode_step(src, out_dir, trained)
+      print(f"  encoding embeddings shards {mine[0][0]}..{mine[-1][0]}", flush=True)
+    encode_step(g, mine, out_dir, trained)
   for s in range(c.serving_shards):
-    merge_step(s, [i for i, _, _ in sources], out_dir, trained)
-  return finish_build(sources, out_dir)
+    merge_step(s, groups, out_dir, trained)
+  return finish_build(_signature(sources), out_dir)
 
 
 def _load_npy(path: epath.Path) -> np.ndarray:
   return np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False)
 
 
-def _manifest(out_dir: epath.Path, c: GlobalIndexConfig, sources: Sequence[Source],
-              serving: Sequence[dict[str, int]]) -> dict[str, Any]:
-  """`serving`: {"count", "ram_bytes"} of each serving shard."""
-  files = [TRAINED, f"rerank/{SCALE}"]
-  files += [f"serving/{layout.shard_name(s)}.faiss" for s in range(len(serving))]
-  files += [f"rerank/{layout.shard_name(i)}.npy" for i, _, _ in sources]
-  part_shard = _partition_shard(c.nlist, c.serving_shards)
-  n = sum(int(e.shape[0]) for _, e, _ in sources)
+def _manifest(out_dir: epath.Path, c: GlobalIndexConfig, sig: dict[str, int],
+              serving: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """`serving`: each serving shard's record (serving/shard-S.json)."""
+  top_files = {f: _file_record(os.fspath(out_dir / f)) if not layout.is_remote(out_dir / f)
+               else {"sha256": layout.sha256_file(out_dir / f),
+                     "bytes": (out_dir / f).stat().length} for f in (TRAINED, SCALE)}
+  trained = _read_index(out_dir / TRAINED)
   return {
-      "format_version": FORMAT_VERSION, "backend": BACKEND, "count": n,
-      "dim": int(sources[0][1].shape[1]), "config": c.to_json(),
-      "factory": _factory(int(sources[0][1].shape[1]), c),
-      "versions": index_lib.package_versions(),
-      "embeddings_shards": [{"shard": int(i), "offset": int(off), "count": int(e.shape[0])}
-                            for i, e, off in sources],
-      "serving_shards": [{"shard": s, "part_start": int(np.searchsorted(part_shard, s)),
-                          "part_end": int(np.searchsorted(part_shard, s, side="right")),
-                          "count": int(st["count"]), "ram_bytes": int(st["ram_bytes"])}
-                         for s, st in enumerate(serving)],
-      "files": {f: {"sha256": layout.sha256_file(out_dir / f),
-                    "bytes": (out_dir / f).stat().length} for f in files},
+      "format_version": FORMAT_VERSION, "backend": BACKEND, "count": int(sig["count"]),
+      "num_sources": int(sig["num_sources"]), "dim": int(trained.d), "config": c.to_json(),
+      "factory": _factory(int(trained.d), c), "versions": index_lib.package_versions(),
+      "ram_bytes": int(sum(int(r["ram_bytes"]) for r in serving)),
+      "files": top_files, "content_sha256": _content_sha256(top_files, serving),
   }
 
 
@@ -569,17 +669,48 @@ def read_manifest(index_dir) -> dict[str, Any]:
     raise index_lib.IndexError_(f"Global index manifest {path} is corrupt ({e}); rebuild it.")
 
 
+def serving_shard_ids(manifest: dict[str, Any]) -> list[int]:
+  return list(range(int(manifest["config"]["serving_shards"])))
+
+
+def read_serving_record(index_dir, s: int) -> dict[str, Any]:
+  path = serving_path(index_dir, s, "record")
+  rec = _read_json(path)
+  if rec is None:
+    raise index_lib.IndexError_(f"Global index serving shard record {path} is missing or "
+                                "corrupt; rerun `python -m retro_jax.build_db --stages=index`.")
+  return rec
+
+
+_FIX = "rerun `python -m retro_jax.build_db --stages=index`"
+
+
+def _check_file(path: epath.Path, rec: dict[str, Any], data: bytes | None = None,
+                content: bool = True) -> None:
+  """A file against its recorded size and (with `content`) sha256: of `data` when the caller
+  has read the file already, else read here."""
+  if data is None and not path.exists():
+    raise index_lib.IndexError_(f"Global index file {path} is missing; {_FIX}.")
+  size = len(data) if data is not None else path.stat().length
+  if size != rec["bytes"] or (content and (layout.sha256_bytes(data) if data is not None
+                                           else layout.sha256_file(path)) != rec["sha256"]):
+    raise index_lib.IndexError_(f"Global index file {path} is corrupt (its size or sha256 differs "
+                                f"from its record); {_FIX}.")
+
+
 def verify(index_dir, manifest: dict[str, Any] | None = None) -> None:
+  """Every file of the index against its recorded sha256 (reads the whole index: the audit)."""
   index_dir = epath.Path(index_dir)
   manifest = manifest or read_manifest(index_dir)
-  fix = "rerun `python -m retro_jax.build_db --stages=index`"
   for name, rec in manifest["files"].items():
-    path = index_dir / name
-    if not path.exists():
-      raise index_lib.IndexError_(f"Global index file {path} is missing; {fix}.")
-    if path.stat().length != rec["bytes"] or layout.sha256_file(path) != rec["sha256"]:
-      raise index_lib.IndexError_(f"Global index file {path} is corrupt (sha256 mismatch with "
-                                  f"{index_dir / layout.MANIFEST}); {fix}.")
+    _check_file(index_dir / name, rec)
+  records = [read_serving_record(index_dir, s) for s in serving_shard_ids(manifest)]
+  for s, r in zip(serving_shard_ids(manifest), records):
+    for what in SERVING_FILES:
+      _check_file(serving_path(index_dir, s, what), r["files"][what])
+  if _content_sha256(manifest["files"], records) != manifest.get("content_sha256"):
+    raise index_lib.IndexError_(f"Global index {index_dir}: its serving shard records differ from "
+                                f"its manifest; {_FIX}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,38 +725,57 @@ class GlobalIndex(index_lib.IndexShard):
 
   def __init__(self, index_dir, serving: Sequence[int] | None = None, verify_files: bool = True,
                nprobe: int | None = None):
+    """Reads the manifest, the trained files and each of `serving`'s (default: every serving
+    shard) record and faiss file: the same few files at any database size per serving shard.
+    `verify_files`: what is read whole is checked against its sha256, the memory-mapped rerank
+    copy and ids by size (`verify` reads them whole)."""
     self.index_dir = epath.Path(index_dir)
     self.manifest = read_manifest(self.index_dir)
     if self.manifest.get("format_version") != FORMAT_VERSION:
       raise index_lib.IndexError_(f"Global index {self.index_dir} has format version "
-                                  f"{self.manifest.get('format_version')}; rebuild it.")
-    if verify_files:
-      verify(self.index_dir, self.manifest)
+                                  f"{self.manifest.get('format_version')}, this code reads "
+                                  f"{FORMAT_VERSION}; rebuild it (build_db --stages=index).")
     self.config = GlobalIndexConfig.from_json(self.manifest["config"])
     if nprobe:
       self.config = dataclasses.replace(self.config, nprobe=nprobe)
     self.offset, self.total = 0, int(self.manifest["count"])
     self._dim = int(self.manifest["dim"])
-    trained = _read_index(self.index_dir / TRAINED)
+    files = self.manifest["files"]
+    data = (self.index_dir / TRAINED).read_bytes()
+    scale = (self.index_dir / SCALE).read_bytes()
+    if verify_files:
+      _check_file(self.index_dir / TRAINED, files[TRAINED], data)
+      _check_file(self.index_dir / SCALE, files[SCALE], scale)
+    trained = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    self.scale_D = np.load(io.BytesIO(scale), allow_pickle=False).astype(np.float32)
     self.quantizer = faiss.extract_index_ivf(trained).quantizer
     self._trained = trained
     _set_quantizer_search(trained, self.config.nprobe)
     self.nlist = int(self.config.nlist)
     self.part_shard = _partition_shard(self.nlist, int(self.config.serving_shards))
-    all_shards = [s["shard"] for s in self.manifest["serving_shards"]]
+    all_shards = serving_shard_ids(self.manifest)
     self.serving_ids = list(all_shards if serving is None else serving)
     bad = sorted(set(self.serving_ids) - set(all_shards))
     if bad:
       raise index_lib.IndexError_(f"Global index {self.index_dir} has serving shards "
-                                  f"{all_shards}; {bad} do not exist.")
-    self.serving = {s: _read_index(self.index_dir / "serving" / f"{layout.shard_name(s)}.faiss")
-                    for s in self.serving_ids}
+                                  f"0..{len(all_shards) - 1}; {bad} do not exist.")
+    self.serving, self._rr, self._rr_ids = {}, {}, {}
+    for s in self.serving_ids:
+      rec = read_serving_record(self.index_dir, s)
+      data = serving_path(self.index_dir, s, "faiss").read_bytes()
+      if verify_files:
+        _check_file(serving_path(self.index_dir, s, "faiss"), rec["files"]["faiss"], data)
+        for what in ("rerank", "ids"):
+          _check_file(serving_path(self.index_dir, s, what), rec["files"][what], content=False)
+      self.serving[s] = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+      # memory-mapped, or ranged reads on gs://
+      self._rr[s] = npy_rows.open_rows(serving_path(self.index_dir, s, "rerank"))
+      ids = npy_rows.open_rows(serving_path(self.index_dir, s, "ids"))
+      n = int(ids.shape[0])
+      # ids 0..n-1 (one serving shard): a row's id is its row number
+      contiguous = n == 0 or (int(ids[0]) == 0 and int(ids[n - 1]) == n - 1)
+      self._rr_ids[s] = None if contiguous else np.asarray(ids[0:n], np.int64)  # 8 B a vector
     self._set_count()
-    self.scale_D = _load_npy(self.index_dir / "rerank" / SCALE).astype(np.float32)
-    es = self.manifest["embeddings_shards"]
-    self._rr_offsets = np.array([e["offset"] for e in es], np.int64)
-    self._rr = [npy_rows.open_rows(self.index_dir / "rerank" / f"{layout.shard_name(e['shard'])}.npy")
-                for e in es]  # memory-mapped, or ranged reads on gs://
 
   @property
   def dim(self) -> int:
@@ -641,6 +791,8 @@ class GlobalIndex(index_lib.IndexShard):
     other.__dict__.update(self.__dict__)
     other.serving_ids = list(serving)
     other.serving = {s: self.serving[s] for s in serving}
+    other._rr = {s: self._rr[s] for s in serving}
+    other._rr_ids = {s: self._rr_ids[s] for s in serving}
     other._set_count()
     return other
 
@@ -689,19 +841,17 @@ class GlobalIndex(index_lib.IndexShard):
                              False, params)
     return i_QxR
 
-  def rerank_scores(self, queries_QxD: np.ndarray, ids_QxR: np.ndarray) -> np.ndarray:
-    """float32 [Q, R]: dot products with the int8 copies of these ids (-inf where id < 0)."""
+  def rerank_scores(self, s: int, queries_QxD: np.ndarray, ids_QxR: np.ndarray) -> np.ndarray:
+    """float32 [Q, R]: dot products with serving shard s's int8 copies of these ids (its own
+    members; -inf where id < 0)."""
     q, r = ids_QxR.shape
     valid = ids_QxR >= 0
     flat = np.where(valid, ids_QxR, 0).reshape(-1)
-    rows = np.empty((flat.size, self.dim), np.int8)
-    which = np.searchsorted(self._rr_offsets, flat, side="right") - 1
-    if len(self._rr) == 1:
-      rows[:] = self._rr[0][flat]
-    else:
-      for j in np.unique(which):
-        m = which == j
-        rows[m] = self._rr[j][flat[m] - self._rr_offsets[j]]
+    ids = self._rr_ids[s]
+    local = flat if ids is None else np.searchsorted(ids, flat)
+    if ids is not None and len(flat):
+      local = np.minimum(local, int(ids.shape[0]) - 1)
+    rows = np.asarray(self._rr[s][local], np.int8) if len(flat) else np.zeros((0, self.dim), np.int8)
     rows_QxRxD = rows.reshape(q, r, self.dim)
     q_scaled = (queries_QxD * self.scale_D)[:, :, None]
     scores = np.empty((q, r), np.float32)
@@ -716,7 +866,7 @@ class GlobalIndex(index_lib.IndexShard):
     if ids is None:
       q = queries_QxD.shape[0]
       return np.full((q, n), -1, np.int64), np.full((q, n), -np.inf, np.float32)
-    return index_lib.top_k_rows(ids, self.rerank_scores(queries_QxD, ids), n)
+    return index_lib.top_k_rows(ids, self.rerank_scores(s, queries_QxD, ids), n)
 
   def search(self, queries_QxD, n):
     queries_QxD = np.ascontiguousarray(queries_QxD, np.float32)
@@ -738,44 +888,68 @@ def index_dir(db_dir) -> epath.Path:
 
 
 def is_built(root, sources: Sequence[Source]) -> bool:
-  """True when `root` has a manifest covering exactly these embeddings shards (the `parts/` of
-  a build killed after its manifest was written are removed)."""
+  """True when `root` has a manifest of this format over these sources (their count and number;
+  the `parts/` of a build killed after its manifest was written are removed)."""
   if not (epath.Path(root) / layout.MANIFEST).exists():
     return False
   if (epath.Path(root) / PARTS).exists():
     (epath.Path(root) / PARTS).rmtree()
-  built = [(e["shard"], e["offset"], e["count"]) for e in read_manifest(root)["embeddings_shards"]]
-  return built == [(int(i), int(off), int(e.shape[0])) for i, e, off in sources]
+  m = read_manifest(root)
+  return (m.get("format_version") == FORMAT_VERSION
+          and signature(m["count"], m["num_sources"]) == _signature(sources))
+
+
+def _append_rows(path: epath.Path, new: np.ndarray) -> dict[str, Any]:
+  """Rewrites a rows .npy with `new` rows after its own (staged, atomic); returns its record."""
+  old = npy_rows.open_rows(path)
+  with layout.staged_file(path) as tmp:
+    out = _NpyStream(tmp, old.dtype, tuple(old.shape[1:]))
+    for a in range(0, int(old.shape[0]), BLOCK_ROWS):
+      out.append(np.asarray(old[a:a + BLOCK_ROWS]))
+    out.append(new)
+    out.close()
+    rec = _file_record(tmp)
+  return rec
 
 
 def add_sources(root, sources: Sequence[Source]) -> dict[str, Any]:
-  """Encodes the sources (all of the database's embeddings shards) that the built index does not
-  hold yet (documents added by `retro_jax.db.edit`) with the trained partitioner and quantizer:
-  each new vector goes to its partition's serving shard, whose file is rewritten atomically, then
-  the manifest (removed first, so an interrupted add is never mistaken for a finished index)."""
+  """Encodes the sources (all of the database's embeddings shards, in order) that the built
+  index does not hold yet (documents added by `retro_jax.db.edit`: the last ones) with the
+  trained partitioner and quantizer: each new vector goes to its partition's serving shard, whose
+  files are rewritten atomically (the new ids are the largest, so its rerank copy stays in id
+  order), then its record, then the manifest (removed first, so an interrupted add is never
+  mistaken for a finished index)."""
   root = epath.Path(root)
   manifest = read_manifest(root)
   verify(root, manifest)
-  have = {e["shard"] for e in manifest["embeddings_shards"]}
-  new = [src for src in sources if src[0] not in have]
+  have = int(manifest["num_sources"])
+  new = list(sources[have:])
   if not new:
     return manifest
   c = GlobalIndexConfig.from_json(manifest["config"])
   trained = _read_index(root / TRAINED)
-  scale = _load_npy(root / "rerank" / SCALE).astype(np.float32)
+  scale = _load_npy(root / SCALE).astype(np.float32)
   part_shard = _partition_shard(c.nlist, c.serving_shards)
-  serving = [_read_index(root / "serving" / f"{layout.shard_name(s['shard'])}.faiss")
-             for s in manifest["serving_shards"]]
-  encoded = [encode_source(trained, part_shard, emb, off,
-                           root / "rerank" / f"{layout.shard_name(i)}.npy", scale,
-                           c.training_threads) for i, emb, off in new]
+  encoded = [encode_source(trained, part_shard, emb, off, scale, c.training_threads)
+             for _, emb, off in new]
   (root / layout.MANIFEST).unlink()
-  for s, idx in enumerate(serving):
-    append_encoded(idx, [e[s] for e in encoded])
-    _write_index(idx, root / "serving" / f"{layout.shard_name(s)}.faiss")
-  done = sorted([src for src in sources if src[0] in have] + new, key=lambda t: t[2])
-  out = _manifest(root, c, done, [{"count": int(i.ntotal), "ram_bytes": memory_bytes(i)}
-                                  for i in serving])
+  records = []
+  for s in serving_shard_ids(manifest):
+    rec = read_serving_record(root, s)
+    idx = _read_index(serving_path(root, s, "faiss"))
+    mine = [e[s] for e in encoded]
+    append_encoded(idx, mine)
+    data = faiss.serialize_index(idx).tobytes()
+    layout.write_bytes_atomic(serving_path(root, s, "faiss"), data)
+    files = {"faiss": _file_record("", data),
+             "rerank": _append_rows(serving_path(root, s, "rerank"),
+                                    np.concatenate([m[3] for m in mine])),
+             "ids": _append_rows(serving_path(root, s, "ids"), np.concatenate([m[1] for m in mine]))}
+    rec = {**rec, "count": int(idx.ntotal), "ram_bytes": memory_bytes(idx), "files": files}
+    layout.write_json_atomic(serving_path(root, s, "record"), rec)
+    records.append(rec)
+  sig = _signature(sources)
+  out = _manifest(root, c, sig, records)
   out["build_seconds"] = manifest.get("build_seconds")
   layout.write_json_atomic(root / layout.MANIFEST, out)
   return out

@@ -324,11 +324,11 @@ class Retriever:
     None: the one built, see `db_backend`); removed documents (`DB/chunks/deletions.json`) are
     excluded unless `deleted_ranges` is passed."""
     backend = db_backend(db_dir, backend)
-    shards = db_embedding_shards(db_dir, verify_content=backend != global_lib.BACKEND)
     if "deleted_ranges" not in kwargs:
       kwargs["deleted_ranges"] = db_deleted_ranges(db_dir)
-    if backend == global_lib.BACKEND:
-      return cls.from_global_index(db_dir, shards, **kwargs)
+    if backend == global_lib.BACKEND:  # its own files and the store's totals: no shard list
+      return cls.from_global_index(db_dir, **kwargs)
+    shards = db_embedding_shards(db_dir)
     out = str(layout.index_dir(db_dir, backend))
     r = cls.load([str(layout.index_shard_dir(out, i)) for i, _, _ in shards], [p for _, p, _ in shards], **kwargs)
     for s, (i, _, offset) in zip(r.shards, shards):
@@ -345,15 +345,22 @@ class Retriever:
     """The database's one global index (`DB/index/global`, retro_jax.retrieval.global_index):
     one searcher per serving shard, each over its partitions (a query visits its nearest
     partitions in any of them); `serving` limits it to those serving shards (what one service
-    process answers for)."""
+    process answers for). The index must cover the database: its vector and source counts are
+    checked against `shards` (default: the chunk store's manifest totals, one small read)."""
     root = global_lib.index_dir(db_dir)
     index = global_lib.GlobalIndex(root, serving=serving, verify_files=verify,
                                    nprobe=(config_overrides or {}).get("nprobe"))
-    shards = db_embedding_shards(db_dir, verify_content=False) if shards is None else shards
-    built = [(e["shard"], e["offset"]) for e in index.manifest["embeddings_shards"]]
-    if built != [(i, off) for i, _, off in shards]:
+    if shards is None:
+      store = chunk_store_lib.ChunkStore.open(db_dir)
+      want = global_lib.signature(store.num_chunks, store.num_shards)
+    else:
+      want = global_lib.signature(sum(index_lib.load_embeddings(p).shape[0] for _, p, _ in shards),
+                                  len(shards))
+    built = global_lib.signature(index.manifest["count"], index.manifest["num_sources"])
+    if built != want:
       raise index_lib.IndexError_(
-          f"The global index {root} covers embeddings shards (shard, first id) {built} but the "
-          f"database has {[(i, off) for i, _, off in shards]}; rebuild it (build_db "
-          "--stages=index) or, after `edit_db --add`, rerun the edit to encode the new shard.")
+          f"The global index {root} covers {built['count']} vectors of {built['num_sources']} "
+          f"embeddings shards but the database has {want['count']} of {want['num_sources']}; "
+          "rebuild it (build_db --stages=index) or, after `edit_db --add`, rerun the edit to "
+          "encode the new shard.")
     return cls([index.restricted([s]) for s in index.serving_ids], **kwargs)

@@ -142,7 +142,7 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
   def _init_global(self, overfetch: int, verify: bool) -> None:
     """Serving shard `shard` of the global index: its partitions, every query routed to them."""
     manifest = global_lib.read_manifest(global_lib.index_dir(self.db_dir))
-    have = [s["shard"] for s in manifest["serving_shards"]]
+    have = global_lib.serving_shard_ids(manifest)
     if self.shard_number not in have:
       raise ServeError(f"The global index of {self.db_dir} has serving shards {have}; pick one of "
                        "those for --shard.")
@@ -321,7 +321,7 @@ def served_shards(db_dir: str, backend: str | None = None) -> list[int]:
   or one per embeddings shard for the per-shard backends."""
   if retriever_lib.db_backend(db_dir, backend) == GLOBAL:
     manifest = global_lib.read_manifest(global_lib.index_dir(db_dir))
-    return [int(s["shard"]) for s in manifest["serving_shards"]]
+    return global_lib.serving_shard_ids(manifest)
   return [i for i, _, _ in retriever_lib.db_embedding_shards(db_dir)]
 
 

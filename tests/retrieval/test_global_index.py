@@ -65,14 +65,23 @@ def exact_top(queries, emb_NxD, k, own_Q=None, doc_N=None):
 def test_layout_manifest_and_memory(db, emb):
   root = global_lib.index_dir(db)
   m = global_lib.read_manifest(root)
-  assert m["count"] == len(emb) and len(m["serving_shards"]) == 3
-  assert sum(s["count"] for s in m["serving_shards"]) == len(emb)
-  parts = [(s["part_start"], s["part_end"]) for s in m["serving_shards"]]
+  assert m["count"] == len(emb) and global_lib.serving_shard_ids(m) == [0, 1, 2]
+  assert m["num_sources"] == 2 and set(m["files"]) == {"trained.faiss", "scale.npy"}
+  recs = [global_lib.read_serving_record(root, s) for s in range(3)]
+  assert sum(r["count"] for r in recs) == len(emb)
+  parts = [(r["part_start"], r["part_end"]) for r in recs]
   assert parts[0][0] == 0 and parts[-1][1] == m["config"]["nlist"]
   assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
-  assert {f"rerank/shard-{i:05d}.npy" for i in range(2)} <= set(m["files"])
-  rr = np.load(root / "rerank" / "shard-00000.npy", mmap_mode="r")
-  assert rr.dtype == np.int8 and rr.shape[1] == emb.shape[1]
+  # Each serving shard's rerank copy holds its own vectors, in id order, beside their ids.
+  ids = [np.load(global_lib.serving_path(root, s, "ids")) for s in range(3)]
+  assert np.array_equal(np.sort(np.concatenate(ids)), np.arange(len(emb)))
+  for s in range(3):
+    rr = np.load(global_lib.serving_path(root, s, "rerank"), mmap_mode="r")
+    assert rr.dtype == np.int8 and rr.shape == (len(ids[s]), emb.shape[1])
+    assert np.all(np.diff(ids[s]) > 0) and len(ids[s]) == recs[s]["count"]
+    scale = np.load(root / "scale.npy")
+    assert np.abs(rr[:5] * scale - emb[ids[s][:5]]).max() < 0.01
+  global_lib.verify(root)
   g = global_lib.GlobalIndex(root)
   # RAM: PQ codes (48 B at pq_m=96) + int64 id, plus fast-scan block padding (large for 500
   # vectors in tiny partitions; the benchmarks report it at scale).
@@ -144,7 +153,8 @@ def test_add_and_remove_documents(tmp_path_factory):
   store = chunk_store_lib.ChunkStore.open(db)
   after = global_lib.read_manifest(global_lib.index_dir(db))
   assert after["count"] == before + out["num_chunks"] == store.num_chunks
-  assert [e["shard"] for e in after["embeddings_shards"]] == [0, 1, 2]
+  assert after["num_sources"] == 3
+  global_lib.verify(global_lib.index_dir(db))
   new = np.load(retriever_lib.embedding_paths(db)[2])
   r = retriever_lib.Retriever.from_db(db, doc_ids=store.doc_ids)
   ids, _ = r.search(new[:8], 1)
@@ -188,6 +198,6 @@ def test_build_is_deterministic(db, tmp_path):
   """The same sources and seed give byte-identical index files."""
   sources = retriever_lib.db_global_sources(db)
   global_lib.build(sources, tmp_path / "again", CONFIG)
-  a = global_lib.read_manifest(global_lib.index_dir(db))["files"]
-  b = global_lib.read_manifest(tmp_path / "again")["files"]
-  assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+  a = global_lib.read_manifest(global_lib.index_dir(db))
+  b = global_lib.read_manifest(tmp_path / "again")
+  assert a["files"] == b["files"] and a["content_sha256"] == b["content_sha256"]

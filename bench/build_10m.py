@@ -1,0 +1,194 @@
+r"""The index and neighbours stages over a database of 10M synthetic chunks, in worker processes.
+
+    python -m bench.synthetic_db --db=runs/synth_10m --num_chunks=10000000
+    python -m bench.build_10m --db=runs/synth_10m [--workers=2]   # -> bench/results/build_10m.json
+
+Runs `python -m retro_jax.build_db --stages=S --runner=DirectRunner
+--direct_running_mode=multi_processing --direct_num_workers=W` once per stage (index, then
+neighbours) and samples, every half second, the memory of the whole process tree (the launcher
+and its worker processes), from /proc: anonymous memory (what the processes hold: the index, the
+queries, Beam's buffers) and file pages (memory-mapped embeddings and rerank copy, page cache that
+the kernel can drop). Reports per stage the wall time, the peak of the tree's anonymous memory
+(the sum over processes at one sample) and of its largest process, and those per vector.
+
+Then recall against exact search (float32 dot products over every stored vector, streamed):
+  - the global index as built (`GlobalIndex.search`, k = 10) for `--num_queries` stored vectors
+    drawn with a fixed seed: recall@10;
+  - the training neighbours the stage wrote (k = 2, a chunk's own document excluded) for the
+    same chunks against the exact top 2 with the same exclusion: recall@2.
+A stage already finished is not run again (its time is kept from the results file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+from absl import app, flags
+
+from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import layout
+from retro_jax.evaluation.figures import provenance as run_provenance
+from retro_jax.retrieval import global_index as global_lib
+from retro_jax.retrieval import retriever as retriever_lib
+
+_DB = flags.DEFINE_string("db", "runs/synth_10m", "A database through its embeddings stage.")
+_WORKERS = flags.DEFINE_integer("workers", 2, "Beam worker processes.")
+_STAGES = flags.DEFINE_list("stages", ["index", "neighbours"], "Stages to run.")
+_NQ = flags.DEFINE_integer("num_queries", 1000, "Stored vectors used as queries for recall.")
+_OUT = flags.DEFINE_string("out", "bench/results/build_10m.json", "Results file.")
+_LOG = flags.DEFINE_string("log", None, "Where the build's output goes (default: DB/../NAME.log).")
+
+
+def _tree(root: int) -> list[int]:
+  pids, todo = [], [root]
+  while todo:
+    p = todo.pop()
+    pids.append(p)
+    try:
+      with open(f"/proc/{p}/task/{p}/children") as f:
+        todo += [int(c) for c in f.read().split()]
+    except OSError:
+      pass
+  return pids
+
+
+def _mem_kb(pid: int) -> tuple[int, int]:
+  """(RssAnon, RssFile) of a process, in kB (0, 0 once it has gone)."""
+  anon = file = 0
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("RssAnon:"):
+          anon = int(line.split()[1])
+        elif line.startswith("RssFile:"):
+          file = int(line.split()[1])
+  except OSError:
+    pass
+  return anon, file
+
+
+def run_stage(stage: str, db: str, workers: int, log) -> dict:
+  cmd = [sys.executable, "-m", "retro_jax.build_db", f"--db={db}", f"--stages={stage}",
+         "--runner=DirectRunner", "--direct_running_mode=multi_processing",
+         f"--direct_num_workers={workers}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  t0 = time.perf_counter()
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+  peak = {"tree_anon_kb": 0, "process_anon_kb": 0, "tree_file_kb": 0, "processes": 0}
+  stop = threading.Event()
+
+  def sample():
+    while not stop.is_set():
+      mems = [_mem_kb(p) for p in _tree(proc.pid)]
+      peak["tree_anon_kb"] = max(peak["tree_anon_kb"], sum(a for a, _ in mems))
+      peak["process_anon_kb"] = max(peak["process_anon_kb"], max(a for a, _ in mems))
+      peak["tree_file_kb"] = max(peak["tree_file_kb"], sum(f for _, f in mems))
+      peak["processes"] = max(peak["processes"], len(mems))
+      stop.wait(0.5)
+
+  th = threading.Thread(target=sample, daemon=True)
+  th.start()
+  rc = proc.wait()
+  stop.set()
+  th.join()
+  if rc:
+    raise SystemExit(f"{' '.join(cmd)} exited with {rc}; see {log.name}")
+  return {"command": " ".join(cmd[1:]), "wall_seconds": time.perf_counter() - t0, **peak}
+
+
+def exact_top(db: str, queries_QxD: np.ndarray, k: int, own_docs_Q=None, store=None):
+  """Exact top-k ids over every stored vector (streamed shard by shard); with `own_docs_Q`,
+  each query's own document excluded."""
+  best_ids = np.full((len(queries_QxD), k), -1, np.int64)
+  best = np.full((len(queries_QxD), k), -np.inf, np.float32)
+  for _, path, off in retriever_lib.db_embedding_shards(db, verify_content=False):
+    emb = np.load(path, mmap_mode="r")
+    for a in range(0, emb.shape[0], 65_536):
+      x = np.asarray(emb[a:a + 65_536], np.float32)
+      s = queries_QxD @ x.T
+      ids = np.arange(off + a, off + a + len(x), dtype=np.int64)
+      if own_docs_Q is not None:
+        s[own_docs_Q[:, None] == store.doc_ids(ids)[None]] = -np.inf
+      cat_s, cat_i = np.concatenate([best, s], 1), np.concatenate(
+          [best_ids, np.broadcast_to(ids, s.shape)], 1)
+      top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k]
+      best, best_ids = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
+  return best_ids, best
+
+
+def recall(found_QxK: np.ndarray, true_QxK: np.ndarray) -> float:
+  return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found_QxK, true_QxK)]))
+
+
+def main(argv):
+  del argv
+  db = _DB.value
+  store = chunk_store_lib.ChunkStore.open(db)
+  out = json.load(open(_OUT.value)) if os.path.exists(_OUT.value) else {"stages": {}}
+  out.update({"db": db, "num_vectors": store.num_chunks, "workers": _WORKERS.value,
+              "data": "synthetic: bench/synthetic_db.py (real MiniLM vectors of the default "
+                      "database, then noisy re-normalised copies; 20-chunk documents)",
+              "machine": f"{os.cpu_count()} cores"})
+  log_path = _LOG.value or os.path.join(os.path.dirname(os.path.abspath(db)),
+                                        os.path.basename(db) + "_build.log")
+  with open(log_path, "a") as log:
+    for stage in _STAGES.value:
+      rec = run_stage(stage, db, _WORKERS.value, log)
+      if stage in out["stages"] and rec["wall_seconds"] < 60 and "skipped" in open(log_path).read():
+        continue  # finished before: keep the measured run
+      n = store.num_chunks
+      rec["tree_anon_bytes_per_vector"] = rec["tree_anon_kb"] * 1024 / n
+      rec["process_anon_bytes_per_vector"] = rec["process_anon_kb"] * 1024 / n
+      out["stages"][stage] = rec
+      print(stage, json.dumps(rec), flush=True)
+  root = global_lib.index_dir(db)
+  manifest = global_lib.read_manifest(root)
+  out["index"] = {k: manifest[k] for k in ("count", "config", "factory", "ram_bytes",
+                                           "build_seconds")}
+  out["index"]["disk_bytes"] = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+  out["index"]["disk_bytes_per_vector"] = out["index"]["disk_bytes"] / store.num_chunks
+  out["index"]["ram_bytes_per_vector"] = manifest["ram_bytes"] / store.num_chunks
+
+  rng = np.random.default_rng(0)
+  qids = np.sort(rng.choice(store.num_chunks, _NQ.value, replace=False)).astype(np.int64)
+  emb = {}
+  for i, path, off in retriever_lib.db_embedding_shards(db, verify_content=False):
+    emb[i] = (np.load(path, mmap_mode="r"), off)
+  offs = np.array([emb[i][1] for i in sorted(emb)])
+  shard_of = np.searchsorted(offs, qids, side="right") - 1
+  q = np.stack([np.asarray(emb[int(s)][0][int(i - offs[s])], np.float32)
+                for s, i in zip(shard_of, qids)])
+  t0 = time.perf_counter()
+  index = global_lib.GlobalIndex(root)
+  open_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  found, _ = index.search(q, 10)
+  search_s = time.perf_counter() - t0
+  true10, _ = exact_top(db, q, 10)
+  docs = store.doc_ids(qids)
+  true2, _ = exact_top(db, q, 2, docs, store)
+  nb = np.concatenate([np.load(layout.neighbours_path(db, int(s)), mmap_mode="r")[
+      [int(i - offs[s])]] for s, i in zip(shard_of, qids)])
+  out["recall"] = {
+      "num_queries": int(len(qids)), "seed": 0,
+      "index_recall@10": recall(found, true10),
+      "index_settings": {"nprobe": index.config.nprobe, "rerank": index.config.rerank},
+      "index_open_seconds": open_s, "index_search_qps_one_call": len(qids) / search_s,
+      "training_neighbours_recall@2": recall(nb, true2),
+      "exact": "float32 dot products over every stored vector (own document excluded for the "
+               "training neighbours)"}
+  out["provenance"] = run_provenance("python -m bench.build_10m " + " ".join(sys.argv[1:]))
+  os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(out, f, indent=1)
+  print(json.dumps(out["recall"], indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
