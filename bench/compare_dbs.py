@@ -7,14 +7,17 @@ format may differ between the builds compared by content.
 Files: identical, different, or in one database only (build times, provenance records and the
 manifests are compared by content below, not by bytes). The chunk store: totals, the shard list
 (offsets, counts, file checksums) and the held-out ids, through `chunk_store.read_manifest` (so a
-format-1 store compares with a format-2 one). The global index: its files' checksums, and which
-configuration fields differ or only one side records.
+format-1 store compares with a format-2 one). The global index by content, in either format: the
+trained partitioner and quantizer, each serving shard's faiss file, and the int8 rerank rows in id
+order (format 1 keeps them per embeddings shard, format 2 per serving shard beside their ids); and
+which configuration fields differ or only one side records.
 """
 import hashlib
 import json
 import os
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from retro_jax.db import chunk_store as chunk_store_lib
@@ -29,7 +32,7 @@ flags.DEFINE_string("out", "bench/results/make_db_same.json", "results JSON")
 
 # Compared by content (or not at all: wall times).
 BY_CONTENT = ("build_times.json", "provenance/", "chunks/manifest.json", "chunks/shards.json",
-              "chunks/heldout.json", "index/global/manifest.json")
+              "chunks/heldout.json", "index/global/")
 
 
 def _digests(root: str) -> dict[str, str]:
@@ -56,6 +59,34 @@ def _index(root: str) -> dict:
   return global_lib.read_manifest(global_lib.index_dir(root))
 
 
+def _sha(path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _index_content(root: str) -> dict:
+  """sha256 of the trained files, of each serving shard's faiss file, and of every int8 rerank
+  row in id order, whichever format the index is in."""
+  d = global_lib.index_dir(root)
+  m = _index(root)
+  if m["format_version"] == 1:
+    scale = d / "rerank" / "scale.npy"
+    serving = sorted((d / "serving").glob("*.faiss"))
+    rows = np.concatenate([np.load(d / "rerank" / f"{layout.shard_name(e['shard'])}.npy")
+                           for e in m["embeddings_shards"]])
+  else:
+    scale = d / global_lib.SCALE
+    serving = [global_lib.serving_path(d, s, "faiss") for s in global_lib.serving_shard_ids(m)]
+    ids = np.concatenate([np.load(global_lib.serving_path(d, s, "ids"))
+                          for s in global_lib.serving_shard_ids(m)])
+    rows = np.concatenate([np.load(global_lib.serving_path(d, s, "rerank"))
+                           for s in global_lib.serving_shard_ids(m)])[np.argsort(ids)]
+  return {"trained": _sha(d / global_lib.TRAINED),
+          "scale": hashlib.sha256(np.load(scale).tobytes()).hexdigest(),
+          "serving_faiss": [_sha(p) for p in serving],
+          "rerank_rows_in_id_order": hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()}
+
+
 def main(argv):
   del argv
   a, b = _digests(FLAGS.a), _digests(FLAGS.b)
@@ -67,7 +98,10 @@ def main(argv):
   sa, sb = _store(FLAGS.a), _store(FLAGS.b)
   res["chunk_store_differs_in"] = sorted(k for k in sa if sa[k] != sb.get(k))
   ia, ib = _index(FLAGS.a), _index(FLAGS.b)
-  res["index_files_identical"] = ia["files"] == ib["files"]
+  ca, cb = _index_content(FLAGS.a), _index_content(FLAGS.b)
+  res["index_formats"] = [ia["format_version"], ib["format_version"]]
+  res["index_content_differs_in"] = sorted(k for k in ca if ca[k] != cb[k])
+  res["index_files_identical"] = not res["index_content_differs_in"]
   res["index_config_differs_in"] = sorted(k for k in ia["config"].keys() & ib["config"].keys()
                                           if ia["config"][k] != ib["config"][k])
   res["index_config_only_in_one"] = sorted(ia["config"].keys() ^ ib["config"].keys())

@@ -9,10 +9,11 @@ Reads the measured rates (every figure of the table names its file and key):
   bench/results/tfds_chunks.json       the Beam chunks stage reading a TFDS ArrayRecord corpus by
                                        random access (each shard reads only its records)
   bench/results/embed_aot.json         the embedder compiled ahead of time for a TPU v5e topology
-  bench/results/global_index_scaling.json  the global index (what the Beam index and neighbours
-                                       stages build and search) up to 10M vectors: encode
-                                       vectors/s, QPS, RAM per vector
-  bench/results/global_index_default.json  the global index on the default store
+  bench/results/build_10m.json         the index and neighbours stages over 10M vectors in Beam
+                                       worker processes (bench/build_10m.py): step seconds,
+                                       neighbours wall time, RAM and disk per vector
+  bench/results/plan_simulation.json   the planner at 2.8e10 chunks: how many elements (keys) each
+                                       stage's parallel step has, which caps its workers
 and the default database's files (`--db`; the Beam build's files are the same bytes,
 beam_build.json `whole_database`) for the bytes per chunk on disk. Writes the tables to stdout
 (Markdown, pasted into WORKSPACE.md and docs/benchmarks.md) and bench/results/cost_model_28b.json.
@@ -54,8 +55,6 @@ def main(argv):
   beam = _load("beam_build.json")
   tfds_run = _load("tfds_chunks.json")
   aot = _load("embed_aot.json")
-  scaling = _load("global_index_scaling.json")
-  default = _load("global_index_default.json")
   cores = beam["machine"]["cpus"]
   db_chunks = beam["neighbours"]["num_chunks"]
   walls = beam["timed"]["wall_seconds"]["beam"]
@@ -90,28 +89,61 @@ def main(argv):
       f"embed_aot.json chunks_per_s_per_chip: 197 TFLOP/s x {mfu} / xla_flops_per_chunk "
       f"({aot['xla_flops_per_chunk']:.3g}) from the AOT compile for {aot['topology']}", stream_s,
       per="chip")
-  big, first = scaling["sizes"][-1], scaling["sizes"][0]
-  threads = scaling["threads"]
-  row("encode into the global index (assign + PQ + int8 copy)",
-      big["encode_vectors_per_second"] / threads, "vectors/s per core",
-      f"global_index_scaling.json sizes[-1] ({big['num_vectors']:,} vectors, {big['factory']}) "
-      f"encode_vectors_per_second / {threads} threads (the default store: "
-      f"{default['global_index']['encode_vectors_per_second']:,.0f} on 1 thread, "
-      "global_index_default.json)", stream_s)
-  nb_here = db_chunks / stage_s["neighbours"] / cores
-  drop = first["best_at_recall_0.9"]["qps"] / big["best_at_recall_0.9"]["qps"]
-  row("neighbours (k=2, Beam neighbours stage)", nb_here / drop, "queries/s per core",
-      f"{db_chunks:,} queries / {stage_key}.neighbours ({stage_s['neighbours']} s) / {cores} "
-      f"cores = {nb_here:,.0f} at {db_chunks:,} vectors, / {drop:.2f} (global_index_scaling.json "
-      f"best_at_recall_0.9.qps, {first['num_vectors']:,} -> {big['num_vectors']:,} vectors, one "
-      "run), held flat beyond", search_s)
-  # Pessimistic: partitions keep growing as sqrt(N) at a fixed nprobe, so the codes scanned per
-  # query grow as sqrt(N / largest measured).
-  grow = math.sqrt(n / big["num_vectors"])
-  row("neighbours, if per-query work grows as sqrt(N)", nb_here / drop / grow,
-      "queries/s per core",
-      f"the row above / sqrt(28e9 / {big['num_vectors']:,}) = / {grow:.0f}", search_s,
-      total=False)
+  b10 = _load("build_10m.json")
+  sim = next(r for r in _load("plan_simulation.json")["sizes"] if r["num_chunks"] == n)
+  n10, bs = b10["num_vectors"], b10["index"]["build_seconds"]
+  c10 = b10["index"]["config"]
+  keys = {s: min(d["grouping_keys"].values()) for s, d in sim["stages"].items()}
+  # Index training is one element: the two-level k-means costs ~ sample x 2 sqrt(nlist)
+  # distances per iteration, so it scales from the 10M build by that product.
+  train_scale = (sim["train_sample"] * math.sqrt(sim["nlist"])) / (
+      c10["train_sample"] * math.sqrt(c10["nlist"]))
+  rows.append({"stage": "index: train on the sample (one element)",
+               "measured_rate": bs["train"], "rate_unit": "s at 10M",
+               "source": f"build_10m.json index.build_seconds.train ({bs['train']:.1f} s: "
+                         f"{c10['train_sample']:,} vectors, nlist {c10['nlist']:,}) x "
+                         f"{train_scale:,.0f} (sample x sqrt(nlist): {sim['train_sample']:,} "
+                         f"vectors, nlist {sim['nlist']:,}, plan_simulation.json); one thread",
+               "core_hours": bs["train"] * train_scale / 3600, "window_hours": None,
+               "workers": 1, "worker": "core", "in_total": True, "max_workers": 1})
+
+  def capped(stage_key):
+    return keys[stage_key]
+
+  row("encode into the global index (assign + PQ + int8 copy)", n10 / bs["encode"],
+      "vectors/s per core",
+      f"build_10m.json: {n10:,} vectors / index.build_seconds.encode ({bs['encode']:,.0f} s, "
+      "summed over the encode elements, one thread each)", stream_s)
+  rows[-1]["max_workers"] = capped("index")
+  row("merge serving shards (parts read whole, codes packed, int8 copy streamed)",
+      n10 / max(bs["merge"], 1e-9), "vectors/s per core",
+      f"build_10m.json: {n10:,} vectors / index.build_seconds.merge ({bs['merge']:,.1f} s)",
+      stream_s)
+  rows[-1]["max_workers"] = sim["serving_shards"]
+  nb = b10["stages"]["neighbours"]
+  nb_rate = n10 / nb["wall_seconds"] / b10["workers"]
+  grow = math.sqrt(n / n10)  # nlist = 2 sqrt(N): partitions, so codes scanned, grow as sqrt(N)
+  row("neighbours (k=2, routed Beam job)", nb_rate / grow, "queries/s per core",
+      f"build_10m.json: {n10:,} queries / stages.neighbours.wall_seconds "
+      f"({nb['wall_seconds']:,.0f} s) / {b10['workers']} worker processes = {nb_rate:,.0f} at "
+      f"{n10:,} vectors, / sqrt(N / {n10:,}) = / {grow:.1f} (partitions of N / (2 sqrt N) "
+      "vectors, nprobe fixed: the codes scanned per query grow as sqrt N)", search_s)
+  rows[-1]["max_workers"] = capped("neighbours")
+  for r in rows:
+    if r.get("max_workers") is not None and r["workers"] > r["max_workers"]:
+      r["note"] = f"needs {r['workers']:,} workers, the plan has {r['max_workers']:,} elements"
+  serving = {"serving_shards": sim["serving_shards"],
+             "vectors_per_serving_shard": -(-int(n) // sim["serving_shards"]),
+             "ram_bytes_per_vector": b10["index"]["ram_bytes_per_vector"] + 8,
+             "disk_bytes_per_vector": b10["index"]["disk_bytes_per_vector"]}
+  serving["ram_gb_per_serving_shard"] = (serving["vectors_per_serving_shard"]
+                                         * serving["ram_bytes_per_vector"] / 1e9)
+  serving["disk_gb_per_serving_shard"] = (serving["vectors_per_serving_shard"]
+                                          * serving["disk_bytes_per_vector"] / 1e9)
+  serving["shards_per_256gb_host"] = int(256 * 0.8 // serving["ram_gb_per_serving_shard"])
+  serving["hosts"] = math.ceil(sim["serving_shards"] / serving["shards_per_256gb_host"])
+  serving["disk_tb_per_host"] = (serving["shards_per_256gb_host"]
+                                 * serving["disk_gb_per_serving_shard"] / 1e3)
 
   db = _DB.value
   sizes = {
@@ -124,18 +156,18 @@ def main(argv):
           _dir_bytes(os.path.join(db, "embeddings")) / db_chunks,
           f"{db}/embeddings/ bytes / chunks"),
       "index: PQ codes + ids (RAM when served)": (
-          big["ram_bytes_per_vector"],
-          f"global_index_scaling.json sizes[-1].ram_bytes_per_vector ({big['num_vectors']:,})"),
-      "index: int8 rerank copy (disk)": (
-          big["rerank_disk_bytes_per_vector"],
-          "global_index_scaling.json sizes[-1].rerank_disk_bytes_per_vector"),
+          b10["index"]["ram_bytes_per_vector"],
+          f"build_10m.json index.ram_bytes_per_vector ({n10:,})"),
+      "index on disk (codes, ids, int8 rerank copy)": (
+          b10["index"]["disk_bytes_per_vector"],
+          f"build_10m.json index.disk_bytes_per_vector ({n10:,})"),
       "training neighbours (k=2)": (
           _dir_bytes(os.path.join(db, "neighbours")) / db_chunks,
           f"{db}/neighbours/ bytes / chunks"),
   }
   storage = {k: v for k, (v, _) in sizes.items()}
   storage_tb = {k: v * n / 1e12 for k, v in storage.items()}
-  ram_vec = big["ram_bytes_per_vector"]
+  ram_vec = serving["ram_bytes_per_vector"]
   total_core_h = sum(r["core_hours"] for r in rows if r["worker"] == "core" and r["in_total"])
   cpu_embed = next(r for r in rows if r["stage"].startswith("embed (CPU"))
   out = {"chunks": n, "hours": _HOURS.value, "stream_hours": _STREAM.value, "stages": rows,
@@ -143,21 +175,23 @@ def main(argv):
          "storage_tb": storage_tb,
          "disk_tb_kept": sum(v for k, v in storage_tb.items() if "intermediate" not in k),
          "serving_ram_tb": ram_vec * n / 1e12,
-         "serving_hosts_256gb": math.ceil(ram_vec * n / (256e9 * 0.8)),
+         "serving_hosts_256gb": serving["hosts"], "serving_layout": serving,
          "total": {"cpu_core_hours_with_tpu_embed": total_core_h,
                    "tpu_chip_hours": next(r["chip_hours"] for r in rows if r["worker"] == "chip"),
                    "cpu_core_hours_with_cpu_embed": total_core_h + cpu_embed["core_hours"]},
          "machine_notes": {"beam_build.json": beam["machine"]["note"],
                            "tfds_chunks.json": tfds_run["machine"],
-                           "global_index_scaling.json": scaling["machine"]}}
+                           "build_10m.json": b10["machine"]}}
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=1)
   print("| stage | measured rate | from | worker-hours | window | workers |")
   print("|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['stage']} | {r['measured_rate']:,.0f} {r['rate_unit']} | {r['source']} | "
-          f"{r[r['worker'] + '_hours']:,.0f} {r['worker']}-h | {r['window_hours']:.0f} h | "
-          f"{r['workers']:,} {r['worker']}s |")
+    window = f"{r['window_hours']:.0f} h" if r["window_hours"] else "-"
+    cap = f" ({r['note']})" if r.get("note") else ""
+    print(f"| {r['stage']} | {r['measured_rate']:,.1f} {r['rate_unit']} | {r['source']} | "
+          f"{r[r['worker'] + '_hours']:,.1f} {r['worker']}-h | {window} | "
+          f"{r['workers']:,} {r['worker']}s{cap} |")
   t = out["total"]
   print(f"\nTotal: {t['cpu_core_hours_with_tpu_embed']:,.0f} core-h + {t['tpu_chip_hours']:,.0f} "
         f"chip-h with the TPU embedder; {t['cpu_core_hours_with_cpu_embed']:,.0f} core-h all on "
@@ -166,8 +200,14 @@ def main(argv):
   print("|---|---|---|---|")
   for k, (v, src) in sizes.items():
     print(f"| {k} | {v:,.0f} | {src} | {storage_tb[k]:,.1f} TB |")
-  print(f"\nDisk kept (all but the float32 embeddings): {out['disk_tb_kept']:.1f} TB. Serving RAM: "
-        f"{out['serving_ram_tb']:.2f} TB = {out['serving_hosts_256gb']} hosts of 256 GB at 80% use.")
+  sv = serving
+  print(f"\nDisk kept (all but the float32 embeddings): {out['disk_tb_kept']:.1f} TB. Serving: "
+        f"{sv['serving_shards']:,} serving shards of {sv['vectors_per_serving_shard']:,} vectors, "
+        f"each {sv['ram_gb_per_serving_shard']:.2f} GB in RAM (codes, faiss ids and the sorted ids "
+        f"the rerank looks up: {sv['ram_bytes_per_vector']:.1f} B per vector) and "
+        f"{sv['disk_gb_per_serving_shard']:.1f} GB on disk; a 256 GB host at 80% use holds "
+        f"{sv['shards_per_256gb_host']} of them and {sv['disk_tb_per_host']:.2f} TB of its files: "
+        f"{sv['hosts']} hosts, RAM {out['serving_ram_tb']:.2f} TB in all.")
 
 
 if __name__ == "__main__":

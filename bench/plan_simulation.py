@@ -4,8 +4,8 @@ and what job graph it sends, per stage, from 6e4 to 2.8e10 chunks.
     python -m bench.plan_simulation            # -> bench/results/plan_simulation.json
 
 The layout is metadata only: the chunk store's manifest.json (totals), the embeddings stage's
-outputs record, and the global index's manifest as `global_index._manifest` writes it (one rerank
-file per embeddings shard). No shard list, no shard files: a launcher that reads one fails. The
+outputs record, and the global index's manifest as `global_index._manifest` writes it (totals,
+config, checksums of the trained files and one fingerprint of the serving shards). No shard list, no shard files: a launcher that reads one fails. The
 real planning code runs over it (`build.build(plan_only=True)`: every stage's checks and its Beam
 pipeline built, not run) while every filesystem call of this process is counted (open, stat,
 listdir). Per stage it reports the serialized job graph, the launcher's requests and bytes read,
@@ -63,19 +63,11 @@ def layout_for(n: int, root: str) -> dict:
   c = global_lib.GlobalIndexConfig().resolved(n)
   idx = global_lib.index_dir(db)
   os.makedirs(idx)
-  per = -(-n // c.serving_shards)
-  files = {f"rerank/{layout.shard_name(i)}.npy": {"sha256": "4" * 64, "bytes": 1}
-           for i in range(shards)}
-  files.update({f"serving/{layout.shard_name(s)}.faiss": {"sha256": "5" * 64, "bytes": 1}
-                for s in range(c.serving_shards)})
+  files = {f: {"sha256": "4" * 64, "bytes": 1} for f in (global_lib.TRAINED, global_lib.SCALE)}
   manifest = {"format_version": global_lib.FORMAT_VERSION, "backend": global_lib.BACKEND,
-              "count": n, "dim": DIM, "config": c.to_json(),
-              "embeddings_shards": [{"shard": i, "offset": i * CHUNKS_PER_STORE_SHARD,
-                                     "count": min(CHUNKS_PER_STORE_SHARD,
-                                                  n - i * CHUNKS_PER_STORE_SHARD)}
-                                    for i in range(shards)],
-              "serving_shards": [{"shard": s, "count": per} for s in range(c.serving_shards)],
-              "files": files}
+              "count": n, "num_sources": shards, "dim": DIM, "config": c.to_json(),
+              "factory": global_lib._factory(DIM, c), "versions": {}, "ram_bytes": n * 56,
+              "files": files, "content_sha256": "5" * 64}
   return {"db": db, "store_shards": shards, "config": c, "index_manifest": manifest}
 
 
@@ -148,8 +140,8 @@ def _groupings(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
   ranges = len(plan.ranges(n))
   return {
       "embeddings": {"SpreadRanges": ranges, "SpreadBlocks": blocks_e, "ByShard": shards},
-      "index": {"SpreadRanges": len(plan.ranges(shards)), "Distribute": shards,
-                "ByServingShard": c.serving_shards},
+      "index": {"SpreadRanges": len(plan.ranges(global_lib.num_groups(shards))),
+                "Distribute": global_lib.num_groups(shards), "ByServingShard": c.serving_shards},
       "neighbours": {"SpreadRanges": ranges, "Distribute": blocks_n,
                      "BySearchKey": plan.num_search_keys(n, c.serving_shards),
                      "ByBlock": blocks_n, "ByStoreShard": shards},
@@ -168,8 +160,10 @@ def _largest(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
                      "range_expands_to_blocks": blocks},
       "index": {"train_sample_vectors": min(n, c.train_sample),
                 "train_sample_bytes_float32": min(n, c.train_sample) * DIM * 4,
-                "encode_rows": CHUNKS_PER_STORE_SHARD, "merge_vectors": per_serving,
-                "finish_reads_records": shards + c.serving_shards},
+                "encode_rows": global_lib.ENCODE_GROUP_SOURCES * CHUNKS_PER_STORE_SHARD,
+                "merge_vectors": per_serving,
+                "merge_reads_parts": global_lib.num_groups(shards),
+                "finish_reads_records": global_lib.num_groups(shards) + c.serving_shards},
       "neighbours": {"search_queries": plan.SEARCH_GROUP_ROWS,
                      "search_serving_shard_vectors": per_serving,
                      "outputs_record_reads": shards},
@@ -252,8 +246,7 @@ def table(res: dict) -> str:
   for stage, d in big["stages"].items():
     lines.append(f"- {stage}: " + ", ".join(f"{k} {v:,}" for k, v in
                                             d["largest_element"].items()))
-  lines += ["", "The neighbours stage's launcher bytes grow with the index manifest (one entry "
-            "per embeddings shard's rerank file): one request, read whole.", ""]
+  lines += [""]
   return "\n".join(lines)
 
 

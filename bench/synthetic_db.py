@@ -78,7 +78,8 @@ def _write_store_shard(out: epath.Path, shard: int, n: int, settings: dict, stat
     files[name] = {"sha256": layout.sha256_bytes(payloads[name]), "bytes": len(payloads[name])}
   marker = {"index": shard, "settings": settings, "files": files, "num_chunks": int(count),
             "num_docs": int(docs), "num_tokens": int(count * CHUNK_SIZE),
-            "docs_shorter_than_chunk": 0, "first_doc_id": int(doc0), "heldout_doc_ids": [],
+            "docs_shorter_than_chunk": 0, "num_utf8_bytes": int(table[:, 3].sum()),
+            "first_doc_id": int(doc0), "heldout_doc_ids": [],
             "heldout_doc_keys": [], "corpus_stats": stats}
   layout.write_json_atomic(out / (layout.shard_name(shard) + ".done.json"), marker)
 

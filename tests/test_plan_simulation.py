@@ -15,8 +15,8 @@ def test_graph_and_launcher_requests_stay_flat_to_28_billion_chunks(tmp_path):
     # No shard list, shard file or per-shard record is touched by the launcher.
     assert not [p for p in b["launcher_paths"] if "shard" in p], b["launcher_paths"]
     assert min(b["grouping_keys"].values()) >= 1000, (stage, b["grouping_keys"])
-  # The chunk store and the embeddings are known from fixed-size files.
-  for stage in ("embeddings", "index"):
+  # The chunk store, the embeddings and the index are known from fixed-size files.
+  for stage in plan_simulation.STAGES:
     assert big["stages"][stage]["launcher_bytes_read"] <= 2 * small["stages"][stage][
         "launcher_bytes_read"]
   assert big["train_sample"] >= 39 * big["nlist"]

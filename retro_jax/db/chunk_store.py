@@ -28,6 +28,7 @@ the rerun's files are byte-identical to an uninterrupted run's.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -155,6 +156,7 @@ def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.D
   marker = {
       "index": index, "settings": settings, "files": files, "num_chunks": int(len(tokens_NxM)),
       "num_docs": len(docs), "num_tokens": num_tokens, "docs_shorter_than_chunk": short,
+      "num_utf8_bytes": int(doc_table_Dx5[:, 3].sum()),
       "first_doc_id": int(docs[0][0]) if docs else 0,
       "heldout_doc_ids": [int(d) for d, _, h in docs if h],
       "heldout_doc_keys": [d.key for _, d, h in docs if h],
@@ -279,6 +281,7 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
       "num_chunks": offset,
       "num_docs": doc_offset,
       "num_tokens": sum(m["num_tokens"] for m in markers),
+      "num_utf8_bytes": sum(_utf8_bytes(out, m) for m in markers),
       "docs_shorter_than_chunk": sum(m["docs_shorter_than_chunk"] for m in markers),
       "append_eos": settings["append_eos"],
       "seed": settings["seed"],
@@ -293,6 +296,15 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
   }
   write_manifest(out, manifest)
   return manifest
+
+
+def _utf8_bytes(out: epath.Path, marker: dict) -> int:
+  """A shard's UTF-8 bytes: its done marker's total, or (a shard written before markers kept
+  it) the sum of its document table's column."""
+  if "num_utf8_bytes" in marker:
+    return int(marker["num_utf8_bytes"])
+  table = np.load(io.BytesIO((out / shard_name(marker["index"]) / "doc_table.npy").read_bytes()))
+  return int(table[:, DOC_TABLE_COLUMNS.index("num_utf8_bytes")].sum())
 
 
 def merge_ranges(ranges_Rx2: np.ndarray) -> np.ndarray:
@@ -404,6 +416,8 @@ def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document]
   manifest["num_chunks"] += m["num_chunks"]
   manifest["num_docs"] += m["num_docs"]
   manifest["num_tokens"] += m["num_tokens"]
+  if "num_utf8_bytes" in manifest:
+    manifest["num_utf8_bytes"] += m["num_utf8_bytes"]
   manifest["docs_shorter_than_chunk"] += m["docs_shorter_than_chunk"]
   held = manifest["heldout"]
   held["doc_ids"] = held["doc_ids"] + m["heldout_doc_ids"]

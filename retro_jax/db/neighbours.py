@@ -237,26 +237,49 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
   return totals
 
 
-def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[list[np.ndarray], np.ndarray]:
-  """Every finished neighbours shard for row reads (retro_jax.db.npy_rows), and the int64 first-chunk id of each shard."""
+class NeighbourShards:
+  """The neighbours shards for row reads, each opened (memory-mapped, or ranged reads on gs://)
+  and verified (checksum, ids in range: once per process) when it is first read, so opening the
+  database costs the same few reads at any size. `[j]` is shard j's int64 [count, k] array."""
+
+  def __init__(self, db_dir: str | os.PathLike, store):
+    self.db_dir, self.store = db_dir, store
+    self._spans = store.shard_spans()
+    self._open: dict[int, np.ndarray] = {}
+    self.k = int(self[0].shape[1])
+
+  def __len__(self) -> int:
+    return len(self._spans)
+
+  def __getitem__(self, j: int) -> np.ndarray:
+    j = int(j)
+    if j not in self._open:
+      shard, _, count = self._spans[j]
+      path = layout.neighbours_path(self.db_dir, shard)
+      if not shard_is_done(self.db_dir, shard):
+        raise NeighboursError(f"{path} is missing or unfinished; run python -m "
+                              f"retro_jax.db.neighbours --db={self.db_dir}.")
+      a = npy_rows.open_rows(path)
+      if a.shape[0] != count or a.dtype != np.int64:
+        raise NeighboursError(f"{path}: shape {a.shape} {a.dtype}; expected ({count}, k) int64 "
+                              "for the chunk store; delete it and recompute.")
+      if j and a.shape[1] != self.k:
+        raise NeighboursError(f"Neighbour shards of {self.db_dir} have different k: "
+                              f"{sorted({self.k, int(a.shape[1])})}.")
+      verify.neighbours_shard(self.db_dir, shard, a, self.store.num_chunks)
+      self._open[j] = a
+    return self._open[j]
+
+  def __iter__(self):
+    return (self[j] for j in range(len(self)))
+
+
+def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[NeighbourShards, np.ndarray]:
+  """The neighbours shards (`NeighbourShards`: each opened and verified on first read; shard 0
+  now) and the int64 first-chunk id of each shard."""
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
-  arrays, offsets = [], []
-  for shard, first_id, count in store.shard_spans():
-    path = layout.neighbours_path(db_dir, shard)
-    if not shard_is_done(db_dir, shard):
-      raise NeighboursError(f"{path} is missing or unfinished; run python -m "
-                            f"retro_jax.db.neighbours --db={db_dir}.")
-    a = npy_rows.open_rows(path)  # memory-mapped, or ranged reads on gs://
-    if a.shape[0] != count or a.dtype != np.int64:
-      raise NeighboursError(f"{path}: shape {a.shape} {a.dtype}; expected ({count}, k) int64 for "
-                            "the chunk store; delete it and recompute.")
-    verify.neighbours_shard(db_dir, shard, a, store.num_chunks)
-    arrays.append(a)
-    offsets.append(first_id)
-  ks = {a.shape[1] for a in arrays}
-  if len(ks) != 1:
-    raise NeighboursError(f"Neighbour shards of {db_dir} have different k: {sorted(ks)}.")
-  return arrays, np.asarray(offsets, np.int64)
+  shards = NeighbourShards(db_dir, store)
+  return shards, np.asarray([first for _, first, _ in store.shard_spans()], np.int64)
 
 
 def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,

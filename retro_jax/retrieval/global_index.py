@@ -117,14 +117,20 @@ class GlobalIndexConfig:
 Source = tuple[int, Any, int]
 
 
-def sample_rows(sources: Sequence[Source], size: int, seed: int) -> np.ndarray:
-  """float32 [min(size, N), D]: rows drawn without replacement (fixed seed), read shard by shard."""
-  total = sum(int(s[1].shape[0]) for s in sources)
-  size = min(size, total)
-  rng = np.random.default_rng(seed)
-  picks = np.sort(rng.choice(total, size=size, replace=False)) if size < total else np.arange(total)
-  out = np.empty((size, sources[0][1].shape[1]), np.float32)
-  start, filled = 0, 0
+def sample_picks(total: int, size: int, seed: int) -> np.ndarray:
+  """int64 [min(size, total)]: the sorted global row numbers of the training sample (fixed
+  seed; without replacement). O(size) memory, whatever `total`."""
+  size = min(int(size), int(total))
+  if size >= total:
+    return np.arange(total, dtype=np.int64)
+  return np.sort(np.random.default_rng(seed).choice(int(total), size=size, replace=False))
+
+
+def read_rows(sources: Sequence[Source], first: int, picks: np.ndarray) -> np.ndarray:
+  """float32 [len(picks), D]: the rows of these sorted global row numbers, from consecutive
+  `sources` whose first row is global row `first`, read shard by shard."""
+  out = np.empty((len(picks), sources[0][1].shape[1]), np.float32)
+  start, filled = int(first), 0
   for _, emb, _ in sources:
     n = int(emb.shape[0])
     mine = picks[(picks >= start) & (picks < start + n)] - start
@@ -134,6 +140,13 @@ def sample_rows(sources: Sequence[Source], size: int, seed: int) -> np.ndarray:
       filled += rows.size
     start += n
   return out
+
+
+def sample_rows(sources: Sequence[Source], size: int, seed: int) -> np.ndarray:
+  """float32 [min(size, N), D]: rows drawn without replacement (fixed seed), read shard by shard
+  (the Beam build reads the same rows in parallel, per encode group: retro_jax/db/pipeline.py)."""
+  total = sum(int(s[1].shape[0]) for s in sources)
+  return read_rows(sources, 0, sample_picks(total, size, seed))
 
 
 def _threads(n: int):
@@ -156,7 +169,11 @@ def train(sources: Sequence[Source], config: GlobalIndexConfig):
   """(trained empty faiss index, per-dimension int8 scale [D], resolved config)."""
   n = sum(int(s[1].shape[0]) for s in sources)
   c = config.resolved(n)
-  sample = sample_rows(sources, max(c.train_sample, 0), c.seed)
+  return (*train_on(sample_rows(sources, max(c.train_sample, 0), c.seed), c), c)
+
+
+def train_on(sample: np.ndarray, c: GlobalIndexConfig):
+  """(trained empty faiss index, per-dimension int8 scale [D]) from the training sample."""
   dim = sample.shape[1]
   index = faiss.index_factory(dim, _factory(dim, c), faiss.METRIC_INNER_PRODUCT)
   ivf = faiss.extract_index_ivf(index)
@@ -172,7 +189,7 @@ def train(sources: Sequence[Source], config: GlobalIndexConfig):
     index.train(sample)  # the PQ (the coarse quantizer is kept when already filled)
   scale = (np.abs(sample).max(axis=0) / 127.0).astype(np.float32)
   scale = np.maximum(scale, 1e-8)
-  return index, scale, c
+  return index, scale
 
 
 def to_int8(x_NxD: np.ndarray, scale_D: np.ndarray) -> np.ndarray:
@@ -432,19 +449,32 @@ def prepare_build_for(sig: dict[str, int], out_dir, config: GlobalIndexConfig | 
   return c
 
 
-def train_step(sources: Sequence[Source], out_dir, c: GlobalIndexConfig) -> bool:
+def is_trained(out_dir) -> bool:
+  return _read_json(epath.Path(out_dir) / PARTS / TRAINED_RECORD) is not None
+
+
+def sample_part_path(out_dir, g: int) -> epath.Path:
+  """parts/sample-G.npy: encode group g's rows of the training sample (the Beam build)."""
+  return epath.Path(out_dir) / PARTS / f"sample-{g:05d}.npy"
+
+
+def train_step(sources: Sequence[Source] | None, out_dir, c: GlobalIndexConfig,
+               sample: np.ndarray | None = None, sig: dict[str, int] | None = None) -> bool:
   """Trains the partitioner and quantizer (kept when trained for these sources and settings):
-  trained.faiss and scale.npy, then the record. Returns True when it trained."""
+  trained.faiss and scale.npy, then the record. Returns True when it trained. The sample is
+  drawn from `sources` here, or given (`sample`, with the sources' `sig`nature)."""
   out_dir = epath.Path(out_dir)
-  if _read_json(out_dir / PARTS / TRAINED_RECORD) is not None:
+  if is_trained(out_dir):
     return False
   t0 = time.perf_counter()
-  trained, scale, c2 = train(sources, c)
-  assert c2 == c, (c2, c)
+  if sample is None:
+    sample = sample_rows(sources, max(c.train_sample, 0), c.seed)
+  trained, scale = train_on(sample, c)
   _write_index(trained, out_dir / TRAINED)
   layout.write_bytes_atomic(out_dir / SCALE, layout.npy_bytes(scale))
   layout.write_json_atomic(out_dir / PARTS / TRAINED_RECORD, {
-      "format_version": FORMAT_VERSION, "config": c.to_json(), "sources": _signature(sources),
+      "format_version": FORMAT_VERSION, "config": c.to_json(),
+      "sources": sig if sig is not None else _signature(sources),
       "seconds": time.perf_counter() - t0})
   return True
 

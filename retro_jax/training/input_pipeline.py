@@ -145,7 +145,7 @@ class SequenceSource:
     self.exclude_sequence_docs = bool(exclude_sequence_docs)
     if retrieval:
       self._nbr_shards, self._nbr_offsets = neighbours_lib.open_neighbours(db_dir, self.store)
-      k_stored = self.num_stored_neighbours = int(self._nbr_shards[0].shape[1])
+      k_stored = self.num_stored_neighbours = self._nbr_shards.k
       self.num_neighbours = k_stored if num_neighbours is None else int(num_neighbours)
       if not 1 <= self.num_neighbours <= k_stored:
         raise ValueError(f"num_neighbours={num_neighbours} but {db_dir}/neighbours holds "

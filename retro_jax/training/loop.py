@@ -119,9 +119,12 @@ def peak_flops(c, device) -> float:
 
 
 def bytes_per_token(store) -> float:
-  """UTF-8 bytes per token of the whole store (for the training bpb), from its document table and
-  manifest: no token is read, so it costs nothing on a pod's bucket-backed store."""
-  return float(store.doc_num_bytes.sum()) / max(int(store.manifest["num_tokens"]), 1)
+  """UTF-8 bytes per token of the whole store (for the training bpb), from its manifest's totals
+  (a store finalized before they were kept: from every document table)."""
+  total = store.manifest.get("num_utf8_bytes")
+  if total is None:
+    total = int(store.doc_num_bytes.sum())
+  return float(total) / max(int(store.manifest["num_tokens"]), 1)
 
 
 class MetricsWriter:

@@ -1,0 +1,132 @@
+r"""What opening a database costs in reads, at two sizes: the store, the retriever, one serving
+shard's server, and the start of training.
+
+    python -m bench.open_reads --dbs=runs/default_f2,runs/synth_10m   # -> bench/results/open_reads.json
+
+Each operation runs in a fresh process (nothing cached from another) while every filesystem call
+under the database is counted (bench.plan_simulation.Counter: open, stat, listdir, and the size of
+each file opened for reading). Operations:
+  store_open           ChunkStore.open
+  store_first_gather   then the tokens of one chunk (the shard list is read on the first gather)
+  retriever_open       Retriever.from_db (the global index: every serving shard)
+  shard_server_open    ShardServicer for serving shard 0 (what one serving host loads)
+  training_start       bytes_per_token, then SequenceSource (train split, 2 neighbours), then its
+                       first example (what a training host reads before its first step)
+Reported: requests (calls), read_bytes (bytes through read() calls, /proc/self/io rchar: the
+library files of a lazy import included) and opened_file_bytes (the sizes of the files opened for
+reading; a memory-mapped file counts whole, though the kernel pages in only what is used).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+_DBS = flags.DEFINE_list("dbs", ["runs/default_f2", "runs/synth_10m"], "Databases to open.")
+_OUT = flags.DEFINE_string("out", "bench/results/open_reads.json", "Results file.")
+_ONE = flags.DEFINE_string("one", None, "(internal) DB:OPERATION to measure in this process.")
+_DOC = flags.DEFINE_string("doc", "docs/open_reads.md", "The page written from the results.")
+
+OPERATIONS = ("store_open", "store_first_gather", "retriever_open", "shard_server_open",
+              "training_start")
+
+
+def _rchar() -> int:
+  """Bytes this process has read through read() calls (/proc/self/io), cached or not."""
+  with open("/proc/self/io") as f:
+    return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def _measure(db: str, op: str) -> dict:
+  """Runs one operation in this process; returns the counted reads."""
+  import numpy as np
+
+  from bench.plan_simulation import Counter
+  from retro_jax.db import chunk_store as chunk_store_lib
+  from retro_jax.retrieval import retriever as retriever_lib
+  from retro_jax.retrieval import shard_server
+  from retro_jax.training import input_pipeline, loop
+
+  root = os.path.abspath(db)
+  read0 = _rchar()
+  counter = Counter(root).start()
+  try:
+    if op == "store_open":
+      chunk_store_lib.ChunkStore.open(root)
+    elif op == "store_first_gather":
+      chunk_store_lib.ChunkStore.open(root).tokens(np.array([0]))
+    elif op == "retriever_open":
+      retriever_lib.Retriever.from_db(root)
+    elif op == "shard_server_open":
+      shard_server.ShardServicer(root, 0)
+    elif op == "training_start":
+      store = chunk_store_lib.ChunkStore.open(root)
+      loop.bytes_per_token(store)
+      src = input_pipeline.SequenceSource(root, 128, "train", True, 2, 128, store=store)
+      src[0]
+  finally:
+    counter.stop()
+  read_bytes = _rchar() - read0
+  top = sorted(counter.paths.items(), key=lambda kv: -kv[1])
+  return {"requests": counter.requests, "read_bytes": read_bytes,
+          "opened_file_bytes": counter.bytes,
+          "distinct_paths": len(counter.paths), "most_requested": top[:5]}
+
+
+def main(argv):
+  del argv
+  if _ONE.value:
+    db, op = _ONE.value.rsplit(":", 1)
+    print(json.dumps(_measure(db, op)))
+    return
+  from retro_jax.db import chunk_store as chunk_store_lib
+  from retro_jax.evaluation.figures import provenance
+  res = {**provenance("python -m bench.open_reads " + " ".join(sys.argv[1:])), "databases": {}}
+  for db in _DBS.value:
+    store = chunk_store_lib.ChunkStore.open(db)
+    row = {"num_chunks": store.num_chunks, "store_shards": store.num_shards, "operations": {}}
+    for op in OPERATIONS:
+      env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+      out = subprocess.run([sys.executable, "-m", "bench.open_reads", f"--one={db}:{op}"],
+                           capture_output=True, text=True, env=env, timeout=1800)
+      if out.returncode:
+        row["operations"][op] = {"error": out.stderr.strip().splitlines()[-1:]}
+      else:
+        row["operations"][op] = json.loads(out.stdout.strip().splitlines()[-1])
+      print(db, op, json.dumps(row["operations"][op]), flush=True)
+    res["databases"][db] = row
+  with open(_OUT.value, "w") as f:
+    json.dump(res, f, indent=1)
+    f.write("\n")
+  with open(_DOC.value, "w") as f:
+    f.write(page(res))
+
+
+def page(res: dict) -> str:
+  """docs/open_reads.md from the results file (every figure read from it)."""
+  dbs = list(res["databases"])
+  lines = ["# What opening a database reads, at two sizes", "",
+           f"Written by `{res['command']}` at commit {res['commit']} on {res['date']} from "
+           "`bench/results/open_reads.json`; how it is measured: `bench/open_reads.py` (each "
+           "operation in a fresh process; requests are open / stat / listdir calls under the "
+           "database; read bytes go through read() calls, memory-mapped pages not counted).", "",
+           "| operation | " + " | ".join(
+               f"{res['databases'][d]['num_chunks']:,} chunks ({res['databases'][d]['store_shards']}"
+               " store shards): requests, read bytes" for d in dbs) + " |",
+           "|---|" + "---|" * len(dbs)]
+  for op in OPERATIONS:
+    cells = []
+    for d in dbs:
+      o = res["databases"][d]["operations"][op]
+      cells.append("error" if "error" in o else f"{o['requests']}, {o['read_bytes']:,}")
+    lines.append(f"| {op} | " + " | ".join(cells) + " |")
+  lines.append("")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  app.run(main)
