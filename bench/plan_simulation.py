@@ -16,7 +16,6 @@ workers run), and the index's nlist against its training sample. The tokenizer a
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import sys
@@ -140,7 +139,8 @@ def _groupings(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
   ranges = len(plan.ranges(n))
   return {
       "embeddings": {"SpreadRanges": ranges, "SpreadBlocks": blocks_e, "ByShard": shards},
-      "index": {"SpreadRanges": len(plan.ranges(global_lib.num_groups(shards))),
+      "index": {"SpreadSample": global_lib.num_groups(shards),
+                "SpreadRanges": len(plan.ranges(global_lib.num_groups(shards))),
                 "Distribute": global_lib.num_groups(shards), "ByServingShard": c.serving_shards},
       "neighbours": {"SpreadRanges": ranges, "Distribute": blocks_n,
                      "BySearchKey": plan.num_search_keys(n, c.serving_shards),

@@ -35,6 +35,9 @@ flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "embedder 
 flags.DEFINE_integer("embed_batch_size", 32, "embedder rows per forward call")
 flags.DEFINE_enum("backend", index_lib.GLOBAL_BACKEND, list(index_lib.ALL_BACKENDS), "index backend")
 flags.DEFINE_integer("k", 2, "training neighbours per chunk")
+flags.DEFINE_enum("index_searcher", "faiss", ["faiss", "scann"], "the global index's searcher "
+                  "within a serving shard: faiss fast-scan codes, or a ScaNN searcher built over "
+                  "each serving shard too (routing and the int8 rerank are the same)")
 flags.DEFINE_bool("audit", False, "read every output of every stage (the whole database) and "
                   "rebuild the missing or damaged ones; a run without it reads a few small files "
                   "per stage to know what is finished")

@@ -108,7 +108,7 @@ _RUNNERS: dict[str, Callable[[epath.Path, dict[str, Any], Any], None]] = {
 # embed_batch_size 32: the fastest of 16 / 32 / 64 in bench/embed_throughput.py.
 DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None, chunk_size=64,
                 docs_per_shard=4096, heldout_fraction=0.01, seed=0, embed_dtype="bfloat16",
-                embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2)
+                embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2, index_searcher="faiss")
 
 
 def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: bool,

@@ -769,7 +769,10 @@ def _embeddings(p, db: str, cfg: dict[str, Any]) -> None:
 def _index(p, db: str, cfg: dict[str, Any]) -> None:
   backend = cfg["backend"]
   if backend == index_lib.GLOBAL_BACKEND:
-    _global_index(p, db, cfg.get("global_index_config"))  # None: the default (tests set it)
+    config = cfg.get("global_index_config")  # (tests set it)
+    if config is None and cfg.get("index_searcher", "faiss") != "faiss":
+      config = global_lib.GlobalIndexConfig(searcher=cfg["index_searcher"])
+    _global_index(p, db, config)
     return
   store = chunk_store_lib.ChunkStore.open(db)
   _ = (p | "ShardRanges" >> beam.Create(plan_lib.ranges(store.num_shards))

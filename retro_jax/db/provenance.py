@@ -36,7 +36,7 @@ STAGE_SETTINGS = {
     "tokenizer": ("corpus", "max_docs", "heldout_fraction", "seed", "vocab_size", "tokenizer"),
     "chunks": ("corpus", "max_docs", "heldout_fraction", "seed", "chunk_size", "docs_per_shard"),
     "embeddings": ("embed_dtype",),
-    "index": ("backend",),
+    "index": ("backend", "index_searcher"),
     "neighbours": ("backend", "k"),
 }
 
@@ -55,8 +55,13 @@ def _tokenizer_file(db: epath.Path) -> epath.Path | None:
   return found[0] if found else None
 
 
+# Settings recorded only when not at their default, so records written before they existed match.
+_RECORDED_IF_SET = {"index_searcher": "faiss"}
+
+
 def _settings(stage: str, cfg: dict[str, Any]) -> dict[str, Any]:
-  out = {k: cfg[k] for k in STAGE_SETTINGS[stage]}
+  out = {k: cfg.get(k, _RECORDED_IF_SET.get(k)) for k in STAGE_SETTINGS[stage]}
+  out = {k: v for k, v in out.items() if k not in _RECORDED_IF_SET or v != _RECORDED_IF_SET[k]}
   if stage == "tokenizer":
     given = cfg["tokenizer"]
     if given and epath.Path(given).is_file():

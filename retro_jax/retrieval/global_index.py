@@ -93,21 +93,36 @@ class GlobalIndexConfig:
   kmeans_iters: int = 12
   seed: int = 0
   training_threads: int = 1         # 1 keeps the build repeatable on a busy machine
+  # Within a serving shard: "faiss" scans its partitions' fast-scan codes; "scann" also builds a
+  # ScaNN searcher over the serving shard (its own tree of ~2 sqrt(n) leaves, AH codes) and
+  # searches that instead. Routing to serving shards and the int8 rerank are the same.
+  searcher: str = "faiss"
+  scann_leaves_to_search: float = 0.05  # fraction of a serving shard's ScaNN leaves searched
 
   def resolved(self, n: int) -> "GlobalIndexConfig":
     nlist = self.nlist or max(1, min(int(round(2 * math.sqrt(n))), n // 39 or 1))
     shards = self.serving_shards or max(1, math.ceil(n / self.vectors_per_serving_shard))
     sample = max(self.train_sample, self.min_points_per_centroid * nlist)
+    if self.searcher not in SEARCHERS:
+      raise index_lib.IndexError_(f"searcher={self.searcher!r}; expected one of {SEARCHERS}.")
     return dataclasses.replace(self, nlist=nlist, serving_shards=min(shards, nlist),
                                train_sample=sample)
 
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    out = dataclasses.asdict(self)
+    for k, v in _OPTIONAL_DEFAULTS.items():  # recorded only when set: older records still match
+      if out[k] == v:
+        del out[k]
+    return out
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> "GlobalIndexConfig":
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+SEARCHERS = ("faiss", "scann")
+_OPTIONAL_DEFAULTS = {"searcher": "faiss", "scann_leaves_to_search": 0.05}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,9 +421,39 @@ def _merge_seconds(out_dir: epath.Path, s: int) -> epath.Path:
 
 
 def serving_path(out_dir, s: int, what: str) -> epath.Path:
-  """serving/shard-S.{faiss, rerank.npy, ids.npy, json} of serving shard s."""
-  ext = {"faiss": "faiss", "rerank": "rerank.npy", "ids": "ids.npy", "record": "json"}[what]
+  """serving/shard-S.{faiss, rerank.npy, ids.npy, json, scann/} of serving shard s; `what` may
+  name a file of the ScaNN searcher's directory (scann/NAME)."""
+  if what.startswith("scann/"):
+    return serving_path(out_dir, s, "scann") / what.split("/", 1)[1]
+  ext = {"faiss": "faiss", "rerank": "rerank.npy", "ids": "ids.npy", "record": "json",
+         "scann": "scann"}[what]
   return epath.Path(out_dir) / "serving" / f"{layout.shard_name(s)}.{ext}"
+
+
+def _build_scann(out_dir: epath.Path, s: int, c: GlobalIndexConfig, scale_D: np.ndarray
+                 ) -> dict[str, dict]:
+  """serving/shard-S.scann/: a ScaNN searcher (spherical tree of ~2 sqrt(n) leaves, AH codes, no
+  reorder: the int8 rerank follows) over the serving shard's int8 copies scaled back to float32,
+  row r = its r-th vector in id order. Returns its files' records."""
+  import scann  # only this searcher needs it
+  rows = npy_rows.open_rows(serving_path(out_dir, s, "rerank"))
+  n = int(rows.shape[0])
+  x = np.empty((n, rows.shape[1]), np.float32)
+  for a in range(0, n, BLOCK_ROWS):
+    x[a:a + BLOCK_ROWS] = np.asarray(rows[a:a + BLOCK_ROWS], np.float32) * scale_D
+  b = scann.scann_ops_pybind.builder(x, 10, "dot_product").set_n_training_threads(
+      c.training_threads)
+  leaves = max(1, int(round(2 * math.sqrt(n))))
+  if leaves > 1 and n > leaves:
+    b = b.tree(num_leaves=leaves, num_leaves_to_search=max(1, round(c.scann_leaves_to_search
+                                                                      * leaves)),
+               training_sample_size=min(n, 100_000), spherical=True, random_init=False)
+  searcher = b.score_ah(2, anisotropic_quantization_threshold=0.2).build()
+  del x
+  with layout.staged_dir(serving_path(out_dir, s, "scann")) as tmp:
+    searcher.serialize(tmp, relative_path=True)
+    return {f"scann/{name}": _file_record(os.path.join(tmp, name))
+            for name in sorted(os.listdir(tmp))}
 
 
 SERVING_FILES = ("faiss", "rerank", "ids")
@@ -603,12 +648,18 @@ def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str
   data = faiss.serialize_index(index).tobytes()
   layout.write_bytes_atomic(serving_path(out_dir, s, "faiss"), data)
   files["faiss"] = _file_record("", data)
+  scann_s = 0.0
+  if c.searcher == "scann":
+    t1 = time.perf_counter()
+    files.update(_build_scann(out_dir, s, c, _load_npy(out_dir / SCALE).astype(np.float32)))
+    scann_s = time.perf_counter() - t1
   part_shard = _partition_shard(c.nlist, c.serving_shards)
   rec = {"shard": int(s), "part_start": int(np.searchsorted(part_shard, s)),
          "part_end": int(np.searchsorted(part_shard, s, side="right")),
          "count": int(index.ntotal), "ram_bytes": memory_bytes(index), "files": files}
   # the time beside it under parts/ (the record, which marks the shard merged, is deterministic)
-  layout.write_json_atomic(_merge_seconds(out_dir, s), {"seconds": time.perf_counter() - t0})
+  layout.write_json_atomic(_merge_seconds(out_dir, s), {"seconds": time.perf_counter() - t0,
+                                                        "scann_seconds": scann_s})
   layout.write_json_atomic(serving_path(out_dir, s, "record"), rec)
   return rec
 
@@ -616,7 +667,8 @@ def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str
 def _content_sha256(top_files: dict[str, dict], serving: Sequence[dict]) -> str:
   """One fingerprint of every file's recorded checksum (the index's content)."""
   shas = [top_files[f]["sha256"] for f in sorted(top_files)]
-  shas += [r["files"][f]["sha256"] for r in serving for f in SERVING_FILES]
+  shas += [r["files"][f]["sha256"] for r in serving
+           for f in SERVING_FILES + tuple(sorted(set(r["files"]) - set(SERVING_FILES)))]
   return layout.sha256_bytes(json.dumps(shas).encode())
 
 
@@ -640,8 +692,13 @@ def finish_build(sig: dict[str, int], out_dir) -> dict[str, Any]:
   seconds = {"train": rec["seconds"], "encode": sum(e["seconds"] for e in encoded),
              "merge": sum((_read_json(_merge_seconds(out_dir, s)) or {}).get("seconds", 0.0)
                           for s in range(c.serving_shards))}
+  if c.searcher == "scann":  # part of the merge seconds above
+    seconds["scann_within_merge"] = sum(
+        (_read_json(_merge_seconds(out_dir, s)) or {}).get("scann_seconds", 0.0)
+        for s in range(c.serving_shards))
   manifest = _manifest(out_dir, c, sig, serving)
-  manifest["build_seconds"] = {**seconds, "total": sum(seconds.values())}
+  manifest["build_seconds"] = {**seconds, "total": seconds["train"] + seconds["encode"]
+                                                   + seconds["merge"]}
   layout.write_json_atomic(out_dir / layout.MANIFEST, manifest)
   (out_dir / PARTS).rmtree()
   return manifest
@@ -736,8 +793,8 @@ def verify(index_dir, manifest: dict[str, Any] | None = None) -> None:
     _check_file(index_dir / name, rec)
   records = [read_serving_record(index_dir, s) for s in serving_shard_ids(manifest)]
   for s, r in zip(serving_shard_ids(manifest), records):
-    for what in SERVING_FILES:
-      _check_file(serving_path(index_dir, s, what), r["files"][what])
+    for what, rec in r["files"].items():
+      _check_file(serving_path(index_dir, s, what), rec)
   if _content_sha256(manifest["files"], records) != manifest.get("content_sha256"):
     raise index_lib.IndexError_(f"Global index {index_dir}: its serving shard records differ from "
                                 f"its manifest; {_FIX}.")
@@ -754,7 +811,7 @@ class GlobalIndex(index_lib.IndexShard):
   contiguous_ids = False  # a serving shard's ids are its partitions' members, anywhere in [0, N)
 
   def __init__(self, index_dir, serving: Sequence[int] | None = None, verify_files: bool = True,
-               nprobe: int | None = None):
+               nprobe: int | None = None, searcher: str | None = None):
     """Reads the manifest, the trained files and each of `serving`'s (default: every serving
     shard) record and faiss file: the same few files at any database size per serving shard.
     `verify_files`: what is read whole is checked against its sha256, the memory-mapped rerank
@@ -768,6 +825,10 @@ class GlobalIndex(index_lib.IndexShard):
     self.config = GlobalIndexConfig.from_json(self.manifest["config"])
     if nprobe:
       self.config = dataclasses.replace(self.config, nprobe=nprobe)
+    self.searcher = searcher or self.config.searcher
+    if self.searcher == "scann" and self.config.searcher != "scann":
+      raise index_lib.IndexError_(f"Global index {self.index_dir} was built without ScaNN "
+                                  "searchers; rebuild it with --index_searcher=scann.")
     self.offset, self.total = 0, int(self.manifest["count"])
     self._dim = int(self.manifest["dim"])
     files = self.manifest["files"]
@@ -789,7 +850,7 @@ class GlobalIndex(index_lib.IndexShard):
     if bad:
       raise index_lib.IndexError_(f"Global index {self.index_dir} has serving shards "
                                   f"0..{len(all_shards) - 1}; {bad} do not exist.")
-    self.serving, self._rr, self._rr_ids = {}, {}, {}
+    self.serving, self._rr, self._rr_ids, self._scann = {}, {}, {}, {}
     for s in self.serving_ids:
       rec = read_serving_record(self.index_dir, s)
       data = serving_path(self.index_dir, s, "faiss").read_bytes()
@@ -805,6 +866,12 @@ class GlobalIndex(index_lib.IndexShard):
       # ids 0..n-1 (one serving shard): a row's id is its row number
       contiguous = n == 0 or (int(ids[0]) == 0 and int(ids[n - 1]) == n - 1)
       self._rr_ids[s] = None if contiguous else np.asarray(ids[0:n], np.int64)  # 8 B a vector
+      if self.searcher == "scann":
+        import scann
+        key = layout.sha256_bytes(json.dumps(rec["files"], sort_keys=True).encode())
+        self._scann[s] = (scann.scann_ops_pybind.load_searcher(
+            layout.local_dir(serving_path(self.index_dir, s, "scann"), key)), n)
+        self._scann[s][0].set_num_threads(faiss.omp_get_max_threads())
     self._set_count()
 
   @property
@@ -823,6 +890,7 @@ class GlobalIndex(index_lib.IndexShard):
     other.serving = {s: self.serving[s] for s in serving}
     other._rr = {s: self._rr[s] for s in serving}
     other._rr_ids = {s: self._rr_ids[s] for s in serving}
+    other._scann = {s: self._scann[s] for s in serving if s in self._scann}
     other._set_count()
     return other
 
@@ -854,10 +922,27 @@ class GlobalIndex(index_lib.IndexShard):
       return np.ones(len(queries_QxD), bool)
     return self.reaches(self.route(np.ascontiguousarray(queries_QxD, np.float32), n)[0])
 
+  def _scan_scann(self, s: int, queries_QxD, reach_Q: np.ndarray, r: int):
+    """ScaNN over serving shard s for the queries routed to it: its best r by AH score."""
+    searcher, n = self._scann[s]
+    out = np.full((len(queries_QxD), r), -1, np.int64)
+    if not reach_Q.any() or n == 0:
+      return out
+    leaves = max(1, int(round(2 * math.sqrt(n))))
+    found, _ = searcher.search_batched_parallel(
+        np.ascontiguousarray(queries_QxD[reach_Q]), final_num_neighbors=min(r, n),
+        leaves_to_search=max(1, round(self.config.scann_leaves_to_search * leaves)))
+    found = found.astype(np.int64)
+    ids = self._rr_ids[s]
+    out[reach_Q, :found.shape[1]] = found if ids is None else ids[found]
+    return out
+
   def _scan(self, s: int, queries_QxD, parts_QxP, dis_QxP, r: int):
     mask = (parts_QxP >= 0) & (self.part_shard[np.maximum(parts_QxP, 0)] == s)
     if not mask.any():
       return None
+    if self.searcher == "scann":
+      return self._scan_scann(s, queries_QxD, mask.any(axis=1), r)
     assign = np.ascontiguousarray(np.where(mask, parts_QxP, -1), np.int64)
     dis = np.ascontiguousarray(dis_QxP, np.float32)
     q, p = assign.shape
@@ -900,7 +985,11 @@ class GlobalIndex(index_lib.IndexShard):
 
   def search(self, queries_QxD, n):
     queries_QxD = np.ascontiguousarray(queries_QxD, np.float32)
-    parts, dis = self.route(queries_QxD, n)
+    if self.searcher == "scann" and int(self.config.serving_shards) == 1:  # nothing to route
+      parts = np.zeros((len(queries_QxD), 1), np.int64)
+      dis = np.zeros((len(queries_QxD), 1), np.float32)
+    else:
+      parts, dis = self.route(queries_QxD, n)
     got = [self.search_serving(s, queries_QxD, parts, dis, n) for s in self.serving_ids]
     if len(got) == 1:
       return got[0]

@@ -201,3 +201,29 @@ def test_build_is_deterministic(db, tmp_path):
   a = global_lib.read_manifest(global_lib.index_dir(db))
   b = global_lib.read_manifest(tmp_path / "again")
   assert a["files"] == b["files"] and a["content_sha256"] == b["content_sha256"]
+
+
+def test_scann_searcher_on_the_same_layout(tmp_path_factory, emb):
+  """`--index_searcher=scann` (the Beam index stage): the same serving shards and int8 rerank,
+  a ScaNN searcher within each; both searchers answer from the one index, near exact search."""
+  from retro_jax.db import build as build_lib
+  from retro_jax.db import pipeline as pipeline_lib
+  src = tiny_db.get(tmp_path_factory)[0]
+  db = tmp_path_factory.mktemp("global_scann") / "db"
+  for sub in ("tokenizer", "chunks", "embeddings", "provenance"):
+    shutil.copytree(src / sub, db / sub)
+  cfg = {**build_lib.DEFAULTS, "index_searcher": "scann"}
+  pipeline_lib.run_stage("index", db, cfg)
+  root = global_lib.index_dir(db)
+  m = global_lib.read_manifest(root)
+  assert m["config"]["searcher"] == "scann"
+  assert any(f.startswith("scann/") for f in global_lib.read_serving_record(root, 0)["files"])
+  global_lib.verify(root)
+  true, _ = exact_top(emb[:50], emb, 10)
+  for name in ("faiss", "scann"):
+    g = global_lib.GlobalIndex(root, searcher=name)
+    # ~45 leaves for ~500 vectors: search half (the default fraction is for large shards)
+    g.config = dataclasses.replace(g.config, scann_leaves_to_search=0.5)
+    found, _ = g.search(emb[:50], 10)
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, true)])
+    assert recall >= 0.9, (name, recall)
