@@ -106,7 +106,8 @@ def run_stage(stage: str, db: str, workers: int, log) -> dict:
   th.join()
   if rc:
     raise SystemExit(f"{' '.join(cmd)} exited with {rc}; see {log.name}")
-  return {"command": " ".join(cmd[1:]), "wall_seconds": time.perf_counter() - t0, **peak}
+  return {"command": " ".join(cmd[1:]), "wall_seconds": time.perf_counter() - t0, **peak,
+          "provenance": run_provenance("python " + " ".join(cmd[1:]))}
 
 
 def exact_top(db: str, queries_QxD: np.ndarray, k: int, own_docs_Q=None, store=None):
@@ -228,6 +229,8 @@ def main(argv):
       "training_neighbours_recall@2": recall(nb, true2),
       "exact": "float32 dot products over every stored vector (own document excluded for the "
                "training neighbours)"}
+  if "provenance" in out:  # an earlier run's (its stages keep their own)
+    out.setdefault("earlier_runs", []).append(out["provenance"])
   out["provenance"] = run_provenance("python -m bench.build_10m " + " ".join(sys.argv[1:]))
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w") as f:
