@@ -16,7 +16,8 @@ Reads the measured rates (every figure of the table names its file and key):
                                        stage's parallel step has, which caps its workers
 and the default database's files (`--db`; the Beam build's files are the same bytes,
 beam_build.json `whole_database`) for the bytes per chunk on disk. Writes the tables to stdout
-(Markdown, pasted into WORKSPACE.md and docs/benchmarks.md) and bench/results/cost_model_28b.json.
+and docs/cost_model_28b.md (Markdown, linked from WORKSPACE.md and docs/benchmarks.md) and
+bench/results/cost_model_28b.json.
 
 Schedule: the chunk, embed and encode stages stream shard by shard in the first `--stream_hours`
 (the index is trained on a sample embedded first); the neighbours stage searches the finished
@@ -29,8 +30,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 from absl import app, flags
+
+from retro_jax.evaluation.figures import provenance
 
 _DB = flags.DEFINE_string("db", "runs/default_db", "A built default database (bytes per chunk).")
 _CHUNKS = flags.DEFINE_float("chunks", 28e9, "Chunks in the database (the paper: 2T tokens / 64).")
@@ -38,6 +42,7 @@ _HOURS = flags.DEFINE_float("hours", 24.0, "The whole build's budget.")
 _STREAM = flags.DEFINE_float("stream_hours", 12.0, "Hours for chunk + embed + encode.")
 _RESULTS = flags.DEFINE_string("results", "bench/results", "Measured results.")
 _OUT = flags.DEFINE_string("out", "bench/results/cost_model_28b.json", "Output JSON.")
+_DOC = flags.DEFINE_string("doc", "docs/cost_model_28b.md", "Output Markdown page.")
 
 
 def _load(name):
@@ -182,32 +187,44 @@ def main(argv):
          "machine_notes": {"beam_build.json": beam["machine"]["note"],
                            "tfds_chunks.json": tfds_run["machine"],
                            "build_10m.json": b10["machine"]}}
+  out["provenance"] = provenance("python -m bench.cost_model " + " ".join(sys.argv[1:]))
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=1)
-  print("| stage | measured rate | from | worker-hours | window | workers |")
-  print("|---|---|---|---|---|---|")
+  lines = []
+  emit = lines.append  # the page, line by line
+  p = out["provenance"]
+  emit(f"# The database at 28 billion chunks: what the build costs\n\nWritten by `{p['command']}` "
+        f"at commit {p['commit']} on {p['date']} from `bench/results/cost_model_28b.json` (how: "
+        "`bench/cost_model.py`); every rate names the results file and key it comes from. The "
+        f"schedule: chunk, embed and encode stream in the first {_STREAM.value:.0f} h, the "
+        f"neighbours search the finished index in the remaining {_HOURS.value - _STREAM.value:.0f} "
+        "h; a stage's workers are capped by the elements its plan has (plan_simulation.json).\n")
+  emit("| stage | measured rate | from | worker-hours | window | workers |")
+  emit("|---|---|---|---|---|---|")
   for r in rows:
     window = f"{r['window_hours']:.0f} h" if r["window_hours"] else "-"
     cap = f" ({r['note']})" if r.get("note") else ""
-    print(f"| {r['stage']} | {r['measured_rate']:,.1f} {r['rate_unit']} | {r['source']} | "
+    emit(f"| {r['stage']} | {r['measured_rate']:,.1f} {r['rate_unit']} | {r['source']} | "
           f"{r[r['worker'] + '_hours']:,.1f} {r['worker']}-h | {window} | "
           f"{r['workers']:,} {r['worker']}s{cap} |")
   t = out["total"]
-  print(f"\nTotal: {t['cpu_core_hours_with_tpu_embed']:,.0f} core-h + {t['tpu_chip_hours']:,.0f} "
+  emit(f"\nTotal: {t['cpu_core_hours_with_tpu_embed']:,.0f} core-h + {t['tpu_chip_hours']:,.0f} "
         f"chip-h with the TPU embedder; {t['cpu_core_hours_with_cpu_embed']:,.0f} core-h all on "
         "CPUs.\n")
-  print("| data | bytes per chunk | from | at 28B chunks |")
-  print("|---|---|---|---|")
+  emit("| data | bytes per chunk | from | at 28B chunks |")
+  emit("|---|---|---|---|")
   for k, (v, src) in sizes.items():
-    print(f"| {k} | {v:,.0f} | {src} | {storage_tb[k]:,.1f} TB |")
+    emit(f"| {k} | {v:,.0f} | {src} | {storage_tb[k]:,.1f} TB |")
   sv = serving
-  print(f"\nDisk kept (all but the float32 embeddings): {out['disk_tb_kept']:.1f} TB. Serving: "
+  emit(f"\nDisk kept (all but the float32 embeddings): {out['disk_tb_kept']:.1f} TB. Serving: "
         f"{sv['serving_shards']:,} serving shards of {sv['vectors_per_serving_shard']:,} vectors, "
         f"each {sv['ram_gb_per_serving_shard']:.2f} GB in RAM (codes, faiss ids and the sorted ids "
         f"the rerank looks up: {sv['ram_bytes_per_vector']:.1f} B per vector) and "
         f"{sv['disk_gb_per_serving_shard']:.1f} GB on disk; a 256 GB host at 80% use holds "
         f"{sv['shards_per_256gb_host']} of them and {sv['disk_tb_per_host']:.2f} TB of its files: "
         f"{sv['hosts']} hosts, RAM {out['serving_ram_tb']:.2f} TB in all.")
+  with open(_DOC.value, "w") as f:
+    f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ stored vectors on `--threads` threads (best and median of `--repeats`), and reca
 exact float32 search over the N vectors (streamed). Per searcher: the best QPS at recall@10 >= 0.9
 and >= 0.95, bytes per vector in RAM and on disk, and build seconds (faiss: train + encode +
 merge without the ScaNN build; ScaNN: the same plus its build, which a ScaNN-only index would
-still need since the routing and rerank are shared).
+still need since the routing and rerank are shared), both on `--threads` training threads.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def measure(db: str, n: int) -> dict:
   sources = _sources(db, n)
   root = os.path.join(_SCRATCH.value, f"n{n}")
   shutil.rmtree(root, ignore_errors=True)
-  config = global_lib.GlobalIndexConfig(searcher="scann",
-                                        vectors_per_serving_shard=_VPS.value)
+  config = global_lib.GlobalIndexConfig(searcher="scann", vectors_per_serving_shard=_VPS.value,
+                                        training_threads=_THREADS.value)
   t0 = time.perf_counter()
   manifest = global_lib.build(sources, root, config)
   wall = time.perf_counter() - t0
