@@ -145,3 +145,27 @@ def test_beam_chunks_reads_only_its_records_and_gives_the_same_bytes(data, tmp_p
   # reached) is part 1's record 0.
   assert sel.spans(15, 19) == ([] if max_docs else [(0, 17, 19), (1, 0, 2)])
   assert sel.spans(2, 4) == [(0, 2, 6)]
+
+
+@pytest.mark.parametrize("max_docs", [None, 11])
+def test_beam_tokenizer_samples_in_parallel_and_trains_the_same_model(data, tmp_path, max_docs,
+                                                                       monkeypatch):
+  """The Beam tokenizer stage on a TFDS corpus counts, picks and reads its training lines per
+  range of documents in parallel: with fewer lines than the sample size it trains on all of them,
+  in corpus order, as the whole read does: the same model bytes."""
+  from retro_jax.db import pipeline as pipeline_lib
+  from retro_jax.db import tokenizer as tokenizer_lib
+  root, _ = data
+  monkeypatch.setattr(corpus, "SCAN_BLOCK_RECORDS", 3)
+  monkeypatch.setattr(pipeline_lib, "TOKENIZER_RANGE_DOCS", 4)  # many ranges
+  spec = f"{_spec(root)}:limit=17+{_spec(root, 'clean', '')}:limit=5"
+  prepare.build_tokenizer(spec, tmp_path / "whole", vocab_size=400, max_docs=max_docs,
+                          heldout_fraction=0.2)
+  build_lib.build(tmp_path / "beam", stages=("tokenizer",), corpus=spec, vocab_size=400,
+                  max_docs=max_docs, heldout_fraction=0.2)
+  want = (tmp_path / "whole" / layout.TOKENIZER_PATH).read_bytes()
+  assert (tmp_path / "beam" / layout.TOKENIZER_PATH).read_bytes() == want
+  # Past the sample size: a seeded draw of that many lines, the same from any number of ranges.
+  picks = tokenizer_lib.line_picks(1000, 300, seed=0)
+  assert len(picks) == len(set(picks.tolist())) == 300 and list(picks) == sorted(picks)
+  assert (tokenizer_lib.line_picks(1000, 300, seed=0) == picks).all()

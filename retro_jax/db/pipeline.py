@@ -3,7 +3,9 @@ r"""The retrieval-database build as Apache Beam pipelines over the stage functio
 Each stage (retro_jax/db/build.py runs them in order, skipping finished ones) is one pipeline:
 
   tokenizer   one element: `prepare.build_tokenizer` (SentencePiece on a deterministic sample of the
-              non-held-out documents, on one worker), or the given --tokenizer copied.
+              non-held-out documents, on one worker), or the given --tokenizer copied; a
+              random-access corpus (tfds:): its training lines counted, sampled and read in
+              parallel per range of documents, then one element trains on them.
   chunks      the corpus is read and planned into chunk-store shards; one element per shard:
               tokenise and chunk its documents (`chunk_store.write_store_shard`); then one element
               writes the manifest (`finalize_chunk_store`). A random-access corpus (TFDS
@@ -64,6 +66,7 @@ from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db import plan as plan_lib
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db import provenance
+from retro_jax.db import tokenizer as tokenizer_lib
 from retro_jax.db.layout import write_bytes_atomic
 from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
@@ -721,7 +724,79 @@ def _routed_neighbours(p, db: str, k: int) -> None:
 # The stages.
 
 
+# The tokenizer of a random-access corpus (every part tfds:): its training lines counted and
+# sampled in parallel, over ranges of TOKENIZER_RANGE_DOCS documents, then one element trains.
+TOKENIZER_RANGE_DOCS = 4096
+INPUT_SENTENCE_SIZE = 300_000  # prepare.build_tokenizer's default
+
+
+def _doc_ranges(sel: corpus_lib.Selection) -> Iterator[tuple[int, int, int]]:
+  for j, a in enumerate(range(0, sel.num_docs, TOKENIZER_RANGE_DOCS)):
+    yield j, a, min(sel.num_docs, a + TOKENIZER_RANGE_DOCS)
+
+
+def _range_lines(item, sel: corpus_lib.Selection, parts, cfg: dict[str, Any]) -> list[str]:
+  """The training lines of documents [a, b) that are not held out, in order."""
+  _, a, b = item[:3]
+  docs = corpus_lib.read_spans(parts, sel.spans(a, b), b - a)
+  return list(tokenizer_lib.training_sentences(
+      d.text for d in docs
+      if not corpus_lib.is_heldout(d.key, cfg["heldout_fraction"], cfg["seed"])))
+
+
+def _assign_line_picks(counts: list[tuple[int, int, int, int]], cfg: dict[str, Any]):
+  """(range, first doc, stop doc, its picked line indices) of every range with a pick."""
+  counts = sorted(counts)
+  sizes = np.array([c[3] for c in counts], np.int64)
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  picks = tokenizer_lib.line_picks(int(starts[-1]), INPUT_SENTENCE_SIZE, cfg["seed"])
+  for (j, a, b, _), lo, hi in zip(counts, starts[:-1], starts[1:]):
+    i, e = np.searchsorted(picks, [lo, hi])
+    if e > i:
+      yield j, a, b, picks[i:e] - lo
+
+
+def _train_on_lines(picked: list[tuple[int, list[str]]], db: str, cfg: dict[str, Any]) -> None:
+  lines = [line for _, ls in sorted(picked, key=lambda t: t[0]) for line in ls]
+  if not lines:
+    raise corpus_lib.CorpusError(f"corpus {cfg['corpus']!r} has no usable training document to "
+                                 "train a tokenizer on; point --corpus at text files")
+  out = epath.Path(db) / layout.TOKENIZER_PATH
+  tokenizer_lib.train_sentencepiece((), out, vocab_size=cfg["vocab_size"], seed=cfg["seed"],
+                                    input_sentence_size=INPUT_SENTENCE_SIZE, lines=lines)
+  print(f"[build_db] tokenizer: trained on {len(lines)} lines sampled in parallel", flush=True)
+
+
+def _parallel_tokenizer(p, db: str, cfg: dict[str, Any], parts) -> None:
+  """Classify (as the chunks stage) -> select the documents -> count each range's training lines
+  -> pick lines (all of them up to INPUT_SENTENCE_SIZE: the whole read's sample) -> read the
+  picked lines per range -> train, the lines in corpus order."""
+  sel = (p | "Blocks" >> beam.Create(corpus_lib.scan_blocks(parts, cfg["max_docs"]))
+         | "SpreadBlocks" >> beam.Reshuffle()
+         | "Classify" >> beam.Map(lambda block: corpus_lib.scan_block(parts, block))
+         | "AllBlocks" >> beam.combiners.ToList()
+         | "Select" >> beam.Map(lambda scans: corpus_lib.select_documents(
+             cfg["corpus"], parts, scans, cfg["max_docs"])))
+  side = beam.pvalue.AsSingleton(sel)
+  _ = (sel | "DocRanges" >> beam.FlatMap(_doc_ranges)
+       | "SpreadRanges" >> beam.Reshuffle()
+       | "CountLines" >> beam.Map(lambda r, s: (*r, len(_range_lines(r, s, parts, cfg))), side)
+       | "AllCounts" >> beam.combiners.ToList()
+       | "PickLines" >> beam.FlatMap(_assign_line_picks, cfg)
+       | "SpreadPicks" >> beam.Reshuffle()
+       | "ReadLines" >> beam.Map(lambda r, s: (r[0], [_range_lines(r, s, parts, cfg)[i]
+                                                       for i in r[3]]), side)
+       | "AllLines" >> beam.combiners.ToList()
+       | "TrainSentencePiece" >> beam.Map(_train_on_lines, db, cfg))
+
+
 def _tokenizer(p, db: str, cfg: dict[str, Any]) -> None:
+  parts = None
+  if not cfg["tokenizer"] and not (epath.Path(db) / layout.TOKENIZER_PATH).exists():
+    parts = corpus_lib.random_access_parts(cfg["corpus"])
+  if parts is not None:
+    _parallel_tokenizer(p, db, cfg, parts)
+    return
   _ = (p | "Db" >> beam.Create([db])
        | "TrainSentencePiece" >> beam.Map(
            lambda d: prepare_lib.build_tokenizer(

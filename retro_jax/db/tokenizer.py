@@ -103,6 +103,24 @@ def check_tokenizer(tokenizer: TokenizerProtocol, info: dict, where: str) -> Non
         f"saved with the database (DB/tokenizer/spm.model) or rebuild the store with this one")
 
 
+MAX_SENTENCE_LENGTH = 4192
+
+
+def line_picks(total: int, k: int, seed: int) -> np.ndarray:
+  """Sorted indices of the k training lines (of `total`, in corpus order) a tokenizer trained in
+  parallel uses (retro_jax/db/pipeline.py): all of them when total <= k, which is what
+  `sample_lines` keeps too; else a seeded draw without replacement (another sample than the
+  reservoir's: the parallel build counts the lines first)."""
+  if total <= k:
+    return np.arange(total, dtype=np.int64)
+  return np.sort(np.random.default_rng(seed).choice(int(total), size=int(k), replace=False))
+
+
+def training_sentences(texts: Iterable[str], max_len: int = MAX_SENTENCE_LENGTH) -> Iterable[str]:
+  """The lines of the texts that SentencePiece trains on, in order."""
+  return _training_sentences(texts, max_len)
+
+
 def _training_sentences(texts: Iterable[str], max_len: int) -> Iterable[str]:
   for text in texts:
     for line in text.split("\n"):
@@ -128,7 +146,8 @@ def sample_lines(texts: Iterable[str], k: int, seed: int, max_len: int) -> list[
 def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int = 32000,
                         seed: int = 0, model_type: str = "unigram",
                         input_sentence_size: int = 1_000_000, num_threads: int | None = None,
-                        max_sentence_length: int = 4192) -> Tokenizer:
+                        max_sentence_length: int = MAX_SENTENCE_LENGTH,
+                        lines: list[str] | None = None) -> Tokenizer:
   """Trains on the lines of `texts` (sampled to input_sentence_size, shuffled) and writes out_path.
 
   Byte-reproducible for a corpus, seed and num_threads (checked on the whole default corpus, 32k
@@ -136,6 +155,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab
   sampling was not reproducible at that scale, hence `sample_lines`.
 
   The model is written atomically (temp name, then rename) so a killed run leaves no half file.
+  `lines`: the training lines already sampled (the parallel build's), instead of `texts`.
   """
   out_path = epath.Path(out_path)
   out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +166,8 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab
   spm.SentencePieceTrainer.train(
       # Sampled here (seeded) rather than by SentencePiece, which then sees <= input_sentence_size
       # lines and only shuffles them.
-      sentence_iterator=iter(sample_lines(texts, input_sentence_size, seed, max_sentence_length)),
+      sentence_iterator=iter(lines if lines is not None else
+                             sample_lines(texts, input_sentence_size, seed, max_sentence_length)),
       model_writer=model,
       vocab_size=vocab_size,
       model_type=model_type,
