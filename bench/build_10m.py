@@ -45,6 +45,11 @@ _OUT = flags.DEFINE_string("out", "bench/results/build_10m.json", "Results file.
 _LOG = flags.DEFINE_string("log", None, "Where the build's output goes (default: DB/../NAME.log).")
 _DOC = flags.DEFINE_string("doc", "docs/build_10m.md", "The page written from the results file.")
 _DOC_ONLY = flags.DEFINE_bool("doc_only", False, "Only write --doc from an existing --out.")
+_NOTE = flags.DEFINE_string("note", None, "A remark on the recovered stages' runs, kept in the "
+                            "results and shown on the page.")
+_RECOVER = flags.DEFINE_string("recover_log", None, "A log of an earlier run of this script whose "
+                               "results file was not written: its printed stage records are "
+                               "taken (marked so) for stages not run now.")
 
 
 def _tree(root: int) -> list[int]:
@@ -151,6 +156,11 @@ def page(res: dict) -> str:
         f"{d['tree_anon_kb'] / 2**20:,.2f} GiB | {d['tree_anon_bytes_per_vector']:,.0f} B | "
         f"{d['process_anon_kb'] / 2**20:,.2f} GiB | {d['process_anon_bytes_per_vector']:,.0f} B | "
         f"{d['tree_file_kb'] / 2**20:,.2f} GiB |")
+  for stage, d in res["stages"].items():
+    if d.get("recovered_from_log"):
+      lines += ["", f"The {stage} row is the record that run printed (`{d['recovered_from_log']}`; "
+                "its results file was not written: a bug in this script, since fixed). "
+                + (d.get("note") or "")]
   ix, r = res["index"], res["recall"]
   bs = ix["build_seconds"]
   lines += ["", f"The index: `{ix['factory']}`, {ix['config']['serving_shards']} serving shard(s), "
@@ -183,6 +193,12 @@ def main(argv):
               "machine": f"{os.cpu_count()} cores"})
   log_path = _LOG.value or os.path.join(os.path.dirname(os.path.abspath(db)),
                                         os.path.basename(db) + "_build.log")
+  if _RECOVER.value:
+    for line in open(_RECOVER.value):
+      stage, _, rest = line.partition(" ")
+      if stage in ("index", "neighbours") and rest.startswith("{") and stage not in _STAGES.value:
+        out["stages"][stage] = {**json.loads(rest), "recovered_from_log": _RECOVER.value,
+                                "note": _NOTE.value}
   with open(log_path, "a") as log:
     for stage in _STAGES.value:
       rec = run_stage(stage, db, _WORKERS.value, log)
@@ -193,11 +209,14 @@ def main(argv):
       rec["process_anon_bytes_per_vector"] = rec["process_anon_kb"] * 1024 / n
       out["stages"][stage] = rec
       print(stage, json.dumps(rec), flush=True)
+      with open(_OUT.value, "w") as f:  # after each stage: a later failure keeps it
+        json.dump(out, f, indent=1)
   root = global_lib.index_dir(db)
   manifest = global_lib.read_manifest(root)
   out["index"] = {k: manifest[k] for k in ("count", "config", "factory", "ram_bytes",
                                            "build_seconds")}
-  out["index"]["disk_bytes"] = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+  out["index"]["disk_bytes"] = sum(os.path.getsize(os.path.join(d, f))
+                                   for d, _, fs in os.walk(root) for f in fs)
   out["index"]["disk_bytes_per_vector"] = out["index"]["disk_bytes"] / store.num_chunks
   out["index"]["ram_bytes_per_vector"] = manifest["ram_bytes"] / store.num_chunks
 
