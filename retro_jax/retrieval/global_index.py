@@ -50,6 +50,7 @@ nothing staged locally).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import io
@@ -57,7 +58,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -601,6 +602,19 @@ class _NpyStream:
     self.f.close()
 
 
+def _read_ahead(paths: Sequence[epath.Path]) -> Iterator[dict[str, np.ndarray]]:
+  """The parts at `paths`, in order, with at most MERGE_READS_IN_FLIGHT read ahead (a pool's map
+  would read them all before the first is used)."""
+  with concurrent.futures.ThreadPoolExecutor(MERGE_READS_IN_FLIGHT) as pool:
+    pending = collections.deque()
+    for path in paths:
+      pending.append(pool.submit(_read_part, path))
+      if len(pending) >= MERGE_READS_IN_FLIGHT:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
 def _file_record(path: str, data: bytes | None = None) -> dict[str, Any]:
   if data is not None:
     return {"sha256": layout.sha256_bytes(data), "bytes": len(data)}
@@ -625,25 +639,26 @@ def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str
   with layout.staged_file(serving_path(out_dir, s, "rerank")) as rr_tmp, \
       layout.staged_file(serving_path(out_dir, s, "ids")) as ids_tmp:
     rr, rr_ids = _NpyStream(rr_tmp, np.int8, (int(trained.d),)), _NpyStream(ids_tmp, np.int64, ())
-    with concurrent.futures.ThreadPoolExecutor(MERGE_READS_IN_FLIGHT) as pool:
-      for part in pool.map(_read_part, [_part_path(out_dir, g, s) for g in sorted(groups)]):
-        rr.append(part["rerank"])
-        rr_ids.append(part["rerank_ids"])
-        sizes = np.diff(part["starts"])
-        lists.append(np.repeat(part["partitions"], sizes))
-        ids.append(part["ids"])
-        codes.append(part["codes"])
+    for part in _read_ahead([_part_path(out_dir, g, s) for g in sorted(groups)]):
+      rr.append(part["rerank"])
+      rr_ids.append(part["rerank_ids"])
+      sizes = np.diff(part["starts"])
+      lists.append(np.repeat(part["partitions"].astype(np.int32), sizes))
+      ids.append(part["ids"])
+      codes.append(part["codes"])
     rr.close()
     rr_ids.close()
     files["rerank"], files["ids"] = _file_record(rr_tmp), _file_record(ids_tmp)
   if lists:
-    lists_n, ids_n, codes_n = np.concatenate(lists), np.concatenate(ids), np.concatenate(codes)
-    del lists, ids, codes
+    lists_n = np.concatenate(lists)
     order = np.argsort(lists_n, kind="stable")  # by partition; group, source, row order within
-    lists_n, ids_n, codes_n = lists_n[order], ids_n[order], codes_n[order]
-    bounds = np.searchsorted(lists_n, np.arange(ivf.nlist + 1))
-    for p in np.flatnonzero(np.diff(bounds)):
-      _set_list(ivf, int(p), ids_n[bounds[p]:bounds[p + 1]], codes_n[bounds[p]:bounds[p + 1]])
+    bounds = np.searchsorted(lists_n[order], np.arange(ivf.nlist + 1))
+    del lists, lists_n
+    ids_n, codes_n = np.concatenate(ids), np.concatenate(codes)
+    del ids, codes
+    for p in np.flatnonzero(np.diff(bounds)):  # one partition's entries gathered at a time
+      mine = order[bounds[p]:bounds[p + 1]]
+      _set_list(ivf, int(p), ids_n[mine], codes_n[mine])
     index.ntotal = ivf.ntotal
   data = faiss.serialize_index(index).tobytes()
   layout.write_bytes_atomic(serving_path(out_dir, s, "faiss"), data)
