@@ -384,6 +384,7 @@ PARTS = "parts"
 TRAINED_RECORD = "trained.json"
 ENCODE_GROUP_SOURCES = 16  # sources per encode element: ~1.3M vectors, ~0.6 GB encoded in RAM
 MERGE_READS_IN_FLIGHT = 8
+MERGE_READ_AHEAD_BYTES = 256 << 20
 
 
 def signature(count: int, num_sources: int) -> dict[str, int]:
@@ -571,8 +572,8 @@ def encode_step(g: int, sources: Sequence[Source], out_dir, trained=None) -> boo
 
 
 def _read_part(path: epath.Path) -> dict[str, np.ndarray]:
-  with epath.Path(path).open("rb") as f:
-    with np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+  with epath.Path(path).open("rb") as f:  # each member read once, straight into its array
+    with np.load(f, allow_pickle=False) as z:
       return {k: z[k] for k in z.files}
 
 
@@ -603,16 +604,19 @@ class _NpyStream:
 
 
 def _read_ahead(paths: Sequence[epath.Path]) -> Iterator[dict[str, np.ndarray]]:
-  """The parts at `paths`, in order, with at most MERGE_READS_IN_FLIGHT read ahead (a pool's map
-  would read them all before the first is used)."""
+  """The parts at `paths`, in order, read ahead by at most MERGE_READS_IN_FLIGHT parts and
+  MERGE_READ_AHEAD_BYTES (a pool's map would read them all before the first is used; a part of a
+  small database's only serving shard holds a whole encode group)."""
+  sizes = [epath.Path(p).stat().length for p in paths]
   with concurrent.futures.ThreadPoolExecutor(MERGE_READS_IN_FLIGHT) as pool:
-    pending = collections.deque()
-    for path in paths:
-      pending.append(pool.submit(_read_part, path))
-      if len(pending) >= MERGE_READS_IN_FLIGHT:
-        yield pending.popleft().result()
+    pending: collections.deque = collections.deque()
+    for path, size in zip(paths, sizes):
+      while pending and (len(pending) >= MERGE_READS_IN_FLIGHT
+                         or sum(b for _, b in pending) + size > MERGE_READ_AHEAD_BYTES):
+        yield pending.popleft()[0].result()
+      pending.append((pool.submit(_read_part, path), size))
     while pending:
-      yield pending.popleft().result()
+      yield pending.popleft()[0].result()
 
 
 def _file_record(path: str, data: bytes | None = None) -> dict[str, Any]:
