@@ -4,8 +4,9 @@ format may differ between the builds compared by content.
     python -m bench.compare_dbs --a=runs/default_db --b=runs/default_db_check \
         --out=bench/results/make_db_same.json
 
-Files: identical, different, or in one database only (build times, provenance records and the
-manifests are compared by content below, not by bytes). The chunk store: totals, the shard list
+Files: identical, different, or in one database only (build times, provenance records, the
+manifests and the chunk-store shards' done markers are compared by content below, not by bytes:
+a marker may gain a field, e.g. `num_utf8_bytes`, listed). The chunk store: totals, the shard list
 (offsets, counts, file checksums) and the held-out ids, through `chunk_store.read_manifest` (so a
 format-1 store compares with a format-2 one). The global index by content, in either format: the
 trained partitioner and quantizer, each serving shard's faiss file, and the int8 rerank rows in id
@@ -35,13 +36,23 @@ BY_CONTENT = ("build_times.json", "provenance/", "chunks/manifest.json", "chunks
               "chunks/heldout.json", "index/global/")
 
 
+def _is_done_marker(rel: str) -> bool:
+  return rel.startswith("chunks/") and rel.endswith(".done.json")
+
+
+def _markers(root: str) -> dict[str, dict]:
+  d = os.path.join(root, "chunks")
+  return {f: json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d))
+          if f.endswith(".done.json")}
+
+
 def _digests(root: str) -> dict[str, str]:
   out = {}
   for d, _, files in os.walk(root):
     for f in files:
       path = os.path.join(d, f)
       rel = os.path.relpath(path, root)
-      if not rel.startswith(BY_CONTENT):
+      if not rel.startswith(BY_CONTENT) and not _is_done_marker(rel):
         with open(path, "rb") as fh:
           out[rel] = hashlib.sha256(fh.read()).hexdigest()
   return out
@@ -95,6 +106,17 @@ def main(argv):
          "a": FLAGS.a, "b": FLAGS.b, "files_identical": len(same),
          "files_different": sorted(k for k in a.keys() & b.keys() if a[k] != b[k]),
          "only_in_a": sorted(a.keys() - b.keys()), "only_in_b": sorted(b.keys() - a.keys())}
+  # The chunk-store shards' done markers: the fields both record, and the fields one adds.
+  ma, mb = _markers(FLAGS.a), _markers(FLAGS.b)
+  res["done_markers_differ"] = sorted(
+      f for f in ma.keys() & mb.keys()
+      if {k: v for k, v in ma[f].items() if k in mb[f]} != {k: v for k, v in mb[f].items()
+                                                            if k in ma[f]})
+  res["done_markers_only_in_one"] = sorted(ma.keys() ^ mb.keys())
+  res["done_marker_fields_only_in_b"] = sorted({k for f in ma.keys() & mb.keys()
+                                                for k in mb[f].keys() - ma[f].keys()})
+  res["done_marker_fields_only_in_a"] = sorted({k for f in ma.keys() & mb.keys()
+                                                for k in ma[f].keys() - mb[f].keys()})
   sa, sb = _store(FLAGS.a), _store(FLAGS.b)
   res["chunk_store_differs_in"] = sorted(k for k in sa if sa[k] != sb.get(k))
   ia, ib = _index(FLAGS.a), _index(FLAGS.b)
@@ -109,6 +131,7 @@ def main(argv):
   # configuration may name settings that changed without changing a byte: listed above).
   res["same_database"] = (not res["files_different"] and not res["only_in_a"]
                           and not res["only_in_b"] and not res["chunk_store_differs_in"]
+                          and not res["done_markers_differ"] and not res["done_markers_only_in_one"]
                           and res["index_files_identical"])
   with open(FLAGS.out, "w") as f:
     json.dump(res, f, indent=1)

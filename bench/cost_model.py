@@ -98,7 +98,7 @@ def main(argv):
   sim = next(r for r in _load("plan_simulation.json")["sizes"] if r["num_chunks"] == n)
   n10, bs = b10["num_vectors"], b10["index"]["build_seconds"]
   c10 = b10["index"]["config"]
-  keys = {s: min(d["grouping_keys"].values()) for s, d in sim["stages"].items()}
+  keys = {s: d["grouping_keys"] for s, d in sim["stages"].items()}
   # Index training is one element: the two-level k-means costs ~ sample x 2 sqrt(nlist)
   # distances per iteration, so it scales from the 10M build by that product.
   train_scale = (sim["train_sample"] * math.sqrt(sim["nlist"])) / (
@@ -112,14 +112,12 @@ def main(argv):
                "core_hours": bs["train"] * train_scale / 3600, "window_hours": None,
                "workers": 1, "worker": "core", "in_total": True, "max_workers": 1})
 
-  def capped(stage_key):
-    return keys[stage_key]
 
   row("encode into the global index (assign + PQ + int8 copy)", n10 / bs["encode"],
       "vectors/s per core",
       f"build_10m.json: {n10:,} vectors / index.build_seconds.encode ({bs['encode']:,.0f} s, "
       "summed over the encode elements, one thread each)", stream_s)
-  rows[-1]["max_workers"] = capped("index")
+  rows[-1]["max_workers"] = keys["index"]["Distribute"]  # encode groups
   row("merge serving shards (parts read whole, codes packed, int8 copy streamed)",
       n10 / max(bs["merge"], 1e-9), "vectors/s per core",
       f"build_10m.json: {n10:,} vectors / index.build_seconds.merge ({bs['merge']:,.1f} s)",
@@ -133,7 +131,7 @@ def main(argv):
       f"({nb['wall_seconds']:,.0f} s) / {b10['workers']} worker processes = {nb_rate:,.0f} at "
       f"{n10:,} vectors, / sqrt(N / {n10:,}) = / {grow:.1f} (partitions of N / (2 sqrt N) "
       "vectors, nprobe fixed: the codes scanned per query grow as sqrt N)", search_s)
-  rows[-1]["max_workers"] = capped("neighbours")
+  rows[-1]["max_workers"] = keys["neighbours"]["BySearchKey"]  # (serving shard, search group)
   for r in rows:
     if r.get("max_workers") is not None and r["workers"] > r["max_workers"]:
       r["note"] = f"needs {r['workers']:,} workers, the plan has {r['max_workers']:,} elements"
