@@ -50,6 +50,7 @@ _RERANK = flags.DEFINE_list("rerank", ["64", "96", "192"], "Rerank pool sweep (b
 _SCRATCH = flags.DEFINE_string("scratch", "/tmp/global_searchers", "Where the indexes are built.")
 _OUT = flags.DEFINE_string("out", "bench/results/global_searchers.json", "Results file.")
 _DOC = flags.DEFINE_string("doc", "docs/global_searchers.md", "The page written from it.")
+_DOC_ONLY = flags.DEFINE_bool("doc_only", False, "Only write --doc from an existing --out.")
 K = 10
 
 
@@ -178,12 +179,28 @@ def page(out: dict) -> str:
                    f"{s['build_seconds']:,.0f} | {s['ram_bytes_per_vector']:,.1f} | "
                    f"{s['disk_bytes_per_vector']:,.1f} | {cell(s['best_at_recall_0.9'])} | "
                    f"{cell(s['best_at_recall_0.95'])} |")
+  lowest = []
+  for r in out["sizes"]:
+    for name, s in r["searchers"].items():
+      knob = "nprobe" if name == "faiss" else "scann_leaves_to_search"
+      least = min(x[knob] for x in s["sweep"])
+      for at in ("0.9", "0.95"):
+        b = s[f"best_at_recall_{at}"]
+        if b is not None and b[knob] == least:
+          lowest.append(f"{name} at {r['num_vectors']:,} (recall >= {at})")
+  if lowest:
+    lines += ["", "The best setting is the sweep's lowest for " + ", ".join(lowest) + ": a "
+              "lower one, not swept, may be faster at that recall."]
   lines.append("")
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
+  if _DOC_ONLY.value:
+    with open(_DOC.value, "w") as f:
+      f.write(page(json.load(open(_OUT.value))))
+    return
   out = {"provenance": provenance("python -m bench.global_searchers " + " ".join(sys.argv[1:])),
          "data": f"the first N vectors of {_DB.value} (bench/synthetic_db.py: the default "
                  "database's real MiniLM vectors, then noisy re-normalised copies)",
