@@ -62,6 +62,7 @@ from typing import Any, Iterator, Sequence
 
 import faiss
 import numpy as np
+import scann
 from etils import epath
 from faiss.contrib import clustering as faiss_clustering
 
@@ -437,7 +438,6 @@ def _build_scann(out_dir: epath.Path, s: int, c: GlobalIndexConfig, scale_D: np.
   """serving/shard-S.scann/: a ScaNN searcher (spherical tree of ~2 sqrt(n) leaves, AH codes, no
   reorder: the int8 rerank follows) over the serving shard's int8 copies scaled back to float32,
   row r = its r-th vector in id order. Returns its files' records."""
-  import scann  # only this searcher needs it
   rows = npy_rows.open_rows(serving_path(out_dir, s, "rerank"))
   n = int(rows.shape[0])
   x = np.empty((n, rows.shape[1]), np.float32)
@@ -886,7 +886,6 @@ class GlobalIndex(index_lib.IndexShard):
       contiguous = n == 0 or (int(ids[0]) == 0 and int(ids[n - 1]) == n - 1)
       self._rr_ids[s] = None if contiguous else np.asarray(ids[0:n], np.int64)  # 8 B a vector
       if self.searcher == "scann":
-        import scann
         key = layout.sha256_bytes(json.dumps(rec["files"], sort_keys=True).encode())
         self._scann[s] = (scann.scann_ops_pybind.load_searcher(
             layout.local_dir(serving_path(self.index_dir, s, "scann"), key)), n)
