@@ -193,3 +193,58 @@ def test_killed_while_embedding_resumes_without_redoing_blocks(plain, beam, tmp_
   for m in manifests:
     del m["build_seconds"]
   assert manifests[0] == manifests[1]
+
+
+def test_routed_neighbours_keep_their_searches_across_a_crash(plain, tmp_path, monkeypatch):
+  """A run killed after round 0's searches (its per-block combine fails) keeps them; the next
+  run searches none of them again, writes the in-process bytes and removes what it kept."""
+  db = _copy_through_embeddings(plain, tmp_path / "db")
+  shutil.copytree(plain / layout.INDEX_DIR, db / layout.INDEX_DIR)
+  cfg = {**build_lib.DEFAULTS, "backend": "global"}
+
+  def killed(self, item):
+    raise RuntimeError("killed in the combine")
+
+  with monkeypatch.context() as m:
+    m.setattr(pipeline_lib._CombineRound, "process", killed)
+    with pytest.raises(Exception, match="killed in the combine"):
+      pipeline_lib.run_stage("neighbours", db, cfg)
+  cache = db / layout.NEIGHBOURS_DIR / pipeline_lib.SEARCH_CACHE
+  kept = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_ino
+          for d, _, fs in os.walk(cache) for f in fs if f.startswith("round00-")}
+  assert kept
+  searched = []
+  real = pipeline_lib._SearchServingShard.process
+
+  def counted(self, item):
+    out = list(real(self, item))
+    path = str(pipeline_lib._search_cache_path(str(db), self._round, item[0]))
+    searched.append((self._round, item[0],
+                     self._round > 0 or os.stat(path).st_ino == kept[path]))
+    return out
+
+  monkeypatch.setattr(pipeline_lib._SearchServingShard, "process", counted)
+  pipeline_lib.run_stage("neighbours", db, cfg)
+  round0 = [ok for r, _, ok in searched if r == 0]
+  assert len(round0) == len(kept) and all(round0)  # every kept search read back, none rewritten
+  assert not cache.exists()  # removed once the stage finished
+  want, got = _digests(plain / layout.NEIGHBOURS_DIR), _digests(db / layout.NEIGHBOURS_DIR)
+  assert got == want
+
+
+def test_a_kept_search_is_not_searched_again(plain, tmp_path, monkeypatch):
+  """The kept search of a key is read back, not recomputed (the retriever is never asked)."""
+  db = _copy_through_embeddings(plain, tmp_path / "db")
+  shutil.copytree(plain / layout.INDEX_DIR, db / layout.INDEX_DIR)
+  pipeline_lib._clear_caches()
+  store = chunk_store_lib.ChunkStore.open(db)
+  n = store.shard_span(0)[2]
+  item = ((0, 0), [((0, 0), np.arange(min(n, 8), dtype=np.int64), 8)])
+  first = list(pipeline_lib._SearchServingShard(str(db), 0).process(item))
+  monkeypatch.setattr(retriever_lib.Retriever, "search",
+                      lambda *a, **k: (_ for _ in ()).throw(AssertionError("searched again")))
+  again = list(pipeline_lib._SearchServingShard(str(db), 0).process(item))
+  assert [b for b, _ in again] == [b for b, _ in first]
+  for (_, a), (_, b) in zip(first, again):
+    assert np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3])
+  pipeline_lib._clear_caches()

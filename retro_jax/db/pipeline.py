@@ -43,6 +43,7 @@ blocks and shards. Runner options are Beam's own flags (`--runner`, `--direct_nu
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import io
 import json
@@ -260,9 +261,12 @@ def _embedding_blocks_in(rows: tuple[int, int], db: str) -> Iterator[tuple[int, 
 
 
 def _record_outputs(_, db: str, stage: str) -> None:
-  """The stage's outputs record, once every shard is finished (retro_jax.db.provenance)."""
+  """The stage's outputs record, once every shard is finished (retro_jax.db.provenance); the
+  neighbours stage's kept searches go then."""
   if provenance.write_outputs(db, stage, _store(db).num_shards) is None:
     raise RuntimeError(f"{stage}: not every shard is finished")
+  if stage == "neighbours" and _search_cache_dir(db).exists():
+    _search_cache_dir(db).rmtree()
 
 
 class _EmbedBlock(beam.DoFn):
@@ -552,25 +556,74 @@ def _route_block(element, db: str):
   yield from _route(db, block, rows, fetch)
 
 
+SEARCH_CACHE = "search_cache"
+
+
+def _search_cache_dir(db: str) -> epath.Path:
+  return epath.Path(db) / layout.NEIGHBOURS_DIR / SEARCH_CACHE
+
+
+def _search_cache_path(db: str, r: int, key: tuple[int, int]) -> epath.Path:
+  """A finished search of round r, search key (serving shard, group), under the index's content
+  fingerprint (a rebuilt index never meets an older index's results)."""
+  index = _router(db)
+  fp = str(index.manifest.get("content_sha256", "unknown"))[:16]
+  return _search_cache_dir(db) / fp / f"round{r:02d}-serving{key[0]:05d}-group{key[1]:08d}.npz"
+
+
+def _queries_sha(queries) -> str:
+  h = hashlib.sha256()
+  for block, rows, fetch in queries:
+    h.update(np.asarray([*block, fetch], np.int64).tobytes())
+    h.update(np.ascontiguousarray(rows, np.int64).tobytes())
+  return h.hexdigest()
+
+
 class _SearchServingShard(beam.DoFn):
   """All of one serving shard's queries of a round: a retriever over that serving shard alone
   (same-document exclusion and refill, removed documents); yields (block, (rows, ids, scores,
-  fetch)), each row's best `fetch` there."""
+  fetch)), each row's best `fetch` there. Each finished search is kept (neighbours/search_cache/,
+  removed when the stage finishes), so a killed run does not search its keys again: a round
+  writes no block until every search of it is grouped."""
 
-  def __init__(self, db: str):
-    self._db = db
+  def __init__(self, db: str, r: int):
+    self._db, self._round = db, r
 
   def setup(self):
     pin_worker()
 
   def process(self, item):
-    (s, _), queries = item
+    key, queries = item
+    queries = sorted(queries, key=lambda q: q[0])  # one order, whatever the shuffle's
+    s = key[0]
+    path = _search_cache_path(self._db, self._round, key)
+    sha = _queries_sha(queries)
+    kept = None
+    if path.exists():
+      with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
+        if str(z["sha"]) == sha:
+          kept = {k: z[k] for k in ("offsets", "found", "scores")}
+    if kept is not None:
+      for j, (block, rows, fetch) in enumerate(queries):
+        a, b = kept["offsets"][j], kept["offsets"][j + 1]
+        yield block, (s, rows, kept["found"][a:b], kept["scores"][a:b], fetch)
+      return
     retriever = _serving_retriever(self._db, s)
     doc_ids = _store(self._db).doc_ids
+    out = []
     for block, rows, fetch in queries:
       q, ids = _queries(self._db, block, rows)
       found, scores = retriever.search(q, fetch, doc_ids(ids))
-      yield block, (s, rows, found, scores, fetch)
+      out.append((block, (s, rows, found, scores, fetch)))
+    if len({f for _, _, f in queries}) == 1:  # one fetch a round: rows stack
+      buf = io.BytesIO()
+      np.savez(buf, sha=np.asarray(sha),
+               offsets=np.cumsum([0] + [len(r) for _, r, _ in queries]).astype(np.int64),
+               found=np.concatenate([o[1][2] for o in out]),
+               scores=np.concatenate([o[1][3] for o in out]))
+      path.parent.mkdir(parents=True, exist_ok=True)
+      write_bytes_atomic(path, buf.getvalue())
+    yield from out
 
 
 class _CombineRound(beam.DoFn):
@@ -704,7 +757,7 @@ def _routed_neighbours(p, db: str, k: int) -> None:
   finished = []
   for r in range(rounds):  # each: search per serving shard, combine per block, route the rest
     combined = (routed | f"BySearchKey{r}" >> beam.GroupByKey()
-                | f"SearchServingShard{r}" >> beam.ParDo(_SearchServingShard(db))
+                | f"SearchServingShard{r}" >> beam.ParDo(_SearchServingShard(db, r))
                 | f"ByBlock{r}" >> beam.GroupByKey()
                 | f"Combine{r}" >> beam.ParDo(_CombineRound(db, k, total)).with_output_types(
                     _KV).with_outputs("done", main="routed"))
