@@ -31,6 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bench import common
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout
 from retro_jax.evaluation.figures import provenance as run_provenance
@@ -115,30 +116,6 @@ def run_stage(stage: str, db: str, workers: int, log) -> dict:
           "provenance": run_provenance("python " + " ".join(cmd[1:]))}
 
 
-def exact_top(db: str, queries_QxD: np.ndarray, k: int, own_docs_Q=None, store=None):
-  """Exact top-k ids over every stored vector (streamed shard by shard); with `own_docs_Q`,
-  each query's own document excluded."""
-  best_ids = np.full((len(queries_QxD), k), -1, np.int64)
-  best = np.full((len(queries_QxD), k), -np.inf, np.float32)
-  for _, path, off in retriever_lib.db_embedding_shards(db, verify_content=False):
-    emb = np.load(path, mmap_mode="r")
-    for a in range(0, emb.shape[0], 65_536):
-      x = np.asarray(emb[a:a + 65_536], np.float32)
-      s = queries_QxD @ x.T
-      ids = np.arange(off + a, off + a + len(x), dtype=np.int64)
-      if own_docs_Q is not None:
-        s[own_docs_Q[:, None] == store.doc_ids(ids)[None]] = -np.inf
-      cat_s, cat_i = np.concatenate([best, s], 1), np.concatenate(
-          [best_ids, np.broadcast_to(ids, s.shape)], 1)
-      top = np.argpartition(-cat_s, k - 1, axis=1)[:, :k]
-      best, best_ids = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
-  return best_ids, best
-
-
-def recall(found_QxK: np.ndarray, true_QxK: np.ndarray) -> float:
-  return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found_QxK, true_QxK)]))
-
-
 def page(res: dict) -> str:
   """docs/build_10m.md from the results file (every figure read from it)."""
   p = res["provenance"]
@@ -181,8 +158,7 @@ def page(res: dict) -> str:
 def main(argv):
   del argv
   if _DOC_ONLY.value:
-    with open(_DOC.value, "w") as f:
-      f.write(page(json.load(open(_OUT.value))))
+    common.write_page(_DOC.value, page, _OUT.value)
     return
   db = _DB.value
   store = chunk_store_lib.ChunkStore.open(db)
@@ -226,12 +202,11 @@ def main(argv):
     return
   rng = np.random.default_rng(0)
   qids = np.sort(rng.choice(store.num_chunks, _NQ.value, replace=False)).astype(np.int64)
-  emb = {}
-  for i, path, off in retriever_lib.db_embedding_shards(db, verify_content=False):
-    emb[i] = (np.load(path, mmap_mode="r"), off)
-  offs = np.array([emb[i][1] for i in sorted(emb)])
+  sources = [(i, np.load(path, mmap_mode="r"), off)
+             for i, path, off in retriever_lib.db_embedding_shards(db, verify_content=False)]
+  offs = np.array([off for _, _, off in sources])
   shard_of = np.searchsorted(offs, qids, side="right") - 1
-  q = np.stack([np.asarray(emb[int(s)][0][int(i - offs[s])], np.float32)
+  q = np.stack([np.asarray(sources[s][1][int(i - offs[s])], np.float32)
                 for s, i in zip(shard_of, qids)])
   t0 = time.perf_counter()
   index = global_lib.GlobalIndex(root)
@@ -239,17 +214,17 @@ def main(argv):
   t0 = time.perf_counter()
   found, _ = index.search(q, 10)
   search_s = time.perf_counter() - t0
-  true10, _ = exact_top(db, q, 10)
+  true10, _ = common.exact_top(sources, q, 10)
   docs = store.doc_ids(qids)
-  true2, _ = exact_top(db, q, 2, docs, store)
+  true2, _ = common.exact_top(sources, q, 2, docs, store.doc_ids)
   nb = np.concatenate([np.load(layout.neighbours_path(db, int(s)), mmap_mode="r")[
       [int(i - offs[s])]] for s, i in zip(shard_of, qids)])
   out["recall"] = {
       "num_queries": int(len(qids)), "seed": 0,
-      "index_recall@10": recall(found, true10),
+      "index_recall@10": common.recall(found, true10),
       "index_settings": {"nprobe": index.config.nprobe, "rerank": index.config.rerank},
       "index_open_seconds": open_s, "index_search_qps_one_call": len(qids) / search_s,
-      "training_neighbours_recall@2": recall(nb, true2),
+      "training_neighbours_recall@2": common.recall(nb, true2),
       "exact": "float32 dot products over every stored vector (own document excluded for the "
                "training neighbours)"}
   _finish(out)

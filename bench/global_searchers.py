@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 from absl import app, flags
 
+from bench import common
 from retro_jax.evaluation.figures import provenance
 from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import retriever as retriever_lib
@@ -65,24 +66,6 @@ def _sources(db: str, n: int):
   return out
 
 
-def _exact(sources, q_QxD: np.ndarray) -> np.ndarray:
-  best = np.full((len(q_QxD), K), -np.inf, np.float32)
-  best_ids = np.full((len(q_QxD), K), -1, np.int64)
-  for _, emb, off in sources:
-    for a in range(0, int(emb.shape[0]), 65_536):
-      x = np.asarray(emb[a:a + 65_536], np.float32)
-      s = q_QxD @ x.T
-      ids = np.broadcast_to(np.arange(off + a, off + a + len(x), dtype=np.int64), s.shape)
-      cs, ci = np.concatenate([best, s], 1), np.concatenate([best_ids, ids], 1)
-      top = np.argpartition(-cs, K - 1, axis=1)[:, :K]
-      best, best_ids = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
-  return best_ids
-
-
-def _recall(found, true) -> float:
-  return float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, true)]))
-
-
 def _timed(index, q):
   times, found = [], None
   for _ in range(_REPEATS.value):
@@ -112,7 +95,7 @@ def measure(db: str, n: int) -> dict:
   q = np.concatenate([np.asarray(e[np.sort(emb_rows[(emb_rows >= off) & (emb_rows < off + len(e))])
                                    - off], np.float32) for _, e, off in sources])
   t1 = time.perf_counter()
-  true = _exact(sources, q)
+  true, _ = common.exact_top(sources, q, K)
   exact_s = time.perf_counter() - t1
   files = {}
   for d, _, fs in os.walk(root):
@@ -136,7 +119,7 @@ def measure(db: str, n: int) -> dict:
         index.config = dataclasses.replace(index.config, rerank=rerank, **{knob: value})
         found, qps, qps_median = _timed(index, q)
         sweep.append({knob: value, "rerank": rerank, "qps": qps, "qps_median": qps_median,
-                      "recall@10": _recall(found, true)})
+                      "recall@10": common.recall(found, true)})
         print(name, n, sweep[-1], flush=True)
     ram = (index.memory_bytes() if name == "faiss"
            else scann_disk + sum(8 * len(i) for i in index._rr_ids.values() if i is not None))
@@ -198,8 +181,7 @@ def page(out: dict) -> str:
 def main(argv):
   del argv
   if _DOC_ONLY.value:
-    with open(_DOC.value, "w") as f:
-      f.write(page(json.load(open(_OUT.value))))
+    common.write_page(_DOC.value, page, _OUT.value)
     return
   out = {"provenance": provenance("python -m bench.global_searchers " + " ".join(sys.argv[1:])),
          "data": f"the first N vectors of {_DB.value} (bench/synthetic_db.py: the default "

@@ -381,10 +381,7 @@ def _train_on_sample(groups: list[int], db: str, c: global_lib.GlobalIndexConfig
   """The partitioner and quantizer trained on the sample parts, in group order (the rows
   `global_index.sample_rows` reads in one process)."""
   root = global_lib.index_dir(db)
-  sample = None
-  if not global_lib.is_trained(root):
-    sample = np.concatenate([np.load(io.BytesIO(global_lib.sample_part_path(root, g).read_bytes()))
-                             for g in sorted(groups)])
+  sample = None if global_lib.is_trained(root) else global_lib.read_sample_parts(root, groups)
   store = _store(db)
   trained = global_lib.train_step(None, root, c, sample=sample,
                                   sig=global_lib.signature(store.num_chunks, store.num_shards))
@@ -780,7 +777,6 @@ def _routed_neighbours(p, db: str, k: int) -> None:
 # The tokenizer of a random-access corpus (every part tfds:): its training lines counted and
 # sampled in parallel, over ranges of TOKENIZER_RANGE_DOCS documents, then one element trains.
 TOKENIZER_RANGE_DOCS = 4096
-INPUT_SENTENCE_SIZE = 300_000  # prepare.build_tokenizer's default
 
 
 def _doc_ranges(sel: corpus_lib.Selection) -> Iterator[tuple[int, int, int]]:
@@ -802,7 +798,8 @@ def _assign_line_picks(counts: list[tuple[int, int, int, int]], cfg: dict[str, A
   counts = sorted(counts)
   sizes = np.array([c[3] for c in counts], np.int64)
   starts = np.concatenate([[0], np.cumsum(sizes)])
-  picks = tokenizer_lib.line_picks(int(starts[-1]), INPUT_SENTENCE_SIZE, cfg["seed"])
+  picks = tokenizer_lib.line_picks(int(starts[-1]), prepare_lib.INPUT_SENTENCE_SIZE,
+                                   cfg["seed"])
   for (j, a, b, _), lo, hi in zip(counts, starts[:-1], starts[1:]):
     i, e = np.searchsorted(picks, [lo, hi])
     if e > i:
@@ -816,18 +813,25 @@ def _train_on_lines(picked: list[tuple[int, list[str]]], db: str, cfg: dict[str,
                                  "train a tokenizer on; point --corpus at text files")
   out = epath.Path(db) / layout.TOKENIZER_PATH
   tokenizer_lib.train_sentencepiece((), out, vocab_size=cfg["vocab_size"], seed=cfg["seed"],
-                                    input_sentence_size=INPUT_SENTENCE_SIZE, lines=lines)
+                                    input_sentence_size=prepare_lib.INPUT_SENTENCE_SIZE,
+                                    lines=lines)
   print(f"[build_db] tokenizer: trained on {len(lines)} lines sampled in parallel", flush=True)
+
+
+def _classified_blocks(p, parts, cfg: dict[str, Any]):
+  """A random-access corpus's records classified in parallel blocks: one element, every block's
+  scan (what `corpus.select_documents` plans from)."""
+  return (p | "Blocks" >> beam.Create(corpus_lib.scan_blocks(parts, cfg["max_docs"]))
+          | "SpreadBlocks" >> beam.Reshuffle()
+          | "Classify" >> beam.Map(lambda block: corpus_lib.scan_block(parts, block))
+          | "AllBlocks" >> beam.combiners.ToList())
 
 
 def _parallel_tokenizer(p, db: str, cfg: dict[str, Any], parts) -> None:
   """Classify (as the chunks stage) -> select the documents -> count each range's training lines
-  -> pick lines (all of them up to INPUT_SENTENCE_SIZE: the whole read's sample) -> read the
-  picked lines per range -> train, the lines in corpus order."""
-  sel = (p | "Blocks" >> beam.Create(corpus_lib.scan_blocks(parts, cfg["max_docs"]))
-         | "SpreadBlocks" >> beam.Reshuffle()
-         | "Classify" >> beam.Map(lambda block: corpus_lib.scan_block(parts, block))
-         | "AllBlocks" >> beam.combiners.ToList()
+  -> pick lines (all of them up to prepare.INPUT_SENTENCE_SIZE: the whole read's sample) -> read
+  the picked lines per range -> train, the lines in corpus order."""
+  sel = (_classified_blocks(p, parts, cfg)
          | "Select" >> beam.Map(lambda scans: corpus_lib.select_documents(
              cfg["corpus"], parts, scans, cfg["max_docs"])))
   side = beam.pvalue.AsSingleton(sel)
@@ -869,10 +873,7 @@ def _chunks(p, db: str, cfg: dict[str, Any]) -> None:
               | "Distribute" >> beam.Reshuffle()
               | "TokeniseAndChunk" >> beam.ParDo(_WriteStoreShard(db, cfg)))
   else:
-    shards = (p | "Blocks" >> beam.Create(corpus_lib.scan_blocks(parts, cfg["max_docs"]))
-              | "SpreadBlocks" >> beam.Reshuffle()
-              | "Classify" >> beam.Map(lambda block: corpus_lib.scan_block(parts, block))
-              | "AllBlocks" >> beam.combiners.ToList()
+    shards = (_classified_blocks(p, parts, cfg)
               | "Select" >> beam.FlatMap(_select_shards, parts, cfg)
               | "Distribute" >> beam.Reshuffle()
               | "TokeniseAndChunk" >> beam.ParDo(_WriteSelectedShard(db, cfg, parts)))

@@ -67,9 +67,13 @@ def _build_bpe_tokenizer(out_dir: epath.Path, tokenizer_path: str):
   return bpe_tokenizer_lib.BPETokenizer.load(out_dir / BPE_TOKENIZER_PATH)
 
 
+# Training lines SentencePiece is given (a seeded sample of the corpus's).
+INPUT_SENTENCE_SIZE = 300_000
+
+
 def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: int = 8192,
                     seed: int = 0, heldout_fraction: float = 0.01, max_docs: int | None = None,
-                    input_sentence_size: int = 300_000,
+                    input_sentence_size: int = INPUT_SENTENCE_SIZE,
                     tokenizer_path: str | None = None) -> tokenizer_lib.Tokenizer:
   """DB/tokenizer/spm.model: copied from tokenizer_path, kept if present, else trained on the
   corpus's non-held-out documents. A BPE tokenizer_path ("smollm2" or a bpe.json) gives
@@ -112,7 +116,7 @@ def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: in
 def prepare(corpus_spec: str, out_dir: str, stage: str = "all", vocab_size: int = 8192,
             chunk_size: int = 64, docs_per_shard: int = 4096, heldout_fraction: float = 0.01,
             seed: int = 0, max_docs: int | None = None, tokenizer_path: str | None = None,
-            input_sentence_size: int = 300_000) -> dict:
+            input_sentence_size: int = INPUT_SENTENCE_SIZE) -> dict:
   """Runs the stages; returns timings and counts."""
   out = epath.Path(out_dir)
   report: dict = {}

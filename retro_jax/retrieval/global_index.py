@@ -433,6 +433,12 @@ def serving_path(out_dir, s: int, what: str) -> epath.Path:
   return epath.Path(out_dir) / "serving" / f"{layout.shard_name(s)}.{ext}"
 
 
+def _scann_leaves(n: int, fraction: float) -> tuple[int, int]:
+  """(leaves, leaves searched) of a serving shard's ScaNN tree over n vectors."""
+  leaves = max(1, int(round(2 * math.sqrt(n))))
+  return leaves, max(1, round(fraction * leaves))
+
+
 def _build_scann(out_dir: epath.Path, s: int, c: GlobalIndexConfig, scale_D: np.ndarray
                  ) -> dict[str, dict]:
   """serving/shard-S.scann/: a ScaNN searcher (spherical tree of ~2 sqrt(n) leaves, AH codes, no
@@ -445,10 +451,9 @@ def _build_scann(out_dir: epath.Path, s: int, c: GlobalIndexConfig, scale_D: np.
     x[a:a + BLOCK_ROWS] = np.asarray(rows[a:a + BLOCK_ROWS], np.float32) * scale_D
   b = scann.scann_ops_pybind.builder(x, 10, "dot_product").set_n_training_threads(
       c.training_threads)
-  leaves = max(1, int(round(2 * math.sqrt(n))))
+  leaves, searched = _scann_leaves(n, c.scann_leaves_to_search)
   if leaves > 1 and n > leaves:
-    b = b.tree(num_leaves=leaves, num_leaves_to_search=max(1, round(c.scann_leaves_to_search
-                                                                      * leaves)),
+    b = b.tree(num_leaves=leaves, num_leaves_to_search=searched,
                training_sample_size=min(n, 100_000), spherical=True, random_init=False)
   searcher = b.score_ah(2, anisotropic_quantization_threshold=0.2).build()
   del x
@@ -503,6 +508,11 @@ def is_trained(out_dir) -> bool:
 def sample_part_path(out_dir, g: int) -> epath.Path:
   """parts/sample-G.npy: encode group g's rows of the training sample (the Beam build)."""
   return epath.Path(out_dir) / PARTS / f"sample-{g:05d}.npy"
+
+
+def read_sample_parts(out_dir, groups: Sequence[int]) -> np.ndarray:
+  """The training sample from its groups' parts, in group order: `sample_rows`'s rows."""
+  return np.concatenate([_load_npy(sample_part_path(out_dir, g)) for g in sorted(groups)])
 
 
 def train_step(sources: Sequence[Source] | None, out_dir, c: GlobalIndexConfig,
@@ -619,10 +629,12 @@ def _read_ahead(paths: Sequence[epath.Path]) -> Iterator[dict[str, np.ndarray]]:
       yield pending.popleft()[0].result()
 
 
-def _file_record(path: str, data: bytes | None = None) -> dict[str, Any]:
-  if data is not None:
-    return {"sha256": layout.sha256_bytes(data), "bytes": len(data)}
-  return {"sha256": layout.sha256_file(path), "bytes": os.path.getsize(path)}
+def _file_record(path) -> dict[str, Any]:
+  return {"sha256": layout.sha256_file(path), "bytes": layout.file_size(path)}
+
+
+def _bytes_record(data: bytes) -> dict[str, Any]:
+  return {"sha256": layout.sha256_bytes(data), "bytes": len(data)}
 
 
 def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str, Any]:
@@ -666,7 +678,7 @@ def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str
     index.ntotal = ivf.ntotal
   data = faiss.serialize_index(index).tobytes()
   layout.write_bytes_atomic(serving_path(out_dir, s, "faiss"), data)
-  files["faiss"] = _file_record("", data)
+  files["faiss"] = _bytes_record(data)
   scann_s = 0.0
   if c.searcher == "scann":
     t1 = time.perf_counter()
@@ -750,9 +762,7 @@ def _load_npy(path: epath.Path) -> np.ndarray:
 def _manifest(out_dir: epath.Path, c: GlobalIndexConfig, sig: dict[str, int],
               serving: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """`serving`: each serving shard's record (serving/shard-S.json)."""
-  top_files = {f: _file_record(os.fspath(out_dir / f)) if not layout.is_remote(out_dir / f)
-               else {"sha256": layout.sha256_file(out_dir / f),
-                     "bytes": (out_dir / f).stat().length} for f in (TRAINED, SCALE)}
+  top_files = {f: _file_record(out_dir / f) for f in (TRAINED, SCALE)}
   trained = _read_index(out_dir / TRAINED)
   return {
       "format_version": FORMAT_VERSION, "backend": BACKEND, "count": int(sig["count"]),
@@ -946,10 +956,9 @@ class GlobalIndex(index_lib.IndexShard):
     out = np.full((len(queries_QxD), r), -1, np.int64)
     if not reach_Q.any() or n == 0:
       return out
-    leaves = max(1, int(round(2 * math.sqrt(n))))
     found, _ = searcher.search_batched_parallel(
         np.ascontiguousarray(queries_QxD[reach_Q]), final_num_neighbors=min(r, n),
-        leaves_to_search=max(1, round(self.config.scann_leaves_to_search * leaves)))
+        leaves_to_search=_scann_leaves(n, self.config.scann_leaves_to_search)[1])
     found = found.astype(np.int64)
     ids = self._rr_ids[s]
     out[reach_Q, :found.shape[1]] = found if ids is None else ids[found]
@@ -1078,7 +1087,7 @@ def add_sources(root, sources: Sequence[Source]) -> dict[str, Any]:
     append_encoded(idx, mine)
     data = faiss.serialize_index(idx).tobytes()
     layout.write_bytes_atomic(serving_path(root, s, "faiss"), data)
-    files = {"faiss": _file_record("", data),
+    files = {"faiss": _bytes_record(data),
              "rerank": _append_rows(serving_path(root, s, "rerank"),
                                     np.concatenate([m[3] for m in mine])),
              "ids": _append_rows(serving_path(root, s, "ids"), np.concatenate([m[1] for m in mine]))}
