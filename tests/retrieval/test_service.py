@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -168,10 +169,29 @@ def test_removed_document_leaves_the_service_without_restart(db, store, emb, ser
   assert all(c.fetch_info(5.0).num_deleted_docs == 1 for c in service.clients)
 
 
+def stop_process(pid: int, timeout_s: float = 30.0) -> None:
+  """SIGSTOP, then wait until every thread of `pid` is stopped: kill() only queues the signal,
+  and a server thread that is running may still answer a request sent at once."""
+  os.kill(pid, signal.SIGSTOP)
+  deadline = time.monotonic() + timeout_s
+  while True:
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+      try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+          states.append(f.read().rsplit(")", 1)[1].split()[0])
+      except FileNotFoundError:  # a thread that has just exited
+        pass
+    if states and all(s in "Tt" for s in states):
+      return
+    assert time.monotonic() < deadline, f"process {pid} not stopped: thread states {states}"
+    time.sleep(0.01)
+
+
 def test_shard_past_its_deadline_is_named(service, servers, queries):
   q_QxD, _ = queries
   slow = servers[0]
-  os.kill(slow.process.pid, signal.SIGSTOP)  # alive but not answering
+  stop_process(slow.process.pid)  # alive but not answering
   try:
     with pytest.raises(client_lib.ShardUnavailableError) as e:
       service.search(q_QxD, 2, timeout_s=0.5)
