@@ -108,7 +108,7 @@ def test_retrieval_off_is_greedy_without_neighbours(model_and_config, retrieval)
 
 @pytest.mark.parametrize("retrieve", [True, False])
 def test_full_recompute_decodes_the_same_greedy_tokens(model_and_config, retrieval, retrieve):
-  """`FullRecompute` (for models the KV-cache decoder does not support) = the cached decoder."""
+  """`FullRecompute` (the full forward at every step) = the cached decoder."""
   model, config = model_and_config
   prompt_ids = retrieval.tokenizer.encode(PROMPT)
   fn = retrieval if retrieve else None

@@ -72,12 +72,9 @@ def self_retrieval(retrieval, db: str, chunk_ids: np.ndarray, k: int = 10) -> di
 
 
 def greedy(model, cfg, prompt: Sequence[int], retrieve_fn, new_tokens: int) -> list[int]:
-  """Greedy continuation: the KV-cache decoder, or full recompute for rotary-position models."""
-  if getattr(cfg, "positions", "relative") == "relative":
-    res = gen.generate(model, cfg, prompt, retrieve_fn, max_new_tokens=new_tokens, temperature=0.0)
-    return [int(t) for t in res.new_ids]
-  return [int(t) for t in gen.FullRecompute(model, cfg).generate(prompt, retrieve_fn,
-                                                                   new_tokens)["new_ids"]]
+  """Greedy continuation on the KV-cache decoder."""
+  res = gen.generate(model, cfg, prompt, retrieve_fn, max_new_tokens=new_tokens, temperature=0.0)
+  return [int(t) for t in res.new_ids]
 
 
 def true_continuation_nll(model, cfg, prompt: Sequence[int], truth: Sequence[int],

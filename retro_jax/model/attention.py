@@ -112,18 +112,15 @@ class Attention(nnx.Module):
     causal=True promises that the mask hides every negative distance, so that (unblocked) only
     the non-negative distances get position logits.
     """
-    k_BxGxSxHxK = self.mm.project(y_BxGxSxE, self.wk.value)
-    v_BxGxSxHxK = self.mm.project(y_BxGxSxE, self.wv.value)
-    if self.positions == "rope":  # key s sits at position s (H here: the key/value heads)
-      k_BxGxSxHxK = rope(k_BxGxSxHxK, jnp.arange(k_BxGxSxHxK.shape[2]), self.rope_theta)
+    k_BxGxSxHxK, v_BxGxSxHxK = self.keys_values(y_BxGxSxE)
     b, num_q, d = x_BxQxD.shape
     if not q_block or q_block >= num_q:
-      return self._attend(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset, causal)
+      return self.attend(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset, causal)
     if num_q % q_block:
       raise ValueError(f"{num_q} queries are not a multiple of q_block={q_block}")
     # An unrolled loop of rematerialised blocks (XLA's cost analysis counts every block; a
     # lax.map body would be counted once).
-    block = jax.checkpoint(self._attend, static_argnums=(4, 5))
+    block = jax.checkpoint(self.attend, static_argnums=(4, 5))
     outs = []
     for start in range(0, num_q, q_block):
       end = start + q_block
@@ -134,7 +131,60 @@ class Attention(nnx.Module):
                         mask, offset + start, causal))
     return jnp.concatenate(outs, axis=1)
 
-  def _attend(self, x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset, causal=False):
+  def keys_values(self, y_BxGxSxE: jax.Array, positions_S: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Keys and values [B, G, S, H, K] (H: the key/value heads); with rotary positions the keys
+    are rotated to positions_S (default 0..S-1)."""
+    k_BxGxSxHxK = self.mm.project(y_BxGxSxE, self.wk.value)
+    v_BxGxSxHxK = self.mm.project(y_BxGxSxE, self.wv.value)
+    if self.positions == "rope":
+      if positions_S is None:
+        positions_S = jnp.arange(k_BxGxSxHxK.shape[2])
+      k_BxGxSxHxK = rope(k_BxGxSxHxK, positions_S, self.rope_theta)
+    return k_BxGxSxHxK, v_BxGxSxHxK
+
+  def position_table(self, dist_min: int, num: int, dtype) -> jax.Array | None:
+    """phi(d) Wr for d = dist_min .. dist_min + num - 1 as [P, H, K] (None with rotary
+    positions): what a cache keeps so that each decoded token skips the projection."""
+    if self.positions == "rope":
+      return None
+    dist_P = dist_min + jnp.arange(num)
+    return jnp.einsum("pd,dhk->phk", sinusoid(dist_P, self.d_q).astype(dtype),
+                      self.wr.value.astype(dtype))
+
+  # ----------------------------------------------------------------------------------------------
+  # Incremental decoding: a cache of keys and values (and the position table) per attention.
+
+  def init_cache(self, batch: int, max_len: int, dtype) -> dict:
+    """An empty self-attention cache for max_len positions."""
+    shape = (batch, max_len, self.wk.value.shape[1], self.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": self.position_table(0, max_len, dtype)}
+
+  def extend(self, x_BxTxD: jax.Array, cache: dict, t) -> tuple[jax.Array, dict]:
+    """Causal self-attention of T new positions t .. t+T-1 (t may be traced): their keys and
+    values go into the cache, their queries see every cached position up to their own."""
+    num_t, max_len = x_BxTxD.shape[1], cache["k"].shape[1]
+    new_k, new_v = self.keys_values(x_BxTxD[:, None], t + jnp.arange(num_t))
+    k_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache["k"], new_k[:, 0].astype(
+        cache["k"].dtype), t, axis=1)
+    v_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache["v"], new_v[:, 0].astype(
+        cache["v"].dtype), t, axis=1)
+    keys_S = jnp.arange(max_len)
+    mask_1xTx1xS = (keys_S[None, :] <= t + jnp.arange(num_t)[:, None])[None, :, None, :]
+    out_BxTxD = self.attend(x_BxTxD, k_BxSxHxK[:, None], v_BxSxHxK[:, None], mask_1xTx1xS, t,
+                            pos_table=cache["pos"])
+    return out_BxTxD, {**cache, "k": k_BxSxHxK, "v": v_BxSxHxK}
+
+  # ----------------------------------------------------------------------------------------------
+
+  def attend(self, x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset, causal=False, *,
+             pos_table=None, pos_table_min: int = 0):
+    """Queries from x at positions offset + q against projected keys/values (`keys_values`).
+
+    pos_table: phi(d) Wr for d = pos_table_min, ... (`position_table`), read for each distance
+    instead of projected here; a distance outside it must be masked.
+    """
     if self.positions == "rope":
       return self._attend_rope(x_BxQxD, k_BxGxSxHxK, v_BxGxSxHxK, mask_BxQxGxS, offset)
     dt = x_BxQxD.dtype
@@ -143,17 +193,26 @@ class Attention(nnx.Module):
     q_BxQxHxK = q_BxQxHxK * jnp.asarray(self.head_dim ** -0.5, dt)
     content_BxHxQxGxS = self.mm.einsum("bqhk,bgshk->bhqgs", q_BxQxHxK + self.u.value.astype(dt),
                                      k_BxGxSxHxK, jnp.float32)
-    # Distances, largest first, so that row q of the skewed logits starts at column Q-1-q.
-    num_p = num_q + num_s - 1
-    # Causal: distances below 0 are masked, so only offset+Q-1 .. 0 need position logits.
-    if causal and isinstance(offset, int):
-      num_p = max(num_s, min(num_p, offset + num_q))
-    dist_P = offset + num_q - 1 - jnp.arange(num_p)
-    r_HxPxK = jnp.einsum("pd,dhk->hpk", sinusoid(dist_P, self.d_q).astype(dt),
-                         self.wr.value.astype(dt))
     qv_BxQxHxK = q_BxQxHxK + self.v.value.astype(dt)
-    pos_BxHxQxP = self.mm.position_logits(qv_BxQxHxK, r_HxPxK)
-    logits_BxHxQxGxS = content_BxHxQxGxS + skew(pos_BxHxQxP, num_s)[:, :, :, None, :]
+    if pos_table is None:
+      # Distances, largest first, so that row q of the skewed logits starts at column Q-1-q.
+      num_p = num_q + num_s - 1
+      # Causal: distances below 0 are masked, so only offset+Q-1 .. 0 need position logits.
+      if causal and isinstance(offset, int):
+        num_p = max(num_s, min(num_p, offset + num_q))
+      dist_P = offset + num_q - 1 - jnp.arange(num_p)
+      r_HxPxK = jnp.einsum("pd,dhk->hpk", sinusoid(dist_P, self.d_q).astype(dt),
+                           self.wr.value.astype(dt))
+      pos_BxHxQxP = self.mm.position_logits(qv_BxQxHxK, r_HxPxK)
+      pos_BxHxQxS = skew(pos_BxHxQxP, num_s)
+    else:
+      pos_BxHxQxP = jnp.einsum("bqhk,phk->bhqp", qv_BxQxHxK, pos_table.astype(dt),
+                               preferred_element_type=jnp.float32)
+      num_p = pos_table.shape[0]
+      dist_QxS = offset + jnp.arange(num_q)[:, None] - jnp.arange(num_s)[None, :]
+      row_QxS = jnp.clip(dist_QxS - pos_table_min, 0, num_p - 1)
+      pos_BxHxQxS = pos_BxHxQxP[:, :, jnp.arange(num_q)[:, None], row_QxS]
+    logits_BxHxQxGxS = content_BxHxQxGxS + pos_BxHxQxS[:, :, :, None, :]
     if mask_BxQxGxS is not None:
       logits_BxHxQxGxS = jnp.where(mask_BxQxGxS[:, None], logits_BxHxQxGxS, NEG_INF)
     b, h, q, g, s = logits_BxHxQxGxS.shape
@@ -161,7 +220,6 @@ class Attention(nnx.Module):
     probs_BxHxQxGxS = probs.reshape(b, h, q, g, s).astype(dt)
     out_BxQxHxK = self.mm.einsum("bhqgs,bgshk->bqhk", probs_BxHxQxGxS, v_BxGxSxHxK)
     return self.mm.project(out_BxQxHxK, self.wo.value, n_in=2)
-
 
   def _attend_rope(self, x_BxQxD, k_BxGxSxCxK, v_BxGxSxCxK, mask_BxQxGxS, offset):
     """Rotary positions, C key/value heads each shared by R = num_heads / C query heads."""

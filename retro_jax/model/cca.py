@@ -11,6 +11,11 @@ Listing 1 (paper):
     chunked_output = cross_attention(attending_chunks, E)  # batched over the l chunks
     output = pad(chunked_output.reshape(n, d), ((m-1, 0), (0, 0)))[:n]
 Here T need not be a multiple of m (generation), so the tail is padded up to L*m.
+
+Decoding one token at a time (retro_jax/model/decode.py), position t >= m-1 belongs to the
+attending chunk u = (t - (m-1)) // m, the last completed chunk, at query offset
+i = (t - (m-1)) % m: `slot` keeps the keys and values of that one chunk's encoded neighbours and
+`extend` attends to them.
 """
 from __future__ import annotations
 
@@ -54,3 +59,23 @@ class ChunkedCrossAttention(nnx.Module):
       out_BLxMxD = out_BLxMxD * has_keys_BL[:, None, None].astype(out_BLxMxD.dtype)
     out = out_BLxMxD.reshape(b, l * m, d)
     return jnp.pad(out, ((0, 0), (m - 1, 0), (0, 0)))[:, :t]
+
+  def slot(self, enc_BxNxRxE: jax.Array, enc_mask_BxNxR: jax.Array) -> dict:
+    """The decoding cache: keys and values of one chunk's encoded neighbours, their mask, and the
+    position table for every distance i - i' + m - 1 (m - r .. 2m - 2)."""
+    m, r = self.chunk_size, enc_BxNxRxE.shape[2]
+    k_BxNxRxHxK, v_BxNxRxHxK = self.attention.keys_values(enc_BxNxRxE)
+    return {"k": k_BxNxRxHxK, "v": v_BxNxRxHxK, "mask": enc_mask_BxNxR,
+            "pos": self.attention.position_table(m - r, m + r - 1, enc_BxNxRxE.dtype)}
+
+  def extend(self, h_BxTxD: jax.Array, slot: dict, t) -> jax.Array:
+    """CCA of the T positions t .. t+T-1, all in the attending chunk whose neighbours the slot
+    holds (T = 1 when decoding); zero where the slot has no neighbour token."""
+    m, r = self.chunk_size, slot["k"].shape[2]
+    b, num_t, _ = h_BxTxD.shape
+    i = (t - (m - 1)) % m  # query offset in the attending chunk
+    mask_BxTxNxR = jnp.broadcast_to(slot["mask"][:, None], (b, num_t, *slot["mask"].shape[1:]))
+    out_BxTxD = self.attention.attend(h_BxTxD, slot["k"], slot["v"], mask_BxTxNxR, i + m - 1,
+                                      pos_table=slot["pos"], pos_table_min=m - r)
+    has_keys_B = slot["mask"].reshape(b, -1).any(axis=-1)
+    return out_BxTxD * has_keys_B[:, None, None].astype(out_BxTxD.dtype)

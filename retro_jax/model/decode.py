@@ -1,5 +1,4 @@
-"""Incremental decoding for `Retro`: a self-attention KV cache and the current chunk's encoded
-neighbours, so that each new token costs O(T) instead of a full O(T^2) recompute.
+"""Incremental decoding for `Retro`: each new token costs O(T) instead of a full O(T^2) recompute.
 
     dec = Decoder(model, max_len=1024)
     logits_BxV, state = dec.prefill(prompt_BxP, neighbours_BxLxNxR)  # L = ceil(P / m)
@@ -7,32 +6,28 @@ neighbours, so that each new token costs O(T) instead of a full O(T^2) recompute
       nbrs_BxNxR = retrieve(...) if dec.completes_chunk(state) else None
       logits_BxV, state = dec.step(state, token_B, nbrs_BxNxR)
 
-`prefill` runs the prompt through the model's own modules in one call (as `Retro.__call__` does) and
-keeps, per decoder layer, the keys and values of every position. `step` feeds one token at position
-t = state.length. What it caches, and why it is exact:
+The attention modules keep their own caches (`Attention.init_cache` / `extend`,
+`ChunkedCrossAttention.slot` / `extend`); this file holds only the cache state and the loop over
+the blocks. What is cached, and why it is exact:
 
-  * Self-attention (Transformer-XL relative positions): the new query row's logits are
-    (q_t + u) . k_s + (q_t + v) . (phi(t - s) Wr) for s <= t. phi(d) Wr is tabled once per layer for
-    d = 0..max_len-1 (`tables`), so the row costs O(T) with no recompute of earlier positions.
+  * Self-attention: every position's keys and values (rotary keys rotated at their position; with
+    grouped-query attention, the key/value heads only). Relative positions read phi(d) Wr from a
+    table made once at prefill, d = 0..max_len-1.
   * Chunked cross-attention (Listing 1): position t >= m-1 belongs to the attending chunk
-    u = (t - (m-1)) // m, i.e. the LAST COMPLETED chunk, at query offset i = (t - (m-1)) % m, and
-    attends to E_u with d(i, i') = i - i' + m - 1. Only E_u of the last completed chunk is ever
-    read, so the cache holds just that one chunk's CCA keys/values (per CCA layer) and its mask.
-    Before any chunk has completed (t < m-1) the slot is empty (all masked) and CCA adds zero,
-    exactly as the full forward does for the first m-1 tokens.
+    u = (t - (m-1)) // m, the LAST COMPLETED chunk, so the cache holds just that chunk's encoded
+    neighbours' keys and values per CCA layer (the "slot"). Before any chunk has completed
+    (t < m-1) the slot is empty and CCA adds zero, as the full forward does for the first m-1
+    tokens.
   * The encoder: E_u depends only on Ret(C_u) and H_u, the decoder states of chunk u at the first
     CCA layer (after its self-attention). `step` stores each position's H in an m-slot buffer; the
     step whose token completes chunk u (t = (u+1)*m - 1, `completes_chunk`) must be given
-    Ret(C_u) (the neighbours retrieved with C_u as query): it runs the encoder once on them with
-    the full H_u, right after the first CCA layer's self-attention, and overwrites the CCA slot,
-    which that same token already reads (the last token of C_u attends to E_u).
+    Ret(C_u): it runs the encoder once on them with the full H_u, right after the first CCA
+    layer's self-attention, and refills the slots, which that same token already reads.
 With `neighbours=None` at prefill the whole sequence decodes without retrieval (RETRO[OFF]).
 
 All buffers have a fixed size (max_len rounded up to a multiple of m; batch fixed at prefill), so
 `step` compiles twice (a plain step and a chunk-completing step) and then runs for every position;
 `prefill` compiles once per prompt length rounded up to m. Cache buffers are donated to each step.
-Only `positions="relative"` (the model's default, Transformer-XL) with one key/value head per
-query head is supported.
 """
 from __future__ import annotations
 
@@ -41,9 +36,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from retro_jax.model.attention import NEG_INF, sinusoid
-from retro_jax.model.config import RetroConfig
 
 
 class DecodeError(ValueError):
@@ -60,21 +52,7 @@ class DecodeState:
 
   @property
   def batch_size(self) -> int:
-    return self.arrays["k"][0].shape[0]
-
-
-def _check_supported(cfg: RetroConfig, model) -> None:
-  positions = cfg.positions
-  if positions != "relative":
-    raise NotImplementedError(
-        f"incremental decoding supports positions='relative' (Transformer-XL) only, the config has "
-        f"positions={positions!r}; decode with the full forward `model(tokens, neighbours)`")
-  for block in model.blocks:
-    for attn in [block.attn] + ([block.cca.attention] if block.cca is not None else []):
-      if attn.wk.value.shape[1:] != attn.wq.value.shape[1:]:
-        raise NotImplementedError(
-            "incremental decoding supports one key/value head per query head (no GQA/MQA); "
-            "decode with the full forward `model(tokens, neighbours)`")
+    return self.arrays["self"][0]["k"].shape[0]
 
 
 class Decoder:
@@ -85,7 +63,6 @@ class Decoder:
 
   def __init__(self, model, max_len: int):
     cfg = model.config
-    _check_supported(cfg, model)
     self.config = cfg
     m = cfg.chunk_size
     self.max_len = -(-int(max_len) // m) * m
@@ -94,10 +71,9 @@ class Decoder:
     self.dtype = jnp.dtype(cfg.dtype)
     self.graphdef, self.params = nnx.split(model)
     self.cca_layer_idx = [p - 1 for p in cfg.cca_layers]  # 0-indexed decoder blocks with CCA
-    self._tables = jax.jit(self._tables_fn)(self.params)
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("retrieval",))
     self._step = jax.jit(self._step_fn, static_argnames=("retrieval", "completes"),
-                         donate_argnums=(2,))
+                         donate_argnums=(1,))
 
   # --------------------------------------------------------------------------------------------
   # Public API.
@@ -134,7 +110,7 @@ class Decoder:
           neighbours_BxLxNxR.shape[3] != want[3]:
         raise DecodeError(f"prompt neighbours must be [B={b}, L={num_l}, N, R={want[3]}] for a "
                           f"prompt of {p} tokens, got {neighbours_BxLxNxR.shape}")
-    arrays, logits_BxV = self._prefill(self.params, self._tables, tokens_BxP, neighbours_BxLxNxR,
+    arrays, logits_BxV = self._prefill(self.params, tokens_BxP, neighbours_BxLxNxR,
                                        jnp.int32(p), retrieval=retrieval)
     return logits_BxV, DecodeState(arrays=arrays, length=p, retrieval=retrieval)
 
@@ -166,7 +142,7 @@ class Decoder:
     elif neighbours_BxNxR is not None:
       raise DecodeError(f"neighbours given at position {state.length}, which completes no chunk"
                         + ("" if state.retrieval else " (this cache decodes without retrieval)"))
-    arrays, logits_BxV = self._step(self.params, self._tables, state.arrays, tokens_B,
+    arrays, logits_BxV = self._step(self.params, state.arrays, tokens_B,
                                     neighbours_BxNxR, jnp.int32(state.length),
                                     retrieval=state.retrieval, completes=completes)
     state.arrays = None  # donated
@@ -176,39 +152,15 @@ class Decoder:
   # --------------------------------------------------------------------------------------------
   # Jitted bodies.
 
-  def _tables_fn(self, params):
-    """Position projections phi(d) Wr per layer: self-attention d = 0..S-1 -> [S, H, K]; CCA
-    d = m-R .. 2m-2 (all of i - i' + m - 1) -> [m+R-1, H, K], row j holding d = j + m - R."""
-    model = nnx.merge(self.graphdef, params)
-    cfg, dt = self.config, self.dtype
-    m, r = cfg.chunk_size, cfg.neighbour_len
-
-    def table(attn, dist_P):
-      return jnp.einsum("pd,dhk->phk", sinusoid(dist_P, attn.d_q).astype(dt),
-                        attn.wr.value.astype(dt))
-
-    self_dist = jnp.arange(self.max_len)
-    cca_dist = jnp.arange(m + r - 1) + (m - r)
-    return {"self": [table(b.attn, self_dist) for b in model.blocks],
-            "cca": [table(model.blocks[i].cca.attention, cca_dist) for i in self.cca_layer_idx]}
-
-  def _prefill_fn(self, params, tables, tokens_BxT, neighbours_BxLxNxR, length, *, retrieval):
-    del tables
+  def _prefill_fn(self, params, tokens_BxT, neighbours_BxLxNxR, length, *, retrieval):
     model = nnx.merge(self.graphdef, params)
     cfg, dt, m = self.config, self.dtype, self.config.chunk_size
-    b, t = tokens_BxT.shape
-    s = self.max_len
+    b = tokens_BxT.shape[0]
+    caches = [block.attn.init_cache(b, self.max_len, dt) for block in model.blocks]
     x_BxTxD = model.embed(tokens_BxT, dt)
-    ks, vs = [], []
     enc = enc_mask = chunk_h_BxMxD = None
     for p, block in enumerate(model.blocks):
-      h = block.attn_norm(x_BxTxD)
-      k_BxTxHxK = jnp.einsum("btd,dhk->bthk", h, block.attn.wk.value.astype(dt))
-      v_BxTxHxK = jnp.einsum("btd,dhk->bthk", h, block.attn.wv.value.astype(dt))
-      pad = ((0, 0), (0, s - t), (0, 0), (0, 0))
-      ks.append(jnp.pad(k_BxTxHxK, pad))
-      vs.append(jnp.pad(v_BxTxHxK, pad))
-      x_BxTxD = block.self_attention(x_BxTxD)
+      x_BxTxD, caches[p] = block.decode_self_attention(x_BxTxD, caches[p], 0)
       use_cca = retrieval and block.cca is not None
       if use_cca and enc is None:
         enc_mask = neighbours_BxLxNxR != cfg.pad_id
@@ -220,95 +172,38 @@ class Decoder:
       x_BxTxD = block.cross_attention_and_ffw(x_BxTxD, enc if use_cca else None,
                                               enc_mask if use_cca else None)
     last_Bx1xD = jax.lax.dynamic_slice_in_dim(x_BxTxD, length - 1, 1, axis=1)
-    logits_BxV = _unembed(model, last_Bx1xD)
-    arrays = {"k": ks, "v": vs}
+    arrays = {"self": caches}
     if retrieval:
-      # The CCA slot: E_u of the last completed chunk u = length // m - 1 (empty if none).
+      # The slots: E_u of the last completed chunk u = length // m - 1 (empty if none).
       u = jnp.maximum(length // m - 1, 0)
       enc_BxNxRxE = jax.lax.dynamic_index_in_dim(enc, u, axis=1, keepdims=False)
       mask_BxNxR = jax.lax.dynamic_index_in_dim(enc_mask, u, axis=1, keepdims=False)
-      mask_BxNxR = mask_BxNxR & (length >= m)
-      arrays.update(self._cca_slot(model, enc_BxNxRxE, mask_BxNxR), chunk_h=chunk_h_BxMxD)
-    return arrays, logits_BxV
+      arrays["cca"] = self._slots(model, enc_BxNxRxE, mask_BxNxR & (length >= m))
+      arrays["chunk_h"] = chunk_h_BxMxD
+    return arrays, model.logits(last_Bx1xD)[:, 0]
 
-  def _cca_slot(self, model, enc_BxNxRxE, mask_BxNxR) -> dict:
-    dt = self.dtype
-    ck, cv = [], []
-    for i in self.cca_layer_idx:
-      attn = model.blocks[i].cca.attention
-      ck.append(jnp.einsum("bnre,ehk->bnrhk", enc_BxNxRxE, attn.wk.value.astype(dt)))
-      cv.append(jnp.einsum("bnre,ehk->bnrhk", enc_BxNxRxE, attn.wv.value.astype(dt)))
-    return {"cca_k": ck, "cca_v": cv, "cca_mask": mask_BxNxR}
+  def _slots(self, model, enc_BxNxRxE, mask_BxNxR) -> list[dict]:
+    return [model.blocks[i].cca.slot(enc_BxNxRxE, mask_BxNxR) for i in self.cca_layer_idx]
 
-  def _step_fn(self, params, tables, arrays, tokens_B, neighbours_BxNxR, t, *, retrieval,
-               completes):
+  def _step_fn(self, params, arrays, tokens_B, neighbours_BxNxR, t, *, retrieval, completes):
     model = nnx.merge(self.graphdef, params)
-    cfg, dt, m, s = self.config, self.dtype, self.config.chunk_size, self.max_len
-    r = cfg.neighbour_len
-    arrays = dict(arrays)
-    ks, vs = list(arrays["k"]), list(arrays["v"])
-    x_BxD = model.embed(tokens_B, dt)
+    cfg, dt, m = self.config, self.dtype, self.config.chunk_size
+    arrays = dict(arrays, self=list(arrays["self"]))
     first_cca = self.cca_layer_idx[0] if self.cca_layer_idx else None
-    keys_S = jnp.arange(s)
-    # Self-attention: key s sits at distance t - s (>= 0 for the visible keys s <= t).
-    dist_idx_S = jnp.clip(t - keys_S, 0, s - 1)
-    visible_1x1xS = (keys_S <= t)[None, None, :]
-    # CCA: query offset i in the attending chunk; key i' at table row i - i' + r - 1.
-    i = (t - (m - 1)) % m
-    cca_idx_R = i - jnp.arange(r) + r - 1
+    x_Bx1xD = model.embed(tokens_B[:, None], dt)
     c = 0
     for p, block in enumerate(model.blocks):
-      attn = block.attn
-      h_BxD = block.attn_norm(x_BxD)
-      k_BxHxK = jnp.einsum("bd,dhk->bhk", h_BxD, attn.wk.value.astype(dt))
-      v_BxHxK = jnp.einsum("bd,dhk->bhk", h_BxD, attn.wv.value.astype(dt))
-      ks[p] = jax.lax.dynamic_update_slice_in_dim(ks[p], k_BxHxK[:, None], t, axis=1)
-      vs[p] = jax.lax.dynamic_update_slice_in_dim(vs[p], v_BxHxK[:, None], t, axis=1)
-      x_BxD = x_BxD + _attend_row(attn, h_BxD, ks[p], vs[p], tables["self"][p], dist_idx_S,
-                                  visible_1x1xS, dt)
+      x_Bx1xD, arrays["self"][p] = block.decode_self_attention(x_Bx1xD, arrays["self"][p], t)
       if retrieval and p == first_cca:
-        arrays["chunk_h"] = jax.lax.dynamic_update_slice_in_dim(
-            arrays["chunk_h"], x_BxD[:, None], t % m, axis=1)
+        arrays["chunk_h"] = jax.lax.dynamic_update_slice_in_dim(arrays["chunk_h"], x_Bx1xD,
+                                                                t % m, axis=1)
         if completes:  # the chunk is complete: encode its neighbours with the full H_u
-          enc_mask_BxNxR = neighbours_BxNxR != cfg.pad_id
-          enc = model.encoder(model.embed(neighbours_BxNxR[:, None], dt), enc_mask_BxNxR[:, None],
+          mask_BxNxR = neighbours_BxNxR != cfg.pad_id
+          enc = model.encoder(model.embed(neighbours_BxNxR[:, None], dt), mask_BxNxR[:, None],
                               arrays["chunk_h"])
-          arrays.update(self._cca_slot(model, enc[:, 0], enc_mask_BxNxR))
+          arrays["cca"] = self._slots(model, enc[:, 0], mask_BxNxR)
+      slot = None
       if retrieval and block.cca is not None:
-        b, n = arrays["cca_mask"].shape[:2]
-        mask_Bx1xNR = arrays["cca_mask"].reshape(b, 1, n * r)
-        out_BxD = _attend_row(block.cca.attention, block.cca_norm(x_BxD),
-                              arrays["cca_k"][c].reshape(b, n * r, *arrays["cca_k"][c].shape[3:]),
-                              arrays["cca_v"][c].reshape(b, n * r, *arrays["cca_v"][c].shape[3:]),
-                              tables["cca"][c], jnp.tile(cca_idx_R, n), mask_Bx1xNR, dt)
-        has_keys_B = arrays["cca_mask"].reshape(b, n * r).any(axis=-1)
-        x_BxD = x_BxD + out_BxD * has_keys_B[:, None].astype(dt)
-        c += 1
-      x_BxD = x_BxD + block.ffw(block.ffw_norm(x_BxD))
-    logits_BxV = _unembed(model, x_BxD[:, None])
-    arrays["k"], arrays["v"] = ks, vs
-    return arrays, logits_BxV
-
-
-def _unembed(model, x_Bx1xD) -> jax.Array:
-  """Logits [B, V] as `Retro.__call__` makes them (an unembedding, or the tied embedding table)."""
-  h_Bx1xD = model.final_norm(x_Bx1xD)
-  unembed = getattr(model, "unembed", None)
-  logits = (model.embed.attend if unembed is None else unembed)(h_Bx1xD)
-  return logits[:, 0].astype(jnp.float32)
-
-
-def _attend_row(attn, x_BxD, k_BxSxHxK, v_BxSxHxK, table_PxHxK, pos_idx_S, mask_Bx1xS, dt):
-  """One query row per sequence against S keys: content + relative-position logits, where key s
-  reads the position logit of table row pos_idx_S[s] (its distance to the query)."""
-  q_BxHxK = jnp.einsum("bd,dhk->bhk", x_BxD, attn.wq.value.astype(dt))
-  q_BxHxK = q_BxHxK * jnp.asarray(attn.head_dim ** -0.5, dt)
-  content_BxHxS = jnp.einsum("bhk,bshk->bhs", q_BxHxK + attn.u.value.astype(dt), k_BxSxHxK,
-                             preferred_element_type=jnp.float32)
-  pos_BxHxP = jnp.einsum("bhk,phk->bhp", q_BxHxK + attn.v.value.astype(dt), table_PxHxK,
-                         preferred_element_type=jnp.float32)
-  logits_BxHxS = content_BxHxS + jnp.take(pos_BxHxP, pos_idx_S, axis=-1)
-  logits_BxHxS = jnp.where(mask_Bx1xS, logits_BxHxS, NEG_INF)
-  probs_BxHxS = jax.nn.softmax(logits_BxHxS, axis=-1).astype(dt)
-  out_BxHxK = jnp.einsum("bhs,bshk->bhk", probs_BxHxS, v_BxSxHxK)
-  return jnp.einsum("bhk,hkd->bd", out_BxHxK, attn.wo.value.astype(dt))
+        slot, c = arrays["cca"][c], c + 1
+      x_Bx1xD = block.decode_cross_attention_and_ffw(x_Bx1xD, slot, t)
+    return arrays, model.logits(x_Bx1xD)[:, 0]

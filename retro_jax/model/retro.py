@@ -60,6 +60,17 @@ class DecoderBlock(nnx.Module):
                                   q_block=self.q_block, causal=True)
     return constrain(x_BxTxD, ACT)
 
+  def decode_self_attention(self, x_BxTxD: jax.Array, cache: dict, t) -> tuple[jax.Array, dict]:
+    """`self_attention` of T new positions t .. t+T-1 over the cache (model/decode.py)."""
+    out_BxTxD, cache = self.attn.extend(self.attn_norm(x_BxTxD), cache, t)
+    return x_BxTxD + out_BxTxD, cache
+
+  def decode_cross_attention_and_ffw(self, x_BxTxD: jax.Array, cca_slot: dict | None, t):
+    """`cross_attention_and_ffw` of positions t .. t+T-1 against one chunk's neighbours."""
+    if cca_slot is not None:
+      x_BxTxD = x_BxTxD + self.cca.extend(self.cca_norm(x_BxTxD), cca_slot, t)
+    return x_BxTxD + self.ffw(self.ffw_norm(x_BxTxD))
+
   def cross_attention_and_ffw(self, x_BxTxD, enc_BxLxNxRxE, enc_mask_BxLxNxR):
     if enc_BxLxNxRxE is not None:
       x_BxTxD = x_BxTxD + self.cca(self.cca_norm(x_BxTxD), enc_BxLxNxRxE, enc_mask_BxLxNxR)
@@ -103,10 +114,13 @@ class Retro(nnx.Module):
             self.encoder, self.embed(neighbours_BxLxNxR, dt), enc_mask, x_BxTxD)
       x_BxTxD = _maybe_remat(DecoderBlock.cross_attention_and_ffw, cfg.remat)(
           block, x_BxTxD, enc if use_cca else None, enc_mask if use_cca else None)
+    return constrain(self.logits(x_BxTxD), ("batch", "length", "act_vocab"))
+
+  def logits(self, x_BxTxD: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V] from the last block's output."""
     h_BxTxD = self.final_norm(x_BxTxD)
     unembed = self.embed.attend if self.unembed is None else self.unembed
-    logits_BxTxV = unembed(h_BxTxD).astype(jnp.float32)
-    return constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
+    return unembed(h_BxTxD).astype(jnp.float32)
 
 
 def _maybe_remat(fn, remat: bool):

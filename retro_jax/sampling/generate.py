@@ -185,9 +185,8 @@ def generate(model, config: RetroConfig, prompt_ids: Sequence[int],
 
 class FullRecompute:
   """Greedy generation recomputing every position per token with the model's own forward: the
-  reference the KV-cache decoder is benchmarked against (bench/generate_speed.py), and the way to
-  decode models the incremental `Decoder` does not support (rotary positions, e.g. a retrofitted
-  Llama). Same retrieval protocol as `generate`."""
+  reference the KV-cache decoder is tested and benchmarked against (bench/generate_speed.py). Same
+  retrieval protocol as `generate`."""
 
   def __init__(self, model, config: RetroConfig):
     self.config = config

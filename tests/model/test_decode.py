@@ -1,7 +1,7 @@
 """Incremental decoding (retro_jax.model.decode) equals the full forward at every position."""
 from __future__ import annotations
 
-import types
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,12 +45,12 @@ def _inputs(seed, b, t):
   return tokens, nbrs
 
 
-def _decode(decoder, tokens, nbrs, prompt_len):
+def _decode(decoder, tokens, nbrs, prompt_len, cfg=CFG):
   """Cached logits [B, T, V]: the prompt's from a full forward (prefill returns the last row),
   then one step per token, each chunk's neighbours given at the step that completes it."""
   b, t = tokens.shape
-  out = np.zeros((b, t, CFG.vocab_size), np.float32)
-  l = CFG.num_chunks(prompt_len)
+  out = np.zeros((b, t, cfg.vocab_size), np.float32)
+  l = cfg.num_chunks(prompt_len)
   logits, state = decoder.prefill(tokens[:, :prompt_len], None if nbrs is None else nbrs[:, :l])
   out[:, prompt_len - 1] = np.asarray(logits)
   for pos in range(prompt_len, t):
@@ -116,11 +116,28 @@ def test_bad_calls_raise_clear_errors(model, decoder):
     decoder.step(state, np.ones((1,), np.int32))
 
 
-def test_other_position_schemes_are_not_implemented():
-  m = Retro(CFG, rngs=nnx.Rngs(1))
-  m.config = types.SimpleNamespace(**{**vars(CFG), "positions": "rope"})
-  with pytest.raises(NotImplementedError, match="positions='relative'"):
-    Decoder(m, max_len=16)
+# A Llama-architecture decoder (rotary positions, grouped-query attention, SwiGLU, tied
+# embeddings: SmolLM2's form) with CCA layers and the encoder added, as a retrofit makes it; and
+# the same decoder without them (the baseline it was retrofitted from).
+LLAMA = dataclasses.replace(CFG, positions="rope", rope_theta=500.0, num_kv_heads=2,
+                            ffw_activation="swiglu", tie_embeddings=True)
+LLAMA_BASELINE = dataclasses.replace(LLAMA, cca_layers=())
+
+
+@pytest.mark.parametrize("cfg,retrieval", [(LLAMA, True), (LLAMA, False), (LLAMA_BASELINE, False)],
+                         ids=["rope-gqa-retrofit-on", "rope-gqa-retrofit-off", "rope-gqa-baseline"])
+def test_rotary_grouped_query_models_decode_equal_to_the_full_forward(cfg, retrieval):
+  assert cfg.kv_heads < cfg.num_heads
+  model = Retro(cfg, rngs=nnx.Rngs(2))
+  model.eval()
+  tokens, nbrs = _inputs(5, 2, 27)
+  if not retrieval:
+    nbrs = None
+  want = np.asarray(model(jnp.asarray(tokens), None if nbrs is None else jnp.asarray(nbrs)))
+  got, state = _decode(Decoder(model, max_len=32), tokens, nbrs, 10, cfg)
+  assert state.length == 27
+  err = np.abs(got[:, 9:] - want[:, 9:]).max()
+  assert err <= ATOL, err
 
 
 def test_step_compiles_once_per_kind(model):
