@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,7 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 80, "tokens sampled per case")
 _PAGE_ONLY = flags.DEFINE_bool("page_only", False, "write the page from the results file only")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.join(REPO, "tests", "data", "corpus")
+CORPUS = "tests/data/corpus"  # paths relative to the repository, where the commands run
 SPEC = f"{CORPUS}/kernel:limit=20+{CORPUS}/wiki.jsonl:limit=40"
 PROMPT = ("The Moon is Earth's only natural satellite. It orbits at an average distance of "
           "384,400 km, about 30 times the diameter of Earth. The Moon")
@@ -55,7 +56,8 @@ def _run(cmd: list[str], timeout_s: float) -> dict:
   secs = time.perf_counter() - t0
   if p.returncode:
     raise SystemExit(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-3000:]}")
-  return {"command": "python -m " + " ".join(cmd), "seconds": round(secs, 1), "stdout": p.stdout}
+  return {"command": "python -m " + shlex.join(cmd), "seconds": round(secs, 1),
+          "stdout": p.stdout}
 
 
 def _continuation(stdout: str) -> str:
@@ -69,6 +71,7 @@ def _continuation(stdout: str) -> str:
 def _cached_equals_full(work: str) -> list[dict]:
   """Greedy tokens of the KV-cache decoder and of the full forward, per case."""
   rows = []
+  work = os.path.join(REPO, work)
   db = os.path.join(work, "db")
   retrieval = None
   for name, on in CASES:
@@ -89,9 +92,9 @@ def _cached_equals_full(work: str) -> list[dict]:
 
 
 def measure() -> dict:
-  work = os.path.abspath(_WORK.value)
-  shutil.rmtree(work, ignore_errors=True)
-  os.makedirs(work)
+  work = _WORK.value  # relative to the repository
+  shutil.rmtree(os.path.join(REPO, work), ignore_errors=True)
+  os.makedirs(os.path.join(REPO, work))
   db, base, ret = (os.path.join(work, d) for d in ("db", "baseline", "retrofit"))
   steps = [
       _run(["retro_jax.build_db", f"--corpus={SPEC}", "--tokenizer=smollm2", f"--db={db}",
