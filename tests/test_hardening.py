@@ -28,12 +28,12 @@ import tiny_db  # noqa: E402
 from experiments import tiny as tiny_experiment  # noqa: E402
 from retro_jax import errors  # noqa: E402
 from retro_jax import sample as sample_cmd  # noqa: E402
-from retro_jax.db import build as build_lib  # noqa: E402
+from retro_jax.build import edit as edit_lib  # noqa: E402
+from retro_jax.build import neighbours as neighbours_lib  # noqa: E402
+from retro_jax.build import stages as build_lib  # noqa: E402
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
 from retro_jax.db import corpus as corpus_lib  # noqa: E402
-from retro_jax.db import edit as edit_lib  # noqa: E402
 from retro_jax.db import layout, provenance, verify  # noqa: E402
-from retro_jax.db import neighbours as neighbours_lib  # noqa: E402
 from retro_jax.db.tokenizer import TokenizerMismatchError  # noqa: E402
 from retro_jax.evaluation import bpb  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402

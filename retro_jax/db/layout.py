@@ -3,7 +3,7 @@
     DB/
       tokenizer/spm.model | tokenizer/bpe.json   the database's tokenizer (one of the two)
       chunks/manifest.json                        the chunk store: shards, documents, edits
-      chunks/deletions.json                       removed documents (retro_jax.db.edit)
+      chunks/deletions.json                       removed documents (retro_jax.build.edit)
       chunks/shard-XXXXX/                         tokens.npy, doc_ids.npy, doc_table.npy, doc_keys.json
       embeddings/embedder.json                    which embedder made the vectors
       embeddings/shard-XXXXX.npy                  float32 [chunks, D] (+ .progress.json while written)
@@ -155,7 +155,7 @@ def embeddings_path(db: PathLike, shard: int) -> epath.Path:
 
 
 def embedding_part_path(db: PathLike, shard: int, start: int) -> epath.Path:
-  """A finished block of rows [start, ..) of embeddings shard `shard` (retro_jax/db/pipeline.py)."""
+  """A finished block of rows [start, ..) of embeddings shard `shard` (retro_jax/build/pipeline.py)."""
   return embeddings_dir(db) / EMBEDDING_PARTS_DIR / shard_name(shard) / f"rows-{start:010d}.npy"
 
 

@@ -7,7 +7,7 @@ stage finishes:
   inputs     the checksums of the stage's inputs: the chunk-store shards' token files for the
              embeddings, the embeddings shards for the index, the index manifests and the held-out
              documents for the neighbours.
-`retro_jax.db.build` compares the record with what this run would build from. A difference is a
+`retro_jax.build.stages` compares the record with what this run would build from. A difference is a
 `ProvenanceMismatchError` naming it, unless `--rebuild`, which deletes that stage's outputs and builds
 them again (and so every later stage, whose inputs then change). An input present in only one of the
 two records is not a difference (`retro_jax.edit_db --add` appends shards).

@@ -108,7 +108,7 @@ MAX_SENTENCE_LENGTH = 4192
 
 def line_picks(total: int, k: int, seed: int) -> np.ndarray:
   """Sorted indices of the k training lines (of `total`, in corpus order) a tokenizer trained in
-  parallel uses (retro_jax/db/pipeline.py): all of them when total <= k, which is what
+  parallel uses (retro_jax/build/pipeline.py): all of them when total <= k, which is what
   `sample_lines` keeps too; else a seeded draw without replacement (another sample than the
   reservoir's: the parallel build counts the lines first)."""
   if total <= k:

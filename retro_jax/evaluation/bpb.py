@@ -58,10 +58,10 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
+from retro_jax.build.neighbours import search_block
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import npy_rows, verify
 from retro_jax.db.chunk_store import ChunkStore
-from retro_jax.db.neighbours import search_block
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
 from retro_jax.evaluation import controls
@@ -98,7 +98,7 @@ def training_doc_mask(store, db_fraction: float, seed: int = 0) -> np.ndarray:
     raise EvalError(f"db_fraction={db_fraction} must be in (0, 1].")
   keep = ~store.doc_heldout
   deleted = np.asarray(store.deleted_doc_ids(), np.int64)
-  if len(deleted):  # documents removed from the database (retro_jax.db.edit) are never retrieved
+  if len(deleted):  # documents removed from the database (retro_jax.build.edit) are never retrieved
     keep = keep.copy()
     keep[deleted] = False
   if db_fraction < 1:

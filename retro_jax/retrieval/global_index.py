@@ -34,7 +34,7 @@ part file per serving shard, `parts/`), merge (one per serving shard: its parts 
 group order, the codes packed into fast-scan blocks (the bytes faiss's `add_with_ids` gives
 shard by shard), the int8 copies and ids streamed to disk; its record last), finish (the
 manifest; `parts/` removed). `build` runs them in turn in one process; the Beam build
-(retro_jax/db/pipeline.py) runs them as transforms, encode and merge in parallel.
+(retro_jax/build/pipeline.py) runs them as transforms, encode and merge in parallel.
 
 Ids are int64 global chunk ids. To the `Retriever` (which adds the same-document exclusion,
 removed-document masking and the merge) each serving shard is one searcher, `GlobalIndex.restricted
@@ -161,7 +161,7 @@ def read_rows(sources: Sequence[Source], first: int, picks: np.ndarray) -> np.nd
 
 def sample_rows(sources: Sequence[Source], size: int, seed: int) -> np.ndarray:
   """float32 [min(size, N), D]: rows drawn without replacement (fixed seed), read shard by shard
-  (the Beam build reads the same rows in parallel, per encode group: retro_jax/db/pipeline.py)."""
+  (the Beam build reads the same rows in parallel, per encode group: retro_jax/build/pipeline.py)."""
   total = sum(int(s[1].shape[0]) for s in sources)
   return read_rows(sources, 0, sample_picks(total, size, seed))
 
@@ -371,7 +371,7 @@ def _read_index(path: epath.Path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The build, as steps (the plain `build` runs them in turn; retro_jax/db/pipeline.py runs each
+# The build, as steps (the plain `build` runs them in turn; retro_jax/build/pipeline.py runs each
 # step's elements as Beam transforms): prepare; train (one); encode (one per group of
 # ENCODE_GROUP_SOURCES sources); merge (one per serving shard); finish (one: the manifest, last).
 # Each step's output is written atomically with a record naming it finished, so a killed build
@@ -1060,7 +1060,7 @@ def _append_rows(path: epath.Path, new: np.ndarray) -> dict[str, Any]:
 
 def add_sources(root, sources: Sequence[Source]) -> dict[str, Any]:
   """Encodes the sources (all of the database's embeddings shards, in order) that the built
-  index does not hold yet (documents added by `retro_jax.db.edit`: the last ones) with the
+  index does not hold yet (documents added by `retro_jax.build.edit`: the last ones) with the
   trained partitioner and quantizer: each new vector goes to its partition's serving shard, whose
   files are rewritten atomically (the new ids are the largest, so its rerank copy stays in id
   order), then its record, then the manifest (removed first, so an interrupted add is never

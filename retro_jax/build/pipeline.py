@@ -1,6 +1,6 @@
 r"""The retrieval-database build as Apache Beam pipelines over the stage functions.
 
-Each stage (retro_jax/db/build.py runs them in order, skipping finished ones) is one pipeline:
+Each stage (retro_jax/build/stages.py runs them in order, skipping finished ones) is one pipeline:
 
   tokenizer   one element: `prepare.build_tokenizer` (SentencePiece on a deterministic sample of the
               non-held-out documents, on one worker), or the given --tokenizer copied; a
@@ -60,11 +60,11 @@ from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from etils import epath
 
+from retro_jax.build import neighbours as neighbours_lib
+from retro_jax.build import plan as plan_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import corpus as corpus_lib
 from retro_jax.db import layout
-from retro_jax.db import neighbours as neighbours_lib
-from retro_jax.db import plan as plan_lib
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db import provenance
 from retro_jax.db import tokenizer as tokenizer_lib

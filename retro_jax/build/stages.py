@@ -2,7 +2,7 @@ r"""Every stage of the retrieval database, in order: corpus -> tokenizer -> chun
 index -> training neighbours.
 
 Each stage is an Apache Beam pipeline over the other modules' stage functions
-(retro_jax/db/pipeline.py), run to completion before the next starts (each reads all of the
+(retro_jax/build/pipeline.py), run to completion before the next starts (each reads all of the
 previous one's output), on whichever runner `beam_args` name: the in-process DirectRunner by
 default, the DirectRunner over several local processes (`make db`), or Dataflow, Flink or Spark
 (docs/beam.md). Every stage is restartable (its elements skip finished work); a stage whose
@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 
 from etils import epath
 
+from retro_jax.build import pipeline as pipeline_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, provenance
-from retro_jax.db import pipeline as pipeline_lib
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.errors import UserError
@@ -78,7 +78,7 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Stages: each a Beam pipeline (retro_jax.db.pipeline).
+# Stages: each a Beam pipeline (retro_jax.build.pipeline).
 
 
 def _stage_finalize(db: epath.Path, cfg: dict[str, Any], beam_args) -> None:
