@@ -426,3 +426,13 @@ def test_guard_prints_one_line_and_exits_2(capsys):
   with pytest.raises(SystemExit) as e:
     errors.guard(main)([])
   assert e.value.code == 2 and capsys.readouterr().err == "error: x is damaged; rebuild it\n"
+
+
+def test_evaluate_with_one_held_out_document_scores_on_and_off(ckpt, capfd):
+  res = bpb.evaluate(ckpt, seq_len=128, stride=64, max_docs=1, progress=False)
+  assert res["num_docs"] == 1
+  assert set(res["results"]) == {"on", "off"}  # the defaults' shuffled control cannot run
+  assert "another held-out document" in res["skipped_modes"]["shuffled"]
+  assert "the shuffled control is skipped" in capfd.readouterr().err
+  assert np.isfinite(res["results"]["on"]["bpb"]) and np.isfinite(res["results"]["off"]["bpb"])
+  assert "on-off" in res["differences"]

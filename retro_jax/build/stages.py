@@ -135,6 +135,15 @@ def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: b
   return want
 
 
+def _remove_damaged(stage: str, db: epath.Path, cfg: dict[str, Any], audit: bool) -> None:
+  """A finished global index with a file missing or not at its recorded size (with `audit`: or
+  not at its recorded sha256, every file read) is removed, so that this run builds it again."""
+  if stage == "index" and cfg["backend"] == index_lib.GLOBAL_BACKEND:
+    damaged = build_index_lib.remove_damaged_global_index(str(db), contents=audit)
+    if damaged:
+      print(f"[build_db] index: damaged ({'; '.join(damaged)}); rebuilding it", flush=True)
+
+
 def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
           beam_args: Sequence[str] | None = None, audit: bool = False,
           plan_only: bool = False, **kwargs: Any) -> dict[str, Any]:
@@ -168,6 +177,7 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
       record["stages"][stage] = {
           "graph_bytes": pipeline_lib.run_stage(stage, db, cfg, beam_args, plan_only=True)}
       continue
+    _remove_damaged(stage, db, cfg, audit)
     if is_done(stage, db, cfg):
       if want is not None:  # (also records a database built before provenance records)
         provenance.write(db, stage, cfg, want)

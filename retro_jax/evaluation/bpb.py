@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import sys
 import time
 from typing import Any, Sequence
 
@@ -445,6 +446,15 @@ def mode_neighbours(held: HeldOut, mode: str, shuffle_seed: int = 0) -> np.ndarr
   return held.neighbours_CxK[mode_rows(held, mode, shuffle_seed)[0]]
 
 
+def skipped_controls(modes: Sequence[str], num_docs: int) -> dict[str, str]:
+  """The controls of `modes` that the held-out set cannot serve, each with the reason: the
+  shuffled ones take neighbours from another held-out document."""
+  if num_docs >= 2:
+    return {}
+  return {m: f"it takes neighbours from another held-out document and there is {num_docs}"
+          for m in modes if m in ("shuffled", "shuffled_source")}
+
+
 def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_len: int = 2048,
              stride: int = 1024, num_neighbours: int | None = None,
              retrieval: str | Sequence[str] = "all", db_fraction: float = 1.0,
@@ -482,6 +492,10 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
              [len(t) for t in held.doc_tokens], seq_len, stride, cfg.chunk_size),
          "overlap_bins": [list(b) for b in controls.OVERLAP_BINS], "results": {}}
   doc_C = controls.doc_of_row(held.doc_first_row, len(held.chunk_ids_C))
+  out["skipped_modes"] = skipped_controls(modes, len(np.unique(doc_C)))
+  for mode, why in out["skipped_modes"].items():
+    print(f"evaluate: the {mode} control is skipped: {why}", file=sys.stderr, flush=True)
+  modes = tuple(m for m in modes if m not in out["skipped_modes"])
   rows = {m: mode_rows(held, m, shuffle_seed) for m in modes}  # (perm, defined) per mode
   defined = {m: d for m, (_, d) in rows.items()}
   if "shuffled" in modes:

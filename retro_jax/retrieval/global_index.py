@@ -189,9 +189,19 @@ def train(sources: Sequence[Source], config: GlobalIndexConfig):
   return (*train_on(sample_rows(sources, max(c.train_sample, 0), c.seed), c), c)
 
 
+# 4-bit PQ: k-means of 16 centroids per sub-quantizer needs at least 16 training points.
+PQ_CENTROIDS = 16
+
+
 def train_on(sample: np.ndarray, c: GlobalIndexConfig):
-  """(trained empty faiss index, per-dimension int8 scale [D]) from the training sample."""
+  """(trained empty faiss index, per-dimension int8 scale [D]) from the training sample.
+
+  A database of fewer vectors than the PQ has centroids (a one-chunk database) trains on its
+  sample repeated: the codes are then poor, but every vector is a rerank candidate
+  (n <= `rerank`), so the search is exact on the int8 copy all the same."""
   dim = sample.shape[1]
+  if 0 < sample.shape[0] < PQ_CENTROIDS:
+    sample = np.resize(sample, (PQ_CENTROIDS * c.min_points_per_centroid, dim))  # repeated rows
   index = faiss.index_factory(dim, _factory(dim, c), faiss.METRIC_INNER_PRODUCT)
   ivf = faiss.extract_index_ivf(index)
   ivf.cp.niter = c.kmeans_iters
@@ -798,7 +808,9 @@ def read_serving_record(index_dir, s: int) -> dict[str, Any]:
   return rec
 
 
-_FIX = "rerun `python -m retro_jax.build_db --stages=index`"
+_FIX = "rerun `python -m retro_jax.build_db` with the database's flags: it rebuilds the index"
+_FIX_CONTENT = ("rerun `python -m retro_jax.build_db` with the database's flags and --audit (which "
+                "reads the whole index): it rebuilds the index")
 
 
 def _check_file(path: epath.Path, rec: dict[str, Any], data: bytes | None = None,
@@ -808,10 +820,32 @@ def _check_file(path: epath.Path, rec: dict[str, Any], data: bytes | None = None
   if data is None and not path.exists():
     raise index_lib.IndexError_(f"Global index file {path} is missing; {_FIX}.")
   size = len(data) if data is not None else path.stat().length
-  if size != rec["bytes"] or (content and (layout.sha256_bytes(data) if data is not None
-                                           else layout.sha256_file(path)) != rec["sha256"]):
-    raise index_lib.IndexError_(f"Global index file {path} is corrupt (its size or sha256 differs "
-                                f"from its record); {_FIX}.")
+  if size != rec["bytes"]:
+    raise index_lib.IndexError_(f"Global index file {path} is damaged ({size} bytes, its record "
+                                f"says {rec['bytes']}); {_FIX}.")
+  if content and (layout.sha256_bytes(data) if data is not None
+                  else layout.sha256_file(path)) != rec["sha256"]:
+    raise index_lib.IndexError_(f"Global index file {path} is damaged (its sha256 differs from "
+                                f"its record); {_FIX_CONTENT}.")
+
+
+def damaged_files(index_dir, manifest: dict[str, Any] | None = None) -> list[str]:
+  """The index's files that are missing or whose size differs from their record (a stat per file
+  and one small record per serving shard: cheap at any size; `verify` reads the contents)."""
+  index_dir = epath.Path(index_dir)
+  manifest = manifest or read_manifest(index_dir)
+  out = [str(index_dir / n) for n, rec in manifest["files"].items()
+         if not (index_dir / n).exists() or (index_dir / n).stat().length != rec["bytes"]]
+  for s in serving_shard_ids(manifest):
+    rec = _read_json(serving_path(index_dir, s, "record"))
+    if rec is None:
+      out.append(str(serving_path(index_dir, s, "record")))
+      continue
+    for what, f in rec["files"].items():
+      path = serving_path(index_dir, s, what)
+      if not path.exists() or path.stat().length != f["bytes"]:
+        out.append(str(path))
+  return out
 
 
 def verify(index_dir, manifest: dict[str, Any] | None = None) -> None:
