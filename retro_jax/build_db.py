@@ -7,7 +7,8 @@ r"""Build a retrieval database: corpus -> tokenizer -> chunks -> embeddings -> i
 
 Each stage is an Apache Beam pipeline (retro_jax.build.pipeline); flags this command does not define
 (`--runner`, `--direct_num_workers`, `--direct_running_mode`, Dataflow's `--project`, `--region`,
-`--temp_location`, `--setup_file`, ...) go to Beam's PipelineOptions (docs/beam.md). Every stage
+`--temp_location`, `--setup_file`, ...) go to Beam's PipelineOptions (docs/beam.md); one that Beam
+does not define either is refused before anything runs (exit 2, naming it). Every stage
 is restartable and a finished one is skipped (retro_jax.build.stages); stage times go to
 DB/build_times.json.
 """

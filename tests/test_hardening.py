@@ -436,3 +436,17 @@ def test_evaluate_with_one_held_out_document_scores_on_and_off(ckpt, capfd):
   assert "the shuffled control is skipped" in capfd.readouterr().err
   assert np.isfinite(res["results"]["on"]["bpb"]) and np.isfinite(res["results"]["off"]["bpb"])
   assert "on-off" in res["differences"]
+
+
+def test_unknown_build_db_flags_are_refused_before_anything_is_written(tmp_path):
+  d = tmp_path / "db"
+  for flag, hint in (("--heldout_fraktion=0.5", "did you mean --heldout_fraction?"),
+                     ("--vocab_sise=1000", "did you mean --vocab_size?")):
+    p = cli([sys.executable, "-m", "retro_jax.build_db", f"--db={d}",
+             f"--corpus={corpus_path.spec(wiki=2)}", flag, "--runner=DirectRunner"])
+    assert_one_line_error(p, flag, "neither build_db's nor Beam's", hint)
+    assert not d.exists()
+  # Beam's own flags pass (parsed as Beam parses them).
+  assert build_lib.pipeline_lib.unknown_options(
+      ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+       "--project=p", "--region=r", "--temp_location=gs://b/t", "--setup_file=./setup.py"]) == []

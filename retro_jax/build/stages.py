@@ -15,6 +15,7 @@ stage are printed and written to `DB/build_times.json`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -111,6 +112,27 @@ DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None
                 embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2, index_searcher="faiss")
 
 
+# build_db's own flags besides the settings (for the suggestion in an unknown flag's error).
+COMMAND_FLAGS = ("db", "stages", "rebuild", "audit", "plan_only")
+
+
+def check_beam_args(beam_args: Sequence[str]) -> None:
+  """Arguments that are neither build_db's nor Beam's stop the build before it starts, named
+  (Beam would drop them with a warning and build with the defaults)."""
+  unknown = pipeline_lib.unknown_options(beam_args)
+  if not unknown:
+    return
+  ours = [f"--{n}" for n in (*DEFAULTS, *COMMAND_FLAGS)]
+  hints = []
+  for arg in unknown:
+    if arg.startswith("--"):
+      close = difflib.get_close_matches(arg.split("=", 1)[0], ours, n=1, cutoff=0.8)
+      hints += [f"{arg.split('=', 1)[0]}: did you mean {close[0]}?"] if close else []
+  raise BuildError(f"unknown flag(s) {' '.join(unknown)}: neither build_db's nor Beam's "
+                   f"(python -m retro_jax.build_db --help; Beam's: docs/beam.md)"
+                   + (f"; {' '.join(hints)}" if hints else ""))
+
+
 def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: bool,
                      audit: bool = False) -> dict[str, Any] | None:
   """This run's record of `stage` (None for 'finalize'); raises ProvenanceMismatchError when the
@@ -159,6 +181,7 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
   unknown = set(kwargs) - set(DEFAULTS)
   if unknown:
     raise TypeError(f"build() got unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
+  check_beam_args(beam_args or ())
   cfg = {**DEFAULTS, **kwargs}
   for s in stages:
     if s not in _RUNNERS:
