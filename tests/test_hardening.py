@@ -305,6 +305,19 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
   assert not (tmp_path / workdir_lock.LOCK).exists()
 
 
+def test_an_empty_lock_is_taken_over_once_old(tmp_path, capsys):
+  lock = tmp_path / workdir_lock.LOCK
+  lock.write_bytes(b"")  # e.g. a disk that filled while the lock was written
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="no readable record"):
+    workdir_lock.acquire(tmp_path)  # just written: perhaps a run taking it right now
+  old = time.time() - workdir_lock.UNREADABLE_STALE_S - 1
+  os.utime(lock, (old, old))
+  with workdir_lock.acquire(tmp_path) as held:
+    assert "holds no readable record" in capsys.readouterr().err
+    assert json.loads(lock.read_text()) == held.record
+  assert not lock.exists()
+
+
 def test_full_disk_during_a_checkpoint(db, tmp_path):
   mnt = tmp_path / "small"
   mnt.mkdir()
