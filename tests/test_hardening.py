@@ -463,3 +463,11 @@ def test_unknown_build_db_flags_are_refused_before_anything_is_written(tmp_path)
   assert build_lib.pipeline_lib.unknown_options(
       ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
        "--project=p", "--region=r", "--temp_location=gs://b/t", "--setup_file=./setup.py"]) == []
+
+
+def test_a_corpus_too_small_for_the_vocabulary_is_one_line(tmp_path):
+  corpus = tmp_path / "one.jsonl"
+  corpus.write_text('{"key": "one:1", "text": "The Moon is Earth\'s only natural satellite."}\n')
+  p = cli([sys.executable, "-m", "retro_jax.build_db", f"--db={tmp_path / 'db'}",
+           f"--corpus={corpus}"])  # the default vocabulary, 8192
+  assert_one_line_error(p, "too small for a 8192-piece tokenizer", "--vocab_size=")
