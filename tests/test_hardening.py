@@ -471,3 +471,29 @@ def test_a_corpus_too_small_for_the_vocabulary_is_one_line(tmp_path):
   p = cli([sys.executable, "-m", "retro_jax.build_db", f"--db={tmp_path / 'db'}",
            f"--corpus={corpus}"])  # the default vocabulary, 8192
   assert_one_line_error(p, "too small for a 8192-piece tokenizer", "--vocab_size=")
+
+
+def test_a_file_or_unreachable_storage_for_a_directory_is_one_line(db, ckpt, tmp_path,
+                                                                   monkeypatch):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  with pytest.raises(layout.StorageError, match=f"--workdir={a_file} is a file, not a directory"):
+    loop.run(experiment(db), str(a_file), progress=False)
+  with pytest.raises(layout.StorageError, match=f"--workdir={a_file}/run: cannot create it"):
+    loop.run(experiment(db), str(a_file / "run"), progress=False)
+  with pytest.raises(layout.StorageError, match=f"--db={a_file} is a file, not a directory"):
+    bpb.evaluate(ckpt, db=str(a_file), progress=False)
+  assert_one_line_error(cli([sys.executable, "-m", "retro_jax.build_db", f"--db={a_file}"]),
+                        f"--db={a_file} is a file, not a directory")
+  # gs:// where no storage answers: one line at once, not minutes of retries.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    closed = s.getsockname()[1]
+  env = {**ENV, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{closed}"}
+  p = subprocess.run([sys.executable, "-m", "retro_jax.train", "--config=experiments/tiny.py",
+                      f"--config.db={db}", "--workdir=gs://some-bucket/run"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert_one_line_error(p, "--workdir=gs://some-bucket/run", "cannot reach Cloud Storage")
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", env["STORAGE_EMULATOR_HOST"])
+  with pytest.raises(layout.StorageError, match="--db=gs://some-bucket/db: cannot reach"):
+    bpb.evaluate(ckpt, db="gs://some-bucket/db", progress=False)

@@ -186,8 +186,7 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
   for s in stages:
     if s not in _RUNNERS:
       raise ValueError(f"Unknown stage {s!r}; expected some of {tuple(_RUNNERS)}.")
-  db = layout.db_root(db_dir)  # local or gs:// (checked reachable); never a local "gs:" dir
-  db.mkdir(parents=True, exist_ok=True)
+  db = layout.make_dir(db_dir, "--db")  # local or gs:// (checked reachable); never a local "gs:"
   times_path = db / layout.BUILD_TIMES
   previous = json.loads(times_path.read_text()).get("stages", {}) if times_path.exists() else {}
   record: dict[str, Any] = {"settings": cfg, "beam_args": list(beam_args or []),

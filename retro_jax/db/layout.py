@@ -30,6 +30,7 @@ only read a local file (ScaNN's searcher directory), `local_dir` copies it once 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -127,7 +128,29 @@ def db_root(db: PathLike, what: str = "--db") -> epath.Path:
   """The database directory as an epath.Path (a gs:// one checked reachable first); never a
   pathlib.Path, which would turn gs://b/db into a local directory named 'gs:'."""
   check_reachable(db, what)
+  check_not_a_file(db, what)
   return epath.Path(db)
+
+
+def check_not_a_file(path: PathLike, what: str) -> None:
+  """A local path given for a directory that is a file: one line naming it."""
+  if not is_remote(path) and os.path.lexists(os.fspath(path)) and not os.path.isdir(
+      os.fspath(path)):
+    raise StorageError(f"{what}={os.fspath(path)} is a file, not a directory; give a directory")
+
+
+def make_dir(path: PathLike, what: str) -> epath.Path:
+  """Creates the directory `path` (checked reachable, not a file) or says in one line why it
+  cannot (read-only, no permission, a file on the way); a full disk stays a full disk."""
+  root = db_root(path, what)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    raise StorageError(f"{what}={os.fspath(path)}: cannot create it ({e.strerror or e}); give a "
+                       "writable directory") from None
+  return root
 
 
 def shard_name(shard: int) -> str:

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from retro_jax.build.neighbours import search_block
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import npy_rows, verify
+from retro_jax.db import layout, npy_rows, verify
 from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
@@ -468,6 +468,7 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
     raise EvalError(f"--num_neighbours={num_neighbours} must be >= 1 (omit it for the model's).")
   model, cfg, info = ckpt_lib.load_model(path, step)
   db = db or info["db"]
+  layout.db_root(db)  # reachable (gs://) and a directory, before anything reads it
   verify.check_checkpoint_tokenizer(info.get("db_tokenizer"), info["db"], db, info["path"])
   store = chunk_store_lib.ChunkStore.open(db)
   k = num_neighbours or cfg.num_neighbours

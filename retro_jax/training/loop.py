@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from retro_jax import errors
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import verify
+from retro_jax.db import layout, verify
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.model import Retro
 from retro_jax.model.partitioning import make_mesh
@@ -261,6 +261,7 @@ def run(c, workdir: str, *, distributed: bool | dict = False,
   arguments (coordinator_address, num_processes, process_id: a multi-process CPU run)."""
   if distributed:
     jax.distributed.initialize(**(distributed if isinstance(distributed, dict) else {}))
+  layout.make_dir(workdir, "--workdir")  # one line when it cannot be (a file, read-only, ...)
   lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
   quiet = _QuietDiskFull()
   # absl's root handler hands records to its inner handler without applying its own filters.
@@ -420,7 +421,6 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   c = experiment.with_defaults(c)
   cfg = experiment.model_config(c)
   workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
   store = chunk_store_lib.ChunkStore.open(c.db)
   _check_setup(c, cfg, store)
