@@ -36,7 +36,7 @@ bench: $(STAMP)
 	LD_PRELOAD=$(TCMALLOC) $(PY) -m bench.train_step
 
 # The default retrieval database (the embedded default corpus: kernel:limit=500+python:limit=200+wiki):
-# every stage, restartable; the Beam pipeline (retro_jax/db/pipeline.py) on the local runner, one
+# every stage, restartable; the Beam pipeline (retro_jax/build/pipeline.py) on the local runner, one
 # worker process per core (DB_WORKERS). More build_db flags: make db DB_FLAGS=--tokenizer=spm.model
 DB_WORKERS ?= $(shell nproc)
 DB_FLAGS ?=

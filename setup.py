@@ -42,7 +42,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
     "tensorboardX==2.6.5",
-    # The database build pipeline (retro_jax/db/pipeline.py): DirectRunner locally, Dataflow,
+    # The database build pipeline (retro_jax/build/pipeline.py): DirectRunner locally, Dataflow,
     # Flink or Spark by flags. apache-beam 2.77.0 needs protobuf < 7.
     "apache-beam==2.77.0",
     # TFDS corpora read by random access (retro_jax/db/corpus.py: tfds.data_source over ArrayRecord;

@@ -36,9 +36,9 @@ import time
 import numpy as np
 from absl import app, flags
 
+from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout
-from retro_jax.db import neighbours as neighbours_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("beam_db", "runs/beam_default_db", "database built by the Beam pipeline")

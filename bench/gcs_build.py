@@ -3,7 +3,7 @@ r"""Building a database into gs:// against building it on local disk, stage by s
     python -m bench.gcs_build [--rounds=1 --out=bench/results/gcs_build.json]
 
 The tests' corpus (tests/data/corpus: 12 kernel docs + 24 Wikipedia leads, ~480 chunks, 2 store
-shards; vocab 1000, the default global index, k=2) is built with `retro_jax.db.build.build` into a
+shards; vocab 1000, the default global index, k=2) is built with `retro_jax.build.stages.build` into a
 fresh local directory and into a fresh prefix of a local GCS emulator (tests/gcs_emulator.py:
 fake-gcs-server on localhost), alternately, in one process. The gs:// figure is this code's own
 I/O path (uploads, ranged reads, hashing through gcsfs and tensorstore) on an emulator without
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import corpus_path  # noqa: E402
 import gcs_emulator  # noqa: E402
 
-from retro_jax.db import build as build_lib  # noqa: E402
+from retro_jax.build import stages as build_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 1, "builds of each kind (alternating local, gs://)")

@@ -24,9 +24,11 @@ import time
 
 import numpy as np
 
-from retro_jax.db import build as build_lib
+from retro_jax.build import pipeline
+from retro_jax.build import plan
+from retro_jax.build import stages as build_lib
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout, pipeline, plan, provenance
+from retro_jax.db import layout, provenance
 from retro_jax.evaluation.figures import provenance as run_provenance
 from retro_jax.retrieval import global_index as global_lib
 

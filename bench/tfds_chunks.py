@@ -24,7 +24,7 @@ import time
 
 from absl import app, flags
 
-from retro_jax.db import build as build_lib
+from retro_jax.build import stages as build_lib
 from retro_jax.db import corpus, layout, tfds_writer
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", "runs/default_db/tokenizer/spm.model",

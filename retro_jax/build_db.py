@@ -5,16 +5,17 @@ r"""Build a retrieval database: corpus -> tokenizer -> chunks -> embeddings -> i
     python -m retro_jax.build_db --corpus=DIR_OR_JSONL --db=/tmp/small_db --max_docs=200 --vocab_size=2000
     python -m retro_jax.build_db --corpus=default --db=runs/smollm2_db --tokenizer=smollm2
 
-Each stage is an Apache Beam pipeline (retro_jax.db.pipeline); flags this command does not define
+Each stage is an Apache Beam pipeline (retro_jax.build.pipeline); flags this command does not define
 (`--runner`, `--direct_num_workers`, `--direct_running_mode`, Dataflow's `--project`, `--region`,
-`--temp_location`, `--setup_file`, ...) go to Beam's PipelineOptions (docs/beam.md). Every stage
-is restartable and a finished one is skipped (retro_jax.db.build); stage times go to
+`--temp_location`, `--setup_file`, ...) go to Beam's PipelineOptions (docs/beam.md); one that Beam
+does not define either is refused before anything runs (exit 2, naming it). Every stage
+is restartable and a finished one is skipped (retro_jax.build.stages); stage times go to
 DB/build_times.json.
 """
 
 from absl import app, flags
 
-from retro_jax.db import build
+from retro_jax.build import stages as build
 from retro_jax.errors import guard
 from retro_jax.retrieval import index as index_lib
 

@@ -4,13 +4,13 @@ r"""Edit a built retrieval database without retraining: add documents, remove do
     python -m retro_jax.edit_db --db=DIR --remove_docs=ID,ID,...
     python -m retro_jax.edit_db --db=DIR --remove_keys=KEY,KEY,...
 
-What an addition builds and how a removal is enforced: retro_jax.db.edit.
+What an addition builds and how a removal is enforced: retro_jax.build.edit.
 """
 import json
 
 from absl import app, flags
 
-from retro_jax.db import edit
+from retro_jax.build import edit
 from retro_jax.errors import guard
 from retro_jax.retrieval import index as index_lib
 

@@ -1,4 +1,4 @@
-"""The database build as a Beam pipeline (retro_jax/db/pipeline.py) against the plain stage
+"""The database build as a Beam pipeline (retro_jax/build/pipeline.py) against the plain stage
 functions (the global index built in process, neighbours searched in process), killed with
 SIGKILL while embedding then started again, and the index and routed neighbours resumed after a
 partial run."""
@@ -16,11 +16,11 @@ import corpus_path  # tests/corpus_path.py
 import numpy as np
 import pytest
 
-from retro_jax.db import build as build_lib
+from retro_jax.build import neighbours as neighbours_lib
+from retro_jax.build import pipeline as pipeline_lib
+from retro_jax.build import stages as build_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, prepare
-from retro_jax.db import neighbours as neighbours_lib
-from retro_jax.db import pipeline as pipeline_lib
 from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import global_index as global_lib

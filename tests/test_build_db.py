@@ -1,4 +1,4 @@
-"""`retro_jax.db.build` end to end on a tiny real slice; a rerun skips every stage."""
+"""`retro_jax.build.stages` end to end on a tiny real slice; a rerun skips every stage."""
 import json
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax.db import build as build_db  # noqa: E402
+from retro_jax.build import stages as build_db  # noqa: E402
 from retro_jax.db import layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""`retro_jax.db.edit`: removing and adding documents in a built database, without retraining.
+"""`retro_jax.build.edit`: removing and adding documents in a built database, without retraining.
 
 Each test works on its own copy of the tiny real database (tests/data/tiny_db.py), so they run in
 any order: a removal (through the command line), an addition of real Python-documentation pages
@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import corpus_path  # noqa: E402
 import tiny_db  # noqa: E402
 
+from retro_jax.build import edit as edit_db  # noqa: E402
+from retro_jax.build import neighbours as neighbours_lib  # noqa: E402
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
-from retro_jax.db import edit as edit_db  # noqa: E402
-from retro_jax.db import neighbours as neighbours_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
 from retro_jax.training import input_pipeline as loader_lib  # noqa: E402
 

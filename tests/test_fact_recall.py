@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from retro_jax.db import build as build_db
+from retro_jax.build import stages as build_db
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import corpus_path  # noqa: E402

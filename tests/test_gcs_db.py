@@ -1,7 +1,7 @@
 """A retrieval database built straight into gs:// on the local GCS emulator, then trained on,
 evaluated and sampled from there: no local copy, no local directory named `gs:`.
 
-The build (`retro_jax.db.build.build`, every stage) writes gs://BUCKET/db through
+The build (`retro_jax.build.stages.build`, every stage) writes gs://BUCKET/db through
 retro_jax.db.layout (epath/gcsfs, tensorstore ranged reads, staged local files for faiss and
 np.memmap); `retro_jax.train` (3 steps) reads it with its workdir in gs://BUCKET/run;
 `retro_jax.evaluate` and `retro_jax.sample` (live retrieval: the global index and embeddings read
@@ -20,7 +20,7 @@ import pytest
 from etils import epath
 from flax import nnx
 
-from retro_jax.db import build as build_lib
+from retro_jax.build import stages as build_lib
 from retro_jax.db import layout, verify
 from retro_jax.retrieval import build_index, embed
 from retro_jax.retrieval import index as index_lib

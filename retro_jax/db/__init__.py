@@ -1,1 +1,2 @@
-"""The retrieval database: corpus, tokenizers, chunk store, training neighbours, build, edits."""
+"""The retrieval database's storage: corpus, tokenizers, chunk store, layout, checks (the build that
+writes it: retro_jax.build)."""

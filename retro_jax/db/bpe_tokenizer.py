@@ -38,8 +38,8 @@ import gguf
 from etils import epath
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from retro_jax.assets import smollm2_gguf_path
 from retro_jax.errors import UserError
-from retro_jax.pretrained.files import smollm2_gguf_path
 
 KIND = "bpe"
 PRE_TOKENIZERS = ("smollm", "gpt2")  # llama.cpp's names: digits isolated + GPT-2 regex; GPT-2 regex.

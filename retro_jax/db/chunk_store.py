@@ -61,7 +61,7 @@ SHARDS = "shards.json"
 HELDOUT = "heldout.json"
 SHARD_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy", "doc_keys.json")
 DOC_TABLE_COLUMNS = ("doc_id", "first_row", "num_chunks", "num_utf8_bytes", "heldout")
-# Documents removed by `retro_jax.db.edit --remove_docs/--remove_keys`: STORE/deletions.json, read by
+# Documents removed by `retro_jax.build.edit --remove_docs/--remove_keys`: STORE/deletions.json, read by
 # the retriever, the retrieval service, the neighbours and the loader (none of them returns a chunk
 # of a removed document). Format: {"format_version": 1, "doc_ids": [sorted ids],
 # "requests": [{"time": ISO-8601 UTC, "doc_ids": [...], "doc_keys": [...]}]}.
@@ -172,7 +172,7 @@ def build_chunk_store(corpus_spec: str, out_dir: str | os.PathLike, tokenizer,
                       append_eos: bool = True, finalize: bool = True, progress: bool = True) -> dict:
   """Writes every store shard (finished ones are kept), then finalizes if asked. Returns
   {"seconds", "written", "skipped", "num_store_shards", ...}. The Beam build
-  (retro_jax/db/pipeline.py) writes the same shards one element each with `write_store_shard`."""
+  (retro_jax/build/pipeline.py) writes the same shards one element each with `write_store_shard`."""
   if chunk_size < 1 or docs_per_shard < 1:
     raise ValueError(f"chunk_size={chunk_size} and docs_per_shard={docs_per_shard} must be >= 1")
   out = epath.Path(out_dir)
@@ -691,7 +691,7 @@ class ChunkStore:
   def heldout_doc_ids(self) -> np.ndarray:
     return np.asarray(self.manifest["heldout"]["doc_ids"], np.int64)
 
-  # -- deletions (retro_jax.db.edit) -----------------------------------------------------------
+  # -- deletions (retro_jax.build.edit) -----------------------------------------------------------
   @property
   def deletions_path(self) -> epath.Path:
     return self.root / DELETIONS

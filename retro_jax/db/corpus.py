@@ -426,7 +426,7 @@ def read_documents(spec: str, stats: CorpusStats | None = None,
 
 
 # ------------------------------------------------------------------------------------------------
-# Random access (the Beam chunks stage, retro_jax/db/pipeline.py): when every part of a spec is a
+# Random access (the Beam chunks stage, retro_jax/build/pipeline.py): when every part of a spec is a
 # TFDS source, records are classified in parallel blocks (`scan_block`: only the records that are
 # not plainly good are listed), one element picks the documents exactly as `read_documents` would
 # (`select_documents`: same ids, same CorpusStats, in memory O(blocks + skipped records)), and each

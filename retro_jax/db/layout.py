@@ -3,7 +3,7 @@
     DB/
       tokenizer/spm.model | tokenizer/bpe.json   the database's tokenizer (one of the two)
       chunks/manifest.json                        the chunk store: shards, documents, edits
-      chunks/deletions.json                       removed documents (retro_jax.db.edit)
+      chunks/deletions.json                       removed documents (retro_jax.build.edit)
       chunks/shard-XXXXX/                         tokens.npy, doc_ids.npy, doc_table.npy, doc_keys.json
       embeddings/embedder.json                    which embedder made the vectors
       embeddings/shard-XXXXX.npy                  float32 [chunks, D] (+ .progress.json while written)
@@ -30,6 +30,7 @@ only read a local file (ScaNN's searcher directory), `local_dir` copies it once 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -127,7 +128,29 @@ def db_root(db: PathLike, what: str = "--db") -> epath.Path:
   """The database directory as an epath.Path (a gs:// one checked reachable first); never a
   pathlib.Path, which would turn gs://b/db into a local directory named 'gs:'."""
   check_reachable(db, what)
+  check_not_a_file(db, what)
   return epath.Path(db)
+
+
+def check_not_a_file(path: PathLike, what: str) -> None:
+  """A local path given for a directory that is a file: one line naming it."""
+  if not is_remote(path) and os.path.lexists(os.fspath(path)) and not os.path.isdir(
+      os.fspath(path)):
+    raise StorageError(f"{what}={os.fspath(path)} is a file, not a directory; give a directory")
+
+
+def make_dir(path: PathLike, what: str) -> epath.Path:
+  """Creates the directory `path` (checked reachable, not a file) or says in one line why it
+  cannot (read-only, no permission, a file on the way); a full disk stays a full disk."""
+  root = db_root(path, what)
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    raise StorageError(f"{what}={os.fspath(path)}: cannot create it ({e.strerror or e}); give a "
+                       "writable directory") from None
+  return root
 
 
 def shard_name(shard: int) -> str:
@@ -155,7 +178,7 @@ def embeddings_path(db: PathLike, shard: int) -> epath.Path:
 
 
 def embedding_part_path(db: PathLike, shard: int, start: int) -> epath.Path:
-  """A finished block of rows [start, ..) of embeddings shard `shard` (retro_jax/db/pipeline.py)."""
+  """A finished block of rows [start, ..) of embeddings shard `shard` (retro_jax/build/pipeline.py)."""
   return embeddings_dir(db) / EMBEDDING_PARTS_DIR / shard_name(shard) / f"rows-{start:010d}.npy"
 
 

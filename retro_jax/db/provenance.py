@@ -7,7 +7,7 @@ stage finishes:
   inputs     the checksums of the stage's inputs: the chunk-store shards' token files for the
              embeddings, the embeddings shards for the index, the index manifests and the held-out
              documents for the neighbours.
-`retro_jax.db.build` compares the record with what this run would build from. A difference is a
+`retro_jax.build.stages` compares the record with what this run would build from. A difference is a
 `ProvenanceMismatchError` naming it, unless `--rebuild`, which deletes that stage's outputs and builds
 them again (and so every later stage, whose inputs then change). An input present in only one of the
 two records is not a difference (`retro_jax.edit_db --add` appends shards).
@@ -224,28 +224,20 @@ def _remove(path: epath.Path) -> None:
     path.unlink()
 
 
+# Each stage's whole output directory: --rebuild removes it, so nothing an earlier build wrote
+# (a shard past the new store's last, a part file, a cached search) outlives it.
+_OUTPUT_DIRS = {"tokenizer": lambda db, cfg: db / "tokenizer",
+                "chunks": lambda db, cfg: db / layout.CHUNKS_DIR,
+                "embeddings": lambda db, cfg: layout.embeddings_dir(db),
+                "index": lambda db, cfg: layout.index_dir(db, cfg["backend"]),
+                "neighbours": lambda db, cfg: db / layout.NEIGHBOURS_DIR}
+
+
 def clear_outputs(stage: str, db: str | os.PathLike, cfg: dict[str, Any]) -> None:
-  """Deletes the outputs of `stage` (--rebuild), and its record."""
+  """Deletes the outputs of `stage` (--rebuild): its directory, outputs record and record."""
   db = epath.Path(db)
-  shards = [int(s["index"]) for s in _my_shards(db, cfg)]
-  if stage == "tokenizer":
-    _remove(db / "tokenizer")
-  elif stage == "chunks":
-    _remove(db / layout.CHUNKS_DIR)
-  elif stage == "embeddings":
-    for i in shards:
-      layout.remove_rows_output(layout.embeddings_path(db, i))
-      _remove(layout.progress_path(layout.embeddings_path(db, i)))
-    _remove(layout.embeddings_dir(db) / layout.EMBEDDER_INFO)
-    _remove(layout.embeddings_dir(db) / layout.EMBEDDING_PARTS_DIR)
-    _remove(outputs_path(db, stage))
-  elif stage == "index":
-    for i in shards:
-      _remove(layout.index_shard_dir(layout.index_dir(db, cfg["backend"]), i))
-  elif stage == "neighbours":
-    for i in shards:
-      layout.remove_rows_output(layout.neighbours_path(db, i))
-      _remove(layout.progress_path(layout.neighbours_path(db, i)))
+  _remove(_OUTPUT_DIRS[stage](db, cfg))
+  if stage in _SHARD_PATH:
     _remove(outputs_path(db, stage))
   _remove(record_path(db, stage, cfg))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import time
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
@@ -23,6 +24,15 @@ from retro_jax.db.layout import sha256_bytes
 from retro_jax.errors import UserError
 
 PAD_ID, UNK_ID, EOS_ID, BOS_ID = 0, 1, 2, 3
+
+
+class TokenizerTrainingError(UserError, ValueError):
+  """A corpus SentencePiece cannot train the asked vocabulary on (too little text)."""
+
+
+# SentencePiece's own message when the corpus holds too few distinct pieces.
+_VOCAB_TOO_HIGH = re.compile(
+    r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
 class TokenizerMismatchError(UserError, ValueError):
@@ -108,7 +118,7 @@ MAX_SENTENCE_LENGTH = 4192
 
 def line_picks(total: int, k: int, seed: int) -> np.ndarray:
   """Sorted indices of the k training lines (of `total`, in corpus order) a tokenizer trained in
-  parallel uses (retro_jax/db/pipeline.py): all of them when total <= k, which is what
+  parallel uses (retro_jax/build/pipeline.py): all of them when total <= k, which is what
   `sample_lines` keeps too; else a seeded draw without replacement (another sample than the
   reservoir's: the parallel build counts the lines first)."""
   if total <= k:
@@ -163,28 +173,37 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab
   random.seed(seed)
   t0 = time.perf_counter()
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      # Sampled here (seeded) rather than by SentencePiece, which then sees <= input_sentence_size
-      # lines and only shuffles them.
-      sentence_iterator=iter(lines if lines is not None else
-                             sample_lines(texts, input_sentence_size, seed, max_sentence_length)),
-      model_writer=model,
-      vocab_size=vocab_size,
-      model_type=model_type,
-      character_coverage=0.9995,
-      byte_fallback=True,
-      split_digits=True,
-      normalization_rule_name="identity",
-      remove_extra_whitespaces=False,
-      allow_whitespace_only_pieces=True,
-      user_defined_symbols=["\n"],
-      input_sentence_size=input_sentence_size,
-      shuffle_input_sentence=True,
-      max_sentence_length=max_sentence_length,
-      num_threads=num_threads or os.cpu_count() or 1,
-      pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=BOS_ID,
-      minloglevel=2,
-  )
+  try:
+    spm.SentencePieceTrainer.train(
+        # Sampled here (seeded) rather than by SentencePiece, which then sees <= input_sentence_size
+        # lines and only shuffles them.
+        sentence_iterator=iter(lines if lines is not None else
+                               sample_lines(texts, input_sentence_size, seed, max_sentence_length)),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=0.9995,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n"],
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        max_sentence_length=max_sentence_length,
+        num_threads=num_threads or os.cpu_count() or 1,
+        pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=BOS_ID,
+        minloglevel=2,
+    )
+  except RuntimeError as e:
+    m = _VOCAB_TOO_HIGH.search(str(e))
+    if m is None:
+      raise
+    raise TokenizerTrainingError(
+        f"the corpus is too small for a {m.group(1)}-piece tokenizer (SentencePiece finds at most "
+        f"{m.group(2)} pieces in it): pass --vocab_size={m.group(2)} or less, a larger --corpus, "
+        "or an existing tokenizer (--tokenizer=PATH/spm.model)") from None
   proto = model.getvalue()
   tmp = out_path.parent / (out_path.name + ".tmp")
   tmp.write_bytes(proto)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import sys
 import time
 from typing import Any, Sequence
 
@@ -58,10 +59,10 @@ from etils import epath
 from flax import nnx
 from tqdm import tqdm
 
+from retro_jax.build.neighbours import search_block
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import npy_rows, verify
+from retro_jax.db import layout, npy_rows, verify
 from retro_jax.db.chunk_store import ChunkStore
-from retro_jax.db.neighbours import search_block
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
 from retro_jax.evaluation import controls
@@ -98,7 +99,7 @@ def training_doc_mask(store, db_fraction: float, seed: int = 0) -> np.ndarray:
     raise EvalError(f"db_fraction={db_fraction} must be in (0, 1].")
   keep = ~store.doc_heldout
   deleted = np.asarray(store.deleted_doc_ids(), np.int64)
-  if len(deleted):  # documents removed from the database (retro_jax.db.edit) are never retrieved
+  if len(deleted):  # documents removed from the database (retro_jax.build.edit) are never retrieved
     keep = keep.copy()
     keep[deleted] = False
   if db_fraction < 1:
@@ -445,6 +446,15 @@ def mode_neighbours(held: HeldOut, mode: str, shuffle_seed: int = 0) -> np.ndarr
   return held.neighbours_CxK[mode_rows(held, mode, shuffle_seed)[0]]
 
 
+def skipped_controls(modes: Sequence[str], num_docs: int) -> dict[str, str]:
+  """The controls of `modes` that the held-out set cannot serve, each with the reason: the
+  shuffled ones take neighbours from another held-out document."""
+  if num_docs >= 2:
+    return {}
+  return {m: f"it takes neighbours from another held-out document and there is {num_docs}"
+          for m in modes if m in ("shuffled", "shuffled_source")}
+
+
 def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_len: int = 2048,
              stride: int = 1024, num_neighbours: int | None = None,
              retrieval: str | Sequence[str] = "all", db_fraction: float = 1.0,
@@ -458,6 +468,7 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
     raise EvalError(f"--num_neighbours={num_neighbours} must be >= 1 (omit it for the model's).")
   model, cfg, info = ckpt_lib.load_model(path, step)
   db = db or info["db"]
+  layout.db_root(db)  # reachable (gs://) and a directory, before anything reads it
   verify.check_checkpoint_tokenizer(info.get("db_tokenizer"), info["db"], db, info["path"])
   store = chunk_store_lib.ChunkStore.open(db)
   k = num_neighbours or cfg.num_neighbours
@@ -482,6 +493,10 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
              [len(t) for t in held.doc_tokens], seq_len, stride, cfg.chunk_size),
          "overlap_bins": [list(b) for b in controls.OVERLAP_BINS], "results": {}}
   doc_C = controls.doc_of_row(held.doc_first_row, len(held.chunk_ids_C))
+  out["skipped_modes"] = skipped_controls(modes, len(np.unique(doc_C)))
+  for mode, why in out["skipped_modes"].items():
+    print(f"evaluate: the {mode} control is skipped: {why}", file=sys.stderr, flush=True)
+  modes = tuple(m for m in modes if m not in out["skipped_modes"])
   rows = {m: mode_rows(held, m, shuffle_seed) for m in modes}  # (perm, defined) per mode
   defined = {m: d for m, (_, d) in rows.items()}
   if "shuffled" in modes:

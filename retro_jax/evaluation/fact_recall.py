@@ -22,7 +22,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from retro_jax.db import edit as edit_db
+from retro_jax.build import edit as edit_db
 from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.model.loss import token_nll
 from retro_jax.retrieval.retriever import Retriever, db_embedding_rows

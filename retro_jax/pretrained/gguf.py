@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retro_jax.assets import PretrainedError, smollm2_gguf_path
 from retro_jax.db import bpe_tokenizer
 from retro_jax.model.config import RetroConfig
 from retro_jax.model.retro import Retro
-from retro_jax.pretrained.files import PretrainedError, smollm2_gguf_path
 
 
 def _reader(path: str):

@@ -17,10 +17,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from retro_jax import assets
 from retro_jax.db import prepare
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.model.retro import count_params
-from retro_jax.pretrained import files, gguf
+from retro_jax.pretrained import gguf
 from retro_jax.training import checkpoint as ckpt_lib
 from retro_jax.training import experiment
 
@@ -60,7 +61,7 @@ def export(out: str | os.PathLike, db: str = "runs/smollm2_db") -> dict:
     raise ExportError(f"{directory} already holds checkpoints; remove it or pass another --out.")
   meta = {"step": 0, "model_config": cfg.to_dict(), "db": str(db),
           "experiment": {"model_size": MODEL_SIZE, "retrieval": False},
-          "source": {"gguf": files.smollm2_gguf_path(), "package": files.SMOLLM2_PIP},
+          "source": {"gguf": assets.smollm2_gguf_path(), "package": assets.SMOLLM2_PIP},
           "tokenizer": tokenizer.info(),
           "params": {"non_embedding": count_params(model),
                      "total": count_params(model, non_embedding=False)}}

@@ -63,16 +63,38 @@ def build_index(db_dir: str, config: index_lib.IndexConfig, out_dir: str | None 
 
 def global_index_done(db_dir: str, num_chunks: int) -> bool:
   """True when DB/index/global holds a finished index of this format over `num_chunks` vectors
-  (its manifest only)."""
+  whose files are all there at their recorded sizes (the manifest, one record per serving shard
+  and a stat per file)."""
   root = global_lib.index_dir(db_dir)
   try:
     if not (root / layout.MANIFEST).exists():
       return False
     m = global_lib.read_manifest(root)
     return (m.get("format_version") == global_lib.FORMAT_VERSION
-            and int(m["count"]) == int(num_chunks))
+            and int(m["count"]) == int(num_chunks) and not global_lib.damaged_files(root, m))
   except index_lib.IndexError_:
     return False
+
+
+def remove_damaged_global_index(db_dir: str, contents: bool = False) -> list[str]:
+  """Removes DB/index/global when it has a manifest but some file is missing or not at its
+  recorded size (`contents`: or its sha256 differs, every file read), so that the index stage
+  builds it again (the build is deterministic: the same bytes); returns what was damaged."""
+  root = global_lib.index_dir(db_dir)
+  try:
+    if not (root / layout.MANIFEST).exists():
+      return []
+    damaged = global_lib.damaged_files(root)
+    if contents and not damaged:
+      try:
+        global_lib.verify(root)
+      except index_lib.IndexError_ as e:
+        damaged = [str(e)]
+  except (index_lib.IndexError_, KeyError, TypeError, ValueError):
+    damaged = [str(root / layout.MANIFEST)]
+  if damaged:
+    root.rmtree()
+  return damaged
 
 
 def build_global_index(db_dir: str, config: global_lib.GlobalIndexConfig | None = None
@@ -82,6 +104,7 @@ def build_global_index(db_dir: str, config: global_lib.GlobalIndexConfig | None 
   Kept when already built for the same shards; returns its manifest."""
   sources = retriever_lib.db_global_sources(db_dir)
   root = global_lib.index_dir(db_dir)
+  remove_damaged_global_index(db_dir)
   if global_lib.is_built(root, sources):
     logging.info("Global index %s already built; skipping.", root)
     return global_lib.read_manifest(root)

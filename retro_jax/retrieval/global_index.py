@@ -34,7 +34,7 @@ part file per serving shard, `parts/`), merge (one per serving shard: its parts 
 group order, the codes packed into fast-scan blocks (the bytes faiss's `add_with_ids` gives
 shard by shard), the int8 copies and ids streamed to disk; its record last), finish (the
 manifest; `parts/` removed). `build` runs them in turn in one process; the Beam build
-(retro_jax/db/pipeline.py) runs them as transforms, encode and merge in parallel.
+(retro_jax/build/pipeline.py) runs them as transforms, encode and merge in parallel.
 
 Ids are int64 global chunk ids. To the `Retriever` (which adds the same-document exclusion,
 removed-document masking and the merge) each serving shard is one searcher, `GlobalIndex.restricted
@@ -161,7 +161,7 @@ def read_rows(sources: Sequence[Source], first: int, picks: np.ndarray) -> np.nd
 
 def sample_rows(sources: Sequence[Source], size: int, seed: int) -> np.ndarray:
   """float32 [min(size, N), D]: rows drawn without replacement (fixed seed), read shard by shard
-  (the Beam build reads the same rows in parallel, per encode group: retro_jax/db/pipeline.py)."""
+  (the Beam build reads the same rows in parallel, per encode group: retro_jax/build/pipeline.py)."""
   total = sum(int(s[1].shape[0]) for s in sources)
   return read_rows(sources, 0, sample_picks(total, size, seed))
 
@@ -189,9 +189,19 @@ def train(sources: Sequence[Source], config: GlobalIndexConfig):
   return (*train_on(sample_rows(sources, max(c.train_sample, 0), c.seed), c), c)
 
 
+# 4-bit PQ: k-means of 16 centroids per sub-quantizer needs at least 16 training points.
+PQ_CENTROIDS = 16
+
+
 def train_on(sample: np.ndarray, c: GlobalIndexConfig):
-  """(trained empty faiss index, per-dimension int8 scale [D]) from the training sample."""
+  """(trained empty faiss index, per-dimension int8 scale [D]) from the training sample.
+
+  A database of fewer vectors than the PQ has centroids (a one-chunk database) trains on its
+  sample repeated: the codes are then poor, but every vector is a rerank candidate
+  (n <= `rerank`), so the search is exact on the int8 copy all the same."""
   dim = sample.shape[1]
+  if 0 < sample.shape[0] < PQ_CENTROIDS:
+    sample = np.resize(sample, (PQ_CENTROIDS * c.min_points_per_centroid, dim))  # repeated rows
   index = faiss.index_factory(dim, _factory(dim, c), faiss.METRIC_INNER_PRODUCT)
   ivf = faiss.extract_index_ivf(index)
   ivf.cp.niter = c.kmeans_iters
@@ -371,7 +381,7 @@ def _read_index(path: epath.Path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The build, as steps (the plain `build` runs them in turn; retro_jax/db/pipeline.py runs each
+# The build, as steps (the plain `build` runs them in turn; retro_jax/build/pipeline.py runs each
 # step's elements as Beam transforms): prepare; train (one); encode (one per group of
 # ENCODE_GROUP_SOURCES sources); merge (one per serving shard); finish (one: the manifest, last).
 # Each step's output is written atomically with a record naming it finished, so a killed build
@@ -798,7 +808,9 @@ def read_serving_record(index_dir, s: int) -> dict[str, Any]:
   return rec
 
 
-_FIX = "rerun `python -m retro_jax.build_db --stages=index`"
+_FIX = "rerun `python -m retro_jax.build_db` with the database's flags: it rebuilds the index"
+_FIX_CONTENT = ("rerun `python -m retro_jax.build_db` with the database's flags and --audit (which "
+                "reads the whole index): it rebuilds the index")
 
 
 def _check_file(path: epath.Path, rec: dict[str, Any], data: bytes | None = None,
@@ -808,10 +820,32 @@ def _check_file(path: epath.Path, rec: dict[str, Any], data: bytes | None = None
   if data is None and not path.exists():
     raise index_lib.IndexError_(f"Global index file {path} is missing; {_FIX}.")
   size = len(data) if data is not None else path.stat().length
-  if size != rec["bytes"] or (content and (layout.sha256_bytes(data) if data is not None
-                                           else layout.sha256_file(path)) != rec["sha256"]):
-    raise index_lib.IndexError_(f"Global index file {path} is corrupt (its size or sha256 differs "
-                                f"from its record); {_FIX}.")
+  if size != rec["bytes"]:
+    raise index_lib.IndexError_(f"Global index file {path} is damaged ({size} bytes, its record "
+                                f"says {rec['bytes']}); {_FIX}.")
+  if content and (layout.sha256_bytes(data) if data is not None
+                  else layout.sha256_file(path)) != rec["sha256"]:
+    raise index_lib.IndexError_(f"Global index file {path} is damaged (its sha256 differs from "
+                                f"its record); {_FIX_CONTENT}.")
+
+
+def damaged_files(index_dir, manifest: dict[str, Any] | None = None) -> list[str]:
+  """The index's files that are missing or whose size differs from their record (a stat per file
+  and one small record per serving shard: cheap at any size; `verify` reads the contents)."""
+  index_dir = epath.Path(index_dir)
+  manifest = manifest or read_manifest(index_dir)
+  out = [str(index_dir / n) for n, rec in manifest["files"].items()
+         if not (index_dir / n).exists() or (index_dir / n).stat().length != rec["bytes"]]
+  for s in serving_shard_ids(manifest):
+    rec = _read_json(serving_path(index_dir, s, "record"))
+    if rec is None:
+      out.append(str(serving_path(index_dir, s, "record")))
+      continue
+    for what, f in rec["files"].items():
+      path = serving_path(index_dir, s, what)
+      if not path.exists() or path.stat().length != f["bytes"]:
+        out.append(str(path))
+  return out
 
 
 def verify(index_dir, manifest: dict[str, Any] | None = None) -> None:
@@ -1060,7 +1094,7 @@ def _append_rows(path: epath.Path, new: np.ndarray) -> dict[str, Any]:
 
 def add_sources(root, sources: Sequence[Source]) -> dict[str, Any]:
   """Encodes the sources (all of the database's embeddings shards, in order) that the built
-  index does not hold yet (documents added by `retro_jax.db.edit`: the last ones) with the
+  index does not hold yet (documents added by `retro_jax.build.edit`: the last ones) with the
   trained partitioner and quantizer: each new vector goes to its partition's serving shard, whose
   files are rewritten atomically (the new ids are the largest, so its rerank copy stays in id
   order), then its record, then the manifest (removed first, so an interrupted add is never

@@ -4,7 +4,7 @@ Scores from independently trained quantizers are not comparable across shards, s
 candidates are rescored exactly against the stored (memory-mapped) float32 embeddings before the
 merge. Chunks of a given document per query are excluded (RETRO's same-document rule); if a shard
 runs short of candidates after the exclusion, it is asked again for more. Chunks of documents removed
-from the database (`retro_jax.db.edit --remove_docs`, `deleted_ranges`) are never returned, for any
+from the database (`retro_jax.build.edit --remove_docs`, `deleted_ranges`) are never returned, for any
 query: they stay in the index files and are dropped (and refilled) the same way.
 """
 

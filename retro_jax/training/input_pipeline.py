@@ -4,7 +4,7 @@ Sequences. A split's chunk stream is the chunk-store chunks of its documents in 
 (split "train": the documents not held out; split "heldout": the held-out ones). Sequence i is the
 stream positions [i*L, (i+1)*L), L = seq_len / chunk_size; the last partial sequence is dropped.
 A sequence may span documents (each document's last chunk is padded with pad id 0).
-Documents removed from the database (`retro_jax.db.edit --remove_docs`) are in neither split, and a
+Documents removed from the database (`retro_jax.build.edit --remove_docs`) are in neither split, and a
 stored neighbour that is a removed chunk is handed out as missing (-1, all padding); the removal
 also recomputes such rows (`neighbours.repair_after_deletion`), so this is a second guard.
 Deletions are read when the source is created.
@@ -17,7 +17,7 @@ Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour leng
                 document only); every other position (document ends, padding) holds the pad id 0,
                 which the training loss masks (retro_jax.model.loss.cross_entropy).
   "neighbours": int32 [L, K, R]  for chunk u, its first K stored neighbours
-                (retro_jax.db.neighbours) of no document present in the sequence (the paper's
+                (retro_jax.build.neighbours) of no document present in the sequence (the paper's
                 rule, `exclude_sequence_docs=True`, retro_jax.training.sequence_exclusion; the
                 stage itself excludes only the chunk's own document, so store more than K),
                 each the neighbour chunk plus its continuation within its document
@@ -54,8 +54,8 @@ import grain
 import jax
 import numpy as np
 
+from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.training import sequence_exclusion
 
 PAD_ID = 0
@@ -149,7 +149,7 @@ class SequenceSource:
       self.num_neighbours = k_stored if num_neighbours is None else int(num_neighbours)
       if not 1 <= self.num_neighbours <= k_stored:
         raise ValueError(f"num_neighbours={num_neighbours} but {db_dir}/neighbours holds "
-                         f"k={k_stored}; recompute with python -m retro_jax.db.neighbours "
+                         f"k={k_stored}; recompute with python -m retro_jax.build.neighbours "
                          f"--db={db_dir} --k={num_neighbours}.")
     self._len = self.stream.size // self.num_chunks_per_seq
 

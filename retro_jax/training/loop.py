@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from retro_jax import errors
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import verify
+from retro_jax.db import layout, verify
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.model import Retro
 from retro_jax.model.partitioning import make_mesh
@@ -261,6 +261,7 @@ def run(c, workdir: str, *, distributed: bool | dict = False,
   arguments (coordinator_address, num_processes, process_id: a multi-process CPU run)."""
   if distributed:
     jax.distributed.initialize(**(distributed if isinstance(distributed, dict) else {}))
+  layout.make_dir(workdir, "--workdir")  # one line when it cannot be (a file, read-only, ...)
   lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
   quiet = _QuietDiskFull()
   # absl's root handler hands records to its inner handler without applying its own filters.
@@ -295,14 +296,8 @@ def _keep_disk_full(fn, failed: list) -> None:
     failed.append(e)
 
 
-def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-  c = experiment.with_defaults(c)
-  cfg = experiment.model_config(c)
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  is_main = jax.process_index() == 0
-
-  store = chunk_store_lib.ChunkStore.open(c.db)
+def _check_setup(c, cfg, store) -> None:
+  """The experiment fits the database and the process count (before anything is read)."""
   db_vocab = int(store.manifest["tokenizer"]["vocab_size"])
   if db_vocab > cfg.vocab_size:
     raise TrainSetupError(f"the database {c.db} has a {db_vocab}-token vocabulary but the model "
@@ -324,9 +319,10 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     raise TrainSetupError(f"num_neighbours={c.num_neighbours} must be >= 1 (0: the model's "
                           f"{cfg.num_neighbours}).")
 
-  # Before anything reads the data or compiles: the checkpoints to resume (or retrofit) fit this
-  # model and database, and there is room for a checkpoint.
-  mngr = ckpt_lib.manager(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=c.keep_checkpoints)
+
+def _check_checkpoints(c, cfg, workdir, mngr, abstract_model) -> None:
+  """Before anything reads the data or compiles: the checkpoints to resume (or retrofit) fit this
+  model and database, and there is room for a checkpoint."""
   if mngr.latest_step() is not None:
     prev_step = mngr.latest_step()
     _check_resume(ckpt_lib.read_meta(workdir / ckpt_lib.CHECKPOINTS, prev_step)[1], cfg, c.db,
@@ -336,16 +332,106 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     verify.check_checkpoint_tokenizer(base_meta.get("db_tokenizer"), base_meta.get("db"), c.db,
                                       f"{c.init_from} (step {base_step})")
   _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)  # left by a killed or failed write
-  abstract_model = nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0)))
   _check_space(workdir / ckpt_lib.CHECKPOINTS, nnx.state(abstract_model), mngr.latest_step() or 0,
                mngr.latest_step() or 0, factor=3)  # parameters + two Adam moments
 
+
+def _start_state(c, cfg, workdir, mngr, train, data_iter, mesh, host_log, progress: bool):
+  """(state, first step): restored from the latest checkpoint, else initialised (and the
+  retrofit's baseline loaded into it)."""
+  start = mngr.latest_step()
+  state = train.init()
+  if start is not None:
+    state, _ = ckpt_lib.restore(mngr, start, state, data_iter)
+    logging.info("resumed from %s step %d", workdir / ckpt_lib.CHECKPOINTS, start)
+    host_log(f"process {jax.process_index()}/{jax.process_count()}: resumed from step {start}")
+    if progress and jax.process_index() == 0:
+      print(f"resuming {workdir} from step {start}", flush=True)
+    return state, start
+  host_log(f"process {jax.process_index()}/{jax.process_count()}: started, "
+           f"{jax.local_device_count()} of {jax.device_count()} devices, mesh "
+           f"{dict(mesh.shape)}, db {c.db}")
+  if c.init_from:
+    state = load_baseline_into(state, cfg, c.init_from)
+  return state, 0
+
+
+class StepMetrics:
+  """The steps' metrics, fetched from the device only at a flush (no host sync per step), checked
+  finite and written with throughput and MFU."""
+
+  def __init__(self, c, cfg, workdir, writer: MetricsWriter, start: int, bpt: float):
+    self.c, self.workdir, self.writer, self.start, self.bpt = c, workdir, writer, start, bpt
+    self.tokens_per_step = c.global_batch * c.seq_len
+    self.flops_per_step = cfg.flops_per_token(c.seq_len) * self.tokens_per_step
+    self.peak = peak_flops(c, jax.devices()[0]) * jax.device_count()
+    self.pending: list[tuple[int, Any]] = []
+    self.last: dict[str, Any] = {}
+    self.last_good = start  # the last checkpointed step (named when a loss is not finite)
+    self.t_flush, self.steps_since = time.perf_counter(), 0
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+    self.steps_since += 1
+
+  def flush(self) -> None:
+    if not self.pending:
+      return
+    fetched = [(s, jax.device_get(m)) for s, m in self.pending]
+    self.pending.clear()
+    dt = (time.perf_counter() - self.t_flush) / max(self.steps_since, 1)
+    self.t_flush, self.steps_since = time.perf_counter(), 0
+    for s, m in fetched:
+      loss = float(m["loss"])
+      if not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"])):
+        raise NonFiniteLossError(
+            f"loss {loss} (gradient norm {float(m['grad_norm'])}) at step {s}; nothing saved "
+            f"after it: the last good checkpoint is step {self.last_good} in "
+            f"{self.workdir / ckpt_lib.CHECKPOINTS}. Lower --config.peak_lr or check the data.")
+      last = {"step": s, "loss": loss, "bpb": loss / math.log(2) / self.bpt,
+              "grad_norm": float(m["grad_norm"]),
+              "learning_rate": experiment.learning_rate(self.c, s - 1),
+              "tokens": int(m["tokens"]), "step_time_s": dt,
+              "tokens_per_s": self.tokens_per_step / dt, "time": time.time()}
+      if s == self.start + 1:
+        last["includes_compile"] = True
+      if self.peak:
+        last["mfu"] = self.flops_per_step / dt / self.peak
+      self.writer.write(last)
+      self.last = last
+
+
+def _disk_full_error(workdir, step: int, failed: list) -> CheckpointWriteError:
+  """One message for a full disk: where the last good checkpoint is and how to resume."""
+  # (orbax's writers may still be running; a temporary directory they leave is removed when
+  # the run is restarted, before anything else is written.)
+  _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)
+  reason = next((str(x) for e in failed for x in (e, e.__cause__, e.__context__)
+                 if isinstance(x, OSError)), str(failed[0]))
+  finished = [int(p.name) for p in (workdir / ckpt_lib.CHECKPOINTS).iterdir()
+              if p.name.isdigit()]
+  return CheckpointWriteError(
+      f"the disk of {workdir} filled up near step {step} ({reason[:300]}); the partial "
+      f"checkpoint is discarded (on the rerun at the latest) and the last good checkpoint is "
+      f"{f'step {max(finished)}' if finished else 'none'}: free space and rerun the same "
+      f"command to resume")
+
+
+def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+  c = experiment.with_defaults(c)
+  cfg = experiment.model_config(c)
+  workdir = epath.Path(workdir)
+  is_main = jax.process_index() == 0
+  store = chunk_store_lib.ChunkStore.open(c.db)
+  _check_setup(c, cfg, store)
+  mngr = ckpt_lib.manager(workdir / ckpt_lib.CHECKPOINTS, max_to_keep=c.keep_checkpoints)
+  abstract_model = nnx.eval_shape(lambda: Retro(cfg, rngs=nnx.Rngs(0)))
+  _check_checkpoints(c, cfg, workdir, mngr, abstract_model)
+
   mesh = make_mesh(tuple(c.mesh))
-  wrt = nnx.Param
-  if c.train_only == "retrieval":
-    wrt = RETRIEVAL_PARAMS
-  train = TrainStep(cfg, experiment.optimizer(c), mesh, wrt=wrt, seed=c.seed,
-                    grad_accum_steps=c.grad_accum_steps)
+  train = TrainStep(cfg, experiment.optimizer(c), mesh,
+                    wrt=RETRIEVAL_PARAMS if c.train_only == "retrieval" else nnx.Param,
+                    seed=c.seed, grad_accum_steps=c.grad_accum_steps)
   num_neighbours = c.num_neighbours or cfg.num_neighbours
   data_iter = loader.make_iterator(
       c.db, seq_len=c.seq_len, batch_size=c.global_batch // jax.process_count(), split="train",
@@ -353,33 +439,18 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
       neighbour_len=cfg.neighbour_len, seed=c.seed, read_threads=c.read_threads,
       self_neighbour_rate=c.self_neighbour_rate if cfg.retrieval else 0.0,
       neighbour_shift=c.neighbour_shift if cfg.retrieval else 0)
-
   bpt = bytes_per_token(store)
   meta = {"model_config": cfg.to_dict(), "experiment": c.to_dict(),
           "db": str(c.db), "db_tokenizer": store.manifest["tokenizer"], "bytes_per_token": bpt,
           "params": {"non_embedding": count_params(abstract_model),
                      "total": count_params(abstract_model, non_embedding=False)}}
-
   host_log = HostLog(workdir)
-  start = mngr.latest_step()
-  state = train.init()
-  if start is not None:
-    state, _ = ckpt_lib.restore(mngr, start, state, data_iter)
-    logging.info("resumed from %s step %d", workdir / ckpt_lib.CHECKPOINTS, start)
-    host_log(f"process {jax.process_index()}/{jax.process_count()}: resumed from step {start}")
-    if progress and is_main:
-      print(f"resuming {workdir} from step {start}", flush=True)
-  else:
-    start = 0
-    host_log(f"process {jax.process_index()}/{jax.process_count()}: started, "
-             f"{jax.local_device_count()} of {jax.device_count()} devices, mesh "
-             f"{dict(mesh.shape)}, db {c.db}")
-    if c.init_from:
-      state = load_baseline_into(state, cfg, c.init_from)
+  state, start = _start_state(c, cfg, workdir, mngr, train, data_iter, mesh, host_log, progress)
   if is_main:
     write_json_atomic(workdir / "config.json", meta)
 
   writer = MetricsWriter(workdir, start, is_main, c.metrics_upload_every_s)
+  metrics = StepMetrics(c, cfg, workdir, writer, start, bpt)
   preempted = {"flag": False}
 
   def on_sigterm(signum, frame):
@@ -387,42 +458,9 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     preempted["flag"] = True
   old_handler = signal.signal(signal.SIGTERM, on_sigterm)
 
-  tokens_per_step = c.global_batch * c.seq_len
-  flops_per_step = cfg.flops_per_token(c.seq_len) * tokens_per_step
-  peak = peak_flops(c, jax.devices()[0]) * jax.device_count()
-  last_good = start
-  pending: list[tuple[int, Any]] = []
-  last: dict[str, Any] = {}
-  t_flush, steps_since = time.perf_counter(), 0
-
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k]))
             for k, s in train.batch_sharding(batch).items()}
-
-  def flush():
-    nonlocal t_flush, steps_since, last
-    if not pending:
-      return
-    fetched = [(s, jax.device_get(m)) for s, m in pending]
-    pending.clear()
-    dt = (time.perf_counter() - t_flush) / max(steps_since, 1)
-    t_flush, steps_since = time.perf_counter(), 0
-    for s, m in fetched:
-      loss = float(m["loss"])
-      if not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"])):
-        raise NonFiniteLossError(
-            f"loss {loss} (gradient norm {float(m['grad_norm'])}) at step {s}; nothing saved "
-            f"after it: the last good checkpoint is step {last_good} in "
-            f"{workdir / ckpt_lib.CHECKPOINTS}. Lower --config.peak_lr or check the data.")
-      last = {"step": s, "loss": loss, "bpb": loss / math.log(2) / bpt,
-              "grad_norm": float(m["grad_norm"]), "learning_rate": experiment.learning_rate(c, s - 1),
-              "tokens": int(m["tokens"]), "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-              "time": time.time()}
-      if s == start + 1:
-        last["includes_compile"] = True
-      if peak:
-        last["mfu"] = flops_per_step / dt / peak
-      writer.write(last)
 
   bar = tqdm(total=c.total_steps, initial=start, desc=os.path.basename(str(workdir)) or "train",
              unit="step", disable=not (progress and is_main), dynamic_ncols=True)
@@ -430,28 +468,27 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
   failed: list[BaseException] = []
   try:
     while step < c.total_steps:
-      batch = to_global(next(data_iter))
-      state, metrics = train.step(state, batch)
+      state, step_metrics = train.step(state, to_global(next(data_iter)))
       step += 1
-      pending.append((step, metrics))
-      steps_since += 1
+      metrics.add(step, step_metrics)
       if step == start + 1:  # Leave compilation out of the first interval's throughput.
-        jax.block_until_ready(metrics)
-        flush()
+        jax.block_until_ready(step_metrics)
+        metrics.flush()
       stop = mngr.reached_preemption(step)  # the same answer on every host
       if step % c.stop_check_every == 0 or step == c.total_steps:
         stop = any_process(preempted["flag"]) or stop  # SIGTERM on any host stops all here
       save = stop or step % c.checkpoint_every == 0 or step == c.total_steps
       if save or step % c.log_every == 0:
-        flush()
-        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        metrics.flush()
+        bar.set_postfix(loss=f"{metrics.last['loss']:.3f}",
+                        tok_s=f"{metrics.last['tokens_per_s']:.0f}")
       bar.update(1)
       if c.debug_step_delay_s:
         time.sleep(c.debug_step_delay_s)
       if save:
-        _check_space(workdir / ckpt_lib.CHECKPOINTS, state, step, last_good)
+        _check_space(workdir / ckpt_lib.CHECKPOINTS, state, step, metrics.last_good)
         ckpt_lib.save(mngr, step, state, data_iter, {**meta, "step": step})
-        last_good = step
+        metrics.last_good = step
         writer.flush()
         host_log(f"checkpoint {step}")
       if stop:
@@ -470,16 +507,5 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     _keep_disk_full(writer.close, failed)
     signal.signal(signal.SIGTERM, old_handler)
   if failed:
-    # (orbax's writers may still be running; a temporary directory they leave is removed when
-    # the run is restarted, before anything else is written.)
-    _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)
-    reason = next((str(x) for e in failed for x in (e, e.__cause__, e.__context__)
-                   if isinstance(x, OSError)), str(failed[0]))
-    finished = [int(p.name) for p in (workdir / ckpt_lib.CHECKPOINTS).iterdir()
-                if p.name.isdigit()]
-    raise CheckpointWriteError(
-        f"the disk of {workdir} filled up near step {step} ({reason[:300]}); the partial "
-        f"checkpoint is discarded (on the rerun at the latest) and the last good checkpoint is "
-        f"{f'step {max(finished)}' if finished else 'none'}: free space and rerun the same "
-        f"command to resume") from None
-  return last
+    raise _disk_full_error(workdir, step, failed) from None
+  return metrics.last

@@ -1,6 +1,6 @@
 """The paper's rule for training neighbours: none from any document present in the sequence.
 
-The neighbours stage (`retro_jax.db.neighbours`) stores, per chunk, its nearest chunks of OTHER
+The neighbours stage (`retro_jax.build.neighbours`) stores, per chunk, its nearest chunks of OTHER
 documents (never the chunk's own, never a held-out one), best first. Training sequences
 (`retro_jax.training.input_pipeline`) can span several documents, and which ones depends on the
 run's seq_len, so the rest of the paper's rule ("neighbours from the same document as the

@@ -21,6 +21,9 @@ from etils import epath
 from retro_jax.errors import UserError
 
 LOCK = "lock.json"
+# A lock without a readable record is written whole or not at all (above), so one this old is
+# damaged (a disk that filled, a lock from an older version killed mid-write): taken over.
+UNREADABLE_STALE_S = 10.0
 
 
 class WorkdirLockedError(UserError, RuntimeError):
@@ -57,12 +60,17 @@ def _is_stale(other: dict) -> bool:
 
 
 def _create_local(path: epath.Path, data: bytes) -> bool:
+  """Written whole beside the lock, then linked to its name (the link fails if the lock exists):
+  no reader ever sees a lock without its record."""
+  tmp = f"{os.fspath(path)}.{os.getpid()}.{socket.gethostname()}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
   try:
-    fd = os.open(os.fspath(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.link(tmp, os.fspath(path))
   except FileExistsError:
     return False
-  with os.fdopen(fd, "wb") as f:
-    f.write(data)
+  finally:
+    os.unlink(tmp)
   return True
 
 
@@ -77,6 +85,18 @@ def _create_gcs(path: epath.Path, data: bytes) -> bool:
   except gcs_exceptions.PreconditionFailed:
     return False
   return True
+
+
+def _unreadable_age_s(path: epath.Path) -> float | None:
+  """Seconds since an unreadable lock was last written (None: readable, or gone)."""
+  try:
+    json.loads(path.read_text())
+    return None
+  except (OSError, ValueError):
+    try:
+      return max(0.0, datetime.datetime.now().timestamp() - path.stat().mtime)
+    except OSError:
+      return None
 
 
 def _create(path: epath.Path, data: bytes) -> bool:
@@ -118,6 +138,16 @@ def acquire(workdir: str | os.PathLike) -> WorkdirLock:
       other = json.loads(path.read_text())
     except (OSError, ValueError):
       other = {}
+    age = _unreadable_age_s(path) if not other else None
+    if age is not None and age >= UNREADABLE_STALE_S:
+      print(f"note: {path} holds no readable record (written {age:.0f} s ago: damaged, or left "
+            "by a run killed while taking it); taking it over", file=sys.stderr, flush=True)
+      path.unlink()
+      continue
+    if age is not None:
+      raise WorkdirLockedError(
+          f"{path} holds no readable record and was written {age:.0f} s ago; if no run uses "
+          f"{workdir}, delete it (it is taken over after {UNREADABLE_STALE_S:.0f} s)")
     if other and _is_stale(other):
       print(f"note: {path} was left by pid {other.get('pid')} (started "
             f"{other.get('start_time')}), which is no longer running; taking it over",

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
+from retro_jax.build import neighbours as nb
 from retro_jax.db import layout
-from retro_jax.db import neighbours as nb
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
@@ -147,5 +147,5 @@ def test_missing_index_is_a_clear_error(db, tmp_path):
   shutil.copytree(db, copy, ignore=shutil.ignore_patterns("neighbours", "index"))
   with pytest.raises(nb.NeighboursError, match="--stages=index"):
     nb.compute_neighbours(copy, k=2, backend="scann")
-  with pytest.raises(nb.NeighboursError, match="python -m retro_jax.db.neighbours"):
+  with pytest.raises(nb.NeighboursError, match="python -m retro_jax.build.neighbours"):
     nb.open_neighbours(copy)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tiny_db
 
+from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db import npy_rows
 
 

@@ -1,4 +1,4 @@
-"""A tiny real retrieval database, built once per test process with `retro_jax.db.build`.
+"""A tiny real retrieval database, built once per test process with `retro_jax.build.stages`.
 
 12 Linux-kernel doc files + 24 Wikipedia leads of the fixed test corpus (tests/data/corpus; ~500
 chunks, 2 store shards), SentencePiece vocab 1000, 10% of the documents held out, the real MiniLM
@@ -26,7 +26,7 @@ def get(tmp_path_factory):
   """(db directory, the first build's record) -- built on the first call only."""
   with _lock:
     if "db" not in _cache:
-      from retro_jax.db import build as build_db
+      from retro_jax.build import stages as build_db
       db = tmp_path_factory.mktemp("tiny_db")
       record = build_db.build(db, **SETTINGS)
       _cache["db"] = (db, record)

@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import corpus_path  # noqa: E402
 import tiny_db  # noqa: E402
 
+from retro_jax.build import edit as edit_db  # noqa: E402
+from retro_jax.build import neighbours as nb  # noqa: E402
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
-from retro_jax.db import edit as edit_db  # noqa: E402
-from retro_jax.db import neighbours as nb  # noqa: E402
 from retro_jax.retrieval import build_index as build_index_lib  # noqa: E402
 from retro_jax.retrieval import client as client_lib  # noqa: E402
 from retro_jax.retrieval import global_index as global_lib  # noqa: E402
@@ -206,8 +206,8 @@ def test_build_is_deterministic(db, tmp_path):
 def test_scann_searcher_on_the_same_layout(tmp_path_factory, emb):
   """`--index_searcher=scann` (the Beam index stage): the same serving shards and int8 rerank,
   a ScaNN searcher within each; both searchers answer from the one index, near exact search."""
-  from retro_jax.db import build as build_lib
-  from retro_jax.db import pipeline as pipeline_lib
+  from retro_jax.build import stages as build_lib
+  from retro_jax.build import pipeline as pipeline_lib
   src = tiny_db.get(tmp_path_factory)[0]
   db = tmp_path_factory.mktemp("global_scann") / "db"
   for sub in ("tokenizer", "chunks", "embeddings", "provenance"):

@@ -17,8 +17,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "data"))
 import tiny_db  # noqa: E402
 
+from retro_jax.build import edit as edit_db  # noqa: E402
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
-from retro_jax.db import edit as edit_db  # noqa: E402
 from retro_jax.retrieval import client as client_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
 from retro_jax.retrieval import shard_server as serve_lib  # noqa: E402

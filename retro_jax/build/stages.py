@@ -2,7 +2,7 @@ r"""Every stage of the retrieval database, in order: corpus -> tokenizer -> chun
 index -> training neighbours.
 
 Each stage is an Apache Beam pipeline over the other modules' stage functions
-(retro_jax/db/pipeline.py), run to completion before the next starts (each reads all of the
+(retro_jax/build/pipeline.py), run to completion before the next starts (each reads all of the
 previous one's output), on whichever runner `beam_args` name: the in-process DirectRunner by
 default, the DirectRunner over several local processes (`make db`), or Dataflow, Flink or Spark
 (docs/beam.md). Every stage is restartable (its elements skip finished work); a stage whose
@@ -15,6 +15,7 @@ stage are printed and written to `DB/build_times.json`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -22,9 +23,9 @@ from typing import Any, Callable, Sequence
 
 from etils import epath
 
+from retro_jax.build import pipeline as pipeline_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, provenance
-from retro_jax.db import pipeline as pipeline_lib
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.errors import UserError
@@ -78,7 +79,7 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Stages: each a Beam pipeline (retro_jax.db.pipeline).
+# Stages: each a Beam pipeline (retro_jax.build.pipeline).
 
 
 def _stage_finalize(db: epath.Path, cfg: dict[str, Any], beam_args) -> None:
@@ -111,6 +112,27 @@ DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None
                 embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2, index_searcher="faiss")
 
 
+# build_db's own flags besides the settings (for the suggestion in an unknown flag's error).
+COMMAND_FLAGS = ("db", "stages", "rebuild", "audit", "plan_only")
+
+
+def check_beam_args(beam_args: Sequence[str]) -> None:
+  """Arguments that are neither build_db's nor Beam's stop the build before it starts, named
+  (Beam would drop them with a warning and build with the defaults)."""
+  unknown = pipeline_lib.unknown_options(beam_args)
+  if not unknown:
+    return
+  ours = [f"--{n}" for n in (*DEFAULTS, *COMMAND_FLAGS)]
+  hints = []
+  for arg in unknown:
+    if arg.startswith("--"):
+      close = difflib.get_close_matches(arg.split("=", 1)[0], ours, n=1, cutoff=0.8)
+      hints += [f"{arg.split('=', 1)[0]}: did you mean {close[0]}?"] if close else []
+  raise BuildError(f"unknown flag(s) {' '.join(unknown)}: neither build_db's nor Beam's "
+                   f"(python -m retro_jax.build_db --help; Beam's: docs/beam.md)"
+                   + (f"; {' '.join(hints)}" if hints else ""))
+
+
 def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: bool,
                      audit: bool = False) -> dict[str, Any] | None:
   """This run's record of `stage` (None for 'finalize'); raises ProvenanceMismatchError when the
@@ -135,6 +157,15 @@ def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: b
   return want
 
 
+def _remove_damaged(stage: str, db: epath.Path, cfg: dict[str, Any], audit: bool) -> None:
+  """A finished global index with a file missing or not at its recorded size (with `audit`: or
+  not at its recorded sha256, every file read) is removed, so that this run builds it again."""
+  if stage == "index" and cfg["backend"] == index_lib.GLOBAL_BACKEND:
+    damaged = build_index_lib.remove_damaged_global_index(str(db), contents=audit)
+    if damaged:
+      print(f"[build_db] index: damaged ({'; '.join(damaged)}); rebuilding it", flush=True)
+
+
 def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
           beam_args: Sequence[str] | None = None, audit: bool = False,
           plan_only: bool = False, **kwargs: Any) -> dict[str, Any]:
@@ -150,12 +181,12 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
   unknown = set(kwargs) - set(DEFAULTS)
   if unknown:
     raise TypeError(f"build() got unknown settings {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
+  check_beam_args(beam_args or ())
   cfg = {**DEFAULTS, **kwargs}
   for s in stages:
     if s not in _RUNNERS:
       raise ValueError(f"Unknown stage {s!r}; expected some of {tuple(_RUNNERS)}.")
-  db = layout.db_root(db_dir)  # local or gs:// (checked reachable); never a local "gs:" dir
-  db.mkdir(parents=True, exist_ok=True)
+  db = layout.make_dir(db_dir, "--db")  # local or gs:// (checked reachable); never a local "gs:"
   times_path = db / layout.BUILD_TIMES
   previous = json.loads(times_path.read_text()).get("stages", {}) if times_path.exists() else {}
   record: dict[str, Any] = {"settings": cfg, "beam_args": list(beam_args or []),
@@ -168,6 +199,7 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
       record["stages"][stage] = {
           "graph_bytes": pipeline_lib.run_stage(stage, db, cfg, beam_args, plan_only=True)}
       continue
+    _remove_damaged(stage, db, cfg, audit)
     if is_done(stage, db, cfg):
       if want is not None:  # (also records a database built before provenance records)
         provenance.write(db, stage, cfg, want)

@@ -1,6 +1,6 @@
 r"""The retrieval-database build as Apache Beam pipelines over the stage functions.
 
-Each stage (retro_jax/db/build.py runs them in order, skipping finished ones) is one pipeline:
+Each stage (retro_jax/build/stages.py runs them in order, skipping finished ones) is one pipeline:
 
   tokenizer   one element: `prepare.build_tokenizer` (SentencePiece on a deterministic sample of the
               non-held-out documents, on one worker), or the given --tokenizer copied; a
@@ -54,17 +54,21 @@ from typing import Any, Iterator, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    StandardOptions,
+    _BeamArgumentParser,
+)
 from apache_beam.portability.api import beam_provision_api_pb2
 from apache_beam.runners.portability.fn_api_runner import fn_runner
 from apache_beam.runners.portability.portable_runner import JobServiceHandle
 from etils import epath
 
+from retro_jax.build import neighbours as neighbours_lib
+from retro_jax.build import plan as plan_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import corpus as corpus_lib
 from retro_jax.db import layout
-from retro_jax.db import neighbours as neighbours_lib
-from retro_jax.db import plan as plan_lib
 from retro_jax.db import prepare as prepare_lib
 from retro_jax.db import provenance
 from retro_jax.db import tokenizer as tokenizer_lib
@@ -79,6 +83,19 @@ from retro_jax.retrieval.embedder import Embedder
 
 # Rows per embedding element: embed.embed_to_npy's block, so the assembled shard is its bytes.
 EMBED_BLOCK_ROWS = 4096
+
+
+def unknown_options(beam_args: Sequence[str]) -> list[str]:
+  """The arguments that no Beam PipelineOptions defines (Beam would drop them with a warning):
+  parsed as Beam parses them, every options class's flags known."""
+  parser = _BeamArgumentParser(allow_abbrev=False)  # Beam's own (value-provider arguments too)
+  seen = set()
+  for cls in PipelineOptions.__subclasses__():
+    if cls.__name__ not in seen:  # (a class defined twice adds its flags once)
+      seen.add(cls.__name__)
+      cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  _, unknown = parser.parse_known_args(list(beam_args))
+  return unknown
 
 
 def pipeline_options(beam_args: Sequence[str] | None) -> PipelineOptions:

@@ -19,7 +19,7 @@ evaluation loader with retrieval on (their candidates likewise come from trainin
 Restartable: work goes in fixed blocks of `block_rows` rows; `shard-XXXXX.progress.json` records the
 finished rows, a killed run resumes at the next block, finished shards are skipped, and the output is
 byte-identical to an uninterrupted run (a block's result depends only on its rows).
-Distributed: over the global index the Beam build (retro_jax/db/pipeline.py) runs a routed batch
+Distributed: over the global index the Beam build (retro_jax/build/pipeline.py) runs a routed batch
 job: query blocks routed to their nearest partitions, searched per serving shard (a worker loads
 one serving shard), combined per block with `keep_round` (the rounds of `search_block`), written as
 block parts and assembled with `shard_record` / `write_finished`: the same bytes as `compute_shard`.
@@ -104,7 +104,7 @@ def search_block(retriever, store, queries_QxD: np.ndarray, query_ids_Q: np.ndar
   held-out documents here; evaluation adds those outside its database fraction). `retriever` is
   anything with `Retriever.search` and `size` (the in-process Retriever or the gRPC service).
   Rows short of k after the filter are searched again with twice the candidates (the routed
-  Beam job, retro_jax/db/pipeline.py, runs the same rounds through `keep_round`)."""
+  Beam job, retro_jax/build/pipeline.py, runs the same rounds through `keep_round`)."""
   own_docs_Q = np.asarray(store.doc_ids(query_ids_Q), np.int64)
   total = min(retriever.size, getattr(retriever, "max_k", retriever.size))  # service: bounded k
   fetch = first_fetch(k, total, excluded_docs.size > 0)
@@ -258,7 +258,7 @@ class NeighbourShards:
       path = layout.neighbours_path(self.db_dir, shard)
       if not shard_is_done(self.db_dir, shard):
         raise NeighboursError(f"{path} is missing or unfinished; run python -m "
-                              f"retro_jax.db.neighbours --db={self.db_dir}.")
+                              f"retro_jax.build.neighbours --db={self.db_dir}.")
       a = npy_rows.open_rows(path)
       if a.shape[0] != count or a.dtype != np.int64:
         raise NeighboursError(f"{path}: shape {a.shape} {a.dtype}; expected ({count}, k) int64 "
@@ -284,7 +284,7 @@ def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[NeighbourSha
 
 def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,
                           block_rows: int = 4096) -> dict:
-  """After documents were removed (`retro_jax.db.edit`): every finished neighbours row that points
+  """After documents were removed (`retro_jax.build.edit`): every finished neighbours row that points
   at a removed chunk is recomputed with `retriever` (which must exclude the removed documents, as
   `Retriever.from_db` does), the rows of the removed chunks themselves become -1, and each changed
   shard file is replaced atomically (a copy is edited, then renamed). Rows that point at no

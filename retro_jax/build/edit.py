@@ -41,10 +41,10 @@ from typing import Any, Sequence
 import numpy as np
 from etils import epath
 
+from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import corpus as corpus_lib
 from retro_jax.db import layout, npy_rows, provenance
-from retro_jax.db import neighbours as neighbours_lib
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
