@@ -431,7 +431,7 @@ def reload_shards(addresses: Sequence[str],
     if failures:
       raise ShardUnavailableError(failures, fix=(
           "check the address, or start the shard's server (`python -m retro_jax.retrieval.serve "
-          "--db=DIR --shard=I`); the others reloaded"))
+          "--db=DIR --shard=I`)" + ("; the others reloaded" if infos else "")))
     return infos
   finally:
     for c in clients:
