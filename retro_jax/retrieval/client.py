@@ -196,10 +196,10 @@ class ServiceRetriever:
     if failures:
       warnings.warn(f"Retrieval service: shards not reachable at connect: {failures}",
                     PartialResultsWarning, stacklevel=2)
-    try:
-      self._check_layout(same_index=True)
-      self._check_content([(c, c.info) for c in self.clients if c.info is not None],
-                          allow_partial, stacklevel=3)
+    try:  # stale content first: its message says what to do about shards that differ
+      same = self._check_content([(c, c.info) for c in self.clients if c.info is not None],
+                                 allow_partial, stacklevel=3)
+      self._check_layout(same_index=same)
       self._check_coverage(allow_partial, stacklevel=3)
     except UserError:
       self.close()
@@ -266,14 +266,17 @@ class ServiceRetriever:
       out = problems()
     return out
 
-  def _check_content(self, infos, allow_partial: bool, stacklevel: int) -> None:
+  def _check_content(self, infos, allow_partial: bool, stacklevel: int) -> bool:
+    """True when every shard serves the database's content; else raises, or warns and returns
+    False (allow_partial)."""
     problems = self._content_problems(infos)
     if not problems:
-      return
+      return True
     err = StaleShardError(problems, [c.address for c in self.clients], self.db)
     if not allow_partial:
       raise err
     warnings.warn(str(err), StaleResultsWarning, stacklevel=stacklevel)
+    return False
 
   max_k = Limits.max_k
 
