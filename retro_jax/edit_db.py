@@ -7,6 +7,7 @@ r"""Edit a built retrieval database without retraining: add documents, remove do
 What an addition builds and how a removal is enforced: retro_jax.build.edit.
 """
 import json
+import sys
 
 from absl import app, flags
 
@@ -43,6 +44,10 @@ def main(argv) -> None:
     out["add"] = edit.add_documents(f.db, f.add, backend=f.backend, upsert=f.upsert,
                                     embed_batch_size=f.embed_batch_size)
   print(json.dumps(out, indent=1, sort_keys=True, default=str))
+  if f.add:  # removals reach running shard processes by themselves; additions do not
+    print("note: retrieval service processes started before this edit serve the old contents "
+          "(their clients get an error naming them) until `python -m retro_jax.retrieval.serve "
+          "--reload=HOST:PORT,...` (or a restart)", file=sys.stderr)
 
 
 if __name__ == "__main__":

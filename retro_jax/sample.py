@@ -50,7 +50,8 @@ flags.DEFINE_string("backend", None, "in-process index backend under DB/index/ (
                     "built)")
 flags.DEFINE_list("retrieval_service", None, "host:port of every shard server "
                   "(retro_jax.retrieval.serve); default: search in-process")
-flags.DEFINE_float("service_timeout_s", 10.0, "deadline of each service search")
+flags.DEFINE_float("service_timeout_s", 10.0, "deadline of connecting to the service and of "
+                   "each service search")
 
 
 class SampleError(UserError, ValueError):
@@ -97,7 +98,8 @@ def run(argv_flags=FLAGS, out=sys.stdout) -> dict:
   k = f.num_neighbours or config.num_neighbours
   searcher = None
   if f.retrieval and f.retrieval_service:
-    searcher = ServiceRetriever(f.retrieval_service, timeout_s=f.service_timeout_s)
+    searcher = ServiceRetriever(f.retrieval_service, timeout_s=f.service_timeout_s,
+                                connect_timeout_s=f.service_timeout_s, db=db)
   retrieval = gen.DatabaseRetrieval.from_db(db, k, config.neighbour_len, searcher=searcher,
                                             backend=f.backend) if f.retrieval else None
   if retrieval is None:  # the tokenizer only

@@ -9,8 +9,9 @@ shard 0, size-dependent ones re-derived) and
 the training neighbours of its chunks (searched over every shard). Existing shards are not touched:
 their training neighbours keep pointing at the old documents (recompute them with
 `python -m retro_jax.build_db --stages=neighbours` after deleting DB/neighbours/ if that matters); retrieval at
-generation time (`Retriever.from_db`, the service with one more `serve` process) sees the new shard
-at once. A document key that is already in the database is an error unless `--upsert`, which
+generation time (`Retriever.from_db`) sees the new shard at once, a running retrieval service after
+`python -m retro_jax.retrieval.serve --reload=HOST:PORT,...` (its clients get an error until then).
+A document key that is already in the database is an error unless `--upsert`, which
 removes the old document first. Restartable: a rerun of the same `--add` finds its shard in the
 manifest's edit log and finishes the stages that did not finish.
 

@@ -559,5 +559,5 @@ def open_searcher(kind: str, db: str, service: Sequence[str] = (), backend: str 
     if not service:
       raise EvalError("--retriever=service needs --service=HOST:PORT[,HOST:PORT...] (the shard "
                       "processes of python -m retro_jax.retrieval.serve)")
-    with ServiceRetriever(list(service)) as searcher:
+    with ServiceRetriever(list(service), db=db) as searcher:  # stale shards are an error
       yield searcher

@@ -20,6 +20,7 @@ answer merges the shards that did reply and a `PartialResultsWarning` names the 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from typing import Mapping, Sequence
 
@@ -28,12 +29,13 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from retro_jax.errors import UserError
+from retro_jax.retrieval import fingerprint as fingerprint_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import service_pb2, service_pb2_grpc
 from retro_jax.retrieval.shard_server import CHANNEL_OPTIONS, SERVICE_NAME, Limits
 
 
-class ShardUnavailableError(RuntimeError):
+class ShardUnavailableError(UserError, RuntimeError):
   """One or more shards did not answer (down, past the deadline, or serving something else).
 
   `failures` is a list of (shard number or None, address, reason)."""
@@ -46,12 +48,34 @@ class ShardUnavailableError(RuntimeError):
     super().__init__(f"Retrieval service: {len(self.failures)} shard(s) failed -- {names}. {fix}.")
 
 
+RELOAD_COMMAND = "python -m retro_jax.retrieval.serve --reload="
+
+
+class StaleShardError(UserError, RuntimeError):
+  """Shards that serve other database content than the database now holds (edited since they
+  loaded it: `edit_db --add`), or than each other. `problems`: (shard number, address, why)."""
+
+  def __init__(self, problems: Sequence[tuple["ShardClient", str]], addresses: Sequence[str],
+               db: str | None = None):
+    self.problems = [(c.shard, c.address, why) for c, why in problems]
+    names = "; ".join(f"shard {s} at {a}: {why}" for s, a, why in self.problems)
+    super().__init__(
+        f"Retrieval service: {len(self.problems)} shard(s) serve other content than "
+        f"{db or 'the database'} (edited since they loaded it?) -- {names}. Reload them: "
+        f"`{RELOAD_COMMAND}{','.join(addresses)}` (or restart them); their answers would miss "
+        "what the edit added.")
+
+
 class ShardMismatchError(UserError, RuntimeError):
   """Shards that do not fit together (overlapping ranges, other dims, other deletions)."""
 
 
 class PartialResultsWarning(UserWarning):
   """Results were merged without some shards (allow_partial=True)."""
+
+
+class StaleResultsWarning(UserWarning):
+  """Results were merged from shards serving stale content (allow_partial=True)."""
 
 
 @dataclasses.dataclass
@@ -127,14 +151,20 @@ class ServiceRetriever:
   Args:
     addresses: "host:port" of every shard's server, or {shard number: address}.
     timeout_s: deadline of each search (all shards are asked at once).
-    allow_partial: default for `search`: False raises `ShardUnavailableError` on a missing shard;
-      True merges the shards that answered and warns (`PartialResultsWarning`).
-    connect_timeout_s: how long the constructor waits for every shard's Info (servers that are
-      still loading are waited for).
+    allow_partial: default for `search`: False raises `ShardUnavailableError` on a missing shard
+      and `StaleShardError` on a shard serving other content than the database; True merges the
+      shards that answered and warns (`PartialResultsWarning`, `StaleResultsWarning`).
+    connect_timeout_s: how long the constructor waits for every shard's Info (a server whose
+      process is starting is waited for; one that answers "still loading" is not).
+    db: the database the caller uses (e.g. `sample --db`): each shard's content fingerprint must
+      be this database's (read from its manifests at connect, and again whenever an answer
+      differs). Without it, a shard is still stale when the database it reads has changed since
+      it loaded, and the shards must agree with each other.
   """
 
   def __init__(self, addresses: Sequence[str] | Mapping[int, str], timeout_s: float = 10.0,
-               allow_partial: bool = False, connect_timeout_s: float = 60.0):
+               allow_partial: bool = False, connect_timeout_s: float = 60.0,
+               db: str | os.PathLike | None = None):
     items = (list(addresses.items()) if isinstance(addresses, Mapping)
              else [(None, a) for a in addresses])
     if not items:
@@ -142,6 +172,8 @@ class ServiceRetriever:
     self.clients = [ShardClient(a, s) for s, a in items]
     self.timeout_s = timeout_s
     self.allow_partial = allow_partial
+    self.db = None if db is None else os.fspath(db)
+    self._expected = ""  # the database's fingerprint as last read (with db)
     futs = [(c, c.stub.Info.future(service_pb2.InfoRequest(), timeout=connect_timeout_s,
                                    wait_for_ready=True)) for c in self.clients]
     failures = []
@@ -149,9 +181,13 @@ class ServiceRetriever:
       try:
         info = f.result()
       except grpc.RpcError as e:
-        failures.append((c.shard, c.address, f"{e.code().name}: {e.details()}"))
+        why = (f"no answer within {connect_timeout_s:.3g} s (not running, or not reachable from "
+               "here)" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+               else f"{e.code().name}: {e.details()}")
+        failures.append((c.shard, c.address, why))
         continue
       if c.shard is not None and info.shard != c.shard:
+        self.close()
         raise ShardMismatchError(f"{c.address} serves shard {info.shard}, expected {c.shard}.")
       c.shard, c.info = int(info.shard), info
     if failures and not allow_partial:
@@ -160,10 +196,22 @@ class ServiceRetriever:
     if failures:
       warnings.warn(f"Retrieval service: shards not reachable at connect: {failures}",
                     PartialResultsWarning, stacklevel=2)
+    try:  # stale content first: its message says what to do about shards that differ
+      same = self._check_content([(c, c.info) for c in self.clients if c.info is not None],
+                                 allow_partial, stacklevel=3)
+      self._check_layout(same_index=same)
+      self._check_coverage(allow_partial, stacklevel=3)
+    except UserError:
+      self.close()
+      raise
+
+  def _check_layout(self, same_index: bool) -> None:
+    """Shards that fit together (one index, no overlapping ranges, one dim); the shard numbers
+    that no answering process serves (`unserved`)."""
     up = sorted((c for c in self.clients if c.info is not None), key=lambda c: c.info.offset)
     glob = [c for c in up if c.info.backend == index_lib.GLOBAL_BACKEND]
     if glob:  # serving shards of one global index: ids anywhere, one shard number each
-      if len(glob) != len(up) or len({c.info.index_sha256 for c in glob}) != 1:
+      if len(glob) != len(up) or (same_index and len({c.info.index_sha256 for c in glob}) != 1):
         raise ShardMismatchError("Serving shards of different indexes (or a global index mixed "
                                  "with per-shard ones); serve one index.")
       if len({c.info.shard for c in glob}) != len(glob):
@@ -178,6 +226,57 @@ class ServiceRetriever:
     if len(dims) > 1:
       raise ShardMismatchError(f"Shards hold different embedding sizes {sorted(dims)}.")
     self.dim = dims.pop() if dims else None
+    self.num_db_shards = max((int(c.info.num_shards) for c in up), default=0)
+    self.unserved = sorted(set(range(self.num_db_shards)) - {int(c.info.shard) for c in up})
+
+  def _check_coverage(self, allow_partial: bool, stacklevel: int) -> None:
+    """Every shard of the database answers for: a shard the database has and no address serves
+    (one added by `edit_db --add` with a per-shard backend) is an error, or a warning."""
+    if not self.unserved:
+      return
+    db = self.db or "DB"
+    fix = ("start " + ", ".join(f"`python -m retro_jax.retrieval.serve --db={db} --shard={s}`"
+                                for s in self.unserved[:3])
+           + (" ..." if len(self.unserved) > 3 else "") + " and pass its address too")
+    why = f"none of the addresses serves it (the database has {self.num_db_shards} shards)"
+    if not allow_partial:
+      raise ShardUnavailableError([(s, "(no address)", why) for s in self.unserved], fix=fix)
+    warnings.warn(f"Retrieval service: results without shard(s) {self.unserved}: {why}; {fix}.",
+                  PartialResultsWarning, stacklevel=stacklevel)
+
+  def _content_problems(self, infos) -> list[tuple[ShardClient, str]]:
+    """(client, why) of each shard whose content is not the database's (small string compares;
+    the database's fingerprint is read again only when something differs)."""
+    def problems():
+      out = []
+      for c, i in infos:
+        if i.fingerprint != i.db_fingerprint:
+          out.append((c, f"loaded {fingerprint_lib.short(i.fingerprint)}, the database it reads "
+                         f"is now {fingerprint_lib.short(i.db_fingerprint)}"))
+        elif self._expected and i.fingerprint != self._expected:
+          out.append((c, f"serves {fingerprint_lib.short(i.fingerprint)}, {self.db} is "
+                         f"{fingerprint_lib.short(self._expected)}"))
+      if not out and len({i.fingerprint for _, i in infos}) > 1:
+        out = [(c, f"serves {fingerprint_lib.short(i.fingerprint)}") for c, i in infos]
+      return out
+    out = problems()
+    if (out or not self._expected) and self.db is not None and infos:
+      # Edited since the last read (and maybe reloaded): what the database holds now.
+      self._expected = fingerprint_lib.fingerprint(self.db, infos[0][1].backend)
+      out = problems()
+    return out
+
+  def _check_content(self, infos, allow_partial: bool, stacklevel: int) -> bool:
+    """True when every shard serves the database's content; else raises, or warns and returns
+    False (allow_partial)."""
+    problems = self._content_problems(infos)
+    if not problems:
+      return True
+    err = StaleShardError(problems, [c.address for c in self.clients], self.db)
+    if not allow_partial:
+      raise err
+    warnings.warn(str(err), StaleResultsWarning, stacklevel=stacklevel)
+    return False
 
   max_k = Limits.max_k
 
@@ -237,7 +336,7 @@ class ServiceRetriever:
                           [m for p in parts for m in p.missing])
     futs = [(c, c.search_future(queries_QxD, k, exclude_doc_ids_Q, timeout_s))
             for c in self.clients]
-    parts, failures, deletions = [], [], {}
+    parts, failures, deletions, answered, relayout = [], [], {}, [], False
     for c, f in futs:
       try:
         resp = f.result()
@@ -249,10 +348,16 @@ class ServiceRetriever:
                else f"{e.code().name}: {e.details()}")
         failures.append((c.shard, c.address, why))
         continue
+      if (c.info is not None and resp.shard.shard == c.info.shard
+          and resp.shard.fingerprint != c.info.fingerprint):
+        c.info = service_pb2.ShardInfo()  # reloaded since: its count or range may differ now
+        c.info.CopyFrom(resp.shard)
+        relayout = True
       problem = self._check_response(c, resp, q, k)
       if problem:
         failures.append((c.shard, c.address, problem))
         continue
+      answered.append((c, resp.shard))
       deletions.setdefault(resp.shard.deletions_sha256, []).append(c.shard)
       parts.append((np.frombuffer(resp.ids, "<i8").reshape(q, k),
                     np.frombuffer(resp.scores, "<f4").reshape(q, k),
@@ -264,6 +369,10 @@ class ServiceRetriever:
           "copies of the database. Point every shard at the same --db.")
     if failures and (not allow_partial or not parts):
       raise ShardUnavailableError(failures)
+    self._check_content(answered, allow_partial, stacklevel=3)
+    if relayout:
+      self._check_layout(same_index=False)  # the fingerprints above say whether they agree
+    self._check_coverage(allow_partial, stacklevel=3)
     if failures:
       warnings.warn(f"Retrieval service: results without {len(failures)} shard(s): "
                     + "; ".join(f"shard {s} at {a} ({why})" for s, a, why in failures),
@@ -301,3 +410,32 @@ class ServiceRetriever:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+# A reload loads the whole shard again (and verifies its checksums): minutes for a large one.
+RELOAD_TIMEOUT_S = 3600.0
+
+
+def reload_shards(addresses: Sequence[str],
+                  timeout_s: float = RELOAD_TIMEOUT_S) -> list[service_pb2.ShardInfo]:
+  """Asks every shard process to reload the database (the Reload RPC, all at once; an address
+  with no process fails at once); returns their new ShardInfo, or raises ShardUnavailableError
+  naming the ones that did not reload (they still serve what they served)."""
+  clients = [ShardClient(a) for a in addresses]
+  try:
+    futs = [(c, c.stub.Reload.future(service_pb2.ReloadRequest(), timeout=timeout_s))
+            for c in clients]
+    infos, failures = [], []
+    for c, f in futs:
+      try:
+        infos.append(f.result())
+      except grpc.RpcError as e:
+        failures.append((None, c.address, f"{e.code().name}: {e.details()}"))
+    if failures:
+      raise ShardUnavailableError(failures, fix=(
+          "check the address, or start the shard's server (`python -m retro_jax.retrieval.serve "
+          "--db=DIR --shard=I`)" + ("; the others reloaded" if infos else "")))
+    return infos
+  finally:
+    for c in clients:
+      c.close()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!retro_jax/retrieval/service.proto\x12\x13retro_jax.retrieval\"f\n\rSearchRequest\x12\x13\n\x0bnum_queries\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0f\n\x07queries\x18\x03 \x01(\x0c\x12\t\n\x01k\x18\x04 \x01(\x05\x12\x17\n\x0f\x65xclude_doc_ids\x18\x05 \x01(\x0c\"\x8d\x01\n\x0eSearchResponse\x12\x13\n\x0bnum_queries\x18\x01 \x01(\x05\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x0e\n\x06scores\x18\x04 \x01(\x0c\x12\x0f\n\x07\x64oc_ids\x18\x05 \x01(\x0c\x12-\n\x05shard\x18\x06 \x01(\x0b\x32\x1e.retro_jax.retrieval.ShardInfo\"\r\n\x0bInfoRequest\"\xb2\x01\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x14\n\x0cindex_sha256\x18\x06 \x01(\t\x12\x18\n\x10num_deleted_docs\x18\x07 \x01(\x03\x12\x18\n\x10\x64\x65letions_sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\t \x01(\t2\xaa\x01\n\x0bShardSearch\x12Q\n\x06Search\x12\".retro_jax.retrieval.SearchRequest\x1a#.retro_jax.retrieval.SearchResponse\x12H\n\x04Info\x12 .retro_jax.retrieval.InfoRequest\x1a\x1e.retro_jax.retrieval.ShardInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!retro_jax/retrieval/service.proto\x12\x13retro_jax.retrieval\"f\n\rSearchRequest\x12\x13\n\x0bnum_queries\x18\x01 \x01(\x05\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0f\n\x07queries\x18\x03 \x01(\x0c\x12\t\n\x01k\x18\x04 \x01(\x05\x12\x17\n\x0f\x65xclude_doc_ids\x18\x05 \x01(\x0c\"\x8d\x01\n\x0eSearchResponse\x12\x13\n\x0bnum_queries\x18\x01 \x01(\x05\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x0e\n\x06scores\x18\x04 \x01(\x0c\x12\x0f\n\x07\x64oc_ids\x18\x05 \x01(\x0c\x12-\n\x05shard\x18\x06 \x01(\x0b\x32\x1e.retro_jax.retrieval.ShardInfo\"\r\n\x0bInfoRequest\"\xf3\x01\n\tShardInfo\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x0b\n\x03\x64im\x18\x04 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x14\n\x0cindex_sha256\x18\x06 \x01(\t\x12\x18\n\x10num_deleted_docs\x18\x07 \x01(\x03\x12\x18\n\x10\x64\x65letions_sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\t \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\n \x01(\t\x12\x16\n\x0e\x64\x62_fingerprint\x18\x0b \x01(\t\x12\x12\n\nnum_shards\x18\x0c \x01(\x05\"\x0f\n\rReloadRequest2\xf8\x01\n\x0bShardSearch\x12Q\n\x06Search\x12\".retro_jax.retrieval.SearchRequest\x1a#.retro_jax.retrieval.SearchResponse\x12H\n\x04Info\x12 .retro_jax.retrieval.InfoRequest\x1a\x1e.retro_jax.retrieval.ShardInfo\x12L\n\x06Reload\x12\".retro_jax.retrieval.ReloadRequest\x1a\x1e.retro_jax.retrieval.ShardInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=306
   _globals['_INFOREQUEST']._serialized_end=319
   _globals['_SHARDINFO']._serialized_start=322
-  _globals['_SHARDINFO']._serialized_end=500
-  _globals['_SHARDSEARCH']._serialized_start=503
-  _globals['_SHARDSEARCH']._serialized_end=673
+  _globals['_SHARDINFO']._serialized_end=565
+  _globals['_RELOADREQUEST']._serialized_start=567
+  _globals['_RELOADREQUEST']._serialized_end=582
+  _globals['_SHARDSEARCH']._serialized_start=585
+  _globals['_SHARDSEARCH']._serialized_end=833
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class ShardSearchStub(object):
                 request_serializer=retro__jax_dot_retrieval_dot_service__pb2.InfoRequest.SerializeToString,
                 response_deserializer=retro__jax_dot_retrieval_dot_service__pb2.ShardInfo.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/retro_jax.retrieval.ShardSearch/Reload',
+                request_serializer=retro__jax_dot_retrieval_dot_service__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=retro__jax_dot_retrieval_dot_service__pb2.ShardInfo.FromString,
+                _registered_method=True)
 
 
 class ShardSearchServicer(object):
@@ -61,6 +66,14 @@ class ShardSearchServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Reopens the database (after `edit_db`), serving the old contents until the new ones are
+        loaded; answers the new ShardInfo. `python -m retro_jax.retrieval.serve --reload=ADDR,...`
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -72,6 +85,11 @@ def add_ShardSearchServicer_to_server(servicer, server):
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
                     request_deserializer=retro__jax_dot_retrieval_dot_service__pb2.InfoRequest.FromString,
+                    response_serializer=retro__jax_dot_retrieval_dot_service__pb2.ShardInfo.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=retro__jax_dot_retrieval_dot_service__pb2.ReloadRequest.FromString,
                     response_serializer=retro__jax_dot_retrieval_dot_service__pb2.ShardInfo.SerializeToString,
             ),
     }
@@ -128,6 +146,33 @@ class ShardSearch(object):
             target,
             '/retro_jax.retrieval.ShardSearch/Info',
             retro__jax_dot_retrieval_dot_service__pb2.InfoRequest.SerializeToString,
+            retro__jax_dot_retrieval_dot_service__pb2.ShardInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/retro_jax.retrieval.ShardSearch/Reload',
+            retro__jax_dot_retrieval_dot_service__pb2.ReloadRequest.SerializeToString,
             retro__jax_dot_retrieval_dot_service__pb2.ShardInfo.FromString,
             options,
             channel_credentials,

@@ -18,7 +18,14 @@ process and merges, giving the same ids as the in-process `Retriever` over all s
   `retro_jax.retrieval.ShardSearch`); Search answers UNAVAILABLE until then.
 * Removed documents (`python -m retro_jax.edit_db --remove_docs=...` writes
   `DB/chunks/deletions.json`) take effect without a restart: the file is checked (stat) before every
-  search and reloaded when it changed. A newly added shard needs its own process.
+  search and reloaded when it changed.
+* Added documents (`edit_db --add`) are not: each process serves what it loaded. Every Info and
+  Search answer carries the content fingerprint it loaded (retro_jax/retrieval/fingerprint.py) and
+  the database's now (re-read when a manifest's stat changes; no file is hashed per request), so
+  a client sees a stale shard and says so. The operator picks an edit up with one command,
+  `python -m retro_jax.retrieval.serve --reload=HOST:PORT,...` (the Reload RPC: each process
+  loads the database again while still answering from the old copy, then swaps; twice the
+  shard's memory meanwhile); a shard added by the edit (per-shard backends) needs its own process.
 * The global index (`DB/index/global`, the default): `--shard=S` serves serving shard S (its
   partitions); each query is routed to its nearest partitions and answered from those this shard
   holds (ShardInfo: offset 0, count = the vectors it holds, backend "global"); the client merges
@@ -39,7 +46,7 @@ import sys
 import threading
 import time
 from concurrent import futures
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -51,6 +58,7 @@ from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.errors import UserError
+from retro_jax.retrieval import fingerprint as fingerprint_lib
 from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
@@ -105,16 +113,19 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
                search_threads: int = 1, address: str = "", limits: Limits = Limits()):
     self.db_dir, self.shard_number, self.address = str(db_dir), int(shard), address
     self.limits, self.overfetch = limits, overfetch
-    self.store = chunk_store_lib.ChunkStore.open(self.db_dir)
+    self._lock = threading.Lock()
     if index_root is None and retriever_lib.db_backend(self.db_dir, backend) == GLOBAL:
+      self._watch_content(GLOBAL, None, global_lib.index_dir(self.db_dir) / layout.MANIFEST)
+      self.store = self._open_store()
       self._init_global(overfetch, verify)
       return
     if index_root is None:
       backend = retriever_lib.db_backend(self.db_dir, backend)
       found = retriever_lib.db_embedding_shards(self.db_dir, lambda i: i == self.shard_number)
       if not found:
+        num_shards = chunk_store_lib.ChunkStore.open(self.db_dir).num_shards
         raise ServeError(f"{self.db_dir} has no shard {self.shard_number} (chunk-store shards: "
-                         f"0..{self.store.num_shards - 1}); pick one of those for --shard.")
+                         f"0..{num_shards - 1}); pick one of those for --shard.")
       _, emb_path, offset = found[0]
       shard_path = str(layout.index_shard_dir(layout.index_dir(self.db_dir, backend),
                                                self.shard_number))
@@ -124,6 +135,10 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
     if not epath.Path(shard_path).is_dir():
       raise ServeError(f"Index shard {shard_path} does not exist; build it with `python -m "
                        f"retro_jax.build_db --db={self.db_dir} --backend={backend} --stages=index`.")
+    if index_root is not None:
+      backend = index_lib.read_manifest(shard_path)["config"]["backend"]
+    self._watch_content(backend, index_root, epath.Path(shard_path) / index_lib.MANIFEST)
+    self.store = self._open_store()
     index_shard = index_lib.load_shard(shard_path, emb_path, verify=verify)
     if offset is not None and index_shard.offset != offset:
       raise ServeError(f"Index shard {shard_path} was built for offset {index_shard.offset} but "
@@ -134,7 +149,7 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
     self.index_sha256 = layout.sha256_file(os.path.join(shard_path, index_lib.MANIFEST))
     self.retriever = retriever_lib.Retriever([index_shard], doc_ids=self.store.doc_ids,
                                              overfetch=overfetch)
-    self._lock = threading.Lock()
+    self.num_shards = self.store.num_shards if index_root is None else 0
     self._deletions_stat = None
     self.deletions_sha256, self.num_deleted_docs = "", 0
     self._refresh_deletions()
@@ -151,10 +166,58 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
         overfetch=overfetch)
     self.index_shard = self.retriever.shards[0]
     self.index_sha256 = layout.sha256_file(global_lib.index_dir(self.db_dir) / layout.MANIFEST)
-    self._lock = threading.Lock()
+    self.num_shards = len(have)
     self._deletions_stat = None
     self.deletions_sha256, self.num_deleted_docs = "", 0
     self._refresh_deletions()
+
+  def _open_store(self) -> chunk_store_lib.ChunkStore:
+    """The chunk store with its shard list read now: the process serves one snapshot (a list
+    read lazily after an edit would not fit the totals read at open)."""
+    store = chunk_store_lib.ChunkStore.open(self.db_dir)
+    store.shard_offsets  # noqa: B018 (reads and checks the shard list)
+    return store
+
+  # -- the content served, and the database's now ----------------------------------------------
+  def _watch_content(self, backend: str, index_root: str | None, index_manifest) -> None:
+    """Records the database's content fingerprint before the shard is loaded (an edit while it
+    loads then shows as stale: a false alarm at worst, never a missed edit) and the manifests
+    whose change means the database may hold other content now."""
+    self._fingerprint_args = (self.db_dir, backend, index_root)
+    self._watched = [os.fspath(layout.chunks_dir(self.db_dir) / layout.MANIFEST),
+                     os.fspath(index_manifest)]
+    self._watch_seen = self._watch_key()
+    self.fingerprint = fingerprint_lib.fingerprint(*self._fingerprint_args)
+    self.db_fingerprint = self.fingerprint
+
+  def _watch_key(self) -> tuple:
+    """(mtime, size, inode) of each watched manifest; on gs:// (no cheap stat) the current
+    30-second period, so the fingerprint is re-read at most twice a minute there."""
+    key = []
+    for path in self._watched:
+      if "://" in path:
+        key.append(int(time.monotonic() // 30))
+        continue
+      try:
+        st = os.stat(path)
+        key.append((st.st_mtime_ns, st.st_size, st.st_ino))
+      except FileNotFoundError:  # being rewritten by an edit
+        key.append(None)
+    return tuple(key)
+
+  def _refresh_fingerprint(self) -> None:
+    """Re-reads the database's fingerprint when a watched manifest changed (a stat per search)."""
+    key = self._watch_key()
+    if key == self._watch_seen:
+      return
+    with self._lock:
+      if key == self._watch_seen:
+        return
+      try:
+        self.db_fingerprint = fingerprint_lib.fingerprint(*self._fingerprint_args)
+      except (UserError, OSError, ValueError, KeyError) as e:  # an edit half done: not ours
+        self.db_fingerprint = f"unreadable ({type(e).__name__})"
+      self._watch_seen = key
 
   # -- removed documents ------------------------------------------------------------------------
   def _refresh_deletions(self) -> None:
@@ -181,10 +244,23 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
         shard=self.shard_number, offset=self.index_shard.offset, count=self.index_shard.count,
         dim=self.retriever.dim, backend=getattr(self.index_shard.config, "backend", GLOBAL),
         index_sha256=self.index_sha256, num_deleted_docs=self.num_deleted_docs,
-        deletions_sha256=self.deletions_sha256, address=self.address)
+        deletions_sha256=self.deletions_sha256, address=self.address,
+        fingerprint=self.fingerprint, db_fingerprint=self.db_fingerprint,
+        num_shards=self.num_shards)
+
+  def _refresh(self, context) -> None:
+    """The database's fingerprint and removed documents as they are now."""
+    self._refresh_fingerprint()
+    try:
+      self._refresh_deletions()
+    except UserError as e:  # e.g. a removal of a document added after this shard loaded
+      stale = self.fingerprint != self.db_fingerprint
+      context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e) + (
+          f"; this shard serves older content than {self.db_dir}: reload it "
+          f"(`python -m retro_jax.retrieval.serve --reload={self.address}`)" if stale else ""))
 
   def Info(self, request, context):  # noqa: N802 (gRPC method name)
-    self._refresh_deletions()
+    self._refresh(context)
     return self.info()
 
   def Search(self, request, context):  # noqa: N802
@@ -211,7 +287,7 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
     queries_QxD = np.frombuffer(request.queries, "<f4").reshape(q, d)
     if not np.isfinite(queries_QxD).all():
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, "queries hold NaN or infinite values")
-    self._refresh_deletions()
+    self._refresh(context)
     exclude_Q = (np.frombuffer(request.exclude_doc_ids, "<i8") if request.exclude_doc_ids
                  else None)
     ids_QxK, scores_QxK = self.retriever.search(queries_QxD, k, exclude_Q)
@@ -225,10 +301,14 @@ class ShardServicer(service_pb2_grpc.ShardSearchServicer):
 
 
 class _Gate(service_pb2_grpc.ShardSearchServicer):
-  """Answers UNAVAILABLE until the real servicer is loaded, then forwards to it."""
+  """Answers UNAVAILABLE until the real servicer is loaded, then forwards to it; Reload loads a
+  new one (`load()`) while the old one answers, then swaps them (searches in flight finish on the
+  old one). One reload at a time; a failed one leaves the old servicer serving."""
 
-  def __init__(self):
+  def __init__(self, load: Callable[[], "ShardServicer"] | None = None):
     self.target: ShardServicer | None = None
+    self.load = load
+    self._reload_lock = threading.Lock()
 
   def Search(self, request, context):  # noqa: N802
     if self.target is None:
@@ -240,6 +320,22 @@ class _Gate(service_pb2_grpc.ShardSearchServicer):
       context.abort(grpc.StatusCode.UNAVAILABLE, "shard is still loading")
     return self.target.Info(request, context)
 
+  def Reload(self, request, context):  # noqa: N802
+    if self.target is None or self.load is None:
+      context.abort(grpc.StatusCode.UNAVAILABLE, "shard is still loading")
+    with self._reload_lock:
+      t0 = time.perf_counter()
+      try:
+        new = self.load()
+      except (UserError, OSError, ValueError) as e:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"reload failed, still serving what it loaded before: {e}")
+      old, self.target = self.target, new
+    print(f"[serve] shard {new.shard_number} reloaded in {time.perf_counter() - t0:.1f} s: "
+          f"content {fingerprint_lib.short(old.fingerprint)} -> "
+          f"{fingerprint_lib.short(new.fingerprint)}, {new.index_shard.count} chunks", flush=True)
+    return new.info()
+
 
 def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
           backend: str | None = None, index_root: str | None = None, port_file: str | None = None,
@@ -248,7 +344,17 @@ def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
   """Runs the server until SIGTERM / SIGINT (or `stop_event`)."""
   server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                        options=server_options(limits))
-  gate = _Gate()
+
+  def load() -> ShardServicer:  # at start, and again for each Reload
+    servicer = ShardServicer(db_dir, shard, backend=backend, index_root=index_root, verify=verify,
+                             overfetch=overfetch, search_threads=search_threads, address=address,
+                             limits=limits)
+    warm = np.zeros((1, servicer.retriever.dim), np.float32)
+    warm[0, 0] = 1.0
+    servicer.retriever.search(warm, 2)
+    return servicer
+
+  gate = _Gate(load)
   health = grpc_health.HealthServicer()
   for name in ("", SERVICE_NAME):
     health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -269,18 +375,13 @@ def serve(db_dir: str, shard: int, host: str = "127.0.0.1", port: int = 0,
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, lambda *_: stop_event.set())
   t0 = time.perf_counter()
-  servicer = ShardServicer(db_dir, shard, backend=backend, index_root=index_root, verify=verify,
-                           overfetch=overfetch, search_threads=search_threads, address=address,
-                           limits=limits)
-  warm = np.zeros((1, servicer.retriever.dim), np.float32)
-  warm[0, 0] = 1.0
-  servicer.retriever.search(warm, 2)
-  gate.target = servicer
+  servicer = gate.target = load()
   for name in ("", SERVICE_NAME):
     health.set(name, health_pb2.HealthCheckResponse.SERVING)
   print(f"[serve] shard {shard} ({servicer.index_shard.count} chunks from id "
-        f"{servicer.index_shard.offset}) serving on {address} after "
-        f"{time.perf_counter() - t0:.1f} s", flush=True)
+        f"{servicer.index_shard.offset}, content {fingerprint_lib.short(servicer.fingerprint)}) "
+        f"serving on {address} (pid {os.getpid()}) after {time.perf_counter() - t0:.1f} s",
+        flush=True)
   if port_file:
     write_json_atomic(port_file, {"address": address, "shard": int(shard), "pid": os.getpid()})
   stop_event.wait()
