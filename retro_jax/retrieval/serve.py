@@ -7,18 +7,17 @@ Binds 127.0.0.1 unless --host says otherwise; SIGTERM drains in-flight searches 
 """
 from absl import app, flags
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
-from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import shard_server
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("db", None, "retrieval database (chunks/, embeddings/, index/)", required=True)
+shared.define("db", required=True, note="its chunks/, embeddings/ and index/ are served")
 flags.DEFINE_integer("shard", None, "index shard number to serve", required=True)
 flags.DEFINE_string("host", "127.0.0.1", "interface to bind (default: loopback only)")
 flags.DEFINE_integer("port", 0, "port (0: a free one; see --port_file)")
 flags.DEFINE_string("port_file", None, "write {address, shard, pid} here once serving")
-flags.DEFINE_enum("backend", None, list(index_lib.ALL_BACKENDS),
-                  "index backend directory (default: the one built)")
+shared.define("backend", note="the one served (default: the one built)")
 flags.DEFINE_string("index_root", None, "serve <index_root>/shard-XXXXX instead of "
                     "DB/index/<backend>/shard-XXXXX (embeddings and offset from its manifest)")
 flags.DEFINE_integer("workers", 4, "gRPC worker threads")
