@@ -204,6 +204,12 @@ def test_cli_from_a_checkpoint_shows_neighbours_and_matches_the_library(
   assert off.returncode == 0, off.stderr
   assert "retrieval off" in off.stdout and "=== neighbours ===" not in off.stdout
 
+  both = _cli(f"--workdir={tmp_path}", f"--prompt={PROMPT}", "--max_new_tokens=10",
+              "--temperature=0")  # --retrieval=all: on, then off, from the same seed
+  assert both.returncode == 0, both.stderr
+  on_at, off_at = (both.stdout.index(f"retrieval {m}, 10 tokens") for m in ("on", "off"))
+  assert on_at < off_at and both.stdout.count("=== prompt ===") == 1
+
 
 def test_cli_explains_missing_model():
   proc = _cli("--prompt=hello")

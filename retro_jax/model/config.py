@@ -1,4 +1,4 @@
-"""RetroConfig and the registry of named model sizes (the paper's Table 2 / Table 10 ones among them)."""
+"""RetroConfig and SIZES, the one registry of named model sizes (the paper's among them)."""
 from __future__ import annotations
 
 import dataclasses
