@@ -87,10 +87,10 @@ def define(name: str, *, required: bool = False, note: str = "") -> None:
     define_fn(name, s.default, text, required=required)
 
 
-def renamed(old: str, new: str | None = None, how: str = "", boolean: bool = False) -> None:
+def renamed(old: str, how: str = "", boolean: bool = False) -> None:
   """Defines `--old` only to stop with an error naming what replaced it: the shared flag
-  RENAMED[old], `--new`, or `how`. `boolean`: the old flag was a boolean (--old, --noold)."""
-  replacement = how or f"use --{new or RENAMED[old]}"
+  RENAMED[old], or `how`. `boolean`: the old flag was a boolean (--old, --noold)."""
+  replacement = how or f"use --{RENAMED[old]}"
   define_fn = flags.DEFINE_boolean if boolean else flags.DEFINE_string
   define_fn(old, None, f"removed: {replacement}")
   flags.register_validator(old, lambda v: v is None, message=f"--{old} was removed: {replacement}")
