@@ -122,7 +122,7 @@ example: db
 
 # Scaling curves on CPU: 3 tiny sizes x {RETRO, baseline}, 3 retrieval-database sizes.
 scaling: db
-	JAX_PLATFORMS=cpu $(PY) -m retro_jax.scaling --sweep=experiments/sweep_tiny.py --out=runs/scaling
+	JAX_PLATFORMS=cpu $(PY) -m retro_jax.scaling --config=experiments/sweep_tiny.py --out=runs/scaling
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -57,7 +57,7 @@ def main(argv):
         on = res["results"]["on"]
         exact = held if exact is None else exact
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in
-                                zip(held.neighbours_CxK, exact.neighbours_CxK)]))
+                                zip(held.neighbours_CxN, exact.neighbours_CxN)]))
         report["results"][kind] = {"bpb": on["bpb"], "bpb_alpha_12.5": ev.bpb_at(on, 0.125),
                                    "neighbour_search_seconds": t_search,
                                    f"recall@{k}_vs_exact": recall,

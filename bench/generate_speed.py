@@ -41,7 +41,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import matmul_gflops  # noqa: E402
-from retro_jax.model import Retro, RetroConfig  # noqa: E402
+from retro_jax.model import SIZES, Retro, RetroConfig  # noqa: E402
 from retro_jax.model.decode import Decoder  # noqa: E402
 from retro_jax.sampling import generate as gen  # noqa: E402
 
@@ -63,9 +63,8 @@ PROMPT_TEXT = (
 
 
 def bench_config(vocab_size: int) -> RetroConfig:
-  return RetroConfig(vocab_size=vocab_size, d_model=256, num_heads=4, num_layers=4, ffw_size=1024,
-                     cca_layers=(2, 4), chunk_size=64, num_neighbours=2, neighbour_len=128,
-                     encoder_layers=2, encoder_d_model=256, encoder_num_heads=4)
+  """The registry's tiny RETRO with the database's vocabulary and a 256-wide encoder."""
+  return SIZES["tiny"].replace(vocab_size=vocab_size, encoder_d_model=256, encoder_num_heads=4)
 
 
 def loadavg() -> list[float]:

@@ -109,7 +109,7 @@ def measure() -> dict:
   samples = []
   for name, on in CASES:
     r = _run(["retro_jax.sample", f"--workdir={os.path.join(work, name)}", f"--prompt={PROMPT}",
-              f"--retrieval={'true' if on else 'false'}", "--temperature=0",
+              f"--retrieval={'on' if on else 'off'}", "--temperature=0",
               f"--max_new_tokens={_NEW.value}", "--show_neighbours"], 900)
     samples.append({"model": name, "retrieval": on, "command": r["command"],
                     "seconds": r["seconds"], "continuation": _continuation(r["stdout"])})

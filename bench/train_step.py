@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench.common import matmul_gflops  # noqa: E402
-from retro_jax.model import PAPER_SIZES, RetroConfig  # noqa: E402
+from retro_jax.model import SIZES, RetroConfig  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
 from retro_jax.training import optim  # noqa: E402
 from retro_jax.training.step import TrainStep  # noqa: E402
@@ -34,17 +34,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 8, "timed steps per model (after one compile+warm-up step)")
 flags.DEFINE_string("out", "bench/results/train_step.json", "where the results go")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
-flags.DEFINE_string("size", "reference", "'reference' (benchmarking.md) or a PAPER_SIZES key")
+flags.DEFINE_enum("size", "reference", sorted(SIZES), "model size (retro_jax.model.config.SIZES); "
+                  "reference: the reference configuration of docs/benchmarks.md")
 flags.DEFINE_integer("batch", 4, "sequences per step")
 flags.DEFINE_integer("seq_len", 512, "tokens per sequence")
 flags.DEFINE_integer("q_block", 0, "self-attention query block (0: whole sequence)")
 flags.DEFINE_enum("positions", "relative", ["relative", "rope"],
                   "decoder self-attention positions (CCA and the encoder stay relative)")
-
-# The reference training-step configuration of benchmarking.md.
-REFERENCE = RetroConfig(vocab_size=32000, d_model=512, num_heads=8, num_layers=12, ffw_size=2048,
-                        cca_layers=(6, 9, 12), chunk_size=64, num_neighbours=2,
-                        neighbour_len=128, encoder_layers=2, encoder_d_model=512)
 
 
 def matmul_peak(dtype=jnp.float32, sizes=(1024, 2048)) -> dict:
@@ -71,7 +67,7 @@ def main(argv):
   peak = matmul_peak(peak_dtype, (1024, 2048) if on_cpu else (4096, 8192))
   peak_gflops = max(peak.values())
   mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-  base_cfg = REFERENCE if FLAGS.size == "reference" else PAPER_SIZES[FLAGS.size]
+  base_cfg = SIZES[FLAGS.size]
   base_cfg = base_cfg.replace(dtype=FLAGS.dtype, attention_q_block=FLAGS.q_block,
                               positions=FLAGS.positions)
   runs = {}

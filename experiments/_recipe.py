@@ -12,7 +12,7 @@ def paper_recipe(size: str, *, batch: int = 256, peak_lr: float = 2e-4,
                  retrieval: bool = True) -> ml_collections.ConfigDict:
   seq_len = 2048
   c = experiment.defaults()
-  c.model_size = size  # a key of retro_jax.model.PAPER_SIZES
+  c.model_size = size  # a key of retro_jax.model.config.SIZES
   c.retrieval = retrieval  # False: the matching baseline (cca_layers=())
   c.model_overrides = ml_collections.ConfigDict({"dtype": "bfloat16", "remat": True,
                                                  "attention_q_block": 512})

@@ -1,6 +1,6 @@
-"""bpb against the database fraction on the default database (`python -m retro_jax.figures`):
-experiments/tiny.py, one seed, no retrofit; the duplication database's figures are
-experiments/figures_dup.py."""
+"""bpb against the database fraction on the default database
+(`python -m retro_jax.figures --config=experiments/figures_default.py`): experiments/tiny.py, one
+seed, no retrofit; the duplication database's figures are experiments/figures_dup.py."""
 from experiments import figures_dup, tiny
 
 

@@ -1,4 +1,5 @@
-"""The paper's figures on the duplication database (`python -m retro_jax.figures`).
+"""The paper's figures on the duplication database
+(`python -m retro_jax.figures --config=experiments/figures_dup.py`).
 
 experiments/dup_tiny.py (the demo's model) trained from scratch with 3 seeds, RETRO and baseline;
 seed 0's RETRO scored with 1/8, 1/4, 1/2 and all of the training documents as its database; a

@@ -19,7 +19,7 @@ from retro_jax.training import experiment
 
 def get_config():
   c = experiment.defaults()
-  c.model_size = "smollm2-135m"  # experiment.PRETRAINED_SIZES: the decoder as the GGUF loads it
+  c.model_size = "smollm2-135m"  # retro_jax.model.config.SIZES: the decoder as the GGUF loads it
   c.model_overrides = ml_collections.ConfigDict(dict(
       cca_layers=tuple(range(6, 31, 3)), chunk_size=64, num_neighbours=2, neighbour_len=128,
       encoder_layers=2, encoder_d_model=384))

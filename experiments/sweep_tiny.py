@@ -1,4 +1,4 @@
-"""The CPU scaling sweep (`python -m retro_jax.scaling --sweep=experiments/sweep_tiny.py`).
+"""The CPU scaling sweep (`python -m retro_jax.scaling --config=experiments/sweep_tiny.py`).
 
 Three tiny widths/depths, each trained as RETRO and as the baseline on the same data and steps,
 then every RETRO model evaluated with 10% / 30% / 100% of the training documents as its retrieval

@@ -4,19 +4,14 @@
     python -m retro_jax.train --config=experiments/tiny.py --config.retrieval=false \
         --workdir=runs/demo/baseline
 """
-import ml_collections
-
 from retro_jax.training import experiment
 
 
 def get_config():
   c = experiment.defaults()  # every field exists, so any --config.x=y override works
-  c.model_size = "tiny"
-  # The default database's 8k SentencePiece vocabulary, 64-token chunks, k=2, r=128.
-  c.model_overrides = ml_collections.ConfigDict(dict(
-      vocab_size=8192, d_model=256, num_heads=4, num_layers=4, ffw_size=1024,
-      cca_layers=(2, 4), chunk_size=64, num_neighbours=2, neighbour_len=128,
-      encoder_layers=2, encoder_d_model=128, encoder_num_heads=2))
+  c.model_size = "tiny"  # retro_jax.model.config.SIZES: the default database's vocabulary, chunks
+  # Its fields, each overridable as --config.model_overrides.FIELD=VALUE.
+  c.model_overrides = experiment.size_fields("tiny")
   c.retrieval = True
   c.db = "runs/default_db"
   c.seq_len = 256

@@ -1,44 +1,54 @@
-r"""Ahead-of-time compile of the training step for a TPU topology, on this machine (no TPU needed).
+r"""Ahead-of-time compile of an experiment's training step for a TPU topology, on this machine (no
+TPU needed).
 
-    python -m retro_jax.aot_compile --size=172m --topology=v5e:4x4 --per_chip_batch=4
-    python -m retro_jax.aot_compile --size=7.5b --topology=v5p:4x4x4 --num_slices=2 \
-        --per_chip_batch=2 --grad_accum_steps=4 --q_block=0     # the paper's batch 1,024
+    python -m retro_jax.aot_compile --config=experiments/retro_172m.py --topology=v5e:4x4 \
+        --per_chip_batch=4
+    python -m retro_jax.aot_compile --config=experiments/retro_7p5b.py --topology=v5p:4x4x4 \
+        --num_slices=2 --per_chip_batch=1 --config.grad_accum_steps=8 \
+        --config.model_overrides.attention_q_block=0     # the paper's batch 1,024
 
-Prints the per-chip memory against the chip's HBM and XLA's FLOPs per step against the analytic
-count (retro_jax.training.aot).
+The model, sequence length, mesh, dtype, remat, attention query block and micro-batches are the
+experiment file's (override any with --config.FIELD=VALUE; the baseline: --config.retrieval=false);
+the per-chip batch defaults to the experiment's global batch over the topology's chips. Prints the
+per-chip memory against the chip's HBM and XLA's FLOPs per step against the analytic count
+(retro_jax.training.aot).
 """
 import json
 
 from absl import app, flags
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
-from retro_jax.model import PAPER_SIZES
-from retro_jax.training import aot
+from retro_jax.training import aot, experiment
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("size", "172m", sorted(PAPER_SIZES), "model size")
+shared.define("config", required=True, note="the model and recipe to compile")
 flags.DEFINE_string("topology", "v5e:4x4", "TPU topology, e.g. v5e:4x4, v5p:2x2x4, v4:2x2x2")
-flags.DEFINE_integer("per_chip_batch", 1, "sequences per chip (global batch = this x chips)")
-flags.DEFINE_integer("seq_len", 2048, "training sequence length (paper: 2048)")
-flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,model mesh shape (-1: the rest)")
-flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "compute dtype (params fp32)")
-flags.DEFINE_bool("remat", True, "rematerialise each block in the backward pass")
-flags.DEFINE_integer("q_block", 512, "self-attention query block (0: whole sequence at once)")
-flags.DEFINE_bool("retrieval", True, "RETRO (True) or the baseline decoder (False)")
+flags.DEFINE_integer("per_chip_batch", None, "sequences per chip in one micro-batch (default: the "
+                     "experiment's global_batch / (chips x grad_accum_steps))")
 flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (multi-slice: hybrid mesh, the data "
                      "axis over slices)")
-flags.DEFINE_integer("grad_accum_steps", 1, "micro-batches per step (global batch = per_chip_batch "
-                     "x chips x this)")
 flags.DEFINE_string("out", None, "append the result as one JSON line to this file")
+# The model flags this command had, now the experiment's fields.
+shared.renamed("size", how="use --config=experiments/retro_<size>.py (or baseline_<size>.py)")
+shared.renamed("seq_len", how="use --config.seq_len")
+shared.renamed("mesh", how="use --config.mesh")
+shared.renamed("dtype", how="use --config.model_overrides.dtype")
+shared.renamed("remat", how="use --config.model_overrides.remat", boolean=True)
+shared.renamed("q_block", how="use --config.model_overrides.attention_q_block")
+shared.renamed("retrieval", how="use --config.retrieval (or a baseline_<size>.py experiment)",
+               boolean=True)
+shared.renamed("grad_accum_steps", how="use --config.grad_accum_steps")
 
 
 def main(argv):
   del argv
-  mesh_shape = tuple(int(x) for x in FLAGS.mesh.split(","))
+  c = experiment.with_defaults(FLAGS.config)
   try:
-    res = aot.compile_step(FLAGS.size, FLAGS.topology, FLAGS.per_chip_batch, FLAGS.seq_len,
-                           mesh_shape, FLAGS.dtype, FLAGS.remat, FLAGS.retrieval, FLAGS.q_block,
-                           num_slices=FLAGS.num_slices, grad_accum_steps=FLAGS.grad_accum_steps)
+    res = aot.compile_step(experiment.model_config(c), FLAGS.topology, c.seq_len, tuple(c.mesh),
+                           per_chip_batch=FLAGS.per_chip_batch, global_batch=c.global_batch,
+                           num_slices=FLAGS.num_slices, grad_accum_steps=c.grad_accum_steps,
+                           size=c.model_size)
   except aot.DoesNotFit as e:
     print(f"DOES NOT FIT: {e}")
     raise SystemExit(2)

@@ -15,30 +15,34 @@ DB/build_times.json.
 
 from absl import app, flags
 
+from retro_jax import flags as shared
 from retro_jax.build import stages as build
 from retro_jax.errors import guard
-from retro_jax.retrieval import index as index_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("db", None, "retrieval database directory to build", required=True)
-flags.DEFINE_string("corpus", "default", "corpus spec (retro_jax/db/corpus.py)")
-flags.DEFINE_integer("vocab_size", 8192, "SentencePiece vocabulary size")
-flags.DEFINE_string("tokenizer", None, "an existing SentencePiece .model to use instead of "
-                    "training one, or a pretrained byte-level BPE: 'smollm2' (or a saved bpe.json)")
-flags.DEFINE_integer("chunk_size", 64, "tokens per chunk")
-flags.DEFINE_integer("docs_per_shard", 4096, "documents per chunk-store shard")
-flags.DEFINE_float("heldout_fraction", 0.01, "fraction of documents held out (by document)")
-flags.DEFINE_integer("seed", 0, "seed of the held-out split and tokenizer sampling")
-flags.DEFINE_integer("max_docs", None, "keep only the first N documents")
+D = build.DEFAULTS  # every setting's default, defined once there
+shared.define("db", required=True, note="the one to build")
+flags.DEFINE_string("corpus", D["corpus"], "corpus spec (retro_jax/db/corpus.py)")
+flags.DEFINE_integer("vocab_size", D["vocab_size"], "SentencePiece vocabulary size")
+flags.DEFINE_string("tokenizer", D["tokenizer"], "an existing SentencePiece .model to use instead "
+                    "of training one, or a pretrained byte-level BPE: 'smollm2' (or a saved "
+                    "bpe.json)")
+flags.DEFINE_integer("chunk_size", D["chunk_size"], "tokens per chunk")
+flags.DEFINE_integer("docs_per_shard", D["docs_per_shard"], "documents per chunk-store shard")
+flags.DEFINE_float("heldout_fraction", D["heldout_fraction"], "fraction of documents held out (by "
+                   "document)")
+flags.DEFINE_integer("seed", D["seed"], "seed of the held-out split and tokenizer sampling")
+shared.define("max_docs")
 flags.DEFINE_list("stages", list(build.STAGES),
                   f"stages to run, in order, from {build.STAGES} (+ 'finalize')")
-flags.DEFINE_enum("embed_dtype", "bfloat16", ["bfloat16", "float32"], "embedder matmul dtype")
-flags.DEFINE_integer("embed_batch_size", 32, "embedder rows per forward call")
-flags.DEFINE_enum("backend", index_lib.GLOBAL_BACKEND, list(index_lib.ALL_BACKENDS), "index backend")
-flags.DEFINE_integer("k", 2, "training neighbours per chunk")
-flags.DEFINE_enum("index_searcher", "faiss", ["faiss", "scann"], "the global index's searcher "
-                  "within a serving shard: faiss fast-scan codes, or a ScaNN searcher built over "
-                  "each serving shard too (routing and the int8 rerank are the same)")
+flags.DEFINE_enum("embed_dtype", D["embed_dtype"], ["bfloat16", "float32"], "embedder matmul dtype")
+shared.define("embed_batch_size")
+shared.define("backend", note=f"the one to build (default: {D['backend']})")
+shared.define("num_neighbours", note=f"training neighbours stored per chunk (default: {D['k']})")
+shared.renamed("k")
+flags.DEFINE_enum("index_searcher", D["index_searcher"], ["faiss", "scann"], "the global index's "
+                  "searcher within a serving shard: faiss fast-scan codes, or a ScaNN searcher "
+                  "built over each serving shard too (routing and the int8 rerank are the same)")
 flags.DEFINE_bool("audit", False, "read every output of every stage (the whole database) and "
                   "rebuild the missing or damaged ones; a run without it reads a few small files "
                   "per stage to know what is finished")
@@ -47,11 +51,14 @@ flags.DEFINE_bool("rebuild", False, "rebuild a finished stage whose recorded set
 
 
 def main(argv) -> None:
+  # The settings keep their recorded names (a database's provenance): --num_neighbours is `k`.
+  settings = {name: FLAGS[name].value for name in D if name != "k"}
+  settings["k"] = FLAGS.num_neighbours
   build.build(FLAGS.db, stages=tuple(FLAGS.stages), rebuild=FLAGS.rebuild, beam_args=argv[1:],
-              audit=FLAGS.audit,
-              **{name: FLAGS[name].value for name in build.DEFAULTS})
+              audit=FLAGS.audit,  # a flag left None: build.DEFAULTS
+              **{name: v for name, v in settings.items() if v is not None})
 
 
 if __name__ == "__main__":
   # Flags this command does not define are Beam's (--runner, --direct_num_workers, ...).
-  app.run(guard(main), flags_parser=lambda argv: FLAGS(argv, known_only=True))
+  app.run(guard(main), flags_parser=shared.parse_known_only)

@@ -9,14 +9,15 @@ documents (retrieval on, off and shuffled, with 95% intervals) and writes OUT/re
 """
 from absl import app, flags, logging
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
 from retro_jax.evaluation import demo
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("db", "runs/dup_db", "retrieval database (built by `make dup-db`)")
+shared.define("db", note="default: experiments/dup_tiny.py's, built by `make dup-db`")
 flags.DEFINE_string("out", "runs/demo", "output directory")
 flags.DEFINE_integer("steps", None, "training steps per model (default: experiments/dup_tiny.py)")
-flags.DEFINE_integer("max_docs", None, "evaluate on the first N held-out documents only")
+shared.define("max_docs", note="held-out documents evaluated")
 flags.DEFINE_integer("stride", None, "evaluation stride (default: the sequence length - 64, so "
                      "every scored chunk gets its preceding chunk's neighbours)")
 

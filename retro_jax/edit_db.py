@@ -11,20 +11,19 @@ import sys
 
 from absl import app, flags
 
+from retro_jax import flags as shared
 from retro_jax.build import edit
 from retro_jax.errors import guard
-from retro_jax.retrieval import index as index_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("db", None, "retrieval database (built by retro_jax.build_db)", required=True)
+shared.define("db", required=True, note="the one to edit (built by retro_jax.build_db)")
 flags.DEFINE_string("add", None, "corpus spec of documents to add as a new shard")
 flags.DEFINE_bool("upsert", False, "with --add: replace documents whose key already exists")
 flags.DEFINE_list("remove_docs", [], "global document ids to remove")
 flags.DEFINE_list("remove_keys", [], "document keys to remove")
 flags.DEFINE_string("note", "", "free text recorded with a removal request")
-flags.DEFINE_enum("backend", None, list(index_lib.ALL_BACKENDS),
-                  "index backend to update (default: the one built)")
-flags.DEFINE_integer("embed_batch_size", 32, "embedder rows per forward call")
+shared.define("backend", note="the one to update (default: the one built)")
+shared.define("embed_batch_size")
 
 
 def main(argv) -> None:

@@ -13,32 +13,32 @@ import os
 from absl import app, flags
 from etils import epath
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
 from retro_jax.evaluation import bpb, controls
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "model directory (a training workdir)", required=True)
-flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-flags.DEFINE_string("db", None, "retrieval database (default: the one the model trained on)")
+shared.define("workdir", required=True, note="the model to score")
+shared.define("step")
+shared.define("db", note="retrieved from (default: the one the model trained on)")
 flags.DEFINE_integer("seq_len", 2048, "window length in tokens")
 flags.DEFINE_integer("stride", 1024, "window stride in tokens (0: seq_len - chunk size, so every "
                      "scored chunk gets its preceding chunk's neighbours)")
-flags.DEFINE_integer("num_neighbours", None, "neighbours per chunk (default: the model's)")
-flags.DEFINE_list("retrieval", ["all"], "modes to evaluate: all (= on,off,shuffled), both "
-                  "(= on,off), controls (all five), or a list of on / off / shuffled (another "
-                  "document's neighbours) / shuffled_source (another document of the same source) "
-                  "/ same_document (another chunk of the same document)")
+shared.define("num_neighbours", note="fed to the model (default: the model's)")
+shared.define("retrieval", note="all = on,off,shuffled; shuffled: another document's neighbours, "
+              "shuffled_source: another document of the same source, same_document: another "
+              "chunk of the same document")
 flags.DEFINE_string("baseline", None, "a baseline workdir scored on the same chunks (differences "
                     "RETRO - baseline with intervals)")
 flags.DEFINE_integer("shuffle_seed", 0, "seed of the shuffled control's chunk pairing")
 flags.DEFINE_enum("retriever", "exact", list(bpb.RETRIEVERS),
                   "who finds the neighbours: exact search, the database's ANN index in-process, "
                   "or the gRPC retrieval service")
-flags.DEFINE_list("service", None, "shard addresses for --retriever=service")
-flags.DEFINE_string("backend", None, "index backend for --retriever=index (default: the built one)")
+shared.define("service", note="with --retriever=service")
+shared.define("backend", note="with --retriever=index (default: the one built)")
 flags.DEFINE_float("db_fraction", 1.0, "fraction of training documents to retrieve from")
 flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
-flags.DEFINE_integer("max_docs", None, "only the first N held-out documents (smoke runs)")
+shared.define("max_docs", note="held-out documents")
 flags.DEFINE_string("out", None, "results JSON (default WORKDIR/eval.json)")
 flags.DEFINE_string("plot", None, "PNG path (default next to the JSON)")
 

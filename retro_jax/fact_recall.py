@@ -1,6 +1,6 @@
 r"""A fact only the database holds: completed with retrieval on, not off, and gone after removal.
 
-    python -m retro_jax.fact_recall --workdir=runs/copy --db=runs/default_db --scratch=runs/fact \
+    python -m retro_jax.fact_recall --workdir=runs/copy [--db=runs/default_db] --scratch=runs/fact \
         [--new_tokens=64 --out=bench/results/fact_recall.json]
 
 The steps (the database is copied to SCRATCH/db first, never edited): retro_jax.evaluation.fact_recall.
@@ -10,12 +10,14 @@ import os
 
 from absl import app, flags, logging
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
 from retro_jax.evaluation import fact_recall
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/copy", "model directory of a trained RETRO")
-flags.DEFINE_string("db", "runs/default_db", "retrieval database the model trained on (copied)")
+shared.define("workdir", required=True, note="a trained RETRO (`make example`: runs/copy)")
+shared.define("db", note="copied to SCRATCH/db, never edited (default: the one the model trained "
+              "on)")
 flags.DEFINE_string("scratch", "runs/fact", "scratch directory (replaced)")
 flags.DEFINE_string("fact_file", None, "a text file to add instead of the built-in fact")
 flags.DEFINE_integer("new_tokens", 64, "tokens to generate")

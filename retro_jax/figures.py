@@ -12,14 +12,14 @@ import shutil
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
 from retro_jax.evaluation import figures
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/figures_dup.py", "figures config",
-                                lock_config=False)
+shared.define("config", required=True, note="a figures file (experiments/figures_*.py): its "
+              "experiment (`train`) and what to measure (`figures`)")
 flags.DEFINE_string("out", "runs/figures_dup", "output directory")
 flags.DEFINE_string("publish", None, "also write bench/results/NAME.json and docs/NAME_*.png")
 

@@ -7,22 +7,19 @@ r"""RETROfit a frozen baseline: train only chunked cross-attention and the neigh
 `train_only="retrieval"` and `retrieval=True` enforced (retro_jax.training.retrofit).
 """
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
 from retro_jax.training import loop
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "retrofit experiment (experiments/retrofit_*.py)",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "model directory to write", required=True)
+shared.define("config", required=True, note="a retrofit experiment (experiments/retrofit_*.py)")
+shared.define("workdir", required=True, note="written; the same WORKDIR again resumes")
 
 
 def main(argv):
   del argv
   c = FLAGS.config
-  if c is None:
-    raise app.UsageError("--config=experiments/retrofit_NAME.py is required")
   if not c.get("init_from"):
     raise app.UsageError("the experiment names no baseline: pass --config.init_from=BASELINE_WORKDIR")
   if not FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO

@@ -12,15 +12,14 @@ processes on one machine (a multi-process CPU test):
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
 from retro_jax.training import loop
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "experiment file (experiments/*.py)",
-                                lock_config=False)
-flags.DEFINE_string("workdir", None, "model directory (local or gs://): checkpoints, metrics, logs")
+shared.define("config", required=True, note="the run to train")
+shared.define("workdir", required=True, note="written; the same WORKDIR again resumes")
 flags.DEFINE_enum("distributed", "auto", ["auto", "true", "false"],
                   "call jax.distributed.initialize() (auto: when TPU_WORKER_HOSTNAMES lists >1 host "
                   "or --num_processes > 1)")
@@ -33,8 +32,6 @@ flags.DEFINE_integer("process_id", None, "this process's index (default: auto-de
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if FLAGS.config is None or FLAGS.workdir is None:
-    raise app.UsageError("--config=experiments/NAME.py and --workdir=DIR are required")
   if not FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
   try:

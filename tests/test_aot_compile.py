@@ -3,14 +3,17 @@ import pytest
 
 pytest.importorskip("libtpu")
 
+from retro_jax.model import SIZES  # noqa: E402
 from retro_jax.training.aot import compile_step  # noqa: E402
 
 
 @pytest.mark.slow  # keeps make test within CI time; run by make test-slow
 def test_tiny_training_step_compiles_for_v5e_2x2():
-  res = compile_step("tiny", "v5e:2x2", per_chip_batch=2, seq_len=64, mesh_shape=(1, -1, 1),
-                     dtype="bfloat16", remat=True, retrieval=True, q_block=32)
-  assert res["chips"] == 4 and res["mesh"] == {"data": 1, "fsdp": 4, "model": 1}
+  cfg = SIZES["test"].replace(dtype="bfloat16", remat=True, attention_q_block=32)
+  res = compile_step(cfg, "v5e:2x2", seq_len=64, mesh_shape=(1, -1, 1), global_batch=8,
+                     size="test")
+  assert res["chips"] == 4 and res["per_chip_batch"] == 2  # global batch 8 over 4 chips
+  assert res["mesh"] == {"data": 1, "fsdp": 4, "model": 1}
   assert 0 < res["per_chip_gib"] < res["hbm_gib"]
   assert res["xla_tflops_per_step"] > 0
 

@@ -43,7 +43,7 @@ def test_shuffled_control_feeds_another_documents_neighbours(tmp_path_factory):
   own = ev.mode_neighbours(held, "on")
   shuf = ev.mode_neighbours(held, "shuffled", shuffle_seed=0)
   perm = controls.shuffled_rows(doc_C, 0)
-  np.testing.assert_array_equal(shuf, held.neighbours_CxK[perm])
+  np.testing.assert_array_equal(shuf, held.neighbours_CxN[perm])
   assert (perm != np.arange(len(perm))).all()
   # Another document wherever possible: here one held-out document holds most chunks, so only
   # the excess of it (2 * its chunks - all chunks) may stay within it.
@@ -60,7 +60,7 @@ def test_shuffled_control_feeds_another_documents_neighbours(tmp_path_factory):
       if c * 64 >= lengths[w.doc]:
         continue
       row = held.doc_first_row[w.doc] + c
-      ids = held.neighbours_CxK[perm[row], :2]
+      ids = held.neighbours_CxN[perm[row], :2]
       want = np.asarray(store.neighbour_tokens(np.maximum(ids, 0), 128))
       want = np.where(ids[:, None] >= 0, want, store.pad_id)
       np.testing.assert_array_equal(b["neighbours"][i, u], want)
@@ -179,7 +179,7 @@ def test_given_overlap_is_that_of_the_preceding_chunks_neighbours(tmp_path_facto
   # Handing chunk c its own neighbours' ids from row c - 1 by hand gives the same numbers.
   toks = np.asarray(store.tokens(held.chunk_ids_C))
   for c in np.flatnonzero(~first)[:20]:
-    ids = held.neighbours_CxK[c - 1, :2]
+    ids = held.neighbours_CxN[c - 1, :2]
     nb = np.asarray(store.neighbour_tokens(np.maximum(ids, 0), 128))
     nb = np.where(ids[:, None] >= 0, nb, store.pad_id)
     best = 0

@@ -63,7 +63,7 @@ def test_exact_neighbours_and_heldout(tmp_path_factory):
   db = tiny_db.get(tmp_path_factory)[0]
   store = chunk_store_lib.ChunkStore.open(db)
   held = ev.load_heldout(store, str(db))
-  assert held.neighbours_CxK.shape == (len(held.chunk_ids_C), 10)
+  assert held.neighbours_CxN.shape == (len(held.chunk_ids_C), 10)
   # brute force over all stored embeddings, training documents only
   emb = np.concatenate([np.load(p) for p in embedding_paths(str(db))])
   docs = store.doc_ids(np.arange(store.num_chunks))
@@ -71,7 +71,7 @@ def test_exact_neighbours_and_heldout(tmp_path_factory):
   scores = emb[held.chunk_ids_C] @ emb.T
   scores[:, ~ok] = -np.inf
   want = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-  got = held.neighbours_CxK
+  got = held.neighbours_CxN
   assert not store.doc_heldout[store.doc_ids(got.reshape(-1))].any()
   np.testing.assert_allclose(np.take_along_axis(scores, got, 1),
                              np.take_along_axis(scores, want, 1), rtol=1e-5)
@@ -79,7 +79,7 @@ def test_exact_neighbours_and_heldout(tmp_path_factory):
   assert held.chunk_bytes_C.sum() > 0
   # nested database fractions: a smaller database never retrieves closer chunks
   small = ev.load_heldout(store, str(db), db_fraction=0.3)
-  s_small = np.take_along_axis(scores, small.neighbours_CxK[:, :1], 1)
+  s_small = np.take_along_axis(scores, small.neighbours_CxN[:, :1], 1)
   assert (s_small <= np.take_along_axis(scores, got[:, :1], 1) + 1e-6).all()
 
 

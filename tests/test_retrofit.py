@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import corpus_path  # noqa: E402
 import tiny_db  # noqa: E402
 
-from retro_jax.model import Retro  # noqa: E402
+from retro_jax.model import SIZES, Retro  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
 from retro_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from retro_jax.training import experiment  # noqa: E402
@@ -164,7 +164,7 @@ def test_smollm2_export_and_one_retrofit_step(tmp_path):
   build_db.build(smol_db, corpus=SMOL_CORPUS, tokenizer="smollm2", heldout_fraction=0.1, k=2,
                  backend="exact", docs_per_shard=100)
   gguf_model, gguf_cfg, tok = gguf.load_smollm2()
-  assert gguf_cfg == experiment.PRETRAINED_SIZES["smollm2-135m"]
+  assert gguf_cfg == SIZES["smollm2-135m"]
   base_wd = tmp_path / "smollm2_baseline"
   smollm2.export(base_wd, db=str(smol_db))
   base_model, base_cfg, info = ckpt_lib.load_model(base_wd)

@@ -15,7 +15,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
 
-from retro_jax.model import PAPER_SIZES, Retro  # noqa: E402
+from retro_jax.model import SIZES, Retro  # noqa: E402
 from retro_jax.sampling import generate as gen  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def retrieval(db):
 @pytest.fixture(scope="module")
 def model_and_config(retrieval):
   m = retrieval.store.chunk_size
-  config = PAPER_SIZES["tiny"].replace(vocab_size=retrieval.tokenizer.vocab_size, chunk_size=m,
+  config = SIZES["test"].replace(vocab_size=retrieval.tokenizer.vocab_size, chunk_size=m,
                                        neighbour_len=2 * m)
   model = Retro(config, rngs=nnx.Rngs(0))
   model.eval()
@@ -158,7 +158,7 @@ def test_bad_arguments_raise(model_and_config, retrieval):
     gen.generate(model, config, list(range(1, 70)), lambda q: np.zeros((3, 128), np.int32),
                  max_new_tokens=2)
   with pytest.raises(gen.GenerateError, match="chunk size 8"):
-    retrieval.check_model(PAPER_SIZES["tiny"])
+    retrieval.check_model(SIZES["test"])
 
 
 def _write_checkpoint(workdir, model, config, db):
@@ -182,7 +182,7 @@ def test_cli_from_a_checkpoint_shows_neighbours_and_matches_the_library(
   model, config = model_and_config
   _write_checkpoint(tmp_path, model, config, db)
   proc = _cli(f"--workdir={tmp_path}", f"--prompt={PROMPT}", "--max_new_tokens=70",
-              "--temperature=0", "--show_neighbours", "--stop_at_eos=false")
+              "--temperature=0", "--retrieval=on", "--show_neighbours", "--stop_at_eos=false")
   assert proc.returncode == 0, proc.stderr
   text = proc.stdout
   assert "retrieval on, 70 tokens" in text
@@ -200,9 +200,15 @@ def test_cli_from_a_checkpoint_shows_neighbours_and_matches_the_library(
   assert section.count("  [1] score") == bounds and section.count("  [2] score") == bounds
 
   off = _cli(f"--workdir={tmp_path}", f"--prompt={PROMPT}", "--max_new_tokens=10",
-             "--temperature=0", "--retrieval=false", "--show_neighbours")
+             "--temperature=0", "--retrieval=off", "--show_neighbours")
   assert off.returncode == 0, off.stderr
   assert "retrieval off" in off.stdout and "=== neighbours ===" not in off.stdout
+
+  both = _cli(f"--workdir={tmp_path}", f"--prompt={PROMPT}", "--max_new_tokens=10",
+              "--temperature=0")  # --retrieval=all: on, then off, from the same seed
+  assert both.returncode == 0, both.stderr
+  on_at, off_at = (both.stdout.index(f"retrieval {m}, 10 tokens") for m in ("on", "off"))
+  assert on_at < off_at and both.stdout.count("=== prompt ===") == 1
 
 
 def test_cli_explains_missing_model():

@@ -4,13 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retro_jax.model import PAPER_SIZES
+from retro_jax.model import SIZES
 from retro_jax.model.loss import cross_entropy
 from retro_jax.model.partitioning import ShardingCollisionError, logical_to_mesh, make_mesh
 from retro_jax.training import optim
 from retro_jax.training.step import TrainStep
 
-CFG = PAPER_SIZES["tiny"]
+CFG = SIZES["test"]
 
 
 def test_schedule_warms_up_from_1e_7_and_decays_to_a_tenth():

@@ -1,6 +1,6 @@
 r"""Training neighbours: the k nearest database chunks from other documents, per chunk, per shard.
 
-    python -m retro_jax.build_db --db=DIR --stages=neighbours --k=2
+    python -m retro_jax.build_db --db=DIR --stages=neighbours --num_neighbours=2
 
 For every chunk of the chunk store (shard by shard, same shard numbers and row order as the chunk
 store and `DB/embeddings/`), the query is the chunk's own stored embedding and the answer is the
@@ -218,7 +218,7 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
   """Computes every neighbour shard of `db_dir` (finished ones are skipped). Returns stats."""
 
   if k < 1:
-    raise ValueError(f"--k={k} must be >= 1.")
+    raise ValueError(f"--num_neighbours={k} must be >= 1.")
   db_dir = epath.Path(db_dir)
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
   mine = store.shard_spans()

@@ -113,7 +113,7 @@ DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None
 
 
 # build_db's own flags besides the settings (for the suggestion in an unknown flag's error).
-COMMAND_FLAGS = ("db", "stages", "rebuild", "audit", "plan_only")
+COMMAND_FLAGS = ("db", "stages", "rebuild", "audit", "num_neighbours")
 
 
 def check_beam_args(beam_args: Sequence[str]) -> None:

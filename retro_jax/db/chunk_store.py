@@ -110,7 +110,7 @@ def _shard_done(out: epath.Path, index: int, settings: dict) -> dict | None:
   if marker["settings"] != settings:
     raise ChunkStoreError(
         f"{marker_path} was written with other settings ({marker['settings']}) than this run "
-        f"({settings}); use another --out or delete {out} to rebuild")
+        f"({settings}); use another --db, rebuild with `build_db --rebuild`, or delete {out}")
   for name, rec in marker["files"].items():
     path = out / shard_name(index) / name
     if not path.exists() or sha256_file(path) != rec["sha256"]:

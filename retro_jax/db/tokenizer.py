@@ -81,7 +81,8 @@ class Tokenizer:
     p = epath.Path(path)
     if not p.exists():
       raise FileNotFoundError(f"tokenizer model {p} does not exist: train one with "
-                              f"`python -m retro_jax.db.prepare --stage=tokenizer` or pass --tokenizer")
+                              "`python -m retro_jax.build_db --db=DB --stages=tokenizer` or pass "
+                              "--tokenizer")
     return cls(p.read_bytes(), str(p))
 
   def encode(self, text: str) -> list[int]:

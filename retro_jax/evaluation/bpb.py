@@ -88,7 +88,7 @@ class HeldOut:
   doc_first_row: np.ndarray      # per document, its first row in the chunk arrays below
   chunk_ids_C: np.ndarray        # global chunk ids
   chunk_bytes_C: np.ndarray      # UTF-8 bytes of each chunk's text
-  neighbours_CxK: np.ndarray     # int64 nearest training chunks (K >= 10), -1 where none
+  neighbours_CxN: np.ndarray     # int64 nearest training chunks (N >= 10), -1 where none
   leakage_C: np.ndarray          # r(C) in [0, 1]
   doc_keys: list[str] | None = None  # per document, its key (sources for `shuffled_source`)
 
@@ -152,16 +152,16 @@ def searched_neighbours(searcher, store, db_dir: str, query_ids_Q: np.ndarray, k
                       np.flatnonzero(~allowed_doc_D).astype(np.int64))
 
 
-def longest_common_substrings(chunks_CxM: np.ndarray, nbrs_CxKxR: np.ndarray,
+def longest_common_substrings(chunks_CxM: np.ndarray, nbrs_CxNxR: np.ndarray,
                               pad_id: int) -> np.ndarray:
   """Vectorised over chunks and neighbours: dynamic programming along the chunk's tokens."""
   C, M = chunks_CxM.shape
-  _, K, R = nbrs_CxKxR.shape
-  prev = np.zeros((C, K, R + 1), np.int32)
+  _, N, R = nbrs_CxNxR.shape
+  prev = np.zeros((C, N, R + 1), np.int32)
   best = np.zeros(C, np.int32)
   for i in range(M):
     a = chunks_CxM[:, i][:, None, None]
-    eq = (nbrs_CxKxR == a) & (a != pad_id) & (nbrs_CxKxR != pad_id)
+    eq = (nbrs_CxNxR == a) & (a != pad_id) & (nbrs_CxNxR != pad_id)
     cur = np.zeros_like(prev)
     cur[:, :, 1:] = np.where(eq, prev[:, :, :-1] + 1, 0)
     best = np.maximum(best, cur.reshape(C, -1).max(1))
@@ -214,7 +214,7 @@ def given_neighbours(held: HeldOut, num_neighbours: int) -> np.ndarray:
   C = len(held.chunk_ids_C)
   first = np.zeros(C, bool)
   first[held.doc_first_row] = True
-  given = held.neighbours_CxK[np.where(first, 0, np.arange(C) - 1), :num_neighbours]
+  given = held.neighbours_CxN[np.where(first, 0, np.arange(C) - 1), :num_neighbours]
   return np.where(first[:, None], -1, given)
 
 
@@ -284,10 +284,10 @@ def make_windows(doc_lengths: Sequence[int], seq_len: int, stride: int, chunk_si
 
 def window_batch(held: HeldOut, wins: Sequence[Window], seq_len: int, chunk_size: int,
                  num_neighbours: int, store, neighbour_len: int, pad_id: int, with_nbrs: bool,
-                 neighbours_CxK: np.ndarray | None = None):
-  """One batch of windows; chunk c's neighbours are row c of `neighbours_CxK` (default: its own,
-  held.neighbours_CxK; the shuffled control passes another chunk's)."""
-  nbrs_CxK = held.neighbours_CxK if neighbours_CxK is None else neighbours_CxK
+                 neighbours_CxN: np.ndarray | None = None):
+  """One batch of windows; chunk c's neighbours are row c of `neighbours_CxN` (default: its own,
+  held.neighbours_CxN; the shuffled control passes another chunk's)."""
+  nbrs_CxN = held.neighbours_CxN if neighbours_CxN is None else neighbours_CxN
   B, T, m = len(wins), seq_len, chunk_size
   L = T // m
   inputs = np.full((B, T), pad_id, np.int32)
@@ -309,7 +309,7 @@ def window_batch(held: HeldOut, wins: Sequence[Window], seq_len: int, chunk_size
     for u in range(L):
       c = w.start // m + u
       if c < nchunks_doc:
-        nbr_ids[b, u] = nbrs_CxK[held.doc_first_row[w.doc] + c, :num_neighbours]
+        nbr_ids[b, u] = nbrs_CxN[held.doc_first_row[w.doc] + c, :num_neighbours]
   batch = {"inputs": inputs, "targets": targets, "scored": scored, "chunk_row": chunk_row}
   if with_nbrs:
     flat = nbr_ids.reshape(-1)
@@ -332,14 +332,14 @@ def make_loss_fn(model):
 def chunk_losses(model, cfg, held: HeldOut, store, *, seq_len: int, stride: int,
                  num_neighbours: int, retrieval: bool, batch_size: int = 8,
                  progress: bool = True, desc: str = "eval",
-                 neighbours_CxK: np.ndarray | None = None) -> np.ndarray:
+                 neighbours_CxN: np.ndarray | None = None) -> np.ndarray:
   """Summed loss in nats of the targets in each held-out chunk (neighbours: `window_batch`)."""
   model.eval()
   wins = make_windows([len(t) for t in held.doc_tokens], seq_len, stride, cfg.chunk_size)
   if retrieval and not cfg.retrieval:
     raise EvalError("retrieval on asked of a model without CCA layers (a baseline).")
-  if retrieval and num_neighbours > held.neighbours_CxK.shape[1]:
-    raise EvalError(f"num_neighbours={num_neighbours} > the {held.neighbours_CxK.shape[1]} "
+  if retrieval and num_neighbours > held.neighbours_CxN.shape[1]:
+    raise EvalError(f"num_neighbours={num_neighbours} > the {held.neighbours_CxN.shape[1]} "
                     "retrieved per chunk; load the held-out set with a larger k.")
   loss_fn = make_loss_fn(model)
   out = np.zeros(len(held.chunk_ids_C), np.float64)
@@ -347,7 +347,7 @@ def chunk_losses(model, cfg, held: HeldOut, store, *, seq_len: int, stride: int,
     group = wins[i:i + batch_size]
     group = group + [group[-1]] * (batch_size - len(group))  # one compiled shape
     b = window_batch(held, group, seq_len, cfg.chunk_size, num_neighbours, store,
-                     cfg.neighbour_len, cfg.pad_id, retrieval, neighbours_CxK)
+                     cfg.neighbour_len, cfg.pad_id, retrieval, neighbours_CxN)
     nll = loss_fn(b["inputs"], b["targets"], b.get("neighbours"))
     real = np.arange(batch_size) < len(wins[i:i + batch_size])
     sel = b["scored"] & real[:, None]
@@ -439,11 +439,11 @@ def mode_rows(held: HeldOut, mode: str, shuffle_seed: int = 0) -> tuple[np.ndarr
 
 
 def mode_neighbours(held: HeldOut, mode: str, shuffle_seed: int = 0) -> np.ndarray | None:
-  """int64 [C, K]: the neighbours chunk row c is given in `mode` (None for off): row perm[c]'s of
+  """int64 [C, N]: the neighbours chunk row c is given in `mode` (None for off): row perm[c]'s of
   `mode_rows`."""
   if mode == "off":
     return None
-  return held.neighbours_CxK[mode_rows(held, mode, shuffle_seed)[0]]
+  return held.neighbours_CxN[mode_rows(held, mode, shuffle_seed)[0]]
 
 
 def skipped_controls(modes: Sequence[str], num_docs: int) -> dict[str, str]:
@@ -511,7 +511,7 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
     losses[mode] = chunk_losses(model, cfg, held, store, seq_len=seq_len, stride=stride,
                                 num_neighbours=k, retrieval=mode != "off", batch_size=batch_size,
                                 progress=progress, desc=f"retrieval {mode}",
-                                neighbours_CxK=mode_neighbours(held, mode, shuffle_seed))
+                                neighbours_CxN=mode_neighbours(held, mode, shuffle_seed))
   if baseline:
     base_model, base_cfg, base_info = ckpt_lib.load_model(baseline, baseline_step)
     out["baseline"] = {"checkpoint": base_info["path"], "step": base_info["step"]}

@@ -104,10 +104,11 @@ def table(rows: list[tuple[str, dict]], differences: dict | None = None) -> str:
   return "\n".join(out)
 
 
-def run(db: str, out: str, *, steps: int | None = None, max_docs: int | None = None,
+def run(db: str | None, out: str, *, steps: int | None = None, max_docs: int | None = None,
         stride: int | None = None) -> dict:
   """Trains both models (or reuses finished runs), evaluates them, writes OUT/results.*; returns
-  the summary."""
+  the summary. `db`: default experiments/dup_tiny.py's."""
+  db = db or dup_tiny.get_config().db
   os.makedirs(out, exist_ok=True)
   t0 = time.time()
   timings = {}

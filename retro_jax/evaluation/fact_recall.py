@@ -89,10 +89,15 @@ def true_continuation_nll(model, cfg, prompt: Sequence[int], truth: Sequence[int
   return float(token_nll(logits_1xTxV, jnp.asarray([list(truth)], jnp.int32)).mean())
 
 
-def run(workdir: str, db: str, scratch: str, *, fact: str = FACT, name: str = FACT_FILE,
+def run(workdir: str, db: str | None, scratch: str, *, fact: str = FACT, name: str = FACT_FILE,
         new_tokens: int = 64, verbose: bool = True) -> dict:
-  """Steps 1-4 of the module docstring; returns the report (JSON-able)."""
+  """Steps 1-4 of the module docstring; returns the report (JSON-able). `db`: default the
+  database the model trained on."""
   say = print if verbose else (lambda *a, **k: None)
+  model, cfg, info = ckpt_lib.load_model(workdir)
+  if not cfg.retrieval:
+    raise FactRecallError(f"{workdir} is a baseline (no CCA layers): it cannot retrieve")
+  db = db or info["db"]
 
   scratch = os.path.abspath(scratch)
   db_copy = os.path.join(scratch, "db")
@@ -110,9 +115,6 @@ def run(workdir: str, db: str, scratch: str, *, fact: str = FACT, name: str = FA
   toks = np.asarray(store.tokens(doc_chunks[:2]))
   prompt, truth = [int(t) for t in toks[0]], [int(t) for t in toks[1] if t != store.pad_id]
 
-  model, cfg, info = ckpt_lib.load_model(workdir)
-  if not cfg.retrieval:
-    raise FactRecallError(f"{workdir} is a baseline (no CCA layers): it cannot retrieve")
   ret = DatabaseRetrieval.from_db(db_copy, cfg.num_neighbours, cfg.neighbour_len)
   ret.check_model(cfg)
   tok = ret.tokenizer

@@ -1,6 +1,6 @@
 r"""Scaling curves: bpb against model size (retrieval on / off) and against retrieval-database size.
 
-    python -m retro_jax.scaling --sweep=experiments/sweep_tiny.py --out=runs/scaling
+    python -m retro_jax.scaling --config=experiments/sweep_tiny.py --out=runs/scaling
 
 The sweep file holds `train` (an experiment, e.g. experiments/tiny.py's) and `sweep`:
   sizes         name -> RetroConfig overrides (width, depth, CCA layers ...)

@@ -1,4 +1,4 @@
-"""RetroConfig and the paper's model sizes (Table 2 widths/depths, Table 10 CCA layers)."""
+"""RetroConfig and SIZES, the one registry of named model sizes (the paper's among them)."""
 from __future__ import annotations
 
 import dataclasses
@@ -161,8 +161,11 @@ def _every_third(start: int, num_layers: int) -> tuple[int, ...]:
 
 _VOCAB = 128_000
 
-# Table 2 widths and depths; CCA layers as Table 10 lists them.
-PAPER_SIZES: dict[str, RetroConfig] = {
+# Every named model size, one registry: experiments name one as `model_size` (and may override
+# fields), `sample --size` builds one, `aot_compile --config=experiments/...` compiles one, and the
+# benchmarks measure one.
+SIZES: dict[str, RetroConfig] = {
+    # The paper: Table 2 widths and depths; CCA layers as Table 10 lists them.
     "172m": RetroConfig(vocab_size=_VOCAB, d_model=896, num_heads=16, num_layers=12,
                         ffw_size=3584, cca_layers=(6, 9, 12)),
     "425m": RetroConfig(vocab_size=_VOCAB, d_model=1536, num_heads=12, num_layers=12,
@@ -171,8 +174,25 @@ PAPER_SIZES: dict[str, RetroConfig] = {
                         ffw_size=8192, cca_layers=_every_third(9, 24)),
     "7.5b": RetroConfig(vocab_size=_VOCAB, d_model=4096, num_heads=32, num_layers=32,
                         ffw_size=16384, cca_layers=_every_third(9, 32)),
-    # For tests and the CPU demo.
-    "tiny": RetroConfig(vocab_size=512, d_model=64, num_heads=4, num_layers=4, ffw_size=256,
+    # A pretrained baseline (retro_jax.pretrained) exactly as the loader builds it from its file
+    # (tests/test_retrofit.py checks); `python -m retro_jax.pretrained.export_smollm2` writes it.
+    "smollm2-135m": RetroConfig(
+        vocab_size=49152, d_model=576, num_heads=9, num_layers=30, ffw_size=1536, cca_layers=(),
+        head_size=64, num_kv_heads=3, norm_eps=9.999999747378752e-06,  # float32(1e-5), as stored
+        positions="rope", rope_theta=100000.0, ffw_activation="swiglu", tie_embeddings=True,
+        pad_id=0),
+    # The CPU demo's RETRO (experiments/tiny.py, `make demo`): the default database's 8k
+    # SentencePiece vocabulary, 64-token chunks, k = 2 neighbours of r = 128 tokens.
+    "tiny": RetroConfig(vocab_size=8192, d_model=256, num_heads=4, num_layers=4, ffw_size=1024,
+                        cca_layers=(2, 4), chunk_size=64, num_neighbours=2, neighbour_len=128,
+                        encoder_layers=2, encoder_d_model=128, encoder_num_heads=2),
+    # The training-step benchmark's reference (bench/train_step.py, docs/benchmarks.md).
+    "reference": RetroConfig(vocab_size=32000, d_model=512, num_heads=8, num_layers=12,
+                             ffw_size=2048, cca_layers=(6, 9, 12), chunk_size=64,
+                             num_neighbours=2, neighbour_len=128, encoder_layers=2,
+                             encoder_d_model=512),
+    # The unit tests' model: chunk m = 8, k = 2 neighbours of r = 16, CCA at layers 2 and 4.
+    "test": RetroConfig(vocab_size=512, d_model=64, num_heads=4, num_layers=4, ffw_size=256,
                         cca_layers=(2, 4), chunk_size=8, num_neighbours=2, neighbour_len=16,
                         encoder_layers=2, encoder_d_model=32, encoder_num_heads=2),
 }
@@ -184,3 +204,5 @@ PAPER_PARAM_COUNTS: dict[str, tuple[float, float]] = {
     "1.5b": (1309e6, 1451e6),
     "7.5b": (6982e6, 7532e6),
 }
+# The paper's four sizes (a view of SIZES).
+PAPER_SIZES: dict[str, RetroConfig] = {name: SIZES[name] for name in PAPER_PARAM_COUNTS}

@@ -7,14 +7,14 @@ Then retrofit it: `python -m retro_jax.retrofit --config=experiments/retrofit_sm
 """
 from absl import app, flags, logging
 
+from retro_jax import flags as shared
 from retro_jax.errors import guard
 from retro_jax.pretrained import smollm2
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "model directory to write (WORKDIR/checkpoints/0)",
-                    required=True)
-flags.DEFINE_string("db", "runs/smollm2_db", "retrieval database built with --tokenizer=smollm2 "
-                    "(evaluate and retrofit default to it)")
+shared.define("workdir", required=True, note="written: WORKDIR/checkpoints/0")
+shared.define("db", note=f"one built with --tokenizer=smollm2, recorded in the model directory "
+              f"for evaluate and retrofit (default: {smollm2.DB})")
 
 
 def main(argv):

@@ -11,6 +11,7 @@ a client of a shard that was not reloaded gets an error naming this command.
 """
 from absl import app, flags
 
+from retro_jax import flags as shared
 from retro_jax.errors import UserError, guard
 from retro_jax.retrieval import client as client_lib
 from retro_jax.retrieval import fingerprint as fingerprint_lib
@@ -18,15 +19,14 @@ from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import shard_server
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("db", None, "retrieval database (chunks/, embeddings/, index/)")
+shared.define("db", note="its chunks/, embeddings/ and index/ are served")
 flags.DEFINE_integer("shard", None, "index shard number to serve")
 flags.DEFINE_list("reload", None, "instead of serving: host:port of running shard processes to "
                   "reload the database (after edit_db)")
 flags.DEFINE_string("host", "127.0.0.1", "interface to bind (default: loopback only)")
 flags.DEFINE_integer("port", 0, "port (0: a free one; see --port_file)")
 flags.DEFINE_string("port_file", None, "write {address, shard, pid} here once serving")
-flags.DEFINE_enum("backend", None, list(index_lib.ALL_BACKENDS),
-                  "index backend directory (default: the one built)")
+shared.define("backend", note="the one served (default: the one built)")
 flags.DEFINE_string("index_root", None, "serve <index_root>/shard-XXXXX instead of "
                     "DB/index/<backend>/shard-XXXXX (embeddings and offset from its manifest)")
 flags.DEFINE_integer("workers", 4, "gRPC worker threads")

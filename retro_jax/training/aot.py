@@ -17,7 +17,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from retro_jax.model import PAPER_SIZES, count_params  # noqa: E402
+from retro_jax.errors import UserError  # noqa: E402
+from retro_jax.model import RetroConfig, count_params  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
 from retro_jax.training import optim  # noqa: E402
 from retro_jax.training.step import TrainStep  # noqa: E402
@@ -27,6 +28,10 @@ CHIPS = {"v4": (32, 275), "v5e": (16, 197), "v5p": (95, 459), "v6e": (32, 918)}
 
 class DoesNotFit(RuntimeError):
   pass
+
+
+class BatchError(UserError, ValueError):
+  """The global batch does not split over the chips and micro-batches."""
 
 
 def topology_devices(name: str, num_slices: int = 1):
@@ -41,19 +46,25 @@ def topology_devices(name: str, num_slices: int = 1):
   return generation, topo.devices
 
 
-def compile_step(size: str, topology: str, per_chip_batch: int, seq_len: int, mesh_shape,
-                 dtype: str, remat: bool, retrieval: bool, q_block: int = 512,
-                 num_slices: int = 1, grad_accum_steps: int = 1) -> dict:
-  """`mesh_shape` is one slice's; over `num_slices` the hybrid mesh (partitioning.make_mesh).
-  `per_chip_batch` is one micro-batch's: global batch = per_chip_batch x chips x grad_accum."""
+def compile_step(cfg: RetroConfig, topology: str, seq_len: int, mesh_shape, *,
+                 per_chip_batch: int | None = None, global_batch: int | None = None,
+                 num_slices: int = 1, grad_accum_steps: int = 1, size: str = "") -> dict:
+  """The training step of model `cfg` (an experiment's, `experiment.model_config`: its dtype,
+  remat, attention query block and retrieval) compiled for `num_slices` slices of `topology`.
+  `mesh_shape` is one slice's; over several slices the hybrid mesh (partitioning.make_mesh).
+  `per_chip_batch` is one micro-batch's: global batch = per_chip_batch x chips x grad_accum
+  (default: from `global_batch`). `size` names the model in the result (SIZES key)."""
   generation, devices = topology_devices(topology, num_slices)
-  cfg = PAPER_SIZES[size].replace(dtype=dtype, remat=remat, attention_q_block=q_block,
-                                 cpu_matmul_forms=False)  # compiled for a TPU, not this CPU
-  if not retrieval:
-    cfg = cfg.baseline()
+  chips = len(devices)
+  if per_chip_batch is None:
+    if global_batch is None or global_batch % (chips * grad_accum_steps):
+      raise BatchError(f"global batch {global_batch} is not a multiple of {chips} chips x "
+                       f"{grad_accum_steps} micro-batches; pass --per_chip_batch")
+    per_chip_batch = global_batch // (chips * grad_accum_steps)
+  retrieval = cfg.retrieval
+  cfg = cfg.replace(cpu_matmul_forms=False)  # compiled for a TPU, not this CPU
   mesh = make_mesh(mesh_shape, devices)
   train = TrainStep(cfg, optim.adamw(), mesh, grad_accum_steps=grad_accum_steps)
-  chips = len(devices)
   b, t = per_chip_batch * chips * grad_accum_steps, seq_len
   l, n, r = cfg.num_chunks(t), cfg.num_neighbours, cfg.neighbour_len
   batch = {"inputs": jax.ShapeDtypeStruct((b, t), jnp.int32),
@@ -91,7 +102,8 @@ def compile_step(size: str, topology: str, per_chip_batch: int, seq_len: int, me
       "size": size, "retrieval": retrieval, "topology": topology, "num_slices": num_slices,
       "grad_accum_steps": grad_accum_steps, "chips": chips,
       "mesh": dict(zip(mesh.axis_names, mesh.devices.shape)), "per_chip_batch": per_chip_batch,
-      "global_batch": b, "seq_len": t, "dtype": dtype, "remat": remat, "q_block": q_block,
+      "global_batch": b, "seq_len": t, "dtype": cfg.dtype, "remat": cfg.remat,
+      "q_block": cfg.attention_q_block,
       "params": params, "compile_s": round(seconds, 1),
       "per_chip_gib": per_chip_bytes / 2**30, "hbm_gib": hbm_gib,
       "temp_gib": mem.temp_size_in_bytes / 2**30,

@@ -1,8 +1,9 @@
 """From an experiment file's ConfigDict to the objects a run needs: model config, optimiser, mesh.
 
 An experiment (`experiments/*.py`, `get_config()` -> ml_collections.ConfigDict) names a base model
-(`model_size`, a key of PAPER_SIZES), field overrides (`model_overrides`), whether it retrieves
-(`retrieval=False`: the matching baseline, cca_layers=()), the database (`db`), and the recipe.
+(`model_size`, a key of retro_jax.model.config.SIZES), field overrides (`model_overrides`), whether
+it retrieves (`retrieval=False`: the matching baseline, cca_layers=()), the database (`db`), and
+the recipe.
 Every field and its default is listed in `defaults()`; unknown fields are an error (typos in
 `--config.x=y` overrides must not pass silently).
 """
@@ -10,25 +11,20 @@ from __future__ import annotations
 
 import ml_collections
 
-from retro_jax.model import PAPER_SIZES, RetroConfig
+from retro_jax.model import SIZES, RetroConfig
 from retro_jax.training import optim
 
-# Pretrained baselines (retro_jax.pretrained) by name, next to the paper's sizes: their decoders
-# exactly as the loader builds them from the file (tests/test_retrofit.py checks), cca_layers=().
-# `python -m retro_jax.pretrained.export_smollm2` writes the weights as a step-0 checkpoint.
-PRETRAINED_SIZES: dict[str, RetroConfig] = {
-    "smollm2-135m": RetroConfig(
-        vocab_size=49152, d_model=576, num_heads=9, num_layers=30, ffw_size=1536, cca_layers=(),
-        head_size=64, num_kv_heads=3, norm_eps=9.999999747378752e-06,  # float32(1e-5), as stored
-        positions="rope", rope_theta=100000.0, ffw_activation="swiglu", tie_embeddings=True,
-        pad_id=0),
-}
-MODEL_SIZES: dict[str, RetroConfig] = {**PAPER_SIZES, **PRETRAINED_SIZES}
+
+def size_fields(size: str) -> ml_collections.ConfigDict:
+  """Every field of the registry's model `size` as `model_overrides`, so that an experiment file
+  can offer `--config.model_overrides.FIELD=VALUE` for any of them without restating the size."""
+  return ml_collections.ConfigDict({k: v for k, v in SIZES[size].to_dict().items()
+                                    if v is not None})
 
 
 def defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model_size = "tiny"  # a key of retro_jax.model.PAPER_SIZES or PRETRAINED_SIZES below
+  c.model_size = "tiny"  # a key of retro_jax.model.config.SIZES
   c.model_overrides = ml_collections.ConfigDict()  # RetroConfig fields replacing the base's
   c.retrieval = True  # False: the baseline (same widths, cca_layers=())
   c.db = "runs/default_db"  # retrieval database (chunk store, neighbours) for data and retrieval
@@ -85,10 +81,10 @@ def with_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def model_config(c: ml_collections.ConfigDict) -> RetroConfig:
-  if c.model_size not in MODEL_SIZES:
-    raise ValueError(f"model_size={c.model_size!r}; expected one of {sorted(MODEL_SIZES)}")
+  if c.model_size not in SIZES:
+    raise ValueError(f"model_size={c.model_size!r}; expected one of {sorted(SIZES)}")
   try:
-    cfg = RetroConfig.from_dict({**MODEL_SIZES[c.model_size].to_dict(), **dict(c.model_overrides)})
+    cfg = RetroConfig.from_dict({**SIZES[c.model_size].to_dict(), **dict(c.model_overrides)})
   except ValueError as e:
     raise ValueError(f"model_overrides: {e}") from e
   return cfg if c.retrieval else cfg.baseline()

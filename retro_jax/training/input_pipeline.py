@@ -9,17 +9,17 @@ stored neighbour that is a removed chunk is handed out as missing (-1, all paddi
 also recomputes such rows (`neighbours.repair_after_deletion`), so this is a second guard.
 Deletions are read when the source is created.
 
-Example (one sequence; T = seq_len, L = T / 64, K neighbours, R = neighbour length, 128 default):
+Example (one sequence; T = seq_len, L = T / 64, N neighbours, R = neighbour length, 128 default):
   "inputs":     int32 [T]  the L chunks' tokens, chunk-aligned (inputs[64*u:64*(u+1)] = chunk u).
   "targets":    int32 [T]  next tokens: the model predicts targets[t] from inputs[:t+1];
                 targets[t] = inputs[t+1] when token t+1 is of the same document, and
                 targets[T-1] = the first token of the chunk after the sequence's last one (same
                 document only); every other position (document ends, padding) holds the pad id 0,
                 which the training loss masks (retro_jax.model.loss.cross_entropy).
-  "neighbours": int32 [L, K, R]  for chunk u, its first K stored neighbours
+  "neighbours": int32 [L, N, R]  for chunk u, its first N stored neighbours
                 (retro_jax.build.neighbours) of no document present in the sequence (the paper's
                 rule, `exclude_sequence_docs=True`, retro_jax.training.sequence_exclusion; the
-                stage itself excludes only the chunk's own document, so store more than K),
+                stage itself excludes only the chunk's own document, so store more than N),
                 each the neighbour chunk plus its continuation within its document
                 (`ChunkStore.neighbour_tokens`), pad 0 past the document's end and for missing
                 (-1) neighbours. Absent with retrieval=False.
@@ -149,8 +149,9 @@ class SequenceSource:
       self.num_neighbours = k_stored if num_neighbours is None else int(num_neighbours)
       if not 1 <= self.num_neighbours <= k_stored:
         raise ValueError(f"num_neighbours={num_neighbours} but {db_dir}/neighbours holds "
-                         f"k={k_stored}; recompute with python -m retro_jax.build.neighbours "
-                         f"--db={db_dir} --k={num_neighbours}.")
+                         f"{k_stored} per chunk; rebuild them with python -m retro_jax.build_db "
+                         f"--db={db_dir} --stages=neighbours --num_neighbours={num_neighbours} "
+                         f"--rebuild, or ask for fewer.")
     self._len = self.stream.size // self.num_chunks_per_seq
 
   def __len__(self) -> int:
@@ -169,8 +170,8 @@ class SequenceSource:
 
   def neighbour_ids(self, chunk_ids_L: np.ndarray, exclude_docs: np.ndarray | None = None
                     ) -> np.ndarray:
-    """int64 [L, K]: stored neighbour ids of the given chunks (-1 where none); with
-    `exclude_docs`, the first K stored ones of no such document (`sequence_exclusion`)."""
+    """int64 [L, N]: stored neighbour ids of the given chunks (-1 where none); with
+    `exclude_docs`, the first N stored ones of no such document (`sequence_exclusion`)."""
     shard_L = np.searchsorted(self._nbr_offsets, chunk_ids_L, side="right") - 1
     width = self.num_neighbours if exclude_docs is None else self.num_stored_neighbours
     out = np.empty((len(chunk_ids_L), width), np.int64)
@@ -189,7 +190,7 @@ class SequenceSource:
     return out
 
   def sequence_neighbour_ids(self, index: int) -> np.ndarray:
-    """int64 [L, K]: the neighbour ids sequence `index` is given (see the module docstring)."""
+    """int64 [L, N]: the neighbour ids sequence `index` is given (see the module docstring)."""
     ids_L = self.sequence_chunk_ids(index)
     seq_docs = np.unique(self.store.doc_ids(ids_L)) if self.exclude_sequence_docs else None
     return self.neighbour_ids(ids_L, seq_docs)
@@ -209,18 +210,18 @@ class SequenceSource:
     targets_T[:-1] = np.where(docs_T[1:] == docs_T[:-1], targets_T[:-1], self.pad_id)
     example = {"inputs": inputs_T, "targets": targets_T.astype(np.int32)}
     if self.retrieval:
-      nbr_LxK = self.sequence_neighbour_ids(index)
-      valid = nbr_LxK >= 0
+      nbr_LxN = self.sequence_neighbour_ids(index)
+      valid = nbr_LxN >= 0
       S, R = self.neighbour_shift, self.neighbour_len
-      toks = np.asarray(self.store.neighbour_tokens(np.where(valid, nbr_LxK, 0).reshape(-1),
+      toks = np.asarray(self.store.neighbour_tokens(np.where(valid, nbr_LxN, 0).reshape(-1),
                                                     R + S), np.int32)
       if S:
-        L, K = nbr_LxK.shape
-        slot_N = (ids_L[:, None] * K + np.arange(K)).reshape(-1)
-        shift_N = np.minimum((unit_hash(slot_N, self.seed + 1) * (S + 1)).astype(np.int64), S)
-        toks = toks[np.arange(len(toks))[:, None], shift_N[:, None] + np.arange(R)]
-      toks_LxKxR = toks.reshape(*nbr_LxK.shape, R)
-      example["neighbours"] = np.where(valid[..., None], toks_LxKxR, self.pad_id).astype(np.int32)
+        L, N = nbr_LxN.shape
+        slot_LN = (ids_L[:, None] * N + np.arange(N)).reshape(-1)
+        shift_LN = np.minimum((unit_hash(slot_LN, self.seed + 1) * (S + 1)).astype(np.int64), S)
+        toks = toks[np.arange(len(toks))[:, None], shift_LN[:, None] + np.arange(R)]
+      toks_LxNxR = toks.reshape(*nbr_LxN.shape, R)
+      example["neighbours"] = np.where(valid[..., None], toks_LxNxR, self.pad_id).astype(np.int32)
     return example
 
 

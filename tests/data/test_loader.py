@@ -146,7 +146,7 @@ def test_retrieval_off_and_heldout_split(db, store):
 def test_bad_settings_are_clear_errors(db, store):
   with pytest.raises(ValueError, match="multiple of the chunk size"):
     loader.SequenceSource(db, 100, store=store)
-  with pytest.raises(ValueError, match="--k=5"):
+  with pytest.raises(ValueError, match="--num_neighbours=5"):
     loader.SequenceSource(db, T, num_neighbours=5, store=store)
   with pytest.raises(ValueError, match="fewer than batch_size"):
     loader.make_dataset(db, seq_len=T, batch_size=10_000, process_index=0, process_count=1)

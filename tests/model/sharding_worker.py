@@ -14,13 +14,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from retro_jax.model import PAPER_SIZES  # noqa: E402
+from retro_jax.model import SIZES  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
 from retro_jax.training.step import TrainStep  # noqa: E402
 
 
 def run(mesh_shape, devices, batches):
-  cfg = PAPER_SIZES["tiny"]
+  cfg = SIZES["test"]
   train = TrainStep(cfg, optax.adamw(1e-3, weight_decay=0.1), make_mesh(mesh_shape, devices))
   state = train.init()
   init = jax.tree.map(np.array, state)  # copied: the step donates `state`
@@ -33,7 +33,7 @@ def run(mesh_shape, devices, batches):
 
 def main():
   assert jax.device_count() == 8, jax.devices()
-  cfg = PAPER_SIZES["tiny"]
+  cfg = SIZES["test"]
   rng = np.random.default_rng(0)
   b, t = 8, 32
   batches = []

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from retro_jax.model import PAPER_SIZES, Retro
+from retro_jax.model import SIZES, Retro
 from retro_jax.model.decode import DecodeError, Decoder
 
-CFG = PAPER_SIZES["tiny"]  # chunk m = 8, k = 2 neighbours of r = 16, CCA at layers 2 and 4
+CFG = SIZES["test"]  # chunk m = 8, k = 2 neighbours of r = 16, CCA at layers 2 and 4
 M, N, R = CFG.chunk_size, CFG.num_neighbours, CFG.neighbour_len
 ATOL = 1e-4
 

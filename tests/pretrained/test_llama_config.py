@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from retro_jax.model import PAPER_SIZES, Retro
+from retro_jax.model import SIZES, Retro
 from retro_jax.model.partitioning import logical_to_mesh
 
-LLAMA = PAPER_SIZES["tiny"].replace(
+LLAMA = SIZES["test"].replace(
     positions="rope", rope_theta=100000.0, num_kv_heads=2, ffw_activation="swiglu",
     tie_embeddings=True, norm_eps=1e-5, cca_layers=(2, 4))  # 4 heads share 2 key/value heads
 N, R = LLAMA.num_neighbours, LLAMA.neighbour_len

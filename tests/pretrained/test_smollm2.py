@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from retro_jax.db import tokenizer as tokenizer_lib
-from retro_jax.pretrained import files as files_lib
+from retro_jax import assets as files_lib
 from retro_jax.pretrained import gguf as gguf_lib
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "goldens" / "smollm2_golden.npz"

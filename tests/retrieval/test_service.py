@@ -114,8 +114,8 @@ def test_evaluation_neighbours_through_the_service(db, store, service):
   with ev.open_searcher("index", db) as searcher:  # as `evaluate --retriever=index` opens it
     via_index = ev.load_heldout(store, db, searcher=searcher)
   exact = ev.load_heldout(store, db)
-  got, want = via_service.neighbours_CxK, via_index.neighbours_CxK
-  assert got.shape == exact.neighbours_CxK.shape and (got >= 0).all()
+  got, want = via_service.neighbours_CxN, via_index.neighbours_CxN
+  assert got.shape == exact.neighbours_CxN.shape and (got >= 0).all()
   assert (got == want).mean() >= 0.98  # as the search itself: up to exactly tied chunks (1.0)
   assert not store.doc_heldout[store.doc_ids(got.reshape(-1))].any()
   # Recall@10 against exact search over the same documents: what the index gives on the same
@@ -132,7 +132,7 @@ def test_evaluation_neighbours_through_the_service(db, store, service):
   scores_QxN = np.where(store.doc_ids(np.arange(len(emb_NxD)))[None, :] == own_Q[:, None], -np.inf,
                         q_QxD @ emb_NxD.T)
   ref_exact = np.argsort(-scores_QxN, axis=1, kind="stable")[:, :10]
-  assert recall(got, exact.neighbours_CxK) >= recall(ref, ref_exact) - 0.05
+  assert recall(got, exact.neighbours_CxN) >= recall(ref, ref_exact) - 0.05
 
 
 def test_health_and_info(service, servers, store):

@@ -24,7 +24,7 @@ import corpus_path  # noqa: E402
 import tiny_db  # noqa: E402
 
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
-from retro_jax.db import edit as edit_db  # noqa: E402
+from retro_jax.build import edit as edit_db  # noqa: E402
 from retro_jax.retrieval import build_index as build_index_lib  # noqa: E402
 from retro_jax.retrieval import client as client_lib  # noqa: E402
 from retro_jax.retrieval import fingerprint as fingerprint_lib  # noqa: E402

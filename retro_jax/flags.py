@@ -1,0 +1,107 @@
+"""The flags the commands share: one name, one type, one default for one meaning.
+
+A command defines a shared flag with `define(name)`; only whether it is required and a note on what
+this command does with it differ between commands (tests/test_flags.py runs every command's --help
+against SHARED). The vocabulary, as WORKSPACE.md names the paths:
+
+  --db              a retrieval database (build_db writes one; the rest read it; default: the one
+                    the model or experiment names)
+  --workdir         a model directory (checkpoints, metrics, logs)
+  --config          an experiment file (experiments/*.py), fields overridden by --config.FIELD=VALUE
+  --step            a checkpoint step (default: the latest)
+  --size            a model size of retro_jax.model.config.SIZES
+  --num_neighbours  neighbours per chunk (default: the model's; build_db: build.DEFAULTS)
+  --retrieval       retrieval modes, a list (on, off, shuffled, ...; all: the command's usual set)
+  --backend         an index backend under DB/index/ (default: the one built)
+  --service         host:port of every retrieval shard server (retro_jax.retrieval.serve)
+  --embed_batch_size, --max_docs
+
+`--out` (any other results file or directory) is a name every command uses too, but what it
+writes, and so its default, is each command's own. Old spellings (`--k`, `--sweep`,
+`--retrieval_service`, and aot_compile's model flags, now experiment fields) stop with an error that
+names the new flag (`renamed`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+from retro_jax.build import stages as build
+from retro_jax.evaluation import bpb
+from retro_jax.model.config import SIZES
+from retro_jax.retrieval import index as index_lib
+
+# Flags defined below belong to the command that calls `define` (its --help lists them), not to
+# this module.
+flags.disclaim_key_flags()
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+  kind: str  # string | integer | list | enum | config
+  default: Any
+  help: str
+  choices: tuple[str, ...] = ()
+
+
+SHARED: dict[str, Shared] = {
+    "db": Shared("string", None, "retrieval database directory (local or gs://)"),
+    "workdir": Shared("string", None, "model directory (local or gs://): checkpoints, metrics, "
+                      "config, logs"),
+    "config": Shared("config", None, "experiment file (experiments/*.py); a field is overridden "
+                     "with --config.FIELD=VALUE"),
+    "step": Shared("integer", None, "checkpoint step (default: the latest)"),
+    "size": Shared("enum", None, "model size (retro_jax.model.config.SIZES)", tuple(sorted(SIZES))),
+    "num_neighbours": Shared("integer", None, "neighbours per chunk"),
+    "retrieval": Shared("list", ["all"], "retrieval modes: all (the command's usual set), both "
+                        f"(= on,off), controls (all five), or some of {', '.join(bpb.MODES)}"),
+    "backend": Shared("enum", None, "index backend under DB/index/", tuple(index_lib.ALL_BACKENDS)),
+    "service": Shared("list", None, "host:port of every retrieval shard server "
+                      "(retro_jax.retrieval.serve)"),
+    "embed_batch_size": Shared("integer", build.DEFAULTS["embed_batch_size"],
+                               "embedder rows per forward call"),
+    "max_docs": Shared("integer", None, "keep only the first N documents (smoke runs)"),
+}
+
+# Old spelling -> the shared flag that replaced it.
+RENAMED: dict[str, str] = {"k": "num_neighbours", "sweep": "config", "retrieval_service": "service"}
+
+
+def define(name: str, *, required: bool = False, note: str = "") -> None:
+  """Defines the shared flag `name` for the calling command; `note` says what it does with it."""
+  s = SHARED[name]
+  text = f"{s.help}; {note}" if note else s.help
+  if s.kind == "config":
+    config_flags.DEFINE_config_file(name, s.default, text, lock_config=False)
+    if required:
+      flags.mark_flag_as_required(name)
+  elif s.kind == "enum":
+    flags.DEFINE_enum(name, s.default, list(s.choices), text, required=required)
+  else:
+    define_fn = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+                 "list": flags.DEFINE_list}[s.kind]
+    define_fn(name, s.default, text, required=required)
+
+
+def renamed(old: str, how: str = "", boolean: bool = False) -> None:
+  """Defines `--old` only to stop with an error naming what replaced it: the shared flag
+  RENAMED[old], or `how`. `boolean`: the old flag was a boolean (--old, --noold)."""
+  replacement = how or f"use --{RENAMED[old]}"
+  define_fn = flags.DEFINE_boolean if boolean else flags.DEFINE_string
+  define_fn(old, None, f"removed: {replacement}")
+  flags.register_validator(old, lambda v: v is None, message=f"--{old} was removed: {replacement}")
+
+
+def parse_known_only(argv: list[str]) -> list[str]:
+  """absl's flag parsing for a command that hands the flags it does not define on (build_db: to
+  Beam); a bad flag of its own stops with absl's one-line error, not a traceback."""
+  try:
+    return flags.FLAGS(argv, known_only=True)
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
