@@ -295,7 +295,7 @@ def test_two_trainers_on_one_workdir(two_trainers):
 
 def test_a_stale_lock_is_taken_over(tmp_path, capsys):
   gone = subprocess.Popen([sys.executable, "-c", "pass"])
-  gone.wait()
+  gone.wait(timeout=60)
   (tmp_path / workdir_lock.LOCK).write_text(json.dumps(
       {"pid": gone.pid, "host": socket.gethostname(), "start_time": "then", "command": "killed"}))
   with workdir_lock.acquire(tmp_path):
