@@ -59,11 +59,16 @@ dup-db: $(STAMP)
 	  $(DB_FLAGS) --runner=DirectRunner --direct_running_mode=multi_processing \
 	  --direct_num_workers=$(DB_WORKERS)
 
-bench-embed: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m bench.embed_throughput
+# The benchmarks below read the default database: each builds it first (`make db`; a finished
+# build only checks its stages and skips them).
+# MiniLM throughput on a sample of the default database's chunk texts.
+bench-embed: db
+	JAX_PLATFORMS=cpu $(PY) -m bench.embed_throughput --db=runs/default_db
 
-bench-ann: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m bench.ann_recall
+# ANN recall and speed on the default database's embeddings.
+bench-ann: db
+	JAX_PLATFORMS=cpu $(PY) -m bench.ann_recall --embeddings='runs/default_db/embeddings/shard-*.npy' \
+	  --chunks=runs/default_db/chunks
 
 # The global index: end to end beside the per-shard faiss index on a copy of the default store
 # (bench/results/global_index_default.json), then its scaling from 200k to 10M vectors (the real
@@ -75,23 +80,25 @@ bench-index: db
 	JAX_PLATFORMS=cpu $(PY) -m bench.global_index_default --db=runs/bench_index_db
 	JAX_PLATFORMS=cpu $(PY) -m bench.global_index_scaling --embeddings='runs/default_db/embeddings/shard-*.npy'
 
-# Generation tokens/s, KV cache vs full recompute, retrieval on runs/db_fresh (a few minutes).
+# Generation tokens/s, KV cache vs full recompute, retrieval on the default database (a few
+# minutes).
 .PHONY: bench-generate
-bench-generate: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m bench.generate_speed
+bench-generate: db
+	JAX_PLATFORMS=cpu $(PY) -m bench.generate_speed --db=runs/default_db
 
 # Retrieval service on loopback: 2 and 4 shard processes, p50/p99 and QPS, a shard killed under
-# load (re-sharded ScaNN copies of runs/db_fresh built once in /tmp; a few minutes); then the same
-# load with requests beyond the shards' bounds mixed in (bench/results/service_abuse.json).
+# load (re-sharded ScaNN copies of the default database, built once in runs/bench_service; a few
+# minutes); then the same load with requests beyond the shards' bounds mixed in
+# (bench/results/service_abuse.json).
 .PHONY: bench-service
-bench-service: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m bench.service_latency --db=runs/db_fresh
-	JAX_PLATFORMS=cpu $(PY) -m bench.service_latency --db=runs/db_fresh --abuse --shards=2 \
-	    --seconds=10 --num_queries=500
+bench-service: db
+	JAX_PLATFORMS=cpu $(PY) -m bench.service_latency --db=runs/default_db --work=runs/bench_service
+	JAX_PLATFORMS=cpu $(PY) -m bench.service_latency --db=runs/default_db --work=runs/bench_service \
+	    --abuse --shards=2 --seconds=10 --num_queries=500
 
 # What verifying shards on read costs per GB (bench/results/verify_on_read.json).
 .PHONY: bench-verify
-bench-verify: $(STAMP)
+bench-verify: db
 	JAX_PLATFORMS=cpu $(PY) -m bench.verify_on_read --db=runs/default_db
 
 aot: $(STAMP)

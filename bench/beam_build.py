@@ -42,7 +42,7 @@ from retro_jax.db import layout
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("beam_db", "runs/beam_default_db", "database built by the Beam pipeline")
-flags.DEFINE_string("reference_db", "/work/main/runs/default_db", "the same corpus built before")
+flags.DEFINE_string("reference_db", "runs/default_db", "the same corpus built before")
 flags.DEFINE_integer("queries", 2000, "query chunks for the neighbours recall")
 flags.DEFINE_string("old_code", None, "a checkout of the code before the pipeline (skip 3 if unset)")
 flags.DEFINE_string("old_python", sys.executable, "python that runs --old_code")

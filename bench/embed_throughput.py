@@ -2,8 +2,8 @@ r"""Embedding throughput of the JAX all-MiniLM-L6-v2 embedder on real chunk text
 
     python -m bench.embed_throughput [--num_texts=512 --rounds=3 --batch_sizes=32,64]
 
-Texts: chunks of the default database (`runs/default_db`, when its READY file exists), otherwise
-Linux kernel documentation cut into ~280-character pieces (about one 64-token SentencePiece chunk).
+Texts: chunks of the default database (`runs/default_db`, `make db`; `make bench-embed` builds it
+first), when its chunk store is finished, otherwise Linux kernel documentation cut into ~280-character pieces (about one 64-token SentencePiece chunk).
 Settings (dtype x bucketed x batch size) alternate round by round on the same texts; chunks/s is the
 median over rounds, after a warm-up that compiles every shape. Cosine is against the fp32 bucketed
 result. The PyTorch reference figures on this CPU: 63.6 chunks/s fp32, 154 bf16.
@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from bench.common import matmul_gflops
+from retro_jax.db import layout  # noqa: E402
 from retro_jax.retrieval.embedder import Embedder  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -34,7 +35,8 @@ flags.DEFINE_integer("rounds", 3, "timed rounds per setting (alternating)")
 flags.DEFINE_list("batch_sizes", ["16"], "rows per forward call to compare ('t2048' = 2048 tokens per call)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "matmul operand dtypes to compare")
 flags.DEFINE_bool("unbucketed", True, "also time padding every batch to max_length")
-flags.DEFINE_string("db", "/work/main/runs/default_db", "database whose chunks are used when READY")
+flags.DEFINE_string("db", "runs/default_db", "database whose chunks are used (when its chunk store "
+                    "is finished)")
 flags.DEFINE_string("out", "bench/results/embed_throughput.json", "where the results go")
 
 KERNEL_DOCS = pathlib.Path("/usr/share/doc/linux-doc-6.1/html/_sources")
@@ -64,7 +66,7 @@ def db_chunk_texts(db: pathlib.Path, n: int, seed: int = 0) -> list[str]:
 def main(argv) -> None:
   del argv
   db = pathlib.Path(FLAGS.db)
-  if (db / "READY").exists():
+  if (db / layout.CHUNKS_DIR / layout.MANIFEST).exists():  # the chunk stage's commit point
     texts, source = db_chunk_texts(db, FLAGS.num_texts), f"{db} chunks (random sample, seed 0)"
   else:
     texts, source = kernel_doc_pieces(FLAGS.num_texts), "linux-doc-6.1 pieces of 280 characters"

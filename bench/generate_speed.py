@@ -1,12 +1,12 @@
 r"""Generation speed: the incremental decoder (KV cache + cached encoded neighbours) against a full
 recompute of every position at every new token, with retrieval at every chunk boundary (this CPU).
 
-    python -m bench.generate_speed [--db=runs/db_fresh --lengths=64,128,256,512,1024 \
+    python -m bench.generate_speed [--db=runs/default_db --lengths=64,128,256,512,1024 \
         --full_measure_max=256 --out=bench/results/generate_speed.json]
 
 Model: a randomly initialised RETRO (speed does not depend on the weights): d_model 256, 4 heads of
 64, 4 layers, d_ffw 1024, CCA at layers 2 and 4, encoder 2 layers of width 256, vocabulary = the
-database tokenizer's (32,000 for runs/db_fresh), chunk m = 64, k = 2 neighbours of r = 128, fp32.
+database tokenizer's (8,192 for runs/default_db, `make db`), chunk m = 64, k = 2 neighbours of r = 128, fp32.
 Prompt: the first 64 tokens of a fixed text (one complete chunk). Decoding is greedy.
 
 Retrieval is real: `retro_jax.sampling.generate.DatabaseRetrieval` on the database (MiniLM embedding of the
@@ -46,7 +46,7 @@ from retro_jax.model.decode import Decoder  # noqa: E402
 from retro_jax.sampling import generate as gen  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("db", "runs/db_fresh", "retrieval database (chunk size must be 64)")
+flags.DEFINE_string("db", "runs/default_db", "retrieval database (chunk size must be 64)")
 flags.DEFINE_list("lengths", ["64", "128", "256", "512", "1024"], "generated tokens per run")
 flags.DEFINE_integer("full_measure_max", 256, "run the full recompute end to end up to this N; "
                      "model it from per-length forward timings beyond")

@@ -1,6 +1,6 @@
 r"""Retrieval-service latency and throughput on loopback, and a shard killed under load.
 
-  python -m bench.service_latency [--db=runs/db_fresh] [--shards=2,4] [--work=/tmp/retro_service_bench]
+  python -m bench.service_latency [--db=runs/default_db] [--shards=2,4] [--work=/tmp/retro_service_bench]
 
 Setup (cached in --work, reused by a rerun): the database's chunk store and tokenizer are copied,
 its embeddings re-cut into N document-aligned, near-equal index shards per N in --shards, and one
@@ -53,7 +53,7 @@ from absl import app, flags  # noqa: E402
 
 from retro_jax.db import layout  # noqa: E402
 
-_DB = flags.DEFINE_string("db", "runs/db_fresh", "Source database (read only).")
+_DB = flags.DEFINE_string("db", "runs/default_db", "Source database (read only).")
 _WORK = flags.DEFINE_string("work", "/tmp/retro_service_bench", "Scratch directory (cached).")
 _SHARDS = flags.DEFINE_list("shards", ["2", "4"], "Shard counts to measure.")
 _NQ = flags.DEFINE_integer("num_queries", 2000, "Query chunk embeddings.")

@@ -98,7 +98,7 @@ class GcsEmulator:
         self.process.wait(timeout=10)
       except subprocess.TimeoutExpired:
         self.process.kill()
-        self.process.wait()
+        self.process.wait(timeout=10)
     self._tmp.cleanup()
 
 

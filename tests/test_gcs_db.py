@@ -21,7 +21,10 @@ from etils import epath
 from flax import nnx
 
 from retro_jax.build import stages as build_lib
+from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, verify
+from retro_jax.evaluation import bpb as ev
+from retro_jax.evaluation import controls
 from retro_jax.retrieval import build_index, embed
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
@@ -57,22 +60,35 @@ def gs_db(gcs_emulator, tmp_path_factory):
   return gcs_emulator, bucket, db, record
 
 
-@pytest.fixture(scope="module")
-def gs_run(gs_db, tmp_path_factory):
-  """A tiny RETRO trained 3 steps from the gs:// database, its workdir in gs://BUCKET/run."""
-  emulator, bucket, db, _ = gs_db
-  cwd = tmp_path_factory.mktemp("train_cwd")
-  workdir = f"gs://{bucket}/run"
+def _train(workdir, db, cwd, **extra):
+  """`retro_jax.train` of experiments/tiny.py shrunk to the tiny database, STEPS steps."""
   overrides = {"db": db, "model_overrides.vocab_size": 1000, "model_overrides.d_model": 32,
                "model_overrides.num_heads": 2, "model_overrides.num_layers": 2,
                "model_overrides.ffw_size": 64, "model_overrides.cca_layers": "(2,)",
                "model_overrides.encoder_d_model": 16, "model_overrides.encoder_num_heads": 1,
                "seq_len": 128, "global_batch": 4, "total_steps": STEPS, "warmup_steps": 1,
                "checkpoint_every": STEPS, "log_every": 1, "read_threads": 1,
-               "metrics_upload_every_s": 0.0}
+               "metrics_upload_every_s": 0.0, **extra}
   _run("retro_jax.train", f"--config={ROOT}/experiments/tiny.py", f"--workdir={workdir}",
        *[f"--config.{k}={v}" for k, v in overrides.items()], cwd=cwd)
   assert os.listdir(cwd) == []  # nothing local, least of all a directory named "gs:"
+
+
+@pytest.fixture(scope="module")
+def gs_run(gs_db, tmp_path_factory):
+  """A tiny RETRO trained 3 steps from the gs:// database, its workdir in gs://BUCKET/run."""
+  _, bucket, db, _ = gs_db
+  workdir = f"gs://{bucket}/run"
+  _train(workdir, db, tmp_path_factory.mktemp("train_cwd"))
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def gs_baseline(gs_db, tmp_path_factory):
+  """Its baseline (the same widths, no CCA layers), trained the same way into gs://BUCKET/base."""
+  _, bucket, db, _ = gs_db
+  workdir = f"gs://{bucket}/base"
+  _train(workdir, db, tmp_path_factory.mktemp("train_cwd"), retrieval="false")
   return workdir
 
 
@@ -120,21 +136,61 @@ def test_a_gs_build_is_byte_identical_to_a_local_one(gs_db, tmp_path):
       {k: v for k, v in b.items() if k != "build_seconds"}
 
 
-def test_train_three_steps_then_evaluate_from_gs(gs_db, gs_run, tmp_path):
+def test_train_three_steps_then_evaluate_from_gs(gs_db, gs_run, gs_baseline, tmp_path):
+  """`retro_jax.evaluate` end to end (retrieval on / off / shuffled and the baseline, held-out
+  neighbours from the gs:// index): every chunk loss, bpb and bootstrap interval it writes is
+  what the library functions (retro_jax/evaluation) compute here from the same checkpoints."""
   emulator, bucket, db, _ = gs_db
   losses = [json.loads(line)["loss"]
             for line in emulator.read("run/metrics.jsonl", bucket).decode().splitlines()]
   assert len(losses) == STEPS and all(np.isfinite(losses))
   assert any(n.startswith(f"run/checkpoints/{STEPS}/") for n in emulator.names("run/", bucket))
   p = _run("retro_jax.evaluate", f"--workdir={gs_run}", f"--db={db}", "--seq_len=128",
-           "--stride=64", "--retrieval=on,off", "--retriever=index", "--max_docs=3",
-           "--batch_size=4", cwd=tmp_path)
+           "--stride=64", "--retrieval=on,off,shuffled", f"--baseline={gs_baseline}",
+           "--retriever=index", "--max_docs=3", "--batch_size=4", cwd=tmp_path)
   assert f"wrote {gs_run}/eval.json" in p.stdout, p.stdout[-2000:]
   res = json.loads(emulator.read("run/eval.json", bucket))
-  for mode in ("on", "off"):
-    assert np.isfinite(res["results"][mode]["bpb"]) and res["results"][mode]["bpb"] > 0
   assert emulator.read("run/eval.png", bucket)[:4] == b"\x89PNG"
   assert os.listdir(tmp_path) == []
+
+  # The same numbers from the library, in this process.
+  model, cfg, _ = ckpt_lib.load_model(gs_run)
+  base_model, base_cfg, _ = ckpt_lib.load_model(gs_baseline)
+  assert cfg.retrieval and not base_cfg.retrieval and not base_cfg.cca_layers
+  store = chunk_store_lib.ChunkStore.open(db)
+  with ev.open_searcher("index", db) as searcher:
+    held = ev.load_heldout(store, db, k=max(ev.FILTER_NEIGHBOURS, cfg.num_neighbours),
+                           neighbour_len=cfg.neighbour_len, max_docs=3, searcher=searcher)
+  assert (res["num_docs"], res["num_chunks"], res["num_bytes"]) == (
+      3, len(held.chunk_ids_C), int(held.chunk_bytes_C.sum()))
+  common = dict(seq_len=128, stride=64, num_neighbours=cfg.num_neighbours, batch_size=4,
+                progress=False)
+  want = {m: ev.chunk_losses(model, cfg, held, store, retrieval=m != "off",
+                             neighbours_CxK=ev.mode_neighbours(held, m), **common)
+          for m in ("on", "off", "shuffled")}
+  want["baseline"] = ev.chunk_losses(base_model, base_cfg, held, store, retrieval=False, **common)
+  assert sorted(res["results"]) == sorted(want)
+  for mode, loss_C in want.items():
+    np.testing.assert_allclose(res["chunk_loss_nats"][mode], loss_C, rtol=1e-5, atol=1e-4,
+                               err_msg=mode)
+    assert res["results"][mode]["bpb"] == pytest.approx(
+        controls.bpb(loss_C, held.chunk_bytes_C), rel=1e-5), mode
+  # Retrieval changes the loss; another document's neighbours are not this one's; the baseline
+  # is another model.
+  for a, b in (("on", "off"), ("on", "shuffled"), ("off", "baseline")):
+    assert np.abs(want[a] - want[b]).max() > 1e-4, (a, b)
+  doc_C = controls.doc_of_row(held.doc_first_row, len(held.chunk_ids_C))
+  for a, b in (("on", "off"), ("on", "shuffled"), ("shuffled", "off"), ("on", "baseline"),
+               ("off", "baseline"), ("shuffled", "baseline")):
+    got = res["differences"][f"{a}-{b}"]["all"]
+    d = controls.paired_bootstrap(want[a], want[b], held.chunk_bytes_C, doc_C)
+    assert got["docs"] == d["docs"] == 3 and got["chunks"] == d["chunks"] == len(doc_C)
+    assert got["diff"] == pytest.approx(d["diff"], rel=1e-4, abs=1e-6), (a, b)
+    assert got["diff"] == pytest.approx(res["results"][a]["bpb"] - res["results"][b]["bpb"],
+                                        rel=1e-6, abs=1e-9), (a, b)
+    assert got["ci95"] == pytest.approx(d["ci95"], rel=1e-4, abs=1e-6), (a, b)
+    lo, hi = got["ci95"]
+    assert lo <= got["diff"] <= hi and lo < hi, (a, b, got)
 
 
 def test_sample_retrieves_live_from_the_gs_index(gs_db, gs_run, tmp_path):

@@ -8,6 +8,7 @@ the one-line error itself is the point.
 """
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -295,7 +296,7 @@ def test_two_trainers_on_one_workdir(two_trainers):
 
 def test_a_stale_lock_is_taken_over(tmp_path, capsys):
   gone = subprocess.Popen([sys.executable, "-c", "pass"])
-  gone.wait()
+  gone.wait(timeout=60)
   (tmp_path / workdir_lock.LOCK).write_text(json.dumps(
       {"pid": gone.pid, "host": socket.gethostname(), "start_time": "then", "command": "killed"}))
   with workdir_lock.acquire(tmp_path):
@@ -318,19 +319,66 @@ def test_an_empty_lock_is_taken_over_once_old(tmp_path, capsys):
   assert not lock.exists()
 
 
-def test_full_disk_during_a_checkpoint(db, tmp_path):
+# A disk too small for the tiny model's first checkpoint (~1.7 MiB with its optimizer state).
+SMALL_DISK = "size=400k"
+# Mounts a SMALL_DISK tmpfs on $0 and runs "$@" there; then lists what is left under $0/wd into
+# $0.left (the tmpfs goes with the namespace).
+IN_SMALL_DISK = ('mount -t tmpfs -o ' + SMALL_DISK + ' tmpfs "$0" || exit 97; "$@"; rc=$?; '
+                 'find "$0/wd" -mindepth 1 > "$0.left"; exit $rc')
+# A user namespace of the test's own: root in it may mount a tmpfs, where unprivileged user
+# namespaces are allowed (and for root).
+USERNS = ["unshare", "--user", "--map-root-user", "--mount"]
+
+
+def can_mount_a_small_disk(tmp_path) -> bool:
+  probe = tmp_path / "probe"
+  probe.mkdir()
+  return shutil.which("unshare") is not None and subprocess.run(
+      [*USERNS, "sh", "-c", 'mount -t tmpfs -o ' + SMALL_DISK + ' tmpfs "$0"', str(probe)],
+      capture_output=True, timeout=60).returncode == 0
+
+
+def train_on_a_small_disk(db, tmp_path) -> tuple[subprocess.CompletedProcess, list[str]]:
+  """The trainer run with its workdir on a 400 KiB tmpfs: (the process, what it left in the
+  workdir, as paths relative to it)."""
   mnt = tmp_path / "small"
   mnt.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)],
-                    capture_output=True).returncode:
-    pytest.skip("needs permission to mount a small tmpfs")
-  try:
-    with pytest.raises(loop.CheckpointWriteError, match="no room for a first checkpoint"):
-      loop.run(experiment(db), str(mnt / "wd"), progress=False)
-    assert not [p for p in os.listdir(mnt / "wd" / "checkpoints") if "orbax-checkpoint-tmp" in p]
-    assert not (mnt / "wd" / workdir_lock.LOCK).exists()
-  finally:
-    subprocess.run(["umount", str(mnt)], check=False)
+  p = cli([*USERNS, "sh", "-c", IN_SMALL_DISK, str(mnt), *train_cmd(mnt / "wd", db)])
+  assert p.returncode != 97, "the tmpfs mount failed: " + p.stderr[-2000:]
+  left = (tmp_path / "small.left").read_text().split()
+  return p, sorted(os.path.relpath(x, mnt / "wd") for x in left)
+
+
+def train_under_a_file_size_limit(db, tmp_path, limit=200_000
+                                  ) -> tuple[subprocess.CompletedProcess, list[str]]:
+  """The trainer run with RLIMIT_FSIZE of `limit` bytes (no privilege needed): the checkpoint's
+  largest files (~285 and ~500 kB) fail to write (EFBIG), its small ones are written."""
+  wd = tmp_path / "wd"
+
+  def limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  p = subprocess.run(train_cmd(wd, db), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                     timeout=300, preexec_fn=limit_file_size)
+  left = [os.path.relpath(os.path.join(d, f), wd) for d, dirs, files in os.walk(wd)
+          for f in dirs + files]
+  return p, sorted(left)
+
+
+def test_full_disk_during_a_checkpoint(db, tmp_path):
+  """A disk that cannot hold the first checkpoint: one clear error, no partial checkpoint left,
+  the workdir's lock released. The small disk is a real one (a 400 KiB tmpfs, in a user
+  namespace of the trainer's own: no root needed where unprivileged user namespaces are
+  allowed); where no tmpfs can be mounted, a file size limit makes the checkpoint's writes fail
+  with EFBIG instead, which the trainer must report the same way."""
+  if can_mount_a_small_disk(tmp_path):
+    p, left = train_on_a_small_disk(db, tmp_path)
+    assert_one_line_error(p, "no room for a first checkpoint")
+  else:
+    p, left = train_under_a_file_size_limit(db, tmp_path)
+    assert_one_line_error(p, "filled up near step 2", "the last good checkpoint is none")
+  assert "checkpoints" in left, left
+  assert not [x for x in left if "orbax-checkpoint-tmp" in x], left
+  assert workdir_lock.LOCK not in left, left
 
 
 # ------------------------------------------------------------------------------------------------

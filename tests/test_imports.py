@@ -31,7 +31,10 @@ LAYERS = (
 
 
 def _layer(module: str) -> int:
-  """The index in LAYERS of the longest prefix naming `module`."""
+  """The index in LAYERS of the longest prefix naming `module` (a command: the top, wherever it
+  lives)."""
+  if module in COMMANDS:
+    return len(LAYERS) - 1
   best = max((p for layer in LAYERS for p in layer if module == p or module.startswith(p + ".")),
              key=len)
   return next(i for i, layer in enumerate(LAYERS) if best in layer)

@@ -51,6 +51,11 @@ def launch(args, env, cwd=REPO):
                         text=True, timeout=60)
 
 
+def git(repo, *args) -> str:
+  return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                        timeout=60).stdout.strip()
+
+
 def numbered(stdout: str) -> list[list[str]]:
   """The printed commands, in order, each parsed back into its argv."""
   steps = []
@@ -97,8 +102,7 @@ def test_dry_run_prints_the_whole_v5p_sequence(no_gcloud_env, tmp_path):
     if argv[0] == "gcloud":
       assert flag(argv, "--zone") == "us-east5-a" and flag(argv, "--project") == "my-proj"
 
-  sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                       check=True).stdout.strip()
+  sha = git(REPO, "rev-parse", "HEAD")
   tarball = flag(archive, "--output")
   assert archive[-1] == sha and tarball.startswith(str(tmp_path))
   assert not Path(tarball).exists(), "--dry-run must not run the commands it prints"
@@ -279,7 +283,8 @@ def test_a_real_run_executes_what_the_dry_run_prints(no_gcloud_env, tmp_path):
   polls = [printed[3][1:]] * 3
   assert ran == [a[1:] for a in printed[:3]] + polls + [a[1:] for a in printed[5:]]
   tarball = Path(flag(printed[4], "--output"))
-  listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True, check=True)
+  listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True, check=True,
+                           timeout=60)
   shipped = listing.stdout.split()
   assert {"setup.py", "retro_jax/__init__.py", "experiments/retro_172m.py"} <= set(shipped)
   assert "started r172m-a on retro-pod" in res.stdout
@@ -320,15 +325,34 @@ def test_status_and_delete_follow_what_exists(no_gcloud_env, tmp_path, action, s
   assert [" ".join(c[2:4]) for c in calls(tmp_path)] == verbs
 
 
-def test_the_experiment_must_be_in_the_shipped_commit(no_gcloud_env):
-  root = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=REPO,
-                        capture_output=True, text=True, check=True).stdout.split()[0]
-  if subprocess.run(["git", "cat-file", "-e", f"{root}:experiments/retro_172m.py"],
-                    cwd=REPO).returncode == 0:
-    pytest.skip("the root commit already holds the experiment")
-  res = launch(["--dry-run", *V5P, f"--ref={root}"], no_gcloud_env)
+def test_the_experiment_must_be_in_the_shipped_commit(no_gcloud_env, tmp_path):
+  """A repository of two commits (built here, so a shallow clone of this one runs it too): the
+  launcher itself, then the experiment. Shipping the first refuses; the second is accepted."""
+  repo = tmp_path / "repo"
+  (repo / "launch").mkdir(parents=True)
+  for script in (LAUNCH, WORKER):
+    shutil.copy2(script, repo / "launch" / script.name)
+  git(repo, "init", "-q")
+  who = ["-c", "user.name=test", "-c", "user.email=test@example.com"]
+  git(repo, "add", "launch")
+  git(repo, *who, "commit", "-q", "-m", "the launcher alone")
+  before = git(repo, "rev-parse", "HEAD")
+  (repo / "experiments").mkdir()
+  shutil.copy2(REPO / "experiments" / "retro_172m.py", repo / "experiments" / "retro_172m.py")
+  git(repo, "add", "experiments")
+  git(repo, *who, "commit", "-q", "-m", "the experiment")
+  after = git(repo, "rev-parse", "HEAD")
+  res = subprocess.run(["bash", str(repo / "launch" / "tpu_run.sh"), "--dry-run", *V5P,
+                        f"--ref={before}"], env=no_gcloud_env, cwd=repo, capture_output=True,
+                       text=True, timeout=60)
   assert res.returncode != 0
-  assert f"is not in commit {root[:12]}" in res.stderr and numbered(res.stdout) == []
+  assert f"is not in commit {before[:12]}" in res.stderr and numbered(res.stdout) == []
+  res = subprocess.run(["bash", str(repo / "launch" / "tpu_run.sh"), "--dry-run", *V5P,
+                        f"--ref={after}"], env=no_gcloud_env, cwd=repo, capture_output=True,
+                       text=True, timeout=60)
+  assert res.returncode == 0, res.stderr
+  archive = [a for a in numbered(res.stdout) if a[:2] == ["git", "-C"] and "archive" in a]
+  assert len(archive) == 1 and archive[0][-1] == after, res.stdout
 
 
 def test_without_gcloud_a_real_run_refuses(no_gcloud_env):
@@ -345,8 +369,8 @@ def test_help(no_gcloud_env):
 
 @pytest.mark.parametrize("script", [LAUNCH, WORKER], ids=lambda p: p.name)
 def test_shellcheck_clean(script):
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (Debian: apt-get install shellcheck; `make` does it)")
+  assert shutil.which("shellcheck"), "shellcheck is not installed (Debian: apt-get install " \
+      "shellcheck; `make test` installs it)"
   res = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
   assert res.returncode == 0, res.stdout + res.stderr
 

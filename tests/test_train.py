@@ -73,7 +73,7 @@ def test_kill9_then_resume_equals_uninterrupted(db, tmp_path):
     time.sleep(0.1)
   assert p.poll() is None, "the run ended before it could be killed"
   os.kill(p.pid, signal.SIGKILL)
-  p.wait()
+  p.wait(timeout=60)
   assert "12" not in os.listdir(killed / "checkpoints")
 
   out = run(train_cmd(killed, db))

@@ -112,7 +112,10 @@ def test_two_processes_on_gcs_preempt_resume_and_match_one_process(gcs, local_db
       seen_during_run = True  # metrics.jsonl is in the bucket while both processes run
       break
     time.sleep(0.2)
-  assert seen_during_run, [q.communicate()[1][-3000:] for q in procs]
+  if not seen_during_run:
+    for q in procs:
+      q.kill()
+  assert seen_during_run, [q.communicate(timeout=60)[1][-3000:] for q in procs]
   procs[1].send_signal(signal.SIGTERM)  # preempt one host only
   finish(procs)
   steps = sorted({int(n.split("/")[2]) for n in gcs.names("run/checkpoints/")

@@ -35,21 +35,22 @@ def test_sdist_installed_in_a_fresh_venv_embeds_like_the_repo(tmp_path_factory, 
 
   venv = tmp_path / "venv"
   _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+  # Nothing of the caller's PYTHONPATH (a checkout run as PYTHONPATH=$PWD): the sdist's code only.
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   py = str(venv / "bin" / "python")
   site = _run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
   with open(os.path.join(site, "third_party.pth"), "w") as f:
     f.write(sysconfig.get_paths()["purelib"] + "\n")
   _run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", sdist],
-       cwd=str(tmp_path))
+       cwd=str(tmp_path), env=env)
   where = _run([py, "-c", "import retro_jax; from retro_jax.retrieval import bert; "
                 "print(retro_jax.__file__); print(bert.default_model_dir())"],
-               cwd=str(tmp_path)).split()
+               cwd=str(tmp_path), env=env).split()
   assert all(w.startswith(str(venv)) for w in where), where  # the wheel's code and weights
 
   copy = tmp_path / "db"
   for sub in ("tokenizer", "chunks"):
     shutil.copytree(db / sub, copy / sub)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   _run([py, "-m", "retro_jax.build_db", f"--db={copy}", "--stages=embeddings",
         "--runner=DirectRunner", "--direct_running_mode=multi_processing",
         "--direct_num_workers=2"], cwd=str(tmp_path), env={**env, "JAX_PLATFORMS": "cpu"})

@@ -130,7 +130,7 @@ def test_killed_chunking_resumes_byte_identical(db, tmp_path, hook):
          f"--corpus={SPEC}", f"--db={tmp_path}", f"--tokenizer={model}",
          f"--docs_per_shard={DOCS_PER_SHARD}", "--heldout_fraction=0.1", "--vocab_size=1000"]
   env = {**os.environ, hook: "1"}
-  killed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+  killed = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   # The Beam pipeline writes the shards in any order (one element each).
   done = sorted((tmp_path / "chunks").glob("*.done.json"))
@@ -141,7 +141,7 @@ def test_killed_chunking_resumes_byte_identical(db, tmp_path, hook):
   else:
     assert len(done) == 1
   markers = {p.name: p.stat().st_mtime_ns for p in done}
-  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  rerun = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert {p: (tmp_path / "chunks" / p).stat().st_mtime_ns for p in markers} == markers
   want, got = _files(db / "chunks"), _files(tmp_path / "chunks")

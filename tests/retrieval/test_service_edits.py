@@ -95,7 +95,7 @@ def test_added_document_is_an_error_until_the_reload_then_returned(db, tmp_path)
 
     # `sample` through the stale service: one line, exit 2, the command to run.
     proc, _ = _run("retro_jax.sample", "--size=tiny", f"--db={db}", "--prompt=The page cache",
-                   "--max_new_tokens=1", f"--retrieval_service={','.join(addrs)}",
+                   "--max_new_tokens=1", f"--service={','.join(addrs)}",
                    "--service_timeout_s=30")
     assert reload_cmd in _one_error_line(proc)
 
@@ -155,7 +155,7 @@ def test_dead_service_is_one_line_within_the_timeout_given(db):
       client_lib.ServiceRetriever([addr], connect_timeout_s=1.0)
     assert time.monotonic() - t0 < 10
     proc, seconds = _run("retro_jax.sample", "--size=tiny", f"--db={db}", "--prompt=hello",
-                         f"--retrieval_service={addr}", "--service_timeout_s=2")
+                         f"--service={addr}", "--service_timeout_s=2")
     line = _one_error_line(proc)
     assert addr in line and "no answer within 2 s" in line
     assert seconds < 50  # the default wait alone was 60 s
