@@ -21,6 +21,12 @@ class UserError(Exception):
   """A mistake or a damaged input the user can fix; the message says how."""
 
 
+# How a full disk reads in a message (tensorstore, which orbax writes through, reports ENOSPC,
+# EDQUOT and EFBIG as a ValueError with the code in its text).
+DISK_FULL_TEXT = ("No space left on device", "os_error_code='28'", "Disk quota exceeded",
+                  "os_error_code='122'", "File too large", "os_error_code='27'")
+
+
 def is_disk_full(e: BaseException) -> bool:
   """Whether `e`, or an exception it was raised from, is a full disk (ENOSPC, EDQUOT, EFBIG)."""
   seen = set()
@@ -28,8 +34,8 @@ def is_disk_full(e: BaseException) -> bool:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in DISK_FULL:
       return True
-    if any(m in str(e) for m in ("No space left on device", "os_error_code='28'")):
-      return True  # tensorstore (orbax) reports ENOSPC as a ValueError
+    if any(m in str(e) for m in DISK_FULL_TEXT):
+      return True
     e = e.__cause__ or e.__context__
   return False
 

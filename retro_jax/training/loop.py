@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -206,16 +207,25 @@ def _check_resume(prev_meta: dict, cfg, db: str, workdir, step: int) -> None:
                                     f"{workdir} (step {step})")
 
 
-def _remove_partial_checkpoints(directory) -> list[str]:
-  """Deletes orbax's temporary directories of a checkpoint write that failed."""
+def _remove_partial_checkpoints(directory, settle_s: float = 0.0) -> list[str]:
+  """Deletes orbax's temporary directories of a checkpoint write that failed. `settle_s`: for up
+  to that long, until two checks in a row find none, again (a failed write's threads may still
+  be creating files as they give up)."""
   directory = epath.Path(directory)
-  gone = []
-  if directory.exists():
-    for p in directory.iterdir():
-      if ".orbax-checkpoint-tmp" in p.name:
+  gone, clean, deadline = [], 0, time.monotonic() + settle_s
+  while True:
+    found = [p for p in (directory.iterdir() if directory.exists() else ())
+             if ".orbax-checkpoint-tmp" in p.name]
+    for p in found:
+      try:
         p.rmtree() if p.is_dir() else p.unlink()
-        gone.append(p.name)
-  return gone
+      except OSError:  # written into while removed: the next round
+        continue
+      gone.append(p.name)
+    clean = 0 if found else clean + 1
+    if clean >= 2 or time.monotonic() >= deadline:
+      return gone
+    time.sleep(0.1)
 
 
 def _check_space(directory, state, step: int, last_good: int, factor: int = 1) -> None:
@@ -235,21 +245,58 @@ def _check_space(directory, state, step: int, last_good: int, factor: int = 1) -
         f"command")
 
 
+# What a failing checkpoint write's background threads (orbax's, tensorstore's callbacks) report
+# as they fail and as the process ends: the disk, and the event loops closed under them.
+_WRITER_NOISE = errors.DISK_FULL_TEXT + (
+    "Event loop is closed", "cannot schedule new futures after shutdown",
+    "sys.meta_path is None")
+
+
+def _is_writer_noise(exc: BaseException | None) -> bool:
+  return exc is not None and (errors.is_disk_full(exc)
+                              or any(m in str(exc) for m in _WRITER_NOISE))
+
+
 class _QuietDiskFull(std_logging.Filter):
-  """Drops the log records of a failing checkpoint write's background threads after the first
-  (the run then stops with one `CheckpointWriteError` saying why)."""
+  """Drops the log records and thread or callback tracebacks of a failing checkpoint write's
+  background threads (the run then stops with one `CheckpointWriteError` saying why)."""
 
   def __init__(self):
     super().__init__()
     self.seen = 0
+    self._hooks = None
 
   def filter(self, record) -> bool:
     text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
-    if any(m in text for m in ("No space left on device", "os_error_code='28'",
-                               "Event loop is closed")):
+    if any(m in text for m in _WRITER_NOISE):
       self.seen += 1
       return False
     return True
+
+  def install_hooks(self) -> None:
+    """Background threads' exceptions (threading.excepthook) and those of callbacks run from
+    native threads (printed through sys.excepthook) that are writer noise are dropped too."""
+    previous = (sys.excepthook, threading.excepthook, sys.unraisablehook)
+    self._hooks = previous
+
+    def excepthook(t, v, tb):
+      if not _is_writer_noise(v):
+        previous[0](t, v, tb)
+
+    def thread_hook(args):
+      if not _is_writer_noise(args.exc_value):
+        previous[1](args)
+
+    def unraisable_hook(u):
+      if not _is_writer_noise(u.exc_value):
+        previous[2](u)
+    sys.excepthook, threading.excepthook, sys.unraisablehook = (
+        excepthook, thread_hook, unraisable_hook)
+
+  def remove_hooks(self) -> None:
+    if self._hooks is not None:
+      sys.excepthook, threading.excepthook, sys.unraisablehook = self._hooks
+      self._hooks = None
 
 
 def run(c, workdir: str, *, distributed: bool | dict = False,
@@ -269,17 +316,18 @@ def run(c, workdir: str, *, distributed: bool | dict = False,
               for x in (h, getattr(h, "_current_handler", None)) if x is not None]
   for h in handlers:
     h.addFilter(quiet)
+  quiet.install_hooks()
+  write_failed = False
   try:
     return _run(c, workdir, progress=progress)
   except CheckpointWriteError:
     # orbax's and tensorboard's background writers report the full disk again as the process
     # ends (asyncio's "exception was never retrieved", atexit flushes): keep those quiet too.
-    previous_hook = sys.unraisablehook
-    sys.unraisablehook = lambda u: None if (errors.is_disk_full(u.exc_value) or "Event loop is "
-                                            "closed" in str(u.exc_value)) else previous_hook(u)
-    handlers = []
+    write_failed, handlers = True, []
     raise
   finally:
+    if not write_failed:
+      quiet.remove_hooks()
     for h in handlers:
       h.removeFilter(quiet)
     if lock is not None:
@@ -403,9 +451,9 @@ class StepMetrics:
 
 def _disk_full_error(workdir, step: int, failed: list) -> CheckpointWriteError:
   """One message for a full disk: where the last good checkpoint is and how to resume."""
-  # (orbax's writers may still be running; a temporary directory they leave is removed when
-  # the run is restarted, before anything else is written.)
-  _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS)
+  # (orbax's writers may still be running: removed until they stop; one they leave after that
+  # is removed when the run is restarted, before anything else is written.)
+  _remove_partial_checkpoints(workdir / ckpt_lib.CHECKPOINTS, settle_s=10.0)
   reason = next((str(x) for e in failed for x in (e, e.__cause__, e.__context__)
                  if isinstance(x, OSError)), str(failed[0]))
   finished = [int(p.name) for p in (workdir / ckpt_lib.CHECKPOINTS).iterdir()
