@@ -368,12 +368,14 @@ def test_full_disk_during_a_checkpoint(db, tmp_path):
   """A disk that cannot hold the first checkpoint: one clear error, no partial checkpoint left,
   the workdir's lock released. The small disk is a real one (a 400 KiB tmpfs, in a user
   namespace of the trainer's own: no root needed where unprivileged user namespaces are
-  allowed); where no tmpfs can be mounted, only the second case below runs."""
-  if not can_mount_a_small_disk(tmp_path):
-    pytest.fail("no tmpfs can be mounted in a user namespace here (unshare --user "
-                "--map-root-user --mount); the file size limit case still runs")
-  p, left = train_on_a_small_disk(db, tmp_path)
-  assert_one_line_error(p, "no room for a first checkpoint")
+  allowed); where no tmpfs can be mounted, a file size limit makes the checkpoint's writes fail
+  with EFBIG instead, which the trainer must report the same way."""
+  if can_mount_a_small_disk(tmp_path):
+    p, left = train_on_a_small_disk(db, tmp_path)
+    assert_one_line_error(p, "no room for a first checkpoint")
+  else:
+    p, left = train_under_a_file_size_limit(db, tmp_path)
+    assert_one_line_error(p, "filled up near step 2", "the last good checkpoint is none")
   assert "checkpoints" in left, left
   assert not [x for x in left if "orbax-checkpoint-tmp" in x], left
   assert workdir_lock.LOCK not in left, left
