@@ -1,0 +1,503 @@
+"""The README's and docs' generated tables, written again from the results files (no measurement).
+
+    python -m bench.docs_tables           # rewrite every generated block and page (= make docs)
+    python -m bench.docs_tables --check   # change nothing; exit 1 naming what would change
+
+A generated block is the text between the lines
+
+    <!-- generated: NAME (python -m bench.docs_tables) -->
+    <!-- end generated: NAME -->
+
+in README.md or docs/*.md, written by BLOCKS[NAME] from the results files it names. A generated
+page is a whole docs/ page written by its benchmark's page function (PAGES), run here on the
+committed results file in a process of its own (each benchmark defines its own absl flags).
+Every other table in README.md and docs/*.md names its results files in a comment above it,
+`<!-- sources: bench/results/a.json bench/results/b.json -->`, and tests/test_results_sources.py
+checks every number in it against them.
+"""
+import argparse
+import functools
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+RESULTS = "bench/results"
+BEGIN = re.compile(r"^<!-- generated: (\S+) \(python -m bench\.docs_tables\) -->$")
+END = "<!-- end generated: {} -->"
+
+# docs page -> (module, function of the results dict that returns the page, results file).
+PAGES = {
+    "docs/plan_simulation.md": ("bench.plan_simulation", "table", "plan_simulation.json"),
+    "docs/build_10m.md": ("bench.build_10m", "page", "build_10m.json"),
+    "docs/global_searchers.md": ("bench.global_searchers", "page", "global_searchers.json"),
+    "docs/open_reads.md": ("bench.open_reads", "page", "open_reads.json"),
+}
+
+
+@functools.cache
+def load(name: str):
+  """bench/results/NAME as parsed JSON (a list of records for .jsonl)."""
+  with open(os.path.join(RESULTS, name)) as f:
+    if name.endswith(".jsonl"):
+      return [json.loads(line) for line in f if line.strip()]
+    return json.load(f)
+
+
+def f4(x: float) -> str:
+  return f"{x:.4f}"
+
+
+def d4(x: float) -> str:
+  """A difference, signed."""
+  return f"{x:+.4f}"
+
+
+def ci(d: dict, digits: int = 4) -> str:
+  """A difference with its 95% interval: `-0.2346 [-0.4138, -0.1017]`."""
+  lo, hi = d["ci95"]
+  return f"{d['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def ratio_ci(d: dict) -> str:
+  lo, hi = d["ci95"]
+  return f"{d['ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def readme_results() -> str:
+  """README.md's Results table: the headline figure of each results file, with its command."""
+  fresh = load("make_demo_fresh.json")
+  demo, diffs = fresh["demo"]["table"], fresh["demo"]["differences"]
+  ob = diffs["RETRO[ON] - baseline"]
+  fig = load("figures_dup.json")
+  s0 = fig["per_seed"]["0"]
+  dd, dg = s0["differences"], s0["differences_given"]
+  omb = fig["on_minus_baseline"]
+  sseeds = [fig["per_seed"][s]["differences"]["on-shuffled_source"]["all"]["diff"]
+            for s in fig["per_seed"]]
+  rows_db = fig["db_fraction"]["0"]["rows"]
+  fr = sorted(rows_db, key=float)
+  frac = {"0.125": "1/8", "0.25": "1/4", "0.5": "1/2", "1.0": "1"}
+  rf, rf3 = fig["retrofit"], fig["retrofit_more_steps"]["300"]
+  dflt = load("figures_default.json")
+  d0 = dflt["per_seed"]["0"]
+  drows = dflt["db_fraction"]["0"]["rows"]
+  dfr = sorted(drows, key=float)
+  sc = load("scaling_tiny.json")["sizes"]
+  on_sh = [sc[s]["differences"]["on-shuffled"]["all"]["diff"] for s in sc]
+  small = sc["d128-L2"]
+  fact = load("fact_recall.json")["runs"]
+  ts = load("train_step.json")
+  g32, g16 = load("gpu/reference_fp32.json"), load("gpu/reference_bf16.json")
+  aot = load("aot_compile.jsonl")
+
+  def aot_run(size, topology, slices=1, accum=1):
+    return next(r for r in aot if r["size"] == size and r["topology"] == topology
+                and r.get("num_slices", 1) == slices and r.get("grad_accum_steps", 1) == accum)
+
+  a172, a425, a15, a75 = (aot_run("172m", "v5e:4x4"), aot_run("425m", "v5e:4x4"),
+                          aot_run("1.5b", "v5p:2x2x4"), aot_run("7.5b", "v5p:4x4x4"))
+  a15x2 = aot_run("1.5b", "v5p:2x2x4", 2)
+  a75x8, a75x4 = aot_run("7.5b", "v5p:4x4x4", 2, 8), aot_run("7.5b", "v5p:4x4x4", 2, 4)
+  emb = load("embed_throughput.json")["results"]["bfloat16_bs16_bucketed"]
+  ann = load("ann_recall.json")
+  best = ann["summary"]["at_recall10_0.95"]
+  gid = load("global_index_default.json")
+  g48 = gid["results"]["global nprobe=48 (end to end)"]
+  today = gid["results"]["today per-shard faiss (end to end)"]
+  gis = load("global_index_scaling.json")
+  gen = next(r for r in load("generate_speed.json")["rows"] if r["new_tokens"] == 128)
+  svc = load("service_latency.json")["runs"][0]
+  one = svc["single_one_in_flight"]["latency_ms"]
+
+  def fits(r):
+    return "fits" if r["per_chip_gib"] <= r["hbm_gib"] else f"does not fit {r['hbm_gib']} GiB"
+
+  rows = [
+      ("tiny RETRO vs baseline where text recurs (the duplication database: kernel docs 6.1 + "
+       f"6.12; {fig['steps']} steps each; windows {fig['seq_len']}, stride {fig['stride']}; 95% "
+       f"intervals over {ob['all']['docs']} held-out documents; fresh clone, "
+       f"{fresh['wall_seconds'] / 60:.1f} min)",
+       f"baseline {f4(demo['baseline']['bpb'])}, RETRO[OFF] {f4(demo['RETRO[OFF]']['bpb'])}, "
+       f"RETRO[SHUFFLED] {f4(demo['RETRO[SHUFFLED]']['bpb'])}, RETRO[ON] "
+       f"**{f4(demo['RETRO[ON]']['bpb'])}**: on - baseline **{ci(ob['all'])}**; where the "
+       f"neighbours overlap the text (r >= 50%, {ob['r>=50%']['chunks']:,} of "
+       f"{ob['all']['chunks']:,} chunks) {d4(ob['r>=50%']['diff'])}; where they do not "
+       f"(alpha = 12.5%, {ob['r<=12.5%']['chunks']} chunks) RETRO is "
+       + ("**worse than its baseline, " if ob["r<=12.5%"]["diff"] > 0 else "**better than its "
+          "baseline, ") + f"{ci(ob['r<=12.5%'])}** ([why](docs/results.md#retro-where-text-"
+       "recurs-the-duplication-database-make-demo-make-figures))",
+       "`make demo`"),
+      (f"the same, {len(fig['per_seed'])} seeds, with the controls (the paper's figures at this "
+       "scale; [tables](docs/results.md#the-papers-figures-at-this-scale-make-figures))",
+       f"on - baseline **{d4(omb['mean'])} +- {omb['sd']:.4f}** (mean +- sd; "
+       + ", ".join(d4(x) for x in omb["per_seed"])
+       + (", every interval excluding zero" if omb["every_seed_excludes_zero"] else "")
+       + f"); on - same-source shuffled {d4(max(sseeds))} to {d4(min(sseeds))}, on - "
+       f"same-document {d4(dd['on-same_document']['all']['diff'])} (seed 0)",
+       "`make figures`"),
+      ("gain by overlap (seed 0)",
+       f"on - shuffled **{d4(dd['on-shuffled']['r>=50%']['diff'])}** where r(C) >= 50% against "
+       f"{d4(dd['on-shuffled']['r<=12.5%']['diff'])} where r(C) <= 12.5% (binned by the overlap "
+       f"with the neighbours given: {d4(dg['on-shuffled']['r>=50%']['diff'])} vs "
+       f"{d4(dg['on-shuffled']['r<=12.5%']['diff'])}); at alpha = 12.5% RETRO "
+       f"{f4(s0['results']['on']['bins']['r<=12.5%']['bpb'])} vs baseline "
+       f"{f4(s0['results']['baseline']['bins']['r<=12.5%']['bpb'])}",
+       "`make figures`"),
+      ("gain by database size (seed 0; [plot](docs/figures_dup_bpb_vs_db_fraction.png))",
+       "RETRO on " + ", ".join(f4(rows_db[f]["on"]) for f in fr) + " at "
+       + ", ".join(frac.get(f, f) for f in fr) + " of the database; shuffled "
+       + ", ".join(f4(rows_db[f]["shuffled"]) for f in fr)
+       + f"; baseline {f4(rows_db[fr[-1]]['baseline'])}",
+       "`make figures`"),
+      (f"retrofit of the frozen {fig['steps']}-step baseline (CCA and encoder only)",
+       f"after {rf['steps']} steps R = (baseline - retrofit on) / (baseline - from-scratch on) = "
+       f"**{ratio_ci(rf['recovery'])}**, and against the baseline trained {rf['steps']} steps "
+       f"longer {ci(rf['on-baseline_longer']['all'])}; after {rf3['steps']} steps R = "
+       f"{ratio_ci(rf3['recovery'])}, against the baseline trained {rf3['steps']} steps longer "
+       f"{ci(rf3['on-baseline_longer']['all'])}",
+       "`make figures`"),
+      ("the same figures on the default database (little duplication; "
+       f"{len(dflt['per_seed'])} seed)",
+       "RETRO on " + ", ".join(f4(drows[f]["on"]) for f in dfr) + " at "
+       + ", ".join(frac.get(f, f) for f in dfr) + " of the database, baseline "
+       f"{f4(drows[dfr[-1]]['baseline'])}; on - shuffled {ci(d0['differences']['on-shuffled']['all'])}"
+       f", on - same-source shuffled {ci(d0['differences']['on-shuffled_source']['all'])}",
+       "`make figures`"),
+      (f"scaling sweep, {len(sc)} sizes x {len(small['retro_on'])} database sizes, with the "
+       "controls (95% intervals)",
+       f"on - shuffled {d4(max(on_sh))} to {d4(min(on_sh))} at the {len(sc)} sizes; at d128-L2 "
+       f"on (whole database) {f4(small['retro_on']['1.0'])} vs baseline "
+       f"{f4(small['baseline'])}, **{ci(small['differences']['on-baseline']['1.0']['all'])}** "
+       "([table](docs/results.md#scaling-curves-make-scaling))",
+       "`make scaling`"),
+      ("a fact only the database holds (copy-curriculum tiny RETRO)",
+       f"{fact['retrieval on']['match_fraction']:.0%} of the next chunk reproduced with retrieval "
+       f"on, {fact['retrieval off']['match_fraction']:.0%} off, "
+       f"{fact['retrieval on, document removed']['match_fraction']:.0%} after the document's "
+       "removal",
+       "`make example`"),
+      (f"training step, reference config (d{ts['config']['d_model']}, {ts['config']['layers']} "
+       f"layers, seq {ts['config']['seq_len']}, batch {ts['config']['batch']}, fp32)",
+       f"RETRO **{ts['retro']['tokens_per_s']:,.0f} tokens/s** ({ts['retro']['mfu']:.1%} MFU), "
+       f"baseline decoder {ts['baseline']['tokens_per_s']:,.0f}",
+       "`make bench`"),
+      ("the same step on an NVIDIA H100",
+       f"RETRO {g32['retro']['tokens_per_s']:,.0f} tokens/s (fp32), "
+       f"{g16['retro']['tokens_per_s']:,.0f} (bf16)",
+       "`bash bench/gpu_check.sh`"),
+      ("ahead-of-time TPU compile, per-chip memory",
+       f"172M on {a172['topology']} {a172['per_chip_gib']:.1f} GiB; 425M "
+       f"{a425['per_chip_gib']:.1f} GiB; 1.5B on {a15['topology']} {a15['per_chip_gib']:.1f} GiB "
+       f"(2 x {a15x2['topology']}, hybrid mesh, batch {a15x2['global_batch']}: "
+       f"{a15x2['per_chip_gib']:.1f} GiB, {a15x2['xla_tflops_per_step']:,.0f} XLA TFLOP/step); "
+       f"7.5B on {a75['topology']} {a75['per_chip_gib']:.1f} GiB (2 x {a75x8['topology']} at "
+       f"batch {a75x8['global_batch']:,}: by {a75x8['grad_accum_steps']} micro-batches "
+       f"**{a75x8['per_chip_gib']:.1f} GiB, {fits(a75x8)}**, "
+       f"{a75x8['xla_tflops_per_step']:,.0f} XLA TFLOP/step; by {a75x4['grad_accum_steps']}, "
+       f"{a75x4['per_chip_gib']:.1f} GiB, {fits(a75x4)})",
+       "`make aot`"),
+      ("MiniLM embedding throughput (bf16)",
+       f"{emb['chunks_per_s']:.1f} chunks/s, min cosine to fp32 {emb['min_cosine_to_fp32']:.5f}",
+       "`make bench-embed`"),
+      (f"ANN search, {ann['database_size']:,} chunks, loaded machine",
+       f"faiss fast-scan {best['faiss']['qps']:,.0f} QPS at recall@10 "
+       f"{best['faiss']['recall_at_10']:.3f}; ScaNN {best['scann']['qps']:,.0f} at "
+       f"{best['scann']['recall_at_10']:.3f}",
+       "`make bench-ann`"),
+      ("the global index vs the per-shard faiss index, default store, end to end "
+       f"(`Retriever.search` with the same-document exclusion, {gid['num_queries']:,} stored "
+       f"chunks, {gid['threads']} threads, loaded machine)",
+       f"global **{g48['qps']:,.0f} QPS at recall@10 {g48['recall@10']:.3f}**, "
+       f"{g48['qps_vs_today']:.2f}x the per-shard index's {today['qps']:,.0f} (at "
+       f"{today['recall@10']:.3f}); end to end {g48['e2e_vs_raw_qps']:.2f}x of its raw index "
+       f"call; {gid['global_index']['ram_bytes_per_vector']:.1f} B per vector in RAM",
+       "`make bench-index`"),
+      ("the global index from 200k to 10M vectors, real embeddings then noisy copies "
+       "([plot](docs/global_index_scaling.png))",
+       "RAM per vector " + ", ".join(f"{s['ram_bytes_per_vector']:.1f}" for s in gis["sizes"])
+       + " B at " + ", ".join(f"{s['num_vectors']:,}" for s in gis["sizes"])
+       + f" vectors; best QPS at recall@10 >= 0.9 falls {gis['qps_ratio_smallest_to_largest']:.2f}x "
+       f"({gis['sizes'][0]['best_at_recall_0.9']['qps']:,.0f} -> "
+       f"{gis['sizes'][-1]['best_at_recall_0.9']['qps']:,.0f})",
+       "`make bench-index`"),
+      ("generation with the KV cache",
+       f"{gen['cached']['tokens_per_s']:.1f} tokens/s for {gen['new_tokens']} new tokens, "
+       f"{gen['speedup']:.1f}x a full recompute",
+       "`make bench-generate`"),
+      (f"retrieval service, {svc['num_shards']} shard processes",
+       f"p50 {one['p50']:.2f} ms, p99 {one['p99']:.2f} ms; a killed shard: "
+       f"{svc['kill']['all']['unavailable_errors']:,} errors, {svc['kill']['all']['wrong']} "
+       "wrong answers",
+       "`make bench-service`"),
+  ]
+  out = ["| what | result | command |", "|---|---|---|"]
+  out += [f"| {w} | {r} | {c} |" for w, r, c in rows]
+  return "\n".join(out)
+
+
+def demo_dup() -> str:
+  """docs/results.md: the fresh-clone `make demo` tables (bpb, then differences with intervals)."""
+  demo = load("make_demo_fresh.json")["demo"]
+  t, diffs = demo["table"], demo["differences"]
+  hi = t["baseline"]["bins"]["r>=50%"]["chunks"]
+  lo = t["baseline"]["chunks_alpha_12.5"]
+  neighbours = {"baseline": "off", "RETRO[OFF]": "off", "RETRO[SHUFFLED]": "shuffled",
+                "RETRO[ON]": "on"}
+  out = [f"| model | neighbours | bpb, all chunks | bpb, alpha = 12.5% ({lo:,} chunks) | bpb, "
+         f"overlap >= 50% ({hi:,} chunks) |", "|---|---|---|---|---|"]
+  for m, n in neighbours.items():
+    out.append(f"| {m} | {n} | {f4(t[m]['bpb'])} | {f4(t[m]['bpb_alpha_12.5'])} | "
+               f"{f4(t[m]['bins']['r>=50%']['bpb'])} |")
+  out += ["", "| difference (bpb, 95% interval) | all chunks | alpha <= 12.5% | overlap >= 50% |",
+          "|---|---|---|---|"]
+  for name, d in diffs.items():
+    out.append(f"| {name} | {ci(d['all'])} | {ci(d['r<=12.5%'])} | {ci(d['r>=50%'])} |")
+  return "\n".join(out)
+
+
+def db_build_stages() -> str:
+  """docs/benchmarks.md: the database stages' seconds inside the fresh-clone `make demo`."""
+  fresh = load("make_demo_fresh.json")
+  st = fresh["db_stages_seconds"]
+  order = ["tokenizer", "chunks", "embeddings", "index", "neighbours"]
+  out = ["| stage | seconds |", "|---|---|"]
+  out += [f"| {s} | {st[s]:.1f} |" for s in order if s in st]
+  out.append(f"| **total** | **{sum(st.values()):.1f}** |")
+  return "\n".join(out)
+
+
+def readme_demo_time() -> str:
+  """README.md: how long `make demo` takes from a fresh clone."""
+  fresh = load("make_demo_fresh.json")
+  return (f"`make demo` takes {fresh['wall_seconds'] / 60:.1f} min from a fresh clone on a "
+          f"{fresh['cores']}-core CPU machine ({fresh['start_utc'][:10]}; "
+          "`python -m bench.fresh_demo` writes `bench/results/make_demo_fresh.json`).")
+
+
+# NAME -> (function, the results files it reads).
+BLOCKS = {
+    "readme_results": (readme_results, [
+        "make_demo_fresh.json", "figures_dup.json", "figures_default.json", "scaling_tiny.json",
+        "fact_recall.json", "train_step.json", "gpu/reference_fp32.json",
+        "gpu/reference_bf16.json", "aot_compile.jsonl", "embed_throughput.json",
+        "ann_recall.json", "global_index_default.json", "global_index_scaling.json",
+        "generate_speed.json", "service_latency.json"]),
+    "readme_demo_time": (readme_demo_time, ["make_demo_fresh.json"]),
+    "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
+    "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
+}
+
+
+def markdown_files() -> list[str]:
+  return ["README.md"] + sorted(glob.glob("docs/*.md"))
+
+
+def rewrite_blocks(text: str) -> str:
+  """`text` with every generated block written again."""
+  lines, out, i = text.split("\n"), [], 0
+  while i < len(lines):
+    out.append(lines[i])
+    m = BEGIN.match(lines[i])
+    i += 1
+    if not m:
+      continue
+    name = m.group(1)
+    if name not in BLOCKS:
+      raise ValueError(f"unknown generated block {name!r}")
+    end = lines.index(END.format(name), i)
+    out += BLOCKS[name][0]().split("\n") + [lines[end]]
+    i = end + 1
+  return "\n".join(out)
+
+
+def page_text(doc: str) -> str:
+  """The generated page `doc` as its benchmark writes it from the committed results file."""
+  module, fn, results = PAGES[doc]
+  code = (f"import json, sys, {module} as m\n"
+          f"sys.stdout.write(m.{fn}(json.load(open({os.path.join(RESULTS, results)!r}))))")
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+
+
+def regenerate(check: bool) -> list[str]:
+  """Writes (or with `check`, only compares) every generated block and page; returns the files
+  that differ(ed)."""
+  changed = []
+  new = {f: rewrite_blocks(open(f).read()) for f in markdown_files()}
+  new.update({doc: page_text(doc) for doc in PAGES})
+  for f, text in new.items():
+    with open(f) as fh:
+      if fh.read() == text:
+        continue
+    changed.append(f)
+    if not check:
+      with open(f, "w") as fh:
+        fh.write(text)
+  return changed
+
+
+# Checks (tests/test_results_sources.py).
+
+SOURCES = re.compile(r"^<!-- sources: (.+) -->$")
+# A number in a table cell: not part of a word, a path, a version or a shape (d512, v5e:4x4, L2).
+NUMBER = re.compile(r"(?<![\w.:/^-])([-+]?\d[\d,]*(?:\.\d+)?)(?![\w:/^]|\.\d)")
+# How a results value may be shown: as is, as a percentage, in thousands or millions, a
+# duration in minutes or hours, bytes in GiB or GB.
+SCALES = (1, 100, 1e-3, 1e-6, 1 / 60, 1 / 3600, 1 / 2**30, 1e-9)
+
+
+def numbers(x):
+  """Every number in a parsed results file (and in its strings)."""
+  if isinstance(x, bool):
+    return
+  if isinstance(x, (int, float)):
+    yield float(x)
+  elif isinstance(x, dict):
+    for k, v in x.items():
+      yield from numbers(k)
+      yield from numbers(v)
+  elif isinstance(x, list):
+    for v in x:
+      yield from numbers(v)
+  elif isinstance(x, str):
+    for m in re.findall(r"-?\d+(?:\.\d+)?", x.replace(",", "")):
+      yield float(m)
+
+
+def shown(value: float, text: str) -> bool:
+  """Whether `text` (a number as a table shows it) is `value` at some SCALES, to its digits."""
+  s = text.replace(",", "").lstrip("+")
+  digits = len(s.split(".")[1]) if "." in s else 0
+  tol = 0.5 * 10**-digits * (1 + 1e-9)
+  x = abs(float(s))
+  return any(abs(abs(value) * k - x) <= tol for k in SCALES)
+
+
+def table_numbers(line: str) -> list[str]:
+  """The numbers of a table row, leaving out code spans and link targets."""
+  line = re.sub(r"`[^`]*`", "", line)
+  line = re.sub(r"\]\([^)]*\)", "]", line)
+  return NUMBER.findall(line)
+
+
+def tables(path: str):
+  """(first line number, rows, the sources comment above or None) of each table in `path`
+  outside generated blocks."""
+  lines = open(path).read().split("\n")
+  i, block = 0, None
+  while i < len(lines):
+    m = BEGIN.match(lines[i])
+    if m:
+      block = m.group(1)
+    elif block and lines[i] == END.format(block):
+      block = None
+    elif not block and lines[i].startswith("|"):
+      j = i
+      while j < len(lines) and lines[j].startswith("|"):
+        j += 1
+      k = i - 1
+      while k >= 0 and not lines[k].strip():
+        k -= 1
+      src = SOURCES.match(lines[k]) if k >= 0 else None
+      yield i + 1, lines[i:j], src.group(1).split() if src else None
+      i = j
+      continue
+    i += 1
+
+
+def unsourced_numbers() -> list[str]:
+  """`file:line: number` for each number in a README/docs table outside generated blocks and
+  pages that no results file named in the table's sources comment holds."""
+  problems = []
+  for path in markdown_files():
+    if path in PAGES:
+      continue
+    for first, rows, sources in tables(path):
+      nums = [(first + r, n) for r, row in enumerate(rows) if not re.fullmatch(r"[|:\- ]+", row)
+              for n in table_numbers(row)]
+      if not nums:
+        continue
+      if sources is None:
+        problems.append(f"{path}:{first}: a table with numbers and no `<!-- sources: ... -->`")
+        continue
+      values = []
+      for src in sources:
+        if not os.path.exists(src):
+          problems.append(f"{path}:{first}: sources names {src}, which does not exist")
+          continue
+        with open(src) as f:
+          txt = f.read()
+        recs = ([json.loads(x) for x in txt.splitlines() if x.strip()] if src.endswith(".jsonl")
+                else [json.loads(txt)])
+        values += sorted({v for r in recs for v in numbers(r)})
+      problems += [f"{path}:{line}: {n} is in none of {', '.join(sources)}"
+                   for line, n in nums if not any(shown(v, n) for v in values)]
+  return problems
+
+
+DATE_KEYS = ("date", "date_utc", "start_utc", "measured_at_utc")
+
+
+def provenance(record: dict) -> dict:
+  """{command, commit, date} a results record names (its `provenance`, else top-level keys)."""
+  p = dict(record.get("provenance") or {})
+  p.setdefault("command", record.get("command"))
+  p.setdefault("commit", record.get("commit"))
+  p.setdefault("date", next((record[k] for k in DATE_KEYS if record.get(k)), None))
+  return p
+
+
+def command_source(command: str) -> str | None:
+  """The repository file that `command` runs (`python -m MODULE`, `bash PATH`), or None."""
+  m = re.search(r"python3? -m ([\w.]+)", command)
+  if m:
+    base = m.group(1).replace(".", "/")
+    for cand in (base + ".py", base + "/__main__.py"):
+      if os.path.exists(cand):
+        return cand
+    return None
+  m = re.search(r"bash (\S+\.sh)", command)
+  return m.group(1) if m and os.path.exists(m.group(1)) else None
+
+
+def unproduced_results() -> list[str]:
+  """Each results file that names no command, commit or date, or whose command runs no file of
+  the repository, or runs one that does not write it."""
+  problems = []
+  for path in sorted(glob.glob(os.path.join(RESULTS, "**", "*.json*"), recursive=True)):
+    name = os.path.relpath(path, RESULTS)
+    recs = load(name)
+    for r in (recs if isinstance(recs, list) else [recs]):
+      p = provenance(r)
+      missing = [k for k in ("command", "commit", "date") if not p.get(k)]
+      if missing:
+        problems.append(f"{path}: names no {', '.join(missing)}")
+        continue
+      src = command_source(p["command"])
+      if src is None:
+        problems.append(f"{path}: its command runs no file of the repository: {p['command']}")
+        continue
+      stem = os.path.splitext(os.path.basename(path))[0]
+      with open(src) as f:
+        writes = os.path.basename(path) in f.read() or stem in p["command"]
+      if not writes:
+        problems.append(f"{path}: {src} (its command) does not write it")
+  return problems
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file differs")
+  args = p.parse_args()
+  changed = regenerate(args.check)
+  for f in changed:
+    print(("differs: " if args.check else "rewrote: ") + f)
+  if args.check and changed:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main()
