@@ -36,6 +36,10 @@ PAGES = {
     "docs/open_reads.md": ("bench.open_reads", "page", "open_reads.json"),
 }
 
+# docs pages that a benchmark writes in the same run as its results (it needs a database, so
+# they are not written again here): checked against that results file.
+BENCH_PAGES = {"docs/cost_model_28b.md": "bench/results/cost_model_28b.json"}
+
 
 @functools.cache
 def load(name: str):
@@ -277,6 +281,26 @@ def readme_demo_time() -> str:
           "`python -m bench.fresh_demo` writes `bench/results/make_demo_fresh.json`).")
 
 
+def param_counts() -> str:
+  """docs/design.md: non-embedding parameter counts of the paper's sizes against Table 2."""
+  sizes = load("param_counts.json")["sizes"]
+  names = {"172m": "172M", "425m": "425M", "1.5b": "1.5B", "7.5b": "7.5B"}
+
+  def cca(layers):
+    return ", ".join(map(str, layers)) if len(layers) <= 3 else f"{layers[0]}, {layers[1]}, ..., {layers[-1]}"
+
+  out = ["| size | d_model | layers | CCA layers (Table 10) | baseline | Table 2 | diff | RETRO | "
+         "Table 2 | diff | RETRO incl. embeddings |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for k, c in sizes.items():
+    out.append(
+        f"| {names.get(k, k)} | {c['d_model']} | {c['layers']} | {cca(c['cca_layers'])} | "
+        f"{c['baseline'] / 1e6:,.1f}M | {c['table2_baseline'] / 1e6:,.0f}M | "
+        f"{c['baseline'] / c['table2_baseline'] - 1:+.1%} | {c['retro'] / 1e6:,.1f}M | "
+        f"{c['table2_retro'] / 1e6:,.0f}M | {c['retro'] / c['table2_retro'] - 1:+.1%} | "
+        f"{c['retro_with_embeddings'] / 1e6:,.0f}M |")
+  return "\n".join(out)
+
+
 # NAME -> (function, the results files it reads).
 BLOCKS = {
     "readme_results": (readme_results, [
@@ -286,6 +310,7 @@ BLOCKS = {
         "ann_recall.json", "global_index_default.json", "global_index_scaling.json",
         "generate_speed.json", "service_latency.json"]),
     "readme_demo_time": (readme_demo_time, ["make_demo_fresh.json"]),
+    "param_counts": (param_counts, ["param_counts.json"]),
     "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
 }
@@ -344,9 +369,9 @@ def regenerate(check: bool) -> list[str]:
 SOURCES = re.compile(r"^<!-- sources: (.+) -->$")
 # A number in a table cell: not part of a word, a path, a version or a shape (d512, v5e:4x4, L2).
 NUMBER = re.compile(r"(?<![\w.:/^-])([-+]?\d[\d,]*(?:\.\d+)?)(?![\w:/^]|\.\d)")
-# How a results value may be shown: as is, as a percentage, in thousands or millions, a
+# How a results value may be shown: as is, as a percentage, seconds in ms, in thousands or millions, a
 # duration in minutes or hours, bytes in GiB or GB.
-SCALES = (1, 100, 1e-3, 1e-6, 1 / 60, 1 / 3600, 1 / 2**30, 1e-9)
+SCALES = (1, 100, 1e3, 1e-3, 1e-6, 1 / 60, 1 / 3600, 1 / 2**30, 1e-9)
 
 
 def numbers(x):
@@ -410,7 +435,9 @@ def tables(path: str):
 
 def unsourced_numbers() -> list[str]:
   """`file:line: number` for each number in a README/docs table outside generated blocks and
-  pages that no results file named in the table's sources comment holds."""
+  pages that no results file named in the table's sources comment holds. A comment
+  `<!-- sources: none: REASON -->` marks a table of the code's layout or settings (no
+  measurement)."""
   problems = []
   for path in markdown_files():
     if path in PAGES:
@@ -420,6 +447,10 @@ def unsourced_numbers() -> list[str]:
               for n in table_numbers(row)]
       if not nums:
         continue
+      if path in BENCH_PAGES:
+        sources = [BENCH_PAGES[path]]
+      if sources and sources[0] == "none:" and len(sources) > 1:
+        continue  # a table of the code's settings or layout, with its reason
       if sources is None:
         problems.append(f"{path}:{first}: a table with numbers and no `<!-- sources: ... -->`")
         continue
