@@ -30,6 +30,7 @@ import corpus_path  # noqa: E402
 import gcs_emulator  # noqa: E402
 
 from retro_jax.db import build as build_lib  # noqa: E402
+from bench.common import run_provenance  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 1, "builds of each kind (alternating local, gs://)")
@@ -67,6 +68,7 @@ def main(argv):
                         "load_average_1m": os.getloadavg()[0]},
             "note": "gs:// is a local fake-gcs-server (no network latency); one process, "
                     "local and gs:// builds alternating; a shared, loaded machine"}
+  result["provenance"] = run_provenance("bench.gcs_build")
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=1)
   print(json.dumps({"median": med, "gs_over_local": ratio}, indent=1))
