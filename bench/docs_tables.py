@@ -24,6 +24,8 @@ import re
 import subprocess
 import sys
 
+from retro_jax.evaluation import figures, scaling
+
 RESULTS = "bench/results"
 BEGIN = re.compile(r"^<!-- generated: (\S+) \(python -m bench\.docs_tables\) -->$")
 END = "<!-- end generated: {} -->"
@@ -301,6 +303,16 @@ def param_counts() -> str:
   return "\n".join(out)
 
 
+def figures_tables(name: str) -> str:
+  """docs/results.md: a `make figures` run's tables, as `retro_jax.figures` writes its figures.md."""
+  return figures.table(load(name)).rstrip("\n")
+
+
+def scaling_tables() -> str:
+  """docs/results.md: the scaling sweep's tables, as `retro_jax.scaling` writes its scaling.md."""
+  return scaling.table(load("scaling_tiny.json")).rstrip("\n")
+
+
 # NAME -> (function, the results files it reads).
 BLOCKS = {
     "readme_results": (readme_results, [
@@ -311,6 +323,10 @@ BLOCKS = {
         "generate_speed.json", "service_latency.json"]),
     "readme_demo_time": (readme_demo_time, ["make_demo_fresh.json"]),
     "param_counts": (param_counts, ["param_counts.json"]),
+    "figures_dup": (functools.partial(figures_tables, "figures_dup.json"), ["figures_dup.json"]),
+    "figures_default": (functools.partial(figures_tables, "figures_default.json"),
+                        ["figures_default.json"]),
+    "scaling_tiny": (scaling_tables, ["scaling_tiny.json"]),
     "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
 }
