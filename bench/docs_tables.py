@@ -313,6 +313,113 @@ def scaling_tables() -> str:
   return scaling.table(load("scaling_tiny.json")).rstrip("\n")
 
 
+def train_step_table() -> str:
+  """docs/benchmarks.md: the CPU training step, relative and rotary positions."""
+  rel, rope = load("train_step.json"), load("train_step_rope.json")
+  out = [f"| model (decoder self-attention positions) | s/step (median of "
+         f"{len(rel['retro']['step_s_all'])}) | tokens/s | GFLOP/step (analytic / XLA) | GFLOP/s | "
+         "MFU |", "|---|---|---|---|---|---|"]
+  for res, pos in ((rel, "relative"), (rope, "rotary")):
+    for model in ("retro", "baseline"):
+      r = res[model]
+      name = ("RETRO" if model == "retro" else "baseline decoder") + (
+          " (relative, the paper's)" if (pos, model) == ("relative", "retro") else
+          " (rotary, `--positions=rope`)" if (pos, model) == ("rotary", "retro") else f" ({pos})")
+      tps = f"{r['tokens_per_s']:,.0f}"
+      out.append(f"| {name} | {r['step_s_median']:.2f} | "
+                 + (f"**{tps}**" if (pos, model) == ("relative", "retro") else tps)
+                 + f" | {r['analytic_gflop_per_step']:,.0f} / {r['xla_gflop_per_step']:,.0f} | "
+                 f"{r['achieved_gflops']:,.0f} | {r['mfu']:.1%} |")
+  return "\n".join(out)
+
+
+def gpu_table() -> str:
+  """docs/benchmarks.md: the same step on an H100, float32 and bfloat16."""
+  f32, b16 = load("gpu/reference_fp32.json"), load("gpu/reference_bf16.json")
+
+  def cell(r, unit):
+    return f"{r['step_s_median'] * 1e3:.1f} {unit} = {r['tokens_per_s']:,.0f} tokens/s"
+
+  return "\n".join([
+      "| model | float32 | bfloat16 |", "|---|---|---|",
+      f"| RETRO | {cell(f32['retro'], 'ms/step')} | {cell(b16['retro'], 'ms')} |",
+      f"| baseline decoder | {cell(f32['baseline'], 'ms')} | {cell(b16['baseline'], 'ms')} |",
+      f"| retrieval's cost over the plain decoder | {f32['retrieval_overhead']:+.1%} | "
+      f"{b16['retrieval_overhead']:+.1%} |"])
+
+
+def embed_table() -> str:
+  """docs/benchmarks.md: MiniLM chunks/s by rows per call and dtype."""
+  res = load("embed_throughput.json")["results"]
+  sizes = sorted({int(k.split("_bs")[1].split("_")[0]) for k in res})
+  best = max(res.values(), key=lambda r: r["chunks_per_s"])["chunks_per_s"]
+  out = ["| rows per call | bfloat16 | float32 |", "|---|---|---|"]
+  for n in sizes:
+    cells = []
+    for dt in ("bfloat16", "float32"):
+      v = res[f"{dt}_bs{n}_bucketed"]["chunks_per_s"]
+      cells.append(f"**{v:.1f}**" if v == best else f"{v:.1f}")
+    out.append(f"| {n} | {' | '.join(cells)} |")
+  return "\n".join(out)
+
+
+def generate_table() -> str:
+  """docs/benchmarks.md: generation tokens/s, KV cache against full recompute."""
+  out = ["| new tokens | KV cache, tokens/s | full recompute, tokens/s | speed-up |",
+         "|---|---|---|---|"]
+  for r in load("generate_speed.json")["rows"]:
+    full = r["full_recompute"]
+    f = f"{full['tokens_per_s']:.1f}" + ("" if full.get("measured") else " (modelled)")
+    out.append(f"| {r['new_tokens']} | {r['cached']['tokens_per_s']:.1f} | {f} | "
+               f"{r['speedup']:.1f}x |")
+  return "\n".join(out)
+
+
+def service_table() -> str:
+  """docs/benchmarks.md: the retrieval service's latency, throughput and a killed shard."""
+  runs = load("service_latency.json")["runs"]
+
+  def lat(r, name):
+    m = r[name]
+    return (f"{m['latency_ms']['p50']:.2f} / {m['latency_ms']['p99']:.2f} ms "
+            f"({m['queries_per_s']:,.0f} QPS)")
+
+  def kill(r):
+    k = r["kill"]
+    return (f"{k['before_kill']['ok']:,} correct answers before, every one of the "
+            f"{k['started_after_kill']['requests']:,} requests started after it failed "
+            f"(first {k['seconds_from_kill_to_first_error'] * 1e3:.0f} ms after), "
+            f"{k['before_kill']['wrong'] + k['started_after_kill']['wrong']} wrong"
+            if k["started_after_kill"]["ok"] == 0 else
+            f"{k['before_kill']['ok']:,} correct answers before, "
+            f"{k['started_after_kill']['ok']:,} after, "
+            f"{k['before_kill']['wrong'] + k['started_after_kill']['wrong']} wrong")
+
+  one, many, batched = (runs[0][n] for n in ("single_one_in_flight", "single", "batched"))
+  head = " | ".join(f"{r['num_shards']} shard processes" for r in runs)
+  out = [f"| | {head} |", "|---|" + "---|" * len(runs),
+         f"| 1 query/request, {one['concurrency']} in flight: p50 / p99 | "
+         + " | ".join(lat(r, "single_one_in_flight") for r in runs) + " |",
+         f"| 1 query/request, {many['concurrency']} in flight: p50 / p99 | "
+         + " | ".join(lat(r, "single") for r in runs) + " |",
+         f"| {batched['queries_per_request']} queries/request, {batched['concurrency']} in "
+         "flight | " + " | ".join(f"{r['batched']['queries_per_s']:,.0f} queries/s" for r in runs)
+         + " |",
+         "| a shard SIGKILLed mid-load | " + " | ".join(kill(r) for r in runs) + " |"]
+  return "\n".join(out)
+
+
+def verify_table() -> str:
+  """docs/benchmarks.md: what verifying on read costs per GB."""
+  v = load("verify_on_read.json")
+  return "\n".join([
+      "| check | seconds per GB |", "|---|---|",
+      f"| plain sequential read (the floor) | {v['read_seconds_per_gb']:.2f} |",
+      f"| sha256 of the file (`verify.file_once`) | {v['sha256_seconds_per_gb']:.2f} "
+      f"({v['sha256_gb_per_second']:.2f} GB/s) |",
+      f"| id range check (tokens, neighbours) | {v['range_check_seconds_per_gb']:.2f} |"])
+
+
 # NAME -> (function, the results files it reads).
 BLOCKS = {
     "readme_results": (readme_results, [
@@ -327,6 +434,12 @@ BLOCKS = {
     "figures_default": (functools.partial(figures_tables, "figures_default.json"),
                         ["figures_default.json"]),
     "scaling_tiny": (scaling_tables, ["scaling_tiny.json"]),
+    "train_step": (train_step_table, ["train_step.json", "train_step_rope.json"]),
+    "gpu_step": (gpu_table, ["gpu/reference_fp32.json", "gpu/reference_bf16.json"]),
+    "embed_throughput": (embed_table, ["embed_throughput.json"]),
+    "generate_speed": (generate_table, ["generate_speed.json"]),
+    "service_latency": (service_table, ["service_latency.json"]),
+    "verify_on_read": (verify_table, ["verify_on_read.json"]),
     "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
 }
