@@ -67,6 +67,11 @@ def ci(d: dict, digits: int = 4) -> str:
   return f"{d['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
+def bold_ci(d: dict) -> str:
+  """ci(d), in bold where the interval excludes zero."""
+  return f"**{ci(d)}**" if d["excludes_zero"] else ci(d)
+
+
 def ratio_ci(d: dict) -> str:
   lo, hi = d["ci95"]
   return f"{d['ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -420,6 +425,59 @@ def verify_table() -> str:
       f"| id range check (tokens, neighbours) | {v['range_check_seconds_per_gb']:.2f} |"])
 
 
+def aot_table() -> str:
+  """docs/benchmarks.md: the ahead-of-time TPU compiles, one row per aot_compile run."""
+  out = ["| size | slice (chips) | batch/chip (global) | self-attention | per-chip memory | HBM | "
+         "XLA TFLOP/step | compile |", "|---|---|---|---|---|---|---|---|"]
+  for r in load("aot_compile.jsonl"):
+    slices, accum = r.get("num_slices") or 1, r.get("grad_accum_steps") or 1
+    mesh = r["mesh"]
+    if slices == 1:
+      where = f"{r['topology']} ({r['chips']})"
+    else:
+      where = (f"{slices} x {r['topology']} ({r['chips']}), mesh data={mesh['data']}"
+               + (" (one per slice)" if accum == 1 else "") + f", fsdp={mesh['fsdp']}"
+               + (f"; {accum} micro-batches" if accum > 1 else ""))
+    batch = (f"{r['per_chip_batch']} x {accum} ({r['global_batch']:,})" if accum > 1
+             else f"{r['per_chip_batch']} ({r['global_batch']:,})")
+    attn = f"blocks of {r['q_block']}" if r["q_block"] else "whole"
+    mem = f"{r['per_chip_gib']:.1f} GiB"
+    if r["per_chip_gib"] > r["hbm_gib"]:
+      mem += " (does not fit)"
+    elif accum > 1:
+      mem = f"**{mem}** (fits)"
+    out.append(f"| {r['size'].upper()} | {where} | {batch} | {attn} | {mem} | {r['hbm_gib']} GiB | "
+               f"{r['xla_tflops_per_step']:,.0f} | {r['compile_s']:.0f} s |")
+  return "\n".join(out)
+
+
+def eval_retrievers_table() -> str:
+  """docs/results.md: evaluation through the exact search, the index and the service."""
+  e = load("eval_retrievers.json")
+  res = e["results"]
+  label = {"exact": "`exact`", "index": "`index` (in-process faiss)",
+           "service": f"`service` ({len(e.get('service_shards') or [])} gRPC shard processes)"}
+  n = next(iter(res.values()))["num_chunks"]
+  out = ["| retriever | bpb, retrieval on | alpha = 12.5% | recall@10 against exact | neighbour "
+         f"search, {n:,} chunks |", "|---|---|---|---|---|"]
+  for k, r in res.items():
+    out.append(f"| {label.get(k, k)} | {r['bpb']:.5f} | {r['bpb_alpha_12.5']:.4f} | "
+               f"{round(r['recall@10_vs_exact'], 3)} | {r['neighbour_search_seconds']:.1f} s |")
+  return "\n".join(out)
+
+
+def gap_trend_table() -> str:
+  """docs/results.md: RETRO and its baseline at each checkpoint of one schedule."""
+  out = ["| step | training tokens | baseline | RETRO on | RETRO shuffled | on - baseline | "
+         "on - shuffled |", "|---|---|---|---|---|---|---|"]
+  for r in load("retro_gap_trend.json")["rows"]:
+    b, d = r["bpb"], r["differences"]
+    out.append(f"| {r['step']} | {r['train_tokens']:,} | {f4(b['baseline'])} | {f4(b['on'])} | "
+               f"{f4(b['shuffled'])} | {bold_ci(d['on-baseline']['all'])} | "
+               f"{bold_ci(d['on-shuffled']['all'])} |")
+  return "\n".join(out)
+
+
 # NAME -> (function, the results files it reads).
 BLOCKS = {
     "readme_results": (readme_results, [
@@ -440,6 +498,9 @@ BLOCKS = {
     "generate_speed": (generate_table, ["generate_speed.json"]),
     "service_latency": (service_table, ["service_latency.json"]),
     "verify_on_read": (verify_table, ["verify_on_read.json"]),
+    "aot_compile": (aot_table, ["aot_compile.jsonl"]),
+    "eval_retrievers": (eval_retrievers_table, ["eval_retrievers.json"]),
+    "gap_trend": (gap_trend_table, ["retro_gap_trend.json"]),
     "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
 }
