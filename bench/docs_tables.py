@@ -478,6 +478,79 @@ def gap_trend_table() -> str:
   return "\n".join(out)
 
 
+def gap_fit_table() -> str:
+  """docs/results.md: the fits of the on - baseline gap against log10(training tokens)."""
+  g = load("retro_gap_trend.json")
+  longest = max(r["train_tokens"] for r in g["rows"])
+  steps = [r["step"] for r in g["rows"]]
+  sched = f"{g['total_steps']['retro']}-step schedule"
+
+  def crossing(f, where: bool) -> str:
+    x = f["crossing_tokens"]
+    mantissa, exp = f"{x:.1e}".split("e")
+    note = (" (inside the measured range)" if x <= longest
+            else f" ({x / longest:.1f}x the longest run)")
+    return f"{mantissa}e{int(exp)}" + (note if where else "")
+
+  def row(label: str, f: dict, where: bool = True) -> str:
+    a = d4(f["a"]) if f["a"] > 0 else f4(f["a"])
+    return (f"| {label} | {a} | {d4(f['b'])} | {crossing(f, where)} | "
+            f"{f['direction'].replace(' after the crossing', '')} |")
+
+  out = ["| points | a | b (per decade) | crossing (tokens) | after the crossing |",
+         "|---|---|---|---|---|",
+         row(f"{sched}, steps {steps[0]}-{steps[-1]}", g["fit"]),
+         row(f"{sched}, steps {steps[1]}-{steps[-1]}", g["fit_without_first"])]
+  if "fit_combined" in g:
+    pts = g["fit_combined"]["points"]
+    demo = [p for p in pts if p["schedule"] != pts[0]["schedule"]]
+    out.append(row(f"both schedules: steps {steps[0]}-{steps[-1]} above + the demo's "
+                   + "/".join(str(p["step"]) for p in demo)
+                   + f" (read from `--fit_with`, a file since removed; {len(pts)} points)",
+                   g["fit_combined"], where=False))
+  return "\n".join(out)
+
+
+def beam_transforms_table() -> str:
+  """docs/beam.md: the index and neighbours stages before and as Beam transforms."""
+  t = load("beam_index_neighbours.json")["timed"]
+  best, ratio = t["best_seconds"], t["beam_over_old"]
+  runs = len(t["seconds"]["old"])
+  out = [f"| best of {runs} (s) | before | transforms | ratio |", "|---|---|---|---|"]
+  for key, label in (("index", "index stage"), ("neighbours", "neighbours stage"),
+                     ("wall", "whole command")):
+    out.append(f"| {label} | {best['old'][key]:.2f} | {best['beam'][key]:.2f} | "
+               f"{ratio[key]:.2f} |")
+  return "\n".join(out)
+
+
+def global_index_table() -> str:
+  """docs/benchmarks.md: the global index beside the per-shard index, end to end."""
+  g = load("global_index_default.json")
+  res, today, gi = g["results"], g["today"], g["global_index"]
+  t, traw = res["today per-shard faiss (end to end)"], res["today per-shard faiss (raw index calls)"]
+  out = ["| index | recall@10 | QPS end to end | raw index call QPS | end to end / raw |",
+         "|---|---|---|---|---|",
+         f"| today: per-shard faiss `{today['factory'].replace('{pq}', '192').replace('{nlist}', '{n}')}`"
+         f" x {today['index_shards']} shards, nprobe {today['nprobe']}, k_factor "
+         f"{today['k_factor']} | {t['recall@10']:.3f} | {t['qps']:,.0f} | {traw['qps']:,.0f} | "
+         f"{t['qps'] / traw['qps']:.2f} |"]
+  probes = sorted(int(k.split("nprobe=")[1].split()[0]) for k in res if k.endswith("(end to end)")
+                  and k.startswith("global"))
+  for i, n in enumerate(probes):
+    e, raw = res[f"global nprobe={n} (end to end)"], res[f"global nprobe={n} (raw index call)"]
+    default = n == gi["config"]["nprobe"]
+    label = (f"global `{gi['factory']}` + int8 rerank {gi['config']['rerank']}, nprobe {n}"
+             if i == 0 else f"global, nprobe {n}") + (" (default)" if default else "")
+    cells = [label, f"{e['recall@10']:.3f}", f"{e['qps']:,.0f}" + (
+        f" ({e['qps_vs_today']:.2f}x today)" if default else ""), f"{raw['qps']:,.0f}",
+        f"{e['e2e_vs_raw_qps']:.2f}"]
+    if default:
+      cells = [f"**{c}**" if j in (0, 1, 2, 4) else c for j, c in enumerate(cells)]
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 # NAME -> (function, the results files it reads).
 BLOCKS = {
     "readme_results": (readme_results, [
@@ -501,6 +574,9 @@ BLOCKS = {
     "aot_compile": (aot_table, ["aot_compile.jsonl"]),
     "eval_retrievers": (eval_retrievers_table, ["eval_retrievers.json"]),
     "gap_trend": (gap_trend_table, ["retro_gap_trend.json"]),
+    "gap_fit": (gap_fit_table, ["retro_gap_trend.json"]),
+    "beam_transforms": (beam_transforms_table, ["beam_index_neighbours.json"]),
+    "global_index_default": (global_index_table, ["global_index_default.json"]),
     "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
 }
