@@ -551,6 +551,45 @@ def global_index_table() -> str:
   return "\n".join(out)
 
 
+def copy_alignment_table() -> str:
+  """docs/results.md: bpb split by whether the first neighbour is the other kernel version."""
+  bpb = load("dup_copy_alignment.json")["bpb"]
+  label = {"paper": "paper's neighbours (the demo)", "shift64": "shifted by 0..64 tokens"}
+  out = ["| model | on, all | off, all | shuffled, all | baseline | on, alpha <= 12.5% | "
+         "baseline, alpha <= 12.5% | on, r >= 50% twin | on, r >= 50% other |",
+         "|---|---|---|---|---|---|---|---|---|"]
+  for name, b in bpb.items():
+    cells = [b["all"]["on"], b["all"]["off"], b["all"]["shuffled"], b["all"]["baseline"],
+             b["r<=12.5%"]["on"], b["r<=12.5%"]["baseline"], b["r>=50%, twin"]["on"],
+             b["r>=50%, other"]["on"]]
+    out.append(f"| {label.get(name, name)} | " + " | ".join(f4(c) for c in cells) + " |")
+  return "\n".join(out)
+
+
+def service_abuse_table() -> str:
+  """docs/benchmarks.md: normal requests with and without abusive ones mixed in."""
+  a = load("service_abuse.json")
+  ph = a["phases"]
+  names = [("normal", "without"), ("with_abuse", "with abuse"), ("normal_after", "without, after")]
+  idle = a["idle_rss_mb"].values()
+
+  def rss(p, ratio=False):
+    lo, hi = min(p["peak_rss_mb"].values()), max(p["peak_rss_mb"].values())
+    return (f"{lo:.0f}-{hi:.0f} MB"
+            + (f" ({a['summary']['peak_over_idle_rss_with_abuse']:.2f}x idle)" if ratio else ""))
+
+  lat = [ph[n]["normal_requests"]["latency_ms"] for n, _ in names]
+  ans = [ph[n]["normal_requests"] for n, _ in names]
+  return "\n".join([
+      "| | " + " | ".join(h for _, h in names) + " |", "|---|---|---|---|",
+      "| normal requests: p50 / p99 | "
+      + " | ".join(f"{x['p50']:.2f} / {x['p99']:.1f} ms" for x in lat) + " |",
+      "| normal requests: answers, wrong | "
+      + " | ".join(f"{x['ok']:,}, {x['wrong']}" for x in ans) + " |",
+      f"| shard peak RSS (idle {min(idle):.0f} MB) | "
+      + " | ".join(rss(ph[n], n == "with_abuse") for n, _ in names) + " |"])
+
+
 # NAME -> (function, the results files it reads).
 BLOCKS = {
     "readme_results": (readme_results, [
@@ -577,6 +616,8 @@ BLOCKS = {
     "gap_fit": (gap_fit_table, ["retro_gap_trend.json"]),
     "beam_transforms": (beam_transforms_table, ["beam_index_neighbours.json"]),
     "global_index_default": (global_index_table, ["global_index_default.json"]),
+    "copy_alignment": (copy_alignment_table, ["dup_copy_alignment.json"]),
+    "service_abuse": (service_abuse_table, ["service_abuse.json"]),
     "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
 }
