@@ -590,6 +590,28 @@ def service_abuse_table() -> str:
       + " | ".join(rss(ph[n], n == "with_abuse") for n, _ in names) + " |"])
 
 
+def fact_recall_table() -> str:
+  """docs/results.md: the fact example's continuations, on / off / after the removal; the part
+  that matches the document in bold."""
+  f = load("fact_recall.json")
+  truth = f["truth"]
+  tail = " ".join(f["prompt"].split()[-16:])
+
+  def marked(text: str) -> str:
+    n = 0
+    while n < min(len(text), len(truth)) and text[n] == truth[n]:
+      n += 1
+    return f"**{text[:n]}**{text[n:]}" if n >= 8 else text
+
+  out = [f'| | continuation of "... {tail}" | true next tokens reproduced | loss of the true '
+         "next chunk |", "|---|---|---|---|", f"| truth (the document) | {truth} | | |"]
+  for i, (name, r) in enumerate(f["runs"].items()):
+    nll = f"{r['true_continuation_nll']:.3f}" + (" nats/token" if i == 0 else "")
+    text = marked(r["continuation"]).replace("\xa0", " ")  # non-breaking spaces, as typed
+    out.append(f"| {name} | {text} | {r['match_fraction']:.0%} | {nll} |")
+  return "\n".join(out)
+
+
 # NAME -> (function, the results files it reads).
 BLOCKS = {
     "readme_results": (readme_results, [
@@ -618,6 +640,7 @@ BLOCKS = {
     "global_index_default": (global_index_table, ["global_index_default.json"]),
     "copy_alignment": (copy_alignment_table, ["dup_copy_alignment.json"]),
     "service_abuse": (service_abuse_table, ["service_abuse.json"]),
+    "fact_recall": (fact_recall_table, ["fact_recall.json"]),
     "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
 }
