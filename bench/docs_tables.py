@@ -612,6 +612,26 @@ def fact_recall_table() -> str:
   return "\n".join(out)
 
 
+def global_scaling_table() -> str:
+  """docs/benchmarks.md: the global index from 200k to 10M vectors."""
+
+  def best(b):
+    if not b:
+      return "-"
+    return (f"{b['qps']:,.0f} (nprobe {b['nprobe']}, rerank {b['rerank']}, "
+            f"r@10 {b['recall@10']:.3f})")
+
+  out = ["| vectors | run | partitions | build s (train + encode) | RAM B/vector | disk B/vector | "
+         "best QPS at recall@10 >= 0.9 | best QPS at >= 0.95 |", "|---|---|---|---|---|---|---|---|"]
+  for p in load("global_index_scaling.json")["sizes"]:
+    ph = p["build_phases"]
+    out.append(f"| {p['num_vectors']:,} | {p['date_utc'][11:16]} | {p['nlist']:,} | "
+               f"{p['build_seconds']:,.0f} ({ph['train']:,.0f} + {ph['encode']:,.0f}) | "
+               f"{p['ram_bytes_per_vector']:.1f} | {p['disk_bytes_per_vector']:.0f} | "
+               f"{best(p['best_at_recall_0.9'])} | {best(p['best_at_recall_0.95'])} |")
+  return "\n".join(out)
+
+
 # NAME -> (function, the results files it reads).
 BLOCKS = {
     "readme_results": (readme_results, [
@@ -641,6 +661,7 @@ BLOCKS = {
     "copy_alignment": (copy_alignment_table, ["dup_copy_alignment.json"]),
     "service_abuse": (service_abuse_table, ["service_abuse.json"]),
     "fact_recall": (fact_recall_table, ["fact_recall.json"]),
+    "global_index_scaling": (global_scaling_table, ["global_index_scaling.json"]),
     "demo_dup": (demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (db_build_stages, ["make_demo_fresh.json"]),
 }
