@@ -17,7 +17,6 @@ script measured before (`fit_combined`, each point labelled with its schedule).
 """
 import json
 import os
-import sys
 import time
 
 import numpy as np
