@@ -72,6 +72,8 @@ BLOCKS = {
     "service_abuse": (s.service_abuse_table, ["service_abuse.json"]),
     "fact_recall": (q.fact_recall_table, ["fact_recall.json"]),
     "global_index_scaling": (s.global_scaling_table, ["global_index_scaling.json"]),
+    "ann_quiet": (s.ann_quiet_table, ["ann_recall_quiet.json"]),
+    "ann_reference": (s.ann_reference_table, ["ann_recall_kernel_docs_84k.json"]),
     "demo_dup": (q.demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (s.db_build_stages, ["make_demo_fresh.json"]),
 }

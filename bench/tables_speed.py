@@ -229,3 +229,50 @@ def global_scaling_table() -> str:
                f"{p['ram_bytes_per_vector']:.1f} | {p['disk_bytes_per_vector']:.0f} | "
                f"{best(p['best_at_recall_0.9'])} | {best(p['best_at_recall_0.95'])} |")
   return "\n".join(out)
+
+
+def _ann_setting(family: str, p: dict) -> str:
+  """An ANN setting as the tables name it."""
+  if family == "faiss":
+    return f"`{p['factory']}` (nprobe {p['nprobe']})"
+  if family == "scann":
+    return f"{p['num_leaves']:,} leaves, {p['leaves_to_search']} searched"
+  return ""
+
+
+def ann_quiet_table() -> str:
+  """docs/benchmarks.md: the best QPS of each ANN family at recall@10 >= 0.95 and >= 0.99."""
+  summ = load("ann_recall_quiet.json")["summary"]
+  at95, at99 = summ["at_recall10_0.95"], summ["at_recall10_0.99"]
+  label = {"faiss": "faiss fast-scan", "scann": "ScaNN spherical tree + SOAR + AH(2) + reorder",
+           "exact": "exact (faiss Flat)"}
+  out = ["| method | best QPS at recall@10 >= 0.95 | best QPS at >= 0.99 |", "|---|---|---|"]
+  for fam in ("faiss", "scann", "exact"):
+    a, b = at95.get(fam), at99.get(fam)
+    if fam == "exact":
+      out.append(f"| {label[fam]} | {a['qps']:,} | "
+                 + ("same" if b and b["qps"] == a["qps"] else f"{b['qps']:,}" if b else "-") + " |")
+      continue
+    where = " / ".join(_ann_setting(fam, x["params"]) for x in (a, b) if x)
+    c95 = f"{a['qps']:,} (r@10 {a['recall_at_10']:.3f}, r@2 {a['recall_at_2']:.3f})" if a else "-"
+    c99 = f"{b['qps']:,} (r@10 {b['recall_at_10']:.3f})" if b else "none reached it"
+    out.append(f"| {label[fam]}: {where} | {c95} | {c99} |")
+  return "\n".join(out)
+
+
+def ann_reference_table() -> str:
+  """docs/benchmarks.md: the reference figures' corpus and size, here against the reference."""
+  res = load("ann_recall_kernel_docs_84k.json")
+  at95, ref = res["summary"]["at_recall10_0.95"], res["anchors_kernel_docs_82k"]
+  best = max(at95[f]["qps"] for f in ("faiss", "scann"))
+  rows = [("faiss", f"faiss `{at95['faiss']['params']['factory']}`",
+           ref["faiss fast-scan at 0.95"]),
+          ("scann", "ScaNN spherical + SOAR", ref["scann spherical+SOAR at 0.95"]),
+          ("exact", "exact (faiss Flat)", ref["exact faiss Flat"])]
+  out = ["| method | recall@10 | QPS here | reference figure |", "|---|---|---|---|"]
+  for fam, name, anchor in rows:
+    r = at95[fam]
+    qps = f"{r['qps']:,}"
+    out.append(f"| {name} | {round(r['recall_at_10'], 3)} | "
+               f"{f'**{qps}**' if r['qps'] == best else qps} | {anchor:,} |")
+  return "\n".join(out)
