@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum setup.py Makefile | sha1sum | cut -c1-12)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test test-slow demo scaling bench bench-embed bench-ann aot db dup-db figures clean
+.PHONY: install test test-slow demo scaling bench bench-embed bench-ann aot db dup-db figures docs clean
 
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -130,6 +130,11 @@ example: db
 # Scaling curves on CPU: 3 tiny sizes x {RETRO, baseline}, 3 retrieval-database sizes.
 scaling: db
 	JAX_PLATFORMS=cpu $(PY) -m retro_jax.scaling --config=experiments/sweep_tiny.py --out=runs/scaling
+
+# The README's and docs' generated tables and pages, written again from bench/results/ (no
+# measurement; tests/test_results_sources.py checks that this changes nothing).
+docs: $(STAMP)
+	$(PY) -m bench.docs_tables
 
 clean:
 	rm -rf $(VENV) *.egg-info

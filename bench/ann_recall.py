@@ -31,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from retro_jax.retrieval import index as index_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
+from bench.common import run_provenance  # noqa: E402
 
 _EMB = flags.DEFINE_string("embeddings", "runs/default_db/embeddings/shard-*.npy",
                            "Glob of float32 [n, D] embedding shards (concatenated in order).")
@@ -242,6 +243,7 @@ def main(argv):
                     "qps": round(qps(s)) if s.times else None} for s in settings],
   }
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  results["provenance"] = run_provenance("bench.ann_recall")
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)
   print(json.dumps({k: results[k] for k in ("database_size", "summary", "build_seconds",

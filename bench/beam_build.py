@@ -36,6 +36,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from bench.common import run_provenance
 from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout
@@ -143,6 +144,7 @@ def timed_builds(tokenizer: str, out: dict) -> dict:
       stages[kind].append({s: round(v["seconds"], 1) for s, v in times["stages"].items()})
       print(f"{kind} build {r}: {seconds:.1f} s {stages[kind][-1]}", flush=True)
       out["timed"] = {"wall_seconds": runs, "stage_seconds": stages, "finished": False}
+      out["provenance"] = run_provenance("bench.beam_build")
       pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=1) + "\n")  # after every build
       if r:  # the first of each kind is kept for the chunk-store comparison
         shutil.rmtree(db, ignore_errors=True)
@@ -224,6 +226,7 @@ def main(argv) -> None:
     out = {"machine": {"cpus": os.cpu_count(), "note": "shared, loaded machine: compare ratios"},
            "reference_db": FLAGS.reference_db, "old_code": FLAGS.old_code,
            "timed": timed_stages(pathlib.Path(FLAGS.reference_db), FLAGS.stages)}
+    out["provenance"] = run_provenance("bench.beam_build")
     pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["timed"]["beam_over_old"]), flush=True)
     return
@@ -249,6 +252,7 @@ def main(argv) -> None:
         "beam": {s: round(v["seconds"], 1) for s, v in times["stages"].items()},
         "reference": {s: round(v["seconds"], 1) for s, v in ref_times["stages"].items()},
         "note": "each measured on its own at a different time (load differs); see timed"}
+  out["provenance"] = run_provenance("bench.beam_build")
   pathlib.Path(FLAGS.out).write_text(json.dumps(out, indent=1) + "\n")
 
 

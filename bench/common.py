@@ -1,11 +1,15 @@
 """Shared by the benchmarks: JAX's own matmul rate on this machine, measured in the same run;
-exact top-k search and recall for the index benchmarks; a results page written again."""
+exact top-k search and recall for the index benchmarks; what a results file records about its
+run; a results page written again."""
 import json
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
+
+from retro_jax.evaluation.figures import provenance
 
 
 def matmul_gflops(dtype, n: int = 2048, reps: int = 10) -> float:
@@ -44,6 +48,12 @@ def exact_top(sources, queries_QxD: np.ndarray, k: int, own_docs_Q=None, doc_ids
 def recall(found_QxK: np.ndarray, true_QxK: np.ndarray) -> float:
   """Mean share of each query's true ids found."""
   return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found_QxK, true_QxK)]))
+
+
+def run_provenance(module: str) -> dict:
+  """{command, commit, date} of this run: `python -m MODULE` with this process's arguments
+  (tests/test_results_sources.py requires them of every results file)."""
+  return provenance(" ".join([f"python -m {module}"] + sys.argv[1:]))
 
 
 def write_page(doc: str, page, results: str) -> None:

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from retro_jax.retrieval import bert  # noqa: E402
 from retro_jax.training import aot  # noqa: E402
+from bench.common import run_provenance  # noqa: E402
 
 _TOPO = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology to compile for.")
 _BATCH = flags.DEFINE_integer("per_chip_batch", 1024, "Chunks per chip per forward call.")
@@ -92,6 +93,7 @@ def main(argv):
                                        for m in (0.2, 0.3, 0.5)},
       "per_chip_temp_gib": mem.temp_size_in_bytes / 2**30,
       "date_utc": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
+  report["provenance"] = run_provenance("bench.embed_aot")
   with open(_OUT.value, "w") as f:
     json.dump(report, f, indent=1)
   print(json.dumps(report, indent=1))

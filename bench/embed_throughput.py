@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from bench.common import matmul_gflops
+from bench.common import matmul_gflops, run_provenance
 from retro_jax.db import layout  # noqa: E402
 from retro_jax.retrieval.embedder import Embedder  # noqa: E402
 
@@ -118,6 +118,7 @@ def main(argv) -> None:
   }
   out = pathlib.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  report["provenance"] = run_provenance("bench.embed_throughput")
   out.write_text(json.dumps(report, indent=1))
   print(json.dumps({k: v for k, v in report.items() if k != "results"}, indent=1))
 

@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from bench.common import run_provenance  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo/retro", "trained RETRO workdir")
@@ -69,6 +70,7 @@ def main(argv):
       for p in procs:
         p.stop()
   report["date_utc"] = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
+  report["provenance"] = run_provenance("bench.eval_retrievers")
   with open(FLAGS.out, "w") as f:
     json.dump(report, f, indent=1)
   print(f"wrote {FLAGS.out}")

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import corpus_path  # noqa: E402
 import gcs_emulator  # noqa: E402
 
+from bench.common import run_provenance  # noqa: E402
 from retro_jax.build import stages as build_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -67,6 +68,7 @@ def main(argv):
                         "load_average_1m": os.getloadavg()[0]},
             "note": "gs:// is a local fake-gcs-server (no network latency); one process, "
                     "local and gs:// builds alternating; a shared, loaded machine"}
+  result["provenance"] = run_provenance("bench.gcs_build")
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=1)
   print(json.dumps({"median": med, "gs_over_local": ratio}, indent=1))

@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import matmul_gflops  # noqa: E402
+from bench.common import matmul_gflops, run_provenance  # noqa: E402
 from retro_jax.model import SIZES, Retro, RetroConfig  # noqa: E402
 from retro_jax.model.decode import Decoder  # noqa: E402
 from retro_jax.sampling import generate as gen  # noqa: E402
@@ -181,6 +181,7 @@ def main(argv):
       "setup_seconds": setup_s, "forward_timing_seconds": forward_timing_s,
   }
   os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+  result["provenance"] = run_provenance("bench.generate_speed")
   with open(FLAGS.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {FLAGS.out}")

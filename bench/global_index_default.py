@@ -35,6 +35,7 @@ from retro_jax.retrieval import build_index as build_index_lib  # noqa: E402
 from retro_jax.retrieval import global_index as global_lib  # noqa: E402
 from retro_jax.retrieval import index as index_lib  # noqa: E402
 from retro_jax.retrieval import retriever as retriever_lib  # noqa: E402
+from bench.common import run_provenance  # noqa: E402
 
 _DB = flags.DEFINE_string("db", None, "A copy of the default store (DB/index/global is added).")
 _NQ = flags.DEFINE_integer("num_queries", 2000, "Stored chunks used as queries.")
@@ -148,6 +149,7 @@ def main(argv):
                  "with other jobs (compare within this run)",
       "date_utc": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())}
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  report["provenance"] = run_provenance("bench.global_index_default")
   with open(_OUT.value, "w") as f:
     json.dump(report, f, indent=1)
   print(f"wrote {_OUT.value}")

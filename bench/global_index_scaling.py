@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from retro_jax.retrieval import global_index as global_lib  # noqa: E402
+from bench.common import run_provenance  # noqa: E402
 
 _EMB = flags.DEFINE_string("embeddings", "runs/default_db/embeddings/shard-*.npy",
                            "Glob of the real float32 [n, D] embedding shards.")
@@ -258,6 +259,7 @@ def main(argv):
     report["date_utc"] = run_date
     merged = dict(report, sizes=sorted(kept + report["sizes"], key=lambda p: p["num_vectors"]))
     os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+    merged["provenance"] = run_provenance("bench.global_index_scaling")
     with open(_OUT.value, "w") as f:
       json.dump(merged, f, indent=1)
     if _PLOT.value:

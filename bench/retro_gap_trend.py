@@ -17,12 +17,12 @@ script measured before (`fit_combined`, each point labelled with its schedule).
 """
 import json
 import os
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
+from bench.common import run_provenance
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.evaluation import bpb as ev
 from retro_jax.evaluation import controls
@@ -95,7 +95,7 @@ def main(argv):
   held = ev.load_heldout(store, db, neighbour_len=cfg["model_config"]["neighbour_len"],
                          max_docs=f.max_docs)
   base_exp = json.load(open(os.path.join(f.baseline, "config.json")))["experiment"]
-  out = {"command": " ".join(["python -m bench.retro_gap_trend"] + sys.argv[1:]),
+  out = {**run_provenance("bench.retro_gap_trend"),
          "retro": f.retro, "baseline": f.baseline, "db": db, "seq_len": seq,
          "total_steps": {"retro": exp["total_steps"], "baseline": base_exp["total_steps"]},
          "stride": ev.resolve_stride(seq, f.stride, store.chunk_size),

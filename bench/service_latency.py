@@ -51,6 +51,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from bench.common import run_provenance  # noqa: E402
 from retro_jax.db import layout  # noqa: E402
 
 _DB = flags.DEFINE_string("db", "runs/default_db", "Source database (read only).")
@@ -481,6 +482,7 @@ def main(argv) -> None:
                       "loadavg_after": open("/proc/loadavg").read().split()[:3],
                       "note": "shared, loaded 2-core machine: compare ratios within this run"}
     res["measured_at_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    res["provenance"] = run_provenance("bench.service_latency")
     os.makedirs(os.path.dirname(_ABUSE_OUT.value), exist_ok=True)
     with open(_ABUSE_OUT.value, "w") as f:
       json.dump(res, f, indent=1)
@@ -503,6 +505,7 @@ def main(argv) -> None:
   results["machine"]["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
   results["wall_seconds"] = time.time() - t0
   results["measured_at_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+  results["provenance"] = run_provenance("bench.service_latency")
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=1)

@@ -26,6 +26,7 @@ from absl import app, flags
 
 from retro_jax.build import stages as build_lib
 from retro_jax.db import corpus, layout, tfds_writer
+from bench.common import run_provenance
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", "runs/default_db/tokenizer/spm.model",
                                  "the default database's SentencePiece model")
@@ -95,9 +96,8 @@ def main(argv):
                  "this run",
       "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
       "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
-      "command": "python -m bench.tfds_chunks --tokenizer=/work/main/runs/default_db/tokenizer/"
-                 f"spm.model --repeats={_REPEATS.value}",
   }
+  out["provenance"] = run_provenance("bench.tfds_chunks")
   with open(_OUT.value, "w") as f:
     json.dump(out, f, indent=1)
   print(json.dumps(out, indent=1))

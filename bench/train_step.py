@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from bench.common import matmul_gflops  # noqa: E402
+from bench.common import matmul_gflops, run_provenance  # noqa: E402
 from retro_jax.model import SIZES, RetroConfig  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
 from retro_jax.training import optim  # noqa: E402
@@ -120,6 +120,7 @@ def main(argv):
   if FLAGS.size == "reference" and on_cpu:
     results["speedup_vs_pytorch_peers_280_tok_s"] = results["retro"]["tokens_per_s"] / 280.0
   Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+  results["provenance"] = run_provenance("bench.train_step")
   Path(FLAGS.out).write_text(json.dumps(results, indent=2))
   for name in ("retro", "baseline"):
     r = results[name]

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from retro_jax.db import layout, verify
+from bench.common import run_provenance
 
 _DB = flags.DEFINE_string("db", "runs/default_db", "Database to read (not modified).")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed passes (median).")
@@ -85,6 +86,7 @@ def main(argv) -> None:
                      "loadavg_after": open("/proc/loadavg").read().split()[:3]},
          "reps": _REPS.value, "measured_at_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
   os.makedirs(os.path.dirname(_OUT.value), exist_ok=True)
+  res["provenance"] = run_provenance("bench.verify_on_read")
   with open(_OUT.value, "w") as f:
     json.dump(res, f, indent=1)
   print(json.dumps(res, indent=1))

@@ -7,12 +7,14 @@ The steps (the database is copied to SCRATCH/db first, never edited): retro_jax.
 """
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 
 from retro_jax import flags as shared
 from retro_jax.errors import guard
 from retro_jax.evaluation import fact_recall
+from retro_jax.evaluation.figures import provenance
 
 FLAGS = flags.FLAGS
 shared.define("workdir", required=True, note="a trained RETRO (`make example`: runs/copy)")
@@ -33,6 +35,7 @@ def main(argv):
       fact, name = f.read(), os.path.basename(FLAGS.fact_file)
   report = fact_recall.run(FLAGS.workdir, FLAGS.db, FLAGS.scratch, fact=fact, name=name,
                            new_tokens=FLAGS.new_tokens)
+  report["provenance"] = provenance(" ".join(["python -m retro_jax.fact_recall"] + sys.argv[1:]))
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(report, f, indent=1)
