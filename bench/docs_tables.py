@@ -36,6 +36,7 @@ PAGES = {
     "docs/build_10m.md": ("bench.build_10m", "page", "build_10m.json"),
     "docs/global_searchers.md": ("bench.global_searchers", "page", "global_searchers.json"),
     "docs/open_reads.md": ("bench.open_reads", "page", "open_reads.json"),
+    "docs/sample_smollm2.md": ("bench.sample_smollm2", "page", "sample_smollm2.json"),
 }
 
 # docs pages that a benchmark writes in the same run as its results (it needs a database, so

@@ -26,8 +26,7 @@ import time
 
 from absl import app, flags
 
-from bench.common import write_page
-from retro_jax.evaluation.figures import provenance
+from bench.common import run_provenance, write_page
 from retro_jax.sampling import generate as gen
 from retro_jax.training.checkpoint import load_model
 
@@ -115,7 +114,7 @@ def measure() -> dict:
                     "seconds": r["seconds"], "continuation": _continuation(r["stdout"])})
   for s in steps:
     del s["stdout"]
-  return {**provenance("python -m bench.sample_smollm2"), "corpus": SPEC, "prompt": PROMPT,
+  return {**run_provenance("bench.sample_smollm2"), "corpus": SPEC, "prompt": PROMPT,
           "steps": steps, "samples": samples, "cached_vs_full": _cached_equals_full(work)}
 
 
