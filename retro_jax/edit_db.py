@@ -50,4 +50,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(guard(main))
+  app.run(guard(main), flags_parser=shared.parse)

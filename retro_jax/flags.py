@@ -30,6 +30,7 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
+from retro_jax import errors
 from retro_jax.build import stages as build
 from retro_jax.evaluation import bpb
 from retro_jax.model.config import SIZES
@@ -94,6 +95,33 @@ def renamed(old: str, how: str = "", boolean: bool = False) -> None:
   define_fn = flags.DEFINE_boolean if boolean else flags.DEFINE_string
   define_fn(old, None, f"removed: {replacement}")
   flags.register_validator(old, lambda v: v is None, message=f"--{old} was removed: {replacement}")
+
+
+def parse(argv: list[str]) -> list[str]:
+  """absl's flag parsing (app.run's flags_parser) where an experiment file that is missing, does
+  not load, or lacks a field a `--config.FIELD` override names stops with one line, exit 2 (not
+  ml_collections' traceback); other bad flags get absl's own one-line error."""
+  try:
+    rest = flags.FLAGS(argv)
+    for name, s in SHARED.items():  # ml_collections defers a file's load error to first use
+      if s.kind == "config" and name in flags.FLAGS and flags.FLAGS[name].value is not None:
+        flags.FLAGS[name].value.keys()
+    return rest
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
+                     "Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
+  except (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError,
+          ImportError) as e:
+    given = [a for a in argv[1:] if a.startswith("--config")]
+    named = [a for a in given if a.startswith("--config.") and
+             a[len("--config."):].split("=")[0].split(".")[-1] in str(e)]
+    given = " ".join((named or given)[:3]) or "--config"
+    detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:400]
+    sys.stderr.write(f"error: {given}: the experiment file or an override does not fit "
+                     f"({type(e).__name__}: {detail}); check the file's path and the field "
+                     "names (experiments/*.py)\n")
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 def parse_known_only(argv: list[str]) -> list[str]:

@@ -172,4 +172,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(guard(main))
+  app.run(guard(main), flags_parser=shared.parse)

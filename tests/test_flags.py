@@ -110,3 +110,20 @@ def test_an_old_spelling_stops_naming_the_new_one(command, args, new):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "was removed: use " + new in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config=experiments/nope.py"], "No such file or directory"),
+    (["--config=experiments/tiny.py", "--config.seq_lne=64"], "--config.seq_lne=64"),
+    (["--config={bad}"], "SyntaxError"),
+], ids=["missing-file", "unknown-field", "file-does-not-load"])
+def test_an_experiment_file_that_does_not_fit_is_one_line(tmp_path, args, needle):
+  bad = tmp_path / "bad_experiment.py"
+  bad.write_text("def get_config(:\n")
+  p = subprocess.run([sys.executable, "-m", "retro_jax.train", f"--workdir={tmp_path / 'wd'}",
+                      *[a.format(bad=bad) for a in args]], cwd=REPO,
+                     env=ENV, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+  lines = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and needle in lines[0], p.stderr[-2000:]
+  assert not (tmp_path / "wd").exists()
