@@ -40,8 +40,8 @@ _PAGE_ONLY = flags.DEFINE_bool("page_only", False, "write the page from the resu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = "tests/data/corpus"  # paths relative to the repository, where the commands run
 SPEC = f"{CORPUS}/kernel:limit=20+{CORPUS}/wiki.jsonl:limit=40"
-PROMPT = ("The Moon is Earth's only natural satellite. It orbits at an average distance of "
-          "384,400 km, about 30 times the diameter of Earth. The Moon")
+PROMPT = ("The Moon is the only natural satellite of the Earth. It orbits at an average distance "
+          "of 384,400 km, about 30 times the diameter of the Earth. The Moon")
 CASES = (("baseline", False), ("retrofit", True), ("retrofit", False))
 
 
