@@ -166,7 +166,7 @@ def test_train_three_steps_then_evaluate_from_gs(gs_db, gs_run, gs_baseline, tmp
   common = dict(seq_len=128, stride=64, num_neighbours=cfg.num_neighbours, batch_size=4,
                 progress=False)
   want = {m: ev.chunk_losses(model, cfg, held, store, retrieval=m != "off",
-                             neighbours_CxK=ev.mode_neighbours(held, m), **common)
+                             neighbours_CxN=ev.mode_neighbours(held, m), **common)
           for m in ("on", "off", "shuffled")}
   want["baseline"] = ev.chunk_losses(base_model, base_cfg, held, store, retrieval=False, **common)
   assert sorted(res["results"]) == sorted(want)

@@ -104,7 +104,7 @@ def test_packages_point_one_way():
 def test_every_package_has_a_layer():
   """Only the commands (and the package itself) fall through to the top layer."""
   for m in _modules():
-    if _layer(m) == len(LAYERS) - 1:
+    if _layer(m) == len(LAYERS) - 1 and m not in COMMANDS:
       assert m.count(".") <= 1, f"{m}: its package has no layer in LAYERS"
 
 
