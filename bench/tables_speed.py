@@ -1,5 +1,7 @@
 """The speed and memory tables of docs/ (benchmarks.md, beam.md), written from the results
 files; `python -m bench.docs_tables` puts them in their generated blocks."""
+import re
+
 from bench.results_files import load
 
 
@@ -275,4 +277,32 @@ def ann_reference_table() -> str:
     qps = f"{r['qps']:,}"
     out.append(f"| {name} | {round(r['recall_at_10'], 3)} | "
                f"{f'**{qps}**' if r['qps'] == best else qps} | {anchor:,} |")
+  return "\n".join(out)
+
+
+def _make_targets() -> list[str]:
+  """The Makefile's targets, in file order (not the .venv stamp)."""
+  out = []
+  with open("Makefile") as f:
+    for line in f:
+      m = re.match(r"^([a-z][a-z0-9-]*):", line)
+      if m and m.group(1) not in out:
+        out.append(m.group(1))
+  return out
+
+
+def make_targets_table() -> str:
+  """docs/testing.md: every make target, timed from a fresh clone where measured."""
+  rec = load("make_targets.json")["targets"]
+  rec.setdefault("demo", load("make_demo_fresh.json"))  # bench.fresh_demo's run of `make demo`
+  out = ["| target | from a fresh clone | result | CPU, date, commit |", "|---|---:|---|---|"]
+  for t in _make_targets():
+    r = rec.get(t)
+    if r is None:
+      out.append(f"| `make {t}` | not measured yet | | |")
+      continue
+    result = ("ok" if r["exit_status"] == 0 else f"exit {r['exit_status']}") + (
+        f": {r['pytest']}" if r.get("pytest") else "")
+    out.append(f"| `make {t}` | {r['wall_seconds'] / 60:.1f} min | {result} | {r['cores']} x "
+               f"{r['cpu']}, {r['start_utc'][:10]}, {r['commit'][:7]} |")
   return "\n".join(out)
