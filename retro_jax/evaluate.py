@@ -35,6 +35,7 @@ flags.DEFINE_enum("retriever", "exact", list(bpb.RETRIEVERS),
                   "who finds the neighbours: exact search, the database's ANN index in-process, "
                   "or the gRPC retrieval service")
 shared.define("service", note="with --retriever=service")
+shared.define("service_timeout_s", note="with --retriever=service")
 shared.define("backend", note="with --retriever=index (default: the one built)")
 flags.DEFINE_float("db_fraction", 1.0, "fraction of training documents to retrieve from")
 flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
@@ -54,6 +55,7 @@ def main(argv):
                      num_neighbours=f.num_neighbours, retrieval=modes,
                      db_fraction=f.db_fraction, batch_size=f.batch_size, max_docs=f.max_docs,
                      retriever=f.retriever, service=f.service or (), backend=f.backend,
+                     service_timeout_s=f.service_timeout_s,
                      baseline=f.baseline, shuffle_seed=f.shuffle_seed)
   out = f.out or str(epath.Path(f.workdir) / "eval.json")  # local or gs://
   epath.Path(out).write_text(json.dumps(res, indent=1))

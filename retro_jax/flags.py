@@ -43,7 +43,7 @@ flags.disclaim_key_flags()
 
 @dataclasses.dataclass(frozen=True)
 class Shared:
-  kind: str  # string | integer | list | enum | config
+  kind: str  # string | integer | float | list | enum | config
   default: Any
   help: str
   choices: tuple[str, ...] = ()
@@ -63,6 +63,8 @@ SHARED: dict[str, Shared] = {
     "backend": Shared("enum", None, "index backend under DB/index/", tuple(index_lib.ALL_BACKENDS)),
     "service": Shared("list", None, "host:port of every retrieval shard server "
                       "(retro_jax.retrieval.serve)"),
+    "service_timeout_s": Shared("float", 10.0, "deadline of connecting to the retrieval service "
+                                "and of each of its searches (seconds)"),
     "embed_batch_size": Shared("integer", build.DEFAULTS["embed_batch_size"],
                                "embedder rows per forward call"),
     "max_docs": Shared("integer", None, "keep only the first N documents (smoke runs)"),
@@ -84,7 +86,7 @@ def define(name: str, *, required: bool = False, note: str = "") -> None:
     flags.DEFINE_enum(name, s.default, list(s.choices), text, required=required)
   else:
     define_fn = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
-                 "list": flags.DEFINE_list}[s.kind]
+                 "float": flags.DEFINE_float, "list": flags.DEFINE_list}[s.kind]
     define_fn(name, s.default, text, required=required)
 
 

@@ -54,8 +54,7 @@ flags.DEFINE_boolean("stop_at_eos", True, "stop after the end-of-document token"
 shared.define("backend", note="searched in-process (default: the one built)")
 shared.define("service", note="search them instead of the in-process index")
 shared.renamed("retrieval_service")
-flags.DEFINE_float("service_timeout_s", 10.0, "deadline of connecting to the service and of "
-                   "each service search")
+shared.define("service_timeout_s", note="with --service")
 SAMPLE_MODES = ("on", "off")
 
 

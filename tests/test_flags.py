@@ -18,9 +18,9 @@ TAKES = {
     "build_db": {"db", "num_neighbours", "backend", "embed_batch_size", "max_docs"},
     "edit_db": {"db", "backend", "embed_batch_size"},
     "evaluate": {"workdir", "step", "db", "num_neighbours", "retrieval", "backend", "service",
-                 "max_docs"},
+                 "service_timeout_s", "max_docs"},
     "sample": {"workdir", "step", "size", "db", "num_neighbours", "retrieval", "backend",
-               "service"},
+               "service", "service_timeout_s"},
     "train": {"config", "workdir"},
     "retrofit": {"config", "workdir"},
     "aot_compile": {"config"},
@@ -32,7 +32,7 @@ TAKES = {
     "pretrained.export_smollm2": {"workdir", "db"},
 }
 # absl's type of each kind of shared flag.
-FLAG_TYPE = {"string": "string", "integer": "int", "list": "comma separated list of strings",
+FLAG_TYPE = {"string": "string", "integer": "int", "float": "float", "list": "comma separated list of strings",
              "enum": "string enum", "config": "config object"}
 # Imports each command in turn (one process: the heavy imports once) and prints the flags its
 # --help lists (absl's key flags of the command's module), then drops them for the next command.

@@ -461,7 +461,8 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
              batch_size: int = 8, max_docs: int | None = None, held: HeldOut | None = None,
              progress: bool = True, retriever: str = "exact", service: Sequence[str] = (),
              backend: str | None = None, baseline: str | None = None, baseline_step: int | None = None,
-             shuffle_seed: int = 0, keep_chunk_losses: bool = True) -> dict[str, Any]:
+             shuffle_seed: int = 0, keep_chunk_losses: bool = True,
+             service_timeout_s: float = 10.0) -> dict[str, Any]:
   """Evaluates the checkpoint at `path` (a workdir), and the `baseline` workdir's (retrieval off)
   on the same chunks when given; returns the JSON-able results."""
   if num_neighbours is not None and num_neighbours < 1:
@@ -479,7 +480,7 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
   t0 = time.time()
   source = "precomputed HeldOut" if held is not None else retriever
   if held is None:
-    with open_searcher(retriever, db, service, backend) as searcher:
+    with open_searcher(retriever, db, service, backend, service_timeout_s) as searcher:
       held = load_heldout(store, db, db_fraction=db_fraction, k=max(FILTER_NEIGHBOURS, k),
                           neighbour_len=cfg.neighbour_len, max_docs=max_docs, searcher=searcher)
   t_retrieve = time.time() - t0
@@ -546,7 +547,8 @@ RETRIEVERS = ("exact", "index", "service")
 
 
 @contextlib.contextmanager
-def open_searcher(kind: str, db: str, service: Sequence[str] = (), backend: str | None = None):
+def open_searcher(kind: str, db: str, service: Sequence[str] = (), backend: str | None = None,
+                  service_timeout_s: float = 10.0):
   """None for `exact`; the in-process Retriever over DB's index; or a ServiceRetriever (closed on
   exit) over the shard processes at `service` (it checks they serve DB's shards)."""
   if kind not in RETRIEVERS:
@@ -559,5 +561,7 @@ def open_searcher(kind: str, db: str, service: Sequence[str] = (), backend: str 
     if not service:
       raise EvalError("--retriever=service needs --service=HOST:PORT[,HOST:PORT...] (the shard "
                       "processes of python -m retro_jax.retrieval.serve)")
-    with ServiceRetriever(list(service), db=db) as searcher:  # stale shards are an error
+    # (stale shards are an error)
+    with ServiceRetriever(list(service), db=db, timeout_s=service_timeout_s,
+                          connect_timeout_s=service_timeout_s) as searcher:
       yield searcher
