@@ -127,3 +127,27 @@ def test_an_experiment_file_that_does_not_fit_is_one_line(tmp_path, args, needle
   lines = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1 and needle in lines[0], p.stderr[-2000:]
   assert not (tmp_path / "wd").exists()
+
+
+# `python -m retro_jax.NAME --flag...` as the package's messages and docstrings advise it.
+ADVICE = re.compile(r"python -m retro_jax\.([a-z0-9_.]+)((?: --[a-z_]+(?:=[^ `'\")]*)?)*)")
+# Beam's own flags, which build_db hands on.
+BEAM_FLAGS = {"runner", "direct_num_workers", "direct_running_mode", "project", "region",
+              "temp_location", "setup_file"}
+
+
+def test_every_advised_command_exists_with_its_flags(helps):
+  """Each command line the package advises (errors, docstrings) names a command and flags it
+  defines: advice that exits 0 doing nothing (a module that is not a command) fails here."""
+  bad = []
+  for path in sorted((REPO / "retro_jax").rglob("*.py")):
+    for m in ADVICE.finditer(path.read_text()):
+      command, flag_text = m.group(1).rstrip("."), m.group(2)
+      if command not in helps:
+        bad.append(f"{path.relative_to(REPO)}: python -m retro_jax.{command} is not a command")
+        continue
+      for flag in re.findall(r"--([a-z_]+)", flag_text):
+        known = set(helps[command]) | {"help"} | (BEAM_FLAGS if command == "build_db" else set())
+        if flag not in known:
+          bad.append(f"{path.relative_to(REPO)}: {command} has no --{flag}")
+  assert not bad, "\n".join(sorted(set(bad)))
