@@ -99,10 +99,18 @@ def renamed(old: str, how: str = "", boolean: bool = False) -> None:
   flags.register_validator(old, lambda v: v is None, message=f"--{old} was removed: {replacement}")
 
 
+def _flag_error(e: flags.Error) -> None:
+  """A flag absl cannot parse (unknown, removed, or a value of the wrong type such as
+  `--config.seq_len=abc`): one line, exit 2, as for every other user error."""
+  detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+  sys.stderr.write(f"error: {detail} (--helpshort lists the flags)\n")
+  sys.exit(errors.EXIT_USER_ERROR)
+
+
 def parse(argv: list[str]) -> list[str]:
   """absl's flag parsing (app.run's flags_parser) where an experiment file that is missing, does
   not load, or lacks a field a `--config.FIELD` override names stops with one line, exit 2 (not
-  ml_collections' traceback); other bad flags get absl's own one-line error."""
+  ml_collections' traceback); so does any other flag absl refuses."""
   try:
     rest = flags.FLAGS(argv)
     for name, s in SHARED.items():  # ml_collections defers a file's load error to first use
@@ -110,9 +118,7 @@ def parse(argv: list[str]) -> list[str]:
         flags.FLAGS[name].value.keys()
     return rest
   except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
+    _flag_error(e)
   except (OSError, AttributeError, KeyError, TypeError, ValueError, SyntaxError,
           ImportError) as e:
     given = [a for a in argv[1:] if a.startswith("--config")]
@@ -128,10 +134,8 @@ def parse(argv: list[str]) -> list[str]:
 
 def parse_known_only(argv: list[str]) -> list[str]:
   """absl's flag parsing for a command that hands the flags it does not define on (build_db: to
-  Beam); a bad flag of its own stops with absl's one-line error, not a traceback."""
+  Beam); a bad flag of its own stops with one line, exit 2, not a traceback."""
   try:
     return flags.FLAGS(argv, known_only=True)
   except flags.Error as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n"
-                     "Pass --helpshort or --helpfull to see help on flags.\n")
-    sys.exit(1)
+    _flag_error(e)

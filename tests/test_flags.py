@@ -116,7 +116,8 @@ def test_an_old_spelling_stops_naming_the_new_one(command, args, new):
     (["--config=experiments/nope.py"], "No such file or directory"),
     (["--config=experiments/tiny.py", "--config.seq_lne=64"], "--config.seq_lne=64"),
     (["--config={bad}"], "SyntaxError"),
-], ids=["missing-file", "unknown-field", "file-does-not-load"])
+    (["--config=experiments/tiny.py", "--config.seq_len=abc"], "--config.seq_len=abc"),
+], ids=["missing-file", "unknown-field", "file-does-not-load", "bad-value"])
 def test_an_experiment_file_that_does_not_fit_is_one_line(tmp_path, args, needle):
   bad = tmp_path / "bad_experiment.py"
   bad.write_text("def get_config(:\n")

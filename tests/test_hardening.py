@@ -524,12 +524,51 @@ def test_unknown_build_db_flags_are_refused_before_anything_is_written(tmp_path)
        "--project=p", "--region=r", "--temp_location=gs://b/t", "--setup_file=./setup.py"]) == []
 
 
-def test_a_corpus_too_small_for_the_vocabulary_is_one_line(tmp_path):
-  corpus = tmp_path / "one.jsonl"
-  corpus.write_text('{"key": "one:1", "text": "The Moon is Earth\'s only natural satellite."}\n')
+def _one_document(d):
+  (d / "one.jsonl").write_text(
+      '{"key": "one:1", "text": "The Moon is Earth\'s only natural satellite."}\n')
+  return d / "one.jsonl"
+
+
+def _bad_utf8(d):
+  (d / "corpus").mkdir()
+  (d / "corpus" / "a.txt").write_bytes(b"ok text \xff\xfe more\n")
+  return d / "corpus"
+
+
+def _duplicate_keys(d):
+  line = '{"key": "same", "text": "line %d: the quick brown fox jumps over the lazy dog\\n"}\n'
+  (d / "dup.jsonl").write_text("".join(line % i for i in range(40)))
+  return d / "dup.jsonl"
+
+
+def _symlink_loop(d):
+  (d / "corpus" / "sub").mkdir(parents=True)
+  (d / "corpus" / "sub" / "up").symlink_to("..")
+  (d / "corpus" / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+  return d / "corpus"
+
+
+def _one_long_line(d):
+  (d / "long.jsonl").write_text('{"key": "a", "text": "%s"}\n' % ("the cat sat " * 800))
+  return d / "long.jsonl"
+
+
+@pytest.mark.parametrize("make_corpus,vocab,needles", [
+    (_one_document, None, ["too small for a 8192-piece tokenizer", "--vocab_size="]),
+    (_bad_utf8, None, ["too small for a 8192-piece tokenizer"]),
+    (_duplicate_keys, 300, ["duplicate document keys", "same"]),
+    (_symlink_loop, None, ["too small for a 8192-piece tokenizer"]),
+    (_one_long_line, 300, ["no line SentencePiece can train on", "4192 bytes"]),
+], ids=["one-document", "bad-utf8", "duplicate-keys", "symlink-loop", "one-long-line"])
+def test_a_corpus_sentencepiece_cannot_train_on_is_one_line(tmp_path, make_corpus, vocab,
+                                                            needles):
+  """Each corpus here once ended in a SentencePiece or Beam traceback (the default vocabulary,
+  8192, unless `vocab`)."""
+  corpus = make_corpus(tmp_path)
   p = cli([sys.executable, "-m", "retro_jax.build_db", f"--db={tmp_path / 'db'}",
-           f"--corpus={corpus}"])  # the default vocabulary, 8192
-  assert_one_line_error(p, "too small for a 8192-piece tokenizer", "--vocab_size=")
+           f"--corpus={corpus}", *([f"--vocab_size={vocab}"] if vocab else [])])
+  assert_one_line_error(p, *needles)
 
 
 def test_a_file_or_unreachable_storage_for_a_directory_is_one_line(db, ckpt, tmp_path,

@@ -1,5 +1,5 @@
-"""Nothing silently stale in the build (issue 26): a damaged global index is rebuilt by a plain
-rerun, `--rebuild` rebuilds every stage downstream of a change and leaves nothing of the old build,
+"""Nothing silently stale in the build (issue 26): a damaged global index and missing or truncated
+embeddings and neighbours shards are rebuilt by a plain rerun, `--rebuild` rebuilds every stage downstream of a change and leaves nothing of the old build,
 and a one-chunk database builds and searches.
 
 A small real database with the default backend (the global index) over the fixed test corpus, built
@@ -74,6 +74,25 @@ def test_damaged_global_index_is_rebuilt_by_a_plain_rerun(db, tmp_path, capsys):
   assert tiny_db.digests(d, skip=SKIP) == want  # byte-identical to the clean build
   assert index_manifest(d) == want_manifest
   global_lib.verify(root)
+
+
+def test_missing_or_truncated_shards_are_rebuilt_by_a_plain_rerun(db, tmp_path, capsys):
+  """An embeddings shard cut short and a neighbours shard deleted: the rerun's check (a Beam
+  pipeline over the shards, one stat each) finds them and rebuilds just those, byte-identical."""
+  d = copy_db(db, tmp_path)
+  want = tiny_db.digests(d, skip=SKIP)
+  emb = layout.embeddings_path(d, 1)
+  emb.write_bytes(emb.read_bytes()[:-384 * 4])  # the last row gone
+  os.remove(layout.neighbours_path(d, 2))
+  record = build_lib.build(d, **SETTINGS)  # the plain rerun
+  out = capsys.readouterr().out
+  assert "embeddings: a shard was missing or not at its recorded size" in out
+  assert "neighbours: a shard was missing or not at its recorded size" in out
+  assert [s for s in build_lib.STAGES if not record["stages"][s]["skipped"]] == [
+      "embeddings", "neighbours"]
+  assert tiny_db.digests(d, skip=SKIP) == want  # byte-identical to the clean build
+  again = build_lib.build(d, **SETTINGS)  # and now whole: nothing rebuilt
+  assert all(again["stages"][s]["skipped"] for s in build_lib.STAGES)
 
 
 def test_content_damage_of_the_same_size_is_rebuilt_by_audit(db, tmp_path):

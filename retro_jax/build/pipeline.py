@@ -942,14 +942,59 @@ def _neighbours(p, db: str, cfg: dict[str, Any]) -> None:
        | "Record" >> beam.Map(_record_outputs, db, "neighbours"))
 
 
+# A finished embeddings or neighbours stage, checked by a rerun: each shard's .npy against its
+# progress record (exists, done, at the recorded size), in parallel over shard ranges, so that the
+# launcher reads one outputs record whatever the number of shards. A shard that is not whole is
+# removed, and then the outputs record, so that the stage runs again and rebuilds just that shard.
+
+
+def _not_whole_shards(rows: tuple[int, int], db: str, stage: str) -> Iterator[int]:
+  shard_path = _SHARD_PATHS[stage]
+  for shard in range(*rows):
+    npy = shard_path(db, shard)
+    if not layout.is_finished(npy):
+      layout.remove_rows_output(npy)
+      if layout.progress_path(npy).exists():
+        layout.progress_path(npy).unlink()
+      yield shard
+
+
+def _forget_outputs(count: int, db: str, stage: str) -> None:
+  if count and provenance.outputs_path(db, stage).exists():
+    provenance.outputs_path(db, stage).unlink()
+
+
+def _check_whole(p, db: str, stage: str) -> None:
+  n = chunk_store_lib.ChunkStore.open(db).num_shards
+  _ = (p | "ShardRanges" >> beam.Create(plan_lib.ranges(n))
+       | "SpreadShardRanges" >> beam.Reshuffle()
+       | "NotWhole" >> beam.FlatMap(_not_whole_shards, db, stage)
+       | "CountNotWhole" >> beam.combiners.Count.Globally()
+       | "ForgetOutputs" >> beam.Map(_forget_outputs, db, stage))
+
+
+_SHARD_PATHS = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}
+
+
+def remove_shards_not_whole(stage: str, db: str | os.PathLike,
+                            beam_args: Sequence[str] | None = None) -> bool:
+  """Checks every shard of a finished embeddings or neighbours stage (a Beam pipeline: one stat
+  and one small read per shard, on the workers); returns whether any was removed (the stage's
+  outputs record is then gone and the stage runs again)."""
+  db = os.fspath(db)
+  with pipeline(stage_args(beam_args, "check")) as p:
+    _check_whole(p, db, stage)
+  return not provenance.outputs_path(db, stage).exists()
+
+
 STAGE_PIPELINES = {"tokenizer": _tokenizer, "chunks": _chunks, "embeddings": _embeddings,
                    "index": _index, "neighbours": _neighbours}
 
 
 # Stages that run in the launching process on the local runner: one element each (the tokenizer;
-# the chunks stage's planner reads the corpus) whose work is small beside a worker process's
-# start-up. The embeddings, index and neighbours stages run in the worker processes asked for.
-IN_PROCESS_LOCALLY = ("tokenizer", "chunks")
+# the chunks stage's planner reads the corpus), or a stat per shard (the rerun's "check"), whose
+# work is small beside a worker process's start-up. The embeddings, index and neighbours stages run in the worker processes asked for.
+IN_PROCESS_LOCALLY = ("tokenizer", "chunks", "check")
 
 
 def stage_args(beam_args: Sequence[str] | None, stage: str) -> list[str] | None:

@@ -7,10 +7,11 @@ previous one's output), on whichever runner `beam_args` name: the in-process Dir
 default, the DirectRunner over several local processes (`make db`), or Dataflow, Flink or Spark
 (docs/beam.md). Every stage is restartable (its elements skip finished work); a stage whose
 outputs are all finished and whose provenance record (retro_jax.db.provenance: settings,
-tokenizer, input checksums) matches this run is skipped without being entered, so a rerun of a
-finished build does nothing. A record that differs stops the build with an error naming the
-difference (`--rebuild` rebuilds instead); missing or damaged outputs are rebuilt. Wall times per
-stage are printed and written to `DB/build_times.json`.
+tokenizer, input checksums) matches this run is skipped, so a rerun of a finished build rebuilds
+nothing. A record that differs stops the build with an error naming the
+difference (`--rebuild` rebuilds instead); missing or damaged outputs are rebuilt (a rerun checks
+each embeddings and neighbours shard in a small pipeline of its own: `_remove_damaged`). Wall times
+per stage are printed and written to `DB/build_times.json`.
 """
 
 from __future__ import annotations
@@ -157,9 +158,16 @@ def check_provenance(stage: str, db: epath.Path, cfg: dict[str, Any], rebuild: b
   return want
 
 
-def _remove_damaged(stage: str, db: epath.Path, cfg: dict[str, Any], audit: bool) -> None:
+def _remove_damaged(stage: str, db: epath.Path, cfg: dict[str, Any], audit: bool,
+                    beam_args) -> None:
   """A finished global index with a file missing or not at its recorded size (with `audit`: or
-  not at its recorded sha256, every file read) is removed, so that this run builds it again."""
+  not at its recorded sha256, every file read) is removed, so that this run builds it again; so
+  is a finished embeddings or neighbours shard missing or not at its recorded size (checked by a
+  Beam pipeline over the shards: the launcher reads one record whatever their number)."""
+  if stage in ("embeddings", "neighbours") and not audit and is_done(stage, db, cfg):
+    if pipeline_lib.remove_shards_not_whole(stage, db, beam_args):
+      print(f"[build_db] {stage}: a shard was missing or not at its recorded size; rebuilding "
+            "it", flush=True)
   if stage == "index" and cfg["backend"] == index_lib.GLOBAL_BACKEND:
     damaged = build_index_lib.remove_damaged_global_index(str(db), contents=audit)
     if damaged:
@@ -199,7 +207,7 @@ def build(db_dir: str | os.PathLike, stages=STAGES, rebuild: bool = False,
       record["stages"][stage] = {
           "graph_bytes": pipeline_lib.run_stage(stage, db, cfg, beam_args, plan_only=True)}
       continue
-    _remove_damaged(stage, db, cfg, audit)
+    _remove_damaged(stage, db, cfg, audit, beam_args)
     if is_done(stage, db, cfg):
       if want is not None:  # (also records a database built before provenance records)
         provenance.write(db, stage, cfg, want)

@@ -207,10 +207,16 @@ def progress_path(npy_path: PathLike) -> epath.Path:
 
 
 def is_finished(npy_path: PathLike) -> bool:
-  """A shard .npy whose progress record says done."""
+  """A shard .npy whose progress record says done, at the size the record names (one stat: a
+  truncated or replaced file is not finished; `--audit` checks the recorded sha256 too)."""
   progress = progress_path(npy_path)
-  return (epath.Path(npy_path).exists() and progress.exists()
-          and bool(json.loads(progress.read_text()).get("done")))
+  if not (epath.Path(npy_path).exists() and progress.exists()):
+    return False
+  try:
+    rec = json.loads(progress.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return False
+  return bool(rec.get("done")) and ("bytes" not in rec or file_size(npy_path) == rec["bytes"])
 
 
 def sha256_bytes(data: bytes) -> str:

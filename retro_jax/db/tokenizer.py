@@ -198,6 +198,11 @@ def train_sentencepiece(texts: Iterable[str], out_path: str | os.PathLike, vocab
         minloglevel=2,
     )
   except RuntimeError as e:
+    if "sentences_.empty()" in str(e):
+      raise TokenizerTrainingError(
+          f"the corpus has no line SentencePiece can train on: every line is blank or longer than "
+          f"{max_sentence_length} bytes (one document per line, newlines removed?); break the "
+          "text into lines, or pass an existing tokenizer (--tokenizer=PATH/spm.model)") from None
     m = _VOCAB_TOO_HIGH.search(str(e))
     if m is None:
       raise
