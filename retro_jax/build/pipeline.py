@@ -975,6 +975,30 @@ def _check_whole(p, db: str, stage: str) -> None:
 
 _SHARD_PATHS = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}
 
+# The same for a finished global index: each serving shard's record and files, checked by the
+# workers over ranges of serving shards; what is not whole is listed in DB/index/global/
+# damaged.json for the launcher, which removes the index so that the stage builds it again.
+DAMAGED = "damaged.json"
+
+
+def _damaged_serving_in(rows: tuple[int, int], db: str) -> Iterator[str]:
+  yield from global_lib.damaged_serving_files(global_lib.index_dir(db), range(*rows))
+
+
+def _write_damaged(damaged: list[str], db: str) -> None:
+  if damaged:
+    layout.write_json_atomic(global_lib.index_dir(db) / DAMAGED,
+                             {"count": len(damaged), "first": sorted(damaged)[:8]})
+
+
+def _check_global_index(p, db: str) -> None:
+  n = len(global_lib.serving_shard_ids(global_lib.read_manifest(global_lib.index_dir(db))))
+  _ = (p | "ServingRanges" >> beam.Create(plan_lib.ranges(n))
+       | "SpreadServingRanges" >> beam.Reshuffle()
+       | "NotWhole" >> beam.FlatMap(_damaged_serving_in, db)
+       | "Damaged" >> beam.combiners.Sample.FixedSizeGlobally(64)
+       | "Record" >> beam.Map(_write_damaged, db))
+
 
 def remove_shards_not_whole(stage: str, db: str | os.PathLike,
                             beam_args: Sequence[str] | None = None) -> bool:
@@ -985,6 +1009,24 @@ def remove_shards_not_whole(stage: str, db: str | os.PathLike,
   with pipeline(stage_args(beam_args, "check")) as p:
     _check_whole(p, db, stage)
   return not provenance.outputs_path(db, stage).exists()
+
+
+def global_index_not_whole(db: str | os.PathLike, beam_args: Sequence[str] | None = None
+                           ) -> list[str]:
+  """Checks every serving shard of a finished global index (a Beam pipeline: a record and a stat
+  per file, on the workers); returns some of the files missing or not at their recorded size."""
+  db = os.fspath(db)
+  marker = global_lib.index_dir(db) / DAMAGED
+  if marker.exists():
+    marker.unlink()
+  with pipeline(stage_args(beam_args, "check")) as p:
+    _check_global_index(p, db)
+  if not marker.exists():
+    return []
+  rec = json.loads(marker.read_text())
+  marker.unlink()
+  return rec["first"] + ([f"{rec['count'] - len(rec['first'])} more"]
+                         if rec["count"] > len(rec["first"]) else [])
 
 
 STAGE_PIPELINES = {"tokenizer": _tokenizer, "chunks": _chunks, "embeddings": _embeddings,

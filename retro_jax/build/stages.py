@@ -162,14 +162,20 @@ def _remove_damaged(stage: str, db: epath.Path, cfg: dict[str, Any], audit: bool
                     beam_args) -> None:
   """A finished global index with a file missing or not at its recorded size (with `audit`: or
   not at its recorded sha256, every file read) is removed, so that this run builds it again; so
-  is a finished embeddings or neighbours shard missing or not at its recorded size (checked by a
-  Beam pipeline over the shards: the launcher reads one record whatever their number)."""
+  is a finished embeddings or neighbours shard missing or not at its recorded size. The serving
+  shards and the embeddings and neighbours shards are checked by a Beam pipeline over them: the
+  launcher reads a few records whatever their number."""
   if stage in ("embeddings", "neighbours") and not audit and is_done(stage, db, cfg):
     if pipeline_lib.remove_shards_not_whole(stage, db, beam_args):
       print(f"[build_db] {stage}: a shard was missing or not at its recorded size; rebuilding "
             "it", flush=True)
   if stage == "index" and cfg["backend"] == index_lib.GLOBAL_BACKEND:
-    damaged = build_index_lib.remove_damaged_global_index(str(db), contents=audit)
+    # The launcher checks the few files outside the serving shards (all of them with `audit`).
+    damaged = build_index_lib.remove_damaged_global_index(str(db), contents=audit, serving=audit)
+    if not damaged and not audit and is_done(stage, db, cfg):
+      damaged = pipeline_lib.global_index_not_whole(db, beam_args)
+      if damaged:
+        build_index_lib.remove_global_index(str(db))
     if damaged:
       print(f"[build_db] index: damaged ({'; '.join(damaged)}); rebuilding it", flush=True)
 

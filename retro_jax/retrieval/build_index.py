@@ -63,28 +63,32 @@ def build_index(db_dir: str, config: index_lib.IndexConfig, out_dir: str | None 
 
 def global_index_done(db_dir: str, num_chunks: int) -> bool:
   """True when DB/index/global holds a finished index of this format over `num_chunks` vectors
-  whose files are all there at their recorded sizes (the manifest, one record per serving shard
-  and a stat per file)."""
+  whose files outside the serving shards are there at their recorded sizes (the manifest and a
+  few stats, whatever the index's size; the serving shards' files: `damaged_serving_files`)."""
   root = global_lib.index_dir(db_dir)
   try:
     if not (root / layout.MANIFEST).exists():
       return False
     m = global_lib.read_manifest(root)
     return (m.get("format_version") == global_lib.FORMAT_VERSION
-            and int(m["count"]) == int(num_chunks) and not global_lib.damaged_files(root, m))
+            and int(m["count"]) == int(num_chunks) and not global_lib.damaged_top_files(root, m))
   except index_lib.IndexError_:
     return False
 
 
-def remove_damaged_global_index(db_dir: str, contents: bool = False) -> list[str]:
+def remove_damaged_global_index(db_dir: str, contents: bool = False,
+                                serving: bool = True) -> list[str]:
   """Removes DB/index/global when it has a manifest but some file is missing or not at its
   recorded size (`contents`: or its sha256 differs, every file read), so that the index stage
-  builds it again (the build is deterministic: the same bytes); returns what was damaged."""
+  builds it again (the build is deterministic: the same bytes); returns what was damaged.
+  `serving=False` leaves the serving shards' files to the caller (the build checks them in a
+  Beam pipeline)."""
   root = global_lib.index_dir(db_dir)
   try:
     if not (root / layout.MANIFEST).exists():
       return []
-    damaged = global_lib.damaged_files(root)
+    damaged = (global_lib.damaged_files(root) if serving
+               else global_lib.damaged_top_files(root, global_lib.read_manifest(root)))
     if contents and not damaged:
       try:
         global_lib.verify(root)
@@ -95,6 +99,12 @@ def remove_damaged_global_index(db_dir: str, contents: bool = False) -> list[str
   if damaged:
     root.rmtree()
   return damaged
+
+
+def remove_global_index(db_dir: str) -> None:
+  root = global_lib.index_dir(db_dir)
+  if root.exists():
+    root.rmtree()
 
 
 def build_global_index(db_dir: str, config: global_lib.GlobalIndexConfig | None = None

@@ -58,7 +58,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -829,14 +829,19 @@ def _check_file(path: epath.Path, rec: dict[str, Any], data: bytes | None = None
                                 f"its record); {_FIX_CONTENT}.")
 
 
-def damaged_files(index_dir, manifest: dict[str, Any] | None = None) -> list[str]:
-  """The index's files that are missing or whose size differs from their record (a stat per file
-  and one small record per serving shard: cheap at any size; `verify` reads the contents)."""
+def damaged_top_files(index_dir, manifest: dict[str, Any]) -> list[str]:
+  """The index's files outside the serving shards (a few, whatever its size) that are missing or
+  not at their recorded size."""
   index_dir = epath.Path(index_dir)
-  manifest = manifest or read_manifest(index_dir)
-  out = [str(index_dir / n) for n, rec in manifest["files"].items()
-         if not (index_dir / n).exists() or (index_dir / n).stat().length != rec["bytes"]]
-  for s in serving_shard_ids(manifest):
+  return [str(index_dir / n) for n, rec in manifest["files"].items()
+          if not (index_dir / n).exists() or (index_dir / n).stat().length != rec["bytes"]]
+
+
+def damaged_serving_files(index_dir, shards: Iterable[int]) -> list[str]:
+  """The files of serving shards `shards` that are missing or not at the size their record names
+  (one small record and a stat per file)."""
+  out = []
+  for s in shards:
     rec = _read_json(serving_path(index_dir, s, "record"))
     if rec is None:
       out.append(str(serving_path(index_dir, s, "record")))
@@ -846,6 +851,15 @@ def damaged_files(index_dir, manifest: dict[str, Any] | None = None) -> list[str
       if not path.exists() or path.stat().length != f["bytes"]:
         out.append(str(path))
   return out
+
+
+def damaged_files(index_dir, manifest: dict[str, Any] | None = None) -> list[str]:
+  """The index's files that are missing or whose size differs from their record (a stat per file
+  and one small record per serving shard; the build's rerun checks the serving shards in a Beam
+  pipeline instead; `verify` reads the contents)."""
+  manifest = manifest or read_manifest(epath.Path(index_dir))
+  return (damaged_top_files(index_dir, manifest)
+          + damaged_serving_files(index_dir, serving_shard_ids(manifest)))
 
 
 def verify(index_dir, manifest: dict[str, Any] | None = None) -> None:
