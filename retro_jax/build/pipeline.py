@@ -17,13 +17,16 @@ Each stage (retro_jax/build/stages.py runs them in order, skipping finished ones
               (`layout.embedding_part_path`, written atomically, so a finished part is never redone);
               the parts are grouped by shard and assembled into `embeddings/shard-XXXXX.npy`
               (the same bytes as `embed.embed_shard`'s, block for block).
-  index       the global index (retro_jax.retrieval.global_index's build steps): TrainOnSample
-              (one element: partitioner, quantizer and int8 scale trained on a sample, written
-              with a record) -> EncodeShard (one element per embeddings shard: its int8 rerank
-              copy and its (partition, id, PQ code) per serving shard as part files) ->
-              GroupByKey(serving shard) -> MergeServingShard (serving/shard-XXXXX.faiss from
-              the parts in embeddings-shard order: the plain build's bytes) -> Manifest (one
-              writer, last). Per-shard backends: one element per embeddings shard.
+  index       the global index (retro_jax.retrieval.global_index's build steps): SamplePicks
+              (one element: the training sample's rows, by encode group) -> ReadSample (in
+              parallel, per encode group) -> TrainOnSample (one element: partitioner, quantizer
+              and int8 scale trained on the sample, written with a record) -> EncodeGroup (one
+              element per encode group of embeddings shards, from plan ranges: the int8 rerank
+              rows and the (partition, id, PQ code) of each serving shard as part files) ->
+              GroupByKey(serving shard) -> MergeServingShard (serving/shard-XXXXX.faiss and its
+              rerank copy from the parts, streamed in encode-group order: the plain build's
+              bytes) -> Manifest (one writer, last). Per-shard backends: one element per
+              embeddings shard.
   neighbours  the global index: a routed batch job over query blocks (NEIGHBOURS_BLOCK_ROWS rows
               of a store shard) in rounds: route each query to its nearest partitions (the
               trained quantizer only) -> GroupByKey(serving shard) -> search there (a worker
@@ -36,7 +39,9 @@ Each stage (retro_jax/build/stages.py runs them in order, skipping finished ones
               (`neighbours.neighbours_shard`), the index loaded once per worker.
 
 Every element skips finished work, so a killed pipeline started again redoes only unfinished
-blocks and shards. Runner options are Beam's own flags (`--runner`, `--direct_num_workers`,
+blocks and shards. A rerun of a finished embeddings, index or neighbours stage runs a small
+"check" pipeline over shard ranges instead (each shard's files against their recorded sizes), so
+that a missing or cut-short file is rebuilt without the launcher statting every shard. Runner options are Beam's own flags (`--runner`, `--direct_num_workers`,
 `--direct_running_mode`, Dataflow's `--project/--region/--temp_location`, ...): see docs/beam.md.
 """
 
@@ -148,7 +153,8 @@ def worker_env(beam_args: Sequence[str] | None, stage: str = "embeddings",
                cores: int | None = None) -> dict[str, str]:
   """Environment for local multi-processing workers of the stages with many elements (embeddings,
   neighbours): each worker's XLA and OpenMP (faiss) thread pools sized to its share of the cores,
-  so that N workers do not each spin on every core. The index stage is one element: all cores."""
+  so that N workers do not each spin on every core. The index stage keeps every core per
+  worker: its training step is one element."""
   if stage not in ("embeddings", "neighbours"):
     return {}
   opts = pipeline_options(beam_args).get_all_options()
