@@ -34,8 +34,7 @@ from retro_jax.training import aot, experiment
 
 FLAGS = flags.FLAGS
 shared.define("config", required=True, note="the model and recipe to compile")
-PROGRAMS = ("train", "evaluate", "sample")
-flags.DEFINE_enum("program", "train", list(PROGRAMS), "what to compile: the training step, the "
+flags.DEFINE_enum("program", "train", list(aot.PROGRAMS), "what to compile: the training step, the "
                   "evaluation step, or the sampling prefill and decode step")
 flags.DEFINE_string("topology", "v5e:4x4", "TPU topology, e.g. v5e:4x4, v5p:2x2x4, v4:2x2x2")
 flags.DEFINE_integer("per_chip_batch", None, "sequences per chip in one micro-batch (default: the "
@@ -57,76 +56,24 @@ shared.renamed("retrieval", how="use --config.retrieval (or a baseline_<size>.py
 shared.renamed("grad_accum_steps", how="use --config.grad_accum_steps")
 
 
-def compile_program(c) -> dict:
-  cfg, mesh = experiment.model_config(c), tuple(c.mesh)
-  if FLAGS.program == "evaluate":
-    return aot.compile_eval_step(cfg, FLAGS.topology, c.seq_len, mesh,
-                                 per_chip_batch=FLAGS.per_chip_batch, global_batch=c.global_batch,
-                                 num_slices=FLAGS.num_slices, size=c.model_size)
-  if FLAGS.program == "sample":
-    return aot.compile_sample_step(cfg, FLAGS.topology, c.seq_len, mesh,
-                                   per_chip_batch=FLAGS.per_chip_batch or 1,
-                                   prompt_len=FLAGS.prompt_len, num_slices=FLAGS.num_slices,
-                                   size=c.model_size)
-  return aot.compile_step(cfg, FLAGS.topology, c.seq_len, mesh,
-                          per_chip_batch=FLAGS.per_chip_batch, global_batch=c.global_batch,
-                          num_slices=FLAGS.num_slices, grad_accum_steps=c.grad_accum_steps,
-                          size=c.model_size)
-
-
 def main(argv):
   del argv
   c = experiment.with_defaults(FLAGS.config)
   try:
-    res = compile_program(c)
+    res = aot.compile_program(FLAGS.program, experiment.model_config(c), FLAGS.topology,
+                              c.seq_len, tuple(c.mesh), per_chip_batch=FLAGS.per_chip_batch,
+                              global_batch=c.global_batch, num_slices=FLAGS.num_slices,
+                              grad_accum_steps=c.grad_accum_steps, prompt_len=FLAGS.prompt_len,
+                              size=c.model_size)
   except aot.DoesNotFit as e:
     print(f"DOES NOT FIT: {e}")
     raise SystemExit(2)
-  fits = "fits" if res["per_chip_gib"] <= res["hbm_gib"] else "DOES NOT FIT"
-  if FLAGS.program != "train":
-    print_serving(res, fits)
-  else:
-    print_training(res, fits)
-  if FLAGS.out:
+  print(aot.summary(res))
+  if FLAGS.out:  # the row names the command that wrote it (bench/aot_all.sh sets AOT_COMMAND)
     command = os.environ.get("AOT_COMMAND") or " ".join(
         ["python -m retro_jax.aot_compile"] + sys.argv[1:])
     with open(FLAGS.out, "a") as f:
       f.write(json.dumps({**res, "provenance": figures.provenance(command)}) + "\n")
-
-
-def print_serving(res: dict, fits: str) -> None:
-  slices = f" x {res['num_slices']} slices" if res["num_slices"] > 1 else ""
-  what = ("evaluation step" if res["program"] == "evaluate" else
-          f"sampling (prefill of {res['prompt_len']} tokens, decode step over a "
-          f"{res['seq_len']}-token cache)")
-  print(f"{res['size']} {'RETRO' if res['retrieval'] else 'baseline'} {what} on "
-        f"{res['topology']}{slices} ({res['chips']} chips, mesh {res['mesh']}), "
-        f"{res['per_chip_batch']} sequences per batch shard (global {res['global_batch']})"
-        + (f" x {res['seq_len']} tokens" if res["program"] == "evaluate" else "")
-        + f", {res['dtype']}")
-  print(f"  params {res['params'] / 1e6:,.1f}M (float32), compiled in {res['compile_s']} s")
-  print(f"  per-chip memory {res['per_chip_gib']:.2f} GiB of {res['hbm_gib']} GiB HBM: {fits} "
-        f"(arguments {res['argument_gib']:.2f}, temporaries {res['temp_gib']:.2f})")
-  if res["program"] == "sample":
-    print(f"  decode step {res['step_gib']:.2f} GiB (cache {res['cache_gib']:.2f} GiB per chip), "
-          f"prefill {res['prefill_gib']:.2f} GiB")
-  print(f"  XLA FLOPs/step {res['xla_tflops_per_step']:.3f} T")
-
-
-def print_training(res: dict, fits: str) -> None:
-  slices = f" x {res['num_slices']} slices" if res["num_slices"] > 1 else ""
-  accum = f" x {res['grad_accum_steps']} micro-batches" if res["grad_accum_steps"] > 1 else ""
-  print(f"{res['size']} {'RETRO' if res['retrieval'] else 'baseline'} on {res['topology']}{slices} "
-        f"({res['chips']} chips, mesh {res['mesh']}), batch {res['per_chip_batch']}/chip{accum} "
-        f"(global {res['global_batch']}) x {res['seq_len']} tokens, {res['dtype']}, "
-        f"remat={res['remat']}")
-  print(f"  params {res['params'] / 1e6:,.1f}M, compiled in {res['compile_s']} s")
-  print(f"  per-chip memory {res['per_chip_gib']:.2f} GiB of {res['hbm_gib']} GiB HBM: {fits} "
-        f"(arguments {res['argument_gib']:.2f}, temporaries {res['temp_gib']:.2f})")
-  print(f"  XLA FLOPs/step {res['xla_tflops_per_step']:.1f} T vs 6*params*tokens "
-        f"{res['six_n_d_tflops']:.1f} T (ratio "
-        f"{res['xla_tflops_per_step'] / res['six_n_d_tflops']:.2f}); "
-        f"analytic incl. attention+encoder {res['analytic_tflops']:.1f} T")
 
 
 if __name__ == "__main__":

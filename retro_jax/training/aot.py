@@ -7,7 +7,7 @@ against the chip's HBM and XLA's FLOPs per step; for training also against the a
 6 * params * tokens (+ attention, encoder). As MaxText's train_compile.py.
 
   compile_step       TrainStep (training/step.py): forward, backward, AdamW update
-  compile_eval_step  EvalStep (evaluation/eval_step.py): the per-token loss of a batch of windows,
+  compile_eval_step  EvalStep (training/eval_step.py): the per-token loss of a batch of windows,
                      as `evaluate` scores them, float32 weights in the training layout
   compile_sample_step  Decoder (model/decode.py): the prefill of a prompt and one decode step
                      (the chunk-completing one, which also encodes the neighbours) over a cache
@@ -31,7 +31,7 @@ from jax.experimental import topologies  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from retro_jax.errors import UserError  # noqa: E402
-from retro_jax.evaluation.eval_step import EvalStep  # noqa: E402
+from retro_jax.training.eval_step import EvalStep  # noqa: E402
 from retro_jax.model import Retro, RetroConfig, count_params, placement  # noqa: E402
 from retro_jax.model.decode import Decoder  # noqa: E402
 from retro_jax.model.partitioning import make_mesh  # noqa: E402
@@ -241,3 +241,60 @@ def compile_sample_step(cfg: RetroConfig, topology: str, max_len: int, mesh_shap
                        for x in jax.tree.leaves(cache)) / 2**30,
       "prefill_xla_tflops": float(cost_p.get("flops", float("nan"))) * len(devices) / 1e12})
   return row
+
+
+PROGRAMS = ("train", "evaluate", "sample")
+
+
+def compile_program(program: str, cfg: RetroConfig, topology: str, seq_len: int, mesh_shape, *,
+                    per_chip_batch: int | None = None, global_batch: int | None = None,
+                    num_slices: int = 1, grad_accum_steps: int = 1,
+                    prompt_len: int | None = None, size: str = "") -> dict:
+  """One of PROGRAMS compiled (`compile_step`, `compile_eval_step`, `compile_sample_step`: the
+  sampling cache holds seq_len positions, per_chip_batch sequences per batch shard, default 1)."""
+  if program == "evaluate":
+    return compile_eval_step(cfg, topology, seq_len, mesh_shape, per_chip_batch=per_chip_batch,
+                             global_batch=global_batch, num_slices=num_slices, size=size)
+  if program == "sample":
+    return compile_sample_step(cfg, topology, seq_len, mesh_shape,
+                               per_chip_batch=per_chip_batch or 1, prompt_len=prompt_len,
+                               num_slices=num_slices, size=size)
+  if program != "train":
+    raise ValueError(f"program={program!r}; expected one of {PROGRAMS}")
+  return compile_step(cfg, topology, seq_len, mesh_shape, per_chip_batch=per_chip_batch,
+                      global_batch=global_batch, num_slices=num_slices,
+                      grad_accum_steps=grad_accum_steps, size=size)
+
+
+def summary(res: dict) -> str:
+  """The printed lines of one compile's result."""
+  fits = "fits" if res["per_chip_gib"] <= res["hbm_gib"] else "DOES NOT FIT"
+  slices = f" x {res['num_slices']} slices" if res["num_slices"] > 1 else ""
+  model = f"{res['size']} {'RETRO' if res['retrieval'] else 'baseline'}"
+  memory = (f"  per-chip memory {res['per_chip_gib']:.2f} GiB of {res['hbm_gib']} GiB HBM: {fits} "
+            f"(arguments {res['argument_gib']:.2f}, temporaries {res['temp_gib']:.2f})")
+  program = res.get("program", "train")
+  if program == "train":
+    accum = f" x {res['grad_accum_steps']} micro-batches" if res["grad_accum_steps"] > 1 else ""
+    return "\n".join([
+        f"{model} on {res['topology']}{slices} ({res['chips']} chips, mesh {res['mesh']}), batch "
+        f"{res['per_chip_batch']}/chip{accum} (global {res['global_batch']}) x {res['seq_len']} "
+        f"tokens, {res['dtype']}, remat={res['remat']}",
+        f"  params {res['params'] / 1e6:,.1f}M, compiled in {res['compile_s']} s", memory,
+        f"  XLA FLOPs/step {res['xla_tflops_per_step']:.1f} T vs 6*params*tokens "
+        f"{res['six_n_d_tflops']:.1f} T (ratio "
+        f"{res['xla_tflops_per_step'] / res['six_n_d_tflops']:.2f}); "
+        f"analytic incl. attention+encoder {res['analytic_tflops']:.1f} T"])
+  what = ("evaluation step" if program == "evaluate" else
+          f"sampling (prefill of {res['prompt_len']} tokens, decode step over a "
+          f"{res['seq_len']}-token cache)")
+  lines = [
+      f"{model} {what} on {res['topology']}{slices} ({res['chips']} chips, mesh {res['mesh']}), "
+      f"{res['per_chip_batch']} sequences per batch shard (global {res['global_batch']})"
+      + (f" x {res['seq_len']} tokens" if program == "evaluate" else "") + f", {res['dtype']}",
+      f"  params {res['params'] / 1e6:,.1f}M (float32), compiled in {res['compile_s']} s", memory]
+  if program == "sample":
+    lines.append(f"  decode step {res['step_gib']:.2f} GiB (cache {res['cache_gib']:.2f} GiB per "
+                 f"chip), prefill {res['prefill_gib']:.2f} GiB")
+  lines.append(f"  XLA FLOPs/step {res['xla_tflops_per_step']:.3f} T")
+  return "\n".join(lines)
