@@ -31,13 +31,16 @@ def readme_results() -> str:
   g32, g16 = load("gpu/reference_fp32.json"), load("gpu/reference_bf16.json")
   aot = load("aot_compile.jsonl")
 
-  def aot_run(size, topology, slices=1, accum=1):
+  def aot_run(size, topology, slices=1, accum=1, program="train"):
     return next(r for r in aot if r["size"] == size and r["topology"] == topology
-                and r.get("num_slices", 1) == slices and r.get("grad_accum_steps", 1) == accum)
+                and r.get("num_slices", 1) == slices and r.get("grad_accum_steps", 1) == accum
+                and r.get("program", "train") == program)
 
   a172, a425, a15, a75 = (aot_run("172m", "v5e:4x4"), aot_run("425m", "v5e:4x4"),
                           aot_run("1.5b", "v5p:2x2x4"), aot_run("7.5b", "v5p:4x4x4"))
   a15x2 = aot_run("1.5b", "v5p:2x2x4", 2)
+  e75 = aot_run("7.5b", "v5e:4x4", program="evaluate")
+  s172, s425 = (aot_run(n, "v5e:4x4", program="sample") for n in ("172m", "425m"))
   a75x8, a75x4 = aot_run("7.5b", "v5p:4x4x4", 2, 8), aot_run("7.5b", "v5p:4x4x4", 2, 4)
   emb = load("embed_throughput.json")["results"]["bfloat16_bs16_bucketed"]
   ann = load("ann_recall.json")
@@ -137,6 +140,15 @@ def readme_results() -> str:
        f"{a75x8['xla_tflops_per_step']:,.0f} XLA TFLOP/step; by {a75x4['grad_accum_steps']}, "
        f"{a75x4['per_chip_gib']:.1f} GiB, {fits(a75x4)})",
        "`make aot`"),
+      ("ahead-of-time TPU compile of evaluation and sampling (sharded), per-chip memory",
+       f"7.5B evaluation step on {e75['topology']} ({e75['chips']} chips, float32 weights FSDP, "
+       f"{e75['per_chip_batch']} window of {e75['seq_len']:,} tokens per chip): "
+       f"**{e75['per_chip_gib']:.1f} GiB, {fits(e75)} {e75['hbm_gib']} GiB**; sampling on {s172['topology']} "
+       f"(data-parallel, {s172['per_chip_batch']} sequence per chip, prefill of "
+       f"{s172['prompt_len']:,} tokens and a decode step over a {s172['seq_len']:,}-token cache): "
+       f"172M {s172['per_chip_gib']:.1f} GiB, {fits(s172)}; 425M {s425['per_chip_gib']:.1f} GiB, "
+       f"{fits(s425)}",
+       "`ONLY_SERVE=1 APPEND=1 bash bench/aot_all.sh`"),
       ("MiniLM embedding throughput (bf16)",
        f"{emb['chunks_per_s']:.1f} chunks/s, min cosine to fp32 {emb['min_cosine_to_fp32']:.5f}",
        "`make bench-embed`"),

@@ -124,10 +124,12 @@ def verify_table() -> str:
 
 
 def aot_table() -> str:
-  """docs/benchmarks.md: the ahead-of-time TPU compiles, one row per aot_compile run."""
-  out = ["| size | slice (chips) | batch/chip (global) | self-attention | per-chip memory | HBM | "
-         "XLA TFLOP/step | compile |", "|---|---|---|---|---|---|---|---|"]
+  """docs/benchmarks.md: the ahead-of-time TPU compiles, one row per aot_compile run: training
+  steps, then evaluation steps and sampling programs (`--program`)."""
+  out = ["| program | size | slice (chips) | batch/chip (global) | self-attention | per-chip memory "
+         "| HBM | XLA TFLOP/step | compile |", "|---|---|---|---|---|---|---|---|---|"]
   for r in load("aot_compile.jsonl"):
+    program = r.get("program", "train")
     slices, accum = r.get("num_slices") or 1, r.get("grad_accum_steps") or 1
     mesh = r["mesh"]
     if slices == 1:
@@ -136,16 +138,27 @@ def aot_table() -> str:
       where = (f"{slices} x {r['topology']} ({r['chips']}), mesh data={mesh['data']}"
                + (" (one per slice)" if accum == 1 else "") + f", fsdp={mesh['fsdp']}"
                + (f"; {accum} micro-batches" if accum > 1 else ""))
+    if program != "train":
+      where += ", " + ("FSDP" if mesh["fsdp"] > 1 else "data-parallel")
     batch = (f"{r['per_chip_batch']} x {accum} ({r['global_batch']:,})" if accum > 1
              else f"{r['per_chip_batch']} ({r['global_batch']:,})")
     attn = f"blocks of {r['q_block']}" if r["q_block"] else "whole"
     mem = f"{r['per_chip_gib']:.1f} GiB"
     if r["per_chip_gib"] > r["hbm_gib"]:
       mem += " (does not fit)"
-    elif accum > 1:
+    elif accum > 1 or program != "train":
       mem = f"**{mem}** (fits)"
-    out.append(f"| {r['size'].upper()} | {where} | {batch} | {attn} | {mem} | {r['hbm_gib']} GiB | "
-               f"{r['xla_tflops_per_step']:,.0f} | {r['compile_s']:.0f} s |")
+    if program == "sample":
+      mem += (f": prefill of {r['prompt_len']:,} tokens {r['prefill_gib']:.1f}, decode step "
+              f"{r['step_gib']:.1f} (cache of {r['seq_len']:,} {r['cache_gib']:.2f})")
+    name = {"train": "training step", "evaluate": f"evaluation ({r['seq_len']:,} tokens)",
+            "sample": "sampling"}[program]
+    tflops = r["xla_tflops_per_step"]
+    out.append(f"| {name} | {r['size'].upper()} | {where} | {batch} | {attn} | {mem} | "
+               f"{r['hbm_gib']} GiB | {tflops:,.0f} | {r['compile_s']:.0f} s |"
+               if tflops >= 10 else
+               f"| {name} | {r['size'].upper()} | {where} | {batch} | {attn} | {mem} | "
+               f"{r['hbm_gib']} GiB | {tflops:.2f} | {r['compile_s']:.0f} s |")
   return "\n".join(out)
 
 

@@ -2,7 +2,11 @@ r"""Bits-per-byte on held-out documents, retrieval on / off / shuffled, with the
 
     python -m retro_jax.evaluate --workdir=runs/demo/retro [--seq_len=2048 --stride=1024] \
         [--num_neighbours=2 --retrieval=on,off,shuffled --baseline=runs/demo/baseline] \
-        [--db_fraction=1.0 --out=EVAL.json --plot=EVAL.png]
+        [--db_fraction=1.0 --out=EVAL.json --plot=EVAL.png] [--mesh=-1,1,1]
+
+The model is restored straight into its sharded layout on --mesh (data, fsdp, model; default every
+device data-parallel; --mesh=1,-1,1 shards the weights FSDP, for a model one chip cannot hold) and
+each batch of windows is split over data and fsdp.
 
 How documents, windows, retrieval and the filter work: retro_jax.evaluation.bpb; the shuffled
 control, overlap bins and bootstrap intervals: retro_jax.evaluation.controls.
@@ -38,7 +42,9 @@ shared.define("service", note="with --retriever=service")
 shared.define("service_timeout_s", note="with --retriever=service")
 shared.define("backend", note="with --retriever=index (default: the one built)")
 flags.DEFINE_float("db_fraction", 1.0, "fraction of training documents to retrieve from")
-flags.DEFINE_integer("batch_size", 8, "windows per forward pass")
+flags.DEFINE_integer("batch_size", 8, "windows per forward pass (rounded up to a multiple of the "
+                     "mesh's data x fsdp devices)")
+shared.define("mesh", note="the model is restored sharded on it")
 shared.define("max_docs", note="held-out documents")
 flags.DEFINE_string("out", None, "results JSON (default WORKDIR/eval.json)")
 flags.DEFINE_string("plot", None, "PNG path (default next to the JSON)")
@@ -56,7 +62,8 @@ def main(argv):
                      db_fraction=f.db_fraction, batch_size=f.batch_size, max_docs=f.max_docs,
                      retriever=f.retriever, service=f.service or (), backend=f.backend,
                      service_timeout_s=f.service_timeout_s,
-                     baseline=f.baseline, shuffle_seed=f.shuffle_seed)
+                     baseline=f.baseline, shuffle_seed=f.shuffle_seed,
+                     mesh=shared.mesh_from_flag(f.mesh))
   out = f.out or str(epath.Path(f.workdir) / "eval.json")  # local or gs://
   epath.Path(out).write_text(json.dumps(res, indent=1))
   plot_path = f.plot or os.path.splitext(out)[0] + ".png"

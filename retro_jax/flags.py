@@ -14,6 +14,8 @@ against SHARED). The vocabulary, as WORKSPACE.md names the paths:
   --retrieval       retrieval modes, a list (on, off, shuffled, ...; all: the command's usual set)
   --backend         an index backend under DB/index/ (default: the one built)
   --service         host:port of every retrieval shard server (retro_jax.retrieval.serve)
+  --mesh            the device mesh (data, fsdp, model) evaluate and sample run on, as an
+                    experiment's `mesh` (`mesh_from_flag`; default: all devices data-parallel)
   --embed_batch_size, --max_docs
 
 `--out` (any other results file or directory) is a name every command uses too, but what it
@@ -34,6 +36,7 @@ from retro_jax import errors
 from retro_jax.build import stages as build
 from retro_jax.evaluation import bpb
 from retro_jax.model.config import SIZES
+from retro_jax.model.partitioning import make_mesh
 from retro_jax.retrieval import index as index_lib
 
 # Flags defined below belong to the command that calls `define` (its --help lists them), not to
@@ -65,6 +68,9 @@ SHARED: dict[str, Shared] = {
                       "(retro_jax.retrieval.serve)"),
     "service_timeout_s": Shared("float", 10.0, "deadline of connecting to the retrieval service "
                                 "and of each of its searches (seconds)"),
+    "mesh": Shared("list", ["-1", "1", "1"], "device mesh data,fsdp,model (one -1 takes the "
+                   "remaining devices), as an experiment's mesh: the weights in the training "
+                   "layout, the batch over data and fsdp"),
     "embed_batch_size": Shared("integer", build.DEFAULTS["embed_batch_size"],
                                "embedder rows per forward call"),
     "max_docs": Shared("integer", None, "keep only the first N documents (smoke runs)"),
@@ -88,6 +94,27 @@ def define(name: str, *, required: bool = False, note: str = "") -> None:
     define_fn = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
                  "float": flags.DEFINE_float, "list": flags.DEFINE_list}[s.kind]
     define_fn(name, s.default, text, required=required)
+
+
+class MeshError(errors.UserError, ValueError):
+  """A --mesh that is not three integers, or does not fit the devices."""
+
+
+def mesh_from_flag(value, devices=None):
+  """The ("data", "fsdp", "model") Mesh that --mesh (three integers, one may be -1) names, over
+  `devices` (default: all); partitioning.make_mesh, as training builds it."""
+  text = ",".join(str(v) for v in value)
+  try:
+    shape = tuple(int(v) for v in value)
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+    raise MeshError(f"--mesh={text}: expected three integers data,fsdp,model, at most one -1 "
+                    "(the remaining devices), e.g. -1,1,1 (data-parallel) or 1,-1,1 (FSDP)")
+  try:
+    return make_mesh(shape, devices)
+  except ValueError as e:
+    raise MeshError(f"--mesh={text}: {e}") from None
 
 
 def renamed(old: str, how: str = "", boolean: bool = False) -> None:

@@ -4,7 +4,8 @@ r"""Generate text with RETRO, retrieving afresh at every chunk boundary.
         [--max_new_tokens=128 --temperature=0.8 --top_p=0.9 --seed=0] \
         [--num_neighbours=2 --retrieval=on,off --show_neighbours] \
         [--db=DIR (default: the database the model was trained on)] \
-        [--service=127.0.0.1:50051,127.0.0.1:50052 (shard servers instead of in-process)]
+        [--service=127.0.0.1:50051,127.0.0.1:50052 (shard servers instead of in-process)] \
+        [--mesh=-1,1,1 (data, fsdp, model: the default, every device data-parallel)]
 
 Every time a chunk of m tokens completes (the prompt's chunks, then generated ones), its text is
 embedded with the database's embedder, the k nearest database chunks are searched, and each is fed
@@ -12,6 +13,10 @@ to the model with its continuation (r tokens): retro_jax.sampling.generate. --re
 modes to sample with, each from the same seed: on (RETRO[ON]) and off (RETRO[OFF], no neighbours);
 the default, all, is both for a RETRO model and off for a baseline. --show_neighbours prints every
 query chunk and, per neighbour, its score, chunk id, document id and key, and text.
+The model is restored straight into its sharded layout on --mesh (the training rules: --mesh=1,1,-1
+splits heads and the feed-forward over the devices, 1,-1,1 shards the weights FSDP) and the
+decode caches are sharded the same way (retro_jax.model.placement); a single prompt is replicated
+over the data-parallel devices.
 Without --workdir, --size=NAME (a retro_jax.model.config.SIZES name) builds a randomly initialised
 model sized to the database (its vocabulary and chunk size), for trying the pipeline out.
 """
@@ -55,6 +60,7 @@ shared.define("backend", note="searched in-process (default: the one built)")
 shared.define("service", note="search them instead of the in-process index")
 shared.renamed("retrieval_service")
 shared.define("service_timeout_s", note="with --service")
+shared.define("mesh", note="the model is restored, and decodes, sharded on it")
 SAMPLE_MODES = ("on", "off")
 
 
@@ -103,8 +109,9 @@ def run(argv_flags=FLAGS, out=sys.stdout) -> dict:
   if f.prompt_file is not None and not os.path.isfile(f.prompt_file):
     raise SampleError(f"--prompt_file={f.prompt_file} does not exist (or is not a file)")
   prompt = f.prompt if f.prompt is not None else open(f.prompt_file).read()
+  mesh = shared.mesh_from_flag(f.mesh)
   if f.workdir:
-    model, config, info = load_model(f.workdir, step=f.step)
+    model, config, info = load_model(f.workdir, step=f.step, mesh=mesh)
   elif f.size:
     if not f.db:
       raise SampleError("--size builds a random model sized to a database: pass --db too")
@@ -138,7 +145,8 @@ def run(argv_flags=FLAGS, out=sys.stdout) -> dict:
     t0 = time.perf_counter()
     result = gen.generate(model, config, prompt_ids, on, max_new_tokens=f.max_new_tokens,
                           temperature=f.temperature, top_p=f.top_p, seed=f.seed,
-                          eos_id=tokenizer.eos_id if f.stop_at_eos else None, num_neighbours=k)
+                          eos_id=tokenizer.eos_id if f.stop_at_eos else None, num_neighbours=k,
+                          mesh=mesh)
     total = time.perf_counter() - t0
     ids = [t for t in result.new_ids if t != tokenizer.eos_id]
     continuation = tokenizer.decode_fragment(ids)
@@ -158,7 +166,7 @@ def run(argv_flags=FLAGS, out=sys.stdout) -> dict:
                 f"{c.chunk_id}: {_one_line(c.text)!r}", file=out)
     results[mode] = {"new_ids": result.new_ids, "text": continuation,
                      "retrievals": len(result.retrievals), "seconds": result.seconds}
-  return {"prompt_ids": list(prompt_ids), "modes": results}
+  return {"prompt_ids": list(prompt_ids), "modes": results, "mesh": dict(mesh.shape)}
 
 
 def main(argv):

@@ -39,6 +39,11 @@ neighbours the model is given, those of the preceding chunk (`bins_given`, `give
 every difference (on - off, on - shuffled, on - baseline, ...) gets a 95% interval from a paired
 bootstrap over documents, overall and in each bin of both kinds.
 
+Sharding: the model is restored onto a mesh (`mesh`, default every device data-parallel; the
+`--mesh` flag) in the training layout, and each batch of windows is split over the batch axes
+(`eval_step.EvalStep`); the batch size is rounded up to a multiple of the batch shards (the extra
+windows repeat the last one and are not scored).
+
 Output: JSON (bpb per mode, bpb(alpha) on a grid of alpha, chunk counts, bpb per overlap bin, the
 differences with intervals, each chunk's loss) and a PNG of bpb(alpha).
 """
@@ -51,12 +56,12 @@ import sys
 import time
 from typing import Any, Sequence
 
-import jax
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from retro_jax.build.neighbours import search_block
@@ -66,7 +71,9 @@ from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
 from retro_jax.evaluation import controls
-from retro_jax.model.loss import token_nll
+from retro_jax.training.eval_step import EvalStep
+from retro_jax.model import placement
+from retro_jax.model.partitioning import make_mesh
 from retro_jax.retrieval.client import ServiceRetriever
 from retro_jax.retrieval.retriever import Retriever, db_embedding_rows, db_embedding_shards
 from retro_jax.training import checkpoint as ckpt_lib
@@ -319,21 +326,29 @@ def window_batch(held: HeldOut, wins: Sequence[Window], seq_len: int, chunk_size
   return batch
 
 
-def make_loss_fn(model):
+def make_loss_fn(model, mesh: Mesh | None = None) -> EvalStep:
+  """The model's per-token loss on `mesh` (default: every device, data-parallel): called with
+  (inputs, targets, neighbours) host arrays, returns numpy nats [B, T]; `.batch_ways()` is the
+  number of shards a batch is split into."""
+  mesh = make_mesh((-1, 1, 1)) if mesh is None else mesh
   graphdef, state = nnx.split(model)
+  rules = model.config.sharding_rules
+  step = EvalStep(graphdef, mesh, rules)
+  params = placement.place(state, mesh, rules)  # no copy where the weights are there already
 
-  @jax.jit
-  def nll(state, inputs, targets, neighbours):
-    m = nnx.merge(graphdef, state)
-    return token_nll(m(inputs, neighbours), targets)
-  return lambda inputs, targets, neighbours: np.asarray(nll(state, inputs, targets, neighbours))
+  def loss_fn(inputs, targets, neighbours):
+    return step(params, inputs, targets, neighbours)
+  loss_fn.batch_ways = step.batch_ways
+  return loss_fn
 
 
 def chunk_losses(model, cfg, held: HeldOut, store, *, seq_len: int, stride: int,
                  num_neighbours: int, retrieval: bool, batch_size: int = 8,
                  progress: bool = True, desc: str = "eval",
-                 neighbours_CxN: np.ndarray | None = None) -> np.ndarray:
-  """Summed loss in nats of the targets in each held-out chunk (neighbours: `window_batch`)."""
+                 neighbours_CxN: np.ndarray | None = None,
+                 mesh: Mesh | None = None) -> np.ndarray:
+  """Summed loss in nats of the targets in each held-out chunk (neighbours: `window_batch`), on
+  `mesh` (`make_loss_fn`)."""
   model.eval()
   wins = make_windows([len(t) for t in held.doc_tokens], seq_len, stride, cfg.chunk_size)
   if retrieval and not cfg.retrieval:
@@ -341,7 +356,9 @@ def chunk_losses(model, cfg, held: HeldOut, store, *, seq_len: int, stride: int,
   if retrieval and num_neighbours > held.neighbours_CxN.shape[1]:
     raise EvalError(f"num_neighbours={num_neighbours} > the {held.neighbours_CxN.shape[1]} "
                     "retrieved per chunk; load the held-out set with a larger k.")
-  loss_fn = make_loss_fn(model)
+  loss_fn = make_loss_fn(model, mesh)
+  ways = loss_fn.batch_ways()
+  batch_size = -(-batch_size // ways) * ways  # every batch shard gets the same number of windows
   out = np.zeros(len(held.chunk_ids_C), np.float64)
   for i in tqdm(range(0, len(wins), batch_size), desc=desc, unit="batch", disable=not progress):
     group = wins[i:i + batch_size]
@@ -462,12 +479,14 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
              progress: bool = True, retriever: str = "exact", service: Sequence[str] = (),
              backend: str | None = None, baseline: str | None = None, baseline_step: int | None = None,
              shuffle_seed: int = 0, keep_chunk_losses: bool = True,
-             service_timeout_s: float = 10.0) -> dict[str, Any]:
+             service_timeout_s: float = 10.0, mesh: Mesh | None = None) -> dict[str, Any]:
   """Evaluates the checkpoint at `path` (a workdir), and the `baseline` workdir's (retrieval off)
-  on the same chunks when given; returns the JSON-able results."""
+  on the same chunks when given, sharded over `mesh` (default: every device, data-parallel);
+  returns the JSON-able results."""
   if num_neighbours is not None and num_neighbours < 1:
     raise EvalError(f"--num_neighbours={num_neighbours} must be >= 1 (omit it for the model's).")
-  model, cfg, info = ckpt_lib.load_model(path, step)
+  mesh = make_mesh((-1, 1, 1)) if mesh is None else mesh
+  model, cfg, info = ckpt_lib.load_model(path, step, mesh=mesh)
   db = db or info["db"]
   layout.db_root(db)  # reachable (gs://) and a directory, before anything reads it
   verify.check_checkpoint_tokenizer(info.get("db_tokenizer"), info["db"], db, info["path"])
@@ -487,7 +506,8 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
   out = {"checkpoint": info["path"], "step": info["step"], "db": db, "db_fraction": db_fraction,
          "retriever": source,
          "seq_len": seq_len, "stride": stride, "num_neighbours": k,
-         "retrieval_model": cfg.retrieval, "num_docs": len(held.doc_tokens),
+         "retrieval_model": cfg.retrieval, "mesh": dict(mesh.shape),
+         "num_docs": len(held.doc_tokens),
          "num_chunks": int(len(held.chunk_ids_C)), "num_bytes": int(held.chunk_bytes_C.sum()),
          "retrieve_seconds": t_retrieve, "shuffle_seed": shuffle_seed,
          "scored_tokens_without_retrieval": scored_tokens_without_retrieval(
@@ -512,13 +532,15 @@ def evaluate(path: str, *, step: int | None = None, db: str | None = None, seq_l
     losses[mode] = chunk_losses(model, cfg, held, store, seq_len=seq_len, stride=stride,
                                 num_neighbours=k, retrieval=mode != "off", batch_size=batch_size,
                                 progress=progress, desc=f"retrieval {mode}",
-                                neighbours_CxN=mode_neighbours(held, mode, shuffle_seed))
+                                neighbours_CxN=mode_neighbours(held, mode, shuffle_seed),
+                                mesh=mesh)
   if baseline:
-    base_model, base_cfg, base_info = ckpt_lib.load_model(baseline, baseline_step)
+    base_model, base_cfg, base_info = ckpt_lib.load_model(baseline, baseline_step, mesh=mesh)
     out["baseline"] = {"checkpoint": base_info["path"], "step": base_info["step"]}
     losses["baseline"] = chunk_losses(base_model, base_cfg, held, store, seq_len=seq_len,
                                       stride=stride, num_neighbours=k, retrieval=False,
-                                      batch_size=batch_size, progress=progress, desc="baseline")
+                                      batch_size=batch_size, progress=progress, desc="baseline",
+                                      mesh=mesh)
   given_C = given_overlap(held, store, k, cfg.neighbour_len)
   out["given_overlap_bins"] = {n: int(m.sum()) for n, m in controls.bin_masks(given_C).items()}
   for mode, loss_C in losses.items():

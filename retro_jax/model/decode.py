@@ -25,17 +25,28 @@ the blocks. What is cached, and why it is exact:
     layer's self-attention, and refills the slots, which that same token already reads.
 With `neighbours=None` at prefill the whole sequence decodes without retrieval (RETRO[OFF]).
 
+On a mesh (`Decoder(model, max_len, mesh=mesh)`) the weights take the training layout
+(`placement.place`), the prompt, tokens and neighbours are split over the batch axes, and every
+cache buffer is sharded too (`placement.cache_shardings`: batch over the batch axes, heads over
+"model"); a dimension that does not divide (a single prompt over data-parallel devices) is
+replicated. `lower_prefill` / `lower_step` lower the same jitted functions from abstract
+arguments, for ahead-of-time compiles (training/aot.py).
+
 All buffers have a fixed size (max_len rounded up to a multiple of m; batch fixed at prefill), so
 `step` compiles twice (a plain step and a chunk-completing step) and then runs for every position;
 `prefill` compiles once per prompt length rounded up to m. Cache buffers are donated to each step.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+
+from retro_jax.model import placement
 
 
 class DecodeError(ValueError):
@@ -59,9 +70,11 @@ class Decoder:
   """Jitted prefill / step over fixed-size cache buffers, reading the weights of a `Retro`.
 
   The weights are captured (split) at construction; after changing the model, build a new Decoder.
+  `mesh`: decode sharded over it (see the module docstring); None: where the weights are. `model`
+  may be abstract (nnx.eval_shape) for lowering only.
   """
 
-  def __init__(self, model, max_len: int):
+  def __init__(self, model, max_len: int, mesh: Mesh | None = None):
     cfg = model.config
     self.config = cfg
     m = cfg.chunk_size
@@ -69,7 +82,9 @@ class Decoder:
     if self.max_len < 1:
       raise DecodeError(f"max_len={max_len} must be >= 1")
     self.dtype = jnp.dtype(cfg.dtype)
-    self.graphdef, self.params = nnx.split(model)
+    self.graphdef, params = nnx.split(model)
+    self.mesh, self.rules = mesh, cfg.sharding_rules
+    self.params = params if mesh is None else placement.place(params, mesh, self.rules)
     self.cca_layer_idx = [p - 1 for p in cfg.cca_layers]  # 0-indexed decoder blocks with CCA
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("retrieval",))
     self._step = jax.jit(self._step_fn, static_argnames=("retrieval", "completes"),
@@ -110,8 +125,10 @@ class Decoder:
           neighbours_BxLxNxR.shape[3] != want[3]:
         raise DecodeError(f"prompt neighbours must be [B={b}, L={num_l}, N, R={want[3]}] for a "
                           f"prompt of {p} tokens, got {neighbours_BxLxNxR.shape}")
-    arrays, logits_BxV = self._prefill(self.params, tokens_BxP, neighbours_BxLxNxR,
-                                       jnp.int32(p), retrieval=retrieval)
+    with self._on_mesh():
+      arrays, logits_BxV = self._prefill(self.params, self._put(tokens_BxP),
+                                         self._put(neighbours_BxLxNxR), jnp.int32(p),
+                                         retrieval=retrieval)
     return logits_BxV, DecodeState(arrays=arrays, length=p, retrieval=retrieval)
 
   def step(self, state: DecodeState, tokens_B, neighbours_BxNxR=None
@@ -142,12 +159,80 @@ class Decoder:
     elif neighbours_BxNxR is not None:
       raise DecodeError(f"neighbours given at position {state.length}, which completes no chunk"
                         + ("" if state.retrieval else " (this cache decodes without retrieval)"))
-    arrays, logits_BxV = self._step(self.params, state.arrays, tokens_B,
-                                    neighbours_BxNxR, jnp.int32(state.length),
-                                    retrieval=state.retrieval, completes=completes)
+    with self._on_mesh():
+      arrays, logits_BxV = self._step(self.params, state.arrays, self._put(tokens_B),
+                                      self._put(neighbours_BxNxR), jnp.int32(state.length),
+                                      retrieval=state.retrieval, completes=completes)
     state.arrays = None  # donated
     return logits_BxV, DecodeState(arrays=arrays, length=state.length + 1,
                                    retrieval=state.retrieval)
+
+  # --------------------------------------------------------------------------------------------
+  # Ahead-of-time lowering (abstract arguments with their shardings; nothing runs).
+
+  def _abstract(self, shape, dtype=jnp.int32):
+    sharding = None
+    if self.mesh is not None:
+      sharding = (placement.batch_sharding(self.mesh, shape, self.rules) if shape else
+                  placement.replicated(self.mesh))
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  def _abstract_prefill_args(self, batch: int, prompt_len: int, retrieval: bool):
+    cfg = self.config
+    num_l = cfg.num_chunks(prompt_len)
+    tokens = self._abstract((batch, num_l * cfg.chunk_size))
+    nbrs = self._abstract((batch, num_l, cfg.num_neighbours, cfg.neighbour_len)) \
+        if retrieval else None
+    return tokens, nbrs, self._abstract(())
+
+  def lower_prefill(self, batch: int, prompt_len: int, retrieval: bool = True):
+    """The prefill of `batch` prompts of `prompt_len` tokens, lowered."""
+    with self._on_mesh():
+      return self._prefill.lower(self.params, *self._abstract_prefill_args(
+          batch, prompt_len, retrieval), retrieval=retrieval)
+
+  def abstract_cache(self, batch: int, retrieval: bool = True):
+    """The cache's ShapeDtypeStructs (with their shardings on a mesh) for `batch` sequences."""
+    with self._on_mesh():
+      arrays, _ = jax.eval_shape(
+          lambda *a: self._prefill_fn(*a, retrieval=retrieval), self.params,
+          *self._abstract_prefill_args(batch, self.config.chunk_size, retrieval))
+    if self.mesh is None:
+      return arrays
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        arrays, placement.cache_shardings(arrays, self.mesh, self.rules))
+
+  def lower_step(self, batch: int, retrieval: bool = True, completes: bool = True):
+    """One decode step of `batch` sequences over a full-size cache, lowered; `completes`: the
+    chunk-completing step, which also encodes the chunk's neighbours (the larger program)."""
+    cfg = self.config
+    nbrs = self._abstract((batch, cfg.num_neighbours, cfg.neighbour_len)) \
+        if retrieval and completes else None
+    with self._on_mesh():
+      return self._step.lower(self.params, self.abstract_cache(batch, retrieval),
+                              self._abstract((batch,)), nbrs, self._abstract(()),
+                              retrieval=retrieval, completes=retrieval and completes)
+
+  # --------------------------------------------------------------------------------------------
+  # Placement on the mesh.
+
+  def _on_mesh(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _put(self, x):
+    """A batch-leading input split over the batch axes (None stays None)."""
+    if x is None or self.mesh is None:
+      return x
+    return jax.device_put(x, placement.batch_sharding(self.mesh, x.shape, self.rules))
+
+  def _placed(self, arrays, logits_BxV):
+    """The cache and logits constrained to their shardings (inside the jitted bodies)."""
+    if self.mesh is None:
+      return arrays, logits_BxV
+    arrays = jax.lax.with_sharding_constraint(
+        arrays, placement.cache_shardings(arrays, self.mesh, self.rules))
+    return arrays, jax.lax.with_sharding_constraint(
+        logits_BxV, placement.batch_sharding(self.mesh, logits_BxV.shape, self.rules))
 
   # --------------------------------------------------------------------------------------------
   # Jitted bodies.
@@ -180,7 +265,7 @@ class Decoder:
       mask_BxNxR = jax.lax.dynamic_index_in_dim(enc_mask, u, axis=1, keepdims=False)
       arrays["cca"] = self._slots(model, enc_BxNxRxE, mask_BxNxR & (length >= m))
       arrays["chunk_h"] = chunk_h_BxMxD
-    return arrays, model.logits(last_Bx1xD)[:, 0]
+    return self._placed(arrays, model.logits(last_Bx1xD)[:, 0])
 
   def _slots(self, model, enc_BxNxRxE, mask_BxNxR) -> list[dict]:
     return [model.blocks[i].cca.slot(enc_BxNxRxE, mask_BxNxR) for i in self.cca_layer_idx]
@@ -206,4 +291,4 @@ class Decoder:
       if retrieval and block.cca is not None:
         slot, c = arrays["cca"][c], c + 1
       x_Bx1xD = block.decode_cross_attention_and_ffw(x_Bx1xD, slot, t)
-    return arrays, model.logits(x_Bx1xD)[:, 0]
+    return self._placed(arrays, model.logits(x_Bx1xD)[:, 0])

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from retro_jax.db import layout
 from retro_jax.db.chunk_store import ChunkStore
@@ -106,13 +107,14 @@ def generate(model, config: RetroConfig, prompt_ids: Sequence[int],
              retrieve_fn: RetrieveFn | None = None, *, max_new_tokens: int = 64,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              eos_id: int | None = None, num_neighbours: int | None = None,
-             decoder: Decoder | None = None) -> GenerateResult:
+             decoder: Decoder | None = None, mesh: Mesh | None = None) -> GenerateResult:
   """Samples up to max_new_tokens after prompt_ids (one sequence), retrieving at every completed
   chunk (see the module docstring). Stops early after sampling eos_id (when given).
 
   num_neighbours: K, the rows retrieve_fn returns (default config.num_neighbours; more than in
   training is allowed). decoder: a `Decoder` of this model to reuse (its compiled steps), with
-  max_len >= len(prompt) + max_new_tokens; by default a new one of exactly that size.
+  max_len >= len(prompt) + max_new_tokens; by default a new one of exactly that size, decoding
+  sharded over `mesh` when given (`Decoder`; None: where the weights are).
   """
   m, r = config.chunk_size, config.neighbour_len
   k = num_neighbours or config.num_neighbours
@@ -131,7 +133,7 @@ def generate(model, config: RetroConfig, prompt_ids: Sequence[int],
     raise GenerateError("retrieve_fn given for a model without CCA layers; pass None")
   need = len(prompt) + max_new_tokens
   if decoder is None:
-    decoder = Decoder(model, max_len=need)
+    decoder = Decoder(model, max_len=need, mesh=mesh)
   elif decoder.max_len < need:
     raise GenerateError(f"decoder max_len={decoder.max_len} < prompt + max_new_tokens = {need}")
   ids = list(prompt)

@@ -10,6 +10,10 @@ atomically, so a run killed mid-save leaves the previous checkpoint as the lates
 
     model, config, info = load_model("runs/tiny_retro")          # latest step
     model, config, info = load_model("runs/tiny_retro", step=400)
+    model, config, info = load_model("runs/big", mesh=make_mesh((1, -1, 1)))  # FSDP
+The model is restored straight into its sharded layout on a mesh (default: all devices,
+data-parallel, as training's `--config.mesh=-1,1,1`): orbax reads each device's shards of the
+weights, by the training rules (model/placement.py), whatever mesh saved them.
 `info` holds "step", "db" (the database the model trained on), "db_tokenizer" (its tokenizer record:
 kind, fingerprint, vocabulary; None in older checkpoints) and "experiment".
 """
@@ -24,9 +28,11 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from retro_jax.errors import UserError
-from retro_jax.model import Retro, RetroConfig
+from retro_jax.model import Retro, RetroConfig, placement
+from retro_jax.model.partitioning import make_mesh
 
 CHECKPOINTS = "checkpoints"
 
@@ -124,10 +130,13 @@ def restore_model_state(path: str | os.PathLike, abstract_model_state, step: int
 
 
 def load_model(path: str | os.PathLike, step: int | None = None, *,
-               overrides: dict[str, Any] | None = None) -> tuple[Retro, RetroConfig, dict]:
-  """A trained model on the default device, its RetroConfig and info {step, db, experiment}.
+               overrides: dict[str, Any] | None = None,
+               mesh: Mesh | None = None) -> tuple[Retro, RetroConfig, dict]:
+  """A trained model on `mesh`, its RetroConfig and info {step, db, experiment, mesh}.
 
-  `overrides` replaces config fields that do not change the parameters (e.g. dtype, remat).
+  The weights are restored directly in the training layout on `mesh` (default: every device,
+  data-parallel, `make_mesh((-1, 1, 1))`); `overrides` replaces config fields that do not change
+  the parameters (e.g. dtype, remat).
   """
   step, meta = read_meta(path, step)
   config = config_from_dict(meta["model_config"])
@@ -135,13 +144,14 @@ def load_model(path: str | os.PathLike, step: int | None = None, *,
     config = dataclasses.replace(config, **overrides)
   abstract = nnx.eval_shape(lambda: Retro(config, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
-  # On the default device whatever mesh saved it (e.g. 8 devices of a 2-host run).
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = restore_model_state(path, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_state), step)
+  # Each device reads its own shards, whatever mesh saved them (e.g. 8 devices of a 2-host run).
+  mesh = make_mesh((-1, 1, 1)) if mesh is None else mesh
+  state = restore_model_state(path, placement.place(abstract_state, mesh, config.sharding_rules),
+                              step)
   model = nnx.merge(graphdef, state)
   info = {"step": step, "db": meta.get("db"), "experiment": meta.get("experiment", {}),
-          "path": str(checkpoint_dir(path)), "db_tokenizer": meta.get("db_tokenizer")}
+          "path": str(checkpoint_dir(path)), "db_tokenizer": meta.get("db_tokenizer"),
+          "mesh": dict(mesh.shape)}
   return model, config, info
 
 
