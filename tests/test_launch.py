@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "tpu_run.sh"
 WORKER = REPO / "launch" / "tpu_worker.sh"
 # What the launcher needs in --dry-run; gcloud is deliberately absent.
-TOOLS = ["bash", "git", "dirname", "basename", "date", "tr", "cat"]
+TOOLS = ["bash", "git", "dirname", "basename", "date", "tr", "cat", "rm", "mkdir", "tar", "gzip",
+         "mv"]
 SCRUB = ("PROJECT", "ZONE", "BUCKET", "TPU_NAME", "ACCELERATOR", "CLOUDSDK_CORE_PROJECT")
 V5P = ["--project=my-proj", "--zone=us-east5-a", "--bucket=gs://retro-bucket",
        "--accelerator=v5p-32", "--spot", "--name=retro-pod", "--run=r172m-a",
@@ -73,24 +74,56 @@ def flag(argv: list[str], name: str) -> str:
   return values[0]
 
 
+def kind(argv: list[str]) -> str:
+  """A printed command's kind: `storage ls`, `queued-resources create`, `git archive`, ..."""
+  if argv[0] == "gcloud":
+    return " ".join(argv[1:3] if argv[1] == "storage" else argv[3:5])
+  if argv[0] == "git":
+    return "git " + argv[3]
+  if argv[1:3] == ["-m", "pip"]:
+    return "pip " + argv[3]
+  return argv[0]
+
+
+BUILD = ["storage ls",  # the commit's wheelhouse already in the bucket?
+         "rm", "mkdir", "git archive", "tar", "pip wheel",  # no: build it here
+         "storage rsync", "storage rsync", "storage cp"]  # deps/, SHA/, then SHA/requirements.txt
+
+
 def test_dry_run_prints_the_whole_v5p_sequence(no_gcloud_env, tmp_path):
   override = "--config.note=it's a \"test\" $HOME"  # survives two rounds of shell quoting
   res = launch(["--dry-run", *V5P, "--db=default_db", "--env=LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2",
-                "--config.global_batch=512", "--", override], no_gcloud_env)
+                "--python=/opt/py/bin/python3", "--config.global_batch=512", "--", override],
+               no_gcloud_env)
   assert res.returncode == 0, res.stderr
   steps = numbered(res.stdout)
-  kinds = [" ".join(a[:4]) if a[0] == "gcloud" else " ".join(a[:1] + a[3:4]) for a in steps]
-  assert kinds == [
-      "gcloud compute tpus queued-resources",  # describe: reuse if it exists
-      "gcloud compute tpus tpu-vm",  # describe: reuse a READY node
-      "gcloud compute tpus queued-resources",  # create
-      "gcloud compute tpus queued-resources",  # describe, polled until ACTIVE
-      "git archive",
-      "gcloud compute tpus tpu-vm",  # scp
-      "gcloud compute tpus tpu-vm",  # ssh install
-      "gcloud compute tpus tpu-vm",  # ssh start
+  assert [kind(a) for a in steps] == BUILD + [
+      "queued-resources describe",  # reuse if it exists
+      "tpu-vm describe",  # reuse a READY node
+      "queued-resources create",
+      "queued-resources describe",  # polled until ACTIVE
+      "tpu-vm scp",  # the worker script
+      "tpu-vm ssh",  # install the wheelhouse
+      "tpu-vm ssh",  # start
   ], res.stdout
-  describe, node, create, wait, archive, scp, install, start = steps
+  ls, rm, mkdir, archive, untar, wheel, deps, commit, lock = steps[:9]
+  describe, node, create, wait, scp, install, start = steps[9:]
+  sha = git(REPO, "rev-parse", "HEAD")
+  wheels = f"gs://retro-bucket/wheels/{sha}"
+  assert ls[3:] == [f"{wheels}/requirements.txt"]
+  build = Path(rm[-1])
+  assert build.parent == tmp_path and rm[1] == "-rf"
+  tarball = flag(archive, "--output")
+  assert archive[-1] == sha and tarball == str(build / "commit" / "source.tar.gz")
+  assert not Path(tarball).exists(), "--dry-run must not run the commands it prints"
+  assert untar[1:] == ["-xzf", tarball, "-C", str(build / "src")]
+  assert wheel[:5] == ["/opt/py/bin/python3", "-m", "pip", "wheel", "--quiet"]
+  assert "--no-build-isolation" in wheel and wheel[-1] == f"{build}/src[tpu]"
+  assert flag(wheel, "--wheel-dir") == str(build / "deps")
+  assert deps[3:] == [str(build / "deps"), "gs://retro-bucket/wheels/deps"]
+  assert commit[3:] == [str(build / "commit"), wheels]
+  assert lock[3:] == [str(build / "requirements.txt"), f"{wheels}/requirements.txt"]
+
   assert describe[4:6] == ["describe", "retro-pod"] and wait == describe
   assert node[4:6] == ["describe", "retro-pod"]
   assert create[4:6] == ["create", "retro-pod"]
@@ -99,19 +132,13 @@ def test_dry_run_prints_the_whole_v5p_sequence(no_gcloud_env, tmp_path):
   assert flag(create, "--runtime-version") == "v2-alpha-tpuv5"
   assert "--spot" in create and "--reserved" not in create
   for argv in steps:
-    if argv[0] == "gcloud":
+    if argv[0] == "gcloud" and argv[1] == "compute":
       assert flag(argv, "--zone") == "us-east5-a" and flag(argv, "--project") == "my-proj"
-
-  sha = git(REPO, "rev-parse", "HEAD")
-  tarball = flag(archive, "--output")
-  assert archive[-1] == sha and tarball.startswith(str(tmp_path))
-  assert not Path(tarball).exists(), "--dry-run must not run the commands it prints"
   assert scp[4] == "scp" and "--worker=all" in scp
-  assert scp[5:8] == [str(WORKER), tarball, "retro-pod:"]
-
+  assert scp[5:7] == [str(WORKER), "retro-pod:"]
   assert install[4:6] == ["ssh", "retro-pod"] and "--worker=all" in install
   assert shlex.split(flag(install, "--command")) == [
-      "bash", "tpu_worker.sh", "install", f"--archive={Path(tarball).name}", f"--revision={sha}"]
+      "bash", "tpu_worker.sh", "install", f"--wheels={wheels}"]
 
   assert start[4:6] == ["ssh", "retro-pod"] and "--worker=all" in start
   remote = shlex.split(flag(start, "--command"))
@@ -123,19 +150,62 @@ def test_dry_run_prints_the_whole_v5p_sequence(no_gcloud_env, tmp_path):
       "python", "-m", "retro_jax.train", "--config=experiments/retro_172m.py",
       "--workdir=gs://retro-bucket/checkpoints/retro_172m/r172m-a",
       "--config.db=gs://retro-bucket/databases/default_db", "--config.global_batch=512", override]
+  assert "--requeue=N would watch the Spot slice" in res.stdout
+
+
+def test_dry_run_prints_the_requeue_loop(no_gcloud_env):
+  """--requeue=2: after the start, the watch (state and worker 0's exit record), then one requeue
+  as it would run: delete, the same create, install of the same wheelhouse, the same run."""
+  res = launch(["--dry-run", *V5P, "--requeue=2", "--", "--config.x=1"], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  steps = numbered(res.stdout)
+  first = steps[len(BUILD):len(BUILD) + 7]
+  watch, cat, delete, create, wait, scp, install, start, watch2, cat2 = steps[len(BUILD) + 7:]
+  assert [kind(a) for a in steps[len(BUILD) + 7:]] == [
+      "queued-resources describe", "storage cat", "queued-resources delete",
+      "queued-resources create", "queued-resources describe", "tpu-vm scp", "tpu-vm ssh",
+      "tpu-vm ssh", "queued-resources describe", "storage cat"]
+  assert watch == first[0] == watch2  # the queued resource's state
+  assert cat[3:] == ["gs://retro-bucket/logs/r172m-a/worker-0.exit"]
+  assert cat2[3:] == ["gs://retro-bucket/logs/r172m-a/requeue-1/worker-0.exit"]
+  assert delete[5] == "retro-pod" and "--force" in delete and "--quiet" in delete
+  assert create == first[2] and wait == first[3] and scp == first[4] and install == first[5]
+  again, before = (shlex.split(flag(a, "--command")) for a in (start, first[6]))
+  assert [a for a in again if not a.startswith("--log-dir=")] == \
+      [a for a in before if not a.startswith("--log-dir=")], "the same run, workdir and flags"
+  assert flag(again, "--log-dir") == "gs://retro-bucket/logs/r172m-a/requeue-1"
+  assert "SUSPENDED (preempted) or FAILED: requeue" in res.stdout
+  assert "at most 2 requeues" in res.stdout
+
+
+def test_dry_run_with_an_image(no_gcloud_env):
+  image = "us-docker.pkg.dev/my-proj/retro/retro-jax:0123456789ab"
+  res = launch(["--dry-run", *V5P, f"--image={image}", "--requeue=1"], no_gcloud_env)
+  assert res.returncode == 0, res.stderr
+  steps = numbered(res.stdout)
+  assert not any(kind(a) in ("git archive", "pip wheel", "storage rsync") for a in steps), \
+      "an image needs no wheelhouse"
+  installs = [shlex.split(flag(a, "--command")) for a in steps if "--command" in " ".join(a)]
+  assert installs[0] == ["bash", "tpu_worker.sh", "install", f"--image={image}"]
+  assert installs[1][:5] == ["bash", "tpu_worker.sh", "start", "--run=r172m-a",
+                             "--log-dir=gs://retro-bucket/logs/r172m-a"]
+  assert installs[1][5] == f"--image={image}"
+  assert installs[2:] == installs[:1] + [installs[1][:4] + [
+      "--log-dir=gs://retro-bucket/logs/r172m-a/requeue-1"] + installs[1][5:]]
 
 
 def test_dry_run_prints_the_multi_slice_sequence(no_gcloud_env):
   res = launch(["--dry-run", *V5P, "--num_slices=2", "--config.grad_accum_steps=4"], no_gcloud_env)
   assert res.returncode == 0, res.stderr
   steps = numbered(res.stdout)
-  kinds = [" ".join(a[3:5] + a[5:6]) if a[0] == "gcloud" else a[0] for a in steps]
+  assert [kind(a) for a in steps[:len(BUILD)]] == BUILD, "one wheelhouse for every slice"
+  steps = steps[len(BUILD):]
+  kinds = [" ".join(a[3:5] + a[5:6]) for a in steps]
   assert kinds == [
       "queued-resources describe retro-pod",  # no READY single node to reuse: it is a multi-slice
       "queued-resources create retro-pod",
       "queued-resources describe retro-pod",  # polled until ACTIVE
-      "git",
-      "tpu-vm scp " + str(WORKER), "tpu-vm scp " + str(WORKER),  # the code to each slice
+      "tpu-vm scp " + str(WORKER), "tpu-vm scp " + str(WORKER),  # the worker script to each slice
       "tpu-vm ssh retro-pod-0", "tpu-vm ssh retro-pod-1",  # install
       "tpu-vm ssh retro-pod-0", "tpu-vm ssh retro-pod-1",  # start
   ], res.stdout
@@ -143,8 +213,8 @@ def test_dry_run_prints_the_multi_slice_sequence(no_gcloud_env):
   assert flag(create, "--node-count") == "2" and flag(create, "--node-prefix") == "retro-pod"
   assert not any(a.startswith("--node-id") for a in create)
   assert flag(create, "--accelerator-type") == "v5p-32" and "--spot" in create
-  assert [a[-4] for a in steps[4:6]] == ["retro-pod-0:", "retro-pod-1:"]
-  for i, start in enumerate(steps[8:]):
+  assert [a[-4] for a in steps[3:5]] == ["retro-pod-0:", "retro-pod-1:"]
+  for i, start in enumerate(steps[7:]):
     assert "--worker=all" in start
     remote = shlex.split(flag(start, "--command"))
     sep = remote.index("--")
@@ -169,7 +239,7 @@ def test_dry_run_prints_the_multi_slice_sequence(no_gcloud_env):
 def test_runtime_version_follows_the_accelerator(no_gcloud_env, extra, runtime):
   res = launch(["--dry-run", *V5P, *extra], no_gcloud_env)
   assert res.returncode == 0, res.stderr
-  create = numbered(res.stdout)[2]
+  create = [a for a in numbered(res.stdout) if kind(a) == "queued-resources create"][0]
   assert flag(create, "--runtime-version") == runtime
 
 
@@ -180,16 +250,19 @@ def test_git_url_skip_install_and_internal_ip(no_gcloud_env):
   assert res.returncode == 0, res.stderr
   steps = numbered(res.stdout)
   assert "--reserved" in steps[2] and "--spot" not in steps[2]
-  assert not any(a[0] == "git" for a in steps), "a clone needs no local archive"
+  assert not any(a[0] != "gcloud" or a[1] == "storage" for a in steps), \
+      "a clone needs no wheelhouse"
   install = steps[-2]
   assert "--internal-ip" in install
-  assert shlex.split(flag(install, "--command"))[3] == "--git-url=https://example.com/retro-jax.git"
+  sha = git(REPO, "rev-parse", "HEAD")
+  assert shlex.split(flag(install, "--command"))[3:] == [
+      "--git-url=https://example.com/retro-jax.git", f"--ref={sha}"]
 
   res = launch(["--dry-run", *V5P, "--skip-install"], no_gcloud_env)
   assert res.returncode == 0, res.stderr
   steps = numbered(res.stdout)
   assert [a[4] for a in steps if a[0] == "gcloud"][-1] == "ssh"
-  assert not any("install" in " ".join(a) for a in steps)
+  assert not any("install" in " ".join(a) or a[0] != "gcloud" for a in steps)
 
 
 @pytest.mark.parametrize("action, commands", [
@@ -228,6 +301,10 @@ def test_status_stop_delete(no_gcloud_env, action, commands):
     ([*V5P, "--num_slices=0"], "expected a whole number >= 1"),
     ([*V5P, "--ref=no-such-ref"], "not a commit"),
     ([*V5P, "--bogus"], "unknown argument '--bogus'"),
+    ([*V5P, "--requeue=two"], "expected a whole number of requeues"),
+    ([*V5P, "--requeue=2", "--skip-install"], "--requeue needs an install"),
+    ([*V5P, "--image=x", "--git-url=https://x/y.git"], "exclude each other"),
+    ([*V5P, "--image=Bad Image"], "not an image reference"),
     ([*V5P, "--run"], "--run needs a value"),
     ([*V5P, "--project="], "--project needs a non-empty value"),
     (["--status", "--delete", "--project=p", "--zone=z"], "exclude each other"),
@@ -239,28 +316,98 @@ def test_bad_arguments_fail_with_a_message(no_gcloud_env, args, message):
   assert numbered(res.stdout) == [], "nothing may be printed as a step before the error"
 
 
-FAKE_GCLOUD = r"""#!/usr/bin/env bash
-# Stand-in gcloud: records its argv (one shell-quoted line per call); `describe` answers with the
-# next line of $FAKE_STATES ("missing": exit 1, as for a resource that does not exist).
-{ printf '%q ' "$@"; echo; } >>"$FAKE_LOG"
-if [[ "$3 $4" == "queued-resources describe" || "$3 $4" == "tpu-vm describe" ]]; then
-  state=$(head -n 1 "$FAKE_STATES"); sed -i 1d "$FAKE_STATES"
-  [[ $state == missing || -z $state ]] && { echo "ERROR: NOT_FOUND" >&2; exit 1; }
-  echo "$state"
-fi
-exit 0
+FAKE_GCLOUD = r"""
+# Stand-in gcloud: records its argv (one shell-quoted line per call) in $FAKE_LOG.
+# `describe` answers with the next line of $FAKE_STATES ("missing" or no line left: exit 1, as for
+# a resource that does not exist; a line ending in "*" answers every later call too).
+# `storage` works on $FAKE_GCS/BUCKET/PATH for gs://BUCKET/PATH (ls, cat, cp, rsync).
+# With $FAKE_VMS, the TPU VMs are directories $FAKE_VMS/NODE: `scp` copies into one, `ssh` runs
+# the command there as worker 0 (RETRO_JAX_BASE, cwd), and a SUSPENDING / SUSPENDED state
+# preempts the slice as Google Cloud does: SIGTERM to the run (tpu_worker.sh stop), VMs deleted.
+import os, shlex, shutil, subprocess, sys
+from pathlib import Path
+
+argv = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as f:
+  f.write(shlex.join(argv) + "\n")
+pos = [a for a in argv if not a.startswith("-")]
+vms = Path(os.environ["FAKE_VMS"]) if os.environ.get("FAKE_VMS") else None
+
+
+def gcs(url):
+  assert url.startswith("gs://"), url
+  return Path(os.environ["FAKE_GCS"]) / url[5:]
+
+
+def nodes():
+  return sorted(p for p in vms.iterdir() if p.is_dir()) if vms and vms.exists() else []
+
+
+def on_vm(node, command, stdout=None):
+  home = vms / node
+  home.mkdir(parents=True, exist_ok=True)
+  # A VM's own environment: nothing of this machine's (PYTHONPATH, a venv) but the stand-ins'.
+  env = {k: v for k, v in os.environ.items() if k.startswith("FAKE_")}
+  env.update(RETRO_JAX_BASE=str(home), RETRO_JAX_WORKER_ID="0", HOME=str(home),
+             PATH=os.environ["FAKE_WORKER_PATH"], FAKE_LOG=os.environ["FAKE_LOG"] + ".workers")
+  return subprocess.run(["bash", "-c", command], cwd=home, env=env, stdout=stdout).returncode
+
+
+if pos[:2] == ["compute", "tpus"] and pos[3] == "describe":
+  states = Path(os.environ["FAKE_STATES"])
+  lines = states.read_text().splitlines()
+  state = lines[0] if lines else "missing"
+  if not state.endswith("*"):
+    states.write_text("".join(l + "\n" for l in lines[1:]))
+  state = state.rstrip("*")
+  if state in ("SUSPENDING", "SUSPENDED"):
+    for home in nodes():
+      on_vm(home.name, "bash tpu_worker.sh stop --grace=30", stdout=sys.stderr)
+      shutil.rmtree(home)
+  if state == "missing":
+    sys.exit("ERROR: NOT_FOUND")
+  print(state)
+elif pos[:3] == ["compute", "tpus", "tpu-vm"] and pos[3] == "scp" and vms:
+  node = pos[-1].rstrip(":")
+  (vms / node).mkdir(parents=True, exist_ok=True)
+  for src in pos[4:-1]:
+    shutil.copy(src, vms / node / Path(src).name)
+elif pos[:3] == ["compute", "tpus", "tpu-vm"] and pos[3] == "ssh" and vms:
+  command = [a for a in argv if a.startswith("--command=")][0].split("=", 1)[1]
+  sys.exit(on_vm(pos[4], command))
+elif pos[:2] == ["storage", "ls"] or pos[:2] == ["storage", "cat"]:
+  path = gcs(pos[2])
+  if not path.is_file():
+    sys.exit(f"ERROR: {pos[2]} matched no objects")
+  sys.stdout.write(pos[2] + "\n" if pos[1] == "ls" else path.read_text())
+elif pos[:2] == ["storage", "rsync"]:
+  shutil.copytree(pos[2], gcs(pos[3]), dirs_exist_ok=True)
+elif pos[:2] == ["storage", "cp"]:
+  *srcs, dest = pos[2:]
+  for src in srcs:
+    s = gcs(src) if src.startswith("gs://") else Path(src)
+    d = gcs(dest) if dest.startswith("gs://") else Path(dest)
+    if dest.endswith("/") or d.is_dir():
+      d = d / s.name
+    d.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(s, d)
 """
 
 
-def fake_gcloud_env(env, tmp_path, states):
+def fake_gcloud_env(env, tmp_path, states, vms=False):
   bin_dir = Path(env["PATH"])
-  (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+  (bin_dir / "gcloud").write_text(f"#!{sys.executable}\n" + FAKE_GCLOUD)
   (bin_dir / "gcloud").chmod(0o755)
   for tool in ("head", "sed", "sleep"):
     if not (bin_dir / tool).exists():
       (bin_dir / tool).symlink_to(shutil.which(tool))
   (tmp_path / "states").write_text("".join(s + "\n" for s in states))
-  return dict(env, FAKE_LOG=str(tmp_path / "calls.log"), FAKE_STATES=str(tmp_path / "states"))
+  (tmp_path / "gcs").mkdir(exist_ok=True)
+  out = dict(env, FAKE_LOG=str(tmp_path / "calls.log"), FAKE_STATES=str(tmp_path / "states"),
+             FAKE_GCS=str(tmp_path / "gcs"))
+  if vms:  # the workers' tools: this gcloud, then the system's
+    out.update(FAKE_VMS=str(tmp_path / "vms"), FAKE_WORKER_PATH=f"{bin_dir}:/usr/bin:/bin")
+  return out
 
 
 def calls(tmp_path) -> list[list[str]]:
@@ -268,26 +415,168 @@ def calls(tmp_path) -> list[list[str]]:
   return [shlex.split(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_a_real_run_executes_what_the_dry_run_prints(no_gcloud_env, tmp_path):
-  args = [*V5P, "--poll=0", "--", "--config.x=it's 1"]
-  dry = launch(["--dry-run", *args], no_gcloud_env)
+TINY_SETUP = """from setuptools import setup
+setup(name="retro-jax", version="0.1.0", packages=["retro_jax"], extras_require={"tpu": []})
+"""
+
+STAND_IN_TRAIN = r"""# Stand-in for retro_jax.train, run from the installed wheel: 60 steps of 0.1 s; the step is the
+# workdir's checkpoint, saved every 5 steps and at SIGTERM (then exit 0, as the trainer does) and
+# resumed from at the start. The workdir gs://B/P is $FAKE_GCS/B/P.
+import os, signal, sys, time
+from pathlib import Path
+import retro_jax
+
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+workdir = Path(os.environ["FAKE_GCS"]) / flags["workdir"].removeprefix("gs://")
+workdir.mkdir(parents=True, exist_ok=True)
+ckpt = workdir / "checkpoint"
+step = int(ckpt.read_text()) if ckpt.exists() else 0
+with open(workdir / "starts.txt", "a") as f:
+  f.write(f"step={step} config={flags['config']} code={retro_jax.__file__}\n")
+
+
+def preempted(*_):
+  ckpt.write_text(str(step))
+  print(f"SIGTERM at step {step}: checkpoint saved", flush=True)
+  sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, preempted)
+while step < 60:
+  time.sleep(0.1)
+  step += 1
+  if step % 5 == 0:
+    ckpt.write_text(str(step))
+print(f"done at step {step}", flush=True)
+"""
+
+
+@pytest.fixture
+def tiny_repo(tmp_path):
+  """A repository with the launcher, an experiment and a package `retro_jax` whose train module is
+  the stand-in trainer: its wheelhouse builds in seconds, with no package index."""
+  repo = tmp_path / "repo"
+  (repo / "launch").mkdir(parents=True)
+  for script in (LAUNCH, WORKER):
+    shutil.copy2(script, repo / "launch" / script.name)
+  (repo / "experiments").mkdir()
+  shutil.copy2(REPO / "experiments" / "retro_172m.py", repo / "experiments" / "retro_172m.py")
+  (repo / "retro_jax").mkdir()
+  (repo / "retro_jax" / "__init__.py").write_text("")
+  (repo / "retro_jax" / "train.py").write_text(STAND_IN_TRAIN)
+  (repo / "setup.py").write_text(TINY_SETUP)
+  git(repo, "init", "-q")
+  git(repo, "add", ".")
+  git(repo, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "tiny")
+  return repo
+
+
+def launch_in(repo, args, env):
+  return subprocess.run(["bash", str(repo / "launch" / "tpu_run.sh"), *args], env=env, cwd=repo,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_a_real_run_executes_what_the_dry_run_prints(no_gcloud_env, tmp_path, tiny_repo):
+  args = [*V5P, "--poll=0", f"--python={sys.executable}", "--", "--config.x=it's 1"]
+  dry = launch_in(tiny_repo, ["--dry-run", *args], no_gcloud_env)
   assert dry.returncode == 0, dry.stderr
   printed = numbered(dry.stdout)
-  # Neither the queued resource nor a node exists; then two polls before ACTIVE.
+  # The wheelhouse is not in the bucket; neither the queued resource nor a node exists; then two
+  # polls before ACTIVE.
   env = fake_gcloud_env(no_gcloud_env, tmp_path,
                         ["missing", "missing", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
-  res = launch(args, env)
+  res = launch_in(tiny_repo, args, env)
   assert res.returncode == 0, res.stderr
   assert numbered(res.stdout) == printed, "the same numbered steps"
   ran = calls(tmp_path)
-  polls = [printed[3][1:]] * 3
-  assert ran == [a[1:] for a in printed[:3]] + polls + [a[1:] for a in printed[5:]]
-  tarball = Path(flag(printed[4], "--output"))
-  listing = subprocess.run(["tar", "-tzf", str(tarball)], capture_output=True, text=True, check=True,
-                           timeout=60)
-  shipped = listing.stdout.split()
-  assert {"setup.py", "retro_jax/__init__.py", "experiments/retro_172m.py"} <= set(shipped)
+  gcloud = [a[1:] for a in printed if a[0] == "gcloud"]
+  wait = [kind(["gcloud", *a]) for a in gcloud].index("queued-resources create") + 1
+  assert ran == gcloud[:wait] + [gcloud[wait]] * 2 + gcloud[wait:]  # polled 3 times
   assert "started r172m-a on retro-pod" in res.stdout
+
+  sha = git(tiny_repo, "rev-parse", "HEAD")
+  wheels = tmp_path / "gcs" / "retro-bucket" / "wheels" / sha
+  assert sorted(p.name for p in wheels.iterdir()) == [
+      "requirements.txt", "retro_jax-0.1.0-py3-none-any.whl", "source.tar.gz", "wheels.txt"]
+  lock = (wheels / "requirements.txt").read_text().splitlines()
+  assert lock[0].startswith(f"# retro-jax {sha}: every wheel of gs://retro-bucket/wheels/{sha}/")
+  assert lock[1].startswith("# python: %d.%d " % sys.version_info[:2]) and lock[2:] == [
+      "retro_jax==0.1.0"]
+  assert (wheels / "wheels.txt").read_text().split() == [
+      f"gs://retro-bucket/wheels/{sha}/retro_jax-0.1.0-py3-none-any.whl"]
+  listing = subprocess.run(["tar", "-tzf", str(wheels / "source.tar.gz")], capture_output=True,
+                           text=True, check=True, timeout=60)
+  assert {"setup.py", "retro_jax/train.py", "experiments/retro_172m.py"} <= set(listing.stdout.split())
+
+  # The same commit again: the wheelhouse in the bucket is used as it is.
+  (tmp_path / "calls.log").unlink()
+  env = fake_gcloud_env(no_gcloud_env, tmp_path, ["ACTIVE", "ACTIVE"])
+  res = launch_in(tiny_repo, args, env)
+  assert res.returncode == 0, res.stderr
+  assert f"wheelhouse of {sha[:12]} already in gs://retro-bucket/wheels/{sha}: reused" in res.stdout
+  assert [kind(["gcloud", *c]) for c in calls(tmp_path)] == [
+      "storage ls", "queued-resources describe", "queued-resources describe", "tpu-vm scp",
+      "tpu-vm ssh", "tpu-vm ssh"]
+
+
+def test_a_preempted_spot_slice_is_requeued_and_the_run_resumes(no_gcloud_env, tmp_path, tiny_repo):
+  """Must-show 5: the slice is ACTIVE, the run starts, the queued resource turns SUSPENDED mid-run
+  (the stand-in gcloud then preempts the slice as Google Cloud does: SIGTERM to the run, whose
+  stand-in trainer saves its step, VMs gone). The launcher deletes and requests the slice again,
+  installs the same wheelhouse on the new VM, starts the same run, which resumes from the
+  checkpoint and ends; the launcher exits with its exit code. The TPU VM is a directory, its
+  commands run for real: tpu_worker.sh install (a venv from the bucket's wheels, no index), start,
+  stop."""
+  args = [*V5P, "--poll=1", "--requeue=2", f"--python={sys.executable}"]
+  dry = launch_in(tiny_repo, ["--dry-run", *args], no_gcloud_env)
+  assert dry.returncode == 0, dry.stderr
+  states = ["missing", "missing", "ACTIVE",  # nothing there: requested, ACTIVE at once
+            "ACTIVE", "ACTIVE", "SUSPENDED",  # watching: preempted about 3 s into the run
+            "ACTIVE",  # requested again
+            "ACTIVE*"]  # watching until worker 0's exit record
+  env = fake_gcloud_env(no_gcloud_env, tmp_path, states, vms=True)
+  res = launch_in(tiny_repo, args, env)
+  assert res.returncode == 0, res.stdout + res.stderr
+  assert numbered(res.stdout) == numbered(dry.stdout), "the dry-run printed this very loop"
+  assert "queued resource retro-pod is SUSPENDED" in res.stdout
+  assert "requeue 1 of 2: retro-pod again, run r172m-a resumes from " \
+         "gs://retro-bucket/checkpoints/retro_172m/r172m-a" in res.stdout
+  assert "run r172m-a ended on retro-pod: exit_code=0 sigterm=0 (worker 0)" in res.stdout
+
+  ran = calls(tmp_path)
+  sha = git(tiny_repo, "rev-parse", "HEAD")
+  creates = [c for c in ran if c[2:4] == ["queued-resources", "create"]]
+  assert len(creates) == 2 and creates[0] == creates[1], "the same slice"
+  assert sum(c[2:4] == ["queued-resources", "delete"] for c in ran) == 1
+  ssh = [shlex.split(flag(c, "--command")) for c in ran if c[2:4] == ["tpu-vm", "ssh"]]
+  install, start, install2, start2 = ssh
+  assert install == install2 == ["bash", "tpu_worker.sh", "install",
+                                 f"--wheels=gs://retro-bucket/wheels/{sha}"], "the same wheels"
+  assert flag(start, "--log-dir") == "gs://retro-bucket/logs/r172m-a"
+  assert flag(start2, "--log-dir") == "gs://retro-bucket/logs/r172m-a/requeue-1"
+  assert start[start.index("--"):] == start2[start2.index("--"):], "the same trainer command"
+  assert [kind(a) for a in numbered(res.stdout)].count("pip wheel") == 1, "built once"
+
+  gcs = tmp_path / "gcs" / "retro-bucket"
+  workdir = gcs / "checkpoints" / "retro_172m" / "r172m-a"
+  starts = [dict(kv.split("=", 1) for kv in line.split())
+            for line in (workdir / "starts.txt").read_text().splitlines()]
+  assert len(starts) == 2 and starts[0]["step"] == "0"
+  resumed = int(starts[1]["step"])
+  assert 0 < resumed < 60, "resumed from the checkpoint saved at the preemption"
+  assert starts[0]["config"] == starts[1]["config"] == "experiments/retro_172m.py"
+  for s in starts:  # the wheel's code in the venv, not a source tree
+    assert s["code"] == str(tmp_path / "vms" / "retro-pod" / "retro-jax-venv" / "lib" /
+                            ("python%d.%d" % sys.version_info[:2]) / "site-packages" /
+                            "retro_jax" / "__init__.py")
+  assert (workdir / "checkpoint").read_text() == "60"
+  logs = gcs / "logs" / "r172m-a"
+  assert (logs / "worker-0.exit").read_text() == "exit_code=0 sigterm=1\n"
+  assert (logs / "requeue-1" / "worker-0.exit").read_text() == "exit_code=0 sigterm=0\n"
+  first, second = (logs / "worker-0.log").read_text(), (logs / "requeue-1" / "worker-0.log").read_text()
+  assert f"run r172m-a, code {sha}" in first and f"run r172m-a, code {sha}" in second
+  assert f"SIGTERM at step {resumed}: checkpoint saved" in first
+  assert "done at step 60" in second
 
 
 @pytest.mark.parametrize("states, message", [
@@ -298,7 +587,7 @@ def test_a_real_run_executes_what_the_dry_run_prints(no_gcloud_env, tmp_path):
 ])
 def test_a_real_run_stops_on_a_slice_it_cannot_use(no_gcloud_env, tmp_path, states, message):
   env = fake_gcloud_env(no_gcloud_env, tmp_path, states)
-  res = launch([*V5P, "--wait-timeout=0", "--poll=0"], env)
+  res = launch([*V5P, "--wait-timeout=0", "--poll=0", "--skip-install"], env)
   assert res.returncode != 0
   assert message in res.stderr, res.stderr
   assert not any(c[2:4] == ["tpu-vm", "ssh"] for c in calls(tmp_path)), "nothing started"
@@ -429,7 +718,7 @@ def test_worker_runs_detached_and_stops_with_sigterm(tmp_path):
   assert "r1: running" in worker(["status"], env).stdout
   busy = worker(["start", "--run=r2", "--", "true"], env)
   assert busy.returncode != 0 and "still running" in busy.stderr
-  busy = worker(["install", "--archive=x.tar.gz"], env)
+  busy = worker(["install", "--wheels=gs://b/wheels/0123abc"], env)
   assert busy.returncode != 0 and "still running" in busy.stderr
   assert wait_for(lambda: (logs / "worker-2.log").exists()), "the log is copied while running"
 
