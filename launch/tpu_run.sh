@@ -511,8 +511,8 @@ watch_run() {  # watch_run ATTEMPT: 0 when the run ended (RUN_RC), 1 when the sl
     note "both every ${POLL} s: ACTIVE with worker 0's exit record (exit_code=RC sigterm=0|1): the" \
       "run ended, exit RC (after a SIGTERM, 3 more polls first: a preemption's SIGTERM comes" \
       "before the state changes); SUSPENDING, SUSPENDED (preempted) or FAILED: requeue"
-    note "say the slice is preempted: requeue 1 of $REQUEUE, the same slice, wheels or image," \
-      "run and workdir"
+    note "shown here as if the slice were then preempted: requeue 1 of $REQUEUE, with the same" \
+      "slice spec, wheelhouse (or image), run and workdir"
     return 1
   fi
   echo "watching $QR_NAME every ${POLL} s (Ctrl-C stops the watching; the run goes on)"

