@@ -70,6 +70,9 @@ Code (default: a wheelhouse, built here once per commit, installed from the buck
                          repository's Dockerfile and pushed (e.g.
                          us-docker.pkg.dev/PROJECT/REPO/retro-jax:SHA); workers `docker pull` it and
                          start `docker run --privileged --net=host IMAGE python -m retro_jax.train ...`
+  --build-image          with --image: build IMAGE here from REF's tree (`docker build`, the
+                         Dockerfile) and `docker push` it, unless the registry has it already; an
+                         IMAGE without a tag gets REF's commit as its tag (IMAGE:SHA12)
   --git-url=URL          instead, workers `git clone` URL at REF (REF must be pushed) and
                          `pip install -e .[tpu]` from the package registry
   --skip-install         keep the code and venv (or image) already installed on the workers
@@ -174,6 +177,7 @@ REF=HEAD
 GIT_URL=""
 PYTHON=""
 IMAGE=""
+BUILD_IMAGE=0
 REQUEUE=0
 SKIP_INSTALL=0
 EXPERIMENT=""
@@ -208,6 +212,7 @@ while (($#)); do
     --reserved) set_capacity reserved; continue ;;
     --internal-ip) INTERNAL_IP=1; continue ;;
     --skip-install) SKIP_INSTALL=1; continue ;;
+    --build-image) BUILD_IMAGE=1; continue ;;
     --config.*=*) TRAIN_FLAGS+=("$arg"); continue ;;
     --*=*) key=${arg%%=*}; val=${arg#*=} ;;
     --project | --zone | --name | --qr-name | --accelerator | --runtime-version | --wait-timeout | \
@@ -466,6 +471,25 @@ prepare_wheels() {
   step gcloud storage cp "$lock" "$WHEELS_URL/requirements.txt"  # last: the wheelhouse is complete
 }
 
+# ---- the image (--build-image): built here once per commit, pushed to its registry -------------
+prepare_image() {
+  local build=${TMPDIR:-/tmp}/retro-jax-image-${SHA:0:12} present
+  query present "" docker manifest inspect "$IMAGE"
+  if [[ -n $present ]]; then
+    echo "image $IMAGE already in its registry: reused"
+    return 0
+  fi
+  if ((DRY_RUN)); then
+    note "not in the registry yet: build it here from commit ${SHA:0:12} (the Dockerfile) and push it"
+  fi
+  step rm -rf "$build"
+  step mkdir -p "$build/src"
+  step git -C "$REPO" archive --format=tar.gz --output="$build/source.tar.gz" "$SHA"
+  step tar -xzf "$build/source.tar.gz" -C "$build/src"
+  step docker build --tag="$IMAGE" "$build/src"
+  step docker push "$IMAGE"
+}
+
 # ---- install, start, watch ----------------------------------------------------------------------
 install_code() {
   on_nodes scp "$SELF_DIR/tpu_worker.sh"
@@ -597,6 +621,7 @@ check_launch() {  # validate and fill in the run's settings (before anything is 
     [[ $e =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env=$e: expected KEY=VALUE"
   done
   [[ -z $IMAGE || -z $GIT_URL ]] || die "--image and --git-url exclude each other"
+  ((!BUILD_IMAGE)) || [[ -n $IMAGE ]] || die "--build-image needs --image=IMAGE (where to push it)"
   if [[ -n $IMAGE ]]; then
     [[ $IMAGE =~ ^[a-z0-9][a-z0-9._:/-]*[a-z0-9](:[A-Za-z0-9_][A-Za-z0-9_.-]*)?(@sha256:[0-9a-f]{64})?$ ]] ||
       die "--image=$IMAGE: not an image reference such as us-docker.pkg.dev/PROJECT/REPO/retro-jax:TAG"
@@ -610,7 +635,7 @@ check_launch() {  # validate and fill in the run's settings (before anything is 
     TRAIN+=(--config.db="$DB")
   fi
   TRAIN+=("${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}")
-  if ((!SKIP_INSTALL)) && [[ -z $IMAGE ]]; then
+  if ((!SKIP_INSTALL)) && [[ -z $IMAGE || $BUILD_IMAGE == 1 ]]; then
     SHA=$(git -C "$REPO" rev-parse --verify --quiet "$REF^{commit}") ||
       die "--ref=$REF is not a commit of the repository at $REPO"
     git -C "$REPO" cat-file -e "$SHA:$EXPERIMENT" 2>/dev/null ||
@@ -618,7 +643,9 @@ check_launch() {  # validate and fill in the run's settings (before anything is 
     if [[ $REF == HEAD && -n $(git -C "$REPO" status --porcelain --untracked-files=no) ]]; then
       warn "uncommitted changes in $REPO are not shipped (only commit ${SHA:0:12})"
     fi
-    if [[ -z $GIT_URL ]]; then
+    if [[ -n $IMAGE ]]; then  # --build-image: tag it with the commit unless a tag is given
+      if [[ ${IMAGE##*/} != *:* && $IMAGE != *@* ]]; then IMAGE+=:${SHA:0:12}; fi
+    elif [[ -z $GIT_URL ]]; then
       WHEELS_URL=$BUCKET/wheels/$SHA
       if [[ -z $PYTHON ]]; then
         PYTHON=python3
@@ -629,8 +656,9 @@ check_launch() {  # validate and fill in the run's settings (before anything is 
 }
 
 do_launch() {
-  # The wheelhouse first: a failed build costs no TPU time.
+  # The wheelhouse or image first: a failed build costs no TPU time.
   if [[ -n $WHEELS_URL ]]; then prepare_wheels; fi
+  if ((BUILD_IMAGE)); then prepare_image; fi
   ensure_slice
   if ((SKIP_INSTALL)); then
     if ((DRY_RUN)); then note "--skip-install: the code and venv on the workers are used as they are"; fi
@@ -669,6 +697,10 @@ else
     "(https://cloud.google.com/sdk/docs/install) and run 'gcloud auth login'"
 fi
 if [[ $ACTION == launch && -n $WHEELS_URL ]]; then check_python; fi
+if ((BUILD_IMAGE && !DRY_RUN)); then
+  command -v docker >/dev/null || die "--build-image: docker not found (or build and push it" \
+    "elsewhere: docker build -t IMAGE . && docker push IMAGE)"
+fi
 case $ACTION in
   launch) do_launch ;;
   status) do_status ;;

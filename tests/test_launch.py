@@ -194,6 +194,60 @@ def test_dry_run_with_an_image(no_gcloud_env):
       "--log-dir=gs://retro-bucket/logs/r172m-a/requeue-1"] + installs[1][5:]]
 
 
+STAND_IN_LOCAL_DOCKER = r"""#!/bin/bash
+# Stand-in docker on the launching machine: records its argv in $DOCKER_LOG; the registry is the
+# file $DOCKER_LOG.pushed (the pushed image's name); `build` keeps a copy of its context.
+{ printf '%q ' "$@"; echo; } >>"$DOCKER_LOG"
+case $1 in
+  manifest) [[ -f $DOCKER_LOG.pushed && $(<"$DOCKER_LOG.pushed") == "$3" ]] || exit 1
+            echo '{"schemaVersion": 2}' ;;
+  build) /bin/cp -r "${@: -1}" "$DOCKER_LOG.context" ;;
+  push) echo "$2" >"$DOCKER_LOG.pushed" ;;
+esac
+"""
+
+
+def test_build_image_builds_the_commit_once_and_runs_it(no_gcloud_env, tmp_path, tiny_repo):
+  """--build-image: the image of REF's tree (tagged with its commit) is built and pushed before the
+  slice is requested, then installed and run on the workers; a second launch finds it pushed."""
+  for name in ("Dockerfile", ".dockerignore"):
+    shutil.copy2(REPO / name, tiny_repo / name)
+  git(tiny_repo, "add", ".")
+  git(tiny_repo, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m",
+      "the image")
+  sha = git(tiny_repo, "rev-parse", "HEAD")
+  (tiny_repo / "untracked.txt").write_text("not in the commit")
+  env = fake_gcloud_env(no_gcloud_env, tmp_path, ["missing", "missing", "ACTIVE"])
+  (Path(env["PATH"]) / "docker").write_text(STAND_IN_LOCAL_DOCKER)
+  (Path(env["PATH"]) / "docker").chmod(0o755)
+  env["DOCKER_LOG"] = str(tmp_path / "docker.log")
+  args = [*V5P, "--image=us-docker.pkg.dev/my-proj/retro/retro-jax", "--build-image"]
+  dry = launch_in(tiny_repo, ["--dry-run", *args], no_gcloud_env)
+  assert dry.returncode == 0, dry.stderr
+  res = launch_in(tiny_repo, args, env)
+  assert res.returncode == 0, res.stderr
+  assert numbered(res.stdout) == numbered(dry.stdout)
+  image = f"us-docker.pkg.dev/my-proj/retro/retro-jax:{sha[:12]}"
+  docker = [shlex.split(line) for line in (tmp_path / "docker.log").read_text().splitlines()]
+  assert [d[:2] for d in docker] == [["manifest", "inspect"], ["build", f"--tag={image}"],
+                                     ["push", image]]
+  context = tmp_path / "docker.log.context"
+  assert {"Dockerfile", ".dockerignore", "setup.py"} <= {p.name for p in context.iterdir()}
+  assert (context / "retro_jax" / "train.py").exists() and not (context / "untracked.txt").exists()
+  ssh = [shlex.split(flag(c, "--command")) for c in calls(tmp_path) if c[2:4] == ["tpu-vm", "ssh"]]
+  assert ssh[0] == ["bash", "tpu_worker.sh", "install", f"--image={image}"]
+  assert f"--image={image}" in ssh[1]
+
+  env = fake_gcloud_env(no_gcloud_env, tmp_path, ["ACTIVE", "ACTIVE"])
+  env["DOCKER_LOG"] = str(tmp_path / "docker.log")
+  res = launch_in(tiny_repo, args, env)
+  assert res.returncode == 0, res.stderr
+  assert f"image {image} already in its registry: reused" in res.stdout
+  steps = numbered(res.stdout)
+  assert [a[:2] for a in steps if a[0] == "docker"] == [["docker", "manifest"]]
+  assert not any(kind(a) == "git archive" for a in steps)
+
+
 def test_dry_run_prints_the_multi_slice_sequence(no_gcloud_env):
   res = launch(["--dry-run", *V5P, "--num_slices=2", "--config.grad_accum_steps=4"], no_gcloud_env)
   assert res.returncode == 0, res.stderr
@@ -305,6 +359,7 @@ def test_status_stop_delete(no_gcloud_env, action, commands):
     ([*V5P, "--requeue=2", "--skip-install"], "--requeue needs an install"),
     ([*V5P, "--image=x", "--git-url=https://x/y.git"], "exclude each other"),
     ([*V5P, "--image=Bad Image"], "not an image reference"),
+    ([*V5P, "--build-image"], "--build-image needs --image"),
     ([*V5P, "--run"], "--run needs a value"),
     ([*V5P, "--project="], "--project needs a non-empty value"),
     (["--status", "--delete", "--project=p", "--zone=z"], "exclude each other"),
