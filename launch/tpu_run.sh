@@ -408,15 +408,22 @@ PY_VERSION=""
 check_python() {  # the build Python must make wheels the workers (Linux x86_64) can install
   local info
   if ! info=$("$PYTHON" -c 'import platform, sys; print(sys.implementation.name, platform.system(),
-platform.machine(), "%d.%d" % sys.version_info[:2])' 2>/dev/null); then
+platform.machine(), "%d.%d" % sys.version_info[:2], platform.libc_ver()[1])' 2>/dev/null); then
     ((DRY_RUN)) || die "--python=$PYTHON: cannot run it (the Python that builds the wheelhouse)"
     PY_VERSION="X.Y"
     return 0
   fi
+  local glibc=${info##* }
+  info=${info% *}
   PY_VERSION=${info##* }
   [[ $info =~ ^cpython\ Linux\ x86_64\ 3\.(1[1-9]|[2-9][0-9])$ ]] ||
     die "--python=$PYTHON is '$info': the wheelhouse must be built by Linux x86_64 CPython >= 3.11" \
       "(the TPU VMs' platform; Cloud Shell will do), or use --image=IMAGE"
+  # pip picks the newest manylinux wheels this glibc runs; the TPU VMs' Ubuntu 22.04 has 2.35.
+  if [[ $glibc =~ ^2\.([0-9]+)$ ]] && ((BASH_REMATCH[1] > 35)); then
+    warn "building with glibc $glibc, newer than the TPU VMs' (2.35): a wheel that needs it would" \
+      "not install there (pip --no-index fails on the workers, naming it)"
+  fi
 }
 
 write_lock() {  # write_lock DEPS COMMIT_DIR LOCK: the project's wheel aside, the pins, the URLs
