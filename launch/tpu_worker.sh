@@ -156,7 +156,10 @@ cmd_install() {
     # retro_jax itself comes from its wheel (with the embedder's weights); the source tree keeps
     # the rest (experiments/), so `python -m retro_jax.train` run there imports the wheel's code.
     tar -xzf "$dir/source.tar.gz" -C "$new" --anchored --exclude=retro_jax
-    py=$(python_exact "$(sed -n 's/^# python: *\([0-9][0-9.]*\).*/\1/p' "$dir/requirements.txt")")
+    local pyver
+    pyver=$(sed -n 's/^# python: *\([0-9]\.[0-9]*\).*/\1/p' "$dir/requirements.txt")
+    [[ -n $pyver ]] || die "install: $wheels/requirements.txt names no '# python: X.Y'"
+    py=$(python_exact "$pyver")
   else
     [[ -n $ref ]] || die "install: --git-url needs --ref"
     git clone --quiet "$git_url" "$new"
