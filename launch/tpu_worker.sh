@@ -2,17 +2,27 @@
 # The worker side of launch/tpu_run.sh: runs on each TPU VM worker (copied to its home directory
 # and called through `gcloud compute tpus tpu-vm ssh --worker=all`).
 #
-#   bash tpu_worker.sh install (--archive=FILE.tar.gz [--revision=SHA] | --git-url=URL --ref=REF)
-#   bash tpu_worker.sh start --run=NAME --log-dir=gs://B/logs/NAME [--env=K=V ...] -- CMD ...
+#   bash tpu_worker.sh install (--wheels=gs://B/wheels/SHA | --image=IMAGE | --git-url=URL --ref=REF)
+#   bash tpu_worker.sh start --run=NAME --log-dir=gs://B/logs/NAME [--image=IMAGE] [--env=K=V ...] -- CMD ...
 #   bash tpu_worker.sh stop [--grace=SECONDS]
 #   bash tpu_worker.sh status
 #
-# Paths (under RETRO_JAX_BASE, default $HOME): retro-jax/ the code, retro-jax-venv/ the Python
-# environment (`pip install -e retro-jax[tpu]`), retro-jax-runs/RUN/ per run: worker-N.log, pid,
-# exit_code, command. `start` returns at once: the command runs in its own session (setsid
-# nohup), so a dropped ssh connection does not stop it; its log is copied to --log-dir every
-# --upload-every seconds and at exit. `stop` sends SIGTERM to the run's process group (the trainer
-# saves a checkpoint), then SIGKILL after --grace seconds.
+# Install, three ways: --wheels (launch/tpu_run.sh's default) copies the wheelhouse that the
+# launcher built once for commit SHA from the bucket (the project's wheel, every dependency's
+# wheel, requirements.txt pinning each of them, the source archive for experiments/) and installs
+# it with `pip install --no-index`: no package registry on the worker. --image pulls a container
+# image built from the repository's Dockerfile; `start --image` runs the command in it (`docker run
+# --privileged --net=host`, as the TPU needs). --git-url clones REF and installs from the registry
+# (`pip install -e .[tpu]`).
+#
+# Paths (under RETRO_JAX_BASE, default $HOME): retro-jax/ the code (from wheels: without the
+# retro_jax/ package, which comes from the wheel), retro-jax-venv/ the Python environment,
+# retro-jax-wheels/SHA/ the wheelhouse, retro-jax-runs/RUN/ per run: worker-N.log, pid, exit_code,
+# command. `start` returns at once: the command runs in its own session (setsid nohup), so a
+# dropped ssh connection does not stop it; its log is copied to --log-dir every --upload-every
+# seconds and at exit, with an exit record worker-N.exit ("exit_code=RC sigterm=0|1") that the
+# launcher's requeue loop reads. `stop` sends SIGTERM to the run's process group (the trainer saves
+# a checkpoint), then SIGKILL after --grace seconds.
 set -euo pipefail
 
 PROG=tpu_worker.sh
@@ -20,6 +30,7 @@ SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}
 BASE=${RETRO_JAX_BASE:-$HOME}
 CODE=$BASE/retro-jax
 VENV=$BASE/retro-jax-venv
+WHEELS=$BASE/retro-jax-wheels
 RUNS=$BASE/retro-jax-runs
 
 die() { printf '%s (worker %s): error: %s\n' "$PROG" "$(worker_id)" "$*" >&2; exit 2; }
@@ -70,6 +81,28 @@ upload() {  # upload LOCAL DEST: DEST is gs://... or a local path
   fi
 }
 
+gs_get() {  # gs_get URL... DIR/: copy objects from gs:// (gcloud storage, else gsutil)
+  gcloud storage cp --quiet "$@" || gsutil -m -q cp "$@"
+}
+
+docker_cmd() {  # the docker command line: plain, or through sudo where the user may not use it
+  if docker info >/dev/null 2>&1; then
+    echo docker
+  else
+    echo sudo -n docker
+  fi
+}
+
+python_exact() {  # python_exact X.Y: that Python (the wheelhouse's wheels are built for it)
+  local want=$1 p="python$1"
+  if ! command -v "$p" >/dev/null; then
+    sudo apt-get update -qq >&2
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$p" "$p-venv" >&2
+  fi
+  command -v "$p" >/dev/null || die "no $p for the wheelhouse (built for Python $want)"
+  echo "$p"
+}
+
 python_311() {  # a Python >= 3.11 (setup.py's python_requires), installed from apt if need be
   local p
   for p in python3.13 python3.12 python3.11 python3; do
@@ -84,39 +117,63 @@ python_311() {  # a Python >= 3.11 (setup.py's python_requires), installed from 
 }
 
 cmd_install() {
-  local archive="" revision="" git_url="" ref="" arg
+  local wheels="" image="" git_url="" ref="" revision="" arg
   for arg in "$@"; do
     case $arg in
-      --archive=?*) archive=${arg#*=} ;;
-      --revision=?*) revision=${arg#*=} ;;
+      --wheels=gs://?*) wheels=${arg#*=} ;;
+      --image=?*) image=${arg#*=} ;;
       --git-url=?*) git_url=${arg#*=} ;;
       --ref=?*) ref=${arg#*=} ;;
       *) die "install: unknown argument '$arg'" ;;
     esac
   done
-  [[ -n $archive || -n $git_url ]] || die "install: pass --archive=FILE or --git-url=URL --ref=REF"
+  [[ -n $wheels || -n $image || -n $git_url ]] ||
+    die "install: pass --wheels=gs://BUCKET/wheels/SHA, --image=IMAGE or --git-url=URL --ref=REF"
+  [[ -z $wheels || -z $image ]] || die "install: --wheels and --image exclude each other"
   local busy
   if busy=$(running_run); then
     die "run $(basename "$busy") is still running; stop it first (tpu_run.sh --stop)"
   fi
-  local new=$CODE.new
+  if [[ -n $image ]]; then
+    install_image "$image"
+    return 0
+  fi
+  rm -f "$BASE/retro-jax-image"
+  local new=$CODE.new py dir=""
   rm -rf "$new"
-  if [[ -n $archive ]]; then
-    [[ -f $archive ]] || die "install: no archive $archive"
-    mkdir -p "$new"
-    tar -xzf "$archive" -C "$new"
+  mkdir -p "$new"
+  if [[ -n $wheels ]]; then
+    wheels=${wheels%/}
+    revision=${wheels##*/}
+    dir=$WHEELS/$revision
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    gs_get "$wheels/requirements.txt" "$wheels/wheels.txt" "$wheels/source.tar.gz" "$dir/"
+    local urls=()
+    mapfile -t urls < <(grep -v '^#' "$dir/wheels.txt" | grep .)
+    ((${#urls[@]})) || die "install: $wheels/wheels.txt lists no wheels"
+    gs_get "${urls[@]}" "$dir/"
+    # retro_jax itself comes from its wheel (with the embedder's weights); the source tree keeps
+    # the rest (experiments/), so `python -m retro_jax.train` run there imports the wheel's code.
+    tar -xzf "$dir/source.tar.gz" -C "$new" --anchored --exclude=retro_jax
+    local pyver
+    pyver=$(sed -n 's/^# python: *\([0-9]\.[0-9]*\).*/\1/p' "$dir/requirements.txt")
+    [[ -n $pyver ]] || die "install: $wheels/requirements.txt names no '# python: X.Y'"
+    py=$(python_exact "$pyver")
   else
     [[ -n $ref ]] || die "install: --git-url needs --ref"
     git clone --quiet "$git_url" "$new"
     git -C "$new" checkout --quiet "$ref"
     revision=$(git -C "$new" rev-parse HEAD)
+    py=$(python_311)
   fi
   echo "${revision:-unknown}" >"$new/.revision"
   rm -rf "$CODE"
   mv "$new" "$CODE"
 
-  local py
-  py=$(python_311)
+  if [[ -n $dir ]]; then  # a fresh environment holding exactly the wheelhouse's pins
+    rm -rf "$VENV"
+  fi
   if [[ ! -x $VENV/bin/python ]] ||
     ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
     rm -rf "$VENV"
@@ -127,19 +184,41 @@ cmd_install() {
       "$py" -m venv "$VENV"
     fi
   fi
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "${CODE}[tpu]"
-  say "installed retro-jax ${revision:0:12} ($("$VENV/bin/python" -c \
-    'import jax, retro_jax; print("jax", jax.__version__)'), $("$VENV/bin/python" --version))"
+  if [[ -n $dir ]]; then
+    "$VENV/bin/python" -m pip install -q --no-index --find-links="$dir" --requirement="$dir/requirements.txt"
+  else
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e "${CODE}[tpu]"
+  fi
+  local where
+  where=$(cd "$CODE" && "$VENV/bin/python" -c 'import retro_jax; print(retro_jax.__file__)')
+  say "installed retro-jax ${revision:0:12} from ${wheels:-$git_url} ($where, $("$VENV/bin/python" --version))"
+}
+
+install_image() {  # pull the image (Artifact Registry / gcr.io: docker credentials from gcloud)
+  local image=$1 host docker
+  read -ra docker <<<"$(docker_cmd)"
+  host=${image%%/*}
+  if [[ $host == *.pkg.dev || $host == gcr.io || $host == *.gcr.io ]]; then
+    if [[ ${docker[0]} == sudo ]]; then
+      sudo -n "$(command -v gcloud)" auth configure-docker "$host" --quiet >&2
+    else
+      gcloud auth configure-docker "$host" --quiet >&2
+    fi
+  fi
+  "${docker[@]}" pull --quiet "$image" >&2
+  echo "$image" >"$BASE/retro-jax-image"
+  say "pulled $image"
 }
 
 parse_run_args() {  # sets RUN LOG_DIR EVERY ENVS CMD from start/_supervise arguments
-  RUN="" LOG_DIR="" EVERY=60 ENVS=() CMD=()
+  RUN="" LOG_DIR="" EVERY=60 IMAGE="" ENVS=() CMD=()
   while (($#)); do
     case $1 in
       --run=?*) RUN=${1#*=} ;;
       --log-dir=?*) LOG_DIR=${1#*=} ;;
       --upload-every=?*) EVERY=${1#*=} ;;
+      --image=?*) IMAGE=${1#*=} ;;
       --env=?*=*) ENVS+=("${1#*=}") ;;
       --) shift; CMD=("$@"); break ;;
       *) die "start: unknown argument '$1'" ;;
@@ -154,7 +233,8 @@ parse_run_args() {  # sets RUN LOG_DIR EVERY ENVS CMD from start/_supervise argu
 
 cmd_start() {
   parse_run_args "$@"
-  [[ -d $CODE ]] || die "no code in $CODE: run 'tpu_run.sh' without --skip-install first"
+  [[ -n $IMAGE || -d $CODE ]] ||
+    die "no code in $CODE: run 'tpu_run.sh' without --skip-install first"
   local busy
   if busy=$(running_run); then
     die "run $(basename "$busy") is still running (pid $(<"$busy/pid")); stop it first" \
@@ -164,7 +244,7 @@ cmd_start() {
   id=$(worker_id)
   rundir=$RUNS/$RUN
   mkdir -p "$rundir"
-  rm -f "$rundir/pid" "$rundir/exit_code"
+  rm -f "$rundir/pid" "$rundir/exit_code" "$rundir/exit" "$rundir/container"
   printf '%q ' "${CMD[@]}" >"$rundir/command"
   echo >>"$rundir/command"
   # Its own session and process group: survives the ssh session, and `stop` signals the group.
@@ -190,18 +270,39 @@ cmd_supervise() {  # internal: the session leader of one run
   unset JAX_PLATFORMS  # the TPU, whatever the login environment says
   export PYTHONUNBUFFERED=1
   for e in "${ENVS[@]+"${ENVS[@]}"}"; do export "${e?}"; done
-  # shellcheck disable=SC1091  # the venv exists on the worker only
-  if [[ -f $VENV/bin/activate ]]; then source "$VENV/bin/activate"; fi
-  cd "$CODE"
+  local code_note
+  if [[ -n $IMAGE ]]; then
+    # The container: the TPU devices need --privileged, the multi-host runtime and the metadata
+    # server --net=host; --init relays SIGTERM to the trainer. Variables go in by value (sudo
+    # drops the environment): --env ones, and what the TPU runtime set (MEGASCALE_*, TPU_*).
+    local docker name=retro-jax-$RUN v
+    read -ra docker <<<"$(docker_cmd)"
+    local run=(run --rm --init --privileged --net=host --name="$name" -e PYTHONUNBUFFERED=1)
+    for e in "${ENVS[@]+"${ENVS[@]}"}"; do run+=(-e "$e"); done
+    for v in $(compgen -e); do
+      if [[ $v == MEGASCALE_* || $v == TPU_* ]]; then run+=(-e "$v=${!v}"); fi
+    done
+    "${docker[@]}" rm -f "$name" >/dev/null 2>&1 || true  # a container left by a killed run
+    echo "$name" >"$rundir/container"
+    CMD=("${docker[@]}" "${run[@]}" "$IMAGE" "${CMD[@]}")
+    code_note="image $IMAGE"
+    cd "$BASE"
+  else
+    # shellcheck disable=SC1091  # the venv exists on the worker only
+    if [[ -f $VENV/bin/activate ]]; then source "$VENV/bin/activate"; fi
+    cd "$CODE"
+    code_note="code $(cat .revision 2>/dev/null || echo '?')"
+  fi
   {
-    echo "== $(date -u '+%F %T') UTC worker $id on $(hostname): run $RUN, code $(cat .revision 2>/dev/null || echo '?')"
+    echo "== $(date -u '+%F %T') UTC worker $id on $(hostname): run $RUN, $code_note"
     echo "== command: $(<"$rundir/command")"
   } >>"$log"
   "${CMD[@]}" >>"$log" 2>&1 </dev/null &
-  local child=$! rc=0
+  local child=$! rc=0 sigterm=0
   # SIGTERM reaches the whole group (stop, or a TPU VM shutting down): the child handles it; the
-  # supervisor keeps waiting so that it can record the exit code and upload the log.
-  trap ':' TERM INT HUP
+  # supervisor keeps waiting so that it can record the exit code and upload the log. The exit
+  # record says whether a SIGTERM came: a preempted slice's trainer also exits 0.
+  trap 'sigterm=1' TERM INT HUP
   (while kill -0 "$child" 2>/dev/null; do
     sleep "$EVERY"
     upload "$log" "$remote"
@@ -215,7 +316,9 @@ cmd_supervise() {  # internal: the session leader of one run
   kill "$uploader" 2>/dev/null || true
   echo "== $(date -u '+%F %T') UTC exit code $rc" >>"$log"
   echo "$rc" >"$rundir/exit_code"
+  echo "exit_code=$rc sigterm=$sigterm" >"$rundir/exit"
   upload "$log" "$remote"
+  if [[ -n $remote ]]; then upload "$rundir/exit" "${remote%.log}.exit"; fi
   rm -f "$rundir/pid"
 }
 
@@ -242,6 +345,11 @@ cmd_stop() {
   done
   if kill -0 "$pid" 2>/dev/null; then
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    if [[ -s $rundir/container ]]; then  # the container outlives its killed `docker run` client
+      local docker
+      read -ra docker <<<"$(docker_cmd)"
+      "${docker[@]}" kill "$(<"$rundir/container")" >/dev/null 2>&1 || true
+    fi
     echo "== $(date -u '+%F %T') UTC killed (SIGKILL) after $grace s" >>"$rundir/worker-$(worker_id).log"
     rm -f "$rundir/pid"
     upload "$rundir/worker-$(worker_id).log" "$(cat "$rundir/remote_log" 2>/dev/null)"
@@ -254,7 +362,9 @@ cmd_stop() {
 cmd_status() {
   local id d pid
   id=$(worker_id)
-  if [[ -f $CODE/.revision ]]; then
+  if [[ -f $BASE/retro-jax-image ]]; then
+    say "image $(<"$BASE/retro-jax-image")"
+  elif [[ -f $CODE/.revision ]]; then
     say "code $(<"$CODE/.revision") in $CODE"
   else
     say "no code installed"
