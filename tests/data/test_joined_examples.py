@@ -144,3 +144,21 @@ def test_the_job_graph_does_not_grow_with_the_examples(joined_db):
   many = examples_stage.plan_bytes(joined_db, SETTINGS, epochs=1000, examples_per_shard=1)
   more = examples_stage.plan_bytes(joined_db, SETTINGS, epochs=10000, examples_per_shard=1)
   assert more - many <= 2 * 2 * plan_lib.PLAN_RANGES
+
+
+def test_on_gs_the_stage_uploads_shards_and_the_loader_reads_them(db, gcs, tmp_path):
+  """A database in a (emulated) bucket: the stage writes each shard locally and uploads it whole;
+  the loader reads the runs of records through array_record's own GCS reader."""
+  bucket = gcs.client.bucket(gcs.bucket)
+  for d, _, files in os.walk(db):
+    for f in files:
+      if "/examples/" not in os.path.join(d, f):
+        p = os.path.join(d, f)
+        bucket.blob(f"db/{os.path.relpath(p, db)}").upload_from_filename(p)
+  gs_db = f"gs://{gcs.bucket}/db"
+  examples_stage.run(gs_db, SETTINGS, epochs=1, examples_per_shard=32)
+  name = SETTINGS.name()
+  assert f"db/examples/{name}/{joined.MANIFEST}" in gcs.names("db/examples/")
+  kw = dict(batch_size=2, process_index=1, process_count=2, **KW)
+  assert_batches_equal(take(loader.make_iterator(gs_db, input="joined", **kw), 8),
+                       take(loader.make_iterator(db, input="random", **kw), 8))
