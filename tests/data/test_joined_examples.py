@@ -123,7 +123,8 @@ def test_stale_or_missing_examples_are_refused(joined_db, tmp_path):
   deletions = store.root / chunk_store_lib.DELETIONS
   assert not deletions.exists()
   subprocess.run([sys.executable, "-m", "retro_jax.edit_db", f"--db={copy}", "--remove_docs=0"],
-                 check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                 check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                 timeout=600)
   with pytest.raises(joined.JoinedExamplesError, match="stale: the database changed"):
     loader.make_dataset(copy, **KW, **kw)
   # "auto" reads the database instead (and says so).
