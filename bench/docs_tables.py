@@ -37,6 +37,7 @@ PAGES = {
     "docs/global_searchers.md": ("bench.global_searchers", "page", "global_searchers.json"),
     "docs/open_reads.md": ("bench.open_reads", "page", "open_reads.json"),
     "docs/sample_smollm2.md": ("bench.sample_smollm2", "page", "sample_smollm2.json"),
+    "docs/joined_examples.md": ("bench.joined_examples", "page", "joined_examples.json"),
 }
 
 # docs pages that a benchmark writes in the same run as its results (it needs a database, so

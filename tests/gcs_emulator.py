@@ -8,6 +8,7 @@ environment points every GCS client of the project at it:
   TENSORSTORE_GCS_HTTP_URL        tensorstore's gcs kvstore (orbax checkpoints)
   GOOGLE_AUTH_TOKEN_FOR_TESTING   tensorstore: a fixed bearer token instead of Google credentials
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false   gcsfs: no storage-control (gRPC) bucket-type probe
+  CLOUD_STORAGE_EMULATOR_ENDPOINT  google-cloud-cpp (array_record's gs:// reader: joined examples)
 Subprocesses started with `emulator.env()` (or after the fixture, which sets os.environ) reach the
 same bucket.
 
@@ -73,7 +74,8 @@ class GcsEmulator:
   def env(self) -> dict[str, str]:
     return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GOOGLE_CLOUD_PROJECT": "test"}
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "GOOGLE_CLOUD_PROJECT": "test",
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url}
 
   def new_bucket(self, name: str | None = None) -> str:
     name = name or f"test-{uuid.uuid4().hex[:12]}"

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
 # Each command and the shared flags it takes.
 TAKES = {
-    "build_db": {"db", "num_neighbours", "backend", "embed_batch_size", "max_docs"},
+    "build_db": {"db", "num_neighbours", "backend", "embed_batch_size", "max_docs", "config"},
     "edit_db": {"db", "backend", "embed_batch_size"},
     "evaluate": {"workdir", "step", "db", "num_neighbours", "retrieval", "backend", "service",
                  "service_timeout_s", "max_docs", "mesh"},

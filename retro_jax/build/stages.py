@@ -114,7 +114,8 @@ DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None
 
 
 # build_db's own flags besides the settings (for the suggestion in an unknown flag's error).
-COMMAND_FLAGS = ("db", "stages", "rebuild", "audit", "num_neighbours")
+COMMAND_FLAGS = ("db", "stages", "rebuild", "audit", "num_neighbours", "config", "examples_epochs",
+                 "examples_per_shard")
 
 
 def check_beam_args(beam_args: Sequence[str]) -> None:

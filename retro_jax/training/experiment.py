@@ -54,6 +54,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.init_from = ""  # a workdir or checkpoints dir of a baseline (retrieval=False) run
   c.train_only = "all"  # "all" | "retrieval" (CCA layers, their norms, the neighbour encoder)
   c.read_threads = 4
+  # Where the examples come from (retro_jax.training.input_pipeline): "joined" reads the examples
+  # written ahead of time with their neighbours (build_db --stages=examples --config=THIS_FILE),
+  # "random" gathers them from the database, "auto" the first when a matching set is finished.
+  c.input = "auto"
   # Micro-batches per step: the global batch's gradient summed over this many slices of it (the
   # paper's batch on a mesh too small to hold it at once); global_batch must be divisible by it.
   c.grad_accum_steps = 1

@@ -42,6 +42,14 @@ global batch b, so the global batch is the single-process one row for row and ea
 its share) -> batch(drop_remainder=True). `batch_size` B is per process. The
 iterator (`make_iterator`) is a grain DatasetIterator: `get_state()` / `set_state()` checkpoint it
 (save the state with the model state, e.g. through orbax).
+
+Joined examples (`input`, retro_jax.training.joined_examples): the same stream written ahead of
+time by `build_db --stages=examples`, the examples already joined with their neighbour tokens. A
+process then reads its rows of global batch b as one run of records (`JoinedBatches`), the same
+batches byte for byte, with one read per batch instead of ~L x (1 + N) per example. `input="auto"`
+(the default) reads them when a finished set of these settings and this database state exists,
+the database otherwise; "joined" insists (an error says what is missing or stale); "random"
+always reads the database.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ import numpy as np
 
 from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.training import joined_examples as joined
 from retro_jax.training import sequence_exclusion
 
 PAD_ID = 0
@@ -240,44 +249,80 @@ def self_neighbour_mask(chunk_ids_N: np.ndarray, rate: float, seed: int) -> np.n
   return unit_hash(chunk_ids_N, seed) < rate
 
 
+def order(ds: grain.MapDataset, seed: int, shuffle: bool, num_epochs: int | None
+          ) -> grain.MapDataset:
+  """The element order of both paths: seeded shuffle (reshuffled each epoch), then repeat."""
+  if shuffle:
+    ds = ds.seed(seed).shuffle()
+  return ds.repeat(num_epochs) if num_epochs != 1 else ds
+
+
 def make_dataset(db_dir: str | os.PathLike, *, seq_len: int, batch_size: int, split: str = "train",
                  retrieval: bool = True, num_neighbours: int | None = None,
                  neighbour_len: int = 128, seed: int = 0, shuffle: bool | None = None,
                  num_epochs: int | None = None, process_index: int | None = None,
                  process_count: int | None = None, source: SequenceSource | None = None,
-                 self_neighbour_rate: float = 0.0, neighbour_shift: int = 0) -> grain.MapDataset:
+                 self_neighbour_rate: float = 0.0, neighbour_shift: int = 0,
+                 input: str = "auto") -> grain.MapDataset:
   """Batched MapDataset of examples (leading axis `batch_size`, per process).
 
   Defaults: split "train" shuffles and repeats forever; split "heldout" reads once in order.
   `process_index/process_count` default to `jax.process_index()/jax.process_count()`.
+  `input`: "auto" | "joined" | "random", where the examples come from (the module docstring).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
   if process_index is None or process_count is None:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  src = source if source is not None else SequenceSource(
-      db_dir, seq_len, split, retrieval, num_neighbours, neighbour_len,
-      self_neighbour_rate=self_neighbour_rate, seed=seed, neighbour_shift=neighbour_shift)
   if shuffle is None:
     shuffle = split == "train"
   if num_epochs is None and split != "train":
     num_epochs = 1
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
+  manifest = None
+  if source is None and shuffle == (split == "train"):  # (the order the examples are written in)
+    if not retrieval:
+      num_neighbours = 0
+    elif num_neighbours is None:
+      num_neighbours = _stored_neighbours(db_dir) if input != "random" else None
+    manifest = joined.find(db_dir, joined.Settings(
+        split=split, seq_len=seq_len, retrieval=retrieval, num_neighbours=num_neighbours or 0,
+        neighbour_len=neighbour_len, seed=seed,
+        self_neighbour_rate=self_neighbour_rate if retrieval else 0.0,
+        neighbour_shift=neighbour_shift if retrieval else 0), input)
+    num_neighbours = num_neighbours or None
+  elif input == "joined":
+    raise joined.JoinedExamplesError("input=joined reads the examples in the order they were "
+                                     "written: no other source or shuffle setting")
+  if manifest is not None:
+    if manifest["num_sequences"] < batch_size * process_count:
+      raise ValueError(f"{db_dir}: {manifest['num_sequences']} {split} sequences of {seq_len} "
+                       f"tokens, fewer than batch_size={batch_size} x {process_count} processes; "
+                       "use a bigger corpus, shorter sequences or a smaller batch.")
+    total = None if num_epochs is None else num_epochs * manifest["num_sequences"]
+    return grain.MapDataset.source(joined.JoinedBatches(manifest, batch_size, process_index,
+                                                        process_count, total))
+  src = source if source is not None else SequenceSource(
+      db_dir, seq_len, split, retrieval, num_neighbours, neighbour_len,
+      self_neighbour_rate=self_neighbour_rate, seed=seed, neighbour_shift=neighbour_shift)
   ds = grain.MapDataset.source(src)
   global_batch = batch_size * process_count
   if len(ds) < global_batch:
     raise ValueError(f"{db_dir}: {len(ds)} {split} sequences of {seq_len} tokens, fewer than "
                      f"batch_size={batch_size} x {process_count} processes; use a bigger corpus, "
                      "shorter sequences or a smaller batch.")
-  if shuffle:
-    ds = ds.seed(seed).shuffle()
-  if num_epochs != 1:
-    ds = ds.repeat(num_epochs)
+  ds = order(ds, seed, shuffle, num_epochs)
   if process_count > 1:
     ds = grain.MapDataset.source(ProcessRows(ds, batch_size, process_index, process_count))
   return ds.batch(batch_size, drop_remainder=True)
+
+
+def _stored_neighbours(db_dir: str | os.PathLike) -> int:
+  """How many neighbours per chunk the database stores (num_neighbours=None asks for all)."""
+  shards, _ = neighbours_lib.open_neighbours(db_dir, chunk_store_lib.ChunkStore.open(db_dir))
+  return int(shards.k)
 
 
 class ProcessRows:

@@ -486,7 +486,7 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
       retrieval=cfg.retrieval, num_neighbours=num_neighbours if cfg.retrieval else None,
       neighbour_len=cfg.neighbour_len, seed=c.seed, read_threads=c.read_threads,
       self_neighbour_rate=c.self_neighbour_rate if cfg.retrieval else 0.0,
-      neighbour_shift=c.neighbour_shift if cfg.retrieval else 0)
+      neighbour_shift=c.neighbour_shift if cfg.retrieval else 0, input=c.input)
   bpt = bytes_per_token(store)
   meta = {"model_config": cfg.to_dict(), "experiment": c.to_dict(),
           "db": str(c.db), "db_tokenizer": store.manifest["tokenizer"], "bytes_per_token": bpt,
