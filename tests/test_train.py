@@ -109,3 +109,33 @@ def test_metrics_and_config(db, tmp_path):
 def test_unknown_field_is_an_error(db, tmp_path):
   p = run(train_cmd(tmp_path / "x", db) + ["--config.totl_steps=3"], check=False)
   assert p.returncode != 0 and "totl_steps" in p.stderr
+
+
+def test_profile_compile_cache_and_goodput(db, tmp_path):
+  """`profile_steps` leaves a trace in WORKDIR/profile, every metrics row says where the time went
+  (input wait, checkpoints, goodput), and a resumed run compiles from WORKDIR/compile_cache."""
+  wd = tmp_path / "ops"
+  env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the default: WORKDIR
+  kw = dict(total_steps=4, checkpoint_every=2, profile_steps="2",
+            compile_cache_min_compile_s=0.0)
+  for total in (4, 6):  # a run, then the same command resumed for two more steps
+    p = subprocess.run(train_cmd(wd, db, **{**kw, "total_steps": total}), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+  traces = list((wd / "profile").rglob("*.xplane.pb"))
+  assert len(traces) == 2 and all(t.stat().st_size > 0 for t in traces), traces  # one per run
+  recs = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in recs] == list(range(1, 7))
+  for r in recs:
+    assert r["input_wait_s"] >= 0 and r["checkpoint_s"] >= 0, r
+    assert 0 <= r["goodput"] <= 1 and 0 <= r["goodput_run"] <= 1, r
+  assert recs[0]["goodput"] == 0  # the first step compiles
+  assert recs[2]["checkpoint_s"] > 0  # step 3's interval paid for step 2's checkpoint
+  assert any(r["goodput"] > 0 for r in recs)
+  assert any((wd / "compile_cache").iterdir())
+  log = (wd / "logs" / "host-0.txt").read_text()
+  assert "profile of steps 2-3 written" in log and "profile of steps 6-6 written" in log, log
+  first, resumed = [l for l in log.splitlines() if "compiled; compilation cache" in l]
+  hits = [int(l.split(": ")[-1].split(" hits")[0]) for l in (first, resumed)]
+  assert hits[0] == 0 and hits[1] > 0, log  # the resumed run's train step came from the cache
+  print(f"resumed run: {hits[1]} executables from {wd / 'compile_cache'}")
