@@ -27,3 +27,21 @@ def test_two_slices_get_a_hybrid_mesh_with_the_data_axis_across_slices():
   assert slice_of == [[0, 0, 0, 0], [1, 1, 1, 1]]  # only "data" crosses the DCN
   with pytest.raises(ValueError, match="devices per slice"):
     make_mesh((1, 8, 1), devices)
+
+
+def test_one_slice_mesh_follows_the_torus_and_cpu_keeps_the_device_order():
+  import jax
+  import numpy as np
+  from retro_jax.model.partitioning import make_mesh
+  from retro_jax.training.aot import topology_devices
+
+  def hops(grid):  # chip-to-chip distances along the fsdp axis, the ring closed
+    c = [np.array(d.coords) for d in grid.flat]
+    return [int(np.abs(a - b).sum()) for a, b in zip(c, c[1:] + c[:1])]
+  _, devices = topology_devices("v5e:4x4")
+  mesh = make_mesh((1, -1, 1), devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "model": 1}
+  assert hops(mesh.devices) == [1] * 16  # a ring of neighbouring chips through the 4x4
+  assert max(hops(make_mesh((1, -1, 1), devices, topology_aware=False).devices)) > 1
+  cpu = make_mesh((-1, 1, 1))  # no topology: the devices in their order
+  assert [d.id for d in cpu.devices.flat] == [d.id for d in jax.devices()]
