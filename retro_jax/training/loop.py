@@ -170,14 +170,14 @@ class Profile:
   WORKDIR/profile, on every process (one file per host)."""
 
   def __init__(self, steps: tuple[int, int] | None, workdir, host_log):
-    self.steps, self.dir, self.host_log, self.on = steps, epath.Path(workdir) / "profile", \
-        host_log, False
+    self.steps, self.dir, self.host_log = steps, epath.Path(workdir) / "profile", host_log
+    self.on, self.first = False, None
 
   def before(self, step: int) -> None:
-    """Before step `step` runs."""
-    if self.steps and step == self.steps[0] and not self.on:
+    """Before step `step` runs (a run resumed inside the range traces the rest of it)."""
+    if self.steps and self.first is None and self.steps[0] <= step <= self.steps[1]:
       jax.profiler.start_trace(str(self.dir))
-      self.on = True
+      self.on, self.first = True, step
 
   def after(self, step: int, outputs, last: bool) -> None:
     """After step `step` was dispatched; its outputs are waited for before the trace ends."""
@@ -185,7 +185,7 @@ class Profile:
       jax.block_until_ready(outputs)
       jax.profiler.stop_trace()
       self.on = False
-      self.host_log(f"profile of steps {self.steps[0]}-{step} written to {self.dir}")
+      self.host_log(f"profile of steps {self.first}-{step} written to {self.dir}")
 
 
 class HostLog:
