@@ -65,3 +65,21 @@ def test_sampling_programs_compile_from_the_command_line(tmp_path):
   assert row["per_chip_gib"] == max(row["step_gib"], row["prefill_gib"]) < row["hbm_gib"]
   assert 0 < row["cache_gib"] < row["step_gib"]
   assert row["provenance"]["command"].startswith("python -m retro_jax.aot_compile --program=sample")
+
+
+def test_one_slice_mesh_follows_the_torus_and_cpu_keeps_the_device_order():
+  import jax
+  import numpy as np
+  from retro_jax.model.partitioning import make_mesh
+  from retro_jax.training.aot import topology_devices
+
+  def hops(grid):  # chip-to-chip distances along the fsdp axis, the ring closed
+    c = [np.array(d.coords) for d in grid.flat]
+    return [int(np.abs(a - b).sum()) for a, b in zip(c, c[1:] + c[:1])]
+  _, devices = topology_devices("v5e:4x4")
+  mesh = make_mesh((1, -1, 1), devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "model": 1}
+  assert hops(mesh.devices) == [1] * 16  # a ring of neighbouring chips through the 4x4
+  assert max(hops(make_mesh((1, -1, 1), devices, topology_aware=False).devices)) > 1
+  cpu = make_mesh((-1, 1, 1))  # no topology: the devices in their order
+  assert [d.id for d in cpu.devices.flat] == [d.id for d in jax.devices()]

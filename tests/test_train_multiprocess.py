@@ -1,5 +1,6 @@
 """Training as two JAX processes (a pod in miniature) on a local GCS emulator: one preemption
-decision for all hosts, resumption, and the same losses as one process.
+decision for all hosts (JAX's preemption sync point, with no host collective between checkpoints:
+counted), resumption, and the same losses as one process.
 
 Two subprocesses `python -m retro_jax.train --num_processes=2 --process_id=i` with 4 CPU devices
 each (8 in all, as the single-process reference run has), coordinated by jax.distributed on a local
@@ -9,6 +10,7 @@ through etils.epath (gcsfs), TensorBoard events through google-cloud-storage.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -53,8 +55,17 @@ def overrides(db, **kw):
 
 
 def env(devices):
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+  # RETRO_JAX_COUNT_HOST_SYNCS: the loop counts every host collective (retro_jax.training.host_syncs)
+  # and logs the counts at each checkpoint.
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, RETRO_JAX_COUNT_HOST_SYNCS="1",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def collectives(log):
+  """[(checkpoint step, {phase: host collectives since the previous checkpoint})] of a host log."""
+  return [(int(m[1]), {k: int(n) for n, k in re.findall(r"(\d+) (\w+)", m[2])})
+          for m in re.finditer(r"checkpoint (\d+); host collectives since the last checkpoint: "
+                               r"(.*)", log)]
 
 
 def cmd(workdir, db, *extra, **kw):
@@ -125,7 +136,12 @@ def test_two_processes_on_gcs_preempt_resume_and_match_one_process(gcs, local_db
   print(f"SIGTERM to process 1: both processes saved step {stop} and exited 0")
   for i in range(2):  # every host stopped at that step (host 1 got the signal, host 0 agreed)
     log = gcs.read(f"run/logs/host-{i}.txt").decode()
-    assert f"stopped at step {stop} (SIGTERM here: {i == 1})" in log, log
+    assert f"stopped at step {stop} (JAX preemption sync point" in log, log
+    # Between the start and the preemption's checkpoint: no host collective on the step path;
+    # orbax's checkpoint barriers are counted, so the counter is live.
+    (at, counts), = collectives(log)
+    assert at == stop and counts["step"] == 0 and counts["checkpoint"] > 0, (i, counts)
+    print(f"host {i}, steps 1-{stop}: host collectives {counts}")
   got = read_losses(gcs, "run/metrics.jsonl")
   assert sorted(got) == list(range(1, stop + 1))
   assert_close(got, want, range(1, stop + 1))
@@ -137,6 +153,10 @@ def test_two_processes_on_gcs_preempt_resume_and_match_one_process(gcs, local_db
   got = read_losses(gcs, "run/metrics.jsonl")
   assert sorted(got) == list(range(1, TOTAL + 1))
   assert_close(got, want, range(stop + 1, TOTAL + 1))
+  for i in range(2):  # the resumed run: none on the step path either
+    (_, first), (at, counts) = collectives(gcs.read(f"run/logs/host-{i}.txt").decode())
+    assert at == TOTAL and counts["step"] == 0 and counts["checkpoint"] > 0, (i, counts)
+    print(f"host {i}, steps {stop + 1}-{TOTAL}: host collectives {counts}")
   # Evaluation, sampling and retrofitting load the model the same way, straight from the bucket.
   model, config, info = ckpt_lib.load_model(run)
   assert info["step"] == TOTAL and info["db"] == db and config.d_model == 32

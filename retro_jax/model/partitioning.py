@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
@@ -73,13 +74,31 @@ def num_slices(devices) -> int:
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+def slice_grid(shape: Sequence[int], devices, topology_aware: bool = True) -> np.ndarray:
+  """One slice's devices laid out as `shape`: `mesh_utils.create_device_mesh` (on TPU, an order
+  that follows the chips' physical torus, e.g. a ring through a v5e 4x4, so that each mesh axis's
+  collectives run between neighbouring chips; on GPU, by device id), else, or for a layout it has
+  no rule for, `devices` in their order (CPU: no topology)."""
+  if topology_aware:
+    try:
+      return mesh_utils.create_device_mesh(tuple(shape), list(devices),
+                                           allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+      logging.warning("no topology-aware %s mesh for %s devices (%s); devices in their order",
+                      tuple(shape), getattr(devices[0], "device_kind", "?"), e)
+  return np.array(devices).reshape(shape)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None, *,
+              topology_aware: bool = True) -> Mesh:
   """A ("data", "fsdp", "model") mesh; one -1 entry takes the remaining devices.
 
-  `shape` is one slice's mesh. Over several slices (multi-slice TPU: devices with distinct
-  `slice_index`) the mesh is `mesh_utils.create_hybrid_device_mesh(shape, (slices, 1, 1))`: the
-  "data" axis grows by the slice count and is the only axis that crosses the DCN (data-parallel
-  gradient all-reduce between slices; FSDP and tensor parallelism stay on each slice's ICI).
+  `shape` is one slice's mesh, laid out over the slice's topology (`slice_grid`;
+  `topology_aware=False`: the devices in their order, as before). Over several slices
+  (multi-slice TPU: devices with distinct `slice_index`) the mesh is
+  `mesh_utils.create_hybrid_device_mesh(shape, (slices, 1, 1))`: the "data" axis grows by the
+  slice count and is the only axis that crosses the DCN (data-parallel gradient all-reduce between
+  slices; FSDP and tensor parallelism stay on each slice's ICI).
   """
   devices = list(jax.devices() if devices is None else devices)
   slices = num_slices(devices)
@@ -96,7 +115,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
     raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices per slice, "
                      f"have {per_slice}" + (f" ({slices} slices)" if slices > 1 else ""))
   if slices == 1:
-    return Mesh(np.array(devices).reshape(shape), MESH_AXES)
+    return Mesh(slice_grid(shape, devices, topology_aware), MESH_AXES)
   grid = mesh_utils.create_hybrid_device_mesh(tuple(shape), (slices, 1, 1), devices)
   return Mesh(grid, MESH_AXES)
 

@@ -10,6 +10,7 @@ Every field and its default is listed in `defaults()`; unknown fields are an err
 from __future__ import annotations
 
 import ml_collections
+from absl import logging
 
 from retro_jax.model import SIZES, RetroConfig
 from retro_jax.training import optim
@@ -61,22 +62,37 @@ def defaults() -> ml_collections.ConfigDict:
   # Micro-batches per step: the global batch's gradient summed over this many slices of it (the
   # paper's batch on a mesh too small to hold it at once); global_batch must be divisible by it.
   c.grad_accum_steps = 1
-  # Every this many steps the hosts agree whether any got SIGTERM (a tiny all-gather); all stop and
-  # save at the same step. 1: stop at the next step (the cost is one host sync per step).
-  c.stop_check_every = 1
   # On gs://, metrics.jsonl is uploaded whole at most this often (and at checkpoints and the end).
   c.metrics_upload_every_s = 60.0
+  # JAX's persistent compilation cache (retro_jax.training.loop.CompileCache): "auto" ->
+  # WORKDIR/compile_cache (unless JAX_COMPILATION_CACHE_DIR names one), "none", or a directory
+  # (local or gs://); executables that compile faster than compile_cache_min_compile_s are not kept.
+  c.compile_cache = "auto"
+  c.compile_cache_min_compile_s = 1.0
+  # A jax.profiler trace into WORKDIR/profile: "FIRST,LAST" (steps), "N" (the N steps after the
+  # first, compiling, step) or "" (none).
+  c.profile_steps = ""
   c.debug_step_delay_s = 0.0  # sleep after each step (tests use it to kill a run mid-flight)
   return c
 
 
+# Fields that no longer mean anything, and why; an experiment that sets one still loads.
+RETIRED = {"stop_check_every": "preemption is agreed by JAX's preemption sync point at every "
+                               "step, without a host collective"}
+
+
 def with_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The experiment's fields over `defaults()`; a field `defaults()` lacks is an error."""
+  """The experiment's fields over `defaults()`; a field `defaults()` lacks is an error (a
+  RETIRED one is ignored, with a warning)."""
   out = defaults()
-  unknown = sorted(set(c.keys()) - set(out.keys()))
+  for k in sorted(set(c.keys()) & set(RETIRED)):
+    logging.warning("experiment field %s is ignored: %s", k, RETIRED[k])
+  unknown = sorted(set(c.keys()) - set(out.keys()) - set(RETIRED))
   if unknown:
     raise ValueError(f"unknown experiment fields {unknown}; known: {sorted(out.keys())}")
   for k in c.keys():
+    if k in RETIRED:
+      continue
     v = c[k]
     if k == "model_overrides":
       v = ml_collections.ConfigDict(dict(v))

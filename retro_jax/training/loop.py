@@ -6,10 +6,15 @@ Runs the jitted, sharded training step (retro_jax.training.step) on the grain lo
   checkpoints/<step>/  orbax: model, optimizer, data-iterator state, meta (retro_jax.training.checkpoint),
                        every `checkpoint_every` steps, at the end, and on SIGTERM (preemption)
   metrics.jsonl        one line per logged step: loss (nats/token), bpb, tokens/s, MFU,
-                       learning rate, gradient norm, step time
+                       learning rate, gradient norm, step time, and where the interval's wall
+                       time went: input wait, checkpoint writes, goodput (`StepMetrics`)
   tensorboard/         the same scalars as TensorBoard events (tensorboardX; on gs:// through
                        google-cloud-storage, flushed at every checkpoint)
-  logs/host-<p>.txt    what process p did: start or resume, checkpoints, preemption
+  logs/host-<p>.txt    what process p did: start or resume, checkpoints, preemption, the
+                       compilation cache's hits, the run's goodput
+  compile_cache/       JAX's persistent compilation cache (`compile_cache`: another directory,
+                       or none), so that a rerun or a resumed run does not compile again
+  profile/             a jax.profiler trace of the steps named by `profile_steps`
 WORKDIR and the database may be local or gs:// (etils.epath, orbax/tensorstore, and ranged row reads
 of the database, retro_jax.db.npy_rows); on gs:// metrics.jsonl is rewritten whole at each logged
 step (objects cannot be appended to).
@@ -19,8 +24,12 @@ NonFiniteLossError before anything else is saved, so the last good checkpoint st
 On a pod every host runs the same command (launch/tpu_run.sh); `--distributed` (default: when the
 TPU environment names several workers) calls jax.distributed.initialize() first. Each host reads
 only its rows of every global batch (input_pipeline.ProcessRows). Preemption is one decision for
-all hosts: every `stop_check_every` steps the hosts all-gather their SIGTERM flags (and orbax's
-`reached_preemption` covers TPU maintenance events), so every host saves the same step and exits 0.
+all hosts, made without a host collective on the step path: with jax.distributed, JAX's preemption
+sync manager catches SIGTERM on any host and agrees on a step in the background through the
+coordination service; orbax's `reached_preemption(step)` (JAX's reached_preemption_sync_point),
+called at every step, is then True on every host at that same step, where all save and exit 0. A
+single process without the coordination service stops on SIGTERM at the next step (a Python
+handler, installed only then, so that it never displaces JAX's notifier).
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -52,7 +61,7 @@ from retro_jax.model import Retro
 from retro_jax.model.partitioning import make_mesh
 from retro_jax.model.retro import count_params
 from retro_jax.training import checkpoint as ckpt_lib
-from retro_jax.training import experiment, workdir_lock
+from retro_jax.training import experiment, host_syncs, workdir_lock
 from retro_jax.training import input_pipeline as loader
 from retro_jax.training.retrofit import RETRIEVAL_PARAMS, load_baseline_into
 from retro_jax.training.step import TrainStep
@@ -87,11 +96,96 @@ def want_distributed(mode: str, num_processes: int | None = None) -> bool:
   return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process when `flag` is True on any (a tiny all-gather; all must call it)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))
+def parse_profile_steps(spec: str, start: int) -> tuple[int, int] | None:
+  """`profile_steps` -> (first, last) step to trace, or None. "A,B": steps A to B; "N": the N
+  steps after the run's (or the resumed run's) first step, which compiles; "": none."""
+  spec = str(spec).strip()
+  if not spec:
+    return None
+  try:
+    parts = [int(x) for x in spec.split(",")]
+  except ValueError:
+    parts = []
+  if len(parts) == 1 and parts[0] >= 1:
+    return start + 2, start + 1 + parts[0]
+  if len(parts) == 2 and 1 <= parts[0] <= parts[1]:
+    return parts[0], parts[1]
+  raise TrainSetupError(f"profile_steps={spec!r}; expected 'FIRST,LAST' (1 <= FIRST <= LAST), a "
+                        f"step count N, or '' (no trace)")
+
+
+class CompileCache:
+  """JAX's persistent compilation cache for the run, and its hits and misses (counted from JAX's
+  monitoring events, for the host log).
+
+  `compile_cache`: "auto" -> WORKDIR/compile_cache (on gs:// in the bucket; JAX writes it from
+  process 0 only), unless the caller already set jax_compilation_cache_dir
+  (JAX_COMPILATION_CACHE_DIR), which is kept; "none" -> no cache; anything else: that directory.
+  Executables that compiled in under `compile_cache_min_compile_s` are not stored. JAX's settings
+  are restored by `close` (a later run in the same process sets its own)."""
+
+  EVENTS = {"/jax/compilation_cache/cache_hits": "hits",
+            "/jax/compilation_cache/cache_misses": "misses"}
+
+  def __init__(self, c, workdir):
+    self.saved = {k: getattr(jax.config, k) for k in (
+        "jax_compilation_cache_dir", "jax_enable_compilation_cache",
+        "jax_persistent_cache_min_compile_time_secs")}
+    self.counts = {"hits": 0, "misses": 0}
+    if c.compile_cache == "none":
+      self.path = None
+      jax.config.update("jax_enable_compilation_cache", False)
+    else:
+      self.path = (self.saved["jax_compilation_cache_dir"] if c.compile_cache == "auto"
+                   and self.saved["jax_compilation_cache_dir"] else
+                   str(epath.Path(workdir) / "compile_cache") if c.compile_cache == "auto"
+                   else c.compile_cache)
+      jax.config.update("jax_enable_compilation_cache", True)
+      jax.config.update("jax_compilation_cache_dir", self.path)
+      jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                        float(c.compile_cache_min_compile_s))
+    compilation_cache.reset_cache()  # read the settings again at the next compile
+    jax.monitoring.register_event_listener(self._on_event)
+
+  def _on_event(self, event: str, **kwargs) -> None:
+    del kwargs
+    if event in self.EVENTS:
+      self.counts[self.EVENTS[event]] += 1
+
+  def describe(self) -> str:
+    if self.path is None:
+      return "compilation cache: none"
+    return (f"compilation cache {self.path}: {self.counts['hits']} hits, "
+            f"{self.counts['misses']} misses")
+
+  def close(self) -> None:
+    jax.monitoring.unregister_event_listener(self._on_event)
+    for k, v in self.saved.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+class Profile:
+  """A jax.profiler trace (TensorBoard's profile plugin, xplane.pb) of steps first..last into
+  WORKDIR/profile, on every process (one file per host)."""
+
+  def __init__(self, steps: tuple[int, int] | None, workdir, host_log):
+    self.steps, self.dir, self.host_log = steps, epath.Path(workdir) / "profile", host_log
+    self.on, self.first = False, None
+
+  def before(self, step: int) -> None:
+    """Before step `step` runs (a run resumed inside the range traces the rest of it)."""
+    if self.steps and self.first is None and self.steps[0] <= step <= self.steps[1]:
+      jax.profiler.start_trace(str(self.dir))
+      self.on, self.first = True, step
+
+  def after(self, step: int, outputs, last: bool) -> None:
+    """After step `step` was dispatched; its outputs are waited for before the trace ends."""
+    if self.on and (step >= self.steps[1] or last):
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.on = False
+      self.host_log(f"profile of steps {self.first}-{step} written to {self.dir}")
 
 
 class HostLog:
@@ -308,6 +402,8 @@ def run(c, workdir: str, *, distributed: bool | dict = False,
   arguments (coordinator_address, num_processes, process_id: a multi-process CPU run)."""
   if distributed:
     jax.distributed.initialize(**(distributed if isinstance(distributed, dict) else {}))
+  if host_syncs.enabled():
+    host_syncs.install()
   layout.make_dir(workdir, "--workdir")  # one line when it cannot be (a file, read-only, ...)
   lock = workdir_lock.acquire(workdir) if jax.process_index() == 0 else None
   quiet = _QuietDiskFull()
@@ -318,14 +414,19 @@ def run(c, workdir: str, *, distributed: bool | dict = False,
     h.addFilter(quiet)
   quiet.install_hooks()
   write_failed = False
+  cache = None
   try:
-    return _run(c, workdir, progress=progress)
+    c = experiment.with_defaults(c)
+    cache = CompileCache(c, workdir)  # before anything compiles
+    return _run(c, workdir, progress=progress, cache=cache)
   except CheckpointWriteError:
     # orbax's and tensorboard's background writers report the full disk again as the process
     # ends (asyncio's "exception was never retrieved", atexit flushes): keep those quiet too.
     write_failed, handlers = True, []
     raise
   finally:
+    if cache is not None:
+      cache.close()
     if not write_failed:
       quiet.remove_hooks()
     for h in handlers:
@@ -360,6 +461,7 @@ def _check_setup(c, cfg, store) -> None:
   if c.grad_accum_steps < 1 or c.global_batch % c.grad_accum_steps:
     raise TrainSetupError(f"grad_accum_steps={c.grad_accum_steps} must be >= 1 and divide "
                           f"global_batch={c.global_batch}.")
+  parse_profile_steps(c.profile_steps, 0)  # its form, before anything runs
   if c.train_only not in ("all", "retrieval"):
     raise TrainSetupError(f"train_only={c.train_only!r}; expected 'all' or 'retrieval'.")
   if c.num_neighbours < 0 or (cfg.retrieval and c.num_neighbours == 0
@@ -406,7 +508,15 @@ def _start_state(c, cfg, workdir, mngr, train, data_iter, mesh, host_log, progre
 
 class StepMetrics:
   """The steps' metrics, fetched from the device only at a flush (no host sync per step), checked
-  finite and written with throughput and MFU."""
+  finite and written with throughput, MFU and where the interval's wall time went.
+
+  Per step, averaged over the interval since the previous flush (every step of it has the same
+  values): `step_time_s` (wall time), `input_wait_s` (time the loop blocked in next(data_iter)),
+  `checkpoint_s` (time it blocked writing checkpoints: orbax's synchronous part); `goodput` (the
+  share of the interval's wall time not spent waiting for input, checkpoints, compilation or
+  `debug_step_delay_s`) and `goodput_run` (the same since the loop started). The
+  step is dispatched asynchronously, so input wait can overlap device work: goodput is a lower
+  bound. The interval that holds the first (compiling) step counts as compilation."""
 
   def __init__(self, c, cfg, workdir, writer: MetricsWriter, start: int, bpt: float):
     self.c, self.workdir, self.writer, self.start, self.bpt = c, workdir, writer, start, bpt
@@ -417,18 +527,48 @@ class StepMetrics:
     self.last: dict[str, Any] = {}
     self.last_good = start  # the last checkpointed step (named when a loss is not finite)
     self.t_flush, self.steps_since = time.perf_counter(), 0
+    self.t_start = self.t_flush
+    self.lost = {"input": 0.0, "checkpoint": 0.0, "other": 0.0}  # this interval
+    self.total = {"input": 0.0, "checkpoint": 0.0, "other": 0.0, "compile": 0.0}
 
   def add(self, step: int, metrics) -> None:
     self.pending.append((step, metrics))
     self.steps_since += 1
+
+  def lose(self, what: str, seconds: float) -> None:
+    """`seconds` of this interval went to `what` ("input", "checkpoint" or "other")."""
+    self.lost[what] += seconds
+    self.total[what] += seconds
+
+  def summary(self) -> str:
+    """The run's wall time since the loop started and where it went (for the host log)."""
+    wall = time.perf_counter() - self.t_start
+    lost = sum(self.total.values())
+    return (f"wall {wall:.1f} s: input wait {self.total['input']:.1f} s, checkpoints "
+            f"{self.total['checkpoint']:.1f} s, compilation {self.total['compile']:.1f} s, "
+            f"other waits {self.total['other']:.1f} s; goodput {max(wall - lost, 0) / wall:.3f}")
 
   def flush(self) -> None:
     if not self.pending:
       return
     fetched = [(s, jax.device_get(m)) for s, m in self.pending]
     self.pending.clear()
-    dt = (time.perf_counter() - self.t_flush) / max(self.steps_since, 1)
-    self.t_flush, self.steps_since = time.perf_counter(), 0
+    now = time.perf_counter()
+    wall = now - self.t_flush
+    dt = wall / max(self.steps_since, 1)
+    compiling = fetched[0][0] == self.start + 1
+    lost = sum(self.lost.values())
+    if compiling:  # what the first step took beyond its waits was compilation
+      self.total["compile"] += max(wall - lost, 0.0)
+      lost = wall
+    steps = max(self.steps_since, 1)
+    interval = {"input_wait_s": self.lost["input"] / steps,
+                "checkpoint_s": self.lost["checkpoint"] / steps,
+                "goodput": max(wall - lost, 0.0) / wall if wall > 0 else 0.0,
+                "goodput_run": max((now - self.t_start) - sum(self.total.values()), 0.0)
+                / max(now - self.t_start, 1e-9)}
+    self.lost = dict.fromkeys(self.lost, 0.0)
+    self.t_flush, self.steps_since = now, 0
     for s, m in fetched:
       loss = float(m["loss"])
       if not math.isfinite(loss) or not math.isfinite(float(m["grad_norm"])):
@@ -440,7 +580,7 @@ class StepMetrics:
               "grad_norm": float(m["grad_norm"]),
               "learning_rate": experiment.learning_rate(self.c, s - 1),
               "tokens": int(m["tokens"]), "step_time_s": dt,
-              "tokens_per_s": self.tokens_per_step / dt, "time": time.time()}
+              "tokens_per_s": self.tokens_per_step / dt, **interval, "time": time.time()}
       if s == self.start + 1:
         last["includes_compile"] = True
       if self.peak:
@@ -465,7 +605,7 @@ def _disk_full_error(workdir, step: int, failed: list) -> CheckpointWriteError:
       f"command to resume")
 
 
-def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+def _run(c, workdir: str, *, progress: bool, cache: CompileCache) -> dict[str, Any]:
   c = experiment.with_defaults(c)
   cfg = experiment.model_config(c)
   workdir = epath.Path(workdir)
@@ -499,61 +639,98 @@ def _run(c, workdir: str, *, progress: bool = True) -> dict[str, Any]:
 
   writer = MetricsWriter(workdir, start, is_main, c.metrics_upload_every_s)
   metrics = StepMetrics(c, cfg, workdir, writer, start, bpt)
+  profile = Profile(parse_profile_steps(c.profile_steps, start), workdir, host_log)
+  # With jax.distributed, JAX's preemption sync manager owns SIGTERM (its notifier's handler; a
+  # Python handler would displace it) and orbax's reached_preemption answers at the agreed step.
+  # A single process without the coordination service: a flag, checked at every step.
   preempted = {"flag": False}
+  sync_point = jax.distributed.is_initialized()
 
   def on_sigterm(signum, frame):
     del signum, frame
     preempted["flag"] = True
-  old_handler = signal.signal(signal.SIGTERM, on_sigterm)
+  old_handler = None if sync_point else signal.signal(signal.SIGTERM, on_sigterm)
+  if sync_point and jax.process_count() > 1 and not jax.config.jax_enable_preemption_service:
+    host_log("warning: jax_enable_preemption_service is off: SIGTERM ends this process "
+             "without a checkpoint")
 
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k]))
             for k, s in train.batch_sharding(batch).items()}
 
+  def collectives() -> str:
+    """The host collectives since the last call (RETRO_JAX_COUNT_HOST_SYNCS), for the log."""
+    if not host_syncs.installed():
+      return ""
+    counts = host_syncs.take()
+    return "; host collectives since the last checkpoint: " + ", ".join(
+        f"{counts.get(k, 0)} {k}" for k in ("step", "checkpoint", "background"))
+
   bar = tqdm(total=c.total_steps, initial=start, desc=os.path.basename(str(workdir)) or "train",
              unit="step", disable=not (progress and is_main), dynamic_ncols=True)
   step = start
   failed: list[BaseException] = []
+  if host_syncs.installed():
+    host_syncs.take()  # setup and restore: not between checkpoints
   try:
-    while step < c.total_steps:
-      state, step_metrics = train.step(state, to_global(next(data_iter)))
-      step += 1
-      metrics.add(step, step_metrics)
-      if step == start + 1:  # Leave compilation out of the first interval's throughput.
-        jax.block_until_ready(step_metrics)
-        metrics.flush()
-      stop = mngr.reached_preemption(step)  # the same answer on every host
-      if step % c.stop_check_every == 0 or step == c.total_steps:
-        stop = any_process(preempted["flag"]) or stop  # SIGTERM on any host stops all here
-      save = stop or step % c.checkpoint_every == 0 or step == c.total_steps
-      if save or step % c.log_every == 0:
-        metrics.flush()
-        bar.set_postfix(loss=f"{metrics.last['loss']:.3f}",
-                        tok_s=f"{metrics.last['tokens_per_s']:.0f}")
-      bar.update(1)
-      if c.debug_step_delay_s:
-        time.sleep(c.debug_step_delay_s)
-      if save:
-        _check_space(workdir / ckpt_lib.CHECKPOINTS, state, step, metrics.last_good)
-        ckpt_lib.save(mngr, step, state, data_iter, {**meta, "step": step})
-        metrics.last_good = step
-        writer.flush()
-        host_log(f"checkpoint {step}")
-      if stop:
-        logging.warning("SIGTERM / preemption at step %d: checkpoint saved, exiting", step)
-        host_log(f"preempted: stopped at step {step} (SIGTERM here: {preempted['flag']})")
-        if progress and is_main:
-          print(f"preempted at step {step}: checkpoint saved", flush=True)
-        break
+    with host_syncs.phase("step"):
+      while step < c.total_steps:
+        profile.before(step + 1)
+        t = time.perf_counter()
+        batch = next(data_iter)
+        metrics.lose("input", time.perf_counter() - t)
+        state, step_metrics = train.step(state, to_global(batch))
+        step += 1
+        metrics.add(step, step_metrics)
+        profile.after(step, step_metrics, step == c.total_steps)
+        if step == start + 1:  # Leave compilation out of the first interval's throughput.
+          jax.block_until_ready(step_metrics)
+          metrics.flush()
+          host_log(f"step {step} compiled; {cache.describe()}")
+        # The same answer on every host, with no collective here (JAX's sync point); else SIGTERM.
+        stop = mngr.reached_preemption(step) or preempted["flag"]
+        save = stop or step % c.checkpoint_every == 0 or step == c.total_steps
+        if save or step % c.log_every == 0:
+          metrics.flush()
+          bar.set_postfix(loss=f"{metrics.last['loss']:.3f}",
+                          tok_s=f"{metrics.last['tokens_per_s']:.0f}")
+        bar.update(1)
+        if c.debug_step_delay_s:
+          time.sleep(c.debug_step_delay_s)
+          metrics.lose("other", c.debug_step_delay_s)
+        if save:
+          t = time.perf_counter()
+          with host_syncs.phase("checkpoint"):
+            _check_space(workdir / ckpt_lib.CHECKPOINTS, state, step, metrics.last_good)
+            ckpt_lib.save(mngr, step, state, data_iter, {**meta, "step": step})
+          metrics.lose("checkpoint", time.perf_counter() - t)
+          metrics.last_good = step
+          writer.flush()
+          host_log(f"checkpoint {step}{collectives()}")
+        if stop:
+          how = ("JAX preemption sync point, the same step on every host" if sync_point
+                 else "SIGTERM")
+          logging.warning("preemption at step %d (%s): checkpoint saved, exiting", step, how)
+          host_log(f"preempted: stopped at step {step} ({how})")
+          if progress and is_main:
+            print(f"preempted at step {step}: checkpoint saved", flush=True)
+          break
   except Exception as e:  # noqa: BLE001 -- a full disk becomes one message below
     if not errors.is_disk_full(e):
       raise
     failed.append(e)
   finally:
     bar.close()
-    _keep_disk_full(mngr.wait_until_finished, failed)
+    if profile.on:  # an error inside the traced steps
+      jax.profiler.stop_trace()
+    t = time.perf_counter()
+    with host_syncs.phase("checkpoint"):
+      _keep_disk_full(mngr.wait_until_finished, failed)
+    metrics.lose("checkpoint", time.perf_counter() - t)
     _keep_disk_full(writer.close, failed)
-    signal.signal(signal.SIGTERM, old_handler)
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
   if failed:
     raise _disk_full_error(workdir, step, failed) from None
+  host_log(f"done at step {step}: {metrics.summary()}; {cache.describe()}{collectives()}")
   return metrics.last
