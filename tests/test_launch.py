@@ -823,7 +823,9 @@ def test_worker_installs_and_runs_an_image(tmp_path):
   trainer = tmp_path / "fake_train.py"
   trainer.write_text(FAKE_TRAINER)
   docker_log = tmp_path / "docker.log"
-  env = dict(os.environ, RETRO_JAX_BASE=str(base), RETRO_JAX_WORKER_ID="1", JAX_PLATFORMS="cpu",
+  # Without the TPU_* variables that importing retro_jax.training.aot sets in this test process.
+  clean = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "MEGASCALE_"))}
+  env = dict(clean, RETRO_JAX_BASE=str(base), RETRO_JAX_WORKER_ID="1", JAX_PLATFORMS="cpu",
              PATH=f"{bin_dir}:{os.environ['PATH']}", DOCKER_LOG=str(docker_log),
              MEGASCALE_SLICE_ID="3")
   image = "us-docker.pkg.dev/my-proj/retro/retro-jax:0123456789ab"
