@@ -44,19 +44,22 @@ def workdir_and_db(tmp_path_factory):
   return str(workdir), str(db)
 
 
-def test_sharded_evaluation_and_sampling_match_one_device(workdir_and_db):
+# 2x2x2 splits over every axis at once (make test); 8x1x1, data parallel only, is `make test-slow`.
+@pytest.mark.parametrize("shapes", [
+    ("2x2x2",), pytest.param(("2x2x2", "8x1x1"), marks=pytest.mark.slow)], ids=["2x2x2", "both"])
+def test_sharded_evaluation_and_sampling_match_one_device(workdir_and_db, shapes):
   workdir, db = workdir_and_db
   proc = subprocess.run([sys.executable, str(REPO / "tests" / "sharded_serving_worker.py"),
-                         workdir, db, "2x2x2", "8x1x1"], capture_output=True, text=True,
+                         workdir, db, *shapes], capture_output=True, text=True,
                         timeout=900, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = {r["mesh"]: r for r in map(json.loads, (line for line in proc.stdout.splitlines()
                                                   if line.startswith("{")))}
-  assert set(rows) == {"1x1x1", "2x2x2", "8x1x1"}
+  assert set(rows) == {"1x1x1", *shapes}
   one = rows["1x1x1"]
   assert one["result_mesh"] == {"data": 1, "fsdp": 1, "model": 1}
   assert one["embed_devices"] == 1 and set(one["bpb"]) == {"on", "off"}
-  for shape in ("2x2x2", "8x1x1"):
+  for shape in shapes:
     r = rows[shape]
     d, f, m = (int(x) for x in shape.split("x"))
     assert r["result_mesh"] == {"data": d, "fsdp": f, "model": m}
