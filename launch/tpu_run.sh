@@ -451,6 +451,12 @@ write_lock() {  # write_lock DEPS COMMIT_DIR LOCK: the project's wheel aside, th
   printf '%s\n' "${urls[@]}" >"$commit/wheels.txt"
 }
 
+# The commit's tree as TARBALL, unpacked into DIR (the wheelhouse's and the image's sources).
+export_commit() {
+  step git -C "$REPO" archive --format=tar.gz --output="$1" "$SHA"
+  step tar -xzf "$1" -C "$2"
+}
+
 prepare_wheels() {
   local build=${TMPDIR:-/tmp}/retro-jax-wheelhouse-${SHA:0:12} built
   local src=$build/src deps=$build/deps commit=$build/commit lock=$build/requirements.txt
@@ -464,8 +470,7 @@ prepare_wheels() {
   fi
   step rm -rf "$build"
   step mkdir -p "$src" "$deps" "$commit"
-  step git -C "$REPO" archive --format=tar.gz --output="$commit/source.tar.gz" "$SHA"
-  step tar -xzf "$commit/source.tar.gz" -C "$src"
+  export_commit "$commit/source.tar.gz" "$src"
   step "$PYTHON" -m pip wheel --quiet --no-build-isolation --wheel-dir="$deps" "${src}[tpu]"
   if ((DRY_RUN)); then
     note "the project's wheel moves to $commit; $lock pins every wheel (name==version," \
@@ -491,8 +496,7 @@ prepare_image() {
   fi
   step rm -rf "$build"
   step mkdir -p "$build/src"
-  step git -C "$REPO" archive --format=tar.gz --output="$build/source.tar.gz" "$SHA"
-  step tar -xzf "$build/source.tar.gz" -C "$build/src"
+  export_commit "$build/source.tar.gz" "$build/src"
   step docker build --tag="$IMAGE" "$build/src"
   step docker push "$IMAGE"
 }

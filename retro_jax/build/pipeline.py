@@ -970,13 +970,21 @@ def _forget_outputs(count: int, db: str, stage: str) -> None:
     provenance.outputs_path(db, stage).unlink()
 
 
-def _check_whole(p, db: str, stage: str) -> None:
-  n = chunk_store_lib.ChunkStore.open(db).num_shards
+def _check_ranges(p, n: int, not_whole, combine, record) -> None:
+  """The rerun's check: ranges of `n` shards spread over the workers, `not_whole(range)` yielding
+  what is not whole in each, combined globally (`combine`) and handed to `record`."""
   _ = (p | "ShardRanges" >> beam.Create(plan_lib.ranges(n))
        | "SpreadShardRanges" >> beam.Reshuffle()
-       | "NotWhole" >> beam.FlatMap(_not_whole_shards, db, stage)
-       | "CountNotWhole" >> beam.combiners.Count.Globally()
-       | "ForgetOutputs" >> beam.Map(_forget_outputs, db, stage))
+       | "NotWhole" >> beam.FlatMap(not_whole)
+       | "Combine" >> combine
+       | "Record" >> beam.Map(record))
+
+
+def _check_whole(p, db: str, stage: str) -> None:
+  _check_ranges(p, chunk_store_lib.ChunkStore.open(db).num_shards,
+                functools.partial(_not_whole_shards, db=db, stage=stage),
+                beam.combiners.Count.Globally(),
+                functools.partial(_forget_outputs, db=db, stage=stage))
 
 
 _SHARD_PATHS = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}
@@ -998,12 +1006,9 @@ def _write_damaged(damaged: list[str], db: str) -> None:
 
 
 def _check_global_index(p, db: str) -> None:
-  n = len(global_lib.serving_shard_ids(global_lib.read_manifest(global_lib.index_dir(db))))
-  _ = (p | "ServingRanges" >> beam.Create(plan_lib.ranges(n))
-       | "SpreadServingRanges" >> beam.Reshuffle()
-       | "NotWhole" >> beam.FlatMap(_damaged_serving_in, db)
-       | "Damaged" >> beam.combiners.Sample.FixedSizeGlobally(64)
-       | "Record" >> beam.Map(_write_damaged, db))
+  _check_ranges(p, len(global_lib.serving_shard_ids(global_lib.read_manifest(
+      global_lib.index_dir(db)))), functools.partial(_damaged_serving_in, db=db),
+      beam.combiners.Sample.FixedSizeGlobally(64), functools.partial(_write_damaged, db=db))
 
 
 def remove_shards_not_whole(stage: str, db: str | os.PathLike,

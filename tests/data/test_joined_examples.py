@@ -2,6 +2,7 @@
 on the DirectRunner, and real ArrayRecord shards): the same batches as the database path, on one
 host and split over two, a resume that continues identically, and stale sets refused."""
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.training import examples_stage
 from retro_jax.training import input_pipeline as loader
 from retro_jax.training import joined_examples as joined
+
+import tiny_db  # noqa: E402
 
 T = 256  # 4 chunks per sequence
 SETTINGS = joined.Settings(split="train", seq_len=T, retrieval=True, num_neighbours=2,
@@ -33,17 +36,9 @@ def joined_db(db, tmp_path_factory):
   return copy
 
 
-def take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for key in x:
-      assert x[key].dtype == y[key].dtype == np.int32
-      np.testing.assert_array_equal(x[key], y[key])
+take = tiny_db.take
+# Both input paths give int32 arrays.
+assert_batches_equal = functools.partial(tiny_db.assert_batches_equal, dtype=np.int32)
 
 
 def test_the_stage_writes_shards_and_a_manifest(joined_db):

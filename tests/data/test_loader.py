@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from retro_jax.training import input_pipeline as loader
+from tiny_db import assert_batches_equal, take  # noqa: E402
 
 T = 256  # 4 chunks per sequence
 
@@ -11,18 +12,6 @@ T = 256  # 4 chunks per sequence
 @pytest.fixture(scope="module")
 def source(db, store):
   return loader.SequenceSource(db, T, store=store)
-
-
-def take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for key in x:
-      np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_shapes_and_dtypes(db):

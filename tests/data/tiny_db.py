@@ -10,6 +10,8 @@ import os
 import sys
 import threading
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import corpus_path  # noqa: E402
 
@@ -44,3 +46,18 @@ def digests(root, skip=()) -> dict[str, str]:
         with open(p, "rb") as fh:
           out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
   return out
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b, dtype=None):
+  """Two lists of batches (dicts of arrays) equal key by key (and of `dtype`, when given)."""
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      if dtype is not None:
+        assert x[key].dtype == y[key].dtype == dtype
+      np.testing.assert_array_equal(x[key], y[key])
