@@ -7,6 +7,7 @@ steps, real orbax checkpoints, a real gRPC shard server, and the commands as sub
 the one-line error itself is the point.
 """
 import json
+import logging
 import os
 import resource
 import shutil
@@ -390,6 +391,23 @@ def test_a_checkpoint_write_failing_midway(db, tmp_path):
   assert p.stderr.count("Traceback") == 0 and len(p.stderr.splitlines()) <= 20, p.stderr[-3000:]
   assert not [x for x in left if "orbax-checkpoint-tmp" in x], left
   assert workdir_lock.LOCK not in left, left
+
+
+def test_writer_noise_after_a_failed_write_stays_quiet():
+  """What a failed write's writers report after its temporary directories are removed (they
+  fail to find them) is dropped, but only once a write failed: before, such an error shows."""
+  quiet = loop._QuietDiskFull()
+  gone = ('NOT_FOUND: Error writing local file "wd/checkpoints/2.orbax-checkpoint-tmp/'
+          'optimizer.orbax-checkpoint-tmp/_sharding": No such file or directory')
+
+  def record(msg):
+    return logging.LogRecord("orbax", logging.ERROR, __file__, 1, msg, (), None)
+  assert quiet.filter(record(gone)) and not quiet.is_noise(ValueError(gone))
+  assert not quiet.filter(record("OUT_OF_RANGE: File too large"))  # a disk-full text
+  assert not quiet.filter(record(gone)) and quiet.is_noise(ValueError(gone))
+  fresh = loop._QuietDiskFull()
+  fresh.write_failed = True
+  assert not fresh.filter(record(gone)) and fresh.filter(record("an unrelated error"))
 
 
 # ------------------------------------------------------------------------------------------------

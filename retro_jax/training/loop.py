@@ -346,11 +346,6 @@ _WRITER_NOISE = errors.DISK_FULL_TEXT + (
     "sys.meta_path is None")
 
 
-def _is_writer_noise(exc: BaseException | None) -> bool:
-  return exc is not None and (errors.is_disk_full(exc)
-                              or any(m in str(exc) for m in _WRITER_NOISE))
-
-
 class _QuietDiskFull(std_logging.Filter):
   """Drops the log records and thread or callback tracebacks of a failing checkpoint write's
   background threads (the run then stops with one `CheckpointWriteError` saying why)."""
@@ -358,14 +353,26 @@ class _QuietDiskFull(std_logging.Filter):
   def __init__(self):
     super().__init__()
     self.seen = 0
+    self.write_failed = False  # set as a failed write's temporary directories are removed
     self._hooks = None
 
-  def filter(self, record) -> bool:
-    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+  def noise(self, text: str) -> bool:
+    """Writer noise: the disk-full texts; once one was seen, also any failure naming a write's
+    temporary directory (removed under the writers still finishing, they fail to find it)."""
     if any(m in text for m in _WRITER_NOISE):
       self.seen += 1
-      return False
-    return True
+      return True
+    return (self.seen > 0 or self.write_failed) and ".orbax-checkpoint-tmp" in text
+
+  def filter(self, record) -> bool:
+    return not self.noise(
+        record.getMessage() + (str(record.exc_info[1]) if record.exc_info else ""))
+
+  def is_noise(self, exc: BaseException | None) -> bool:
+    if exc is not None and errors.is_disk_full(exc):
+      self.seen += 1
+      return True
+    return exc is not None and self.noise(str(exc))
 
   def install_hooks(self) -> None:
     """Background threads' exceptions (threading.excepthook) and those of callbacks run from
@@ -374,15 +381,15 @@ class _QuietDiskFull(std_logging.Filter):
     self._hooks = previous
 
     def excepthook(t, v, tb):
-      if not _is_writer_noise(v):
+      if not self.is_noise(v):
         previous[0](t, v, tb)
 
     def thread_hook(args):
-      if not _is_writer_noise(args.exc_value):
+      if not self.is_noise(args.exc_value):
         previous[1](args)
 
     def unraisable_hook(u):
-      if not _is_writer_noise(u.exc_value):
+      if not self.is_noise(u.exc_value):
         previous[2](u)
     sys.excepthook, threading.excepthook, sys.unraisablehook = (
         excepthook, thread_hook, unraisable_hook)
@@ -418,7 +425,7 @@ def run(c, workdir: str, *, distributed: bool | dict = False,
   try:
     c = experiment.with_defaults(c)
     cache = CompileCache(c, workdir)  # before anything compiles
-    return _run(c, workdir, progress=progress, cache=cache)
+    return _run(c, workdir, progress=progress, cache=cache, quiet=quiet)
   except CheckpointWriteError:
     # orbax's and tensorboard's background writers report the full disk again as the process
     # ends (asyncio's "exception was never retrieved", atexit flushes): keep those quiet too.
@@ -605,7 +612,8 @@ def _disk_full_error(workdir, step: int, failed: list) -> CheckpointWriteError:
       f"command to resume")
 
 
-def _run(c, workdir: str, *, progress: bool, cache: CompileCache) -> dict[str, Any]:
+def _run(c, workdir: str, *, progress: bool, cache: CompileCache,
+         quiet: _QuietDiskFull) -> dict[str, Any]:
   c = experiment.with_defaults(c)
   cfg = experiment.model_config(c)
   workdir = epath.Path(workdir)
@@ -731,6 +739,7 @@ def _run(c, workdir: str, *, progress: bool, cache: CompileCache) -> dict[str, A
     if old_handler is not None:
       signal.signal(signal.SIGTERM, old_handler)
   if failed:
+    quiet.write_failed = True
     raise _disk_full_error(workdir, step, failed) from None
   host_log(f"done at step {step}: {metrics.summary()}; {cache.describe()}{collectives()}")
   return metrics.last
