@@ -9,6 +9,10 @@ CPU and the load average, with the command, commit and date. Targets measured be
 records (the file holds one per target); `make docs` lists every target of the Makefile, the
 ones not measured yet included. The clone creates its own .venv; this machine's pip cache and
 installed Debian packages are used as they are.
+
+`--clone=once` clones once and runs the targets one after the other in that clone: each record
+then names the targets that ran before it there (`after`), e.g. the benchmarks timed after
+`make db` built the database they read (their own `db` prerequisite then only checks it).
 """
 import argparse
 import json
@@ -39,9 +43,12 @@ def pytest_summary(log: str) -> str | None:
   return found[-1] if found else None
 
 
-def run_target(repo: str, dest: str, target: str) -> dict:
+def clone(repo: str, dest: str) -> None:
   shutil.rmtree(dest, ignore_errors=True)
   subprocess.run(["git", "clone", "-q", repo, dest], check=True, timeout=600)
+
+
+def run_target(dest: str, target: str) -> dict:
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
   start, t0 = utc_now(), time.time()
   p = subprocess.run(["make", target], cwd=dest, env=env, capture_output=True, text=True,
@@ -62,14 +69,25 @@ def main() -> None:
   p.add_argument("--repo", default=".")
   p.add_argument("--dest", default="/tmp/retro_fresh_targets")
   p.add_argument("--out", default=OUT)
+  p.add_argument("--clone", choices=("each", "once"), default="each",
+                 help="a fresh clone for each target, or one for all (records name what ran "
+                      "before them in it)")
   a = p.parse_args()
   repo = os.path.abspath(a.repo)
   old = {}
   if os.path.exists(a.out):
     with open(a.out) as f:
       old = json.load(f).get("targets", {})
+  before: list[str] = []
   for target in a.targets.split(","):
-    rec = {**run_provenance("bench.fresh_targets"), **run_target(repo, a.dest, target)}
+    if a.clone == "each" or not before:
+      clone(repo, a.dest)
+      before = []
+    rec = {**run_provenance("bench.fresh_targets"), **run_target(a.dest, target),
+           "after": [f"make {t}" for t in before],
+           "commit": subprocess.run(["git", "-C", a.dest, "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True, check=True).stdout.strip()}
+    before.append(target)
     old[target] = rec
     print(f"make {target}: exit {rec['exit_status']} in {rec['wall_seconds'] / 60:.1f} min"
           + (f" ({rec['pytest']})" if rec["pytest"] else ""), flush=True)

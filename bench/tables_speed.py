@@ -315,7 +315,8 @@ def make_targets_table() -> str:
       out.append(f"| `make {t}` | not measured yet | | |")
       continue
     result = ("ok" if r["exit_status"] == 0 else f"exit {r['exit_status']}") + (
-        f": {r['pytest']}" if r.get("pytest") else "")
+        f": {r['pytest']}" if r.get("pytest") else "") + (
+        f" (after {', '.join(r['after'])} in the same clone)" if r.get("after") else "")
     out.append(f"| `make {t}` | {r['wall_seconds'] / 60:.1f} min | {result} | {r['cores']} x "
                f"{r['cpu']}, {r['start_utc'][:10]}, {r['commit'][:7]} |")
   return "\n".join(out)
