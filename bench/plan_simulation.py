@@ -140,13 +140,15 @@ def _groupings(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
   blocks_n = -(-n // pipeline.NEIGHBOURS_BLOCK_ROWS)
   ranges = len(plan.ranges(n))
   return {
-      "embeddings": {"SpreadRanges": ranges, "SpreadBlocks": blocks_e, "ByShard": shards},
+      "embeddings": {"SpreadRanges": ranges, "SpreadBlocks": blocks_e, "ByShard": shards,
+                     "SpreadOutputGroups": provenance.outputs_groups(shards)},
       "index": {"SpreadSample": global_lib.num_groups(shards),
                 "SpreadRanges": len(plan.ranges(global_lib.num_groups(shards))),
                 "Distribute": global_lib.num_groups(shards), "ByServingShard": c.serving_shards},
       "neighbours": {"SpreadRanges": ranges, "Distribute": blocks_n,
                      "BySearchKey": plan.num_search_keys(n, c.serving_shards),
-                     "ByBlock": blocks_n, "ByStoreShard": shards},
+                     "ByBlock": blocks_n, "ByStoreShard": shards,
+                     "SpreadOutputGroups": provenance.outputs_groups(shards)},
   }
 
 
@@ -168,7 +170,7 @@ def _largest(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
                 "finish_reads_records": global_lib.num_groups(shards) + c.serving_shards},
       "neighbours": {"search_queries": plan.SEARCH_GROUP_ROWS,
                      "search_serving_shard_vectors": per_serving,
-                     "outputs_record_reads": shards},
+                     "outputs_record_reads": min(shards, provenance.OUTPUTS_GROUP_SHARDS)},
   }
 
 

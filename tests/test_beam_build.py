@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import apache_beam as beam_lib
 import corpus_path  # tests/corpus_path.py
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.build import pipeline as pipeline_lib
 from retro_jax.build import stages as build_lib
 from retro_jax.db import chunk_store as chunk_store_lib
-from retro_jax.db import layout, prepare
+from retro_jax.db import layout, prepare, provenance
 from retro_jax.retrieval import build_index as build_index_lib
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import global_index as global_lib
@@ -73,6 +74,30 @@ def test_beam_build_gives_the_stage_functions_bytes(plain, beam):
   # The routed neighbours job: the in-process search's bytes and progress records.
   want, got = _digests(plain / layout.NEIGHBOURS_DIR), _digests(db / layout.NEIGHBOURS_DIR)
   assert len(want) == 2 * 9 and got == want
+
+
+def test_outputs_record_reads_shard_groups_in_parallel(beam, tmp_path, monkeypatch):
+  """The outputs record's checksum: with one group (today's databases) the format-1 checksum
+  over every shard's; with several, the pipeline's groups (read in parallel) give the serial
+  read's record, which differs from the one-group one."""
+  db = tmp_path / "db"
+  for sub in (layout.CHUNKS_DIR, layout.EMBEDDINGS_DIR, layout.NEIGHBOURS_DIR, "provenance"):
+    shutil.copytree(beam / sub, db / sub)
+  num_shards = chunk_store_lib.ChunkStore.open(db).num_shards
+  for stage, path in (("embeddings", layout.embeddings_path),
+                      ("neighbours", layout.neighbours_path)):
+    flat = layout.sha256_bytes(json.dumps([
+        json.loads(layout.progress_path(path(db, s)).read_text())["sha256"]
+        for s in range(num_shards)]).encode())
+    assert provenance.read_outputs(beam, stage)["sha256"] == flat
+    monkeypatch.setattr(provenance, "OUTPUTS_GROUP_SHARDS", 2)
+    provenance.outputs_path(db, stage).unlink()
+    with beam_lib.Pipeline() as p:
+      pipeline_lib._outputs_record(p | beam_lib.Create([0]), str(db), stage)
+    grouped = provenance.read_outputs(db, stage)
+    assert provenance.outputs_groups(num_shards) == -(-num_shards // 2) >= 4
+    assert grouped == provenance.write_outputs(db, stage, num_shards) and grouped["sha256"] != flat
+    monkeypatch.undo()
 
 
 def _same_index(a, b) -> None:

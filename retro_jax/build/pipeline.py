@@ -283,13 +283,30 @@ def _embedding_blocks_in(rows: tuple[int, int], db: str) -> Iterator[tuple[int, 
     yield shard, a, a + n
 
 
-def _record_outputs(_, db: str, stage: str) -> None:
+def _group_checksum(group: int, db: str, stage: str) -> tuple[int, str | None]:
+  return group, provenance.group_sha256(db, stage, _store(db).num_shards, group)
+
+
+def _record_outputs(group_shas: list[tuple[int, str | None]], db: str, stage: str) -> None:
   """The stage's outputs record, once every shard is finished (retro_jax.db.provenance); the
   neighbours stage's kept searches go then."""
-  if provenance.write_outputs(db, stage, _store(db).num_shards) is None:
+  shas = [sha for _, sha in sorted(group_shas)]
+  if provenance.write_outputs(db, stage, _store(db).num_shards, shas) is None:
     raise RuntimeError(f"{stage}: not every shard is finished")
   if stage == "neighbours" and _search_cache_dir(db).exists():
     _search_cache_dir(db).rmtree()
+
+
+def _outputs_record(finished, db: str, stage: str):
+  """After the last shard: its groups' checksums read in parallel, then the record written."""
+  return (finished
+          | "AllShards" >> beam.combiners.Count.Globally()
+          | "OutputGroups" >> beam.FlatMap(
+              lambda _: range(provenance.outputs_groups(_store(db).num_shards)))
+          | "SpreadOutputGroups" >> beam.Reshuffle()
+          | "GroupChecksum" >> beam.Map(_group_checksum, db, stage)
+          | "GroupChecksums" >> beam.combiners.ToList()
+          | "Record" >> beam.Map(_record_outputs, db, stage))
 
 
 class _EmbedBlock(beam.DoFn):
@@ -786,11 +803,10 @@ def _routed_neighbours(p, db: str, k: int) -> None:
   written = (tuple(finished) | "Finished" >> beam.Flatten()
              | "RowsByBlock" >> beam.GroupByKey()
              | "WriteBlock" >> beam.FlatMap(_write_block, db, k))
-  _ = ((written, blocks.kept) | "AllBlocks" >> beam.Flatten()
-       | "ByStoreShard" >> beam.GroupByKey()
-       | "AssembleShard" >> beam.ParDo(_AssembleNeighbours(db, k, total))
-       | "AllShards" >> beam.combiners.Count.Globally()
-       | "Record" >> beam.Map(_record_outputs, db, "neighbours"))
+  _outputs_record((written, blocks.kept) | "AllBlocks" >> beam.Flatten()
+                  | "ByStoreShard" >> beam.GroupByKey()
+                  | "AssembleShard" >> beam.ParDo(_AssembleNeighbours(db, k, total)),
+                  db, "neighbours")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -907,15 +923,14 @@ def _chunks(p, db: str, cfg: dict[str, Any]) -> None:
 def _embeddings(p, db: str, cfg: dict[str, Any]) -> None:
   _clear_caches()
   n = chunk_store_lib.ChunkStore.open(db).num_chunks
-  _ = (p | "Ranges" >> beam.Create(plan_lib.ranges(n))
+  assembled = (p | "Ranges" >> beam.Create(plan_lib.ranges(n))
        | "SpreadRanges" >> beam.Reshuffle()
        | "Blocks" >> beam.FlatMap(_embedding_blocks_in, db)
        | "SpreadBlocks" >> beam.Reshuffle()
        | "Embed" >> beam.ParDo(_EmbedBlock(db, cfg["embed_dtype"], cfg["embed_batch_size"]))
        | "ByShard" >> beam.GroupByKey()
-       | "Assemble" >> beam.ParDo(_AssembleShard(db))
-       | "AllShards" >> beam.combiners.Count.Globally()
-       | "Record" >> beam.Map(_record_outputs, db, "embeddings"))
+       | "Assemble" >> beam.ParDo(_AssembleShard(db)))
+  _outputs_record(assembled, db, "embeddings")
 
 
 def _index(p, db: str, cfg: dict[str, Any]) -> None:
@@ -939,13 +954,13 @@ def _neighbours(p, db: str, cfg: dict[str, Any]) -> None:
     return
   _clear_caches()
   store = chunk_store_lib.ChunkStore.open(db)
-  _ = (p | "ShardRanges" >> beam.Create(plan_lib.ranges(store.num_shards))
-       | "Shards" >> beam.FlatMap(
-           lambda r: (s for s in range(*r) if not neighbours_lib.shard_is_done(db, s)))
-       | "Reshuffle" >> beam.Reshuffle()
-       | "Neighbours" >> beam.ParDo(_NeighboursShard(db, cfg["k"], cfg["backend"]))
-       | "AllShards" >> beam.combiners.Count.Globally()
-       | "Record" >> beam.Map(_record_outputs, db, "neighbours"))
+  _outputs_record(
+      p | "ShardRanges" >> beam.Create(plan_lib.ranges(store.num_shards))
+      | "Shards" >> beam.FlatMap(
+          lambda r: (s for s in range(*r) if not neighbours_lib.shard_is_done(db, s)))
+      | "Reshuffle" >> beam.Reshuffle()
+      | "Neighbours" >> beam.ParDo(_NeighboursShard(db, cfg["k"], cfg["backend"])),
+      db, "neighbours")
 
 
 # A finished embeddings or neighbours stage, checked by a rerun: each shard's .npy against its

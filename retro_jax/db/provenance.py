@@ -98,20 +98,49 @@ def outputs_path(db: str | os.PathLike, stage: str) -> epath.Path:
 _SHARD_PATH = {"embeddings": layout.embeddings_path, "neighbours": layout.neighbours_path}
 
 
-def write_outputs(db: str | os.PathLike, stage: str, num_shards: int) -> dict[str, Any] | None:
-  """Records that `stage`'s shards 0..num_shards-1 are finished, from each one's progress record
-  (one read per shard: run by the stage's last element, or after an edit that added a shard).
-  Returns the record, or None (nothing written) when a shard is not finished."""
+# The outputs record's checksum is over groups of this many shards' checksums, each group's
+# progress records read by one element, the groups in parallel (over a thousand at 2.8e10 chunks); with one
+# group (up to this many shards) it is the checksum over the shards' own, as in format 1.
+OUTPUTS_GROUP_SHARDS = 256
+
+
+def outputs_groups(num_shards: int) -> int:
+  return max(1, -(-int(num_shards) // OUTPUTS_GROUP_SHARDS))
+
+
+def group_sha256(db: str | os.PathLike, stage: str, num_shards: int, group: int) -> str | None:
+  """The checksum over group `group`'s shards' recorded checksums (one progress-record read per
+  shard), or None when one of them is not finished."""
   shas = []
-  for s in range(num_shards):
+  for s in range(group * OUTPUTS_GROUP_SHARDS,
+                 min(int(num_shards), (group + 1) * OUTPUTS_GROUP_SHARDS)):
     npy = _SHARD_PATH[stage](db, s)
     prog = layout.progress_path(npy)
     rec = json.loads(prog.read_text()) if prog.exists() else {}
     if not rec.get("done") or not npy.exists():
       return None
     shas.append(rec.get("sha256"))
+  return layout.sha256_bytes(json.dumps(shas).encode())
+
+
+def write_outputs(db: str | os.PathLike, stage: str, num_shards: int,
+                  group_shas: list[str | None] | None = None) -> dict[str, Any] | None:
+  """Records that `stage`'s shards 0..num_shards-1 are finished, from each one's progress record
+  (`group_shas`: the groups' checksums, `group_sha256` of each, computed in parallel by the
+  pipeline; read here, group by group, when not given: after an edit that added a shard).
+  Returns the record, or None (nothing written) when a shard is not finished."""
+  if group_shas is None:
+    group_shas = []
+    for g in range(outputs_groups(num_shards)):
+      group_shas.append(group_sha256(db, stage, num_shards, g))
+      if group_shas[-1] is None:
+        return None
+  if len(group_shas) != outputs_groups(num_shards) or any(x is None for x in group_shas):
+    return None
+  sha = (group_shas[0] if len(group_shas) == 1
+         else layout.sha256_bytes(json.dumps(group_shas).encode()))
   rec = {"format_version": FORMAT_VERSION, "stage": stage, "num_shards": int(num_shards),
-         "sha256": layout.sha256_bytes(json.dumps(shas).encode())}
+         "sha256": sha}
   out = outputs_path(db, stage)
   out.parent.mkdir(parents=True, exist_ok=True)
   layout.write_json_atomic(out, rec)
