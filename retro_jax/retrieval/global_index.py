@@ -396,6 +396,7 @@ TRAINED_RECORD = "trained.json"
 ENCODE_GROUP_SOURCES = 16  # sources per encode element: ~1.3M vectors, ~0.6 GB encoded in RAM
 MERGE_READS_IN_FLIGHT = 8
 MERGE_READ_AHEAD_BYTES = 256 << 20
+FINISH_READS_IN_FLIGHT = 32  # the finish step's record reads
 
 
 def signature(count: int, num_sources: int) -> dict[str, int]:
@@ -721,8 +722,15 @@ def finish_build(sig: dict[str, int], out_dir) -> dict[str, Any]:
   out_dir = epath.Path(out_dir)
   rec = _read_json(out_dir / PARTS / TRAINED_RECORD)
   c = GlobalIndexConfig.from_json(rec["config"])
-  serving = [_read_json(serving_path(out_dir, s, "record")) for s in range(c.serving_shards)]
-  encoded = [_read_json(_encoded_record(out_dir, g)) for g in range(num_groups(sig["num_sources"]))]
+  groups = num_groups(sig["num_sources"])
+  with concurrent.futures.ThreadPoolExecutor(FINISH_READS_IN_FLIGHT) as pool:
+    # Small records, one per serving shard and per encode group (tens of thousands at 2.8e10
+    # chunks): read concurrently, as a bucket serves them, in order.
+    serving = list(pool.map(_read_json, [serving_path(out_dir, s, "record")
+                                         for s in range(c.serving_shards)]))
+    encoded = list(pool.map(_read_json, [_encoded_record(out_dir, g) for g in range(groups)]))
+    merge_s = list(pool.map(_read_json, [_merge_seconds(out_dir, s)
+                                         for s in range(c.serving_shards)]))
   if any(m is None for m in serving + encoded):
     raise index_lib.IndexError_(f"{out_dir}: not every group is encoded and every serving "
                                 "shard merged; run those steps first.")
@@ -731,12 +739,9 @@ def finish_build(sig: dict[str, int], out_dir) -> dict[str, Any]:
     raise index_lib.IndexError_(f"{out_dir}: the serving shards hold {count} vectors, the "
                                 f"sources {sig['count']}; rebuild the index.")
   seconds = {"train": rec["seconds"], "encode": sum(e["seconds"] for e in encoded),
-             "merge": sum((_read_json(_merge_seconds(out_dir, s)) or {}).get("seconds", 0.0)
-                          for s in range(c.serving_shards))}
+             "merge": sum((m or {}).get("seconds", 0.0) for m in merge_s)}
   if c.searcher == "scann":  # part of the merge seconds above
-    seconds["scann_within_merge"] = sum(
-        (_read_json(_merge_seconds(out_dir, s)) or {}).get("scann_seconds", 0.0)
-        for s in range(c.serving_shards))
+    seconds["scann_within_merge"] = sum((m or {}).get("scann_seconds", 0.0) for m in merge_s)
   manifest = _manifest(out_dir, c, sig, serving)
   manifest["build_seconds"] = {**seconds, "total": seconds["train"] + seconds["encode"]
                                                    + seconds["merge"]}
