@@ -166,7 +166,8 @@ def training(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
     cells, groups = global_lib.coarse_cells(c), global_lib.num_groups(shards)
     coarse = min(sample, cells * c.coarse_points_per_cell)
     elements = {"coarse": coarse, "assign": -(-sample // groups) + cells,
-                "cell_mean": -(-sample // cells), "finish": c.nlist + min(coarse, c.pq_train_sample)}
+                "cell_mean": -(-sample // cells),
+                "finish": c.nlist + min(coarse, c.pq_train_sample)}
     keys = {"coarse": 1, "assign": groups, "cell": cells, "finish": 1}
   name = max(elements, key=elements.get)
   return {"parallel": global_lib.trains_in_parallel(c, n), "sample": sample, "nlist": c.nlist,

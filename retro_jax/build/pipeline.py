@@ -444,10 +444,10 @@ def _train_coarse(items: list, db: str, c: global_lib.GlobalIndexConfig) -> list
   if global_lib.is_trained(root):
     return []
   items = sorted(items, key=lambda it: it[0])
-  if not global_lib.coarse_part_path(root).exists():
+  if not global_lib.coarse_part_path(root, c).exists():
     rows = np.concatenate([it[1] for it in items])
     coarse = global_lib.train_coarse(rows, c)
-    global_lib.write_npz(global_lib.coarse_part_path(root), {
+    global_lib.write_npz(global_lib.coarse_part_path(root, c), {
         "centroids": coarse, "pq_rows": rows[global_lib.pq_positions(len(rows), c)],
         "abs_max": np.max(np.stack([it[2] for it in items]), axis=0)})
     print(f"[build_db] index: {len(coarse)} coarse cells trained on {len(rows)} vectors",
@@ -464,7 +464,7 @@ class _AssignSample(beam.DoFn):
   def process(self, g: int):
     root = global_lib.index_dir(self._db)
     if self._coarse is None:  # written by this run's coarse element: read on first use
-      self._coarse = global_lib.read_npz(global_lib.coarse_part_path(root))["centroids"]
+      self._coarse = global_lib.read_npz(global_lib.coarse_part_path(root, self._c))["centroids"]
     rows = global_lib.read_sample_parts(root, [g])
     cells = global_lib.assign_coarse(self._coarse, rows, self._c.training_threads)
     for cell, x in global_lib.split_by_cell(cells, rows):
@@ -480,7 +480,7 @@ def _train_cell(item, db: str, c: global_lib.GlobalIndexConfig, sizes: list) -> 
   """One coarse cell's fine centroids (parts/cell-C.npz, kept if there), its share of nlist
   from every cell's sample rows (`sizes`)."""
   cell, values = item
-  path = global_lib.cell_part_path(global_lib.index_dir(db), cell)
+  path = global_lib.cell_part_path(global_lib.index_dir(db), c, cell)
   if not path.exists():
     t0 = time.perf_counter()
     all_sizes = np.zeros(global_lib.coarse_cells(c), np.int64)
@@ -500,8 +500,8 @@ def _finish_training(cells: list[int], db: str, c: global_lib.GlobalIndexConfig)
   trained = not global_lib.is_trained(root)
   if trained:
     t0 = time.perf_counter()
-    parts = [global_lib.read_npz(global_lib.cell_part_path(root, k)) for k in sorted(cells)]
-    coarse = global_lib.read_npz(global_lib.coarse_part_path(root))
+    parts = [global_lib.read_npz(global_lib.cell_part_path(root, c, k)) for k in sorted(cells)]
+    coarse = global_lib.read_npz(global_lib.coarse_part_path(root, c))
     index, scale = global_lib.finish_training(
         np.concatenate([p["centroids"] for p in parts]), coarse["pq_rows"], coarse["abs_max"], c)
     store = _store(db)

@@ -691,14 +691,20 @@ def sample_part_path(out_dir, g: int) -> epath.Path:
   return epath.Path(out_dir) / PARTS / f"sample-{g:05d}.npy"
 
 
-def coarse_part_path(out_dir) -> epath.Path:
-  """parts/coarse.npz: the parallel training's coarse centroids, PQ rows and abs max."""
-  return epath.Path(out_dir) / PARTS / "coarse.npz"
+def _training_key(c: GlobalIndexConfig) -> str:
+  """Names the parallel training's parts by its settings: a build killed before its train
+  record and started again with other settings does not take them."""
+  return layout.sha256_bytes(json.dumps(c.to_json(), sort_keys=True).encode())[:12]
 
 
-def cell_part_path(out_dir, cell: int) -> epath.Path:
-  """parts/cell-C.npz: coarse cell C's fine centroids (the parallel training)."""
-  return epath.Path(out_dir) / PARTS / f"cell-{cell:05d}.npz"
+def coarse_part_path(out_dir, c: GlobalIndexConfig) -> epath.Path:
+  """parts/coarse-KEY.npz: the parallel training's coarse centroids, PQ rows and abs max."""
+  return epath.Path(out_dir) / PARTS / f"coarse-{_training_key(c)}.npz"
+
+
+def cell_part_path(out_dir, c: GlobalIndexConfig, cell: int) -> epath.Path:
+  """parts/cell-KEY-C.npz: coarse cell C's fine centroids (the parallel training)."""
+  return epath.Path(out_dir) / PARTS / f"cell-{_training_key(c)}-{cell:05d}.npz"
 
 
 def write_npz(path, arrays: dict[str, np.ndarray]) -> None:
