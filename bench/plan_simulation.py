@@ -10,7 +10,8 @@ real planning code runs over it (`build.build(plan_only=True)`: every stage's ch
 pipeline built, not run) while every filesystem call of this process is counted (open, stat,
 listdir). Per stage it reports the serialized job graph, the launcher's requests and bytes read,
 the distinct keys of each grouping and the largest element's work (from the plan functions the
-workers run), and the index's nlist against its training sample. The tokenizer and chunks stages
+workers run), and the index's nlist against its training sample with the training's elements
+(one k-means, or the parallel training's: `training`). The tokenizer and chunks stages
 (which read the corpus) are not simulated.
 """
 
@@ -143,6 +144,9 @@ def _groupings(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
       "embeddings": {"SpreadRanges": ranges, "SpreadBlocks": blocks_e, "ByShard": shards,
                      "SpreadOutputGroups": provenance.outputs_groups(shards)},
       "index": {"SpreadSample": global_lib.num_groups(shards),
+                **({"SpreadAssign": global_lib.num_groups(shards),
+                    "ByCoarseCell": global_lib.coarse_cells(c)}
+                   if global_lib.trains_in_parallel(c, n) else {}),
                 "SpreadRanges": len(plan.ranges(global_lib.num_groups(shards))),
                 "Distribute": global_lib.num_groups(shards), "ByServingShard": c.serving_shards},
       "neighbours": {"SpreadRanges": ranges, "Distribute": blocks_n,
@@ -152,6 +156,30 @@ def _groupings(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
   }
 
 
+def training(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
+  """The index training's elements (global_index: one k-means, or the parallel training's
+  coarse, assign, cell and finish elements) and the vectors each holds, from the config the
+  launcher resolves. A coarse cell's rows depend on the data: its mean is given."""
+  sample = min(n, c.train_sample)
+  if not global_lib.trains_in_parallel(c, n):
+    elements = {"train": sample}
+    keys = {"train": 1}
+  else:
+    cells, groups = global_lib.coarse_cells(c), global_lib.num_groups(shards)
+    coarse = min(sample, cells * c.coarse_points_per_cell)
+    elements = {"coarse": coarse, "assign": -(-sample // groups) + cells,
+                "cell_mean": -(-sample // cells),
+                "finish": c.nlist + min(coarse, c.pq_train_sample)}
+    keys = {"coarse": 1, "assign": groups, "cell": cells, "finish": 1}
+  name = max(elements, key=elements.get)
+  return {"parallel": global_lib.trains_in_parallel(c, n), "sample": sample, "nlist": c.nlist,
+          "sample_over_39": sample // c.min_points_per_centroid, "element_keys": keys,
+          "elements": sum(keys.values()), "element_vectors": elements, "largest_element": name,
+          "largest_element_vectors": elements[name],
+          "largest_element_bytes_float32": elements[name] * DIM * 4,
+          "threshold_vectors": c.parallel_train_min_sample}
+
+
 def _largest(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
   """The largest element of each stage, from the plan functions the workers run."""
   offsets = np.minimum(np.arange(shards + 1, dtype=np.int64) * CHUNKS_PER_STORE_SHARD, n)
@@ -159,11 +187,12 @@ def _largest(n: int, shards: int, c: global_lib.GlobalIndexConfig) -> dict:
   blocks = sum(1 for _ in plan.blocks_in(offsets, biggest[0], biggest[1],
                                          pipeline.NEIGHBOURS_BLOCK_ROWS))
   per_serving = -(-n // c.serving_shards)
+  train = training(n, shards, c)
   return {
       "embeddings": {"block_rows": pipeline.EMBED_BLOCK_ROWS,
                      "range_expands_to_blocks": blocks},
-      "index": {"train_sample_vectors": min(n, c.train_sample),
-                "train_sample_bytes_float32": min(n, c.train_sample) * DIM * 4,
+      "index": {"train_element_vectors": train["largest_element_vectors"],
+                "train_element_bytes_float32": train["largest_element_bytes_float32"],
                 "encode_rows": global_lib.ENCODE_GROUP_SOURCES * CHUNKS_PER_STORE_SHARD,
                 "merge_vectors": per_serving,
                 "merge_reads_parts": global_lib.num_groups(shards),
@@ -184,7 +213,7 @@ def simulate(n: int, workdir: str | None = None) -> dict:
     out = {"num_chunks": n, "store_shards": shards, "serving_shards": c.serving_shards,
            "nlist": c.nlist, "train_sample": c.train_sample,
            "sample_per_centroid": c.train_sample / c.nlist, "layout_seconds": setup_s,
-           "stages": {}}
+           "training": training(n, shards, c), "stages": {}}
     out["index_manifest_bytes"] = len(json.dumps(shape["index_manifest"]))
     groupings, largest = _groupings(n, shards, c), _largest(n, shards, c)
     for stage in STAGES:
@@ -246,6 +275,22 @@ def table(res: dict) -> str:
           f"| {r['nlist']:,} | {r['train_sample']:,} ({r['sample_per_centroid']:.0f}) | {stage} "
           f"| {d['graph_bytes']:,} | {d['launcher_requests']} | {d['launcher_bytes_read']:,} "
           f"| {keys:,} ({name}) |")
+  lines += ["", "Index training: one k-means over the sample in one element, or from "
+            f"{res['sizes'][-1]['training']['threshold_vectors']:,} sample vectors on in "
+            "parallel elements (coarse k-means on a sub-sample, the sample assigned per sample "
+            "group, each coarse cell's share of nlist, one element for the quantizer and the PQ; "
+            "`global_index.train_hierarchical`). Vectors are float32 rows (centroids included) an "
+            "element holds; a coarse cell's rows depend on the data (its mean is given).", "",
+            "| chunks | nlist | sample | sample / 39 | parallel | training elements (keys) "
+            "| largest element | its vectors | its bytes |", "|" + "---|" * 9]
+  for r in res["sizes"]:
+    t = r["training"]
+    keys = ", ".join(f"{k} {v:,}" for k, v in t["element_keys"].items())
+    lines.append(
+        f"| {r['num_chunks']:.1e} | {t['nlist']:,} | {t['sample']:,} | {t['sample_over_39']:,} "
+        f"| {'yes' if t['parallel'] else 'no'} | {t['elements']:,} ({keys}) "
+        f"| {t['largest_element']} | {t['largest_element_vectors']:,} "
+        f"| {t['largest_element_bytes_float32']:,} |")
   big = res["sizes"][-1]
   lines += ["", f"Largest elements at {big['num_chunks']:.1e} chunks:", ""]
   for stage, d in big["stages"].items():

@@ -20,3 +20,11 @@ def test_graph_and_launcher_requests_stay_flat_to_28_billion_chunks(tmp_path):
     assert big["stages"][stage]["launcher_bytes_read"] <= 2 * small["stages"][stage][
         "launcher_bytes_read"]
   assert big["train_sample"] >= 39 * big["nlist"]
+  # Index training: one k-means at 1e7 (the 10M build's bytes); at 2.8e10 in parallel elements,
+  # each of which holds fewer vectors than the threshold above which training goes parallel.
+  assert not small["training"]["parallel"] and small["training"]["elements"] == 1
+  t = big["training"]
+  assert t["parallel"] and min(t["element_keys"][k] for k in ("assign", "cell")) >= 1000, t
+  assert t["largest_element_vectors"] <= t["threshold_vectors"] < t["sample"], t
+  assert t["largest_element_bytes_float32"] <= 2 << 30, t
+  assert t["nlist"] <= t["sample_over_39"], t

@@ -20,7 +20,11 @@ Each stage (retro_jax/build/stages.py runs them in order, skipping finished ones
   index       the global index (retro_jax.retrieval.global_index's build steps): SamplePicks
               (one element: the training sample's rows, by encode group) -> ReadSample (in
               parallel, per encode group) -> TrainOnSample (one element: partitioner, quantizer
-              and int8 scale trained on the sample, written with a record) -> EncodeGroup (one
+              and int8 scale trained on the sample, written with a record; from a sample of
+              parallel_train_min_sample vectors on, k-means in parallel instead: TrainCoarse (one
+              element, a bounded sub-sample) -> AssignSample (per sample group) ->
+              GroupByKey(coarse cell) -> TrainCell (per cell: its share of nlist) ->
+              TrainOnSample (the cells' centroids and the PQ)) -> EncodeGroup (one
               element per encode group of embeddings shards, from plan ranges: the int8 rerank
               rows and the (partition, id, PQ code) of each serving shard as part files) ->
               GroupByKey(serving shard) -> MergeServingShard (serving/shard-XXXXX.faiss and its
@@ -55,6 +59,7 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Any, Iterator, Sequence, Tuple
 
 import apache_beam as beam
@@ -394,27 +399,32 @@ def _global_source(db: str, shard: int) -> global_lib.Source:
 
 def _sample_picks(_, db: str, c: global_lib.GlobalIndexConfig):
   """The training sample's global rows (global_index.sample_picks), split by encode group:
-  yields (group, its picks); nothing when the index is trained already."""
+  yields (group, its picks, their first position in the sample, the sample's size); nothing
+  when the index is trained already."""
   if global_lib.is_trained(global_lib.index_dir(db)):
     return
   store = _store(db)
   picks = global_lib.sample_picks(store.num_chunks, max(c.train_sample, 0), c.seed)
-  offsets, n = store.shard_offsets, store.num_shards
-  for g in range(global_lib.num_groups(n)):
-    sources = global_lib.group_sources(g, n)
-    a, b = np.searchsorted(picks, [offsets[sources[0]], offsets[sources[-1] + 1]])
-    if b > a:
-      yield g, picks[a:b]
+  for g, a, b in global_lib.sample_groups(picks, store.shard_offsets, store.num_shards):
+    yield g, picks[a:b], a, len(picks)
 
 
-def _read_sample(item, db: str) -> int:
-  """One encode group's rows of the training sample into parts/sample-G.npy (kept if there)."""
-  g, picks = item
+def _read_sample(item, db: str, load: bool = False) -> np.ndarray | None:
+  """One encode group's rows of the training sample into parts/sample-G.npy (kept if there);
+  returns them when read, or when `load`."""
+  g, picks = item[:2]
   path = global_lib.sample_part_path(global_lib.index_dir(db), g)
-  if not path.exists():
-    sources = [_global_source(db, i) for i in global_lib.group_sources(g, _store(db).num_shards)]
-    write_bytes_atomic(path, layout.npy_bytes(global_lib.read_rows(sources, sources[0][2], picks)))
-  return g
+  if path.exists():
+    return global_lib.read_sample_parts(global_lib.index_dir(db), [g]) if load else None
+  sources = [_global_source(db, i) for i in global_lib.group_sources(g, _store(db).num_shards)]
+  rows = global_lib.read_rows(sources, sources[0][2], picks)
+  write_bytes_atomic(path, layout.npy_bytes(rows))
+  return rows
+
+
+def _read_sample_part(item, db: str) -> int:
+  _read_sample(item, db)
+  return item[0]
 
 
 def _train_on_sample(groups: list[int], db: str, c: global_lib.GlobalIndexConfig) -> None:
@@ -427,6 +437,119 @@ def _train_on_sample(groups: list[int], db: str, c: global_lib.GlobalIndexConfig
                                   sig=global_lib.signature(store.num_chunks, store.num_shards))
   print(f"[build_db] index: {'trained' if trained else 'kept the trained'} partitioner and "
         "quantizer", flush=True)
+
+
+# The parallel training (global_index.train_hierarchical's steps, from parallel_train_min_sample
+# vectors on): each sample group's rows read, its share of the coarse sub-sample and its abs max
+# passed on -> one element trains the coarse centroids -> each sample group assigned to them ->
+# GroupByKey(coarse cell) -> each cell's fine centroids -> one element: the quantizer and PQ.
+
+
+def _read_sample_coarse(item, db: str, c: global_lib.GlobalIndexConfig):
+  """(group, its rows of the coarse sub-sample, its rows' per-dimension abs max)."""
+  g, _, a, total = item
+  rows = _read_sample(item, db, load=True)
+  pos = global_lib.coarse_positions(total, c)
+  lo, hi = np.searchsorted(pos, [a, a + len(rows)])
+  return g, rows[pos[lo:hi] - a], np.abs(rows).max(axis=0)
+
+
+def _train_coarse(items: list, db: str, c: global_lib.GlobalIndexConfig) -> list[int]:
+  """The coarse centroids (parts/coarse.npz, kept if there) from the groups' coarse rows, in
+  group order; returns the sample groups (none when the index is trained)."""
+  root = global_lib.index_dir(db)
+  if global_lib.is_trained(root):
+    return []
+  items = sorted(items, key=lambda it: it[0])
+  if not global_lib.coarse_part_path(root, c).exists():
+    rows = np.concatenate([it[1] for it in items])
+    coarse = global_lib.train_coarse(rows, c)
+    global_lib.write_npz(global_lib.coarse_part_path(root, c), {
+        "centroids": coarse, "pq_rows": rows[global_lib.pq_positions(len(rows), c)],
+        "abs_max": np.max(np.stack([it[2] for it in items]), axis=0)})
+    print(f"[build_db] index: {len(coarse)} coarse cells trained on {len(rows)} vectors",
+          flush=True)
+  return [it[0] for it in items]
+
+
+class _AssignSample(beam.DoFn):
+  """One sample group's rows to their coarse cells: yields (cell, (group, its rows there))."""
+
+  def __init__(self, db: str, c: global_lib.GlobalIndexConfig):
+    self._db, self._c, self._coarse = db, c, None
+
+  def process(self, g: int):
+    root = global_lib.index_dir(self._db)
+    if self._coarse is None:  # written by this run's coarse element: read on first use
+      self._coarse = global_lib.read_npz(global_lib.coarse_part_path(root, self._c))["centroids"]
+    rows = global_lib.read_sample_parts(root, [g])
+    cells = global_lib.assign_coarse(self._coarse, rows, self._c.training_threads)
+    for cell, x in global_lib.split_by_cell(cells, rows):
+      yield cell, (g, x)
+
+
+def _cell_size(item) -> tuple[int, int]:
+  cell, values = item
+  return cell, sum(len(x) for _, x in values)
+
+
+def _train_cell(item, db: str, c: global_lib.GlobalIndexConfig, sizes: list) -> int:
+  """One coarse cell's fine centroids (parts/cell-C.npz, kept if there), its share of nlist
+  from every cell's sample rows (`sizes`)."""
+  cell, values = item
+  path = global_lib.cell_part_path(global_lib.index_dir(db), c, cell)
+  if not path.exists():
+    t0 = time.perf_counter()
+    all_sizes = np.zeros(global_lib.coarse_cells(c), np.int64)
+    for k, n in sizes:
+      all_sizes[k] = n
+    k = int(global_lib.cell_centroids(all_sizes, c.nlist)[cell])
+    rows = np.concatenate([x for _, x in sorted(values, key=lambda v: v[0])])
+    global_lib.write_npz(path, {"centroids": global_lib.train_cell(cell, rows, k, c),
+                                "seconds": np.float64(time.perf_counter() - t0)})
+  return cell
+
+
+def _finish_training(cells: list[int], db: str, c: global_lib.GlobalIndexConfig) -> None:
+  """The quantizer from the cells' centroids in cell order, the PQ and the scale: trained.faiss,
+  scale.npy and the train record."""
+  root = global_lib.index_dir(db)
+  trained = not global_lib.is_trained(root)
+  if trained:
+    t0 = time.perf_counter()
+    parts = [global_lib.read_npz(global_lib.cell_part_path(root, c, k)) for k in sorted(cells)]
+    coarse = global_lib.read_npz(global_lib.coarse_part_path(root, c))
+    index, scale = global_lib.finish_training(
+        np.concatenate([p["centroids"] for p in parts]), coarse["pq_rows"], coarse["abs_max"], c)
+    store = _store(db)
+    global_lib.write_trained(root, index, scale, c,
+                             global_lib.signature(store.num_chunks, store.num_shards),
+                             time.perf_counter() - t0 + sum(float(p["seconds"]) for p in parts))
+  print(f"[build_db] index: {'trained' if trained else 'kept the trained'} partitioner and "
+        f"quantizer ({global_lib.coarse_cells(c)} coarse cells in parallel)", flush=True)
+
+
+def _train_index(p, db: str, c: global_lib.GlobalIndexConfig, parallel: bool):
+  """The train step's transforms; their output (one element) follows training."""
+  picked = (p | "Start" >> beam.Create([None])
+            | "SamplePicks" >> beam.FlatMap(_sample_picks, db, c)
+            | "SpreadSample" >> beam.Reshuffle())
+  if not parallel:
+    return (picked | "ReadSample" >> beam.Map(_read_sample_part, db)
+            | "SampleGroups" >> beam.combiners.ToList()
+            | "TrainOnSample" >> beam.Map(_train_on_sample, db, c))
+  by_cell = (picked | "ReadSample" >> beam.Map(_read_sample_coarse, db, c)
+             | "SampleGroups" >> beam.combiners.ToList()
+             | "TrainCoarse" >> beam.Map(_train_coarse, db, c)
+             | "AssignGroups" >> beam.FlatMap(lambda groups: groups)
+             | "SpreadAssign" >> beam.Reshuffle()
+             | "AssignSample" >> beam.ParDo(_AssignSample(db, c))
+             | "ByCoarseCell" >> beam.GroupByKey())
+  sizes = (by_cell | "CellSizes" >> beam.Map(_cell_size)
+           | "AllCellSizes" >> beam.combiners.ToList())
+  return (by_cell | "TrainCell" >> beam.Map(_train_cell, db, c, beam.pvalue.AsSingleton(sizes))
+          | "Cells" >> beam.combiners.ToList()
+          | "TrainOnSample" >> beam.Map(_finish_training, db, c))
 
 
 class _EncodeGroup(beam.DoFn):
@@ -484,12 +607,8 @@ def _global_index(p, db: str, config: global_lib.GlobalIndexConfig | None) -> No
   c = global_lib.prepare_build_for(global_lib.signature(store.num_chunks, store.num_shards),
                                    root, config)
   group_ranges = plan_lib.ranges(global_lib.num_groups(store.num_shards))
-  _ = (p | "Start" >> beam.Create([None])
-       | "SamplePicks" >> beam.FlatMap(_sample_picks, db, c)
-       | "SpreadSample" >> beam.Reshuffle()
-       | "ReadSample" >> beam.Map(_read_sample, db)
-       | "SampleGroups" >> beam.combiners.ToList()
-       | "TrainOnSample" >> beam.Map(_train_on_sample, db, c)
+  trained = _train_index(p, db, c, global_lib.trains_in_parallel(c, store.num_chunks))
+  _ = (trained
        | "GroupRanges" >> beam.FlatMap(lambda _: group_ranges)
        | "SpreadRanges" >> beam.Reshuffle()
        | "EncodeGroups" >> beam.FlatMap(lambda r: range(*r))

@@ -92,6 +92,12 @@ class GlobalIndexConfig:
   min_points_per_centroid: int = 39  # faiss's floor below which k-means is undertrained
   hnsw_quantizer_min_nlist: int = 2048  # from here on, an HNSW graph over the centroids routes
   two_level_min_nlist: int = 1024   # from here on, k-means in two levels (sqrt(nlist) first)
+  # From a training sample of this many vectors (1.6 GB of float32) on, the partitioner trains
+  # as many elements (`train_hierarchical`: coarse cells, each cell's share of the nlist
+  # centroids trained apart) instead of one k-means over the whole sample in one process.
+  parallel_train_min_sample: int = 1 << 20
+  coarse_points_per_cell: int = 128  # that training's coarse k-means: sub-sample per coarse cell
+  pq_train_sample: int = 65_536     # and its PQ codebooks' sub-sample
   kmeans_iters: int = 12
   seed: int = 0
   training_threads: int = 1         # 1 keeps the build repeatable on a busy machine
@@ -124,7 +130,9 @@ class GlobalIndexConfig:
 
 
 SEARCHERS = ("faiss", "scann")
-_OPTIONAL_DEFAULTS = {"searcher": "faiss", "scann_leaves_to_search": 0.05}
+_OPTIONAL_DEFAULTS = {"searcher": "faiss", "scann_leaves_to_search": 0.05,
+                      "parallel_train_min_sample": 1 << 20, "coarse_points_per_cell": 128,
+                      "pq_train_sample": 65_536}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +194,20 @@ def train(sources: Sequence[Source], config: GlobalIndexConfig):
   """(trained empty faiss index, per-dimension int8 scale [D], resolved config)."""
   n = sum(int(s[1].shape[0]) for s in sources)
   c = config.resolved(n)
-  return (*train_on(sample_rows(sources, max(c.train_sample, 0), c.seed), c), c)
+  return (*train_sources(sources, c), c)
+
+
+def train_sources(sources: Sequence[Source], c: GlobalIndexConfig):
+  """(trained empty faiss index, int8 scale [D]) from the sources' training sample: in one
+  k-means (`train_on`), or in the parallel training's steps (`train_hierarchical`) from
+  parallel_train_min_sample vectors on."""
+  offsets = np.concatenate([[0], np.cumsum([int(e.shape[0]) for _, e, _ in sources])])
+  picks = sample_picks(int(offsets[-1]), max(c.train_sample, 0), c.seed)
+  sample = read_rows(sources, 0, picks)
+  if not trains_in_parallel(c, int(offsets[-1])):
+    return train_on(sample, c)
+  slices = [(a, b) for _, a, b in sample_groups(picks, offsets, len(sources))]
+  return train_hierarchical(sample, c, slices)
 
 
 # 4-bit PQ: k-means of 16 centroids per sub-quantizer needs at least 16 training points.
@@ -217,6 +238,156 @@ def train_on(sample: np.ndarray, c: GlobalIndexConfig):
   scale = (np.abs(sample).max(axis=0) / 127.0).astype(np.float32)
   scale = np.maximum(scale, 1e-8)
   return index, scale
+
+
+# ----------------------------------------------------------------------------------------------
+# The partitioner trained as many elements, from a training sample of parallel_train_min_sample
+# vectors on (~1e9 vectors and up; below, `train_on`'s one k-means in one process). The sample is
+# read per encode group (a sample group: the picks among that group's rows, `sample_groups`);
+#   1. coarse (one element): ~2 sqrt(nlist) centroids (`coarse_cells`) trained on a sub-sample of
+#      coarse_points_per_cell rows per cell, at fixed positions of the sample (`coarse_positions`);
+#   2. assign (one element per sample group): its rows to their nearest coarse centroid;
+#   3. cells (one element per coarse cell): the cell's rows, in sample order, train its share of
+#      the nlist centroids, in proportion to its rows (`cell_centroids`: >= min_points_per_centroid
+#      rows per centroid wherever the sample has that many per partition);
+#   4. finish (one element): the cells' centroids in cell order are the coarse quantizer; the PQ
+#      trains on pq_train_sample rows of the coarse sub-sample; the int8 scale is the whole
+#      sample's per-dimension abs max (combined from the groups').
+# `train_hierarchical` runs these steps in one process on the same group slices, so the plain
+# build and the Beam build (retro_jax/build/pipeline.py) write the same bytes.
+
+
+def trains_in_parallel(c: GlobalIndexConfig, n: int) -> bool:
+  """True when a resolved config's training sample over n vectors takes the parallel path."""
+  return min(int(n), c.train_sample) >= max(c.parallel_train_min_sample, PQ_CENTROIDS)
+
+
+def coarse_cells(c: GlobalIndexConfig) -> int:
+  """Coarse cells of the parallel training: ~2 sqrt(nlist) (1,157 at 2.8e10 vectors), each
+  training ~sqrt(nlist) / 2 of the nlist centroids."""
+  return max(1, min(int(c.nlist), int(round(2 * math.sqrt(c.nlist)))))
+
+
+def _positions(total: int, size: int, seed: Sequence[int]) -> np.ndarray:
+  """int64: sorted positions in [0, total), min(size, total) of them without replacement."""
+  size = min(int(size), int(total))
+  if size >= total:
+    return np.arange(total, dtype=np.int64)
+  return np.sort(np.random.default_rng(list(seed)).choice(int(total), size=size, replace=False))
+
+
+def coarse_positions(sample_size: int, c: GlobalIndexConfig) -> np.ndarray:
+  """The coarse k-means' rows: sorted positions in the training sample."""
+  return _positions(sample_size, coarse_cells(c) * c.coarse_points_per_cell, (c.seed, 1))
+
+
+def pq_positions(coarse_size: int, c: GlobalIndexConfig) -> np.ndarray:
+  """The PQ's training rows: sorted positions in the coarse sub-sample."""
+  return _positions(coarse_size, c.pq_train_sample, (c.seed, 2))
+
+
+def sample_groups(picks: np.ndarray, offsets: np.ndarray, num_sources: int
+                  ) -> list[tuple[int, int, int]]:
+  """(encode group, a, b) for each group with rows in the sample: picks[a:b] are its rows
+  (`offsets`: the sources' first global rows, and the total last)."""
+  out = []
+  for g in range(num_groups(num_sources)):
+    mine = group_sources(g, num_sources)
+    a, b = np.searchsorted(picks, [offsets[mine[0]], offsets[mine[-1] + 1]])
+    if b > a:
+      out.append((g, int(a), int(b)))
+  return out
+
+
+def _kmeans(x_NxD: np.ndarray, k: int, c: GlobalIndexConfig, seed: int,
+            max_points: int = 256) -> np.ndarray:
+  """float32 [k, D]: spherical k-means (as the IVF's own inner-product training)."""
+  km = faiss.Kmeans(x_NxD.shape[1], int(k), niter=c.kmeans_iters, seed=int(seed), spherical=True,
+                    max_points_per_centroid=int(max_points))
+  with _threads(c.training_threads):
+    km.train(np.ascontiguousarray(x_NxD, np.float32))
+  return np.asarray(km.centroids, np.float32)
+
+
+def train_coarse(x_NxD: np.ndarray, c: GlobalIndexConfig) -> np.ndarray:
+  """float32 [coarse_cells, D]: the coarse centroids, from the coarse sub-sample."""
+  return _kmeans(x_NxD, min(coarse_cells(c), len(x_NxD)), c, c.seed,
+                 max(c.coarse_points_per_cell, 1))
+
+
+def assign_coarse(coarse_CxD: np.ndarray, x_NxD: np.ndarray, threads: int = 1) -> np.ndarray:
+  """int64 [N]: each row's nearest coarse centroid (L2, as the k-means assigns)."""
+  q = faiss.IndexFlatL2(coarse_CxD.shape[1])
+  q.add(np.ascontiguousarray(coarse_CxD, np.float32))
+  with _threads(threads):
+    _, cells = q.search(np.ascontiguousarray(x_NxD, np.float32), 1)
+  return cells[:, 0].astype(np.int64)
+
+
+def split_by_cell(cells_N: np.ndarray, x_NxD: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+  """(cell, its rows in their order) for every cell these rows fall in, ascending."""
+  order = np.argsort(cells_N, kind="stable")
+  names, starts = np.unique(cells_N[order], return_index=True)
+  ends = np.append(starts[1:], len(order))
+  for cell, a, b in zip(names, starts, ends):
+    yield int(cell), x_NxD[order[a:b]]
+
+
+def cell_centroids(sizes_C: np.ndarray, nlist: int) -> np.ndarray:
+  """int64 [C]: each coarse cell's share of the nlist centroids, in proportion to its sample
+  rows (cumulative rounding: they sum to nlist); never more than its rows."""
+  cum = np.cumsum(np.asarray(sizes_C, np.int64))
+  if not len(cum) or cum[-1] < nlist:
+    raise index_lib.IndexError_(f"{int(cum[-1]) if len(cum) else 0} training vectors for nlist="
+                                f"{nlist} partitions; the sample must hold at least one each.")
+  alloc = cum * int(nlist) // cum[-1]
+  alloc[1:] -= alloc[:-1].copy()
+  return alloc
+
+
+def train_cell(cell: int, x_NxD: np.ndarray, k: int, c: GlobalIndexConfig) -> np.ndarray:
+  """float32 [k, D]: coarse cell `cell`'s fine centroids from its sample rows."""
+  if k <= 0:
+    return np.zeros((0, x_NxD.shape[1]), np.float32)
+  if k >= len(x_NxD):  # as many centroids as rows: the rows
+    return np.ascontiguousarray(x_NxD[:k], np.float32)
+  return _kmeans(x_NxD, k, c, c.seed + 1 + int(cell))
+
+
+def finish_training(fine_KxD: np.ndarray, pq_rows_NxD: np.ndarray, abs_max_D: np.ndarray,
+                    c: GlobalIndexConfig):
+  """(trained empty faiss index, int8 scale [D]): the nlist fine centroids as the coarse
+  quantizer (its HNSW graph built over them from hnsw_quantizer_min_nlist on), the PQ trained on
+  its sub-sample."""
+  if len(fine_KxD) != c.nlist:
+    raise index_lib.IndexError_(f"{len(fine_KxD)} trained centroids for nlist={c.nlist}.")
+  dim = fine_KxD.shape[1]
+  index = faiss.index_factory(dim, _factory(dim, c), faiss.METRIC_INNER_PRODUCT)
+  with _threads(c.training_threads):
+    faiss.extract_index_ivf(index).quantizer.add(np.ascontiguousarray(fine_KxD, np.float32))
+    index.train(np.ascontiguousarray(pq_rows_NxD, np.float32))  # the PQ only
+  return index, np.maximum(np.asarray(abs_max_D, np.float32) / 127.0, 1e-8).astype(np.float32)
+
+
+def train_hierarchical(sample: np.ndarray, c: GlobalIndexConfig,
+                       slices: Sequence[tuple[int, int]]):
+  """(trained empty faiss index, int8 scale [D]): the parallel training's steps in this process,
+  the sample assigned in the sample groups' `slices` (positions [a, b), in order)."""
+  coarse_rows = sample[coarse_positions(len(sample), c)]
+  coarse = train_coarse(coarse_rows, c)
+  per_cell: dict[int, list[np.ndarray]] = {}
+  for a, b in slices:
+    rows = sample[a:b]
+    for cell, x in split_by_cell(assign_coarse(coarse, rows, c.training_threads), rows):
+      per_cell.setdefault(cell, []).append(x)
+  sizes = np.zeros(len(coarse), np.int64)
+  for cell, xs in per_cell.items():
+    sizes[cell] = sum(len(x) for x in xs)
+  alloc = cell_centroids(sizes, c.nlist)
+  fine = [train_cell(cell, np.concatenate(per_cell[cell]), int(alloc[cell]), c)
+          for cell in sorted(per_cell)]
+  return finish_training(np.concatenate(fine), coarse_rows[pq_positions(len(coarse_rows), c)],
+                         np.abs(sample).max(axis=0), c)
 
 
 def to_int8(x_NxD: np.ndarray, scale_D: np.ndarray) -> np.ndarray:
@@ -521,6 +692,30 @@ def sample_part_path(out_dir, g: int) -> epath.Path:
   return epath.Path(out_dir) / PARTS / f"sample-{g:05d}.npy"
 
 
+def _training_key(c: GlobalIndexConfig) -> str:
+  """Names the parallel training's parts by its settings: a build killed before its train
+  record and started again with other settings does not take them."""
+  return layout.sha256_bytes(json.dumps(c.to_json(), sort_keys=True).encode())[:12]
+
+
+def coarse_part_path(out_dir, c: GlobalIndexConfig) -> epath.Path:
+  """parts/coarse-KEY.npz: the parallel training's coarse centroids, PQ rows and abs max."""
+  return epath.Path(out_dir) / PARTS / f"coarse-{_training_key(c)}.npz"
+
+
+def cell_part_path(out_dir, c: GlobalIndexConfig, cell: int) -> epath.Path:
+  """parts/cell-KEY-C.npz: coarse cell C's fine centroids (the parallel training)."""
+  return epath.Path(out_dir) / PARTS / f"cell-{_training_key(c)}-{cell:05d}.npz"
+
+
+def write_npz(path, arrays: dict[str, np.ndarray]) -> None:
+  _write_npz(epath.Path(path), arrays)
+
+
+def read_npz(path) -> dict[str, np.ndarray]:
+  return _read_part(epath.Path(path))
+
+
 def read_sample_parts(out_dir, groups: Sequence[int]) -> np.ndarray:
   """The training sample from its groups' parts, in group order: `sample_rows`'s rows."""
   return np.concatenate([_load_npy(sample_part_path(out_dir, g)) for g in sorted(groups)])
@@ -535,16 +730,21 @@ def train_step(sources: Sequence[Source] | None, out_dir, c: GlobalIndexConfig,
   if is_trained(out_dir):
     return False
   t0 = time.perf_counter()
-  if sample is None:
-    sample = sample_rows(sources, max(c.train_sample, 0), c.seed)
-  trained, scale = train_on(sample, c)
-  _write_index(trained, out_dir / TRAINED)
-  layout.write_bytes_atomic(out_dir / SCALE, layout.npy_bytes(scale))
-  layout.write_json_atomic(out_dir / PARTS / TRAINED_RECORD, {
-      "format_version": FORMAT_VERSION, "config": c.to_json(),
-      "sources": sig if sig is not None else _signature(sources),
-      "seconds": time.perf_counter() - t0})
+  trained, scale = train_sources(sources, c) if sample is None else train_on(sample, c)
+  write_trained(out_dir, trained, scale, c, sig if sig is not None else _signature(sources),
+                time.perf_counter() - t0)
   return True
+
+
+def write_trained(out_dir, trained, scale_D: np.ndarray, c: GlobalIndexConfig,
+                  sig: dict[str, int], seconds: float) -> None:
+  """trained.faiss and scale.npy, then the record that marks the train step finished."""
+  out_dir = epath.Path(out_dir)
+  _write_index(trained, out_dir / TRAINED)
+  layout.write_bytes_atomic(out_dir / SCALE, layout.npy_bytes(scale_D))
+  layout.write_json_atomic(out_dir / PARTS / TRAINED_RECORD, {
+      "format_version": FORMAT_VERSION, "config": c.to_json(), "sources": sig,
+      "seconds": seconds})
 
 
 def load_trained(out_dir) -> tuple[Any, np.ndarray, GlobalIndexConfig]:
