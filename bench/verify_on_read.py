@@ -21,8 +21,9 @@ import time
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 
-from retro_jax.db import layout, verify
+from retro_jax.db import chunk_store, layout, verify
 from bench.common import run_provenance
 
 _DB = flags.DEFINE_string("db", "runs/default_db", "Database to read (not modified).")
@@ -31,7 +32,7 @@ _OUT = flags.DEFINE_string("out", "bench/results/verify_on_read.json", "Results 
 
 
 def shard_files(db: str) -> dict[str, list[str]]:
-  manifest = json.load(open(os.path.join(db, "chunks", "manifest.json")))
+  manifest = chunk_store.read_manifest(epath.Path(db) / "chunks")  # the whole shard list
   out = {"tokens": [], "other_chunk_files": [], "embeddings": [], "neighbours": []}
   for s in manifest["shards"]:
     d = os.path.join(db, "chunks", s["path"])
