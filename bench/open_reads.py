@@ -8,7 +8,9 @@ under the database is counted (bench.plan_simulation.Counter: open, stat, listdi
 each file opened for reading). Operations:
   store_open           ChunkStore.open
   store_first_gather   then the tokens of one chunk (the shard list is read on the first gather)
-  retriever_open       Retriever.from_db (the global index: every serving shard)
+  retriever_open       Retriever.from_db (the global index: the trained files whole, then every
+                       serving shard's faiss header and one count per partition; its inverted
+                       lists are read when a query first probes them)
   shard_server_open    ShardServicer for serving shard 0 (what one serving host loads)
   training_start       bytes_per_token, then SequenceSource (train split, 2 neighbours), then its
                        first example (what a training host reads before its first step)
@@ -33,6 +35,7 @@ _DOC = flags.DEFINE_string("doc", "docs/open_reads.md", "The page written from t
 
 OPERATIONS = ("store_open", "store_first_gather", "retriever_open", "shard_server_open",
               "training_start")
+INDEX_OPERATIONS = ("retriever_open", "shard_server_open")
 
 
 def _rchar() -> int:
@@ -72,9 +75,15 @@ def _measure(db: str, op: str) -> dict:
     counter.stop()
   read_bytes = _rchar() - read0
   top = sorted(counter.paths.items(), key=lambda kv: -kv[1])
-  return {"requests": counter.requests, "read_bytes": read_bytes,
-          "opened_file_bytes": counter.bytes,
-          "distinct_paths": len(counter.paths), "most_requested": top[:5]}
+  out = {"requests": counter.requests, "read_bytes": read_bytes,
+         "opened_file_bytes": counter.bytes,
+         "distinct_paths": len(counter.paths), "most_requested": top[:5]}
+  if op in INDEX_OPERATIONS:  # what the index open reads whole: its trained files (~sqrt(N))
+    from retro_jax.retrieval import global_index as global_lib
+    m = global_lib.read_manifest(global_lib.index_dir(root))
+    out["index"] = {"nlist": int(m["config"]["nlist"]), "factory": m["factory"],
+                    "trained_bytes": int(m["files"][global_lib.TRAINED]["bytes"])}
+  return out
 
 
 def main(argv):
@@ -124,8 +133,27 @@ def page(res: dict) -> str:
       o = res["databases"][d]["operations"][op]
       cells.append("error" if "error" in o else f"{o['requests']}, {o['read_bytes']:,}")
     lines.append(f"| {op} | " + " | ".join(cells) + " |")
+  lines += ["", _index_note(res, dbs)]
   lines.append("")
   return "\n".join(lines)
+
+
+def _index_note(res: dict, dbs: list[str]) -> str:
+  """What the retriever and shard-server rows read: the index's trained files, whole."""
+  facts = []
+  for d in dbs:
+    o = res["databases"][d]["operations"]["retriever_open"]
+    if "index" in o:
+      i = o["index"]
+      facts.append(f"{i['trained_bytes']:,} bytes at {res['databases'][d]['num_chunks']:,} chunks "
+                   f"(`{i['factory']}`, nlist {i['nlist']:,})")
+  if not facts:
+    return ""
+  return ("retriever_open and shard_server_open read the global index's trained files whole "
+          "(`trained.faiss`: the coarse quantizer and PQ codebooks, " + "; ".join(facts) +
+          "; nlist grows as ~2 sqrt(N)), then of each serving shard's faiss file a header and 8 "
+          "bytes a partition; its inverted lists are read when a query first probes them, its "
+          "int8 rerank copy and ids are memory-mapped.")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ serving shards' files and nothing else.
 In RAM per vector: the PQ code (`pq_m / 2` bytes; 48 at the default `pq_m=96`), its int64 id
 (8 bytes) and the fast-scan block padding (each partition is stored in blocks of 32 codes): 61.9
 bytes at the default store's 60k vectors, less as partitions grow; no float32 copy (a serving
-shard whose ids are not 0..n-1 also holds its sorted ids: 8 more). On disk per vector: the same,
+shard whose ids are not 0..n-1 also searches its sorted ids: memory-mapped, or on gs:// held in
+RAM, 8 more). On disk per vector: the same,
 plus the int8 rerank copy (D bytes: 384 for MiniLM) and its id (8). `GlobalIndex.memory_bytes()`
 reports the measured figure.
 
@@ -42,10 +43,16 @@ removed-document masking and the merge) each serving shard is one searcher, `Glo
 the float32 ones), so the retriever skips its own float32 rescoring. One gRPC shard process serves
 one serving shard the same way, so the service's merged answer is the in-process one.
 
+Opening a local serving shard reads its faiss file's header and one count per partition, not its
+inverted lists: each list is read the first time a query probes it (retro_jax.retrieval.
+serving_lists; faiss's own memory-mapped read does not map fast-scan lists). Opening then reads
+the same bytes at any N but for the trained files (quantizer and codebooks: ~sqrt(N)) and the
+counts (8 bytes a partition). Its sha256 is checked by `verify` (the audit), its size at open.
+
 On gs:// the same layout is read and written through retro_jax.db.layout: faiss files as bytes
-(serialize / deserialize, no local file), each rerank copy and ids file written locally and uploaded
-when complete (`layout.staged_file`), and read back by rows (retro_jax.db.npy_rows: ranged reads,
-nothing staged locally).
+(serialize / deserialize, no local file; a serving shard's read whole at open), each rerank copy
+and ids file written locally and uploaded when complete (`layout.staged_file`), and read back by
+rows (retro_jax.db.npy_rows: ranged reads, nothing staged locally).
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from faiss.contrib import clustering as faiss_clustering
 
 from retro_jax.db import layout, npy_rows
 from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval import serving_lists
 
 BACKEND = index_lib.GLOBAL_BACKEND
 FORMAT_VERSION = 2  # 1: one rerank copy per embeddings shard, every file in the manifest
@@ -1093,11 +1101,14 @@ class GlobalIndex(index_lib.IndexShard):
   contiguous_ids = False  # a serving shard's ids are its partitions' members, anywhere in [0, N)
 
   def __init__(self, index_dir, serving: Sequence[int] | None = None, verify_files: bool = True,
-               nprobe: int | None = None, searcher: str | None = None):
+               nprobe: int | None = None, searcher: str | None = None, lazy_lists: bool = True):
     """Reads the manifest, the trained files and each of `serving`'s (default: every serving
-    shard) record and faiss file: the same few files at any database size per serving shard.
-    `verify_files`: what is read whole is checked against its sha256, the memory-mapped rerank
-    copy and ids by size (`verify` reads them whole)."""
+    shard) record and the header of its faiss file: the same few files at any database size per
+    serving shard. A local serving shard's inverted lists are read when a query first probes them
+    (retro_jax.retrieval.serving_lists: opening reads the header and one count per partition);
+    on gs://, or with `lazy_lists=False`, its faiss file is read whole at open. `verify_files`:
+    what is read whole is checked against its sha256, the rest (the faiss file read by lists, the
+    memory-mapped rerank copy and ids) by size (`verify` reads every file whole)."""
     self.index_dir = epath.Path(index_dir)
     self.manifest = read_manifest(self.index_dir)
     if self.manifest.get("format_version") != FORMAT_VERSION:
@@ -1132,22 +1143,35 @@ class GlobalIndex(index_lib.IndexShard):
     if bad:
       raise index_lib.IndexError_(f"Global index {self.index_dir} has serving shards "
                                   f"0..{len(all_shards) - 1}; {bad} do not exist.")
-    self.serving, self._rr, self._rr_ids, self._scann = {}, {}, {}, {}
+    lists_at = (serving_lists.lists_offset(data, self.nlist)
+                if lazy_lists and not layout.is_remote(self.index_dir) else None)
+    self.serving, self._lists, self._rr, self._rr_ids, self._scann = {}, {}, {}, {}, {}
     for s in self.serving_ids:
       rec = read_serving_record(self.index_dir, s)
-      data = serving_path(self.index_dir, s, "faiss").read_bytes()
+      path = serving_path(self.index_dir, s, "faiss")
+      if lists_at is not None:  # the header and one count per partition; lists when probed
+        _check_file(path, rec["files"]["faiss"], content=False)
+        self._lists[s] = serving_lists.ServingLists(os.fspath(path), data, self.nlist, lists_at,
+                                                    int(rec["files"]["faiss"]["bytes"]))
+        self.serving[s] = self._lists[s].index
+      else:
+        whole = path.read_bytes()
+        if verify_files:
+          _check_file(path, rec["files"]["faiss"], whole)
+        self._lists[s] = None
+        self.serving[s] = faiss.deserialize_index(np.frombuffer(whole, np.uint8))
       if verify_files:
-        _check_file(serving_path(self.index_dir, s, "faiss"), rec["files"]["faiss"], data)
         for what in ("rerank", "ids"):
           _check_file(serving_path(self.index_dir, s, what), rec["files"][what], content=False)
-      self.serving[s] = faiss.deserialize_index(np.frombuffer(data, np.uint8))
       # memory-mapped, or ranged reads on gs://
       self._rr[s] = npy_rows.open_rows(serving_path(self.index_dir, s, "rerank"))
       ids = npy_rows.open_rows(serving_path(self.index_dir, s, "ids"))
       n = int(ids.shape[0])
       # ids 0..n-1 (one serving shard): a row's id is its row number
       contiguous = n == 0 or (int(ids[0]) == 0 and int(ids[n - 1]) == n - 1)
-      self._rr_ids[s] = None if contiguous else np.asarray(ids[0:n], np.int64)  # 8 B a vector
+      # else its sorted ids: searched memory-mapped locally, read whole on gs:// (8 B a vector)
+      self._rr_ids[s] = (None if contiguous else ids if isinstance(ids, np.ndarray)
+                         else np.asarray(ids[0:n], np.int64))
       if self.searcher == "scann":
         key = layout.sha256_bytes(json.dumps(rec["files"], sort_keys=True).encode())
         self._scann[s] = (scann.scann_ops_pybind.load_searcher(
@@ -1169,6 +1193,7 @@ class GlobalIndex(index_lib.IndexShard):
     other.__dict__.update(self.__dict__)
     other.serving_ids = list(serving)
     other.serving = {s: self.serving[s] for s in serving}
+    other._lists = {s: self._lists[s] for s in serving}
     other._rr = {s: self._rr[s] for s in serving}
     other._rr_ids = {s: self._rr_ids[s] for s in serving}
     other._scann = {s: self._scann[s] for s in serving if s in self._scann}
@@ -1176,7 +1201,9 @@ class GlobalIndex(index_lib.IndexShard):
     return other
 
   def memory_bytes(self) -> int:
-    return sum(memory_bytes(i) for i in self.serving.values())
+    """The serving shards' inverted lists in RAM, every list read (lazily read ones included)."""
+    return sum(memory_bytes(self.serving[s]) if self._lists[s] is None
+               else self._lists[s].ram_bytes() for s in self.serving_ids)
 
   def _nprobe(self, n: int) -> int:
     """nprobe grows with the number of candidates asked for (the retriever's refills)."""
@@ -1230,6 +1257,8 @@ class GlobalIndex(index_lib.IndexShard):
     i_QxR = np.empty((q, r), np.int64)
     params = faiss.SearchParametersIVF()
     params.nprobe = p
+    if self._lists[s] is not None:
+      self._lists[s].ensure(assign)
     idx = self.serving[s]
     idx.search_preassigned_c(q, faiss.swig_ptr(queries_QxD), r, faiss.swig_ptr(assign),
                              faiss.swig_ptr(dis), faiss.swig_ptr(d_QxR), faiss.swig_ptr(i_QxR),

@@ -6,6 +6,7 @@ the retriever and training neighbours through it, documents added and removed, c
 and the gRPC service giving the in-process answer.
 """
 
+import concurrent.futures
 import dataclasses
 import os
 import shutil
@@ -167,12 +168,77 @@ def test_add_and_remove_documents(tmp_path_factory):
   assert not np.any((ids >= a) & (ids < b))
 
 
+def _rchar() -> int:
+  """Bytes this process has read through read() calls so far (/proc/self/io)."""
+  with open("/proc/self/io") as f:
+    return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_lists_read_when_probed_give_the_whole_read_answer(db, emb):
+  """Opening reads the trained files and, per serving shard, its faiss file's header and one
+  count per partition, not its lists; a query reads the lists it probes, once. The answers are
+  the whole read's bit for bit (ids and scores), with searches from several threads at once."""
+  root = global_lib.index_dir(db)
+  m = global_lib.read_manifest(root)
+  nlist = int(m["config"]["nlist"])
+  faiss_bytes = sum(global_lib.serving_path(root, s, "faiss").stat().length for s in range(3))
+  before = _rchar()
+  lazy = global_lib.GlobalIndex(root)
+  lazy_read = _rchar() - before
+  before = _rchar()
+  whole = global_lib.GlobalIndex(root, lazy_lists=False)
+  whole_read = _rchar() - before
+  assert whole_read >= faiss_bytes
+  # trained.faiss and scale.npy, the manifest; per serving shard its record, 2 x 4 KiB of faiss
+  # header and 8 B a partition, and one 8 KiB buffer for each .npy header (rerank copy, ids)
+  per_shard = 1024 + 2 * 4096 + 36 + 8 * nlist + 2 * 8192
+  small = sum(m["files"][f]["bytes"] for f in m["files"]) + 4096 + 3 * per_shard
+  assert lazy_read <= small < whole_read
+  assert all(not lazy._lists[s].loaded[lazy._lists[s].sizes > 0].any() for s in range(3))
+  assert lazy.count == whole.count == len(emb)
+  assert lazy.memory_bytes() == whole.memory_bytes()
+  noisy = emb + np.random.default_rng(0).normal(0, 0.05, emb.shape).astype(np.float32)
+  for queries in (emb[::3], noisy[1::3]):
+    for n in (1, 10, 200):  # 200: past the rerank pool, more partitions probed
+      got, want = lazy.search(queries, n), whole.search(queries, n)
+      np.testing.assert_array_equal(got[0], want[0])
+      np.testing.assert_array_equal(got[1], want[1])
+  one, one_whole = lazy.restricted([1]), whole.restricted([1])
+  np.testing.assert_array_equal(one.search(noisy[:40], 10)[0], one_whole.search(noisy[:40], 10)[0])
+  # A fresh open searched from four threads at once: each list read once, the same answers.
+  fresh = global_lib.GlobalIndex(root)
+  blocks = np.array_split(np.arange(len(emb)), 8)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    got = list(pool.map(lambda b: fresh.search(noisy[b], 10), blocks))
+  for b, (ids, scores) in zip(blocks, got):
+    want_ids, want_scores = whole.search(noisy[b], 10)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
 def test_corrupt_serving_shard_is_named(tmp_path_factory):
+  """A serving shard's faiss file with its header changed, or cut short, is named at open; a byte
+  changed in its lists (which opening does not read) is named by `verify`, the audit."""
   db = _copy_with_global(tmp_path_factory, "global_corrupt")
-  path = global_lib.index_dir(db) / "serving" / "shard-00001.faiss"
-  data = bytearray(path.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  path.write_bytes(bytes(data))
+  root = global_lib.index_dir(db)
+  path = root / "serving" / "shard-00001.faiss"
+  good = path.read_bytes()
+  lists = global_lib.GlobalIndex(root, serving=[1])._lists[1]
+  p = int(np.flatnonzero(lists.sizes)[0])
+  in_codes = int(lists.offsets[p] + 16 + 8 * lists.sizes[p] + 1)  # one of its PQ code bytes
+  del lists
+  for where in (20, in_codes):
+    data = bytearray(good)
+    data[where] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if where == in_codes:
+      retriever_lib.Retriever.from_db(db)  # opens: the lists are not read
+      with pytest.raises(index_lib.IndexError_, match="shard-00001.faiss"):
+        global_lib.verify(root)
+    else:
+      with pytest.raises(index_lib.IndexError_, match="shard-00001.faiss"):
+        retriever_lib.Retriever.from_db(db)
+  path.write_bytes(good[:-100])
   with pytest.raises(index_lib.IndexError_, match="shard-00001.faiss"):
     retriever_lib.Retriever.from_db(db)
 
