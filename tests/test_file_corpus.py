@@ -148,3 +148,19 @@ def test_beam_file_corpus_gives_the_whole_reads_tokenizer_and_store(tmp_path, sp
   want = _digests(tmp_path / "whole" / layout.CHUNKS_DIR)
   assert _digests(db / layout.CHUNKS_DIR) == want and len(want) >= 3 * 5 + 1
   assert len(corpus.planned_corpus(spec, max_docs).units) > 10
+
+
+def test_past_the_sample_size_the_tokenizer_sample_does_not_depend_on_the_units(tmp_path,
+                                                                                 monkeypatch):
+  """With more training lines than the sample size, the lines are a seeded draw over the corpus's
+  line count (tokenizer.line_picks): the same model whatever the units the files are grouped in."""
+  monkeypatch.setattr(prepare, "INPUT_SENTENCE_SIZE", 700)
+  spec = corpus_path.spec(kernel=20, wiki=30)
+  settings = dict(stages=("tokenizer",), corpus=spec, vocab_size=500, heldout_fraction=0.2)
+  build_lib.build(tmp_path / "big_units", **settings)
+  monkeypatch.setattr(corpus, "UNIT_BYTES", 2000)
+  monkeypatch.setattr(corpus, "UNIT_FILES", 3)
+  assert len(corpus.planned_corpus(spec).units) > 10
+  build_lib.build(tmp_path / "small_units", **settings)
+  assert (tmp_path / "small_units" / layout.TOKENIZER_PATH).read_bytes() == (
+      tmp_path / "big_units" / layout.TOKENIZER_PATH).read_bytes()
