@@ -811,40 +811,49 @@ def _doc_ranges(sel) -> Iterator[tuple[int, int, int]]:
     yield j, a, b
 
 
-def _range_lines(item, sel, source, cfg: dict[str, Any]) -> list[str]:
-  """The training lines of documents [a, b) that are not held out, in order."""
+def _range_training(item, sel, source, cfg: dict[str, Any]) -> tuple[list[str], int]:
+  """The training lines of documents [a, b) that are not held out, in order, and how many such
+  documents there are."""
   _, a, b = item[:3]
-  docs = source.read(sel.spans(a, b), b - a)
-  return list(tokenizer_lib.training_sentences(
-      d.text for d in docs
-      if not corpus_lib.is_heldout(d.key, cfg["heldout_fraction"], cfg["seed"])))
+  docs = [d for d in source.read(sel.spans(a, b), b - a)
+          if not corpus_lib.is_heldout(d.key, cfg["heldout_fraction"], cfg["seed"])]
+  return list(tokenizer_lib.training_sentences(d.text for d in docs)), len(docs)
+
+
+def _count_lines(item, sel, source, cfg: dict[str, Any]) -> tuple:
+  """(range, first doc, stop doc, its training lines, its documents not held out)."""
+  lines, docs = _range_training(item, sel, source, cfg)
+  return (*item, len(lines), docs)
 
 
 def _picked_lines(item, sel, source, cfg: dict[str, Any]) -> list[str]:
   """The picked lines (item[3]: indices into the range's training lines) of one range, the
   range read once."""
-  lines = _range_lines(item, sel, source, cfg)
+  lines = _range_training(item, sel, source, cfg)[0]
   return [lines[i] for i in item[3]]
 
 
-def _assign_line_picks(counts: list[tuple[int, int, int, int]], cfg: dict[str, Any]):
+def _assign_line_picks(counts: list[tuple[int, int, int, int, int]], cfg: dict[str, Any]):
   """(range, first doc, stop doc, its picked line indices) of every range with a pick."""
   counts = sorted(counts)
   sizes = np.array([c[3] for c in counts], np.int64)
   starts = np.concatenate([[0], np.cumsum(sizes)])
   picks = tokenizer_lib.line_picks(int(starts[-1]), prepare_lib.INPUT_SENTENCE_SIZE,
                                    cfg["seed"])
-  for (j, a, b, _), lo, hi in zip(counts, starts[:-1], starts[1:]):
+  for (j, a, b, *_), lo, hi in zip(counts, starts[:-1], starts[1:]):
     i, e = np.searchsorted(picks, [lo, hi])
     if e > i:
       yield j, a, b, picks[i:e] - lo
 
 
-def _train_on_lines(picked: list[tuple[int, list[str]]], db: str, cfg: dict[str, Any]) -> None:
+def _train_on_lines(picked: list[tuple[int, list[str]]], db: str, cfg: dict[str, Any],
+                    counts: list[tuple], sel) -> None:
+  """Trains on the picked lines in corpus order; the whole read's errors where it has none: no
+  document that is not held out (`prepare.no_training_document`), or no line (SentencePiece's,
+  from `train_sentencepiece`)."""
   lines = [line for _, ls in sorted(picked, key=lambda t: t[0]) for line in ls]
-  if not lines:
-    raise corpus_lib.CorpusError(f"corpus {cfg['corpus']!r} has no usable training document to "
-                                 "train a tokenizer on; point --corpus at text files")
+  if not sum(c[4] for c in counts):
+    raise prepare_lib.no_training_document(cfg["corpus"], sel.stats)
   out = epath.Path(db) / layout.TOKENIZER_PATH
   tokenizer_lib.train_sentencepiece((), out, vocab_size=cfg["vocab_size"], seed=cfg["seed"],
                                     input_sentence_size=prepare_lib.INPUT_SENTENCE_SIZE,
@@ -866,17 +875,19 @@ def _parallel_tokenizer(p, db: str, cfg: dict[str, Any], source) -> None:
   -> pick lines (all of them up to prepare.INPUT_SENTENCE_SIZE: the whole read's sample) -> read
   the picked lines per range -> train, the lines in corpus order."""
   sel = (_classified_blocks(p, source, cfg)
-         | "Select" >> beam.Map(source.select, cfg["max_docs"]))
+         | "Select" >> beam.Map(source.select, cfg["max_docs"], False))  # checked by chunks
   side = beam.pvalue.AsSingleton(sel)
-  _ = (sel | "DocRanges" >> beam.FlatMap(_doc_ranges)
-       | "SpreadRanges" >> beam.Reshuffle()
-       | "CountLines" >> beam.Map(lambda r, s: (*r, len(_range_lines(r, s, source, cfg))), side)
-       | "AllCounts" >> beam.combiners.ToList()
+  counts = (sel | "DocRanges" >> beam.FlatMap(_doc_ranges)
+            | "SpreadRanges" >> beam.Reshuffle()
+            | "CountLines" >> beam.Map(_count_lines, side, source, cfg)
+            | "AllCounts" >> beam.combiners.ToList())
+  _ = (counts
        | "PickLines" >> beam.FlatMap(_assign_line_picks, cfg)
        | "SpreadPicks" >> beam.Reshuffle()
        | "ReadLines" >> beam.Map(lambda r, s: (r[0], _picked_lines(r, s, source, cfg)), side)
        | "AllLines" >> beam.combiners.ToList()
-       | "TrainSentencePiece" >> beam.Map(_train_on_lines, db, cfg))
+       | "TrainSentencePiece" >> beam.Map(_train_on_lines, db, cfg,
+                                          beam.pvalue.AsSingleton(counts), side))
 
 
 def _tokenizer(p, db: str, cfg: dict[str, Any]) -> None:

@@ -528,9 +528,10 @@ class Selection:
 
 
 def select_documents(spec: str, parts: Sequence[RandomAccessPart], scans: Sequence[dict],
-                     max_docs: int | None) -> Selection:
+                     max_docs: int | None, checks: bool = True) -> Selection:
   """The documents `read_documents(spec, max_docs=max_docs)` gives, from the blocks' scans, with
-  the same checks (at least one document, unique keys) and the same CorpusStats."""
+  the same checks (at least one document, unique keys; none with `checks` False, as
+  `iter_documents`) and the same CorpusStats."""
   stats, used, keyed_keys, total = CorpusStats(), [], [], 0
   for p, part in enumerate(parts):
     mine = sorted((s for s in scans if s["part"] == p), key=lambda s: s["start"])
@@ -563,6 +564,8 @@ def select_documents(spec: str, parts: Sequence[RandomAccessPart], scans: Sequen
     total += n_good
     if max_docs is not None and total >= max_docs:
       break
+  if not checks:
+    return Selection(used, total, stats)
   if not total:
     raise CorpusError(f"corpus {spec!r} yielded no usable document (skipped: "
                       f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
@@ -609,8 +612,9 @@ class RandomAccessCorpus:
   def scan(self, block) -> dict:
     return scan_block(self.parts, block)
 
-  def select(self, scans: Sequence[dict], max_docs: int | None) -> Selection:
-    return select_documents(self.spec, self.parts, scans, max_docs)
+  def select(self, scans: Sequence[dict], max_docs: int | None, checks: bool = True
+             ) -> Selection:
+    return select_documents(self.spec, self.parts, scans, max_docs, checks)
 
   def read(self, spans, expected: int) -> list[Document]:
     return read_spans(self.parts, spans, expected)
@@ -862,9 +866,11 @@ class FileCorpus:
     return {"unit": u, "records": n, "good": good, "lines": lines, "marks": marks, "keys": keys,
             "error": error}
 
-  def select(self, scans: Sequence[dict], max_docs: int | None) -> FileSelection:
+  def select(self, scans: Sequence[dict], max_docs: int | None, checks: bool = True
+             ) -> FileSelection:
     """The documents `read_documents(spec, max_docs=max_docs)` gives, from the units' scans (units
-    past them scanned here when bad records leave a limited part short)."""
+    past them scanned here when bad records leave a limited part short); with `checks` False, not
+    checked (at least one, unique keys), as `iter_documents`."""
     by_unit = {s["unit"]: s for s in scans}
     stats, used, keys, total = CorpusStats(), [], [], 0
     for p, part in enumerate(self.parts):
@@ -896,6 +902,8 @@ class FileCorpus:
       total += got
       if max_docs is not None and total >= max_docs:
         break
+    if not checks:
+      return FileSelection(used, total, stats)
     if not total:
       raise CorpusError(f"corpus {self.spec!r} yielded no usable document (skipped: "
                         f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
