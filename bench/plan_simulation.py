@@ -11,8 +11,13 @@ pipeline built, not run) while every filesystem call of this process is counted 
 listdir). Per stage it reports the serialized job graph, the launcher's requests and bytes read,
 the distinct keys of each grouping and the largest element's work (from the plan functions the
 workers run), and the index's nlist against its training sample with the training's elements
-(one k-means, or the parallel training's: `training`). The tokenizer and chunks stages
-(which read the corpus) are not simulated.
+(one k-means, or the parallel training's: `training`).
+
+The tokenizer and chunks stages are planned over simulated corpora of files (`simulate_corpus`):
+a directory of N files and one `.jsonl` of N bytes, sparse files whose content is never written
+(the planner lists names and sizes only, so nothing is read); per stage the job graph, the
+launcher's requests and bytes read under the corpus, and the units of files (or byte ranges) the
+workers classify and read.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from retro_jax.build import pipeline
 from retro_jax.build import plan
 from retro_jax.build import stages as build_lib
 from retro_jax.db import chunk_store as chunk_store_lib
+from retro_jax.db import corpus as corpus_lib
 from retro_jax.db import layout, provenance
 from retro_jax.evaluation.figures import provenance as run_provenance
 from retro_jax.retrieval import global_index as global_lib
@@ -234,6 +240,58 @@ def simulate(n: int, workdir: str | None = None) -> dict:
   return out
 
 
+CORPUS_FILES = (1_000, 10_000, 100_000)  # a directory of this many files
+CORPUS_FILE_BYTES = 4096  # each
+CORPUS_JSONL_BYTES = (10**9, 10**12, 10**13)  # one .jsonl of this many bytes
+CORPUS_STAGES = ("tokenizer", "chunks")
+
+
+def _sparse(path: str, size: int) -> None:
+  with open(path, "wb") as f:
+    f.truncate(size)
+
+
+def simulate_corpus(kind: str, n: int, workdir: str | None = None) -> dict:
+  """The tokenizer and chunks stages planned (`run_stage(plan_only=True)`) over a directory of
+  n sparse files ("files") or one sparse .jsonl of n bytes ("jsonl"), the launcher's filesystem
+  calls under the corpus counted."""
+  with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    root = os.path.join(tmp, "corpus")
+    os.makedirs(root)
+    if kind == "files":
+      for i in range(n):
+        sub = os.path.join(root, f"d{i // 1000:05d}")
+        if i % 1000 == 0:
+          os.makedirs(sub)
+        _sparse(os.path.join(sub, f"{i:09d}.txt"), CORPUS_FILE_BYTES)
+      spec = root
+    else:
+      spec = os.path.join(root, "corpus.jsonl")
+      _sparse(spec, n)
+    db = os.path.join(tmp, "db")
+    os.makedirs(db)
+    cfg = {"corpus": spec, "max_docs": None, "tokenizer": None}
+    out = {"kind": kind, "n": n, "stages": {}}
+    for stage in CORPUS_STAGES:
+      corpus_lib._part_files.cache_clear()  # pylint: disable=protected-access  (each stage lists)
+      counter = Counter(root).start()
+      t0 = time.perf_counter()
+      try:
+        graph = pipeline.run_stage(stage, db, cfg, plan_only=True)
+      finally:
+        counter.stop()
+      out["stages"][stage] = {"graph_bytes": graph, "launcher_requests": counter.requests,
+                              "launcher_bytes_read": counter.bytes,
+                              "plan_seconds": time.perf_counter() - t0}
+    source = corpus_lib.planned_corpus(spec)
+    out["units"] = len(source.units)
+    out["largest_unit_files"] = max(u[2] - u[1] for u in source.units)
+    out["largest_unit_bytes"] = max(
+        (u[4] - u[3]) if kind == "jsonl" else (u[2] - u[1]) * CORPUS_FILE_BYTES
+        for u in source.units)
+  return out
+
+
 def main() -> None:
   rows = []
   for n in SIZES:
@@ -243,8 +301,16 @@ def main() -> None:
                                                if k in ("graph_bytes", "launcher_requests",
                                                         "launcher_bytes_read")}
                                            for s, d in r["stages"].items()}}), flush=True)
+  corpora = []
+  for kind, sizes in (("files", CORPUS_FILES), ("jsonl", CORPUS_JSONL_BYTES)):
+    for n in sizes:
+      r = simulate_corpus(kind, n)
+      corpora.append(r)
+      print(json.dumps({k: v for k, v in r.items() if k != "stages"}), flush=True)
   out = {**run_provenance("python -m bench.plan_simulation"), "sizes": rows,
-         "chunks_per_store_shard": CHUNKS_PER_STORE_SHARD, "plan_ranges": plan.PLAN_RANGES}
+         "chunks_per_store_shard": CHUNKS_PER_STORE_SHARD, "plan_ranges": plan.PLAN_RANGES,
+         "corpora": corpora, "corpus_file_bytes": CORPUS_FILE_BYTES,
+         "plan_units": corpus_lib.PLAN_UNITS}
   path = os.path.join(os.path.dirname(__file__), "results", "plan_simulation.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
@@ -296,6 +362,18 @@ def table(res: dict) -> str:
   for stage, d in big["stages"].items():
     lines.append(f"- {stage}: " + ", ".join(f"{k} {v:,}" for k, v in
                                             d["largest_element"].items()))
+  if "corpora" in res:
+    lines += ["", "The tokenizer and chunks stages over simulated corpora (sparse files, never read; "
+              f"a directory's files {res['corpus_file_bytes']:,} bytes each; units at most about "
+              f"{res['plan_units']:,}):", "",
+              "| corpus | units | largest unit (files / bytes) | stage | graph bytes "
+              "| launcher requests | launcher bytes read |", "|" + "---|" * 7]
+    for r in res["corpora"]:
+      what = (f"{r['n']:,} files" if r["kind"] == "files" else f".jsonl of {r['n']:.0e} bytes")
+      for stage, d in r["stages"].items():
+        lines.append(f"| {what} | {r['units']:,} | {r['largest_unit_files']:,} / "
+                     f"{r['largest_unit_bytes']:,} | {stage} | {d['graph_bytes']:,} "
+                     f"| {d['launcher_requests']:,} | {d['launcher_bytes_read']:,} |")
   lines += [""]
   return "\n".join(lines)
 

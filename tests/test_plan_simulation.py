@@ -28,3 +28,16 @@ def test_graph_and_launcher_requests_stay_flat_to_28_billion_chunks(tmp_path):
   assert t["largest_element_vectors"] <= t["threshold_vectors"] < t["sample"], t
   assert t["largest_element_bytes_float32"] <= 2 << 30, t
   assert t["nlist"] <= t["sample_over_39"], t
+
+
+def test_a_jsonl_corpus_plans_in_bounded_byte_ranges_without_reading(tmp_path):
+  """The tokenizer and chunks stages over a .jsonl of 1e9 and 1e13 bytes (sparse, never read):
+  the launcher reads no byte of it, its requests stay flat, the graph stays under 5 MB."""
+  small = plan_simulation.simulate_corpus("jsonl", 10**9, str(tmp_path))
+  big = plan_simulation.simulate_corpus("jsonl", 10**13, str(tmp_path))
+  assert big["units"] <= plan_simulation.corpus_lib.PLAN_UNITS + 1 < 10**13 // (8 << 20)
+  for stage in plan_simulation.CORPUS_STAGES:
+    s, b = small["stages"][stage], big["stages"][stage]
+    assert s["launcher_bytes_read"] == b["launcher_bytes_read"] == 0
+    assert b["launcher_requests"] == s["launcher_requests"]
+    assert b["graph_bytes"] <= 5_000_000, (stage, b)

