@@ -6,8 +6,9 @@ The tokenizer stage of a large corpus (retro_jax/build/pipeline.py) counts the t
 every document in parallel (ranges of TOKENIZER_RANGE_DOCS documents), picks the sample, then
 trains SentencePiece on at most prepare.INPUT_SENTENCE_SIZE lines in one element. The first part
 grows with the corpus, the second does not. Measured here:
-  count   the lines of the corpus's documents, as `tokenizer.training_sentences` yields them:
-          documents and bytes per CPU second (one process);
+  count   the corpus's documents read, decoded and checked, and their lines as
+          `tokenizer.training_sentences` yields them: documents and bytes per CPU second (one
+          process);
   train   SentencePiece on INPUT_SENTENCE_SIZE lines (the corpus's own lines, cycled when it has
           fewer; the database's vocabulary size): CPU seconds (every thread) and wall seconds.
 CPU seconds (getrusage of this process, every thread included) do not depend on what else runs
@@ -43,12 +44,12 @@ def cpu_seconds() -> float:
 
 def main(argv):
   del argv
-  docs = corpus_lib.read_documents(_CORPUS.value)
-  texts = [d.text for d in docs]
-  num_bytes = sum(len(t.encode("utf-8")) for t in texts)
   c0, w0 = cpu_seconds(), time.perf_counter()
+  docs = corpus_lib.read_documents(_CORPUS.value)  # read, decoded and checked
+  texts = [d.text for d in docs]
   lines = list(tokenizer_lib.training_sentences(texts))
   count_cpu, count_wall = cpu_seconds() - c0, time.perf_counter() - w0
+  num_bytes = sum(len(t.encode("utf-8")) for t in texts)
   k = prepare_lib.INPUT_SENTENCE_SIZE
   sample = list(itertools.islice(itertools.cycle(lines), k))
   with tempfile.TemporaryDirectory() as tmp:
