@@ -33,6 +33,7 @@ flags.DEFINE_string("out", "bench/results/make_db_same.json", "results JSON")
 
 # Compared by content (or not at all: wall times).
 BY_CONTENT = ("build_times.json", "provenance/", "chunks/manifest.json", "chunks/shards.json",
+              "chunks/records/", "chunks/offsets.npy",
               "chunks/heldout.json", "index/global/")
 
 
