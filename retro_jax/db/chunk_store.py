@@ -1,20 +1,31 @@
 r"""The chunk store: documents tokenised and cut into fixed-size chunks, as sharded on-disk arrays.
 
 Layout (paths via etils.epath, so gs:// works; local reads are memory-mapped, gs:// ones are
-ranged row reads, retro_jax.db.npy_rows):
+ranged row reads, retro_jax.db.npy_rows), format 3:
 
   STORE/manifest.json                 written by `finalize_chunk_store` once every shard is done:
                                       totals, settings, content fingerprint (a fixed size: what
                                       opening a store reads)
-  STORE/shards.json                   each shard's offsets, counts and file checksums (read by the
-                                      first gather, not at open)
+  STORE/records/shard-00000.json      one shard's record: offsets, counts, each file's sha256 and
+                                      size, and its block checksums (read when the shard is first
+                                      read, no other shard's record)
+  STORE/offsets.npy                   int64 [S + 1, 2]: each shard's first chunk id and first
+                                      document id, then the totals (read whole while small, else
+                                      bisected by ranged row reads)
   STORE/heldout.json                  the held-out document ids and keys (read when first asked)
   STORE/shard-00000/tokens.npy        int32 [n, m]   chunk tokens, a document's last chunk padded
   STORE/shard-00000/doc_ids.npy       int64 [n]      global document id of each chunk
   STORE/shard-00000/doc_table.npy     int64 [d, 5]   (doc_id, first_row, num_chunks, num_utf8_bytes,
                                                       heldout) for the shard's documents
   STORE/shard-00000/doc_keys.json     [d] document keys
-  STORE/shard-00000.done.json         commit marker: counts, settings and sha256 of every file
+  STORE/shard-00000.done.json         commit marker: counts, settings, sha256 of every file and of
+                                      every block of rows (BLOCK_BYTES) of the .npy files
+
+Verify on read hashes only the blocks of rows a read touches (once per process; verify.blocks_once)
+and range-checks the token ids it returns; `ChunkStore.check` (and `build_db --audit`) audits every
+file whole. Formats 1 (shard list inside manifest.json) and 2 (one STORE/shards.json) still open,
+with whole-file checks; finalizing such a store again (`build_db --stages=finalize`) rewrites it
+as format 3, its block checksums computed from its files after their whole checksums are checked.
 
 Documents get global ids in corpus order (bad ones skipped, see corpus.py); store shard s holds
 documents [s * docs_per_shard, (s + 1) * docs_per_shard), so shards are contiguous chunk-id ranges
@@ -62,10 +73,16 @@ SHARD_FORMAT_VERSION = 1  # of a shard's files (its done marker's settings): unc
 SHARDS = "shards.json"  # format 2's shard list
 RECORDS = "records"  # STORE/records/shard-XXXXX.json: one store shard's record (format 3)
 OFFSETS = "offsets.npy"  # int64 [S + 1, 2]: each shard's first chunk id and first doc id, then totals
-# Block checksums: sha256 of every BLOCK_ROWS rows of these files, recorded when a shard is written,
-# checked when a read first touches the block (verify.blocks_once).
-BLOCK_ROWS = 4096
-BLOCK_FILES = ("tokens.npy", "doc_ids.npy")
+# Block checksums: sha256 of each block of rows of these files (as many rows as fill BLOCK_BYTES:
+# 512 rows of 64 tokens, 16,384 document ids, 3,276 document-table rows), recorded when a shard is
+# written, checked when a read first touches the block (verify.blocks_once).
+BLOCK_BYTES = 1 << 17
+BLOCK_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy")
+
+
+def block_rows(row_bytes: int) -> int:
+  """Rows per checksummed block of a file whose rows take `row_bytes` bytes."""
+  return max(1, BLOCK_BYTES // max(1, row_bytes))
 # An offsets array of at most this many rows is read whole on first use; a longer one is bisected by
 # ranged row reads (npy_rows.bisect_rows), so a lookup never reads every shard's offset.
 WHOLE_OFFSETS_ROWS = 1 << 16
@@ -157,15 +174,15 @@ def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.D
   doc_ids_N = np.repeat(doc_table_Dx5[:, 0], doc_table_Dx5[:, 2]).astype(np.int64)
   payloads = {"tokens.npy": layout.npy_bytes(tokens_NxM), "doc_ids.npy": layout.npy_bytes(doc_ids_N),
               "doc_table.npy": layout.npy_bytes(doc_table_Dx5), "doc_keys.json": _json_bytes(keys)}
-  blocks = {"tokens.npy": tokens_NxM, "doc_ids.npy": doc_ids_N}
+  blocks = {"tokens.npy": tokens_NxM, "doc_ids.npy": doc_ids_N, "doc_table.npy": doc_table_Dx5}
   files = {}
   for name in SHARD_FILES:
     write_bytes_atomic(shard_dir / name, payloads[name])
     files[name] = {"sha256": sha256_bytes(payloads[name]),
                    "bytes": len(payloads[name])}
     if name in blocks:
-      files[name].update(block_rows=BLOCK_ROWS,
-                         block_sha256=verify.block_digests(blocks[name], BLOCK_ROWS))
+      rows = block_rows(blocks[name][:1].nbytes or 1)
+      files[name].update(block_rows=rows, block_sha256=verify.block_digests(blocks[name], rows))
     if os.environ.get("RETRO_JAX_TEST_KILL_MIDSHARD") == str(index) and name == "tokens.npy":
       os.kill(os.getpid(), signal.SIGKILL)  # Test hook: die with a half-written shard.
   marker = {
@@ -326,7 +343,9 @@ def _with_blocks(out: epath.Path, marker: dict) -> dict:
     if sha256_file(path) != rec["sha256"]:
       raise ChunkStoreError(f"{path} differs from the sha256 its done marker records; rebuild the "
                             f"shard (delete {path.parent}.done.json and rerun the chunks stage)")
-    rec.update(block_rows=BLOCK_ROWS, block_sha256=verify.file_block_digests(path, BLOCK_ROWS))
+    arr = npy_rows.open_rows(path)
+    rows = block_rows(int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    rec.update(block_rows=rows, block_sha256=verify.file_block_digests(path, rows))
   return files
 
 
@@ -516,7 +535,7 @@ class ChunkStore:
     self._records: dict[int, dict] = {}
     self._offsets = None  # format 3: offsets.npy rows (npy_rows.open_rows)
     self._offsets_whole: np.ndarray | None = None  # ... all of them, when small
-    self._sized: set[int] = set()
+    self._sized: set[tuple[int, str]] = set()
     self._arrays: dict[tuple[int, str], tuple[Any, tuple]] = {}  # -> (array, verify.file_key)
     self._whole_checked: set[tuple[int, str]] = set()
     self._tables: dict[int, np.ndarray] = {}
@@ -609,17 +628,13 @@ class ChunkStore:
     return np.asarray([s["first_doc_id"] for s in self.manifest["shards"]] + [self.num_docs],
                       np.int64)
 
-  def _check_sizes(self, shard: int) -> None:
-    s = self.record(shard)
-    for name in SHARD_FILES:
+  def _first_read(self, shard: int, name: str) -> None:
+    """A shard file's size against its record, the first time it is read."""
+    if (shard, name) not in self._sized:
+      s = self.record(shard)
       verify.size(self.root / s["path"] / name, s.get("files", {}).get(name, {}).get("bytes"),
                   self._fix(s), ChunkStoreError)
-
-  def _first_read(self, shard: int) -> None:
-    """The shard's file sizes against its record, the first time it is read."""
-    if shard not in self._sized:
-      self._check_sizes(shard)
-      self._sized.add(shard)
+      self._sized.add((shard, name))
 
   def _fix(self, s: dict) -> str:
     return (f"rebuild shard {s['index']} (delete {self.root / s['path']}.done.json and rerun "
@@ -677,12 +692,13 @@ class ChunkStore:
     checked, nothing hashed."""
     got = self._arrays.get((shard, name))
     if got is None:
-      self._first_read(shard)
+      self._first_read(shard, name)
       s = self.record(shard)
       path = self.root / s["path"] / name
       arr = _load_npy(path)
-      want, dtype = (((s["num_chunks"], self.chunk_size), np.int32) if name == "tokens.npy"
-                     else ((s["num_chunks"],), np.int64))
+      want, dtype = {"tokens.npy": ((s["num_chunks"], self.chunk_size), np.int32),
+                     "doc_ids.npy": ((s["num_chunks"],), np.int64),
+                     "doc_table.npy": ((s["num_docs"], len(DOC_TABLE_COLUMNS)), np.int64)}[name]
       if arr.shape != want or arr.dtype != dtype:
         raise ChunkStoreError(f"{path}: shape {arr.shape} {arr.dtype}, its record says {want} "
                               f"{np.dtype(dtype)}; the file is corrupt, {self._fix(s)}")
@@ -735,12 +751,16 @@ class ChunkStore:
     (checksum, document ids, chunk count) the first time it is needed."""
     table = self._tables.get(shard)
     if table is None:
-      self._first_read(shard)
+      self._first_read(shard, "doc_table.npy")
       s = self.record(shard)
       path = self.root / s["path"] / "doc_table.npy"
-      verify.file_once(path, s.get("files", {}).get("doc_table.npy", {}).get("sha256"),
-                       self._fix(s), ChunkStoreError)
-      table = np.asarray(_load_npy(path, mmap=False), np.int64).reshape(-1, len(DOC_TABLE_COLUMNS))
+      if "block_sha256" in s.get("files", {}).get("doc_table.npy", {}):
+        table = np.asarray(self._whole_array(shard, "doc_table.npy"))
+      else:
+        verify.file_once(path, s.get("files", {}).get("doc_table.npy", {}).get("sha256"),
+                         self._fix(s), ChunkStoreError)
+        table = np.asarray(_load_npy(path, mmap=False), np.int64).reshape(
+            -1, len(DOC_TABLE_COLUMNS))
       first, n = int(s["first_doc_id"]), int(s["num_docs"])
       if len(table) != n or not np.array_equal(table[:, 0], np.arange(first, first + n)):
         raise ChunkStoreError(f"{path}: the document table does not cover docs {first}.."
@@ -750,6 +770,23 @@ class ChunkStore:
                             f"document table covers {int(table[:, 2].sum())} chunks")
       self._tables[shard] = table
     return table
+
+  def _table_rows(self, shard: int, rows) -> np.ndarray:
+    """Rows of store shard `shard`'s document table: from the whole table when it is held or has
+    no block checksums, else by row reads (the blocks they touch verified), each row checked to be
+    its document's and to lie inside the shard."""
+    s = self.record(shard)
+    if shard in self._tables or "block_sha256" not in s.get("files", {}).get("doc_table.npy", {}):
+      return self.shard_doc_table(shard)[rows]
+    uniq, inverse = np.unique(np.asarray(rows, np.int64), return_inverse=True)
+    got = np.asarray(self._verified_rows(shard, "doc_table.npy", uniq), np.int64)
+    first, n = int(s["first_doc_id"]), int(s["num_chunks"])
+    if (not np.array_equal(got[:, 0], first + uniq) or (got[:, 1] < 0).any()
+        or (got[:, 1] + got[:, 2] > n).any()):
+      raise ChunkStoreError(f"{self.root / s['path'] / 'doc_table.npy'}: rows {uniq.tolist()[:5]} "
+                            f"do not describe their documents inside the shard's {n} chunks; the "
+                            f"store is corrupt, {self._fix(s)}")
+    return got[inverse]
 
   def doc_rows(self, doc_ids) -> np.ndarray:
     """int64 [n, 5]: the document-table rows of these global document ids, first_row made a
@@ -763,7 +800,7 @@ class ChunkStore:
     for s in np.unique(shard_N).tolist():
       m = shard_N == s
       rec = self.record(s)
-      out[m] = self.shard_doc_table(s)[docs_N[m] - int(rec["first_doc_id"])]
+      out[m] = self._table_rows(s, docs_N[m] - int(rec["first_doc_id"]))
       out[m, 1] += int(rec["first_chunk_id"])
     return out
 
@@ -838,6 +875,7 @@ class ChunkStore:
     shard = int(self._shard_of(np.int64(doc_id), 1))
     s = self.record(shard)
     if shard not in self._keys:
+      self._first_read(shard, "doc_keys.json")
       self._keys[shard] = json.loads((self.root / s["path"] / "doc_keys.json").read_text())
     return self._keys[shard][doc_id - int(s["first_doc_id"])]
 
