@@ -251,7 +251,7 @@ class NeighbourShards:
     return self.store.num_shards
 
   def __getitem__(self, j: int) -> np.ndarray:
-    j = int(j)
+    j = int(j) + (len(self) if int(j) < 0 else 0)  # [-1]: the last shard
     if j not in self._open:
       shard, _, count = self.store.shard_span(j)  # its offsets rows, not every shard's
       path = layout.neighbours_path(self.db_dir, shard)
