@@ -11,6 +11,7 @@ import corpus_path  # tests/corpus_path.py
 import numpy as np
 import pytest
 
+from retro_jax.build import stages as build_stages
 from retro_jax.db import chunk_store as cs
 from retro_jax.db import corpus, layout, npy_rows, prepare, verify
 from retro_jax.db import tokenizer as tokenizer_lib
@@ -400,6 +401,8 @@ def test_stores_of_formats_1_and_2_still_read_and_finalize_upgrades_them(db, tmp
     np.testing.assert_array_equal(store.doc_rows([0, 5]), want.doc_rows([0, 5]))
     assert store.shard_spans() == want.shard_spans()
     np.testing.assert_array_equal(store.heldout_doc_ids, want.heldout_doc_ids)
-    cs.finalize_chunk_store(chunks)  # the upgrade: block checksums computed from the files
+    # The upgrade (`build_db --stages=finalize` reruns on an older format): block checksums
+    # computed from the files.
+    build_stages.build(copy, stages=("finalize",))
     assert list(cs.ChunkStore.open(copy).manifest["shards"]) == records
     assert not (chunks / cs.SHARDS).exists()
