@@ -505,8 +505,9 @@ def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document]
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_npy(path: epath.Path, mmap: bool = True) -> np.ndarray:
-  if not path.exists():
+def _load_npy(path: epath.Path, mmap: bool = True, sized: bool = False) -> np.ndarray:
+  """`sized`: its existence was just checked (by its size)."""
+  if not sized and not path.exists():
     raise ChunkStoreError(f"chunk store file {path} is missing; rebuild its shard (delete the "
                           f"shard's .done.json and rerun `prepare --stage=chunks`)")
   if mmap:  # memory-mapped locally; ranged row reads on gs:// (no whole-shard copy, no cache)
@@ -695,7 +696,7 @@ class ChunkStore:
       self._first_read(shard, name)
       s = self.record(shard)
       path = self.root / s["path"] / name
-      arr = _load_npy(path)
+      arr = _load_npy(path, sized=True)
       want, dtype = {"tokens.npy": ((s["num_chunks"], self.chunk_size), np.int32),
                      "doc_ids.npy": ((s["num_chunks"],), np.int64),
                      "doc_table.npy": ((s["num_docs"], len(DOC_TABLE_COLUMNS)), np.int64)}[name]

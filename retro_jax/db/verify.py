@@ -127,12 +127,19 @@ def size(path: str | os.PathLike, want: int | None, fix: str,
          error: type[Exception] = DamagedDataError) -> None:
   """Raises DamagedDataError unless the file exists and has `want` bytes (None: existence only)."""
   path = epath.Path(path)
-  if not path.exists():
-    raise error(f"{path} is missing; {fix}")
-  if want is not None:
+  if want is None or layout.is_remote(path):
+    if not path.exists():
+      raise error(f"{path} is missing; {fix}")
+    if want is None:
+      return
     got = layout.file_size(path)
-    if got != want:
-      raise error(f"{path} has {got} bytes, its manifest says {want}; {fix}")
+  else:  # one stat locally
+    try:
+      got = os.path.getsize(os.fspath(path))
+    except FileNotFoundError:
+      raise error(f"{path} is missing; {fix}") from None
+  if got != want:
+    raise error(f"{path} has {got} bytes, its manifest says {want}; {fix}")
 
 
 def ids_in_range(arr, lo: int, hi: int, what: str, fix: str, block: int = 1 << 20,
