@@ -36,6 +36,7 @@ flags.DEFINE_list("dirs", [], "compare only these top-level directories (e.g. to
 
 # Compared by content (or not at all: wall times).
 BY_CONTENT = ("build_times.json", "provenance/", "chunks/manifest.json", "chunks/shards.json",
+              "chunks/records/", "chunks/offsets.npy",
               "chunks/heldout.json", "index/global/")
 
 

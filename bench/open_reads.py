@@ -7,7 +7,8 @@ Each operation runs in a fresh process (nothing cached from another) while every
 under the database is counted (bench.plan_simulation.Counter: open, stat, listdir, and the size of
 each file opened for reading). Operations:
   store_open           ChunkStore.open
-  store_first_gather   then the tokens of one chunk (the shard list is read on the first gather)
+  store_first_gather   then the tokens of one chunk (format 3: that shard's record, the offsets
+                       and the blocks read; older stores: the whole shard list and file)
   retriever_open       Retriever.from_db (the global index: the trained files whole, then every
                        serving shard's faiss header and one count per partition; its inverted
                        lists are read when a query first probes them)
@@ -17,6 +18,7 @@ each file opened for reading). Operations:
 Reported: requests (calls), read_bytes (bytes through read() calls, /proc/self/io rchar: the
 library files of a lazy import included) and opened_file_bytes (the sizes of the files opened for
 reading; a memory-mapped file counts whole, though the kernel pages in only what is used).
+`--operations=...` measures some operations only (the page is then not rewritten).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ _DBS = flags.DEFINE_list("dbs", ["runs/default_f2", "runs/synth_10m"], "Database
 _OUT = flags.DEFINE_string("out", "bench/results/open_reads.json", "Results file.")
 _ONE = flags.DEFINE_string("one", None, "(internal) DB:OPERATION to measure in this process.")
 _DOC = flags.DEFINE_string("doc", "docs/open_reads.md", "The page written from the results.")
+_OPS = flags.DEFINE_list("operations", None, "Only these operations (default: all); a partial "
+                        "run writes no page.")
 
 OPERATIONS = ("store_open", "store_first_gather", "retriever_open", "shard_server_open",
               "training_start")
@@ -98,7 +102,7 @@ def main(argv):
   for db in _DBS.value:
     store = chunk_store_lib.ChunkStore.open(db)
     row = {"num_chunks": store.num_chunks, "store_shards": store.num_shards, "operations": {}}
-    for op in OPERATIONS:
+    for op in _OPS.value or OPERATIONS:
       env = {**os.environ, "JAX_PLATFORMS": "cpu"}
       out = subprocess.run([sys.executable, "-m", "bench.open_reads", f"--one={db}:{op}"],
                            capture_output=True, text=True, env=env, timeout=1800)
@@ -111,8 +115,9 @@ def main(argv):
   with open(_OUT.value, "w") as f:
     json.dump(res, f, indent=1)
     f.write("\n")
-  with open(_DOC.value, "w") as f:
-    f.write(page(res))
+  if not _OPS.value:
+    with open(_DOC.value, "w") as f:
+      f.write(page(res))
 
 
 def page(res: dict) -> str:

@@ -61,9 +61,15 @@ def layout_for(n: int, root: str) -> dict:
                     "bad_input": {}},
          "heldout": {"fraction": 0.01, "seed": 0, "num_docs": n // 2000, "file": "heldout.json",
                      "sha256": "1" * 64},
-         "num_shards": shards, "shards_file": "shards.json", "content_sha256": "2" * 64}
+         "num_shards": shards, "records_dir": chunk_store_lib.RECORDS,
+         "offsets_file": chunk_store_lib.OFFSETS, "content_sha256": "2" * 64}
   with open(os.path.join(db, "chunks", "manifest.json"), "w") as f:
     json.dump(top, f)
+  # Format 3's offsets array (each shard's first chunk and document, then the totals); the
+  # per-shard records are not written: planning reads none.
+  starts = np.minimum(np.arange(shards + 1, dtype=np.int64) * CHUNKS_PER_STORE_SHARD, n)
+  np.save(os.path.join(db, "chunks", chunk_store_lib.OFFSETS),
+          np.stack([starts, np.minimum(starts // 20, n // 20)], axis=1))
   provenance.outputs_path(db, "embeddings").parent.mkdir(parents=True, exist_ok=True)
   with open(provenance.outputs_path(db, "embeddings"), "w") as f:
     json.dump({"format_version": 1, "stage": "embeddings", "num_shards": shards,

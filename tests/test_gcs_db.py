@@ -105,7 +105,8 @@ def test_build_into_gs_writes_every_stage_there_and_a_rerun_skips_them(gs_db, tm
   assert not [n for n in names if ".parts/" in n or ".tmp" in n], names
   # The files are what they claim: ~480 chunks, 384-d embeddings, k=2 neighbours in range.
   manifest = json.loads(emulator.read("db/chunks/manifest.json", bucket))
-  manifest["shards"] = json.loads(emulator.read("db/chunks/shards.json", bucket))
+  manifest["shards"] = [json.loads(emulator.read(f"db/chunks/records/shard-0000{s}.json", bucket))
+                        for s in range(manifest["num_shards"])]
   assert 300 <= manifest["num_chunks"] <= 1000 and len(manifest["shards"]) == 2
   emb = embed.load_embeddings(db, 1)
   assert emb.shape == (manifest["shards"][1]["num_chunks"], 384) and emb.dtype == np.float32

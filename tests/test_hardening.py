@@ -9,6 +9,7 @@ the one-line error itself is the point.
 import json
 import logging
 import os
+import pathlib
 import resource
 import shutil
 import socket
@@ -208,10 +209,10 @@ def test_manifest_counts_are_checked_at_open(db, tmp_path):
     chunk_store_lib.ChunkStore.open(d).tokens([0])  # checked with the shard list, on first read
   m["num_chunks"] -= 1
   json.dump(m, open(path, "w"))
-  shards_path = os.path.join(d, "chunks", chunk_store_lib.SHARDS)
-  shards = json.load(open(shards_path))
-  shards[0]["files"]["tokens.npy"]["bytes"] += 8
-  json.dump(shards, open(shards_path, "w"))
+  record_path = chunk_store_lib.record_path(pathlib.Path(d) / "chunks", 0)
+  record = json.loads(record_path.read_text())
+  record["files"]["tokens.npy"]["bytes"] += 8
+  record_path.write_text(json.dumps(record))
   with pytest.raises(chunk_store_lib.ChunkStoreError,
                      match="tokens.npy has .* bytes, its manifest says"):
     chunk_store_lib.ChunkStore.open(d).tokens([0])

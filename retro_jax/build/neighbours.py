@@ -244,17 +244,16 @@ class NeighbourShards:
 
   def __init__(self, db_dir: str | os.PathLike, store):
     self.db_dir, self.store = db_dir, store
-    self._spans = store.shard_spans()
     self._open: dict[int, np.ndarray] = {}
     self.k = int(self[0].shape[1])
 
   def __len__(self) -> int:
-    return len(self._spans)
+    return self.store.num_shards
 
   def __getitem__(self, j: int) -> np.ndarray:
-    j = int(j)
+    j = int(j) + (len(self) if int(j) < 0 else 0)  # [-1]: the last shard
     if j not in self._open:
-      shard, _, count = self._spans[j]
+      shard, _, count = self.store.shard_span(j)  # its offsets rows, not every shard's
       path = layout.neighbours_path(self.db_dir, shard)
       if not shard_is_done(self.db_dir, shard):
         raise NeighboursError(f"{path} is missing or unfinished; run python -m "

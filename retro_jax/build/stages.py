@@ -68,8 +68,12 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
     want = (layout.BPE_TOKENIZER_PATH if prepare_lib.is_bpe_tokenizer(cfg["tokenizer"])
             else layout.TOKENIZER_PATH)
     return (db / want).exists()
-  if stage in ("chunks", "finalize"):
+  if stage == "chunks":
     return (db / layout.CHUNKS_DIR / layout.MANIFEST).exists()
+  if stage == "finalize":  # a store of an older format is finalized again: the upgrade
+    path = db / layout.CHUNKS_DIR / layout.MANIFEST
+    return (path.exists() and json.loads(path.read_text()).get("format_version")
+            == chunk_store_lib.FORMAT_VERSION)
   if not is_done("chunks", db, cfg):
     return False
   if stage in ("embeddings", "neighbours"):

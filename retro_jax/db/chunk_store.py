@@ -1,20 +1,31 @@
 r"""The chunk store: documents tokenised and cut into fixed-size chunks, as sharded on-disk arrays.
 
 Layout (paths via etils.epath, so gs:// works; local reads are memory-mapped, gs:// ones are
-ranged row reads, retro_jax.db.npy_rows):
+ranged row reads, retro_jax.db.npy_rows), format 3:
 
   STORE/manifest.json                 written by `finalize_chunk_store` once every shard is done:
                                       totals, settings, content fingerprint (a fixed size: what
                                       opening a store reads)
-  STORE/shards.json                   each shard's offsets, counts and file checksums (read by the
-                                      first gather, not at open)
+  STORE/records/shard-00000.json      one shard's record: offsets, counts, each file's sha256 and
+                                      size, and its block checksums (read when the shard is first
+                                      read, no other shard's record)
+  STORE/offsets.npy                   int64 [S + 1, 2]: each shard's first chunk id and first
+                                      document id, then the totals (read whole while small, else
+                                      bisected by ranged row reads)
   STORE/heldout.json                  the held-out document ids and keys (read when first asked)
   STORE/shard-00000/tokens.npy        int32 [n, m]   chunk tokens, a document's last chunk padded
   STORE/shard-00000/doc_ids.npy       int64 [n]      global document id of each chunk
   STORE/shard-00000/doc_table.npy     int64 [d, 5]   (doc_id, first_row, num_chunks, num_utf8_bytes,
                                                       heldout) for the shard's documents
   STORE/shard-00000/doc_keys.json     [d] document keys
-  STORE/shard-00000.done.json         commit marker: counts, settings and sha256 of every file
+  STORE/shard-00000.done.json         commit marker: counts, settings, sha256 of every file and of
+                                      every block of rows (BLOCK_BYTES) of the .npy files
+
+Verify on read hashes only the blocks of rows a read touches (once per process; verify.blocks_once)
+and range-checks the token ids it returns; `ChunkStore.check` (and `build_db --audit`) audits every
+file whole. Formats 1 (shard list inside manifest.json) and 2 (one STORE/shards.json) still open,
+with whole-file checks; finalizing such a store again (`build_db --stages=finalize`) rewrites it
+as format 3, its block checksums computed from its files after their whole checksums are checked.
 
 Documents get global ids in corpus order (bad ones skipped, see corpus.py); store shard s holds
 documents [s * docs_per_shard, (s + 1) * docs_per_shard), so shards are contiguous chunk-id ranges
@@ -55,9 +66,26 @@ from retro_jax.db.layout import (
 )
 from retro_jax.errors import UserError
 
-FORMAT_VERSION = 2  # of the manifest; 1: shards and held-out ids inside manifest.json (still read)
-SHARD_FORMAT_VERSION = 1  # of a shard's files (its done marker's settings): unchanged by format 2
-SHARDS = "shards.json"
+# Of the manifest. 1: shards and held-out ids inside manifest.json; 2: every shard's record in one
+# STORE/shards.json (both still read); 3: one record per shard and an offsets array.
+FORMAT_VERSION = 3
+SHARD_FORMAT_VERSION = 1  # of a shard's files (its done marker's settings): unchanged by 2 and 3
+SHARDS = "shards.json"  # format 2's shard list
+RECORDS = "records"  # STORE/records/shard-XXXXX.json: one store shard's record (format 3)
+OFFSETS = "offsets.npy"  # int64 [S + 1, 2]: each shard's first chunk id and first doc id, then totals
+# Block checksums: sha256 of each block of rows of these files (as many rows as fill BLOCK_BYTES:
+# 512 rows of 64 tokens, 16,384 document ids, 3,276 document-table rows), recorded when a shard is
+# written, checked when a read first touches the block (verify.blocks_once).
+BLOCK_BYTES = 1 << 17
+BLOCK_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy")
+
+
+def block_rows(row_bytes: int) -> int:
+  """Rows per checksummed block of a file whose rows take `row_bytes` bytes."""
+  return max(1, BLOCK_BYTES // max(1, row_bytes))
+# An offsets array of at most this many rows is read whole on first use; a longer one is bisected by
+# ranged row reads (npy_rows.bisect_rows), so a lookup never reads every shard's offset.
+WHOLE_OFFSETS_ROWS = 1 << 16
 HELDOUT = "heldout.json"
 SHARD_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy", "doc_keys.json")
 DOC_TABLE_COLUMNS = ("doc_id", "first_row", "num_chunks", "num_utf8_bytes", "heldout")
@@ -146,11 +174,15 @@ def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.D
   doc_ids_N = np.repeat(doc_table_Dx5[:, 0], doc_table_Dx5[:, 2]).astype(np.int64)
   payloads = {"tokens.npy": layout.npy_bytes(tokens_NxM), "doc_ids.npy": layout.npy_bytes(doc_ids_N),
               "doc_table.npy": layout.npy_bytes(doc_table_Dx5), "doc_keys.json": _json_bytes(keys)}
+  blocks = {"tokens.npy": tokens_NxM, "doc_ids.npy": doc_ids_N, "doc_table.npy": doc_table_Dx5}
   files = {}
   for name in SHARD_FILES:
     write_bytes_atomic(shard_dir / name, payloads[name])
     files[name] = {"sha256": sha256_bytes(payloads[name]),
                    "bytes": len(payloads[name])}
+    if name in blocks:
+      rows = block_rows(blocks[name][:1].nbytes or 1)
+      files[name].update(block_rows=rows, block_sha256=verify.block_digests(blocks[name], rows))
     if os.environ.get("RETRO_JAX_TEST_KILL_MIDSHARD") == str(index) and name == "tokens.npy":
       os.kill(os.getpid(), signal.SIGKILL)  # Test hook: die with a half-written shard.
   marker = {
@@ -270,7 +302,8 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
                             f"expected {doc_offset}")
     shards.append({"index": m["index"], "path": shard_name(m["index"]), "first_chunk_id": offset,
                    "num_chunks": m["num_chunks"], "first_doc_id": m["first_doc_id"],
-                   "num_docs": m["num_docs"], "num_tokens": m["num_tokens"], "files": m["files"]})
+                   "num_docs": m["num_docs"], "num_tokens": m["num_tokens"],
+                   "files": _with_blocks(out, m)})
     offset += m["num_chunks"]
     doc_offset += m["num_docs"]
   heldout_ids = [i for m in markers for i in m["heldout_doc_ids"]]
@@ -296,6 +329,24 @@ def finalize_chunk_store(out_dir: str | os.PathLike) -> dict:
   }
   write_manifest(out, manifest)
   return manifest
+
+
+def _with_blocks(out: epath.Path, marker: dict) -> dict:
+  """A done marker's file records, with block checksums: as recorded, or (a shard written before
+  they were) computed now from its files, after each file's whole checksum is checked."""
+  files = {k: dict(v) for k, v in marker["files"].items()}
+  for name in BLOCK_FILES:
+    rec = files.get(name)
+    if rec is None or "block_sha256" in rec:
+      continue
+    path = out / shard_name(marker["index"]) / name
+    if sha256_file(path) != rec["sha256"]:
+      raise ChunkStoreError(f"{path} differs from the sha256 its done marker records; rebuild the "
+                            f"shard (delete {path.parent}.done.json and rerun the chunks stage)")
+    arr = npy_rows.open_rows(path)
+    rows = block_rows(int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    rec.update(block_rows=rows, block_sha256=verify.file_block_digests(path, rows))
+  return files
 
 
 def _utf8_bytes(out: epath.Path, marker: dict) -> int:
@@ -336,22 +387,35 @@ def content_sha256(shards: Sequence[dict]) -> str:
   return sha256_bytes(json.dumps(parts, sort_keys=True).encode())
 
 
+def record_path(root: epath.Path, shard: int) -> epath.Path:
+  return root / RECORDS / (shard_name(shard) + ".json")
+
+
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
-  """Writes a whole manifest (as `read_manifest` gives it) as its three files: STORE/shards.json
-  and STORE/heldout.json, then STORE/manifest.json (the commit point), each atomically."""
+  """Writes a whole manifest (as `read_manifest` gives it) in format 3: one record per shard
+  (STORE/records/), the offsets array and STORE/heldout.json, then STORE/manifest.json (the commit
+  point), each atomically. A run killed before the manifest leaves the store as it was: records and
+  offsets rows of the shards the old manifest names are unchanged (shards are only appended)."""
   out = epath.Path(out_dir)
   shards = list(manifest["shards"])
   held_in = manifest["heldout"]
   ids, keys = list(held_in["doc_ids"]), list(held_in["doc_keys"])
   held = {k: v for k, v in held_in.items() if k not in ("doc_ids", "doc_keys", "file", "sha256")}
   held_bytes = _json_bytes({"doc_ids": ids, "doc_keys": keys})
-  write_bytes_atomic(out / SHARDS, _json_bytes(shards))
+  (out / RECORDS).mkdir(parents=True, exist_ok=True)
+  for s in shards:
+    write_bytes_atomic(record_path(out, int(s["index"])), _json_bytes(s))
+  offsets_Sx2 = np.asarray([[s["first_chunk_id"], s["first_doc_id"]] for s in shards]
+                           + [[manifest["num_chunks"], manifest["num_docs"]]], np.int64)
+  write_bytes_atomic(out / OFFSETS, layout.npy_bytes(offsets_Sx2))
   write_bytes_atomic(out / HELDOUT, held_bytes)
-  top = {k: v for k, v in manifest.items() if k != "shards"}
+  top = {k: v for k, v in manifest.items() if k not in ("shards", "shards_file")}
   top["heldout"] = {**held, "file": HELDOUT, "sha256": sha256_bytes(held_bytes)}
-  top.update(format_version=FORMAT_VERSION, num_shards=len(shards), shards_file=SHARDS,
-             content_sha256=content_sha256(shards))
+  top.update(format_version=FORMAT_VERSION, num_shards=len(shards), records_dir=RECORDS,
+             offsets_file=OFFSETS, content_sha256=content_sha256(shards))
   write_bytes_atomic(out / MANIFEST, _json_bytes(top))
+  if (out / SHARDS).exists():  # format 2's shard list, superseded by the records
+    (out / SHARDS).unlink()
 
 
 class _Lazy(dict):
@@ -379,16 +443,26 @@ def _read_json(path: epath.Path, what: str) -> Any:
                           f"`python -m retro_jax.build_db --stages=finalize`") from e
 
 
+def read_record(root: epath.Path, shard: int) -> dict:
+  """Store shard `shard`'s record (format 3): offsets, counts, file and block checksums."""
+  return _read_json(record_path(root, shard), f"record of shard {shard}")
+
+
 def read_manifest(root: epath.Path, top: dict | None = None) -> dict:
-  """STORE/manifest.json with its shards and held-out ids, each file read on first access."""
+  """STORE/manifest.json with its shards and held-out ids, each file read on first access (the
+  whole shard list, every record, only when `["shards"]` is asked for: whole-store tools)."""
+  root = epath.Path(root)
   top = top if top is not None else _read_json(root / MANIFEST, "manifest")
   if "shards" in top:  # format 1: everything inline
     return _Lazy(top)
   held = top["heldout"]
   held_lazy = {k: (lambda k=k: _read_json(root / held.get("file", HELDOUT), "held-out list")[k])
                for k in ("doc_ids", "doc_keys")}
-  return _Lazy({**top, "heldout": _Lazy(held, held_lazy)},
-               {"shards": lambda: _read_json(root / top.get("shards_file", SHARDS), "shard list")})
+  if "offsets_file" in top:  # format 3
+    shards = lambda: [read_record(root, s) for s in range(int(top["num_shards"]))]  # noqa: E731
+  else:
+    shards = lambda: _read_json(root / top.get("shards_file", SHARDS), "shard list")  # noqa: E731
+  return _Lazy({**top, "heldout": _Lazy(held, held_lazy)}, {"shards": shards})
 
 
 def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document], tokenizer,
@@ -431,8 +505,9 @@ def append_shard(out_dir: str | os.PathLike, docs: Sequence[corpus_lib.Document]
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_npy(path: epath.Path, mmap: bool = True) -> np.ndarray:
-  if not path.exists():
+def _load_npy(path: epath.Path, mmap: bool = True, sized: bool = False) -> np.ndarray:
+  """`sized`: its existence was just checked (by its size)."""
+  if not sized and not path.exists():
     raise ChunkStoreError(f"chunk store file {path} is missing; rebuild its shard (delete the "
                           f"shard's .done.json and rerun `prepare --stage=chunks`)")
   if mmap:  # memory-mapped locally; ranged row reads on gs:// (no whole-shard copy, no cache)
@@ -452,20 +527,95 @@ class ChunkStore:
     self.num_docs = int(manifest["num_docs"])
     self.pad_id = int(manifest["tokenizer"]["pad_id"])
     self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
-    # Opening reads manifest.json only (a fixed size, whatever the store's size): the shard list
-    # (offsets, file sizes and checksums) is read by the first gather, each shard's file sizes
-    # are checked when it is first read, and its document table (and keys) the first time one
-    # of its documents is asked about; a reader holds the shards it touches only.
-    self._sized: set[int] = set()
-    self._tokens: dict[int, np.ndarray] = {}
-    self._doc_ids: dict[int, np.ndarray] = {}
+    # Opening reads manifest.json only (a fixed size, whatever the store's size). A read of store
+    # shard s then reads s's record (format 3: STORE/records/shard-s.json; formats 1 and 2: the
+    # whole shard list), finds s by the offsets array (read whole when small, else bisected by
+    # ranged row reads), checks s's file sizes, and hashes only the blocks of rows it touches;
+    # s's document table (and keys) the first time one of its documents is asked about.
+    self._per_shard = "offsets_file" in manifest  # format 3
+    self._records: dict[int, dict] = {}
+    self._offsets = None  # format 3: offsets.npy rows (npy_rows.open_rows)
+    self._offsets_whole: np.ndarray | None = None  # ... all of them, when small
+    self._sized: set[tuple[int, str]] = set()
+    self._arrays: dict[tuple[int, str], tuple[Any, tuple]] = {}  # -> (array, verify.file_key)
+    self._whole_checked: set[tuple[int, str]] = set()
     self._tables: dict[int, np.ndarray] = {}
     self._keys: dict[int, list[str]] = {}
     self._whole: np.ndarray | None = None
 
+  # -- shard records and offsets ----------------------------------------------------------------
+  def _damaged(self, what: str) -> ChunkStoreError:
+    return ChunkStoreError(f"{self.root / MANIFEST}: {what}; the manifest is damaged, rerun "
+                           f"`python -m retro_jax.build_db --stages=finalize`")
+
+  def _offsets_rows(self):
+    """Format 3: STORE/offsets.npy, its first and last rows checked against the manifest."""
+    if self._offsets is None:
+      path = self.root / self.manifest["offsets_file"]
+      if not path.exists():
+        raise ChunkStoreError(f"{path} is missing; rerun `python -m retro_jax.build_db "
+                              f"--stages=finalize`")
+      arr = npy_rows.open_rows(path)
+      n = self.num_shards
+      if arr.dtype != np.int64 or arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < n + 1:
+        raise self._damaged(f"{path} is {arr.dtype} {arr.shape}, not int64 [{n + 1}, 2]")
+      whole = np.asarray(arr[:n + 1]) if n + 1 <= WHOLE_OFFSETS_ROWS else None
+      ends = whole[[0, n]] if whole is not None else np.asarray(arr[np.array([0, n])])
+      if ends[0].tolist() != [0, 0] or ends[1].tolist() != [self.num_chunks, self.num_docs]:
+        raise self._damaged(f"num_chunks {self.num_chunks} / num_docs {self.num_docs}, but its "
+                            f"shards hold {ends[1, 0]} / {ends[1, 1]}")
+      self._offsets, self._offsets_whole = arr, whole
+    return self._offsets
+
+  def _offset_rows(self, shards) -> np.ndarray:
+    """int64 [n, 2]: (first chunk id, first doc id) of each shard (shard num_shards: the totals)."""
+    shards = np.asarray(shards, np.int64)
+    if not self._per_shard:
+      return np.stack([self.shard_offsets[shards], self.doc_offsets[shards]], axis=-1)
+    arr = self._offsets_rows()
+    return self._offsets_whole[shards] if self._offsets_whole is not None else np.asarray(arr[shards])
+
+  def _shard_of(self, values, col: int) -> np.ndarray:
+    """int64: the shard holding each chunk id (col 0) or document id (col 1), in range."""
+    if not self._per_shard:
+      offsets = self.shard_offsets if col == 0 else self.doc_offsets
+      return np.searchsorted(offsets, values, side="right") - 1
+    arr = self._offsets_rows()
+    if self._offsets_whole is not None:
+      return np.searchsorted(self._offsets_whole[:, col], values, side="right") - 1
+    return npy_rows.bisect_rows(arr, col, values, self.num_shards)
+
+  def record(self, shard: int) -> dict:
+    """Store shard `shard`'s record: {index, path, first_chunk_id, num_chunks, first_doc_id,
+    num_docs, num_tokens, files: {name: {sha256, bytes[, block_rows, block_sha256]}}}; format 3
+    reads its own record file only, checked against the offsets array."""
+    shard = int(shard)
+    rec = self._records.get(shard)
+    if rec is not None:
+      return rec
+    if not 0 <= shard < self.num_shards:
+      raise IndexError(f"store shard {shard} not in [0, {self.num_shards})")
+    if not self._per_shard:
+      self._check_counts()
+      rec = self.manifest["shards"][shard]
+    else:
+      rec = read_record(self.root, shard)
+      (c0, d0), (c1, d1) = self._offset_rows([shard, shard + 1]).tolist()
+      got = [rec.get(k) for k in ("index", "first_chunk_id", "num_chunks", "first_doc_id",
+                                  "num_docs")]
+      if got != [shard, c0, c1 - c0, d0, d1 - d0]:
+        raise self._damaged(f"shard {shard}'s record {record_path(self.root, shard)} says "
+                            f"(index, first chunk, chunks, first doc, docs) {got}, its offsets "
+                            f"{[shard, c0, c1 - c0, d0, d1 - d0]}")
+    self._records[shard] = rec
+    return rec
+
   @functools.cached_property
   def shard_offsets(self) -> np.ndarray:
-    """int64 [S + 1]: shard s holds chunks [shard_offsets[s], shard_offsets[s + 1])."""
+    """int64 [S + 1]: shard s holds chunks [shard_offsets[s], shard_offsets[s + 1]) (every shard:
+    whole-store tools; reads use the per-shard lookups)."""
+    if self._per_shard:
+      return np.asarray(self._offsets_rows()[:self.num_shards + 1])[:, 0].copy()
     self._check_counts()
     return np.asarray([s["first_chunk_id"] for s in self.manifest["shards"]] + [self.num_chunks],
                       np.int64)
@@ -473,45 +623,44 @@ class ChunkStore:
   @functools.cached_property
   def doc_offsets(self) -> np.ndarray:
     """int64 [S + 1]: shard s holds documents [doc_offsets[s], doc_offsets[s + 1])."""
+    if self._per_shard:
+      return np.asarray(self._offsets_rows()[:self.num_shards + 1])[:, 1].copy()
     self._check_counts()
     return np.asarray([s["first_doc_id"] for s in self.manifest["shards"]] + [self.num_docs],
                       np.int64)
 
-  def _check_sizes(self, shard: int) -> None:
-    s = self.manifest["shards"][shard]
-    for name in SHARD_FILES:
+  def _first_read(self, shard: int, name: str) -> None:
+    """A shard file's size against its record, the first time it is read."""
+    if (shard, name) not in self._sized:
+      s = self.record(shard)
       verify.size(self.root / s["path"] / name, s.get("files", {}).get(name, {}).get("bytes"),
                   self._fix(s), ChunkStoreError)
-
-  def _first_read(self, shard: int) -> None:
-    """The shard's file sizes against the manifest, the first time it is read."""
-    if shard not in self._sized:
-      self._check_sizes(shard)
-      self._sized.add(shard)
+      self._sized.add((shard, name))
 
   def _fix(self, s: dict) -> str:
     return (f"rebuild shard {s['index']} (delete {self.root / s['path']}.done.json and rerun "
             f"`python -m retro_jax.build_db`, which rebuilds it)")
 
   def _check_counts(self) -> None:
-    """The manifest's totals and offsets agree with its shards (a hand-edited or damaged
-    manifest is refused at open, not at the first out-of-range gather)."""
+    """Formats 1 and 2: the manifest's totals and offsets agree with its shards (a hand-edited or
+    damaged manifest is refused at the first read, not at the first out-of-range gather)."""
+    if getattr(self, "_counts_checked", False):
+      return
     totals = {}
     for what, start_key, count_key in (("chunk", "first_chunk_id", "num_chunks"),
                                        ("document", "first_doc_id", "num_docs")):
       total = 0
       for s in self.manifest["shards"]:
         if int(s[start_key]) != total:
-          raise ChunkStoreError(f"{self.root / MANIFEST}: shard {s['index']} starts at {what} "
-                                f"{s[start_key]}, expected {total}; the manifest is damaged, "
-                                f"rerun `python -m retro_jax.build_db --stages=finalize`")
+          raise self._damaged(f"shard {s['index']} starts at {what} {s[start_key]}, expected "
+                              f"{total}")
         total += int(s[count_key])
       totals[what] = total
     first, docs = totals["chunk"], totals["document"]
     if first != self.num_chunks or docs != self.num_docs:
-      raise ChunkStoreError(f"{self.root / MANIFEST}: num_chunks {self.num_chunks} / num_docs "
-                            f"{self.num_docs}, but its shards hold {first} / {docs}; the manifest "
-                            f"is damaged, rerun `python -m retro_jax.build_db --stages=finalize`")
+      raise self._damaged(f"num_chunks {self.num_chunks} / num_docs {self.num_docs}, but its "
+                          f"shards hold {first} / {docs}")
+    self._counts_checked = True
 
   @classmethod
   def open(cls, path: str | os.PathLike) -> "ChunkStore":
@@ -529,9 +678,9 @@ class ChunkStore:
     except json.JSONDecodeError as e:
       raise ChunkStoreError(f"{manifest_path} is corrupt ({e}); rerun "
                             f"`python -m retro_jax.build_db --stages=finalize`") from e
-    if manifest.get("format_version") not in (1, FORMAT_VERSION):
+    if manifest.get("format_version") not in (1, 2, FORMAT_VERSION):
       raise ChunkStoreError(f"{manifest_path}: format {manifest.get('format_version')}, this code "
-                            f"reads 1 and {FORMAT_VERSION}; rebuild the store")
+                            f"reads 1 to {FORMAT_VERSION}; rebuild the store")
     return cls(root, read_manifest(root, manifest))
 
   # -- per-shard arrays -----------------------------------------------------------------------
@@ -539,59 +688,106 @@ class ChunkStore:
   def num_shards(self) -> int:
     return int(self.manifest.get("num_shards") or len(self.manifest["shards"]))
 
+  def _array(self, shard: int, name: str):
+    """(rows of STORE/shard/name opened for row reads, its verify.file_key): sizes and shape
+    checked, nothing hashed."""
+    got = self._arrays.get((shard, name))
+    if got is None:
+      self._first_read(shard, name)
+      s = self.record(shard)
+      path = self.root / s["path"] / name
+      arr = _load_npy(path, sized=True)
+      want, dtype = {"tokens.npy": ((s["num_chunks"], self.chunk_size), np.int32),
+                     "doc_ids.npy": ((s["num_chunks"],), np.int64),
+                     "doc_table.npy": ((s["num_docs"], len(DOC_TABLE_COLUMNS)), np.int64)}[name]
+      if arr.shape != want or arr.dtype != dtype:
+        raise ChunkStoreError(f"{path}: shape {arr.shape} {arr.dtype}, its record says {want} "
+                              f"{np.dtype(dtype)}; the file is corrupt, {self._fix(s)}")
+      got = self._arrays[(shard, name)] = (arr, verify.file_key(path))
+    return got
+
+  def _verified_rows(self, shard: int, name: str, rows) -> np.ndarray:
+    """Rows of STORE/shard/name, each block they touch hashed the first time (stores written
+    before block checksums: the whole file, once per process)."""
+    arr, key = self._array(shard, name)
+    s = self.record(shard)
+    rec = s.get("files", {}).get(name, {})
+    path = self.root / s["path"] / name
+    if "block_sha256" in rec:
+      verify.blocks_once(path, arr, rows, int(rec["block_rows"]), rec["block_sha256"],
+                         self._fix(s), ChunkStoreError, key=key)
+    else:
+      verify.file_once(path, rec.get("sha256"), self._fix(s), ChunkStoreError)
+    return arr[rows] if len(rows) else np.empty((0,) + arr.shape[1:], arr.dtype)
+
+  def _whole_array(self, shard: int, name: str):
+    """Every row of STORE/shard/name for whole-shard readers, verified whole (every block)."""
+    arr, _ = self._array(shard, name)
+    if (shard, name) not in self._whole_checked:
+      s = self.record(shard)
+      rec = s.get("files", {}).get(name, {})
+      path = self.root / s["path"] / name
+      if "block_sha256" in rec:
+        br = int(rec["block_rows"])
+        verify.blocks_once(path, arr, np.arange(0, len(arr), br), br, rec["block_sha256"],
+                           self._fix(s), ChunkStoreError, key=self._arrays[(shard, name)][1])
+      else:
+        verify.file_once(path, rec.get("sha256"), self._fix(s), ChunkStoreError)
+      if name == "tokens.npy":
+        verify.ids_in_range(arr, 0, self.vocab_size, f"chunk store file {path}", self._fix(s),
+                            error=ChunkStoreError)
+      self._whole_checked.add((shard, name))
+    return arr
+
   def shard_tokens(self, shard: int) -> np.ndarray:
-    if shard not in self._tokens:
-      self._first_read(shard)
-      s = self.manifest["shards"][shard]
-      path = self.root / s["path"] / "tokens.npy"
-      verify.file_once(path, s.get("files", {}).get("tokens.npy", {}).get("sha256"), self._fix(s),
-                       ChunkStoreError)
-      arr = _load_npy(path)
-      if arr.shape != (s["num_chunks"], self.chunk_size) or arr.dtype != np.int32:
-        raise ChunkStoreError(f"{self.root / s['path'] / 'tokens.npy'}: shape {arr.shape} "
-                              f"{arr.dtype}, manifest says ({s['num_chunks']}, {self.chunk_size}) "
-                              f"int32; the file is corrupt, rebuild the shard")
-      verify.ids_in_range(arr, 0, self.vocab_size, f"chunk store file {path}", self._fix(s),
-                          error=ChunkStoreError)
-      self._tokens[shard] = arr
-    return self._tokens[shard]
+    """int32 [n, chunk_size]: store shard `shard`'s tokens, all verified (whole-shard readers;
+    gathers verify only the blocks they touch)."""
+    return self._whole_array(int(shard), "tokens.npy")
 
   def shard_doc_ids(self, shard: int) -> np.ndarray:
-    if shard not in self._doc_ids:
-      self._first_read(shard)
-      s = self.manifest["shards"][shard]
-      path = self.root / s["path"] / "doc_ids.npy"
-      verify.file_once(path, s.get("files", {}).get("doc_ids.npy", {}).get("sha256"), self._fix(s),
-                       ChunkStoreError)
-      arr = _load_npy(path)
-      if arr.shape != (s["num_chunks"],):
-        raise ChunkStoreError(f"{path}: shape {arr.shape}, manifest says ({s['num_chunks']},); "
-                              f"{self._fix(s)}")
-      self._doc_ids[shard] = arr
-    return self._doc_ids[shard]
+    return self._whole_array(int(shard), "doc_ids.npy")
 
   def shard_doc_table(self, shard: int) -> np.ndarray:
     """int64 [d, 5] (DOC_TABLE_COLUMNS; first_row within the shard) of store shard `shard`, read
     (checksum, document ids, chunk count) the first time it is needed."""
     table = self._tables.get(shard)
     if table is None:
-      self._first_read(shard)
-      s = self.manifest["shards"][shard]
+      self._first_read(shard, "doc_table.npy")
+      s = self.record(shard)
       path = self.root / s["path"] / "doc_table.npy"
-      verify.file_once(path, s.get("files", {}).get("doc_table.npy", {}).get("sha256"),
-                       self._fix(s), ChunkStoreError)
-      table = np.asarray(_load_npy(path, mmap=False), np.int64).reshape(-1, len(DOC_TABLE_COLUMNS))
+      if "block_sha256" in s.get("files", {}).get("doc_table.npy", {}):
+        table = np.asarray(self._whole_array(shard, "doc_table.npy"))
+      else:
+        verify.file_once(path, s.get("files", {}).get("doc_table.npy", {}).get("sha256"),
+                         self._fix(s), ChunkStoreError)
+        table = np.asarray(_load_npy(path, mmap=False), np.int64).reshape(
+            -1, len(DOC_TABLE_COLUMNS))
       first, n = int(s["first_doc_id"]), int(s["num_docs"])
       if len(table) != n or not np.array_equal(table[:, 0], np.arange(first, first + n)):
         raise ChunkStoreError(f"{path}: the document table does not cover docs {first}.."
                               f"{first + n - 1} in order; the store is corrupt, {self._fix(s)}")
       if int(table[:, 2].sum()) != int(s["num_chunks"]):
-        raise ChunkStoreError(f"{self.root / MANIFEST}: shard {s['index']} has num_chunks "
-                              f"{s['num_chunks']} but its document table covers "
-                              f"{int(table[:, 2].sum())} chunks; the manifest is damaged, rerun "
-                              f"`python -m retro_jax.build_db --stages=finalize`")
+        raise self._damaged(f"shard {s['index']} has num_chunks {s['num_chunks']} but its "
+                            f"document table covers {int(table[:, 2].sum())} chunks")
       self._tables[shard] = table
     return table
+
+  def _table_rows(self, shard: int, rows) -> np.ndarray:
+    """Rows of store shard `shard`'s document table: from the whole table when it is held or has
+    no block checksums, else by row reads (the blocks they touch verified), each row checked to be
+    its document's and to lie inside the shard."""
+    s = self.record(shard)
+    if shard in self._tables or "block_sha256" not in s.get("files", {}).get("doc_table.npy", {}):
+      return self.shard_doc_table(shard)[rows]
+    uniq, inverse = np.unique(np.asarray(rows, np.int64), return_inverse=True)
+    got = np.asarray(self._verified_rows(shard, "doc_table.npy", uniq), np.int64)
+    first, n = int(s["first_doc_id"]), int(s["num_chunks"])
+    if (not np.array_equal(got[:, 0], first + uniq) or (got[:, 1] < 0).any()
+        or (got[:, 1] + got[:, 2] > n).any()):
+      raise ChunkStoreError(f"{self.root / s['path'] / 'doc_table.npy'}: rows {uniq.tolist()[:5]} "
+                            f"do not describe their documents inside the shard's {n} chunks; the "
+                            f"store is corrupt, {self._fix(s)}")
+    return got[inverse]
 
   def doc_rows(self, doc_ids) -> np.ndarray:
     """int64 [n, 5]: the document-table rows of these global document ids, first_row made a
@@ -601,12 +797,12 @@ class ChunkStore:
       raise IndexError(f"doc ids must be in [0, {self.num_docs}); got "
                        f"[{docs_N.min()}, {docs_N.max()}]")
     out = np.empty((len(docs_N), len(DOC_TABLE_COLUMNS)), np.int64)
-    shard_N = np.searchsorted(self.doc_offsets, docs_N, side="right") - 1
-    for s in np.unique(shard_N):
+    shard_N = self._shard_of(docs_N, 1)
+    for s in np.unique(shard_N).tolist():
       m = shard_N == s
-      rows = self.shard_doc_table(int(s))[docs_N[m] - self.doc_offsets[s]]
-      out[m] = rows
-      out[m, 1] += self.shard_offsets[s]
+      rec = self.record(s)
+      out[m] = self._table_rows(s, docs_N[m] - int(rec["first_doc_id"]))
+      out[m, 1] += int(rec["first_chunk_id"])
     return out
 
   def _whole_table(self) -> np.ndarray:
@@ -640,26 +836,32 @@ class ChunkStore:
                        f"[{ids_N.min()}, {ids_N.max()}]")
     return ids_N
 
-  def _gather(self, ids_N: np.ndarray, getter, tail: tuple, dtype) -> np.ndarray:
+  def _gather(self, ids_N: np.ndarray, name: str, tail: tuple, dtype) -> np.ndarray:
     out = np.empty((len(ids_N),) + tail, dtype)
-    shard_N = np.searchsorted(self.shard_offsets, ids_N, side="right") - 1
-    for s in np.unique(shard_N):
+    shard_N = self._shard_of(ids_N, 0)
+    for s in np.unique(shard_N).tolist():
       sel = np.nonzero(shard_N == s)[0]
-      rows = ids_N[sel] - self.shard_offsets[s]
+      rows = ids_N[sel] - int(self.record(s)["first_chunk_id"])
       order = np.argsort(rows, kind="stable")  # Sorted reads from the memmap.
-      out[sel[order]] = getter(int(s))[rows[order]]
+      got = self._verified_rows(s, name, rows[order])
+      if name == "tokens.npy" and got.size and (got.min() < 0 or got.max() >= self.vocab_size):
+        s_rec = self.record(s)
+        raise ChunkStoreError(f"chunk store file {self.root / s_rec['path'] / name} holds ids in "
+                              f"[{got.min()}, {got.max()}], outside [0, {self.vocab_size}); "
+                              f"{self._fix(s_rec)}")
+      out[sel[order]] = got
     return out
 
   # -- public read API ------------------------------------------------------------------------
   def tokens(self, ids) -> np.ndarray:
     """int32 [n, chunk_size] tokens of global chunk ids (int64 [n])."""
     ids_N = self._check_ids(ids)
-    return self._gather(ids_N, self.shard_tokens, (self.chunk_size,), np.int32)
+    return self._gather(ids_N, "tokens.npy", (self.chunk_size,), np.int32)
 
   def doc_ids(self, ids) -> np.ndarray:
     """int64 [n] document id of each chunk."""
     ids_N = self._check_ids(ids)
-    return self._gather(ids_N, self.shard_doc_ids, (), np.int64)
+    return self._gather(ids_N, "doc_ids.npy", (), np.int64)
 
   def doc_range(self, doc_id: int) -> tuple[int, int]:
     """(first_chunk_id, end_chunk_id) of a document: its chunks are [first, end)."""
@@ -671,21 +873,29 @@ class ChunkStore:
   def doc_key(self, doc_id: int) -> str:
     if not 0 <= doc_id < self.num_docs:
       raise IndexError(f"doc id {doc_id} not in [0, {self.num_docs})")
-    shard = int(np.searchsorted(self.doc_offsets, doc_id, side="right") - 1)
+    shard = int(self._shard_of(np.int64(doc_id), 1))
+    s = self.record(shard)
     if shard not in self._keys:
-      s = self.manifest["shards"][shard]
+      self._first_read(shard, "doc_keys.json")
       self._keys[shard] = json.loads((self.root / s["path"] / "doc_keys.json").read_text())
-    return self._keys[shard][doc_id - int(self.doc_offsets[shard])]
+    return self._keys[shard][doc_id - int(s["first_doc_id"])]
+
+  def shard_of(self, ids) -> np.ndarray:
+    """int64: the store shard holding each global chunk id (a few offsets rows read)."""
+    return self._shard_of(self._check_ids(ids), 0).reshape(np.shape(ids))
 
   def shard_span(self, shard: int) -> tuple[int, int, int]:
-    """(shard number, first global chunk id, chunk count) of one shard."""
-    a, b = self.shard_offsets[shard], self.shard_offsets[shard + 1]
+    """(shard number, first global chunk id, chunk count) of one shard (its offsets rows only)."""
+    if not 0 <= shard < self.num_shards:
+      raise IndexError(f"store shard {shard} not in [0, {self.num_shards})")
+    (a, _), (b, _) = self._offset_rows([shard, shard + 1]).tolist()
     return int(shard), int(a), int(b - a)
 
   def shard_spans(self) -> list[tuple[int, int, int]]:
-    """(shard number, first global chunk id, chunk count) of each shard, in order."""
-    return [(int(s["index"]), int(s["first_chunk_id"]), int(s["num_chunks"]))
-            for s in self.manifest["shards"]]
+    """(shard number, first global chunk id, chunk count) of each shard, in order (the offsets of
+    every shard: whole-store tools)."""
+    offsets = self.shard_offsets
+    return [(s, int(offsets[s]), int(offsets[s + 1] - offsets[s])) for s in range(self.num_shards)]
 
   @property
   def heldout_doc_ids(self) -> np.ndarray:
@@ -765,7 +975,7 @@ class ChunkStore:
     shards = range(self.num_shards) if shard is None else [shard]
     for s in shards:
       toks = self.shard_tokens(s)
-      first = int(self.shard_offsets[s])
+      first = self.shard_span(s)[1]
       for start in range(0, len(toks), batch_size):
         block = np.asarray(toks[start:start + batch_size])
         ids_B = np.arange(first + start, first + start + len(block), dtype=np.int64)

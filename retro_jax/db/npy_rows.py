@@ -139,3 +139,36 @@ def load(f) -> np.ndarray:
   """np.load of a whole `.npy` from an open file, safe beside other threads' header parses."""
   with HEADER_LOCK:
     return np.load(f, allow_pickle=False)
+
+
+def row_bytes(arr, start: int, end: int) -> bytes:
+  """The stored bytes of rows [start, end) of an array from `open_rows`, by one ranged read (a
+  file read locally, not page faults of the memory map; a byte-range read on gs://)."""
+  if isinstance(arr, RemoteRows):
+    return arr._read(arr._offset + start * arr._row_bytes, arr._offset + end * arr._row_bytes)
+  per_row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+  with open(arr.filename, "rb") as f:
+    f.seek(int(arr.offset) + start * per_row)
+    data = f.read((end - start) * per_row)
+  if len(data) != (end - start) * per_row:
+    raise OSError(f"{arr.filename}: short read of rows [{start}, {end})")
+  return data
+
+
+def bisect_rows(arr, col: int, values, n: int) -> np.ndarray:
+  """int64: for each value v, the last row r in [0, n) with arr[r, col] <= v, for a 2-D array
+  whose column `col` is sorted, rows [0, n] read (arr[n, col] must exceed every value): a
+  vectorised bisection that reads about log2(n) rows per distinct value, never the whole array."""
+  values_N = np.asarray(values, np.int64).reshape(-1)
+  uniq, inverse = np.unique(values_N, return_inverse=True)
+  lo = np.zeros(len(uniq), np.int64)  # arr[lo] <= v < arr[hi]
+  hi = np.full(len(uniq), n, np.int64)
+  while len(uniq) and (hi - lo > 1).any():
+    mid = (lo + hi) // 2
+    rows = np.unique(mid)
+    at = np.asarray(arr[rows])[:, col]
+    le = at[np.searchsorted(rows, mid)] <= uniq
+    open_ = hi - lo > 1
+    lo = np.where(open_ & le, mid, lo)
+    hi = np.where(open_ & ~le, mid, hi)
+  return lo[inverse].reshape(np.shape(values))

@@ -1,12 +1,17 @@
 """Checks on read: every command verifies what it reads before it uses it.
 
 * At open (cheap): counts and sizes against the manifest (the chunk store's `ChunkStore.__init__`).
-* The first time a process reads a shard file: its content sha256 against the checksum recorded when
-  it was written (chunk-store shard files: the manifest; embeddings and neighbours shards: their
-  `.progress.json`, or for embeddings made before that was recorded, the index manifests), plus a
-  range check of the values (token ids in [0, vocab), neighbour ids in [-1, num_chunks)).
-  Verified files are remembered per process by (path, size, mtime, digest), so a file is hashed
-  once per process, not once per read. The cost is one sequential read of the file: see
+* The first time a process reads a block of a chunk-store shard's rows (`blocks_once`): that
+  block's sha256 against the one recorded when the shard was written (its done marker, copied into
+  the store's per-shard record), so a read hashes the blocks it touches, not the whole file; the
+  gathered token ids are range-checked ([0, vocab)). Stores written before block checksums, and
+  the other shard files: the first time a process reads a file (`file_once`), its content sha256
+  against the checksum recorded when it was written (chunk-store shard files: the store's shard
+  records; embeddings and neighbours shards: their `.progress.json`, or for embeddings made before
+  that was recorded, the index manifests), plus a range check of the values (neighbour ids in
+  [-1, num_chunks)). Verified files (blocks) are remembered per process by (path, size, mtime,
+  digest[, block]), so each is hashed once per process, not once per read. A whole database is
+  audited by `build_db --audit` / `ChunkStore.check` (every file's whole checksum). The cost is one sequential read of the file: see
   docs/benchmarks.md ("Verify on read") for the measured seconds per GB.
   `RETRO_JAX_VERIFY_ON_READ=0` turns the content checksums off (counts, sizes and ranges stay).
 * Checkpoint against database: `check_checkpoint_tokenizer` (the database's tokenizer fingerprint,
@@ -21,7 +26,7 @@ import threading
 import numpy as np
 from etils import epath
 
-from retro_jax.db import layout
+from retro_jax.db import layout, npy_rows
 from retro_jax.db.tokenizer import TokenizerMismatchError
 from retro_jax.errors import UserError
 
@@ -47,6 +52,11 @@ def _key(path: epath.Path, digest: str) -> tuple:
   return (os.path.realpath(p), st.st_size, st.st_mtime_ns, digest)
 
 
+def file_key(path: str | os.PathLike) -> tuple:
+  """What identifies a file's verified blocks in this process: (path, size, mtime) locally."""
+  return _key(epath.Path(path), "blocks")
+
+
 def file_once(path: str | os.PathLike, sha256: str | None, fix: str,
               error: type[Exception] = DamagedDataError) -> None:
   """Raises DamagedDataError unless the file's sha256 equals `sha256` (hashed the first time this
@@ -66,16 +76,70 @@ def file_once(path: str | os.PathLike, sha256: str | None, fix: str,
     _verified.add(key)
 
 
+def block_digests(arr, block_rows: int) -> list[str]:
+  """sha256 of each block of `block_rows` rows of an in-memory array (the bytes its `.npy` file
+  stores for those rows): what a shard's writer records."""
+  arr = np.ascontiguousarray(arr)
+  return [layout.sha256_bytes(arr[a:a + block_rows].tobytes())
+          for a in range(0, len(arr), block_rows)]
+
+
+def file_block_digests(path: str | os.PathLike, block_rows: int) -> list[str]:
+  """`block_digests` of a `.npy` file, each block read by one ranged read (the upgrade of a store
+  written before block checksums)."""
+  arr = npy_rows.open_rows(path)
+  return [layout.sha256_bytes(npy_rows.row_bytes(arr, a, min(a + block_rows, len(arr))))
+          for a in range(0, len(arr), block_rows)]
+
+
+def blocks_once(path: str | os.PathLike, arr, rows, block_rows: int, block_sha256: list[str],
+                fix: str, error: type[Exception] = DamagedDataError, key: tuple | None = None
+                ) -> None:
+  """Raises `error` unless every block of `block_rows` rows of `arr` (the `.npy` at `path`, from
+  npy_rows.open_rows) that `rows` touches hashes to its recorded sha256; each block is read (one
+  ranged read) and hashed the first time this process needs it. `key`: the file's `file_key`,
+  taken when it was opened (else a stat now)."""
+  if not enabled():
+    return
+  n = len(arr)
+  if len(block_sha256) != -(-n // block_rows):
+    raise error(f"{path} has {n} rows but {len(block_sha256)} block checksums of {block_rows} "
+                f"rows are recorded; {fix}")
+  rows_N = np.asarray(rows, np.int64).reshape(-1)
+  if not rows_N.size:
+    return
+  base = key if key is not None else file_key(path)
+  for b in np.unique(rows_N // block_rows).tolist():
+    key = base + (b, block_sha256[b])
+    with _lock:
+      if key in _verified:
+        continue
+    a, e = b * block_rows, min((b + 1) * block_rows, n)
+    digest = layout.sha256_bytes(npy_rows.row_bytes(arr, a, e))
+    if digest != block_sha256[b]:
+      raise error(f"{path} is damaged: rows {a}..{e - 1} have sha256 {digest[:12]}, not the "
+                  f"{block_sha256[b][:12]} recorded when they were written; {fix}")
+    with _lock:
+      _verified.add(key)
+
+
 def size(path: str | os.PathLike, want: int | None, fix: str,
          error: type[Exception] = DamagedDataError) -> None:
   """Raises DamagedDataError unless the file exists and has `want` bytes (None: existence only)."""
   path = epath.Path(path)
-  if not path.exists():
-    raise error(f"{path} is missing; {fix}")
-  if want is not None:
+  if want is None or layout.is_remote(path):
+    if not path.exists():
+      raise error(f"{path} is missing; {fix}")
+    if want is None:
+      return
     got = layout.file_size(path)
-    if got != want:
-      raise error(f"{path} has {got} bytes, its manifest says {want}; {fix}")
+  else:  # one stat locally
+    try:
+      got = os.path.getsize(os.fspath(path))
+    except FileNotFoundError:
+      raise error(f"{path} is missing; {fix}") from None
+  if got != want:
+    raise error(f"{path} has {got} bytes, its manifest says {want}; {fix}")
 
 
 def ids_in_range(arr, lo: int, hi: int, what: str, fix: str, block: int = 1 << 20,

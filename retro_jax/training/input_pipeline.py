@@ -153,7 +153,7 @@ class SequenceSource:
     self.neighbour_len = neighbour_len
     self.exclude_sequence_docs = bool(exclude_sequence_docs)
     if retrieval:
-      self._nbr_shards, self._nbr_offsets = neighbours_lib.open_neighbours(db_dir, self.store)
+      self._nbr_shards = neighbours_lib.NeighbourShards(db_dir, self.store)
       k_stored = self.num_stored_neighbours = self._nbr_shards.k
       self.num_neighbours = k_stored if num_neighbours is None else int(num_neighbours)
       if not 1 <= self.num_neighbours <= k_stored:
@@ -181,12 +181,13 @@ class SequenceSource:
                     ) -> np.ndarray:
     """int64 [L, N]: stored neighbour ids of the given chunks (-1 where none); with
     `exclude_docs`, the first N stored ones of no such document (`sequence_exclusion`)."""
-    shard_L = np.searchsorted(self._nbr_offsets, chunk_ids_L, side="right") - 1
+    shard_L = self.store.shard_of(chunk_ids_L)  # neighbours shard j pairs with store shard j
     width = self.num_neighbours if exclude_docs is None else self.num_stored_neighbours
     out = np.empty((len(chunk_ids_L), width), np.int64)
-    for j in np.unique(shard_L):
+    for j in np.unique(shard_L).tolist():
       m = shard_L == j
-      out[m] = self._nbr_shards[j][chunk_ids_L[m] - self._nbr_offsets[j], :width]
+      rows = chunk_ids_L[m] - self.store.shard_span(j)[1]
+      out[m] = self._nbr_shards[j][rows, :width]
     if len(self._deleted_Rx2):  # Never hand out a chunk of a removed document.
       out[chunk_store_lib.in_ranges(out, self._deleted_Rx2)] = -1
     if exclude_docs is not None:

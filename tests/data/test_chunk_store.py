@@ -1,4 +1,5 @@
 """Chunk store on a slice of the fixed test corpus (kernel docs, Python docs, Wikipedia leads)."""
+import json
 import os
 import pathlib
 import shutil
@@ -10,8 +11,9 @@ import corpus_path  # tests/corpus_path.py
 import numpy as np
 import pytest
 
+from retro_jax.build import stages as build_stages
 from retro_jax.db import chunk_store as cs
-from retro_jax.db import corpus, layout, prepare
+from retro_jax.db import corpus, layout, npy_rows, prepare, verify
 from retro_jax.db import tokenizer as tokenizer_lib
 
 SPEC = corpus_path.spec(kernel=30, python=10, wiki=40)
@@ -278,3 +280,129 @@ def test_two_kernel_versions_are_different_documents(monkeypatch):
   assert [d.text for d in old] == [d.text for d in new]
   dup = corpus.read_documents("dup")  # unique keys: read_documents checks
   assert [d.key for d in dup[:6]] == [d.key for d in old + new] and len(dup) == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Format 3: one record per shard, an offsets array, block checksums.
+
+
+def _small_blocks(store_dir: pathlib.Path, shard: int, block_rows: int) -> None:
+  """Rewrites shard `shard`'s record with checksums of `block_rows`-row blocks, computed from its
+  files (the tiny shards hold fewer rows than one default block)."""
+  path = cs.record_path(store_dir, shard)
+  rec = json.loads(path.read_text())
+  for name in cs.BLOCK_FILES:
+    rec["files"][name].update(block_rows=block_rows, block_sha256=verify.file_block_digests(
+        store_dir / rec["path"] / name, block_rows))
+  path.write_text(json.dumps(rec))
+
+
+def test_a_damaged_block_fails_only_the_reads_that_touch_it(db, tmp_path):
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy)
+  chunks = copy / "chunks"
+  _small_blocks(chunks, 1, 8)
+  _, first, count = cs.ChunkStore.open(copy).shard_span(1)
+  assert count > 24
+  want = cs.ChunkStore.open(db).tokens(np.arange(first, first + count))
+  path = chunks / "shard-00001" / "tokens.npy"
+  arr = np.load(path, mmap_mode="r+")
+  arr[17] = arr[16]  # valid token ids, other content: only the checksum of rows 16..23 can tell
+  arr.flush()
+  del arr
+  store = cs.ChunkStore.open(copy)
+  ok = np.r_[first:first + 16, first + 24:first + count]
+  np.testing.assert_array_equal(store.tokens(ok), want[ok - first])
+  with pytest.raises(cs.ChunkStoreError, match=r"shard-00001/tokens.npy is damaged: rows 16\.\.23"):
+    store.tokens([first + 20])  # row 20 itself is intact: its block is not
+  with pytest.raises(cs.ChunkStoreError, match="tokens.npy is damaged: rows 16"):
+    cs.ChunkStore.open(copy).shard_tokens(1)  # a whole-shard read checks every block
+  with pytest.raises(cs.ChunkStoreError, match="shard-00001/tokens.npy is corrupt"):
+    store.check()  # the audit: every file's whole checksum
+
+
+def test_reading_a_shard_reads_its_own_record_only(db, tmp_path):
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy)
+  chunks = copy / "chunks"
+  manifest = json.loads((chunks / cs.MANIFEST).read_text())
+  assert manifest["format_version"] == cs.FORMAT_VERSION and "shards" not in manifest
+  assert not (chunks / cs.SHARDS).exists()
+  want = cs.ChunkStore.open(db)
+  _, first, count = want.shard_span(2)
+  for s in (0, 1, 3):  # every other shard's record gone: shard 2 still reads
+    cs.record_path(chunks, s).unlink()
+  store = cs.ChunkStore.open(copy)
+  ids = np.arange(first, first + count)
+  np.testing.assert_array_equal(store.tokens(ids), want.tokens(ids))
+  np.testing.assert_array_equal(store.doc_ids(ids), want.doc_ids(ids))
+  doc = int(want.doc_ids([first])[0])
+  assert store.doc_range(doc) == want.doc_range(doc)
+  assert store.doc_key(doc) == want.doc_key(doc)
+  with pytest.raises(cs.ChunkStoreError, match="shard-00001.json is missing"):
+    store.tokens([first - 1])
+
+
+def test_a_record_that_disagrees_with_the_offsets_is_refused(db, tmp_path):
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy)
+  path = cs.record_path(copy / "chunks", 1)
+  rec = json.loads(path.read_text())
+  rec["num_chunks"] -= 1
+  path.write_text(json.dumps(rec))
+  store = cs.ChunkStore.open(copy)
+  store.tokens([0])  # shard 0: fine
+  with pytest.raises(cs.ChunkStoreError, match="shard 1's record .* the manifest is damaged"):
+    store.tokens([store.shard_span(1)[1]])
+
+
+def test_bisect_rows_matches_searchsorted(tmp_path):
+  rng = np.random.default_rng(0)
+  starts = np.concatenate([[0], np.cumsum(rng.integers(0, 5, 999))]).astype(np.int64)
+  off = np.stack([starts, starts * 3], axis=1)
+  np.save(tmp_path / "off.npy", off)
+  arr = npy_rows.open_rows(tmp_path / "off.npy")
+  values = rng.integers(0, starts[-1], 500)
+  for col in (0, 1):
+    got = npy_rows.bisect_rows(arr, col, values * (3 if col else 1), len(off) - 1)
+    np.testing.assert_array_equal(got, np.searchsorted(off[:, col], values * (3 if col else 1),
+                                                       side="right") - 1)
+
+
+def test_stores_of_formats_1_and_2_still_read_and_finalize_upgrades_them(db, tmp_path):
+  want = cs.ChunkStore.open(db)
+  ids = np.arange(want.num_chunks)
+  records = list(want.manifest["shards"])
+  old = [{**r, "files": {n: {k: v for k, v in f.items() if not k.startswith("block")}
+                         for n, f in r["files"].items()}} for r in records]
+  top = {k: v for k, v in json.loads((db / "chunks" / cs.MANIFEST).read_text()).items()
+         if k not in ("records_dir", "offsets_file")}
+  held = json.loads((db / "chunks" / cs.HELDOUT).read_text())
+  for version in (1, 2):
+    copy = tmp_path / f"v{version}"
+    shutil.copytree(db, copy)
+    chunks = copy / "chunks"
+    shutil.rmtree(chunks / cs.RECORDS)
+    (chunks / cs.OFFSETS).unlink()
+    if version == 1:
+      m = {**top, "format_version": 1, "shards": old, "heldout": {**top["heldout"], **held}}
+      (chunks / cs.HELDOUT).unlink()
+    else:
+      m = {**top, "format_version": 2, "shards_file": cs.SHARDS}
+      (chunks / cs.SHARDS).write_text(json.dumps(old))
+    (chunks / cs.MANIFEST).write_text(json.dumps(m))
+    for s in range(len(old)):  # done markers as written before block checksums
+      marker_path = chunks / f"shard-{s:05d}.done.json"
+      marker = json.loads(marker_path.read_text())
+      marker["files"] = old[s]["files"]
+      marker_path.write_text(json.dumps(marker))
+    store = cs.ChunkStore.open(copy)
+    np.testing.assert_array_equal(store.tokens(ids), want.tokens(ids))
+    np.testing.assert_array_equal(store.doc_rows([0, 5]), want.doc_rows([0, 5]))
+    assert store.shard_spans() == want.shard_spans()
+    np.testing.assert_array_equal(store.heldout_doc_ids, want.heldout_doc_ids)
+    # The upgrade (`build_db --stages=finalize` reruns on an older format): block checksums
+    # computed from the files.
+    build_stages.build(copy, stages=("finalize",))
+    assert list(cs.ChunkStore.open(copy).manifest["shards"]) == records
+    assert not (chunks / cs.SHARDS).exists()
