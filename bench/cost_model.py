@@ -14,6 +14,8 @@ Reads the measured rates (every figure of the table names its file and key):
                                        neighbours wall time, RAM and disk per vector
   bench/results/plan_simulation.json   the planner at 2.8e10 chunks: how many elements (keys) each
                                        stage's parallel step has, which caps its workers
+  bench/results/tokenizer_cost.json    the tokenizer's two parts in CPU seconds: counting lines
+                                       (grows with the corpus), training SentencePiece (does not)
 and the default database's files (`--db`; the Beam build's files are the same bytes,
 beam_build.json `whole_database`) for the bytes per chunk on disk. Writes the tables to stdout
 and docs/cost_model_28b.md (Markdown, linked from WORKSPACE.md and docs/benchmarks.md) and
@@ -34,6 +36,7 @@ import sys
 
 from absl import app, flags
 
+from retro_jax.build import pipeline
 from retro_jax.evaluation.figures import provenance
 
 _DB = flags.DEFINE_string("db", "runs/default_db", "A built default database (bytes per chunk).")
@@ -43,11 +46,19 @@ _STREAM = flags.DEFINE_float("stream_hours", 12.0, "Hours for chunk + embed + en
 _RESULTS = flags.DEFINE_string("results", "bench/results", "Measured results.")
 _OUT = flags.DEFINE_string("out", "bench/results/cost_model_28b.json", "Output JSON.")
 _DOC = flags.DEFINE_string("doc", "docs/cost_model_28b.md", "Output Markdown page.")
+_LATENCY = flags.DEFINE_float(
+    "request_latency_ms", 50.0,
+    "An assumed (not measured) latency of one small-object read from a bucket, for the steps "
+    "whose elements read many small records (their time on the critical path).")
 
 
 def _load(name):
   with open(os.path.join(_RESULTS.value, name)) as f:
     return json.load(f)
+
+
+def tok_docs_per_chunk(manifest: dict) -> float:
+  return manifest["num_docs"] / manifest["num_chunks"]
 
 
 def _dir_bytes(path):
@@ -58,6 +69,8 @@ def main(argv):
   del argv
   n = _CHUNKS.value
   beam = _load("beam_build.json")
+  with open(os.path.join(_DB.value, "chunks", "manifest.json")) as f:
+    db_manifest = json.load(f)
   tfds_run = _load("tfds_chunks.json")
   aot = _load("embed_aot.json")
   cores = beam["machine"]["cpus"]
@@ -85,6 +98,26 @@ def main(argv):
       f"{cores} cores (loaded machine; the whole-read path, {stage_key}.chunks = "
       f"{stage_s['chunks']} s, is {tfds_run['tfds_over_whole_read']:.1f}x faster in one process "
       "but reads the whole corpus in every worker)", stream_s)
+  # The tokenizer: every document's training lines counted in parallel (ranges of
+  # TOKENIZER_RANGE_DOCS documents), then SentencePiece on a fixed number of lines, one element.
+  tok = _load("tokenizer_cost.json")
+  docs = n * tok_docs_per_chunk(db_manifest)
+  ranges = math.ceil(docs / pipeline.TOKENIZER_RANGE_DOCS)
+  row("tokenizer: count and pick training lines (ranges of documents)",
+      tok["count"]["documents_per_cpu_second"] / tok_docs_per_chunk(db_manifest),
+      "chunks/s per core",
+      f"tokenizer_cost.json count.documents_per_cpu_second "
+      f"({tok['count']['documents_per_cpu_second']:,.0f}, CPU seconds) x "
+      f"{tok_docs_per_chunk(db_manifest):.3f} documents per chunk ({_DB.value} chunk store)",
+      stream_s)
+  rows[-1]["max_workers"] = ranges
+  rows.append({"stage": f"tokenizer: train SentencePiece on {tok['train']['lines']:,} lines (one "
+                        "element, the same at any size)",
+               "measured_rate": tok["train"]["cpu_seconds"], "rate_unit": "CPU s",
+               "source": f"tokenizer_cost.json train.cpu_seconds ({tok['train']['threads']} "
+                         f"threads, vocabulary {tok['train']['vocab_size']:,})",
+               "core_hours": tok["train"]["cpu_seconds"] / 3600, "window_hours": None,
+               "workers": 1, "worker": "core", "in_total": True, "max_workers": 1})
   row("embed (CPU, MiniLM bf16, Beam embeddings stage)",
       db_chunks / stage_s["embeddings"] / cores, "chunks/s per core",
       f"{db_chunks:,} chunks / {stage_key}.embeddings ({stage_s['embeddings']} s) / {cores} "
@@ -99,19 +132,35 @@ def main(argv):
   n10, bs = b10["num_vectors"], b10["index"]["build_seconds"]
   c10 = b10["index"]["config"]
   keys = {s: d["grouping_keys"] for s, d in sim["stages"].items()}
-  # Index training is one element: the two-level k-means costs ~ sample x 2 sqrt(nlist)
-  # distances per iteration, so it scales from the 10M build by that product.
-  train_scale = (sim["train_sample"] * math.sqrt(sim["nlist"])) / (
-      c10["train_sample"] * math.sqrt(c10["nlist"]))
-  rows.append({"stage": "index: train on the sample (one element)",
-               "measured_rate": bs["train"], "rate_unit": "s at 10M",
+  # Index training: a k-means costs ~ points x centroids distances per iteration. The 10M
+  # build's one-element training (a two-level k-means: sample x 2 sqrt(nlist)) gives the rate;
+  # at this size the plan trains in parallel (plan_simulation.json `training`): one coarse
+  # k-means on a sub-sample, every sample row assigned to the coarse cells (by encode group),
+  # each cell's share of nlist trained on its rows (by cell).
+  rate10 = c10["train_sample"] * 2 * math.sqrt(c10["nlist"]) / bs["train"]
+  tr = sim["training"]
+  if tr["parallel"]:
+    cells = tr["element_keys"]["cell"]
+    work = {"coarse": tr["element_vectors"]["coarse"] * cells,
+            "assign": tr["sample"] * cells,
+            "cells": tr["sample"] * tr["nlist"] / cells}
+    what = (f"coarse k-means {tr['element_vectors']['coarse']:,} x {cells:,} cells, one element; "
+            f"assign {tr['sample']:,} x {cells:,} over {tr['element_keys']['assign']:,} elements; "
+            f"cells {tr['sample']:,} x {tr['nlist'] / cells:,.0f} over {cells:,} elements")
+    max_workers = max(tr["element_keys"]["assign"], cells)
+  else:
+    work = {"one element": tr["sample"] * 2 * math.sqrt(tr["nlist"])}
+    what, max_workers = f"one element: {tr['sample']:,} x 2 sqrt({tr['nlist']:,})", 1
+  rows.append({"stage": "index: train on the sample (point x centroid distances)",
+               "measured_rate": rate10, "rate_unit": "distances/s per core",
                "source": f"build_10m.json index.build_seconds.train ({bs['train']:.1f} s: "
-                         f"{c10['train_sample']:,} vectors, nlist {c10['nlist']:,}) x "
-                         f"{train_scale:,.0f} (sample x sqrt(nlist): {sim['train_sample']:,} "
-                         f"vectors, nlist {sim['nlist']:,}, plan_simulation.json); one thread",
-               "core_hours": bs["train"] * train_scale / 3600, "window_hours": None,
-               "workers": 1, "worker": "core", "in_total": True, "max_workers": 1})
-
+                         f"{c10['train_sample']:,} vectors x 2 sqrt(nlist {c10['nlist']:,})); "
+                         f"at this size ({what}, plan_simulation.json training); its one-element "
+                         f"step: {next(iter(work.values())) / rate10:,.0f} s",
+               "core_hours": sum(work.values()) / rate10 / 3600,
+               "window_hours": stream_s / 3600,
+               "workers": math.ceil(sum(work.values()) / rate10 / stream_s), "worker": "core",
+               "in_total": True, "max_workers": max_workers})
 
   row("encode into the global index (assign + PQ + int8 copy)", n10 / bs["encode"],
       "vectors/s per core",
@@ -148,6 +197,21 @@ def main(argv):
   serving["disk_tb_per_host"] = (serving["shards_per_256gb_host"]
                                  * serving["disk_gb_per_serving_shard"] / 1e3)
 
+  # The steps whose elements read many small records: reads per element (the plan simulation's
+  # largest element) and how many run at once, timed at the assumed latency.
+  big = sim["stages"]
+  reads = [
+      ("index finish: serving-shard, encode-group and merge-time records (one element)",
+       big["index"]["largest_element"]["finish_reads_records"],
+       big["index"]["largest_element"].get("finish_reads_in_flight", 1), 1),
+      ("embeddings / neighbours outputs record: progress records of a group of shards",
+       big["neighbours"]["largest_element"]["outputs_record_reads"], 1,
+       big["neighbours"]["grouping_keys"].get("SpreadOutputGroups", 1)),
+  ]
+  record_reads = [{"step": name, "reads_per_element": r, "in_flight": f, "elements": e,
+                   "element_seconds": r / f * _LATENCY.value / 1e3}
+                  for name, r, f, e in reads]
+
   db = _DB.value
   sizes = {
       "corpus as TFDS ArrayRecord (input)": (
@@ -179,6 +243,7 @@ def main(argv):
          "disk_tb_kept": sum(v for k, v in storage_tb.items() if "intermediate" not in k),
          "serving_ram_tb": ram_vec * n / 1e12,
          "serving_hosts_256gb": serving["hosts"], "serving_layout": serving,
+         "record_reads": record_reads, "request_latency_ms_assumed": _LATENCY.value,
          "total": {"cpu_core_hours_with_tpu_embed": total_core_h,
                    "tpu_chip_hours": next(r["chip_hours"] for r in rows if r["worker"] == "chip"),
                    "cpu_core_hours_with_cpu_embed": total_core_h + cpu_embed["core_hours"]},
@@ -209,6 +274,15 @@ def main(argv):
   emit(f"\nTotal: {t['cpu_core_hours_with_tpu_embed']:,.0f} core-h + {t['tpu_chip_hours']:,.0f} "
         f"chip-h with the TPU embedder; {t['cpu_core_hours_with_cpu_embed']:,.0f} core-h all on "
         "CPUs.\n")
+  emit("Steps whose elements read many small records (plan_simulation.json, largest element at "
+       f"this size), timed at an assumed {_LATENCY.value:.0f} ms per read (`--request_latency_ms`, "
+       "not measured):\n")
+  emit("| step | reads per element | in flight | elements | one element |")
+  emit("|---|---|---|---|---|")
+  for r in record_reads:
+    emit(f"| {r['step']} | {r['reads_per_element']:,} | {r['in_flight']} | {r['elements']:,} | "
+         f"{r['element_seconds']:,.0f} s |")
+  emit("")
   emit("| data | bytes per chunk | from | at 28B chunks |")
   emit("|---|---|---|---|")
   for k, (v, src) in sizes.items():
