@@ -70,6 +70,16 @@ def _store(root: str) -> dict:
           "heldout_doc_keys": list(m["heldout"]["doc_keys"])}
 
 
+def _shared_file_fields(ra: dict, rb: dict, added: dict[str, set]) -> None:
+  """Keeps in both records' `files` entries the fields both record; notes the others."""
+  for name in ra.get("files", {}).keys() & rb.get("files", {}).keys():
+    fa, fb = ra["files"][name], rb["files"][name]
+    added["a"] |= fa.keys() - fb.keys()
+    added["b"] |= fb.keys() - fa.keys()
+    ra["files"][name] = {k: v for k, v in fa.items() if k in fb}
+    rb["files"][name] = {k: v for k, v in fb.items() if k in fa}
+
+
 def _index(root: str) -> dict:
   return global_lib.read_manifest(global_lib.index_dir(root))
 
@@ -112,8 +122,12 @@ def main(argv):
          "a": FLAGS.a, "b": FLAGS.b, "files_identical": len(same),
          "files_different": sorted(k for k in a.keys() & b.keys() if a[k] != b[k]),
          "only_in_a": sorted(a.keys() - b.keys()), "only_in_b": sorted(b.keys() - a.keys())}
-  # The chunk-store shards' done markers: the fields both record, and the fields one adds.
+  # The chunk-store shards' done markers and records: the fields both record, and the fields one
+  # adds (format 3 adds block checksums to each file's entry).
   ma, mb = _markers(FLAGS.a), _markers(FLAGS.b)
+  added: dict[str, set] = {"a": set(), "b": set()}
+  for f in ma.keys() & mb.keys():
+    _shared_file_fields(ma[f], mb[f], added)
   res["done_markers_differ"] = sorted(
       f for f in ma.keys() & mb.keys()
       if {k: v for k, v in ma[f].items() if k in mb[f]} != {k: v for k, v in mb[f].items()
@@ -124,6 +138,10 @@ def main(argv):
   res["done_marker_fields_only_in_a"] = sorted({k for f in ma.keys() & mb.keys()
                                                 for k in ma[f].keys() - mb[f].keys()})
   sa, sb = _store(FLAGS.a), _store(FLAGS.b)
+  for ra, rb in zip(sa["shards"], sb["shards"]):
+    _shared_file_fields(ra, rb, added)
+  res["file_fields_only_in_a"] = sorted(added["a"])
+  res["file_fields_only_in_b"] = sorted(added["b"])
   res["chunk_store_differs_in"] = sorted(k for k in sa if sa[k] != sb.get(k))
   res["index_files_identical"] = True
   if not FLAGS.dirs or "index" in FLAGS.dirs:
