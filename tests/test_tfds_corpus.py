@@ -103,9 +103,13 @@ def test_build_db_from_tfds_equals_the_jsonl_build(data, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   want = _digests(tmp_path / "jsonl" / layout.CHUNKS_DIR)
   got = _digests(tmp_path / "tfds" / layout.CHUNKS_DIR)
-  shard_files = {k for k in want if "/" in k}  # tokens, doc ids, doc table, keys of each shard
+  # Tokens, doc ids, doc table and keys of each shard, and each shard's record (format 3).
+  shard_files = {k for k in want if "/" in k and not k.startswith(chunk_store_lib.RECORDS)}
+  records = {k for k in want if k.startswith(chunk_store_lib.RECORDS + "/")}
   assert len(shard_files) == 6 * len(chunk_store_lib.SHARD_FILES)  # 21 documents, 4 a shard
-  assert {k: got.get(k) for k in shard_files} == {k: want[k] for k in shard_files}
+  assert len(records) == 6
+  both = shard_files | records
+  assert {k: got.get(k) for k in both} == {k: want[k] for k in both}
   store = chunk_store_lib.ChunkStore.open(tmp_path / "tfds")
   assert store.manifest["corpus"]["spec"] == _spec(root, "clean")
 
