@@ -32,7 +32,8 @@ from retro_jax.db import tokenizer as tokenizer_lib
 from retro_jax.evaluation.figures import provenance
 
 _CORPUS = flags.DEFINE_string("corpus", "default", "Corpus spec whose documents are counted.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 8192, "The tokenizer's vocabulary (build_db's default).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 8192,
+                              "The tokenizer's vocabulary (build_db's default).")
 _THREADS = flags.DEFINE_integer("threads", 2, "SentencePiece training threads.")
 _OUT = flags.DEFINE_string("out", "bench/results/tokenizer_cost.json", "Output JSON.")
 
