@@ -21,6 +21,7 @@ import platform
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 from bench.common import run_provenance
@@ -51,8 +52,19 @@ def clone(repo: str, dest: str) -> None:
 def run_target(dest: str, target: str) -> dict:
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
   start, t0 = utc_now(), time.time()
-  p = subprocess.run(["make", target], cwd=dest, env=env, capture_output=True, text=True,
-                     timeout=6 * 3600)
+  loads, done = [], threading.Event()
+
+  def sample_load():  # the 1-minute load average through the run, every 10 s
+    while not done.wait(10.0):
+      loads.append(os.getloadavg()[0])
+  sampler = threading.Thread(target=sample_load, daemon=True)
+  sampler.start()
+  try:
+    p = subprocess.run(["make", target], cwd=dest, env=env, capture_output=True, text=True,
+                       timeout=6 * 3600)
+  finally:
+    done.set()
+    sampler.join()
   wall = time.time() - t0
   log = p.stdout + p.stderr
   with open(os.path.join(dest, f"make_{target}.log"), "w") as f:
@@ -60,7 +72,9 @@ def run_target(dest: str, target: str) -> dict:
   return {"target": target, "start_utc": start, "end_utc": utc_now(),
           "wall_seconds": round(wall, 1), "exit_status": p.returncode,
           "pytest": pytest_summary(log), "cpu": cpu_model(), "cores": os.cpu_count(),
-          "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
+          "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+          "load_during": ({"mean": round(sum(loads) / len(loads), 2), "max": round(max(loads), 2)}
+                          if loads else None)}
 
 
 def main() -> None:

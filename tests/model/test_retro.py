@@ -159,8 +159,9 @@ def test_query_blocked_self_attention_equals_unblocked(model):
                              np.asarray(g_full.blocks[0].attn.wr.value), atol=1e-6, rtol=1e-4)
 
 
-# Relative positions' forms compile slowly on the CPU: make test-slow.
-@pytest.mark.parametrize("positions", [pytest.param("relative", marks=pytest.mark.slow), "rope"])
+# The forms compile slowly on the CPU (relative positions the most): make test-slow.
+@pytest.mark.slow
+@pytest.mark.parametrize("positions", ["relative", "rope"])
 def test_cpu_matmul_forms_compute_the_same_model(positions):
   """The attention's CPU forms (RetroConfig.cpu_matmul_forms) and the plain einsums used for TPU
   compiles give the same logits and the same gradients from the same parameters."""
