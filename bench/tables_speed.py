@@ -319,8 +319,8 @@ def make_targets_table() -> str:
         f": {r['pytest']}" if r.get("pytest") else "") + (
         f" (after {', '.join(r['after'])} in the same clone)" if r.get("after") else "")
     during = r.get("load_during")
-    load = (f"{during['mean']:.1f} (max {during['max']:.1f})" if during
-            else f"{r['load_average_at_end'][1]:.1f} at the end")
+    shown = (f"{during['mean']:.1f} (max {during['max']:.1f})" if during
+             else f"{r['load_average_at_end'][1]:.1f} at the end")
     out.append(f"| `make {t}` | {r['wall_seconds'] / 60:.1f} min | {result} | {r['cores']} x "
-               f"{r['cpu']}, {load}, {r['start_utc'][:10]}, {r['commit'][:7]} |")
+               f"{r['cpu']}, {shown}, {r['start_utc'][:10]}, {r['commit'][:7]} |")
   return "\n".join(out)
