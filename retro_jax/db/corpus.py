@@ -43,7 +43,7 @@ import json
 import os
 import re
 import urllib.parse
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from etils import epath
@@ -425,14 +425,23 @@ def read_documents(spec: str, stats: CorpusStats | None = None,
   """All (good) documents of SPEC in order, checked: at least one, and unique keys."""
   stats = stats if stats is not None else CorpusStats()
   docs = list(iter_documents(spec, stats, max_docs=max_docs))
-  if not docs:
+  check_some(spec, len(docs), stats)
+  check_unique_keys(spec, (d.key for d in docs))
+  return docs
+
+
+def check_some(spec: str, count: int, stats: CorpusStats) -> None:
+  """A corpus must yield a document (the whole read and the planned ones say it alike)."""
+  if not count:
     raise CorpusError(f"corpus {spec!r} yielded no usable document (skipped: "
                       f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
+
+
+def check_unique_keys(spec: str, keys: Iterable[str]) -> None:
   seen: set[str] = set()
-  dup = [d.key for d in docs if d.key in seen or seen.add(d.key)]
+  dup = [k for k in keys if k in seen or seen.add(k)]
   if dup:
     raise CorpusError(f"corpus {spec!r} has duplicate document keys (e.g. {dup[:3]})")
-  return docs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,9 +580,7 @@ def select_documents(spec: str, parts: Sequence[RandomAccessPart], scans: Sequen
       break
   if not checks:
     return Selection(used, total, stats)
-  if not total:
-    raise CorpusError(f"corpus {spec!r} yielded no usable document (skipped: "
-                      f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
+  check_some(spec, total, stats)
   # Derived keys (tfds:FULL_NAME:SPLIT:INDEX) are unique unless two parts read the same split.
   derived = [(parts[p].full_name, parts[p].split) for p, _, _ in used if not parts[p].keyed]
   if len(set(derived)) != len(derived) or keyed_keys:
@@ -582,10 +589,7 @@ def select_documents(spec: str, parts: Sequence[RandomAccessPart], scans: Sequen
       if not parts[p].keyed:
         records = _record_of(skipped, np.arange(cut - len(skipped)))
         all_keys += [open_tfds(parts[p].spec).key(int(i)) for i in records]
-    seen: set[str] = set()
-    dup = [k for k in all_keys if k in seen or seen.add(k)]
-    if dup:
-      raise CorpusError(f"corpus {spec!r} has duplicate document keys (e.g. {dup[:3]})")
+    check_unique_keys(spec, all_keys)
   return Selection(used, total, stats)
 
 
@@ -909,13 +913,8 @@ class FileCorpus:
         break
     if not checks:
       return FileSelection(used, total, stats)
-    if not total:
-      raise CorpusError(f"corpus {self.spec!r} yielded no usable document (skipped: "
-                        f"{stats.skipped_empty} empty, {stats.skipped_binary} binary)")
-    seen: set[str] = set()
-    dup = [k for k in keys if k in seen or seen.add(k)]
-    if dup:
-      raise CorpusError(f"corpus {self.spec!r} has duplicate document keys (e.g. {dup[:3]})")
+    check_some(self.spec, total, stats)
+    check_unique_keys(self.spec, keys)
     return FileSelection(used, total, stats)
 
   def read(self, spans: Sequence[tuple[tuple, int, int, int]], expected: int) -> list[Document]:
