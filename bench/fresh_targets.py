@@ -10,6 +10,8 @@ records (the file holds one per target); `make docs` lists every target of the M
 ones not measured yet included. The clone creates its own .venv; this machine's pip cache and
 installed Debian packages are used as they are.
 
+Runs in different --dest folders may share --out: each reads the file again before it writes.
+
 `--clone=once` clones once and runs the targets one after the other in that clone: each record
 then names the targets that ran before it there (`after`), e.g. the benchmarks timed after
 `make db` built the database they read (their own `db` prerequisite then only checks it).
@@ -88,10 +90,6 @@ def main() -> None:
                       "before them in it)")
   a = p.parse_args()
   repo = os.path.abspath(a.repo)
-  old = {}
-  if os.path.exists(a.out):
-    with open(a.out) as f:
-      old = json.load(f).get("targets", {})
   before: list[str] = []
   for target in a.targets.split(","):
     if a.clone == "each" or not before:
@@ -102,6 +100,11 @@ def main() -> None:
            "commit": subprocess.run(["git", "-C", a.dest, "rev-parse", "--short", "HEAD"],
                                     capture_output=True, text=True, check=True).stdout.strip()}
     before.append(target)
+    # Read again before each write: runs with other --dest folders may share --out.
+    old = {}
+    if os.path.exists(a.out):
+      with open(a.out) as f:
+        old = json.load(f).get("targets", {})
     old[target] = rec
     print(f"make {target}: exit {rec['exit_status']} in {rec['wall_seconds'] / 60:.1f} min"
           + (f" ({rec['pytest']})" if rec["pytest"] else ""), flush=True)
