@@ -119,6 +119,7 @@ def test_unknown_field_is_an_error(db, tmp_path):
   assert p.returncode != 0 and "totl_steps" in p.stderr
 
 
+@pytest.mark.slow  # keeps make test within 11 minutes; run by make test-slow
 def test_profile_compile_cache_and_goodput(db, tmp_path):
   """`profile_steps` leaves a trace in WORKDIR/profile, every metrics row says where the time went
   (input wait, checkpoints, goodput), and a resumed run compiles from WORKDIR/compile_cache."""

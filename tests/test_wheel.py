@@ -14,6 +14,7 @@ import sys
 import sysconfig
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "data"))
 import tiny_db  # noqa: E402
@@ -27,6 +28,7 @@ def _run(cmd, **kw):
   return out.stdout
 
 
+@pytest.mark.slow  # keeps make test within 11 minutes; run by make test-slow
 def test_sdist_installed_in_a_fresh_venv_embeds_like_the_repo(tmp_path_factory, tmp_path):
   db = tiny_db.get(tmp_path_factory)[0]
   dist = tmp_path / "dist"
