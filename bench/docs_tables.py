@@ -78,7 +78,8 @@ BLOCKS = {
     "ann_reference": (s.ann_reference_table, ["ann_recall_kernel_docs_84k.json"]),
     "demo_dup": (q.demo_dup, ["make_demo_fresh.json"]),
     "db_build_stages": (s.db_build_stages, ["make_demo_fresh.json"]),
-    "make_targets": (s.make_targets_table, ["make_targets.json", "make_demo_fresh.json"]),
+    "make_targets": (s.make_targets_table, ["make_targets.json", "make_demo_fresh.json",
+                                                "aot_compile.jsonl"]),
 }
 
 
