@@ -17,8 +17,9 @@ each file opened for reading). Operations:
   training_start       bytes_per_token, then SequenceSource (train split, 2 neighbours), then its
                        first example (what a training host reads before its first step)
 Reported: requests (calls), read_bytes (bytes through read() calls, /proc/self/io rchar: the
-library files of a lazy import included), read_calls (those calls, syscr) and opened_file_bytes (the sizes of the files opened for
-reading; a memory-mapped file counts whole, though the kernel pages in only what is used).
+library files of a lazy import included), read_calls (those calls, syscr) and opened_file_bytes
+(the sizes of the files opened for reading; a memory-mapped file counts whole, though the kernel
+pages in only what is used).
 `--operations=...` measures some operations only (the page is then not rewritten).
 """
 

@@ -622,8 +622,8 @@ def _merge_seconds(out_dir: epath.Path, s: int) -> epath.Path:
 
 
 def serving_path(out_dir, s: int, what: str) -> epath.Path:
-  """serving/shard-S.{faiss, lists.npy, rerank.npy, ids.npy, json, scann/} of serving shard s; `what` may
-  name a file of the ScaNN searcher's directory (scann/NAME)."""
+  """serving/shard-S.{faiss, lists.npy, rerank.npy, ids.npy, json, scann/} of serving shard s;
+  `what` may name a file of the ScaNN searcher's directory (scann/NAME)."""
   if what.startswith("scann/"):
     return serving_path(out_dir, s, "scann") / what.split("/", 1)[1]
   ext = {"faiss": "faiss", "lists": "lists.npy", "rerank": "rerank.npy", "ids": "ids.npy",

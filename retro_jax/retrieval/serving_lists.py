@@ -100,6 +100,8 @@ def walk(read: Callable[[int, int], bytes], start: int, size: int, nlist: int, n
     if at + 16 > size:
       raise Damaged(f"its lists end early, at partition {p}")
     n = int.from_bytes(read(at, 8), "little")
+    if 8 * n > size - at:
+      raise Damaged(f"its partition {p} counts {n} entries, past the file's end")
     offsets[p], counts[p] = at, n
     at += 16 + 8 * n + _code_bytes(n, n_per_block, block_size)
   offsets[nlist] = at
