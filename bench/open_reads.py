@@ -10,14 +10,16 @@ each file opened for reading). Operations:
   store_first_gather   then the tokens of one chunk (format 3: that shard's record, the offsets
                        and the blocks read; older stores: the whole shard list and file)
   retriever_open       Retriever.from_db (the global index: the trained files whole, then every
-                       serving shard's faiss header and one count per partition; its inverted
+                       serving shard's faiss header and its lists file's header and ends (an
+                       index without lists files: one count per partition instead); its inverted
                        lists are read when a query first probes them)
   shard_server_open    ShardServicer for serving shard 0 (what one serving host loads)
   training_start       bytes_per_token, then SequenceSource (train split, 2 neighbours), then its
                        first example (what a training host reads before its first step)
 Reported: requests (calls), read_bytes (bytes through read() calls, /proc/self/io rchar: the
-library files of a lazy import included) and opened_file_bytes (the sizes of the files opened for
-reading; a memory-mapped file counts whole, though the kernel pages in only what is used).
+library files of a lazy import included), read_calls (those calls, syscr) and opened_file_bytes
+(the sizes of the files opened for reading; a memory-mapped file counts whole, though the kernel
+pages in only what is used).
 `--operations=...` measures some operations only (the page is then not rewritten).
 """
 
@@ -42,10 +44,11 @@ OPERATIONS = ("store_open", "store_first_gather", "retriever_open", "shard_serve
 INDEX_OPERATIONS = ("retriever_open", "shard_server_open")
 
 
-def _rchar() -> int:
-  """Bytes this process has read through read() calls (/proc/self/io), cached or not."""
+def _io(field: str = "rchar") -> int:
+  """This process's /proc/self/io `field`: rchar, the bytes it has read through read() calls
+  (cached or not); syscr, those calls."""
   with open("/proc/self/io") as f:
-    return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+    return int(next(line for line in f if line.startswith(field + ":")).split()[1])
 
 
 def _measure(db: str, op: str) -> dict:
@@ -59,7 +62,7 @@ def _measure(db: str, op: str) -> dict:
   from retro_jax.training import input_pipeline, loop
 
   root = os.path.abspath(db)
-  read0 = _rchar()
+  read0, calls0 = _io(), _io("syscr")
   counter = Counter(root).start()
   try:
     if op == "store_open":
@@ -77,16 +80,18 @@ def _measure(db: str, op: str) -> dict:
       src[0]
   finally:
     counter.stop()
-  read_bytes = _rchar() - read0
+  read_bytes, read_calls = _io() - read0, _io("syscr") - calls0
   top = sorted(counter.paths.items(), key=lambda kv: -kv[1])
-  out = {"requests": counter.requests, "read_bytes": read_bytes,
+  out = {"requests": counter.requests, "read_bytes": read_bytes, "read_calls": read_calls,
          "opened_file_bytes": counter.bytes,
          "distinct_paths": len(counter.paths), "most_requested": top[:5]}
   if op in INDEX_OPERATIONS:  # what the index open reads whole: its trained files (~sqrt(N))
     from retro_jax.retrieval import global_index as global_lib
     m = global_lib.read_manifest(global_lib.index_dir(root))
     out["index"] = {"nlist": int(m["config"]["nlist"]), "factory": m["factory"],
-                    "trained_bytes": int(m["files"][global_lib.TRAINED]["bytes"])}
+                    "trained_bytes": int(m["files"][global_lib.TRAINED]["bytes"]),
+                    "lists_files": "lists" in global_lib.read_serving_record(
+                        global_lib.index_dir(root), 0)["files"]}
   return out
 
 
@@ -145,20 +150,25 @@ def page(res: dict) -> str:
 
 def _index_note(res: dict, dbs: list[str]) -> str:
   """What the retriever and shard-server rows read: the index's trained files, whole."""
-  facts = []
+  facts, lists_files = [], []
   for d in dbs:
     o = res["databases"][d]["operations"]["retriever_open"]
     if "index" in o:
       i = o["index"]
+      lists_files.append(i.get("lists_files", False))
       facts.append(f"{i['trained_bytes']:,} bytes at {res['databases'][d]['num_chunks']:,} chunks "
                    f"(`{i['factory']}`, nlist {i['nlist']:,})")
   if not facts:
     return ""
   return ("retriever_open and shard_server_open read the global index's trained files whole "
           "(`trained.faiss`: the coarse quantizer and PQ codebooks, " + "; ".join(facts) +
-          "; nlist grows as ~2 sqrt(N)), then of each serving shard's faiss file a header and 8 "
-          "bytes a partition; its inverted lists are read when a query first probes them, its "
-          "int8 rerank copy and ids are memory-mapped.")
+          "; nlist grows as ~2 sqrt(N)), then of each serving shard's faiss file a header and "
+          + ("of its lists file a header and two offsets" if all(lists_files) else
+             "8 bytes a partition" if not any(lists_files) else
+             "8 bytes a partition (databases without lists files) or its lists file's header and "
+             "two offsets")
+          + "; its inverted lists are read when a query first probes them, its int8 rerank copy "
+          "and ids are memory-mapped.")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from retro_jax.db import prepare as prepare_lib
 from retro_jax.db.layout import write_json_atomic
 from retro_jax.errors import UserError
 from retro_jax.retrieval import build_index as build_index_lib
+from retro_jax.retrieval import global_index as global_lib
 from retro_jax.retrieval import index as index_lib
 
 STAGES = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
@@ -70,10 +71,8 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
     return (db / want).exists()
   if stage == "chunks":
     return (db / layout.CHUNKS_DIR / layout.MANIFEST).exists()
-  if stage == "finalize":  # a store of an older format is finalized again: the upgrade
-    path = db / layout.CHUNKS_DIR / layout.MANIFEST
-    return (path.exists() and json.loads(path.read_text()).get("format_version")
-            == chunk_store_lib.FORMAT_VERSION)
+  if stage == "finalize":  # the upgrade of an older database (`_stage_finalize`)
+    return _store_current(db) and not global_lib.lists_files_missing(global_lib.index_dir(db))
   if not is_done("chunks", db, cfg):
     return False
   if stage in ("embeddings", "neighbours"):
@@ -87,8 +86,23 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
 # Stages: each a Beam pipeline (retro_jax.build.pipeline).
 
 
+def _store_current(db: epath.Path) -> bool:
+  """Whether the chunk store's manifest is of this code's format."""
+  path = db / layout.CHUNKS_DIR / layout.MANIFEST
+  return (path.exists() and json.loads(path.read_text()).get("format_version")
+          == chunk_store_lib.FORMAT_VERSION)
+
+
 def _stage_finalize(db: epath.Path, cfg: dict[str, Any], beam_args) -> None:
-  chunk_store_lib.finalize_chunk_store(db / layout.CHUNKS_DIR)
+  """The upgrade: a store of an older format (or none finalized yet) is finalized again; a global
+  index built before lists files gets them (one walk over each serving shard's faiss file; its
+  faiss files and manifest unchanged)."""
+  if not _store_current(db):
+    chunk_store_lib.finalize_chunk_store(db / layout.CHUNKS_DIR)
+  shards = global_lib.write_lists_files(global_lib.index_dir(db))
+  if shards:
+    print(f"[build_db] finalize: wrote the lists files of {len(shards)} serving shards",
+          flush=True)
 
 
 def _check_inputs(stage: str, db: epath.Path, cfg: dict[str, Any]) -> None:

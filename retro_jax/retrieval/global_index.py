@@ -25,9 +25,14 @@ Layout (`DB/index/global/`, written through `retro_jax.db.layout`: atomic writes
     trained.faiss                 the trained, empty index (coarse centroids + PQ codebooks)
     scale.npy                     float32 [D]: value = int8 * scale (per-dimension abs max / 127)
     serving/shard-S.faiss         serving shard S: the partitions [part_start, part_end)
+    serving/shard-S.lists.npy     int64 [nlist + 1]: where each inverted list starts in its faiss
+                                  file (entry nlist: the file's size), so that opening it reads
+                                  no count per partition (retro_jax.retrieval.serving_lists)
     serving/shard-S.rerank.npy    int8 [n_S, D]: its vectors' copies, in id order
     serving/shard-S.ids.npy       int64 [n_S]: their ids, ascending
     serving/shard-S.json          its record: partitions, count, RAM bytes, sha256 of its files
+                                  (the lists file's too; it is derived from the faiss file, so the
+                                  manifest's content fingerprint leaves it out)
 
 Built in steps, each recorded when finished: train (one), encode (one per group of
 ENCODE_GROUP_SOURCES embeddings shards: its vectors' (partition, id, PQ code, int8 copy) as one
@@ -43,11 +48,14 @@ removed-document masking and the merge) each serving shard is one searcher, `Glo
 the float32 ones), so the retriever skips its own float32 rescoring. One gRPC shard process serves
 one serving shard the same way, so the service's merged answer is the in-process one.
 
-Opening a local serving shard reads its faiss file's header and one count per partition, not its
-inverted lists: each list is read the first time a query probes it (retro_jax.retrieval.
-serving_lists; faiss's own memory-mapped read does not map fast-scan lists). Opening then reads
-the same bytes at any N but for the trained files (quantizer and codebooks: ~sqrt(N)) and the
-counts (8 bytes a partition). Its sha256 is checked by `verify` (the audit), its size at open.
+Opening a local serving shard reads its faiss file's header and its lists file's header, not its
+inverted lists: each list is read the first time a query probes it (its two offsets, then the
+list: retro_jax.retrieval.serving_lists; faiss's own memory-mapped read does not map fast-scan
+lists). Opening then reads the same bytes at any N but for the trained files (quantizer and
+codebooks: ~sqrt(N)). A serving shard of an index built before lists files (no "lists" in its
+record) is opened by walking its faiss file's counts instead (8 bytes a partition), until
+`build_db --stages=finalize` writes them (`write_lists_files`: one walk per serving shard). Their
+sha256 is checked by `verify` (the audit), their sizes at open.
 
 On gs:// the same layout is read and written through retro_jax.db.layout: faiss files as bytes
 (serialize / deserialize, no local file; a serving shard's read whole at open), each rerank copy
@@ -614,12 +622,12 @@ def _merge_seconds(out_dir: epath.Path, s: int) -> epath.Path:
 
 
 def serving_path(out_dir, s: int, what: str) -> epath.Path:
-  """serving/shard-S.{faiss, rerank.npy, ids.npy, json, scann/} of serving shard s; `what` may
-  name a file of the ScaNN searcher's directory (scann/NAME)."""
+  """serving/shard-S.{faiss, lists.npy, rerank.npy, ids.npy, json, scann/} of serving shard s;
+  `what` may name a file of the ScaNN searcher's directory (scann/NAME)."""
   if what.startswith("scann/"):
     return serving_path(out_dir, s, "scann") / what.split("/", 1)[1]
-  ext = {"faiss": "faiss", "rerank": "rerank.npy", "ids": "ids.npy", "record": "json",
-         "scann": "scann"}[what]
+  ext = {"faiss": "faiss", "lists": "lists.npy", "rerank": "rerank.npy", "ids": "ids.npy",
+         "record": "json", "scann": "scann"}[what]
   return epath.Path(out_dir) / "serving" / f"{layout.shard_name(s)}.{ext}"
 
 
@@ -654,6 +662,11 @@ def _build_scann(out_dir: epath.Path, s: int, c: GlobalIndexConfig, scale_D: np.
 
 
 SERVING_FILES = ("faiss", "rerank", "ids")
+# A serving shard's files derived from another of its files (the lists file: the faiss file's
+# offsets): recorded with their sha256, but not part of the index's content fingerprint, so that
+# writing them into an older index (`write_lists_files`) leaves its manifest, and what was
+# built from it (the neighbours' provenance), as they were.
+DERIVED_FILES = ("lists",)
 
 
 def _read_json(path: epath.Path) -> dict[str, Any] | None:
@@ -856,11 +869,38 @@ def _bytes_record(data: bytes) -> dict[str, Any]:
   return {"sha256": layout.sha256_bytes(data), "bytes": len(data)}
 
 
+def _lists_at(out_dir: epath.Path, nlist: int) -> int:
+  """Where the inverted lists start in every serving shard's faiss file (trained.faiss's size)."""
+  return serving_lists.trained_lists_offset((epath.Path(out_dir) / TRAINED).stat().length, nlist)
+
+
+def _write_lists_file(out_dir: epath.Path, s: int, offsets: np.ndarray | None
+                      ) -> dict[str, dict]:
+  """Serving shard s's lists file from its faiss file's `offsets` (none for another faiss
+  layout); returns its record ({} when none)."""
+  if offsets is None:
+    return {}
+  data = serving_lists.lists_file_bytes(offsets)
+  layout.write_bytes_atomic(serving_path(out_dir, s, "lists"), data)
+  return {"lists": _bytes_record(data)}
+
+
+def _write_serving_faiss(out_dir: epath.Path, s: int, index, nlist: int) -> dict[str, dict]:
+  """Serving shard s's faiss file and its lists file (one walk over the bytes in memory);
+  returns their records."""
+  data = faiss.serialize_index(index).tobytes()
+  layout.write_bytes_atomic(serving_path(out_dir, s, "faiss"), data)
+  offsets = serving_lists.read_offsets(lambda o, n: data[o:o + n], len(data),
+                                       _lists_at(out_dir, nlist), nlist)
+  return {"faiss": _bytes_record(data), **_write_lists_file(out_dir, s, offsets)}
+
+
 def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str, Any]:
   """Serving shard s from every group's part for it, read whole in group order (a few reads in
   flight): its int8 rerank copy and ids streamed to disk as they come, its codes into the faiss
-  file. Then its record (serving/shard-S.json: counts and checksums), which marks it merged. Kept
-  when recorded. Returns the record. In RAM: the serving shard's codes and ids."""
+  file and that file's lists file. Then its record (serving/shard-S.json: counts and checksums),
+  which marks it merged. Kept when recorded. Returns the record. In RAM: the serving shard's codes
+  and ids."""
   out_dir = epath.Path(out_dir)
   rec = _read_json(serving_path(out_dir, s, "record"))
   if rec is not None:
@@ -895,9 +935,7 @@ def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str
       mine = order[bounds[p]:bounds[p + 1]]
       _set_list(ivf, int(p), ids_n[mine], codes_n[mine])
     index.ntotal = ivf.ntotal
-  data = faiss.serialize_index(index).tobytes()
-  layout.write_bytes_atomic(serving_path(out_dir, s, "faiss"), data)
-  files["faiss"] = _bytes_record(data)
+  files.update(_write_serving_faiss(out_dir, s, index, c.nlist))
   scann_s = 0.0
   if c.searcher == "scann":
     t1 = time.perf_counter()
@@ -915,10 +953,12 @@ def merge_step(s: int, groups: Sequence[int], out_dir, trained=None) -> dict[str
 
 
 def _content_sha256(top_files: dict[str, dict], serving: Sequence[dict]) -> str:
-  """One fingerprint of every file's recorded checksum (the index's content)."""
+  """One fingerprint of every file's recorded checksum (the index's content; DERIVED_FILES left
+  out)."""
   shas = [top_files[f]["sha256"] for f in sorted(top_files)]
   shas += [r["files"][f]["sha256"] for r in serving
-           for f in SERVING_FILES + tuple(sorted(set(r["files"]) - set(SERVING_FILES)))]
+           for f in SERVING_FILES + tuple(sorted(set(r["files"]) - set(SERVING_FILES)
+                                                 - set(DERIVED_FILES)))]
   return layout.sha256_bytes(json.dumps(shas).encode())
 
 
@@ -1091,6 +1131,80 @@ def verify(index_dir, manifest: dict[str, Any] | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The lists files of an index built before them: the upgrade (`build_db --stages=finalize`).
+
+LISTS_WRITES_IN_FLIGHT = 8  # serving shards walked at once (each walk: small reads in turn)
+
+
+def _has_lists_layout(root: epath.Path, nlist: int) -> bool:
+  """Whether the serving shards' faiss files hold fast-scan block lists (36 bytes of the trained
+  file read): the layout lists files describe."""
+  at = _lists_at(root, nlist)
+  if at < 16:
+    return False
+  with (root / TRAINED).open("rb") as f:
+    f.seek(at)
+    return serving_lists.has_block_lists(f.read(36), nlist)
+
+
+def lists_files_missing(index_dir) -> list[int]:
+  """The serving shards of a finished index whose lists file is not recorded, or missing or not
+  at its recorded size (a record and a stat per serving shard, read concurrently); [] when no
+  index of this format is built, or its faiss layout has no lists files."""
+  root = epath.Path(index_dir)
+  if not (root / layout.MANIFEST).exists():
+    return []
+  m = read_manifest(root)
+  if m.get("format_version") != FORMAT_VERSION:
+    return []
+  if not _has_lists_layout(root, int(m["config"]["nlist"])):
+    return []
+
+  def missing(s: int) -> bool:
+    rec = read_serving_record(root, s)
+    lists = rec["files"].get("lists")
+    path = serving_path(root, s, "lists")
+    return lists is None or not path.exists() or path.stat().length != lists["bytes"]
+
+  shards = serving_shard_ids(m)
+  with concurrent.futures.ThreadPoolExecutor(FINISH_READS_IN_FLIGHT) as pool:
+    return [s for s, bad in zip(shards, pool.map(missing, shards)) if bad]
+
+
+def _write_lists_of(root: epath.Path, s: int, nlist: int) -> None:
+  """Serving shard s's lists file from one walk over its faiss file's counts (local: a small
+  read per partition; gs://: the file read whole), then its record with the lists file's."""
+  rec = read_serving_record(root, s)
+  path = serving_path(root, s, "faiss")
+  _check_file(path, rec["files"]["faiss"], content=False)
+  at = _lists_at(root, nlist)
+  try:
+    if layout.is_remote(path):
+      data = path.read_bytes()
+      offsets = serving_lists.read_offsets(lambda o, n: data[o:o + n], len(data), at, nlist)
+    else:
+      offsets = serving_lists.file_offsets(os.fspath(path), at, nlist)
+  except serving_lists.Damaged as e:
+    raise index_lib.IndexError_(f"Global index file {path} is damaged ({e}); {_FIX}.") from None
+  files = {**rec["files"], **_write_lists_file(root, s, offsets)}
+  layout.write_json_atomic(serving_path(root, s, "record"), {**rec, "files": files})
+
+
+def write_lists_files(index_dir) -> list[int]:
+  """Writes the lists file of every serving shard of a finished index that lacks one (or whose
+  lists file is missing or not at its recorded size), each with its record; returns those
+  serving shards. The faiss files and the manifest are left as they are (the lists files are
+  DERIVED_FILES). Raises IndexError_ naming a faiss file whose lists do not add up."""
+  root = epath.Path(index_dir)
+  shards = lists_files_missing(root)
+  if shards:
+    nlist = int(read_manifest(root)["config"]["nlist"])
+    with concurrent.futures.ThreadPoolExecutor(LISTS_WRITES_IN_FLIGHT) as pool:
+      list(pool.map(lambda s: _write_lists_of(root, s, nlist), shards))
+  return shards
+
+
+# ----------------------------------------------------------------------------------------------
 # Search.
 
 
@@ -1105,7 +1219,8 @@ class GlobalIndex(index_lib.IndexShard):
     """Reads the manifest, the trained files and each of `serving`'s (default: every serving
     shard) record and the header of its faiss file: the same few files at any database size per
     serving shard. A local serving shard's inverted lists are read when a query first probes them
-    (retro_jax.retrieval.serving_lists: opening reads the header and one count per partition);
+    (retro_jax.retrieval.serving_lists: opening reads the faiss file's header and its lists
+    file's, or, without a lists file, one count per partition);
     on gs://, or with `lazy_lists=False`, its faiss file is read whole at open. `verify_files`:
     what is read whole is checked against its sha256, the rest (the faiss file read by lists, the
     memory-mapped rerank copy and ids) by size (`verify` reads every file whole)."""
@@ -1146,13 +1261,18 @@ class GlobalIndex(index_lib.IndexShard):
     lists_at = (serving_lists.lists_offset(data, self.nlist)
                 if lazy_lists and not layout.is_remote(self.index_dir) else None)
     self.serving, self._lists, self._rr, self._rr_ids, self._scann = {}, {}, {}, {}, {}
+    self._ram = {}
     for s in self.serving_ids:
       rec = read_serving_record(self.index_dir, s)
+      self._ram[s] = int(rec["ram_bytes"])
       path = serving_path(self.index_dir, s, "faiss")
-      if lists_at is not None:  # the header and one count per partition; lists when probed
+      if lists_at is not None:  # headers (older indexes: a count per partition); lists when probed
         _check_file(path, rec["files"]["faiss"], content=False)
-        self._lists[s] = serving_lists.ServingLists(os.fspath(path), data, self.nlist, lists_at,
-                                                    int(rec["files"]["faiss"]["bytes"]))
+        lists = rec["files"].get("lists")  # its size checked by ServingLists
+        self._lists[s] = serving_lists.ServingLists(
+            os.fspath(path), data, self.nlist, lists_at, int(rec["files"]["faiss"]["bytes"]),
+            None if lists is None else os.fspath(serving_path(self.index_dir, s, "lists")),
+            None if lists is None else int(lists["bytes"]))
         self.serving[s] = self._lists[s].index
       else:
         whole = path.read_bytes()
@@ -1194,6 +1314,7 @@ class GlobalIndex(index_lib.IndexShard):
     other.serving_ids = list(serving)
     other.serving = {s: self.serving[s] for s in serving}
     other._lists = {s: self._lists[s] for s in serving}
+    other._ram = {s: self._ram[s] for s in serving}
     other._rr = {s: self._rr[s] for s in serving}
     other._rr_ids = {s: self._rr_ids[s] for s in serving}
     other._scann = {s: self._scann[s] for s in serving if s in self._scann}
@@ -1201,9 +1322,10 @@ class GlobalIndex(index_lib.IndexShard):
     return other
 
   def memory_bytes(self) -> int:
-    """The serving shards' inverted lists in RAM, every list read (lazily read ones included)."""
-    return sum(memory_bytes(self.serving[s]) if self._lists[s] is None
-               else self._lists[s].ram_bytes() for s in self.serving_ids)
+    """The serving shards' inverted lists in RAM, every list read (lazily read ones included:
+    their records' figure, what `memory_bytes` of the whole index gave when it was written)."""
+    return sum(memory_bytes(self.serving[s]) if self._lists[s] is None else self._ram[s]
+               for s in self.serving_ids)
 
   def _nprobe(self, n: int) -> int:
     """nprobe grows with the number of candidates asked for (the retriever's refills)."""
@@ -1367,9 +1489,7 @@ def add_sources(root, sources: Sequence[Source]) -> dict[str, Any]:
     idx = _read_index(serving_path(root, s, "faiss"))
     mine = [e[s] for e in encoded]
     append_encoded(idx, mine)
-    data = faiss.serialize_index(idx).tobytes()
-    layout.write_bytes_atomic(serving_path(root, s, "faiss"), data)
-    files = {"faiss": _bytes_record(data),
+    files = {**_write_serving_faiss(root, s, idx, c.nlist),
              "rerank": _append_rows(serving_path(root, s, "rerank"),
                                     np.concatenate([m[3] for m in mine])),
              "ids": _append_rows(serving_path(root, s, "ids"), np.concatenate([m[1] for m in mine]))}

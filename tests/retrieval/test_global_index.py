@@ -21,6 +21,7 @@ import corpus_path  # noqa: E402
 import tiny_db  # noqa: E402
 
 from retro_jax.build import edit as edit_db  # noqa: E402
+from retro_jax.build import stages as build_stages  # noqa: E402
 from retro_jax.build import neighbours as nb  # noqa: E402
 from retro_jax.db import chunk_store as chunk_store_lib  # noqa: E402
 from retro_jax.retrieval import build_index as build_index_lib  # noqa: E402
@@ -174,46 +175,125 @@ def _rchar() -> int:
     return int(next(line for line in f if line.startswith("rchar:")).split()[1])
 
 
-def test_lists_read_when_probed_give_the_whole_read_answer(db, emb):
-  """Opening reads the trained files and, per serving shard, its faiss file's header and one
-  count per partition, not its lists; a query reads the lists it probes, once. The answers are
-  the whole read's bit for bit (ids and scores), with searches from several threads at once."""
+def _reads() -> np.ndarray:
+  """[read calls, bytes read] of this thread so far (/proc/thread-self/io: syscr, rchar)."""
+  with open("/proc/thread-self/io") as f:
+    io = dict(line.split(": ") for line in f.read().splitlines())
+  return np.array([int(io["syscr"]), int(io["rchar"])])
+
+
+def _count(fn):
+  """(fn's result, [read calls, bytes read] it took on this thread), less this count's own."""
+  a = _reads()
+  own = _reads() - a
+  b = _reads()
+  out = fn()
+  return out, _reads() - b - own
+
+
+def _without_lists(root, dst):
+  """A copy of the index at `root` as one built before lists files: none, none recorded."""
+  shutil.copytree(root, dst)
+  for s in range(3):
+    rec = global_lib.read_serving_record(dst, s)
+    del rec["files"]["lists"]
+    global_lib.layout.write_json_atomic(global_lib.serving_path(dst, s, "record"), rec)
+    global_lib.serving_path(dst, s, "lists").unlink()
+  return dst
+
+
+def test_lists_read_when_probed_give_the_whole_read_answer(db, emb, tmp_path):
+  """Opening reads the trained files and, per serving shard, its faiss file's header and its
+  lists file's header and ends, not its lists nor a count per partition; a query reads the lists
+  it probes, once. The answers are the whole read's and the count walk's (an index without lists
+  files) bit for bit (ids and scores), with searches from several threads at once."""
   root = global_lib.index_dir(db)
+  walk_root = _without_lists(root, tmp_path / "walk")
   m = global_lib.read_manifest(root)
   nlist = int(m["config"]["nlist"])
   faiss_bytes = sum(global_lib.serving_path(root, s, "faiss").stat().length for s in range(3))
   before = _rchar()
   lazy = global_lib.GlobalIndex(root)
   lazy_read = _rchar() - before
+  walk = global_lib.GlobalIndex(walk_root)  # reads counted by test_open_reads_do_not_grow...
   before = _rchar()
   whole = global_lib.GlobalIndex(root, lazy_lists=False)
   whole_read = _rchar() - before
   assert whole_read >= faiss_bytes
   # trained.faiss and scale.npy, the manifest; per serving shard its record, 2 x 4 KiB of faiss
-  # header and 8 B a partition, and one 8 KiB buffer for each .npy header (rerank copy, ids)
-  per_shard = 1024 + 2 * 4096 + 36 + 8 * nlist + 2 * 8192
+  # header, its lists file's header and first and last entries (no count per partition), and
+  # one 8 KiB buffer for each .npy header (rerank copy, ids)
+  lists_head = len(global_lib.serving_lists.lists_file_header(nlist))
+  per_shard = 1024 + 2 * 4096 + 36 + lists_head + 16 + 2 * 8192
   small = sum(m["files"][f]["bytes"] for f in m["files"]) + 4096 + 3 * per_shard
   assert lazy_read <= small < whole_read
-  assert all(not lazy._lists[s].loaded[lazy._lists[s].sizes > 0].any() for s in range(3))
-  assert lazy.count == whole.count == len(emb)
-  assert lazy.memory_bytes() == whole.memory_bytes()
+  for s in range(3):
+    assert lazy._lists[s].lists_path and not lazy._lists[s].loaded.any()
+    assert walk._lists[s].lists_path is None
+  assert lazy.count == walk.count == whole.count == len(emb)
+  assert lazy.memory_bytes() == walk.memory_bytes() == whole.memory_bytes()
   noisy = emb + np.random.default_rng(0).normal(0, 0.05, emb.shape).astype(np.float32)
   for queries in (emb[::3], noisy[1::3]):
     for n in (1, 10, 200):  # 200: past the rerank pool, more partitions probed
-      got, want = lazy.search(queries, n), whole.search(queries, n)
-      np.testing.assert_array_equal(got[0], want[0])
-      np.testing.assert_array_equal(got[1], want[1])
+      want = whole.search(queries, n)
+      for got in (lazy.search(queries, n), walk.search(queries, n)):
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+  # What was read by lists: the same offsets as the walk's (-1: not read, not probed).
+  for s in range(3):
+    known = lazy._lists[s].offsets >= 0
+    assert known.sum() > 2
+    np.testing.assert_array_equal(lazy._lists[s].offsets[known], walk._lists[s].offsets[known])
   one, one_whole = lazy.restricted([1]), whole.restricted([1])
   np.testing.assert_array_equal(one.search(noisy[:40], 10)[0], one_whole.search(noisy[:40], 10)[0])
   # A fresh open searched from four threads at once: each list read once, the same answers.
-  fresh = global_lib.GlobalIndex(root)
-  blocks = np.array_split(np.arange(len(emb)), 8)
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    got = list(pool.map(lambda b: fresh.search(noisy[b], 10), blocks))
-  for b, (ids, scores) in zip(blocks, got):
-    want_ids, want_scores = whole.search(noisy[b], 10)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_array_equal(scores, want_scores)
+  for fresh in (global_lib.GlobalIndex(root), global_lib.GlobalIndex(walk_root)):
+    blocks = np.array_split(np.arange(len(emb)), 8)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      got = list(pool.map(lambda b: fresh.search(noisy[b], 10), blocks))
+    for b, (ids, scores) in zip(blocks, got):
+      want_ids, want_scores = whole.search(noisy[b], 10)
+      np.testing.assert_array_equal(ids, want_ids)
+      np.testing.assert_array_equal(scores, want_scores)
+
+
+def _open_lists(root, s, nlist, with_lists=True):
+  """ServingLists of serving shard s (with its lists file, or walking the counts), and the
+  (read calls, bytes) opening it took on this thread."""
+  data = (root / global_lib.TRAINED).read_bytes()
+  rec = global_lib.read_serving_record(root, s)["files"]
+  lists = global_lib.serving_path(root, s, "lists")
+  return _count(lambda: global_lib.serving_lists.ServingLists(
+      str(global_lib.serving_path(root, s, "faiss")), data, nlist,
+      global_lib.serving_lists.lists_offset(data, nlist), rec["faiss"]["bytes"],
+      str(lists) if with_lists else None, rec["lists"]["bytes"] if with_lists else None))
+
+
+def test_open_reads_do_not_grow_with_nlist(db, emb, tmp_path):
+  """With its lists file, opening a serving shard takes the same reads (calls and bytes) at
+  nlist 4 and 12, and a probed list two more (its offsets, then the list); walking the counts
+  takes one read per partition more. Both give the lists the whole file holds."""
+  sources = retriever_lib.db_global_sources(db)
+  opened = {}
+  for nlist in (4, 12):
+    root = tmp_path / f"nlist{nlist}"
+    global_lib.build(sources, root, global_lib.GlobalIndexConfig(nlist=nlist, serving_shards=1))
+    lists, reads = _open_lists(root, 0, nlist)
+    walked, walk_reads = _open_lists(root, 0, nlist, with_lists=False)
+    whole = global_lib._read_index(global_lib.serving_path(root, 0, "faiss"))
+    parts = np.arange(nlist)
+    assert _count(lambda: lists.ensure(parts[:1]))[1][0] == 2
+    lists.ensure(parts)
+    walked.ensure(parts)
+    for p in parts:
+      want = global_lib._list_entries(global_lib._ivf(whole), int(p))
+      for got in (lists, walked):
+        have = global_lib._list_entries(global_lib._ivf(got.index), int(p))
+        np.testing.assert_array_equal(have[0], want[0])
+        np.testing.assert_array_equal(have[1], want[1])
+    opened[nlist] = reads, walk_reads
+  np.testing.assert_array_equal(opened[4][0], opened[12][0])  # calls and bytes
+  assert opened[12][1][0] - opened[4][1][0] == 12 - 4  # a count per partition
 
 
 def test_corrupt_serving_shard_is_named(tmp_path_factory):
@@ -223,10 +303,9 @@ def test_corrupt_serving_shard_is_named(tmp_path_factory):
   root = global_lib.index_dir(db)
   path = root / "serving" / "shard-00001.faiss"
   good = path.read_bytes()
-  lists = global_lib.GlobalIndex(root, serving=[1])._lists[1]
-  p = int(np.flatnonzero(lists.sizes)[0])
-  in_codes = int(lists.offsets[p] + 16 + 8 * lists.sizes[p] + 1)  # one of its PQ code bytes
-  del lists
+  offsets = np.load(global_lib.serving_path(root, 1, "lists"))
+  p = int(np.flatnonzero(np.diff(offsets) > 16)[0])
+  in_codes = int(offsets[p + 1] - 1)  # the last byte of its PQ codes
   for where in (20, in_codes):
     data = bytearray(good)
     data[where] ^= 0xFF
@@ -241,6 +320,71 @@ def test_corrupt_serving_shard_is_named(tmp_path_factory):
   path.write_bytes(good[:-100])
   with pytest.raises(index_lib.IndexError_, match="shard-00001.faiss"):
     retriever_lib.Retriever.from_db(db)
+
+
+def test_damaged_lists_file_is_refused(tmp_path_factory):
+  """A lists file not at its recorded size, not of int64 [nlist + 1], whose ends are not the
+  lists', or missing, is refused at open, naming it and the fix; one with a probed partition's
+  offsets wrong is refused when a query reads that partition (never wrong lists), and by
+  `verify`. Deleted and written again by the upgrade, it is the build's, byte for byte."""
+  db = _copy_with_global(tmp_path_factory, "global_lists_damaged")
+  root = global_lib.index_dir(db)
+  path = global_lib.serving_path(root, 1, "lists")
+  good = path.read_bytes()
+  head = len(good) - 8 * (int(global_lib.read_manifest(root)["config"]["nlist"]) + 1)
+  offsets = np.load(path)
+  p = int(np.flatnonzero(np.diff(offsets) > 16)[0])
+  emb = np.concatenate([np.load(x) for x in retriever_lib.embedding_paths(db)])
+  g = global_lib.GlobalIndex(root)
+  probed = [q for q in range(len(emb)) if p in g.route(emb[q:q + 1], 1)[0]]
+
+  def damaged(at, value):
+    data = bytearray(good)
+    data[at:at + 8] = int(value).to_bytes(8, "little", signed=True)
+    return bytes(data)
+
+  fix = "lists file .*shard-00001.lists.npy.*--stages=finalize"
+  for data in (good + b"\0" * 8, good[:-8], good.replace(b"<i8", b"<i4"),
+               damaged(head, offsets[0] + 16), damaged(len(good) - 8, offsets[-1] - 1)):
+    path.write_bytes(data)
+    with pytest.raises(index_lib.IndexError_, match=fix):
+      global_lib.GlobalIndex(root)
+  for wrong in (offsets[p] + 8, offsets[p + 1]):  # inside its list; the next list's
+    path.write_bytes(damaged(head + 8 * p, wrong))
+    g = global_lib.GlobalIndex(root)  # opens: the entry is read when partition p is probed
+    with pytest.raises(index_lib.IndexError_, match=fix):
+      g.search(emb[probed[:1]], 10)
+    with pytest.raises(index_lib.IndexError_, match="shard-00001.lists.npy"):
+      global_lib.verify(root)
+  path.unlink()
+  with pytest.raises(index_lib.IndexError_, match="shard-00001.lists.npy is missing.*finalize"):
+    global_lib.GlobalIndex(root)
+  assert global_lib.write_lists_files(root) == [1]
+  assert path.read_bytes() == good
+  global_lib.verify(root)
+
+
+def test_finalize_writes_lists_files_into_an_older_index(db, tmp_path):
+  """An index built before lists files (none recorded) is upgraded by `build_db
+  --stages=finalize`: each serving shard's lists file and record are the build's, byte for
+  byte; its faiss files and manifest (the index's content fingerprint) are unchanged; a second
+  finalize does nothing."""
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy, ignore=shutil.ignore_patterns("global"))
+  root = global_lib.index_dir(db)
+  old = _without_lists(root, global_lib.index_dir(copy))
+  want = tiny_db.digests(root)
+  before = tiny_db.digests(old)
+  assert set(want) - set(before) == {f"serving/shard-0000{s}.lists.npy" for s in range(3)}
+  assert global_lib.lists_files_missing(old) == [0, 1, 2]
+  assert not build_stages.is_done("finalize", copy, build_stages.DEFAULTS)
+  build_stages.build(copy, stages=("finalize",))
+  assert tiny_db.digests(old) == want
+  assert global_lib.lists_files_missing(old) == []
+  assert build_stages.is_done("finalize", copy, build_stages.DEFAULTS)
+  record = build_stages.build(copy, stages=("finalize",))
+  assert record["stages"]["finalize"]["skipped"]
+  global_lib.verify(old)
 
 
 def test_service_serves_partitions_with_the_in_process_answer(db, store, emb, tmp_path_factory):
