@@ -126,7 +126,12 @@ def main(argv):
     e2e = rows[f"global nprobe={npb} (end to end)"]
     e2e["qps_vs_today"] = e2e["qps"] / base
     e2e["e2e_vs_raw_qps"] = e2e["qps"] / rows[f"global nprobe={npb} (raw index call)"]["qps"]
+  # The top files (trained quantizer, scale) and each serving shard's files, by their records.
+  serving = [global_lib.read_serving_record(global_lib.index_dir(db), s)
+             for s in global_lib.serving_shard_ids(manifest)]
   index_bytes = {f: r["bytes"] for f, r in manifest["files"].items()}
+  index_bytes.update({f"serving/{r['shard']}/{f}": v["bytes"] for r in serving
+                      for f, v in r["files"].items()})
   report = {
       "db": db, "num_vectors": n, "num_queries": int(len(qids)), "k": K,
       "threads": _THREADS.value, "repeats": _REPEATS.value,
@@ -139,8 +144,9 @@ def main(argv):
           "ram_bytes_per_vector": g.memory_bytes() / n,
           "disk_bytes_per_vector": sum(index_bytes.values()) / n,
           "rerank_int8_bytes_per_vector": sum(v for f, v in index_bytes.items()
-                                              if f.startswith("rerank/shard")) / n,
-          "serving_shards": manifest["serving_shards"]},
+                                              if f.endswith("/rerank")) / n,
+          "serving_shards": [{k: r[k] for k in ("shard", "part_start", "part_end", "count",
+                                                "ram_bytes")} for r in serving]},
       "today": {"index_shards": len(today.shards), "factory": today.shards[0].config.faiss_factory,
                 "nprobe": today.shards[0].config.faiss_nprobe,
                 "k_factor": today.shards[0].config.faiss_k_factor},

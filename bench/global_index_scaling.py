@@ -234,7 +234,7 @@ def main(argv):
     ok = [s for s in sweep if s["recall@10"] >= 0.9]
     point = {
         "num_vectors": n, "nlist": manifest["config"]["nlist"], "factory": manifest["factory"],
-        "serving_shards": len(manifest["serving_shards"]),
+        "serving_shards": int(manifest["config"]["serving_shards"]),
         "build_seconds": build_s, "build_phases": manifest["build_seconds"],
         "encode_vectors_per_second": n / manifest["build_seconds"]["encode"],
         "ram_bytes_per_vector": index.memory_bytes() / n,
