@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from etils import epath
 
+from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.build import pipeline as pipeline_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, provenance
@@ -70,10 +71,11 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
     return (db / want).exists()
   if stage == "chunks":
     return (db / layout.CHUNKS_DIR / layout.MANIFEST).exists()
-  if stage == "finalize":  # a store of an older format is finalized again: the upgrade
-    path = db / layout.CHUNKS_DIR / layout.MANIFEST
+  if stage == "finalize":  # the upgrade: a store of an older format is finalized again, and
+    path = db / layout.CHUNKS_DIR / layout.MANIFEST  # neighbours records get block checksums
     return (path.exists() and json.loads(path.read_text()).get("format_version")
-            == chunk_store_lib.FORMAT_VERSION)
+            == chunk_store_lib.FORMAT_VERSION
+            and not neighbours_lib.without_block_checksums(db, _store(db)))
   if not is_done("chunks", db, cfg):
     return False
   if stage in ("embeddings", "neighbours"):
@@ -88,7 +90,14 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
 
 
 def _stage_finalize(db: epath.Path, cfg: dict[str, Any], beam_args) -> None:
-  chunk_store_lib.finalize_chunk_store(db / layout.CHUNKS_DIR)
+  path = db / layout.CHUNKS_DIR / layout.MANIFEST
+  if not (path.exists() and json.loads(path.read_text()).get("format_version")
+          == chunk_store_lib.FORMAT_VERSION):
+    chunk_store_lib.finalize_chunk_store(db / layout.CHUNKS_DIR)
+  upgraded = neighbours_lib.add_block_checksums(db, _store(db))
+  if upgraded:
+    print(f"[build_db] finalize: block checksums recorded for {len(upgraded)} neighbours "
+          "shard(s)", flush=True)
 
 
 def _check_inputs(stage: str, db: epath.Path, cfg: dict[str, Any]) -> None:

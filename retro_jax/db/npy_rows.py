@@ -141,6 +141,11 @@ def load(f) -> np.ndarray:
     return np.load(f, allow_pickle=False)
 
 
+def data_offset(arr) -> int:
+  """Where the rows of an array from `open_rows` start in its file (the header's length)."""
+  return int(arr._offset if isinstance(arr, RemoteRows) else arr.offset)
+
+
 def row_bytes(arr, start: int, end: int) -> bytes:
   """The stored bytes of rows [start, end) of an array from `open_rows`, by one ranged read (a
   file read locally, not page faults of the memory map; a byte-range read on gs://)."""
@@ -148,7 +153,7 @@ def row_bytes(arr, start: int, end: int) -> bytes:
     return arr._read(arr._offset + start * arr._row_bytes, arr._offset + end * arr._row_bytes)
   per_row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
   with open(arr.filename, "rb") as f:
-    f.seek(int(arr.offset) + start * per_row)
+    f.seek(data_offset(arr) + start * per_row)
     data = f.read((end - start) * per_row)
   if len(data) != (end - start) * per_row:
     raise OSError(f"{arr.filename}: short read of rows [{start}, {end})")
