@@ -141,6 +141,25 @@ def load(f) -> np.ndarray:
     return np.load(f, allow_pickle=False)
 
 
+def read_header(f) -> tuple[bytes, tuple[int, ...], np.dtype]:
+  """(the header's bytes, shape, dtype) of the `.npy` file open for reading at its start `f`, read
+  from the stream itself (the rows follow it)."""
+  prefix = f.read(_PREFIX)
+  major = prefix[6]
+  length = int.from_bytes(prefix[8:10] if major == 1 else prefix[8:12], "little")
+  head = prefix + f.read((10 if major == 1 else 12) + length - len(prefix))
+  buf = io.BytesIO(head)
+  version = np.lib.format.read_magic(buf)
+  with HEADER_LOCK:
+    if version == (1, 0):
+      shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    else:
+      shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+  if fortran or dtype.hasobject:
+    raise ValueError(f"{getattr(f, 'name', f)}: not a C-ordered array of plain values")
+  return head, tuple(shape), np.dtype(dtype)
+
+
 def data_offset(arr) -> int:
   """Where the rows of an array from `open_rows` start in its file (the header's length)."""
   return int(arr._offset if isinstance(arr, RemoteRows) else arr.offset)

@@ -111,24 +111,28 @@ def _read_exact(f, n: int) -> bytes:
   return b"".join(parts)
 
 
-def file_digests(path: str | os.PathLike, block_rows: int) -> tuple[str, list[str]]:
-  """(the whole file's sha256, `file_block_digests`) of a `.npy` file from one sequential read
-  (what a finished neighbours shard records; the upgrade of one written before block checksums)."""
-  arr = npy_rows.open_rows(path)
-  per_row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+def file_digests(path: str | os.PathLike, rows: int | None = None
+                 ) -> tuple[str, int, list[str]]:
+  """(the whole file's sha256, rows per block, `file_block_digests`) of a `.npy` file from one
+  sequential read of it (`rows` None: as many rows as fill BLOCK_BYTES): what a finished
+  neighbours shard records, and the upgrade of one written before block checksums."""
   whole, blocks = hashlib.sha256(), []
   with epath.Path(path).open("rb") as f:
-    whole.update(_read_exact(f, npy_rows.data_offset(arr)))
-    for a in range(0, len(arr), block_rows):
-      want = (min(a + block_rows, len(arr)) - a) * per_row
+    head, shape, dtype = npy_rows.read_header(f)
+    whole.update(head)
+    per_row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    rows = block_rows(per_row) if rows is None else int(rows)
+    n = shape[0] if shape else 1
+    for a in range(0, n, rows):
+      want = (min(a + rows, n) - a) * per_row
       data = _read_exact(f, want)
       if len(data) != want:
-        raise OSError(f"{path}: short read of rows [{a}, {a + block_rows})")
+        raise OSError(f"{path}: short read of rows [{a}, {a + rows})")
       whole.update(data)
       blocks.append(layout.sha256_bytes(data))
-    while data := f.read(1 << 22):  # (nothing past the rows in a file np.save wrote)
+    while data := f.read(1 << 22):  # (nothing follows the rows in a file np.save wrote)
       whole.update(data)
-  return whole.hexdigest(), blocks
+  return whole.hexdigest(), rows, blocks
 
 
 def blocks_once(path: str | os.PathLike, arr, rows, block_rows: int, block_sha256: list[str],
@@ -250,9 +254,7 @@ def record_blocks(npy_path: str | os.PathLike, state: dict) -> dict:
   """`state` with the finished shard's sha256, size and block checksums (`CHECKSUM_BLOCK_ROWS`,
   `block_sha256`: blocks of BLOCK_BYTES), from one read of the file: what a neighbours shard's
   progress file records. The file itself is not changed."""
-  arr = npy_rows.open_rows(npy_path)
-  rows = block_rows(int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
-  sha, blocks = file_digests(npy_path, rows)
+  sha, rows, blocks = file_digests(npy_path)
   return {**state, "sha256": sha, "bytes": layout.file_size(npy_path), CHECKSUM_BLOCK_ROWS: rows,
           "block_sha256": blocks}
 
