@@ -9,7 +9,9 @@ store and `DB/embeddings/`), the query is the chunk's own stored embedding and t
     `exclude_doc_ids_Q`), and
   * not of a held-out document (so that no evaluation text leaks into training through retrieval).
 Results are int64 global chunk ids in `DB/neighbours/shard-XXXXX.npy`, shape [n_chunks_in_shard, k],
--1 where fewer than k candidates exist.
+-1 where fewer than k candidates exist. The finished shard's `.progress.json` records its sha256
+and the sha256 of each 128 KiB block of rows (`block_sha256`, `checksum_block_rows` rows each), so a
+reader verifies only the blocks its rows lie in (`NeighbourShards.rows`).
 
 Which chunks get neighbours: every chunk, held-out documents included. The training sequences
 (`retro_jax.training.input_pipeline`) are consecutive runs of seq_len/64 chunks of the non-held-out documents,
