@@ -10,8 +10,8 @@
   file (`file_once`), its content sha256 against the checksum recorded when it was written
   (chunk-store shard files: the store's shard records; embeddings and neighbours shards: their
   `.progress.json`, or for embeddings made before that was recorded, the index manifests), plus a
-  range check of the values. Verified files (blocks) are remembered per process by (path, size, mtime,
-  digest[, block]), so each is hashed once per process, not once per read. A whole database is
+  range check of the values. Verified files (blocks) are remembered per process by (path, size,
+  mtime, digest[, block]), so each is hashed once per process, not once per read. A whole database is
   audited by `build_db --audit` / `ChunkStore.check` (every file's whole checksum). The cost is one sequential read of the file: see
   docs/benchmarks.md ("Verify on read") for the measured seconds per GB.
   `RETRO_JAX_VERIFY_ON_READ=0` turns the content checksums off (counts, sizes and ranges stay).
