@@ -5,8 +5,9 @@ format may differ between the builds compared by content.
         --out=bench/results/make_db_same.json
 
 Files: identical, different, or in one database only (build times, provenance records, the
-manifests and the chunk-store shards' done markers are compared by content below, not by bytes:
-a marker may gain a field, e.g. `num_utf8_bytes`, listed). The chunk store: totals, the shard list
+manifests, the chunk-store shards' done markers and the neighbours shards' progress records are
+compared by content below, not by bytes: a record may gain a field, e.g. `num_utf8_bytes` or
+`block_sha256`, listed). The chunk store: totals, the shard list
 (offsets, counts, file checksums) and the held-out ids, through `chunk_store.read_manifest` (so a
 format-1 store compares with a format-2 one). The global index by content, in either format: the
 trained partitioner and quantizer, each serving shard's faiss file, and the int8 rerank rows in id
@@ -44,6 +45,16 @@ def _is_done_marker(rel: str) -> bool:
   return rel.startswith("chunks/") and rel.endswith(".done.json")
 
 
+def _is_neighbours_record(rel: str) -> bool:
+  return rel.startswith("neighbours/") and rel.endswith(".progress.json")
+
+
+def _neighbours_records(root: str) -> dict[str, dict]:
+  d = os.path.join(root, layout.NEIGHBOURS_DIR)
+  return {f: json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d))
+          if f.endswith(".progress.json")} if os.path.isdir(d) else {}
+
+
 def _markers(root: str) -> dict[str, dict]:
   d = os.path.join(root, "chunks")
   return {f: json.load(open(os.path.join(d, f))) for f in sorted(os.listdir(d))
@@ -56,7 +67,7 @@ def _digests(root: str) -> dict[str, str]:
     for f in files:
       path = os.path.join(d, f)
       rel = os.path.relpath(path, root)
-      if not rel.startswith(BY_CONTENT) and not _is_done_marker(rel):
+      if not (rel.startswith(BY_CONTENT) or _is_done_marker(rel) or _is_neighbours_record(rel)):
         with open(path, "rb") as fh:
           out[rel] = hashlib.sha256(fh.read()).hexdigest()
   return out
@@ -137,6 +148,19 @@ def main(argv):
                                                 for k in mb[f].keys() - ma[f].keys()})
   res["done_marker_fields_only_in_a"] = sorted({k for f in ma.keys() & mb.keys()
                                                 for k in ma[f].keys() - mb[f].keys()})
+  # The neighbours shards' progress records: the fields both record, and the fields one adds
+  # (block checksums since issue 23; `build_db --stages=finalize` adds them to older ones).
+  na, nb = ((_neighbours_records(r) if not FLAGS.dirs or "neighbours" in FLAGS.dirs else {})
+            for r in (FLAGS.a, FLAGS.b))
+  res["neighbours_records_differ"] = sorted(
+      f for f in na.keys() & nb.keys()
+      if {k: v for k, v in na[f].items() if k in nb[f]} != {k: v for k, v in nb[f].items()
+                                                            if k in na[f]})
+  res["neighbours_records_only_in_one"] = sorted(na.keys() ^ nb.keys())
+  res["neighbours_record_fields_only_in_a"] = sorted({k for f in na.keys() & nb.keys()
+                                                      for k in na[f].keys() - nb[f].keys()})
+  res["neighbours_record_fields_only_in_b"] = sorted({k for f in na.keys() & nb.keys()
+                                                      for k in nb[f].keys() - na[f].keys()})
   sa, sb = _store(FLAGS.a), _store(FLAGS.b)
   for ra, rb in zip(sa["shards"], sb["shards"]):
     _shared_file_fields(ra, rb, added)
@@ -158,6 +182,8 @@ def main(argv):
   res["same_database"] = (not res["files_different"] and not res["only_in_a"]
                           and not res["only_in_b"] and not res["chunk_store_differs_in"]
                           and not res["done_markers_differ"] and not res["done_markers_only_in_one"]
+                          and not res["neighbours_records_differ"]
+                          and not res["neighbours_records_only_in_one"]
                           and res["index_files_identical"])
   with open(FLAGS.out, "w") as f:
     json.dump(res, f, indent=1)

@@ -247,11 +247,50 @@ def test_damaged_embeddings_stop_the_exact_retriever(db, tmp_path):
     retriever_lib.db_embedding_rows(d, np.array([0]))
 
 
-def test_damaged_neighbours_stop_the_loader(db, tmp_path):
+def _small_neighbour_blocks(db, shard: int, rows: int) -> None:
+  """Rewrites neighbours shard `shard`'s progress record with checksums of `rows`-row blocks,
+  computed from its file (the tiny shards hold fewer rows than one default block)."""
+  path = layout.neighbours_path(db, shard)
+  rec = verify.progress_record(path)
+  rec.update({verify.CHECKSUM_BLOCK_ROWS: rows,
+              "block_sha256": verify.file_block_digests(path, rows)})
+  layout.write_json_atomic(layout.progress_path(path), rec)
+
+
+def test_damaged_neighbours_block_fails_only_the_reads_that_touch_it(db, tmp_path):
   d = copy_db(db, tmp_path)
-  _flip_rows(str(layout.neighbours_path(d, 0)))
-  with pytest.raises(verify.DamagedDataError, match="neighbours/shard-00000.npy is damaged"):
-    neighbours_lib.open_neighbours(d)
+  want = np.load(layout.neighbours_path(db, 0))
+  _small_neighbour_blocks(d, 0, 8)
+  _flip_rows(str(layout.neighbours_path(d, 0)), slice(8, 12))  # valid ids: only a checksum tells
+  shards, _ = neighbours_lib.open_neighbours(d)  # opening hashes nothing
+  ok = np.r_[0:8, 16:len(want)]
+  np.testing.assert_array_equal(shards.rows(0, ok), want[ok])
+  with pytest.raises(verify.DamagedDataError,
+                     match=r"neighbours/shard-00000.npy is damaged: rows 8\.\.15 have sha256"):
+    shards.rows(0, [14])  # row 14 itself is intact: its block is not
+  with pytest.raises(verify.DamagedDataError, match="shard-00000.npy is damaged: rows 8"):
+    neighbours_lib.open_neighbours(d)[0][0]  # a whole-shard read checks every block
+  # Training, on a fresh copy whose shards are damaged in their one (default) block each: the
+  # first batch's neighbour rows stop it with one line before any step.
+  d2 = copy_db(db, tmp_path, "db2")
+  for s in range(2):
+    _flip_rows(str(layout.neighbours_path(d2, s)))
+  p = cli(train_cmd(tmp_path / "wd", d2))
+  assert_one_line_error(p, "neighbours/shard-0000", ".npy is damaged: rows 0..")
+  assert not (tmp_path / "wd" / "metrics.jsonl").exists() or not (
+      tmp_path / "wd" / "metrics.jsonl").read_text()
+
+
+def test_neighbours_written_before_block_checksums_are_checked_whole(db, tmp_path):
+  d = copy_db(db, tmp_path)
+  path = layout.neighbours_path(d, 0)
+  rec = verify.progress_record(path)
+  del rec[verify.CHECKSUM_BLOCK_ROWS], rec["block_sha256"]
+  layout.write_json_atomic(layout.progress_path(path), rec)
+  _flip_rows(str(path), slice(100, 104))
+  shards, _ = neighbours_lib.open_neighbours(d)
+  with pytest.raises(verify.DamagedDataError, match="neighbours/shard-00000.npy is damaged: sha256"):
+    shards.rows(0, [0])  # far from the damage: the whole file is hashed
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ store and `DB/embeddings/`), the query is the chunk's own stored embedding and t
     `exclude_doc_ids_Q`), and
   * not of a held-out document (so that no evaluation text leaks into training through retrieval).
 Results are int64 global chunk ids in `DB/neighbours/shard-XXXXX.npy`, shape [n_chunks_in_shard, k],
--1 where fewer than k candidates exist.
+-1 where fewer than k candidates exist. The finished shard's `.progress.json` records its sha256
+and the sha256 of each 128 KiB block of rows (`block_sha256`, `checksum_block_rows` rows each), so a
+reader verifies only the blocks its rows lie in (`NeighbourShards.rows`).
 
 Which chunks get neighbours: every chunk, held-out documents included. The training sequences
 (`retro_jax.training.input_pipeline`) are consecutive runs of seq_len/64 chunks of the non-held-out documents,
@@ -167,9 +169,10 @@ def shard_record(num_rows: int, first_id: int, k: int, block_rows: int,
 
 
 def write_finished(out_path, want: dict[str, Any]) -> None:
-  """The finished shard's progress record, with the .npy's sha256 (checked on every read)."""
+  """The finished shard's progress record, with the .npy's sha256 and its block checksums (a read
+  checks the blocks it touches: `NeighbourShards.rows`), from one read of the file."""
   state = {**want, "rows_done": want["num_rows"], "done": True}
-  write_json_atomic(progress_path(out_path), verify.record_sha256(out_path, state))
+  write_json_atomic(progress_path(out_path), verify.record_blocks(out_path, state))
 
 
 def search_settings(store, backend: str, index_size: int) -> dict[str, Any]:
@@ -238,24 +241,28 @@ def compute_neighbours(db_dir: str | os.PathLike, k: int = 2, backend: str | Non
 
 
 class NeighbourShards:
-  """The neighbours shards for row reads, each opened (memory-mapped, or ranged reads on gs://)
-  and verified (checksum, ids in range: once per process) when it is first read, so opening the
-  database costs the same few reads at any size. `[j]` is shard j's int64 [count, k] array."""
+  """The neighbours shards for row reads, each opened (memory-mapped, or ranged reads on gs://) when
+  it is first read, its shape checked, nothing hashed, so opening the database costs the same few
+  reads at any size. `rows(j, rows)` reads rows of shard j, verifying the checksummed blocks they
+  lie in (each once per process) and their ids; `[j]` is shard j's whole int64 [count, k] array,
+  every block verified. Shards written before block checksums are verified whole on first read."""
 
   def __init__(self, db_dir: str | os.PathLike, store):
     self.db_dir, self.store = db_dir, store
-    self._open: dict[int, np.ndarray] = {}
-    self.k = int(self[0].shape[1])
+    self._open: dict[int, tuple] = {}
+    self._whole: set[int] = set()
+    self.k = int(self._shard(0)[0].shape[1])
 
   def __len__(self) -> int:
     return self.store.num_shards
 
-  def __getitem__(self, j: int) -> np.ndarray:
-    j = int(j) + (len(self) if int(j) < 0 else 0)  # [-1]: the last shard
+  def _shard(self, j: int) -> tuple:
+    """(array, progress record, verify.file_key, store shard) of neighbours shard j."""
     if j not in self._open:
       shard, _, count = self.store.shard_span(j)  # its offsets rows, not every shard's
       path = layout.neighbours_path(self.db_dir, shard)
-      if not shard_is_done(self.db_dir, shard):
+      rec = layout.finished_record(path)
+      if rec is None:
         raise NeighboursError(f"{path} is missing or unfinished; run python -m "
                               f"retro_jax.build.neighbours --db={self.db_dir}.")
       a = npy_rows.open_rows(path)
@@ -265,17 +272,65 @@ class NeighbourShards:
       if j and a.shape[1] != self.k:
         raise NeighboursError(f"Neighbour shards of {self.db_dir} have different k: "
                               f"{sorted({self.k, int(a.shape[1])})}.")
-      verify.neighbours_shard(self.db_dir, shard, a, self.store.num_chunks)
-      self._open[j] = a
+      self._open[j] = (a, rec, verify.file_key(path), shard)
     return self._open[j]
+
+  def _index(self, j) -> int:
+    return int(j) + (len(self) if int(j) < 0 else 0)  # [-1]: the last shard
+
+  def rows(self, j: int, rows) -> np.ndarray:
+    """int64 [len(rows), k]: rows `rows` of shard j, the blocks they lie in verified."""
+    a, rec, key, shard = self._shard(self._index(j))
+    return verify.neighbours_rows(self.db_dir, shard, a, rows, self.store.num_chunks, rec, key)
+
+  def __getitem__(self, j: int) -> np.ndarray:
+    j = self._index(j)
+    a, rec, key, shard = self._shard(j)
+    if j not in self._whole:
+      verify.neighbours_shard(self.db_dir, shard, a, self.store.num_chunks, rec, key)
+      self._whole.add(j)
+    return a
 
   def __iter__(self):
     return (self[j] for j in range(len(self)))
 
 
+def add_block_checksums(db_dir: str | os.PathLike, store=None) -> list[int]:
+  """The upgrade of a database whose neighbours shards were written before block checksums
+  (`build_db --stages=finalize`): each finished shard's progress record gains them, computed in
+  one read of the file after its whole sha256 is checked against the recorded one; the `.npy`
+  files are not changed. Returns the shards upgraded."""
+  store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
+  done = []
+  for shard, _, _ in store.shard_spans():
+    path = layout.neighbours_path(db_dir, shard)
+    rec = layout.finished_record(path)
+    if rec is None or "block_sha256" in rec:
+      continue
+    new = verify.record_blocks(path, rec)
+    if rec.get("sha256") and new["sha256"] != rec["sha256"]:
+      raise verify.DamagedDataError(
+          f"{path} is damaged: sha256 {new['sha256'][:12]} differs from the {rec['sha256'][:12]} "
+          f"recorded when it was written; {verify.neighbours_fix(db_dir)}")
+    write_json_atomic(progress_path(path), new)
+    done.append(shard)
+  return done
+
+
+def without_block_checksums(db_dir: str | os.PathLike, store=None) -> bool:
+  """Whether a finished neighbours shard's progress record has no block checksums (a database
+  written before them: `add_block_checksums` upgrades it)."""
+  store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
+  for shard, _, _ in store.shard_spans():
+    rec = layout.finished_record(layout.neighbours_path(db_dir, shard))
+    if rec is not None and "block_sha256" not in rec:
+      return True
+  return False
+
+
 def open_neighbours(db_dir: str | os.PathLike, store=None) -> tuple[NeighbourShards, np.ndarray]:
-  """The neighbours shards (`NeighbourShards`: each opened and verified on first read; shard 0
-  now) and the int64 first-chunk id of each shard."""
+  """The neighbours shards (`NeighbourShards`: each opened on first read, shard 0 now; verified as
+  it is read) and the int64 first-chunk id of each shard."""
   store = store if store is not None else chunk_store_lib.ChunkStore.open(db_dir)
   shards = NeighbourShards(db_dir, store)
   return shards, np.asarray([first for _, first, _ in store.shard_spans()], np.int64)
@@ -328,7 +383,7 @@ def repair_after_deletion(db_dir: str | os.PathLike, retriever, store=None,
     state.setdefault("repairs", []).append(
         {"rows_recomputed": int(stale.size), "rows_cleared": int(own.size),
          "deleted_docs": int(store.deleted_doc_ids().size)})
-    write_json_atomic(prog, verify.record_sha256(path, state))
+    write_json_atomic(prog, verify.record_blocks(path, state))
     totals["rows_recomputed"] += int(stale.size)
     totals["rows_cleared"] += int(own.size)
     totals["shards"].append(shard)

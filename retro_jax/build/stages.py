@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from etils import epath
 
+from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.build import pipeline as pipeline_lib
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, provenance
@@ -72,7 +73,8 @@ def is_done(stage: str, db: epath.Path, cfg: dict[str, Any]) -> bool:
   if stage == "chunks":
     return (db / layout.CHUNKS_DIR / layout.MANIFEST).exists()
   if stage == "finalize":  # the upgrade of an older database (`_stage_finalize`)
-    return _store_current(db) and not global_lib.lists_files_missing(global_lib.index_dir(db))
+    return (_store_current(db) and not global_lib.lists_files_missing(global_lib.index_dir(db))
+            and not neighbours_lib.without_block_checksums(db, _store(db)))
   if not is_done("chunks", db, cfg):
     return False
   if stage in ("embeddings", "neighbours"):
@@ -96,13 +98,18 @@ def _store_current(db: epath.Path) -> bool:
 def _stage_finalize(db: epath.Path, cfg: dict[str, Any], beam_args) -> None:
   """The upgrade: a store of an older format (or none finalized yet) is finalized again; a global
   index built before lists files gets them (one walk over each serving shard's faiss file; its
-  faiss files and manifest unchanged)."""
+  faiss files and manifest unchanged); neighbours records without block checksums get them (the
+  .npy files unchanged)."""
   if not _store_current(db):
     chunk_store_lib.finalize_chunk_store(db / layout.CHUNKS_DIR)
   shards = global_lib.write_lists_files(global_lib.index_dir(db))
   if shards:
     print(f"[build_db] finalize: wrote the lists files of {len(shards)} serving shards",
           flush=True)
+  upgraded = neighbours_lib.add_block_checksums(db, _store(db))
+  if upgraded:
+    print(f"[build_db] finalize: block checksums recorded for {len(upgraded)} neighbours "
+          "shard(s)", flush=True)
 
 
 def _check_inputs(stage: str, db: epath.Path, cfg: dict[str, Any]) -> None:

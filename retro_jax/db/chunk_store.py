@@ -19,7 +19,7 @@ ranged row reads, retro_jax.db.npy_rows), format 3:
                                                       heldout) for the shard's documents
   STORE/shard-00000/doc_keys.json     [d] document keys
   STORE/shard-00000.done.json         commit marker: counts, settings, sha256 of every file and of
-                                      every block of rows (BLOCK_BYTES) of the .npy files
+                                      every 128 KiB block of rows of the .npy files
 
 Verify on read hashes only the blocks of rows a read touches (once per process; verify.blocks_once)
 and range-checks the token ids it returns; `ChunkStore.check` (and `build_db --audit`) audits every
@@ -73,16 +73,10 @@ SHARD_FORMAT_VERSION = 1  # of a shard's files (its done marker's settings): unc
 SHARDS = "shards.json"  # format 2's shard list
 RECORDS = "records"  # STORE/records/shard-XXXXX.json: one store shard's record (format 3)
 OFFSETS = "offsets.npy"  # int64 [S + 1, 2]: each shard's first chunk id and first doc id, then totals
-# Block checksums: sha256 of each block of rows of these files (as many rows as fill BLOCK_BYTES:
-# 512 rows of 64 tokens, 16,384 document ids, 3,276 document-table rows), recorded when a shard is
-# written, checked when a read first touches the block (verify.blocks_once).
-BLOCK_BYTES = 1 << 17
+# Block checksums (verify.BLOCK_BYTES of rows: 512 rows of 64 tokens, 16,384 document ids, 3,276
+# document-table rows) of these files, recorded when a shard is written, checked when a read first
+# touches the block (verify.blocks_once).
 BLOCK_FILES = ("tokens.npy", "doc_ids.npy", "doc_table.npy")
-
-
-def block_rows(row_bytes: int) -> int:
-  """Rows per checksummed block of a file whose rows take `row_bytes` bytes."""
-  return max(1, BLOCK_BYTES // max(1, row_bytes))
 # An offsets array of at most this many rows is read whole on first use; a longer one is bisected by
 # ranged row reads (npy_rows.bisect_rows), so a lookup never reads every shard's offset.
 WHOLE_OFFSETS_ROWS = 1 << 16
@@ -181,7 +175,7 @@ def _write_shard(out: epath.Path, index: int, docs: list[tuple[int, corpus_lib.D
     files[name] = {"sha256": sha256_bytes(payloads[name]),
                    "bytes": len(payloads[name])}
     if name in blocks:
-      rows = block_rows(blocks[name][:1].nbytes or 1)
+      rows = verify.block_rows(blocks[name][:1].nbytes or 1)
       files[name].update(block_rows=rows, block_sha256=verify.block_digests(blocks[name], rows))
     if os.environ.get("RETRO_JAX_TEST_KILL_MIDSHARD") == str(index) and name == "tokens.npy":
       os.kill(os.getpid(), signal.SIGKILL)  # Test hook: die with a half-written shard.
@@ -344,7 +338,7 @@ def _with_blocks(out: epath.Path, marker: dict) -> dict:
       raise ChunkStoreError(f"{path} differs from the sha256 its done marker records; rebuild the "
                             f"shard (delete {path.parent}.done.json and rerun the chunks stage)")
     arr = npy_rows.open_rows(path)
-    rows = block_rows(int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
+    rows = verify.block_rows(int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
     rec.update(block_rows=rows, block_sha256=verify.file_block_digests(path, rows))
   return files
 

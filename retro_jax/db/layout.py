@@ -206,17 +206,22 @@ def progress_path(npy_path: PathLike) -> epath.Path:
   return p.parent / (p.name[:-len(".npy")] + ".progress.json")
 
 
-def is_finished(npy_path: PathLike) -> bool:
-  """A shard .npy whose progress record says done, at the size the record names (one stat: a
-  truncated or replaced file is not finished; `--audit` checks the recorded sha256 too)."""
+def finished_record(npy_path: PathLike) -> dict | None:
+  """The progress record of a shard .npy that says it is done, at the size it names (one stat: a
+  truncated or replaced file is not finished; `--audit` checks the recorded sha256 too), or None."""
   progress = progress_path(npy_path)
   if not (epath.Path(npy_path).exists() and progress.exists()):
-    return False
+    return None
   try:
     rec = json.loads(progress.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError):
-    return False
-  return bool(rec.get("done")) and ("bytes" not in rec or file_size(npy_path) == rec["bytes"])
+    return None
+  done = bool(rec.get("done")) and ("bytes" not in rec or file_size(npy_path) == rec["bytes"])
+  return rec if done else None
+
+
+def is_finished(npy_path: PathLike) -> bool:
+  return finished_record(npy_path) is not None
 
 
 def sha256_bytes(data: bytes) -> str:

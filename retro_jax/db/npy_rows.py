@@ -141,6 +141,30 @@ def load(f) -> np.ndarray:
     return np.load(f, allow_pickle=False)
 
 
+def read_header(f) -> tuple[bytes, tuple[int, ...], np.dtype]:
+  """(the header's bytes, shape, dtype) of the `.npy` file open for reading at its start `f`, read
+  from the stream itself (the rows follow it)."""
+  prefix = f.read(_PREFIX)
+  major = prefix[6]
+  length = int.from_bytes(prefix[8:10] if major == 1 else prefix[8:12], "little")
+  head = prefix + f.read((10 if major == 1 else 12) + length - len(prefix))
+  buf = io.BytesIO(head)
+  version = np.lib.format.read_magic(buf)
+  with HEADER_LOCK:
+    if version == (1, 0):
+      shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    else:
+      shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+  if fortran or dtype.hasobject:
+    raise ValueError(f"{getattr(f, 'name', f)}: not a C-ordered array of plain values")
+  return head, tuple(shape), np.dtype(dtype)
+
+
+def data_offset(arr) -> int:
+  """Where the rows of an array from `open_rows` start in its file (the header's length)."""
+  return int(arr._offset if isinstance(arr, RemoteRows) else arr.offset)
+
+
 def row_bytes(arr, start: int, end: int) -> bytes:
   """The stored bytes of rows [start, end) of an array from `open_rows`, by one ranged read (a
   file read locally, not page faults of the memory map; a byte-range read on gs://)."""
@@ -148,7 +172,7 @@ def row_bytes(arr, start: int, end: int) -> bytes:
     return arr._read(arr._offset + start * arr._row_bytes, arr._offset + end * arr._row_bytes)
   per_row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
   with open(arr.filename, "rb") as f:
-    f.seek(int(arr.offset) + start * per_row)
+    f.seek(data_offset(arr) + start * per_row)
     data = f.read((end - start) * per_row)
   if len(data) != (end - start) * per_row:
     raise OSError(f"{arr.filename}: short read of rows [{start}, {end})")

@@ -1,16 +1,17 @@
 """Checks on read: every command verifies what it reads before it uses it.
 
 * At open (cheap): counts and sizes against the manifest (the chunk store's `ChunkStore.__init__`).
-* The first time a process reads a block of a chunk-store shard's rows (`blocks_once`): that
-  block's sha256 against the one recorded when the shard was written (its done marker, copied into
-  the store's per-shard record), so a read hashes the blocks it touches, not the whole file; the
-  gathered token ids are range-checked ([0, vocab)). Stores written before block checksums, and
-  the other shard files: the first time a process reads a file (`file_once`), its content sha256
-  against the checksum recorded when it was written (chunk-store shard files: the store's shard
-  records; embeddings and neighbours shards: their `.progress.json`, or for embeddings made before
-  that was recorded, the index manifests), plus a range check of the values (neighbour ids in
-  [-1, num_chunks)). Verified files (blocks) are remembered per process by (path, size, mtime,
-  digest[, block]), so each is hashed once per process, not once per read. A whole database is
+* The first time a process reads a block of a chunk-store or neighbours shard's rows
+  (`blocks_once`): that block's sha256 against the one recorded when the shard was written (a
+  store shard's done marker, copied into the store's per-shard record; a neighbours shard's
+  `.progress.json`), so a read hashes the blocks it touches, not the whole file; the gathered ids
+  are range-checked (tokens in [0, vocab), neighbours in [-1, num_chunks)). Stores and neighbours
+  shards written before block checksums, and the embeddings: the first time a process reads a
+  file (`file_once`), its content sha256 against the checksum recorded when it was written
+  (chunk-store shard files: the store's shard records; embeddings and neighbours shards: their
+  `.progress.json`, or for embeddings made before that was recorded, the index manifests), plus a
+  range check of the values. Verified files (blocks) are remembered per process by (path, size,
+  mtime, digest[, block]), so each is hashed once per process, not once per read. A whole database is
   audited by `build_db --audit` / `ChunkStore.check` (every file's whole checksum). The cost is one sequential read of the file: see
   docs/benchmarks.md ("Verify on read") for the measured seconds per GB.
   `RETRO_JAX_VERIFY_ON_READ=0` turns the content checksums off (counts, sizes and ranges stay).
@@ -19,6 +20,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -31,6 +33,10 @@ from retro_jax.db.tokenizer import TokenizerMismatchError
 from retro_jax.errors import UserError
 
 ENV = "RETRO_JAX_VERIFY_ON_READ"
+# Block checksums: the sha256 of each block of rows of a `.npy` file, as many rows as fill
+# BLOCK_BYTES (chunk-store tokens: 512 rows of 64 tokens; neighbours at k=2: 8,192 rows), recorded
+# when the file is written and checked when a read first touches the block (`blocks_once`).
+BLOCK_BYTES = 1 << 17
 
 _verified: set[tuple] = set()
 _lock = threading.Lock()
@@ -76,6 +82,11 @@ def file_once(path: str | os.PathLike, sha256: str | None, fix: str,
     _verified.add(key)
 
 
+def block_rows(row_bytes: int) -> int:
+  """Rows per checksummed block of a file whose rows take `row_bytes` bytes."""
+  return max(1, BLOCK_BYTES // max(1, row_bytes))
+
+
 def block_digests(arr, block_rows: int) -> list[str]:
   """sha256 of each block of `block_rows` rows of an in-memory array (the bytes its `.npy` file
   stores for those rows): what a shard's writer records."""
@@ -90,6 +101,38 @@ def file_block_digests(path: str | os.PathLike, block_rows: int) -> list[str]:
   arr = npy_rows.open_rows(path)
   return [layout.sha256_bytes(npy_rows.row_bytes(arr, a, min(a + block_rows, len(arr))))
           for a in range(0, len(arr), block_rows)]
+
+
+def _read_exact(f, n: int) -> bytes:
+  parts, left = [], n
+  while left and (data := f.read(left)):
+    parts.append(data)
+    left -= len(data)
+  return b"".join(parts)
+
+
+def file_digests(path: str | os.PathLike, rows: int | None = None
+                 ) -> tuple[str, int, list[str]]:
+  """(the whole file's sha256, rows per block, `file_block_digests`) of a `.npy` file from one
+  sequential read of it (`rows` None: as many rows as fill BLOCK_BYTES): what a finished
+  neighbours shard records, and the upgrade of one written before block checksums."""
+  whole, blocks = hashlib.sha256(), []
+  with epath.Path(path).open("rb") as f:
+    head, shape, dtype = npy_rows.read_header(f)
+    whole.update(head)
+    per_row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    rows = block_rows(per_row) if rows is None else int(rows)
+    n = shape[0] if shape else 1
+    for a in range(0, n, rows):
+      want = (min(a + rows, n) - a) * per_row
+      data = _read_exact(f, want)
+      if len(data) != want:
+        raise OSError(f"{path}: short read of rows [{a}, {a + rows})")
+      whole.update(data)
+      blocks.append(layout.sha256_bytes(data))
+    while data := f.read(1 << 22):  # (nothing follows the rows in a file np.save wrote)
+      whole.update(data)
+  return whole.hexdigest(), rows, blocks
 
 
 def blocks_once(path: str | os.PathLike, arr, rows, block_rows: int, block_sha256: list[str],
@@ -196,16 +239,67 @@ def embeddings_shard(db: str | os.PathLike, shard: int) -> None:
                         f"retro_jax.build_db --db={db}` (it re-embeds the shard)")
 
 
-def neighbours_shard(db: str | os.PathLike, shard: int, arr: np.ndarray, num_chunks: int) -> None:
-  """Verifies a neighbours shard (checksum once per process; ids in [-1, num_chunks))."""
+# A neighbours shard's block checksums, in its progress record: `block_sha256`, and the rows per
+# block under this key (that record's "block_rows" is the search's block, checked on resume).
+CHECKSUM_BLOCK_ROWS = "checksum_block_rows"
+
+
+def progress_record(npy_path: str | os.PathLike) -> dict:
+  """A shard's `.progress.json` ({} when there is none)."""
+  prog = layout.progress_path(npy_path)
+  return json.loads(prog.read_text()) if prog.exists() else {}
+
+
+def record_blocks(npy_path: str | os.PathLike, state: dict) -> dict:
+  """`state` with the finished shard's sha256, size and block checksums (`CHECKSUM_BLOCK_ROWS`,
+  `block_sha256`: blocks of BLOCK_BYTES), from one read of the file: what a neighbours shard's
+  progress file records. The file itself is not changed."""
+  sha, rows, blocks = file_digests(npy_path)
+  return {**state, "sha256": sha, "bytes": layout.file_size(npy_path), CHECKSUM_BLOCK_ROWS: rows,
+          "block_sha256": blocks}
+
+
+def neighbours_fix(db: str | os.PathLike) -> str:
+  return (f"delete it and its .progress.json and rerun `python -m retro_jax.build_db --db={db} "
+          f"--stages=neighbours`")
+
+
+def neighbours_shard(db: str | os.PathLike, shard: int, arr, num_chunks: int,
+                     rec: dict | None = None, key: tuple | None = None) -> None:
+  """Verifies a whole neighbours shard before it is read whole: every block against the checksums
+  of its progress record `rec` (read when not given), or for a shard written before block
+  checksums the whole file's sha256; and every id in [-1, num_chunks). Each once per process."""
   path = layout.neighbours_path(db, shard)
-  fix = (f"delete it and its .progress.json and rerun `python -m retro_jax.build_db --db={db} "
-         f"--stages=neighbours`")
-  file_once(path, recorded_sha256(path), fix)
-  key = ("range", str(path), num_chunks) + _key(path, "")[1:]
-  if key not in _verified:
+  fix = neighbours_fix(db)
+  rec = progress_record(path) if rec is None else rec
+  if "block_sha256" in rec:
+    br = int(rec[CHECKSUM_BLOCK_ROWS])
+    blocks_once(path, arr, np.arange(0, len(arr), br), br, rec["block_sha256"], fix, key=key)
+  else:
+    file_once(path, rec.get("sha256"), fix)
+  rkey = ("range", str(path), num_chunks) + _key(path, "")[1:]
+  if rkey not in _verified:
     ids_in_range(arr, -1, num_chunks, f"neighbours shard {path}", fix)
-    _verified.add(key)
+    with _lock:
+      _verified.add(rkey)
+
+
+def neighbours_rows(db: str | os.PathLike, shard: int, arr, rows, num_chunks: int, rec: dict,
+                    key: tuple | None = None) -> np.ndarray:
+  """Rows `rows` of a neighbours shard (`arr`, from npy_rows.open_rows), verified: the blocks they
+  lie in, each hashed the first time this process reads it, against the checksums of its progress
+  record `rec`, and the ids read in [-1, num_chunks); a shard written before block checksums is
+  verified whole (`neighbours_shard`, once per process)."""
+  rows_N = np.asarray(rows, np.int64).reshape(-1)
+  if "block_sha256" not in rec:
+    neighbours_shard(db, shard, arr, num_chunks, rec)
+    return np.asarray(arr[rows_N])
+  path = layout.neighbours_path(db, shard)
+  fix = neighbours_fix(db)
+  blocks_once(path, arr, rows_N, int(rec[CHECKSUM_BLOCK_ROWS]), rec["block_sha256"], fix, key=key)
+  out = np.asarray(arr[rows_N]) if rows_N.size else np.empty((0,) + arr.shape[1:], arr.dtype)
+  ids_in_range(out, -1, num_chunks, f"neighbours shard {path}", fix)
+  return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class SequenceSource:
     for j in np.unique(shard_L).tolist():
       m = shard_L == j
       rows = chunk_ids_L[m] - self.store.shard_span(j)[1]
-      out[m] = self._nbr_shards[j][rows, :width]
+      out[m] = self._nbr_shards.rows(j, rows)[:, :width]  # (the blocks they lie in verified)
     if len(self._deleted_Rx2):  # Never hand out a chunk of a removed document.
       out[chunk_store_lib.in_ranges(out, self._deleted_Rx2)] = -1
     if exclude_docs is not None:

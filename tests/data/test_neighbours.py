@@ -1,14 +1,18 @@
 """Training neighbours on a tiny real database (kernel docs + Wikipedia, MiniLM, ScaNN)."""
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 
 from retro_jax.build import neighbours as nb
-from retro_jax.db import layout
+from retro_jax.build import stages as build_stages
+from retro_jax.db import layout, verify
 from retro_jax.retrieval import embed as embed_lib
 from retro_jax.retrieval import index as index_lib
 from retro_jax.retrieval import retriever as retriever_lib
+from retro_jax.training import input_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +153,117 @@ def test_missing_index_is_a_clear_error(db, tmp_path):
     nb.compute_neighbours(copy, k=2, backend="scann")
   with pytest.raises(nb.NeighboursError, match="python -m retro_jax.build.neighbours"):
     nb.open_neighbours(copy)
+
+
+# ------------------------------------------------------------------------------------------------
+# Block checksums: a read hashes the blocks its rows lie in, not the whole shard.
+
+
+def _rchar() -> int:
+  """Bytes this process has read through read() calls (as bench/open_reads.py counts them)."""
+  with open("/proc/self/io") as f:
+    return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def _with_k(db, copy, k: int) -> None:
+  """`copy` of `db` whose neighbours shards hold k columns (the stored two, repeated), written
+  and recorded as the neighbours stage records them: a larger file of the same rows."""
+  shutil.copytree(db, copy)
+  for s in range(2):
+    path = layout.neighbours_path(copy, s)
+    rec = json.loads(layout.progress_path(path).read_text())
+    np.save(path, np.tile(np.load(path), (1, k // 2)))
+    nb.write_finished(path, nb.shard_record(rec["num_rows"], rec["first_id"], k,
+                                            rec["block_rows"], None))
+
+
+def _first_example_reads(db) -> tuple[int, dict]:
+  """Bytes read by the first training example (after its source is opened), and the example."""
+  src = input_pipeline.SequenceSource(db, 128, "train", True, 2, 128)
+  before = _rchar()
+  example = src[0]
+  return _rchar() - before, example
+
+
+def test_training_start_reads_one_block_whatever_the_shard_size(db, tmp_path):
+  """The first example reads the same bytes from shards of 256 and of 1,024 neighbours a chunk
+  (about 0.5 and 2 MB a shard: one 128 KiB block either way); without block checksums (a database
+  written before them) it hashes the whole shard, so its reads grow with the shard."""
+  reads, examples, sizes = {}, {}, {}
+  for k in (256, 1024):
+    _with_k(db, tmp_path / f"k{k}", k)
+    path = layout.neighbours_path(tmp_path / f"k{k}", 0)
+    rec = verify.progress_record(path)
+    assert rec[verify.CHECKSUM_BLOCK_ROWS] == verify.BLOCK_BYTES // (8 * k)
+    assert len(rec["block_sha256"]) > 1
+    sizes[k] = os.path.getsize(path)
+    reads[k], examples[k] = _first_example_reads(tmp_path / f"k{k}")
+  assert sizes[1024] > 3 * sizes[256]
+  # Equal but for the reads of /proc/self/io itself (a few bytes with its counters' digits).
+  assert abs(reads[256] - reads[1024]) < 64, reads
+  for key in examples[256]:
+    np.testing.assert_array_equal(examples[256][key], examples[1024][key])
+  old = {}
+  for k in (256, 1024):  # the records as written before block checksums
+    for s in range(2):
+      prog = layout.progress_path(layout.neighbours_path(tmp_path / f"k{k}", s))
+      rec = json.loads(prog.read_text())
+      prog.write_text(json.dumps({key: v for key, v in rec.items()
+                                  if key not in (verify.CHECKSUM_BLOCK_ROWS, "block_sha256")}))
+    shutil.copytree(tmp_path / f"k{k}", tmp_path / f"old{k}")  # a file not yet verified
+    old[k], _ = _first_example_reads(tmp_path / f"old{k}")
+  assert old[1024] - old[256] >= sizes[1024] - sizes[256] > 0
+  assert reads[256] + sizes[256] - verify.BLOCK_BYTES <= old[256]
+
+
+def test_finalize_adds_block_checksums_to_older_neighbours_records(db, store, tmp_path):
+  """`build_db --stages=finalize` on a database whose neighbours records have no block checksums:
+  each shard is hashed once and its record becomes the one a build writes now; the .npy files
+  are not changed; its rows read the same before and after."""
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy)
+  paths = [layout.neighbours_path(copy, s) for s in range(2)]
+  want = {p.name: layout.progress_path(p).read_text() for p in paths}
+  npys = {p.name: p.read_bytes() for p in paths}
+  for p in paths:
+    rec = json.loads(layout.progress_path(p).read_text())
+    assert rec[verify.CHECKSUM_BLOCK_ROWS] == verify.BLOCK_BYTES // 16 and rec["block_sha256"]
+    layout.write_json_atomic(layout.progress_path(p), {
+        key: v for key, v in rec.items() if key not in (verify.CHECKSUM_BLOCK_ROWS, "block_sha256")})
+  assert not build_stages.is_done("finalize", copy, {})
+  shards, _ = nb.open_neighbours(copy)
+  rows = np.arange(store.shard_span(1)[2])
+  old_rows = shards.rows(1, rows)  # the whole-file check of an older record
+  before = _rchar()
+  assert nb.add_block_checksums(copy, store) == [0, 1]
+  read = _rchar() - before
+  total = sum(len(b) for b in npys.values())
+  assert total <= read < total + 4096, (read, total)  # each file read once, and its record
+  assert {p.name: layout.progress_path(p).read_text() for p in paths} == want
+  assert {p.name: p.read_bytes() for p in paths} == npys
+  assert build_stages.is_done("finalize", copy, {})
+  np.testing.assert_array_equal(nb.open_neighbours(copy)[0].rows(1, rows), old_rows)
+  # Through the command: a second copy, upgraded by `build_db --stages=finalize`.
+  for p in paths:
+    rec = json.loads(layout.progress_path(p).read_text())
+    layout.write_json_atomic(layout.progress_path(p), {
+        key: v for key, v in rec.items() if key not in (verify.CHECKSUM_BLOCK_ROWS, "block_sha256")})
+  build_stages.build(copy, stages=("finalize",))
+  assert {p.name: layout.progress_path(p).read_text() for p in paths} == want
+  assert {p.name: p.read_bytes() for p in paths} == npys
+
+
+def test_a_finalize_of_a_damaged_neighbours_shard_is_refused(db, tmp_path):
+  copy = tmp_path / "db"
+  shutil.copytree(db, copy)
+  path = layout.neighbours_path(copy, 1)
+  rec = json.loads(layout.progress_path(path).read_text())
+  del rec["block_sha256"], rec[verify.CHECKSUM_BLOCK_ROWS]
+  layout.write_json_atomic(layout.progress_path(path), rec)
+  arr = np.load(path, mmap_mode="r+")
+  arr[0] = arr[1]
+  arr.flush()
+  del arr
+  with pytest.raises(verify.DamagedDataError, match="shard-00001.npy is damaged: sha256"):
+    nb.add_block_checksums(copy)
+  assert "block_sha256" not in json.loads(layout.progress_path(path).read_text())
