@@ -85,6 +85,11 @@ def _measure(db: str, op: str) -> dict:
   out = {"requests": counter.requests, "read_bytes": read_bytes, "read_calls": read_calls,
          "opened_file_bytes": counter.bytes,
          "distinct_paths": len(counter.paths), "most_requested": top[:5]}
+  if op == "training_start":  # the store shards its reads reached (records, blocks)
+    out["store_shards_read"] = len({p.split("/")[1] for p in counter.paths
+                                     if p.startswith("chunks/shard-")})
+    out["neighbours_shards_read"] = len({p for p in counter.paths
+                                         if p.startswith("neighbours/shard-")})
   if op in INDEX_OPERATIONS:  # what the index open reads whole: its trained files (~sqrt(N))
     from retro_jax.retrieval import global_index as global_lib
     m = global_lib.read_manifest(global_lib.index_dir(root))
@@ -143,9 +148,26 @@ def page(res: dict) -> str:
       o = res["databases"][d]["operations"][op]
       cells.append("error" if "error" in o else f"{o['requests']}, {o['read_bytes']:,}")
     lines.append(f"| {op} | " + " | ".join(cells) + " |")
-  lines += ["", _index_note(res, dbs)]
+  lines += ["", _index_note(res, dbs), "", _training_note(res, dbs)]
   lines.append("")
   return "\n".join(lines)
+
+
+def _training_note(res: dict, dbs: list[str]) -> str:
+  """What the training-start row reads: the store shards its first example's chunks reach."""
+  facts = []
+  for d in dbs:
+    o = res["databases"][d]["operations"]["training_start"]
+    if "store_shards_read" not in o:
+      return ""
+    facts.append(f"{o['store_shards_read']} of {res['databases'][d]['store_shards']} store shards "
+                 f"and {o['neighbours_shards_read']} neighbours shard(s) at "
+                 f"{res['databases'][d]['num_chunks']:,} chunks")
+  return ("training_start reads the first example's chunks and its neighbours' document ids (the "
+          "same-document filter): a record and the touched 128 KiB blocks of each store shard "
+          "those chunks lie in (" + "; ".join(facts) + "). That count is bounded by the example's "
+          "chunks times its neighbours, not by the database: it grows with the store only while "
+          "the store has fewer shards than that.")
 
 
 def _index_note(res: dict, dbs: list[str]) -> str:
