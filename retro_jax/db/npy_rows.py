@@ -35,6 +35,23 @@ HEADER_LOCK = threading.Lock()
 _PREFIX = 12
 
 
+
+def _header_size(prefix: bytes) -> int:
+  """Bytes of a `.npy` header (magic, length field and header text) from its first bytes."""
+  major = prefix[6]
+  length = int.from_bytes(prefix[8:10] if major == 1 else prefix[8:12], "little")
+  return (10 if major == 1 else 12) + length
+
+
+def _parse_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+  """(shape, fortran_order, dtype) of a whole `.npy` header."""
+  buf = io.BytesIO(head)
+  version = np.lib.format.read_magic(buf)
+  with HEADER_LOCK:
+    if version == (1, 0):
+      return np.lib.format.read_array_header_1_0(buf)
+    return np.lib.format.read_array_header_2_0(buf)
+
 class RemoteRows:
   """Read-only row access to a C-ordered `.npy` file through fsspec byte-range reads."""
 
@@ -42,16 +59,8 @@ class RemoteRows:
     self.path = path
     self.gap_rows = gap_rows
     self._kv = ts.KvStore.open(path).result()
-    prefix = self._read(0, _PREFIX)
-    major = prefix[6]
-    length = int.from_bytes(prefix[8:10] if major == 1 else prefix[8:12], "little")
-    f = io.BytesIO(self._read(0, (10 if major == 1 else 12) + length))
-    version = np.lib.format.read_magic(f)
-    with HEADER_LOCK:
-      if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-      else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    size = _header_size(self._read(0, _PREFIX))
+    shape, fortran, dtype = _parse_header(self._read(0, size))
     if fortran:
       raise ValueError(f"{path}: Fortran-ordered .npy files are not supported")
     if dtype.hasobject:
@@ -59,7 +68,7 @@ class RemoteRows:
     self.shape: tuple[int, ...] = tuple(shape)
     self.dtype = np.dtype(dtype)
     self.ndim = len(self.shape)
-    self._offset = f.tell()
+    self._offset = size
     self._row_shape = self.shape[1:]
     self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * self.dtype.itemsize
 
@@ -145,16 +154,8 @@ def read_header(f) -> tuple[bytes, tuple[int, ...], np.dtype]:
   """(the header's bytes, shape, dtype) of the `.npy` file open for reading at its start `f`, read
   from the stream itself (the rows follow it)."""
   prefix = f.read(_PREFIX)
-  major = prefix[6]
-  length = int.from_bytes(prefix[8:10] if major == 1 else prefix[8:12], "little")
-  head = prefix + f.read((10 if major == 1 else 12) + length - len(prefix))
-  buf = io.BytesIO(head)
-  version = np.lib.format.read_magic(buf)
-  with HEADER_LOCK:
-    if version == (1, 0):
-      shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-    else:
-      shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
+  head = prefix + f.read(_header_size(prefix) - len(prefix))
+  shape, fortran, dtype = _parse_header(head)
   if fortran or dtype.hasobject:
     raise ValueError(f"{getattr(f, 'name', f)}: not a C-ordered array of plain values")
   return head, tuple(shape), np.dtype(dtype)
