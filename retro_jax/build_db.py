@@ -21,12 +21,13 @@ from absl import app, flags
 
 from retro_jax import flags as shared
 from retro_jax.build import stages as build
+from retro_jax.build.settings import DEFAULTS
 from retro_jax.errors import guard
 from retro_jax.training import examples_stage, experiment
 from retro_jax.training import joined_examples
 
 FLAGS = flags.FLAGS
-D = build.DEFAULTS  # every setting's default, defined once there
+D = DEFAULTS  # every setting's default, defined once in retro_jax.build.settings
 shared.define("db", required=True, note="the one to build")
 flags.DEFINE_string("corpus", D["corpus"], "corpus spec (retro_jax/db/corpus.py)")
 flags.DEFINE_integer("vocab_size", D["vocab_size"], "SentencePiece vocabulary size")
@@ -70,7 +71,7 @@ def main(argv) -> None:
   stages = tuple(s for s in FLAGS.stages if s != "examples")
   if stages or "examples" not in FLAGS.stages:
     build.build(FLAGS.db, stages=stages, rebuild=FLAGS.rebuild, beam_args=argv[1:],
-                audit=FLAGS.audit,  # a flag left None: build.DEFAULTS
+                audit=FLAGS.audit,  # a flag left None: DEFAULTS
                 **{name: v for name, v in settings.items() if v is not None})
   if "examples" in FLAGS.stages:
     build.check_beam_args(argv[1:])

@@ -10,7 +10,7 @@ against SHARED). The vocabulary, as WORKSPACE.md names the paths:
   --config          an experiment file (experiments/*.py), fields overridden by --config.FIELD=VALUE
   --step            a checkpoint step (default: the latest)
   --size            a model size of retro_jax.model.config.SIZES
-  --num_neighbours  neighbours per chunk (default: the model's; build_db: build.DEFAULTS)
+  --num_neighbours  neighbours per chunk (default: the model's; build_db: build.settings.DEFAULTS)
   --retrieval       retrieval modes, a list (on, off, shuffled, ...; all: the command's usual set)
   --backend         an index backend under DB/index/ (default: the one built)
   --service         host:port of every retrieval shard server (retro_jax.retrieval.serve)
@@ -33,11 +33,11 @@ from absl import flags
 from ml_collections import config_flags
 
 from retro_jax import errors
-from retro_jax.build import stages as build
-from retro_jax.evaluation import bpb
+from retro_jax.build.settings import DEFAULTS as BUILD_DEFAULTS
+from retro_jax.evaluation.modes import MODES
 from retro_jax.model.config import SIZES
 from retro_jax.model.partitioning import make_mesh
-from retro_jax.retrieval import index as index_lib
+from retro_jax.retrieval.backends import ALL_BACKENDS
 
 # Flags defined below belong to the command that calls `define` (its --help lists them), not to
 # this module.
@@ -62,8 +62,8 @@ SHARED: dict[str, Shared] = {
     "size": Shared("enum", None, "model size (retro_jax.model.config.SIZES)", tuple(sorted(SIZES))),
     "num_neighbours": Shared("integer", None, "neighbours per chunk"),
     "retrieval": Shared("list", ["all"], "retrieval modes: all (the command's usual set), both "
-                        f"(= on,off), controls (all five), or some of {', '.join(bpb.MODES)}"),
-    "backend": Shared("enum", None, "index backend under DB/index/", tuple(index_lib.ALL_BACKENDS)),
+                        f"(= on,off), controls (all five), or some of {', '.join(MODES)}"),
+    "backend": Shared("enum", None, "index backend under DB/index/", tuple(ALL_BACKENDS)),
     "service": Shared("list", None, "host:port of every retrieval shard server "
                       "(retro_jax.retrieval.serve)"),
     "service_timeout_s": Shared("float", 10.0, "deadline of connecting to the retrieval service "
@@ -71,7 +71,7 @@ SHARED: dict[str, Shared] = {
     "mesh": Shared("list", ["-1", "1", "1"], "device mesh data,fsdp,model (one -1 takes the "
                    "remaining devices), as an experiment's mesh: the weights in the training "
                    "layout, the batch over data and fsdp"),
-    "embed_batch_size": Shared("integer", build.DEFAULTS["embed_batch_size"],
+    "embed_batch_size": Shared("integer", BUILD_DEFAULTS["embed_batch_size"],
                                "embedder rows per forward call"),
     "max_docs": Shared("integer", None, "keep only the first N documents (smoke runs)"),
 }

@@ -10,12 +10,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Every test can `import corpus_path` (tests/corpus_path.py: the fixed test corpus).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# The longest files first: `make test` runs two xdist workers that take whole files, and a long
-# file collected last leaves one worker idle while the other finishes it.
+# The longest files first (by their time in a whole run): `make test` runs three xdist workers
+# on the two cores (a worker waiting on its subprocesses, a timeout or the GCS emulator leaves
+# CPU to the others) that take whole files, and a long file collected last leaves the other
+# workers idle while one finishes it.
 LONGEST_FIRST = ("tests/test_train_multiprocess.py", "tests/test_gcs_db.py",
-                 "tests/model/test_sharding.py",
-                 "tests/test_train.py", "tests/test_retrofit.py", "tests/test_train_step.py",
-                 "tests/test_hardening.py", "tests/model/test_retro.py", "tests/test_controls.py")
+                 "tests/test_hardening.py", "tests/test_train.py", "tests/model/test_decode.py",
+                 "tests/test_sharded_serving.py", "tests/test_beam_build.py",
+                 "tests/retrieval/test_service_edits.py", "tests/test_train_step.py",
+                 "tests/test_sample.py", "tests/test_retrofit.py", "tests/test_repair.py",
+                 "tests/model/test_retro.py", "tests/test_flags.py", "tests/test_launch.py",
+                 "tests/model/test_sharding.py", "tests/retrieval/test_global_index.py")
 
 
 def pytest_configure(config):
@@ -27,13 +32,17 @@ def pytest_configure(config):
     return  # an xdist worker: the controller made it; or the caller chose one
   config._retro_jax_cache = tempfile.mkdtemp(prefix="retro_jax_test_jax_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = config._retro_jax_cache
+  # What the xdist workers build once for all of them (tests/data/tiny_db.py's database).
+  config._retro_jax_shared = tempfile.mkdtemp(prefix="retro_jax_test_shared_")
+  os.environ["RETRO_JAX_TEST_SHARED_DIR"] = config._retro_jax_shared
   if "jax" in sys.modules:
     sys.modules["jax"].config.update("jax_compilation_cache_dir", config._retro_jax_cache)
 
 
 def pytest_unconfigure(config):
-  if getattr(config, "_retro_jax_cache", None):
-    shutil.rmtree(config._retro_jax_cache, ignore_errors=True)
+  for d in (getattr(config, "_retro_jax_cache", None), getattr(config, "_retro_jax_shared", None)):
+    if d:
+      shutil.rmtree(d, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,6 +26,7 @@ from etils import epath
 
 from retro_jax.build import neighbours as neighbours_lib
 from retro_jax.build import pipeline as pipeline_lib
+from retro_jax.build.settings import DEFAULTS
 from retro_jax.db import chunk_store as chunk_store_lib
 from retro_jax.db import layout, provenance
 from retro_jax.db import prepare as prepare_lib
@@ -131,12 +132,6 @@ def _stage_pipeline(stage: str) -> Callable[[epath.Path, dict[str, Any], Any], N
 
 _RUNNERS: dict[str, Callable[[epath.Path, dict[str, Any], Any], None]] = {
     **{s: _stage_pipeline(s) for s in STAGES}, "finalize": _stage_finalize}
-
-# embed_batch_size 32: the fastest of 16 / 32 / 64 in bench/embed_throughput.py.
-DEFAULTS = dict(corpus="default", max_docs=None, vocab_size=8192, tokenizer=None, chunk_size=64,
-                docs_per_shard=4096, heldout_fraction=0.01, seed=0, embed_dtype="bfloat16",
-                embed_batch_size=32, backend=index_lib.GLOBAL_BACKEND, k=2, index_searcher="faiss")
-
 
 # build_db's own flags besides the settings (for the suggestion in an unknown flag's error).
 COMMAND_FLAGS = ("db", "stages", "rebuild", "audit", "num_neighbours", "config", "examples_epochs",

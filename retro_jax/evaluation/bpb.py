@@ -71,6 +71,7 @@ from retro_jax.db.chunk_store import ChunkStore
 from retro_jax.db.prepare import load_db_tokenizer
 from retro_jax.errors import UserError
 from retro_jax.evaluation import controls
+from retro_jax.evaluation.modes import DIFFERENCES, MODE_SETS, MODES
 from retro_jax.training.eval_step import EvalStep
 from retro_jax.model import placement
 from retro_jax.model.partitioning import make_mesh
@@ -412,14 +413,6 @@ def plot(results: dict[str, dict], path: str, title: str = "", min_chunks: int =
   fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
   epath.Path(path).write_bytes(buf.getvalue())
-
-
-MODES = ("on", "off", "shuffled", "shuffled_source", "same_document")
-MODE_SETS = {"all": ("on", "off", "shuffled"), "both": ("on", "off"), "controls": MODES}
-# The differences reported (a - b), when both modes were scored.
-DIFFERENCES = (("on", "off"), ("on", "shuffled"), ("shuffled", "off"), ("on", "baseline"),
-               ("off", "baseline"), ("shuffled", "baseline"), ("on", "shuffled_source"),
-               ("on", "same_document"), ("shuffled_source", "baseline"))
 
 
 def parse_modes(retrieval: str | Sequence[str]) -> tuple[str, ...]:

@@ -39,18 +39,12 @@ from etils import epath
 from retro_jax.db import layout, npy_rows
 from retro_jax.db.layout import sha256_file
 from retro_jax.errors import UserError
+from retro_jax.retrieval.backends import (  # noqa: F401 -- index_lib.GLOBAL_BACKEND etc.
+    ALL_BACKENDS, BACKENDS, DEFAULT_BACKEND, GLOBAL_BACKEND)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 MAX_SHARD_POINTS = 2**31 - 1  # ScaNN point indices are 32-bit.
-BACKENDS = ("scann", "exact", "faiss")
-# faiss fast-scan IVF-PQ is the default (the ANN benchmark, docs/benchmarks.md, picks it); ScaNN
-# and the exact JAX backend sit behind the same interface.
-DEFAULT_BACKEND = "faiss"
-# Every index a database may hold: the per-shard backends above and the one global index
-# (retro_jax.retrieval.global_index, DB/index/global), the default for new databases.
-GLOBAL_BACKEND = "global"
-ALL_BACKENDS = BACKENDS + (GLOBAL_BACKEND,)
 
 
 class IndexError_(UserError, ValueError):  # noqa: N801 -- avoid shadowing the builtin IndexError.

@@ -1,12 +1,15 @@
-"""A tiny real retrieval database, built once per test process with `retro_jax.build.stages`.
+"""A tiny real retrieval database, built once per test run with `retro_jax.build.stages`.
 
 12 Linux-kernel doc files + 24 Wikipedia leads of the fixed test corpus (tests/data/corpus; ~500
 chunks, 2 store shards), SentencePiece vocab 1000, 10% of the documents held out, the real MiniLM
 embedder, a real ScaNN index, k=2 training neighbours.
 Shared by tests/data/test_neighbours.py, tests/data/test_loader.py and tests/test_build_db.py.
 """
+import fcntl
 import hashlib
+import json
 import os
+import shutil
 import sys
 import threading
 
@@ -25,14 +28,36 @@ _cache = {}
 
 
 def get(tmp_path_factory):
-  """(db directory, the first build's record) -- built on the first call only."""
+  """(db directory, the first build's record) -- built on the first call only. Under `make test`
+  the first xdist worker to ask builds it in the run's shared directory (tests/conftest.py) and
+  every worker copies that build (the build is deterministic: the same bytes as its own)."""
   with _lock:
     if "db" not in _cache:
-      from retro_jax.build import stages as build_db
       db = tmp_path_factory.mktemp("tiny_db")
-      record = build_db.build(db, **SETTINGS)
-      _cache["db"] = (db, record)
+      shared = os.environ.get("RETRO_JAX_TEST_SHARED_DIR")
+      _cache["db"] = (db, _copy_of_shared(shared, db) if shared else _build(db))
     return _cache["db"]
+
+
+def _build(db) -> dict:
+  from retro_jax.build import stages as build_db
+  return build_db.build(db, **SETTINGS)
+
+
+def _copy_of_shared(shared: str, db) -> dict:
+  """Builds the database under `shared` once (a file lock orders the workers), copies it to `db`,
+  and returns the build's record."""
+  built, record_path = os.path.join(shared, "tiny_db"), os.path.join(shared, "tiny_db.json")
+  with open(os.path.join(shared, "tiny_db.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(record_path):
+      record = _build(built)
+      with open(record_path + ".tmp", "w") as f:
+        json.dump(record, f)
+      os.replace(record_path + ".tmp", record_path)
+  shutil.copytree(built, db, dirs_exist_ok=True)
+  with open(record_path) as f:
+    return json.load(f)
 
 
 def digests(root, skip=()) -> dict[str, str]:
