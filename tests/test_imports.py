@@ -146,3 +146,20 @@ def test_commands_are_thin():
     assert "main" in defs, name
     if name != "retro_jax.sample":  # sample also formats its output (the neighbours listing)
       assert set(defs) == {"main"}, f"{name} defines {defs}: move the logic into a package"
+
+
+def test_commands_that_read_a_database_start_without_the_beam_build():
+  """train, retrofit, evaluate and sample never import Apache Beam (the build's runner), through
+  the shared flags or otherwise: it would add seconds to every start of these commands."""
+  mods, graph = _modules(), _graph(_modules())
+  for command in ("retro_jax.train", "retro_jax.retrofit", "retro_jax.evaluate",
+                  "retro_jax.sample"):
+    reached, todo = set(), [command]
+    while todo:
+      m = todo.pop()
+      if m not in reached:
+        reached.add(m)
+        todo += graph[m]
+    beam = sorted({m for m in reached for node in ast.walk(mods[m]) for name in _imported(node)
+                   if name == "apache_beam" or name.startswith("apache_beam.")})
+    assert not beam, f"{command} imports apache_beam through {beam}"
