@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The longest files first (by their time in a whole run): `make test` runs three xdist workers
 # on the two cores (a worker waiting on its subprocesses, a timeout or the GCS emulator leaves
 # CPU to the others) that take whole files, and a long file collected last leaves the other
-# workers idle while one finishes it.
+# workers idle while one finishes it. pytest.ini's --no-loadscope-reorder keeps this order (xdist
+# would otherwise hand out the files with the most tests first).
 LONGEST_FIRST = ("tests/test_train_multiprocess.py", "tests/test_gcs_db.py",
                  "tests/test_hardening.py", "tests/test_train.py", "tests/model/test_decode.py",
                  "tests/test_sharded_serving.py", "tests/test_beam_build.py",
@@ -32,6 +33,12 @@ def pytest_configure(config):
     return  # an xdist worker: the controller made it; or the caller chose one
   config._retro_jax_cache = tempfile.mkdtemp(prefix="retro_jax_test_jax_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = config._retro_jax_cache
+  # XLA's CPU backend at LLVM optimisation level 0 for the whole run (workers and subprocesses
+  # inherit it): the tests' programs are tiny, so compiling them dominates, and every check here
+  # compares programs built the same way (equivalences, causality, resume), not their speed.
+  flag = "--xla_backend_optimization_level=0"
+  if flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
   # What the xdist workers build once for all of them (tests/data/tiny_db.py's database).
   config._retro_jax_shared = tempfile.mkdtemp(prefix="retro_jax_test_shared_")
   os.environ["RETRO_JAX_TEST_SHARED_DIR"] = config._retro_jax_shared

@@ -9,7 +9,8 @@ batch of 8 prompts through the `Decoder`, and where the weights and the caches w
 """
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +  # the run's flags (conftest.py)
+                           " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402

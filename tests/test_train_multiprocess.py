@@ -58,7 +58,8 @@ def env(devices):
   # RETRO_JAX_COUNT_HOST_SYNCS: the loop counts every host collective (retro_jax.training.host_syncs)
   # and logs the counts at each checkpoint.
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, RETRO_JAX_COUNT_HOST_SYNCS="1",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +  # the run's flags (conftest.py)
+                         f" --xla_force_host_platform_device_count={devices}").strip())
 
 
 def collectives(log):

@@ -4,7 +4,8 @@ Prints one JSON line per mesh with the max differences against the single-device
 """
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +  # the run's flags (conftest.py)
+                           " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json  # noqa: E402
