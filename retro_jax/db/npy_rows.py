@@ -35,7 +35,6 @@ HEADER_LOCK = threading.Lock()
 _PREFIX = 12
 
 
-
 def _header_size(prefix: bytes) -> int:
   """Bytes of a `.npy` header (magic, length field and header text) from its first bytes."""
   major = prefix[6]
@@ -51,6 +50,7 @@ def _parse_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
     if version == (1, 0):
       return np.lib.format.read_array_header_1_0(buf)
     return np.lib.format.read_array_header_2_0(buf)
+
 
 class RemoteRows:
   """Read-only row access to a C-ordered `.npy` file through fsspec byte-range reads."""
