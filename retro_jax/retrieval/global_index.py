@@ -51,8 +51,10 @@ one serving shard the same way, so the service's merged answer is the in-process
 Opening a local serving shard reads its faiss file's header and its lists file's header, not its
 inverted lists: each list is read the first time a query probes it (its two offsets, then the
 list: retro_jax.retrieval.serving_lists; faiss's own memory-mapped read does not map fast-scan
-lists). Opening then reads the same bytes at any N but for the trained files (quantizer and
-codebooks: ~sqrt(N)). A serving shard of an index built before lists files (no "lists" in its
+lists). The trained file (quantizer and codebooks: ~sqrt(N)) is memory-mapped, its two ends read:
+opening reads the same bytes at any N; loading it touches a count per list and, with an HNSW
+quantizer, its links (faiss checks them on load), its centroids paged in as routing uses them.
+A serving shard of an index built before lists files (no "lists" in its
 record) is opened by walking its faiss file's counts instead (8 bytes a partition), until
 `build_db --stages=finalize` writes them (`write_lists_files`: one walk per serving shard). Their
 sha256 is checked by `verify` (the audit), their sizes at open.
@@ -1216,14 +1218,16 @@ class GlobalIndex(index_lib.IndexShard):
 
   def __init__(self, index_dir, serving: Sequence[int] | None = None, verify_files: bool = True,
                nprobe: int | None = None, searcher: str | None = None, lazy_lists: bool = True):
-    """Reads the manifest, the trained files and each of `serving`'s (default: every serving
-    shard) record and the header of its faiss file: the same few files at any database size per
-    serving shard. A local serving shard's inverted lists are read when a query first probes them
-    (retro_jax.retrieval.serving_lists: opening reads the faiss file's header and its lists
-    file's, or, without a lists file, one count per partition);
-    on gs://, or with `lazy_lists=False`, its faiss file is read whole at open. `verify_files`:
-    what is read whole is checked against its sha256, the rest (the faiss file read by lists, the
-    memory-mapped rerank copy and ids) by size (`verify` reads every file whole)."""
+    """Reads the manifest, the scale, and each of `serving`'s (default: every serving shard)
+    record and the header of its faiss file: the same few reads at any database size. Locally
+    the trained file (the coarse quantizer, ~2 sqrt(N) centroids) is memory-mapped and each
+    serving shard's inverted lists are read when a query first probes them
+    (retro_jax.retrieval.serving_lists: opening reads the trained file's header and the faiss
+    file's and its lists file's, or, without a lists file, one count per partition); on gs://, or
+    with `lazy_lists=False`, the trained file and the faiss files are read whole at open.
+    `verify_files`: what is read whole is checked against its sha256, the rest (the mapped
+    trained file, the faiss file read by lists, the memory-mapped rerank copy and ids) by size
+    (`verify` reads every file whole)."""
     self.index_dir = epath.Path(index_dir)
     self.manifest = read_manifest(self.index_dir)
     if self.manifest.get("format_version") != FORMAT_VERSION:
@@ -1240,17 +1244,31 @@ class GlobalIndex(index_lib.IndexShard):
     self.offset, self.total = 0, int(self.manifest["count"])
     self._dim = int(self.manifest["dim"])
     files = self.manifest["files"]
-    data = (self.index_dir / TRAINED).read_bytes()
+    self.nlist = int(self.config.nlist)
     scale = (self.index_dir / SCALE).read_bytes()
     if verify_files:
-      _check_file(self.index_dir / TRAINED, files[TRAINED], data)
       _check_file(self.index_dir / SCALE, files[SCALE], scale)
-    trained = faiss.deserialize_index(np.frombuffer(data, np.uint8))
     self.scale_D = np.load(io.BytesIO(scale), allow_pickle=False).astype(np.float32)
+    # Locally the trained file is memory-mapped (serving_lists.TrainedFile: its centroids paged in
+    # as queries use them, its sha256 checked by `verify`); on gs://, or for another faiss layout,
+    # read whole and checked.
+    mapped = None
+    if lazy_lists and not layout.is_remote(self.index_dir):
+      _check_file(self.index_dir / TRAINED, files[TRAINED], content=False)
+      mapped = serving_lists.TrainedFile(os.fspath(self.index_dir / TRAINED),
+                                         int(files[TRAINED]["bytes"]), self.nlist)
+      if mapped.geometry is None:
+        mapped = None
+    if mapped is not None:
+      trained = mapped.index()
+    else:
+      data = (self.index_dir / TRAINED).read_bytes()
+      if verify_files:
+        _check_file(self.index_dir / TRAINED, files[TRAINED], data)
+      trained = faiss.deserialize_index(np.frombuffer(data, np.uint8))
     self.quantizer = faiss.extract_index_ivf(trained).quantizer
     self._trained = trained
     _set_quantizer_search(trained, self.config.nprobe)
-    self.nlist = int(self.config.nlist)
     self.part_shard = _partition_shard(self.nlist, int(self.config.serving_shards))
     all_shards = serving_shard_ids(self.manifest)
     self.serving_ids = list(all_shards if serving is None else serving)
@@ -1258,19 +1276,17 @@ class GlobalIndex(index_lib.IndexShard):
     if bad:
       raise index_lib.IndexError_(f"Global index {self.index_dir} has serving shards "
                                   f"0..{len(all_shards) - 1}; {bad} do not exist.")
-    lists_at = (serving_lists.lists_offset(data, self.nlist)
-                if lazy_lists and not layout.is_remote(self.index_dir) else None)
     self.serving, self._lists, self._rr, self._rr_ids, self._scann = {}, {}, {}, {}, {}
     self._ram = {}
     for s in self.serving_ids:
       rec = read_serving_record(self.index_dir, s)
       self._ram[s] = int(rec["ram_bytes"])
       path = serving_path(self.index_dir, s, "faiss")
-      if lists_at is not None:  # headers (older indexes: a count per partition); lists when probed
+      if mapped is not None:  # headers (older indexes: a count per partition); lists when probed
         _check_file(path, rec["files"]["faiss"], content=False)
         lists = rec["files"].get("lists")  # its size checked by ServingLists
         self._lists[s] = serving_lists.ServingLists(
-            os.fspath(path), data, self.nlist, lists_at, int(rec["files"]["faiss"]["bytes"]),
+            os.fspath(path), mapped, int(rec["files"]["faiss"]["bytes"]),
             None if lists is None else os.fspath(serving_path(self.index_dir, s, "lists")),
             None if lists is None else int(lists["bytes"]))
         self.serving[s] = self._lists[s].index

@@ -13,11 +13,18 @@ entries added. faiss writes the inverted lists last; for the fast-scan index the
 
 faiss's own memory-mapped read does not help this type: `IO_FLAG_MMAP` maps only "ilar" lists (the
 fast-scan lists are read whole through read() calls) and `IO_FLAG_MMAP_IFC` maps the file but
-copies every list into anonymous memory while loading. So opening here reads the trained index
-(the caller has it, checked) and a few header bytes of the serving file (compared with the trained
-index's: a cheap fingerprint of the header), and builds the index from the trained bytes with
-empty lists. `ensure(parts)` then reads each probed list once (one ranged read) and adds it whole,
-bytes unchanged: searches give exactly what the whole file, read at once, gives.
+copies every list into anonymous memory while loading. So opening here reads a few header bytes
+of the serving file (compared with the trained index's: a cheap fingerprint of the header) and
+builds the index from the trained file with empty lists. `ensure(parts)` then reads each probed
+list once (one ranged read) and adds it whole, bytes unchanged: searches give exactly what the
+whole file, read at once, gives.
+
+The trained file itself (`TrainedFile`) is memory-mapped (faiss's `IO_FLAG_MMAP_IFC`, which maps
+the coarse quantizer's centroids and its HNSW graph's links), not read: its centroids, ~2 sqrt(N)
+of them, are paged in as routing and residual codes use them, and every serving shard opened in
+a process, and every process on a host, shares those pages. Opening reads its header and the
+36-byte head of its empty lists; its sha256 is checked by `verify` / `--audit`, which read it
+whole.
 
 Where each list starts comes from the serving shard's lists file (`serving/shard-S.lists.npy`,
 written beside the faiss file when it is written: `lists_file_bytes`): int64 [nlist + 1], entry p
@@ -68,18 +75,10 @@ def _geometry(head: bytes, nlist: int) -> tuple[int, int] | None:
   return int(v[2]), int(v[3])
 
 
-def lists_offset(trained: bytes, nlist: int) -> int | None:
-  """Where the inverted lists start in `trained`'s serialization (and so in every serving shard's
-  file): the trained index ends with `nlist` empty lists. None when its bytes do not end that way
-  (another faiss layout: the caller reads the serving file whole)."""
-  p = len(trained) - _HEAD - 16 * nlist
-  if p < 16 or any(trained[p + _HEAD:]) or _geometry(trained[p:p + _HEAD], nlist) is None:
-    return None
-  return p
-
-
 def trained_lists_offset(trained_size: int, nlist: int) -> int:
-  """lists_offset from the trained file's size alone (where its `nlist` empty lists start)."""
+  """Where the inverted lists start in the trained file's serialization (and so in every serving
+  shard's file), from its size: the trained index ends with `nlist` empty lists (36 bytes of
+  header, 16 a list)."""
   return trained_size - _HEAD - 16 * nlist
 
 
@@ -111,7 +110,7 @@ def walk(read: Callable[[int, int], bytes], start: int, size: int, nlist: int, n
 def read_offsets(read: Callable[[int, int], bytes], size: int, at: int, nlist: int
                  ) -> np.ndarray | None:
   """int64 [nlist + 1]: the lists file of a serving file of `size` bytes (`read(offset, nbytes)`:
-  a pread, or slices of the file held whole) whose lists start at `at` (lists_offset; one walk
+  a pread, or slices of the file held whole) whose lists start at `at` (trained_lists_offset; one walk
   over its counts); None when the file has no fast-scan block lists there (another faiss layout:
   no lists file). Raises Damaged when its lists do not add up."""
   if at < 16 or at + _HEAD > size:
@@ -131,7 +130,7 @@ def file_offsets(path: str, at: int, nlist: int) -> np.ndarray | None:
 
 
 def has_block_lists(head: bytes, nlist: int) -> bool:
-  """Whether `head` (36 bytes at lists_offset) heads `nlist` fast-scan block lists."""
+  """Whether `head` (36 bytes at trained_lists_offset) heads `nlist` fast-scan block lists."""
   return _geometry(bytes(head), nlist) is not None
 
 
@@ -168,15 +167,53 @@ def _pread(fd: int, size: int, offset: int) -> bytearray:
   return buf
 
 
+class TrainedFile:
+  """trained.faiss opened for serving: the few bytes of it that opening a serving shard compares
+  (`head`, `tail`) and the lists' geometry, read; the index itself memory-mapped (`index()`)."""
+
+  def __init__(self, path: str, size: int, nlist: int):
+    """`size`: the file's recorded size. `geometry` is None when the file does not end in `nlist`
+    empty fast-scan block lists (another faiss layout: the caller reads the serving files whole).
+    The file stays open while this object lives: `index()` maps the file read here, even if an
+    atomic rename has replaced the path since."""
+    self.path, self.size, self.nlist = path, size, nlist
+    self.geometry = None
+    self._file = open(path, "rb", buffering=0)  # closed with this object
+    fd = self._file.fileno()
+    if os.fstat(fd).st_size != size:
+      raise index_lib.IndexError_(f"Global index file {path} is damaged ({os.fstat(fd).st_size} "
+                                  f"bytes, its record says {size}); rerun `python -m "
+                                  "retro_jax.build_db` with the database's flags: it rebuilds "
+                                  "the index.")
+    self.offset = trained_lists_offset(size, nlist)  # where its empty lists start
+    if self.offset < 16:
+      return
+    end = self.offset + _HEAD
+    self.last_at = max(16, self.offset - _FINGERPRINT)
+    self.head = bytes(_pread(fd, min(_FINGERPRINT, self.offset), 0))
+    self.tail = bytes(_pread(fd, end - self.last_at, self.last_at))
+    self.geometry = _geometry(self.tail[-_HEAD:], nlist)
+
+  def index(self, ntotal: int | None = None):
+    """The trained index, memory-mapped (a fresh faiss object each call, the same pages); with
+    `ntotal`, that count set (a serving file's header: the same index with its lists empty)."""
+    by_fd = f"/proc/self/fd/{self._file.fileno()}"  # the file opened above, where Linux says so
+    index = faiss.read_index(by_fd if os.path.exists(by_fd) else self.path,
+                             faiss.IO_FLAG_MMAP_IFC)
+    if ntotal is not None:
+      index.ntotal = ntotal
+    return index
+
+
 class ServingLists:
   """One serving shard's faiss index (`index`) whose inverted lists load when first probed."""
 
-  def __init__(self, path: str, trained: bytes, nlist: int, offset: int, size: int,
+  def __init__(self, path: str, trained: TrainedFile, size: int,
                lists_path: str | None = None, lists_size: int | None = None):
-    """`trained`: trained.faiss's bytes (already checked by the caller); `offset`: lists_offset of
-    them; `size`: the file's recorded size; `lists_path`, `lists_size`: its lists file and that
-    file's recorded size (None: the counts are walked). Raises IndexError_ naming `path` (or the
-    lists file) when the files do not fit them (damaged, or not of this index)."""
+    """`trained`: the index's trained file (its size checked by the caller, `geometry` not None);
+    `size`: the file's recorded size; `lists_path`, `lists_size`: its lists file and that file's
+    recorded size (None: the counts are walked). Raises IndexError_ naming `path` (or the lists
+    file) when the files do not fit them (damaged, or not of this index)."""
     self.path, self.lists_path = path, lists_path
     self._file = open(path, "rb", buffering=0)  # closed with this object
     self._lists_file = None
@@ -187,7 +224,7 @@ class ServingLists:
           self._lists_file = open(lists_path, "rb", buffering=0)
         except FileNotFoundError:
           raise self._lists_damaged(None) from None
-      self._open(trained, nlist, offset, size, lists_size)
+      self._open(trained, size, lists_size)
     except BaseException:
       self._file.close()
       if self._lists_file is not None:
@@ -206,9 +243,9 @@ class ServingLists:
         f"Global index lists file {self.lists_path} {what} rerun `python -m retro_jax.build_db "
         "--db=DB --stages=finalize`: it writes it again from the faiss file.")
 
-  def _open(self, trained: bytes, nlist: int, offset: int, size: int,
-            lists_size: int | None) -> None:
+  def _open(self, trained: TrainedFile, size: int, lists_size: int | None) -> None:
     fd = self._fd
+    nlist, offset = trained.nlist, trained.offset
     if hasattr(os, "posix_fadvise"):  # scattered small reads: no read-ahead around each
       os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     if os.fstat(fd).st_size != size:
@@ -216,15 +253,13 @@ class ServingLists:
     end = offset + _HEAD
     if size < end:
       raise self._damaged("shorter than the trained index's header")
-    first = bytes(_pread(fd, min(_FINGERPRINT, offset), 0))
-    last_at = max(16, offset - _FINGERPRINT)
-    last = bytes(_pread(fd, end - last_at, last_at))
-    if (first[:8] + first[16:] != trained[:8] + trained[16:len(first)]
-        or last != trained[last_at:end]):
+    first = bytes(_pread(fd, len(trained.head), 0))
+    last = bytes(_pread(fd, end - trained.last_at, trained.last_at))
+    if first[:8] + first[16:] != trained.head[:8] + trained.head[16:] or last != trained.tail:
       raise self._damaged("its header differs from trained.faiss")
     self.nlist, self.size, self.start = nlist, size, end
     self.ntotal = int(np.frombuffer(first[8:16], np.int64)[0])
-    blocks = _geometry(trained[offset:end], nlist)
+    blocks = trained.geometry
     self.n_per_block, self.block_size = blocks
     # offsets[p]: where list p starts (its count), offsets[nlist]: where the last ends; -1 where
     # not known yet (a lists file: each probed list's two entries are read with it).
@@ -241,9 +276,7 @@ class ServingLists:
       self.loaded = np.zeros(nlist, bool)
     # The serving file's header is the trained index's with its ntotal: the index it describes,
     # with every list empty.
-    head = bytearray(trained)
-    head[8:16] = first[8:16]
-    self.index = faiss.deserialize_index(np.frombuffer(bytes(head), np.uint8))
+    self.index = trained.index(self.ntotal)
     self._lock = threading.Lock()
 
   def _lists_ends(self, nlist: int, size: int, end: int, lists_size: int | None

@@ -220,13 +220,14 @@ def test_lists_read_when_probed_give_the_whole_read_answer(db, emb, tmp_path):
   whole = global_lib.GlobalIndex(root, lazy_lists=False)
   whole_read = _rchar() - before
   assert whole_read >= faiss_bytes
-  # trained.faiss and scale.npy, the manifest; per serving shard its record, 2 x 4 KiB of faiss
-  # header, its lists file's header and first and last entries (no count per partition), and
-  # one 8 KiB buffer for each .npy header (rerank copy, ids)
+  # scale.npy, 2 x 4 KiB of trained.faiss (memory-mapped, not read), the manifest; per serving
+  # shard its record, 2 x 4 KiB of faiss header, its lists file's header and first and last
+  # entries (no count per partition), and one 8 KiB buffer for each .npy header (rerank, ids)
   lists_head = len(global_lib.serving_lists.lists_file_header(nlist))
   per_shard = 1024 + 2 * 4096 + 36 + lists_head + 16 + 2 * 8192
-  small = sum(m["files"][f]["bytes"] for f in m["files"]) + 4096 + 3 * per_shard
+  small = m["files"][global_lib.SCALE]["bytes"] + 2 * 4096 + 4096 + 3 * per_shard
   assert lazy_read <= small < whole_read
+  assert whole_read - lazy_read >= m["files"][global_lib.TRAINED]["bytes"] + faiss_bytes - small
   for s in range(3):
     assert lazy._lists[s].lists_path and not lazy._lists[s].loaded.any()
     assert walk._lists[s].lists_path is None
@@ -260,12 +261,12 @@ def test_lists_read_when_probed_give_the_whole_read_answer(db, emb, tmp_path):
 def _open_lists(root, s, nlist, with_lists=True):
   """ServingLists of serving shard s (with its lists file, or walking the counts), and the
   (read calls, bytes) opening it took on this thread."""
-  data = (root / global_lib.TRAINED).read_bytes()
+  trained = global_lib.serving_lists.TrainedFile(
+      str(root / global_lib.TRAINED), os.stat(root / global_lib.TRAINED).st_size, nlist)
   rec = global_lib.read_serving_record(root, s)["files"]
   lists = global_lib.serving_path(root, s, "lists")
   return _count(lambda: global_lib.serving_lists.ServingLists(
-      str(global_lib.serving_path(root, s, "faiss")), data, nlist,
-      global_lib.serving_lists.lists_offset(data, nlist), rec["faiss"]["bytes"],
+      str(global_lib.serving_path(root, s, "faiss")), trained, rec["faiss"]["bytes"],
       str(lists) if with_lists else None, rec["lists"]["bytes"] if with_lists else None))
 
 
@@ -278,6 +279,9 @@ def test_open_reads_do_not_grow_with_nlist(db, emb, tmp_path):
   for nlist in (4, 12):
     root = tmp_path / f"nlist{nlist}"
     global_lib.build(sources, root, global_lib.GlobalIndexConfig(nlist=nlist, serving_shards=1))
+    path = str(root / global_lib.TRAINED)
+    trained, trained_reads = _count(lambda: global_lib.serving_lists.TrainedFile(
+        path, os.stat(path).st_size, nlist).index())
     lists, reads = _open_lists(root, 0, nlist)
     walked, walk_reads = _open_lists(root, 0, nlist, with_lists=False)
     whole = global_lib._read_index(global_lib.serving_path(root, 0, "faiss"))
@@ -291,14 +295,17 @@ def test_open_reads_do_not_grow_with_nlist(db, emb, tmp_path):
         have = global_lib._list_entries(global_lib._ivf(got.index), int(p))
         np.testing.assert_array_equal(have[0], want[0])
         np.testing.assert_array_equal(have[1], want[1])
-    opened[nlist] = reads, walk_reads
+    assert global_lib._ivf(trained).quantizer.ntotal == nlist  # mapped, usable
+    opened[nlist] = reads, walk_reads, trained_reads
   np.testing.assert_array_equal(opened[4][0], opened[12][0])  # calls and bytes
+  np.testing.assert_array_equal(opened[4][2], opened[12][2])  # the trained file: its two ends
   assert opened[12][1][0] - opened[4][1][0] == 12 - 4  # a count per partition
 
 
 def test_corrupt_serving_shard_is_named(tmp_path_factory):
   """A serving shard's faiss file with its header changed, or cut short, is named at open; a byte
-  changed in its lists (which opening does not read) is named by `verify`, the audit."""
+  changed in its lists (which opening does not read) is named by `verify`, the audit. The same
+  for trained.faiss, memory-mapped at open: its size checked then, its content by `verify`."""
   db = _copy_with_global(tmp_path_factory, "global_corrupt")
   root = global_lib.index_dir(db)
   path = root / "serving" / "shard-00001.faiss"
@@ -319,6 +326,22 @@ def test_corrupt_serving_shard_is_named(tmp_path_factory):
         retriever_lib.Retriever.from_db(db)
   path.write_bytes(good[:-100])
   with pytest.raises(index_lib.IndexError_, match="shard-00001.faiss"):
+    retriever_lib.Retriever.from_db(db)
+  path.write_bytes(good)
+  # trained.faiss is memory-mapped: a changed centroid byte opens (named by `verify`, and by a
+  # whole read, which checks its sha256); a file not at its recorded size is named at open.
+  trained = root / global_lib.TRAINED
+  whole = trained.read_bytes()
+  data = bytearray(whole)
+  data[len(data) // 2] ^= 0xFF
+  trained.write_bytes(bytes(data))
+  retriever_lib.Retriever.from_db(db)
+  for check in (lambda: global_lib.verify(root),
+                lambda: global_lib.GlobalIndex(root, lazy_lists=False)):
+    with pytest.raises(index_lib.IndexError_, match="trained.faiss.*sha256"):
+      check()
+  trained.write_bytes(whole[:-16])
+  with pytest.raises(index_lib.IndexError_, match="trained.faiss is damaged"):
     retriever_lib.Retriever.from_db(db)
 
 
