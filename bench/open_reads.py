@@ -254,7 +254,8 @@ def _training_note(res: dict, dbs: list[str]) -> str:
   return ("training_start reads the first example's chunks and its neighbours' tokens and "
           "document ids (the same-document filter): a record and the touched 128 KiB blocks of "
           "each store shard those chunks lie in (" + "; ".join(facts) + "). That count is bounded "
-          "by the example's chunks times its neighbours, plus one, not by the database: it grows with the store only while the store has fewer "
+          "by the example's chunks times its neighbours, plus one, not by the database: it grows "
+          "with the store only while the store has fewer "
           "shards than that.")
 
 

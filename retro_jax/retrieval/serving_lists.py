@@ -110,8 +110,8 @@ def walk(read: Callable[[int, int], bytes], start: int, size: int, nlist: int, n
 def read_offsets(read: Callable[[int, int], bytes], size: int, at: int, nlist: int
                  ) -> np.ndarray | None:
   """int64 [nlist + 1]: the lists file of a serving file of `size` bytes (`read(offset, nbytes)`:
-  a pread, or slices of the file held whole) whose lists start at `at` (trained_lists_offset; one walk
-  over its counts); None when the file has no fast-scan block lists there (another faiss layout:
+  a pread, or slices of the file held whole) whose lists start at `at` (trained_lists_offset;
+  one walk over its counts); None when the file has no fast-scan block lists there (another faiss layout:
   no lists file). Raises Damaged when its lists do not add up."""
   if at < 16 or at + _HEAD > size:
     return None
@@ -180,8 +180,10 @@ class TrainedFile:
     self.geometry = None
     self._file = open(path, "rb", buffering=0)  # closed with this object
     fd = self._file.fileno()
-    if os.fstat(fd).st_size != size:
-      raise index_lib.IndexError_(f"Global index file {path} is damaged ({os.fstat(fd).st_size} "
+    got = os.fstat(fd).st_size
+    if got != size:
+      self._file.close()
+      raise index_lib.IndexError_(f"Global index file {path} is damaged ({got} "
                                   f"bytes, its record says {size}); rerun `python -m "
                                   "retro_jax.build_db` with the database's flags: it rebuilds "
                                   "the index.")
