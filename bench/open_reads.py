@@ -202,10 +202,6 @@ def main(argv):
       f.write(page(res))
 
 
-def _sizes(res: dict, dbs: list[str]) -> str:
-  return ", ".join(f"{res['databases'][d]['num_chunks']:,}" for d in dbs)
-
-
 def page(res: dict) -> str:
   """docs/open_reads.md from the results file (every figure read from it)."""
   dbs = list(res["databases"])
@@ -219,8 +215,8 @@ def page(res: dict) -> str:
            "upper bound on what was touched, as the kernel also maps the cached pages around a "
            "faulting one).", "",
            "| operation | " + " | ".join(
-               f"{res['databases'][d]['num_chunks']:,} chunks ({res['databases'][d]['store_shards']}"
-               " store shards)" for d in dbs) + " |",
+               f"{row['num_chunks']:,} chunks ({row['store_shards']} store shards)"
+               for row in (res["databases"][d] for d in dbs)) + " |",
            "|---|" + "---|" * len(dbs)]
   for op in OPERATIONS:
     cells = []
@@ -235,87 +231,85 @@ def page(res: dict) -> str:
   return "\n".join(lines)
 
 
-def _ops(res: dict, d: str, op: str) -> dict:
-  return res["databases"][d]["operations"].get(op, {})
+def _facts(res: dict, dbs: list[str], op: str, key: str, fact) -> str | None:
+  """`fact(operation's record, database's row)` for each database, joined by "; "; None when a
+  database's `op` record lacks `key` (not measured, or failed): its note is then left out."""
+  out = []
+  for d in dbs:
+    row = res["databases"][d]
+    o = row["operations"].get(op, {})
+    if key not in o:
+      return None
+    out.append(fact(o, row))
+  return "; ".join(out)
 
 
 def _training_note(res: dict, dbs: list[str]) -> str:
   """What the training-start row reads: the store shards its first example's chunks reach."""
-  facts = []
-  for d in dbs:
-    o = _ops(res, d, "training_start")
-    if "store_shards_read" not in o:
-      return ""
-    facts.append(f"{o['store_shards_read']} of {res['databases'][d]['store_shards']} store shards "
-                 f"and {o['neighbours_shards_read']} neighbours shard(s) at "
-                 f"{res['databases'][d]['num_chunks']:,} chunks: "
-                 f"{o['read_bytes'] // max(o['store_shards_read'], 1):,} bytes read per store "
-                 "shard reached")
+  facts = _facts(res, dbs, "training_start", "store_shards_read", lambda o, row: (
+      f"{o['store_shards_read']} of {row['store_shards']} store shards and "
+      f"{o['neighbours_shards_read']} neighbours shard(s) at {row['num_chunks']:,} chunks: "
+      f"{o['read_bytes'] // max(o['store_shards_read'], 1):,} bytes read per store shard "
+      "reached"))
+  if facts is None:
+    return ""
   return ("training_start reads the first example's chunks and its neighbours' tokens and "
           "document ids (the same-document filter): a record and the touched 128 KiB blocks of "
-          "each store shard those chunks lie in (" + "; ".join(facts) + "). That count is bounded "
-          "by the example's chunks times its neighbours, plus one, not by the database: it grows "
-          "with the store only while the store has fewer "
-          "shards than that.")
+          f"each store shard those chunks lie in ({facts}). That count is bounded by the "
+          "example's chunks times its neighbours, plus one, not by the database: it grows with "
+          "the store only while the store has fewer shards than that.")
 
 
 def _joined_note(res: dict, dbs: list[str]) -> str:
   """What the joined-examples training start reads."""
-  facts = []
-  for d in dbs:
-    o = _ops(res, d, "training_start_joined")
-    if "read_bytes" not in o:
-      return ""
-    facts.append(f"{o['read_bytes']:,} bytes in {o['read_calls']} read calls at "
-                 f"{res['databases'][d]['num_chunks']:,} chunks")
+  facts = _facts(res, dbs, "training_start_joined", "read_bytes", lambda o, row: (
+      f"{o['read_bytes']:,} bytes in {o['read_calls']} read calls at {row['num_chunks']:,} "
+      "chunks"))
+  if facts is None:
+    return ""
   return ("training_start_joined is the pod's path (the examples joined with their neighbours "
           "ahead of time, `build_db --stages=examples`): it reads the store's and the examples' "
           "manifests, the neighbours' provenance and first shard's header (the examples' "
           "fingerprint of the database and the neighbours per chunk) and the first array_record "
-          "chunk of the first examples shard, whatever the database's size: "
-          + "; ".join(facts) + ".")
+          f"chunk of the first examples shard, whatever the database's size: {facts}.")
 
 
 def _index_note(res: dict, dbs: list[str]) -> str:
   """What the retriever and shard-server rows read: headers; the trained file memory-mapped."""
-  facts = []
-  for d in dbs:
-    o = _ops(res, d, "retriever_open")
-    if "index" not in o:
-      return ""
-    i = o["index"]
-    trained = o.get("mapped_files", {}).get("index/global/trained.faiss", 0)
-    facts.append(f"{trained:,} of its {i['trained_bytes']:,} bytes at "
-                 f"{res['databases'][d]['num_chunks']:,} chunks (`{i['factory']}`, nlist "
-                 f"{i['nlist']:,})")
+  facts = _facts(res, dbs, "retriever_open", "index", lambda o, row: (
+      f"{o.get('mapped_files', {}).get('index/global/trained.faiss', 0):,} of its "
+      f"{o['index']['trained_bytes']:,} bytes at {row['num_chunks']:,} chunks "
+      f"(`{o['index']['factory']}`, nlist {o['index']['nlist']:,})"))
+  if facts is None:
+    return ""
   return ("retriever_open and shard_server_open read the index's manifest and scale, the two ends "
           "of its trained file (`trained.faiss`: the coarse quantizer and PQ codebooks), and per "
           "serving shard its record, its faiss file's header and its lists file's header and two "
           "offsets: the same reads at every size. The trained file is memory-mapped, not read "
-          "(faiss's `IO_FLAG_MMAP_IFC`); loading it touches " + "; ".join(facts) + ". What "
-          "loading touches is the file's header, the PQ codebooks, a 16-byte count per empty "
-          "list and, with an HNSW quantizer, its links, which faiss checks entry by entry when it "
-          "loads them: that part grows with nlist, ~2 sqrt(N). The centroids, most of the file, "
-          "are paged in as routing uses them; a serving "
-          "shard's inverted lists are read when a query first probes them, its int8 rerank copy "
-          "and ids are memory-mapped.")
+          f"(faiss's `IO_FLAG_MMAP_IFC`); loading it touches {facts}. What loading touches is the "
+          "file's header, the PQ codebooks, a 16-byte count per empty list and, with an HNSW "
+          "quantizer, its links, which faiss checks entry by entry when it loads them: that part "
+          "grows with nlist, ~2 sqrt(N). The centroids, most of the file, are paged in as routing "
+          "uses them; a serving shard's inverted lists are read when a query first probes them, "
+          "its int8 rerank copy and ids are memory-mapped.")
 
 
 def _query_note(res: dict, dbs: list[str]) -> str:
   """What one query adds to the retriever's open."""
-  facts = []
-  for d in dbs:
-    o, q = _ops(res, d, "retriever_open"), _ops(res, d, "retriever_query")
-    if "read_bytes" not in q or "read_bytes" not in o:
-      return ""
-    facts.append(f"{q['read_bytes'] - o['read_bytes']:,} bytes read and "
-                 f"{q.get('mapped_bytes', 0) - o.get('mapped_bytes', 0):,} mapped at "
-                 f"{res['databases'][d]['num_chunks']:,} chunks")
+  def fact(q, row):
+    o = row["operations"].get("retriever_open", {})
+    return (f"{q['read_bytes'] - o.get('read_bytes', 0):,} bytes read and "
+            f"{q.get('mapped_bytes', 0) - o.get('mapped_bytes', 0):,} mapped at "
+            f"{row['num_chunks']:,} chunks")
+  facts = _facts(res, dbs, "retriever_query", "read_bytes", fact)
+  if facts is None or any("read_bytes" not in res["databases"][d]["operations"].get(
+      "retriever_open", {}) for d in dbs):
+    return ""
   return ("retriever_query is not an open: it opens the retriever and searches one query, to show "
-          "where the rest goes. Over the open it adds " + "; ".join(facts) + ": the probed "
-          "inverted lists (read; a list holds ~N / nlist vectors), the centroids routing visits "
-          "(all of them with a flat quantizer, those on the HNSW search's path otherwise) and the "
-          "rerank rows of the candidates (mapped).")
+          f"where the rest goes. Over the open it adds {facts}: the probed inverted lists (read; "
+          "a list holds ~N / nlist vectors), the centroids routing visits (all of them with a "
+          "flat quantizer, those on the HNSW search's path otherwise) and the rerank rows of the "
+          "candidates (mapped).")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ list once (one ranged read) and adds it whole, bytes unchanged: searches give ex
 whole file, read at once, gives.
 
 The trained file itself (`TrainedFile`) is memory-mapped (faiss's `IO_FLAG_MMAP_IFC`, which maps
-the coarse quantizer's centroids and its HNSW graph's links), not read: its centroids, ~2 sqrt(N)
-of them, are paged in as routing and residual codes use them, and every serving shard opened in
-a process, and every process on a host, shares those pages. Opening reads its header and the
+the coarse quantizer's centroids and its HNSW graph's links), not read, and loaded once per
+process: every serving shard's index is built around its quantizer. Its centroids, ~2 sqrt(N) of
+them, are paged in as routing uses them, and every process on a host shares those pages. Opening reads its header and the
 36-byte head of its empty lists; its sha256 is checked by `verify` / `--audit`, which read it
 whole.
 
@@ -111,8 +111,8 @@ def read_offsets(read: Callable[[int, int], bytes], size: int, at: int, nlist: i
                  ) -> np.ndarray | None:
   """int64 [nlist + 1]: the lists file of a serving file of `size` bytes (`read(offset, nbytes)`:
   a pread, or slices of the file held whole) whose lists start at `at` (trained_lists_offset;
-  one walk over its counts); None when the file has no fast-scan block lists there (another faiss layout:
-  no lists file). Raises Damaged when its lists do not add up."""
+  one walk over its counts); None when the file has no fast-scan block lists there (another
+  faiss layout: no lists file). Raises Damaged when its lists do not add up."""
   if at < 16 or at + _HEAD > size:
     return None
   blocks = _geometry(bytes(read(at, _HEAD)), nlist)
@@ -172,21 +172,15 @@ class TrainedFile:
   (`head`, `tail`) and the lists' geometry, read; the index itself memory-mapped (`index()`)."""
 
   def __init__(self, path: str, size: int, nlist: int):
-    """`size`: the file's recorded size. `geometry` is None when the file does not end in `nlist`
-    empty fast-scan block lists (another faiss layout: the caller reads the serving files whole).
-    The file stays open while this object lives: `index()` maps the file read here, even if an
-    atomic rename has replaced the path since."""
+    """`size`: the file's recorded size (checked by the caller). `geometry` is None when the file
+    does not end in `nlist` empty fast-scan block lists (another faiss layout: the caller reads
+    the serving files whole). The file stays open while this object lives: `index()` maps the
+    file read here, even if an atomic rename has replaced the path since."""
     self.path, self.size, self.nlist = path, size, nlist
     self.geometry = None
     self._file = open(path, "rb", buffering=0)  # closed with this object
+    self._index = None
     fd = self._file.fileno()
-    got = os.fstat(fd).st_size
-    if got != size:
-      self._file.close()
-      raise index_lib.IndexError_(f"Global index file {path} is damaged ({got} "
-                                  f"bytes, its record says {size}); rerun `python -m "
-                                  "retro_jax.build_db` with the database's flags: it rebuilds "
-                                  "the index.")
     self.offset = trained_lists_offset(size, nlist)  # where its empty lists start
     if self.offset < 16:
       return
@@ -196,14 +190,34 @@ class TrainedFile:
     self.tail = bytes(_pread(fd, end - self.last_at, self.last_at))
     self.geometry = _geometry(self.tail[-_HEAD:], nlist)
 
-  def index(self, ntotal: int | None = None):
-    """The trained index, memory-mapped (a fresh faiss object each call, the same pages); with
-    `ntotal`, that count set (a serving file's header: the same index with its lists empty)."""
+  def _read(self):
     by_fd = f"/proc/self/fd/{self._file.fileno()}"  # the file opened above, where Linux says so
-    index = faiss.read_index(by_fd if os.path.exists(by_fd) else self.path,
-                             faiss.IO_FLAG_MMAP_IFC)
-    if ntotal is not None:
-      index.ntotal = ntotal
+    return faiss.read_index(by_fd if os.path.exists(by_fd) else self.path, faiss.IO_FLAG_MMAP_IFC)
+
+  def index(self):
+    """The trained index, memory-mapped, loaded once (the routing quantizer)."""
+    if self._index is None:
+      self._index = self._read()
+    return self._index
+
+  def serving_index(self, ntotal: int):
+    """A serving file's header as an index: the trained one with `ntotal` set and its lists empty.
+    A fast-scan IVF-PQ (the global index's) is built from the trained index's fields around its
+    coarse quantizer, shared, not loaded again (its serialization is the trained file's, byte for
+    byte: tests/retrieval/test_global_index.py); another type is loaded again, mapped."""
+    trained = faiss.downcast_index(self.index())
+    if type(trained) is faiss.IndexIVFPQFastScan:
+      index = faiss.IndexIVFPQFastScan(trained.quantizer, trained.d, trained.nlist, trained.pq.M,
+                                       trained.pq.nbits, trained.metric_type, trained.bbs)
+      index.pq = trained.pq
+      index.by_residual, index.implem, index.qbs2 = (trained.by_residual, trained.implem,
+                                                     trained.qbs2)
+      index.nprobe, index.is_trained = trained.nprobe, trained.is_trained
+      index.precompute_table()
+      index.referenced_objects = [self]  # the quantizer lives in the trained index
+    else:
+      index = self._read()
+    index.ntotal = ntotal
     return index
 
 
@@ -278,7 +292,7 @@ class ServingLists:
       self.loaded = np.zeros(nlist, bool)
     # The serving file's header is the trained index's with its ntotal: the index it describes,
     # with every list empty.
-    self.index = trained.index(self.ntotal)
+    self.index = trained.serving_index(self.ntotal)
     self._lock = threading.Lock()
 
   def _lists_ends(self, nlist: int, size: int, end: int, lists_size: int | None

@@ -280,8 +280,16 @@ def test_open_reads_do_not_grow_with_nlist(db, emb, tmp_path):
     root = tmp_path / f"nlist{nlist}"
     global_lib.build(sources, root, global_lib.GlobalIndexConfig(nlist=nlist, serving_shards=1))
     path = str(root / global_lib.TRAINED)
+    trained_file = global_lib.serving_lists.TrainedFile(path, os.stat(path).st_size, nlist)
     trained, trained_reads = _count(lambda: global_lib.serving_lists.TrainedFile(
         path, os.stat(path).st_size, nlist).index())
+    # A serving shard's empty index, built around the mapped trained index's quantizer (not
+    # loaded again), is the trained file byte for byte; with ntotal set, the serving header's.
+    built = trained_file.serving_index(0)
+    assert (global_lib._ivf(built).quantizer.this
+            == global_lib._ivf(trained_file.index()).quantizer.this)
+    np.testing.assert_array_equal(global_lib.faiss.serialize_index(built),
+                                  np.fromfile(path, np.uint8))
     lists, reads = _open_lists(root, 0, nlist)
     walked, walk_reads = _open_lists(root, 0, nlist, with_lists=False)
     whole = global_lib._read_index(global_lib.serving_path(root, 0, "faiss"))
